@@ -1,0 +1,1 @@
+"""Mailers: the command line, the local cluster and what coordinators and nodes share."""

@@ -1,0 +1,35 @@
+"""Shared test helpers: waiting for conditions instead of sleeping."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+
+async def assert_eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout_s: float = 30.0,
+    interval_s: float = 0.05,
+    message: str = "condition",
+) -> None:
+    """Poll check until it returns true; fail with message after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout_s}s")
+        await asyncio.sleep(interval_s)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float = 30.0, message: str = "condition") -> None:
+    """Blocking twin of assert_eventually for synchronous tests."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout_s}s")
+        time.sleep(0.05)
