@@ -8,10 +8,17 @@ of an etcd cluster without any code of ours choosing endpoints.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aetcd
+
+log = logging.getLogger(__name__)
 
 # Every etcd call made through these clients gives up after this many seconds, so no
 # await on etcd can hang a process; callers choose what a timeout means.
@@ -28,7 +35,8 @@ class Keys:
       CoordinatorInfo JSON. The lowest create revision leads; that revision is its epoch.
     - ``nodes/<node_id>``: a sender node's registration, bound to its lease.
     - ``cordon/<node_id>``: present while an operator has cordoned the node.
-    - ``jobs/<job_id>``: the job record (content, options, state, counts).
+    - ``jobs/<job_id>``: the job spec, written once (content, options, totals).
+    - ``jstate/<job_id>``: the job's state and counts, rewritten as it progresses.
     - ``idem/<key>``: idempotency key -> job id.
     - ``batch/<job_id>/<seq>``: a batch's recipients, written once at submit.
     - ``state/<job_id>/<seq>``: a batch's per-recipient results and attempts.
@@ -66,6 +74,13 @@ class Keys:
 
     def job(self, job_id: str) -> bytes:
         return self._k("jobs", job_id)
+
+    @property
+    def job_states(self) -> bytes:
+        return self._k("jstate", "")
+
+    def job_state(self, job_id: str) -> bytes:
+        return self._k("jstate", job_id)
 
     def idempotency(self, key: str) -> bytes:
         return self._k("idem", key)
@@ -122,3 +137,101 @@ def connect(endpoints: Sequence[str], timeout_s: int = DEFAULT_TIMEOUT_S) -> aet
         # Reconnect quickly after a member dies instead of gRPC's default 20 s backoff cap.
         options={"grpc.max_reconnect_backoff_ms": 1000, "grpc.initial_reconnect_backoff_ms": 100},
     )
+
+
+class Session:
+    """A lease kept alive in the background, after etcd's concurrency.Session.
+
+    ``done`` is set once the lease can no longer be trusted: a keepalive answered TTL 0
+    (the lease expired; aetcd reports that instead of raising), or no keepalive has
+    succeeded for longer than ttl minus ``margin_s``. After ``done`` the holder must act as
+    if its keys are gone. The owner must call :meth:`close`, which cancels the keepalive
+    task and, when ``revoke`` is true, revokes the lease so its keys vanish at once.
+    """
+
+    def __init__(self, client: aetcd.Client, ttl_s: int, margin_s: float = 1.0) -> None:
+        if ttl_s < 2:
+            raise ValueError("ttl_s must be at least 2")
+        self.client = client
+        self.ttl_s = ttl_s
+        self.margin_s = margin_s
+        self.lease: Any = None
+        self.done = asyncio.Event()
+        self.last_ok = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def lease_id(self) -> int:
+        return int(self.lease.id) if self.lease is not None else 0
+
+    async def open(self) -> None:
+        """Grant the lease and start keeping it alive. Raises on etcd errors."""
+        self.lease = await asyncio.wait_for(self.client.lease(self.ttl_s), self.ttl_s)
+        self.last_ok = time.monotonic()
+        self._task = asyncio.create_task(self._keepalive(), name=f"lease-{self.lease_id:x}")
+
+    def trusted(self, now: float) -> bool:
+        return (
+            lease_trusted(self.last_ok, now, self.ttl_s, self.margin_s) and not self.done.is_set()
+        )
+
+    async def _keepalive(self) -> None:
+        interval = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                reply = await asyncio.wait_for(self.lease.refresh(), interval)
+            except (TimeoutError, aetcd.ClientError) as exc:
+                log.warning("lease %x keepalive failed: %s", self.lease_id, exc)
+                if not lease_trusted(self.last_ok, time.monotonic(), self.ttl_s, self.margin_s):
+                    self.done.set()
+                    return
+                continue
+            if reply is None or reply.TTL <= 0:
+                log.warning("lease %x expired", self.lease_id)
+                self.done.set()
+                return
+            self.last_ok = time.monotonic()
+
+    async def close(self, revoke: bool = True) -> None:
+        self.done.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if revoke and self.lease is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.lease.revoke(), 2)
+
+
+def lease_trusted(last_ok: float, now: float, ttl_s: float, margin_s: float) -> bool:
+    """Whether a lease last refreshed at last_ok is surely still alive at now."""
+    return now - last_ok < ttl_s - margin_s
+
+
+async def watch_prefix(
+    client: aetcd.Client,
+    prefix: bytes,
+    on_snapshot: Callable[[list[tuple[bytes, bytes]]], Awaitable[None]],
+    on_change: Callable[[str, bytes, bytes], Awaitable[None]],
+) -> None:
+    """List prefix, then follow its changes forever.
+
+    on_snapshot gets every (key, value) under prefix; on_change gets ("PUT" or "DELETE",
+    key, value). When the watch ends with an error (etcd restarted, a member died) it
+    re-lists and re-watches from the new revision, so the caller sees a fresh snapshot
+    rather than a gap. Runs until cancelled; the caller owns the task.
+    """
+    while True:
+        try:
+            listing = await client.get_prefix(prefix)
+            await on_snapshot([(kv.key, kv.value) for kv in listing])
+            start = listing.header.revision + 1 if listing.header else None
+            watch = await client.watch_prefix(prefix, start_revision=start)
+            async for event in watch:
+                await on_change(str(event.kind), event.kv.key, event.kv.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any etcd or channel failure: re-list after a pause
+            log.warning("watch on %r ended: %s; re-listing", prefix, exc)
+            await asyncio.sleep(0.5)

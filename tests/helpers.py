@@ -26,7 +26,9 @@ async def assert_eventually(
         await asyncio.sleep(interval_s)
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float = 30.0, message: str = "condition") -> None:
+def wait_until(
+    check: Callable[[], bool], timeout_s: float = 30.0, message: str = "condition"
+) -> None:
     """Blocking twin of assert_eventually for synchronous tests."""
     deadline = time.monotonic() + timeout_s
     while not check():

@@ -1,0 +1,83 @@
+"""Mailers client SDK: typed async and sync clients of a Mailers cluster.
+
+Public names are re-exported here; import from ``client_sdk``, not its modules.
+"""
+
+from client_sdk.client import ClientConfig, MailerClient, RecipientSource, parse_addresses
+from client_sdk.errors import (
+    AlreadyExistsError,
+    AuthError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    MailerError,
+    NotFoundError,
+    PermanentError,
+    ResourceExhaustedError,
+    RpcError,
+    TransientError,
+    UnavailableError,
+)
+from client_sdk.retry import RetryPolicy
+from client_sdk.sync import SyncMailerClient
+from client_sdk.types import (
+    Address,
+    BreakerState,
+    ClusterStatus,
+    CoordinatorInfo,
+    Header,
+    Job,
+    JobOptions,
+    JobProgress,
+    JobState,
+    MessageContent,
+    NodeInfo,
+    NodeLoad,
+    NodeState,
+    Page,
+    Recipient,
+    RecipientResult,
+    RecipientStatus,
+    RelayStatus,
+    SmtpReply,
+)
+
+__all__ = [
+    "Address",
+    "AlreadyExistsError",
+    "AuthError",
+    "BreakerState",
+    "ClientConfig",
+    "ClusterStatus",
+    "CoordinatorInfo",
+    "DeadlineExceededError",
+    "FailedPreconditionError",
+    "Header",
+    "InvalidArgumentError",
+    "Job",
+    "JobOptions",
+    "JobProgress",
+    "JobState",
+    "MailerClient",
+    "MailerError",
+    "MessageContent",
+    "NodeInfo",
+    "NodeLoad",
+    "NodeState",
+    "NotFoundError",
+    "Page",
+    "PermanentError",
+    "Recipient",
+    "RecipientResult",
+    "RecipientSource",
+    "RecipientStatus",
+    "RelayStatus",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "RpcError",
+    "SmtpReply",
+    "SyncMailerClient",
+    "TransientError",
+    "UnavailableError",
+    "parse_addresses",
+]

@@ -1,0 +1,393 @@
+"""Translation between the SDK's dataclasses and the ``mailer.v1`` protobuf messages.
+
+The only SDK module besides the two clients that imports ``mailerpb``. Pure
+functions; values a newer server may add (unknown enum numbers) map to
+``UNSPECIFIED`` instead of failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from client_sdk.types import (
+    Address,
+    BreakerState,
+    ClusterStatus,
+    CoordinatorInfo,
+    Header,
+    Job,
+    JobOptions,
+    JobProgress,
+    JobState,
+    MessageContent,
+    NodeInfo,
+    NodeLoad,
+    NodeState,
+    Recipient,
+    RecipientResult,
+    RecipientStatus,
+    RelayStatus,
+    SmtpReply,
+)
+from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
+
+E = TypeVar("E")
+
+_JOB_STATES: Mapping[int, JobState] = {
+    common_pb2.JOB_STATE_UNSPECIFIED: JobState.UNSPECIFIED,
+    common_pb2.JOB_STATE_QUEUED: JobState.QUEUED,
+    common_pb2.JOB_STATE_RUNNING: JobState.RUNNING,
+    common_pb2.JOB_STATE_PAUSED: JobState.PAUSED,
+    common_pb2.JOB_STATE_COMPLETED: JobState.COMPLETED,
+    common_pb2.JOB_STATE_CANCELLED: JobState.CANCELLED,
+}
+_RECIPIENT_STATUSES: Mapping[int, RecipientStatus] = {
+    common_pb2.RECIPIENT_STATUS_UNSPECIFIED: RecipientStatus.UNSPECIFIED,
+    common_pb2.RECIPIENT_STATUS_QUEUED: RecipientStatus.QUEUED,
+    common_pb2.RECIPIENT_STATUS_DELIVERED: RecipientStatus.DELIVERED,
+    common_pb2.RECIPIENT_STATUS_FAILED: RecipientStatus.FAILED,
+    common_pb2.RECIPIENT_STATUS_DEFERRED: RecipientStatus.DEFERRED,
+    common_pb2.RECIPIENT_STATUS_CANCELLED: RecipientStatus.CANCELLED,
+}
+_BREAKER_STATES: Mapping[int, BreakerState] = {
+    common_pb2.BREAKER_STATE_UNSPECIFIED: BreakerState.UNSPECIFIED,
+    common_pb2.BREAKER_STATE_CLOSED: BreakerState.CLOSED,
+    common_pb2.BREAKER_STATE_OPEN: BreakerState.OPEN,
+    common_pb2.BREAKER_STATE_HALF_OPEN: BreakerState.HALF_OPEN,
+}
+_NODE_STATES: Mapping[int, NodeState] = {
+    coordinator_pb2.NODE_STATE_UNSPECIFIED: NodeState.UNSPECIFIED,
+    coordinator_pb2.NODE_STATE_ACTIVE: NodeState.ACTIVE,
+    coordinator_pb2.NODE_STATE_CORDONED: NodeState.CORDONED,
+    coordinator_pb2.NODE_STATE_DRAINING: NodeState.DRAINING,
+    coordinator_pb2.NODE_STATE_DISCONNECTED: NodeState.DISCONNECTED,
+}
+
+
+def _enum_from(table: Mapping[int, E], value: int, unknown: E) -> E:
+    return table.get(value, unknown)
+
+
+def _enum_to(table: Mapping[int, E], value: E) -> int:
+    for number, member in table.items():
+        if member == value:
+            return number
+    raise ValueError(f"no wire value for {value!r}")
+
+
+def job_state_to_pb(state: JobState) -> common_pb2.JobState.ValueType:
+    """The wire number of a job state."""
+    return common_pb2.JobState.ValueType(_enum_to(_JOB_STATES, state))
+
+
+def job_state_from_pb(value: int) -> JobState:
+    """The job state of a wire number."""
+    return _enum_from(_JOB_STATES, value, JobState.UNSPECIFIED)
+
+
+def recipient_status_to_pb(status: RecipientStatus) -> common_pb2.RecipientStatus.ValueType:
+    """The wire number of a recipient status."""
+    return common_pb2.RecipientStatus.ValueType(_enum_to(_RECIPIENT_STATUSES, status))
+
+
+def recipient_status_from_pb(value: int) -> RecipientStatus:
+    """The recipient status of a wire number."""
+    return _enum_from(_RECIPIENT_STATUSES, value, RecipientStatus.UNSPECIFIED)
+
+
+def timestamp_to_pb(value: datetime) -> Timestamp:
+    """A protobuf Timestamp; naive datetimes are taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def _timestamp_from_pb(msg: Message, field: str) -> datetime | None:
+    if not msg.HasField(field):
+        return None
+    ts: Timestamp = getattr(msg, field)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def address_to_pb(address: Address) -> common_pb2.Address:
+    """An Address message."""
+    return common_pb2.Address(email=address.email, name=address.name)
+
+
+def address_from_pb(msg: common_pb2.Address) -> Address | None:
+    """An Address, or None when the message is empty."""
+    if not msg.email:
+        return None
+    return Address(email=msg.email, name=msg.name)
+
+
+def recipient_to_pb(recipient: Recipient) -> common_pb2.Recipient:
+    """A Recipient message."""
+    return common_pb2.Recipient(
+        email=recipient.email, name=recipient.name, variables=dict(recipient.variables)
+    )
+
+
+def recipient_from_pb(msg: common_pb2.Recipient) -> Recipient:
+    """A Recipient."""
+    return Recipient(email=msg.email, name=msg.name, variables=dict(msg.variables))
+
+
+def content_to_pb(content: MessageContent) -> common_pb2.MessageContent:
+    """A MessageContent message."""
+    msg = common_pb2.MessageContent(
+        subject=content.subject,
+        text_body=content.text_body,
+        html_body=content.html_body,
+        headers=[common_pb2.Header(name=h.name, value=h.value) for h in content.headers],
+        unsubscribe_url=content.unsubscribe_url,
+    )
+    # "from" is a Python keyword, so the generated class has no typed accessor.
+    getattr(msg, "from").CopyFrom(address_to_pb(content.sender))
+    if content.reply_to is not None:
+        msg.reply_to.CopyFrom(address_to_pb(content.reply_to))
+    return msg
+
+
+def content_from_pb(msg: common_pb2.MessageContent) -> MessageContent:
+    """A MessageContent."""
+    sender = address_from_pb(getattr(msg, "from"))
+    if sender is None:
+        raise ValueError("message content without a From address")
+    return MessageContent(
+        sender=sender,
+        subject=msg.subject,
+        text_body=msg.text_body,
+        html_body=msg.html_body,
+        reply_to=address_from_pb(msg.reply_to) if msg.HasField("reply_to") else None,
+        headers=tuple(Header(name=h.name, value=h.value) for h in msg.headers),
+        unsubscribe_url=msg.unsubscribe_url,
+    )
+
+
+def options_to_pb(options: JobOptions) -> coordinator_pb2.JobOptions:
+    """A JobOptions message."""
+    msg = coordinator_pb2.JobOptions(priority=options.priority, name=options.name)
+    if options.send_at is not None:
+        msg.send_at.CopyFrom(timestamp_to_pb(options.send_at))
+    if options.expires_at is not None:
+        msg.expires_at.CopyFrom(timestamp_to_pb(options.expires_at))
+    return msg
+
+
+def options_from_pb(msg: coordinator_pb2.JobOptions) -> JobOptions:
+    """A JobOptions."""
+    return JobOptions(
+        send_at=_timestamp_from_pb(msg, "send_at"),
+        expires_at=_timestamp_from_pb(msg, "expires_at"),
+        priority=msg.priority,
+        name=msg.name,
+    )
+
+
+def progress_from_pb(msg: common_pb2.JobProgress) -> JobProgress:
+    """A JobProgress."""
+    return JobProgress(
+        job_id=msg.job_id,
+        state=job_state_from_pb(msg.state),
+        total=msg.total,
+        queued=msg.queued,
+        delivered=msg.delivered,
+        failed=msg.failed,
+        deferred=msg.deferred,
+        cancelled=msg.cancelled,
+        created_at=_timestamp_from_pb(msg, "created_at"),
+        updated_at=_timestamp_from_pb(msg, "updated_at"),
+        finished_at=_timestamp_from_pb(msg, "finished_at"),
+    )
+
+
+def job_from_pb(msg: coordinator_pb2.Job, created: bool | None = None) -> Job:
+    """A Job; ``created`` comes from a submit response."""
+    progress = progress_from_pb(msg.progress)
+    if not progress.job_id:
+        progress = dataclasses.replace(progress, job_id=msg.job_id)
+    return Job(
+        job_id=msg.job_id,
+        idempotency_key=msg.idempotency_key,
+        progress=progress,
+        options=options_from_pb(msg.options),
+        content=content_from_pb(msg.content) if msg.HasField("content") else None,
+        created=created,
+    )
+
+
+def result_from_pb(msg: common_pb2.RecipientResult) -> RecipientResult:
+    """A RecipientResult."""
+    reply = None
+    if msg.HasField("reply"):
+        reply = SmtpReply(
+            code=msg.reply.code, enhanced_code=msg.reply.enhanced_code, text=msg.reply.text
+        )
+    return RecipientResult(
+        index=msg.index,
+        email=msg.email,
+        status=recipient_status_from_pb(msg.status),
+        reply=reply,
+        reason=msg.reason,
+        attempts=msg.attempts,
+        node_id=msg.node_id,
+        ambiguous=msg.ambiguous,
+        updated_at=_timestamp_from_pb(msg, "updated_at"),
+    )
+
+
+def _coordinator_from_pb(msg: coordinator_pb2.CoordinatorInfo) -> CoordinatorInfo:
+    return CoordinatorInfo(coordinator_id=msg.coordinator_id, address=msg.address, epoch=msg.epoch)
+
+
+def cluster_status_from_pb(msg: coordinator_pb2.GetClusterStatusResponse) -> ClusterStatus:
+    """A ClusterStatus."""
+    return ClusterStatus(
+        leader=_coordinator_from_pb(msg.leader) if msg.HasField("leader") else None,
+        standbys=tuple(_coordinator_from_pb(s) for s in msg.standbys),
+        etcd_endpoints=tuple(msg.etcd_endpoints),
+        active_jobs=msg.active_jobs,
+    )
+
+
+def node_from_pb(msg: coordinator_pb2.NodeInfo) -> NodeInfo:
+    """A NodeInfo."""
+    return NodeInfo(
+        node_id=msg.node_id,
+        address=msg.address,
+        state=_enum_from(_NODE_STATES, msg.state, NodeState.UNSPECIFIED),
+        load=NodeLoad(
+            in_flight=msg.load.in_flight,
+            capacity=msg.load.capacity,
+            recent_latency_ms=msg.load.recent_latency_ms,
+            recent_error_rate=msg.load.recent_error_rate,
+        ),
+        lease_ttl_remaining_s=msg.lease_ttl_remaining_s,
+        breaker_state=_enum_from(_BREAKER_STATES, msg.breaker_state, BreakerState.UNSPECIFIED),
+        relays=tuple(
+            RelayStatus(
+                address=r.address,
+                breaker_state=_enum_from(
+                    _BREAKER_STATES, r.breaker_state, BreakerState.UNSPECIFIED
+                ),
+                open_connections=r.open_connections,
+            )
+            for r in msg.relays
+        ),
+        batches_in_flight=msg.batches_in_flight,
+        recipients_done=msg.recipients_done,
+    )
+
+
+def submit_request(
+    content: MessageContent,
+    recipients: Iterable[common_pb2.Recipient],
+    idempotency_key: str,
+    options: JobOptions | None,
+) -> coordinator_pb2.SubmitJobRequest:
+    """A SubmitJobRequest from already converted recipients."""
+    req = coordinator_pb2.SubmitJobRequest(
+        content=content_to_pb(content), recipients=recipients, idempotency_key=idempotency_key
+    )
+    if options is not None:
+        req.options.CopyFrom(options_to_pb(options))
+    return req
+
+
+def upload_header(
+    content: MessageContent, idempotency_key: str, options: JobOptions | None
+) -> coordinator_pb2.UploadJobRequest:
+    """The first message of an upload."""
+    header = coordinator_pb2.UploadJobHeader(
+        content=content_to_pb(content), idempotency_key=idempotency_key
+    )
+    if options is not None:
+        header.options.CopyFrom(options_to_pb(options))
+    return coordinator_pb2.UploadJobRequest(header=header)
+
+
+def upload_chunk(recipients: Iterable[common_pb2.Recipient]) -> coordinator_pb2.UploadJobRequest:
+    """A recipients message of an upload."""
+    return coordinator_pb2.UploadJobRequest(
+        recipients=coordinator_pb2.RecipientChunk(recipients=recipients)
+    )
+
+
+# google.rpc.Status and google.rpc.RetryInfo, declared here because the
+# googleapis-common-protos package is not a dependency. A private pool keeps
+# them from clashing with anyone registering the real ones.
+@functools.cache
+def _rpc_status_classes() -> tuple[type[Message], type[Message]]:
+    pool = descriptor_pool.DescriptorPool()
+    for dep in (any_pb2.DESCRIPTOR, duration_pb2.DESCRIPTOR):
+        pool.AddSerializedFile(dep.serialized_pb)
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="mailers_sdk/google_rpc.proto",
+        package="google.rpc",
+        syntax="proto3",
+        dependency=["google/protobuf/any.proto", "google/protobuf/duration.proto"],
+    )
+    field = descriptor_pb2.FieldDescriptorProto
+    status = fdp.message_type.add(name="Status")
+    status.field.add(name="code", number=1, type=field.TYPE_INT32, label=field.LABEL_OPTIONAL)
+    status.field.add(name="message", number=2, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
+    status.field.add(
+        name="details",
+        number=3,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_REPEATED,
+        type_name=".google.protobuf.Any",
+    )
+    retry = fdp.message_type.add(name="RetryInfo")
+    retry.field.add(
+        name="retry_delay",
+        number=1,
+        type=field.TYPE_MESSAGE,
+        label=field.LABEL_OPTIONAL,
+        type_name=".google.protobuf.Duration",
+    )
+    pool.Add(fdp)
+    return (
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.Status")),
+        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.RetryInfo")),
+    )
+
+
+def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
+    """The ``RetryInfo.retry_delay`` inside a serialized ``google.rpc.Status``, if any."""
+    if not data:
+        return None
+    status_cls, retry_cls = _rpc_status_classes()
+    try:
+        status = status_cls.FromString(data)
+        for detail in getattr(status, "details"):  # noqa: B009 - dynamic message class
+            if detail.type_url.endswith("/google.rpc.RetryInfo"):
+                info = retry_cls.FromString(detail.value)
+                delay: duration_pb2.Duration = getattr(info, "retry_delay")  # noqa: B009
+                return delay.ToTimedelta()
+    except DecodeError:
+        return None
+    return None
+
+
+def status_details_with_retry_info(code: int, message: str, retry_after: timedelta) -> bytes:
+    """A serialized ``google.rpc.Status`` carrying ``RetryInfo`` (for tests and fakes)."""
+    status_cls, retry_cls = _rpc_status_classes()
+    delay = duration_pb2.Duration()
+    delay.FromTimedelta(retry_after)
+    info = retry_cls(retry_delay=delay)
+    detail = any_pb2.Any(
+        type_url="type.googleapis.com/google.rpc.RetryInfo", value=info.SerializeToString()
+    )
+    return status_cls(code=code, message=message, details=[detail]).SerializeToString()

@@ -1,0 +1,286 @@
+"""Typed values of the client API: what callers build and what the SDK returns.
+
+Plain frozen dataclasses and enums, so no protobuf type leaks into user code;
+``_convert`` is the only place that translates them to and from the wire.
+Timestamps are timezone-aware ``datetime`` values in UTC, or ``None`` when unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class JobState(enum.Enum):
+    """Lifecycle of a job."""
+
+    UNSPECIFIED = "unspecified"
+    QUEUED = "queued"
+    """Accepted and durable; no recipient attempted yet."""
+    RUNNING = "running"
+    PAUSED = "paused"
+    """Paused by an operator: no new SMTP transactions start."""
+    COMPLETED = "completed"
+    """Every recipient has a final outcome."""
+    CANCELLED = "cancelled"
+    """Recipients not yet sent ended as cancelled."""
+
+    @property
+    def is_final(self) -> bool:
+        """True for states a job never leaves."""
+        return self in (JobState.COMPLETED, JobState.CANCELLED)
+
+
+class RecipientStatus(enum.Enum):
+    """Where one recipient of a job stands."""
+
+    UNSPECIFIED = "unspecified"
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    """The relay accepted the message. Final."""
+    FAILED = "failed"
+    """Permanently refused, or out of attempts. Final."""
+    DEFERRED = "deferred"
+    """A transient failure; it will be retried."""
+    CANCELLED = "cancelled"
+    """The job was cancelled before this recipient was sent. Final."""
+
+    @property
+    def is_final(self) -> bool:
+        """True for statuses a recipient never leaves."""
+        return self in (
+            RecipientStatus.DELIVERED,
+            RecipientStatus.FAILED,
+            RecipientStatus.CANCELLED,
+        )
+
+
+class NodeState(enum.Enum):
+    """Scheduling state of a sender node, as operators set it."""
+
+    UNSPECIFIED = "unspecified"
+    ACTIVE = "active"
+    CORDONED = "cordoned"
+    DRAINING = "draining"
+    DISCONNECTED = "disconnected"
+    """Registered, but the leader has no open stream to it."""
+
+
+class BreakerState(enum.Enum):
+    """Circuit breaker state."""
+
+    UNSPECIFIED = "unspecified"
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """An RFC 5322 mailbox: an address with an optional display name."""
+
+    email: str
+    """The addr-spec, e.g. ``news@example.com``."""
+    name: str = ""
+    """Optional display name; non-ASCII is allowed."""
+
+    def __post_init__(self) -> None:
+        if "@" not in self.email:
+            raise ValueError(f"not an email address: {self.email!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """An extra message header; the coordinator checks it against an allow-list."""
+
+    name: str
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipient:
+    """One recipient with the variables its message is personalised with."""
+
+    email: str
+    name: str = ""
+    variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Template variables, referenced as ``{{ name }}`` in subject and bodies."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MessageContent:
+    """What every recipient of a job receives, before personalisation."""
+
+    sender: Address
+    """The From mailbox."""
+    subject: str = ""
+    """Subject template."""
+    text_body: str = ""
+    """Plain text body template. At least one of text_body and html_body is required."""
+    html_body: str = ""
+    """HTML body template."""
+    reply_to: Address | None = None
+    headers: Sequence[Header] = ()
+    unsubscribe_url: str = ""
+    """When set, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) are added."""
+
+    def __post_init__(self) -> None:
+        if not self.text_body and not self.html_body:
+            raise ValueError("MessageContent needs text_body or html_body")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    """Per-job options."""
+
+    send_at: datetime | None = None
+    """Do not start sending before this time."""
+    expires_at: datetime | None = None
+    """Recipients still deferred at this time fail with the last reply recorded."""
+    priority: int = 0
+    """Higher runs first."""
+    name: str = ""
+    """Free-form label shown in listings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    """Counts of a job's recipients by status."""
+
+    job_id: str
+    state: JobState
+    total: int = 0
+    queued: int = 0
+    delivered: int = 0
+    failed: int = 0
+    deferred: int = 0
+    cancelled: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> int:
+        """Recipients with a final outcome: delivered, failed or cancelled."""
+        return self.delivered + self.failed + self.cancelled
+
+    @property
+    def is_final(self) -> bool:
+        """True once the job is completed or cancelled."""
+        return self.state.is_final
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A job as the coordinator stores it."""
+
+    job_id: str
+    idempotency_key: str
+    progress: JobProgress
+    options: JobOptions = JobOptions()
+    content: MessageContent | None = None
+    """Absent in listings, which leave content out."""
+    created: bool | None = None
+    """Set by submit: False when the idempotency key matched an existing job."""
+
+    @property
+    def state(self) -> JobState:
+        """The job's state, from its progress."""
+        return self.progress.state
+
+
+@dataclasses.dataclass(frozen=True)
+class SmtpReply:
+    """The SMTP reply that decided an outcome."""
+
+    code: int
+    """Three-digit reply code, 0 when no reply was received."""
+    enhanced_code: str = ""
+    text: str = ""
+
+    def __str__(self) -> str:
+        parts = [str(self.code) if self.code else "no reply", self.enhanced_code, self.text]
+        return " ".join(p for p in parts if p)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipientResult:
+    """Outcome of one recipient."""
+
+    index: int
+    """Position of the recipient in the job, from 0."""
+    email: str
+    status: RecipientStatus
+    reply: SmtpReply | None = None
+    reason: str = ""
+    attempts: int = 0
+    node_id: str = ""
+    ambiguous: bool = False
+    """True when the relay may have received the message twice."""
+    updated_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing; pass next_page_token to get the next, empty when done."""
+
+    items: Sequence[T]
+    next_page_token: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorInfo:
+    """A coordinator process taking part in the election."""
+
+    coordinator_id: str
+    address: str
+    epoch: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterStatus:
+    """The cluster as the leader sees it."""
+
+    leader: CoordinatorInfo | None
+    standbys: Sequence[CoordinatorInfo] = ()
+    etcd_endpoints: Sequence[str] = ()
+    active_jobs: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeLoad:
+    """Load a sender node reports about itself."""
+
+    in_flight: int = 0
+    capacity: int = 0
+    recent_latency_ms: float = 0.0
+    recent_error_rate: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayStatus:
+    """One SMTP relay as a node sees it."""
+
+    address: str
+    breaker_state: BreakerState = BreakerState.UNSPECIFIED
+    open_connections: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """A sender node as the leader sees it."""
+
+    node_id: str
+    address: str = ""
+    state: NodeState = NodeState.UNSPECIFIED
+    load: NodeLoad = NodeLoad()
+    lease_ttl_remaining_s: int = 0
+    breaker_state: BreakerState = BreakerState.UNSPECIFIED
+    relays: Sequence[RelayStatus] = ()
+    batches_in_flight: int = 0
+    recipients_done: int = 0

@@ -1,0 +1,187 @@
+"""Protobuf <-> coordinator model. The coordinator's only bridge to mailerpb besides its
+gRPC shells (servicer.py, node_link.py)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from coordinator.model import (
+    Address,
+    Content,
+    Counts,
+    Header,
+    JobOptions,
+    JobSpec,
+    JobState,
+    JobStatus,
+    Recipient,
+    Result,
+    Status,
+)
+from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
+
+_JOB_STATE = {
+    JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
+    JobState.RUNNING: common_pb2.JOB_STATE_RUNNING,
+    JobState.PAUSED: common_pb2.JOB_STATE_PAUSED,
+    JobState.COMPLETED: common_pb2.JOB_STATE_COMPLETED,
+    JobState.CANCELLED: common_pb2.JOB_STATE_CANCELLED,
+}
+_JOB_STATE_FROM: dict[int, JobState] = {int(v): k for k, v in _JOB_STATE.items()}
+
+_STATUS = {
+    Status.QUEUED: common_pb2.RECIPIENT_STATUS_QUEUED,
+    Status.DELIVERED: common_pb2.RECIPIENT_STATUS_DELIVERED,
+    Status.FAILED: common_pb2.RECIPIENT_STATUS_FAILED,
+    Status.DEFERRED: common_pb2.RECIPIENT_STATUS_DEFERRED,
+    Status.CANCELLED: common_pb2.RECIPIENT_STATUS_CANCELLED,
+}
+_STATUS_FROM: dict[int, Status] = {int(v): k for k, v in _STATUS.items()}
+
+
+def timestamp(unix_s: float | None) -> Timestamp | None:
+    if unix_s is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix_s * 1e9))
+    return ts
+
+
+def unix(ts: Timestamp, present: bool) -> float | None:
+    return ts.ToNanoseconds() / 1e9 if present else None
+
+
+def address_from(pb: common_pb2.Address) -> Address:
+    return Address(email=pb.email, name=pb.name)
+
+
+def content_from(pb: common_pb2.MessageContent) -> Content:
+    return Content(
+        sender=address_from(pb.__getattribute__("from")),
+        reply_to=address_from(pb.reply_to) if pb.HasField("reply_to") else None,
+        subject=pb.subject,
+        text_body=pb.text_body,
+        html_body=pb.html_body,
+        headers=tuple(Header(h.name, h.value) for h in pb.headers),
+        unsubscribe_url=pb.unsubscribe_url,
+    )
+
+
+def content_to(content: Content) -> common_pb2.MessageContent:
+    pb = common_pb2.MessageContent(
+        subject=content.subject,
+        text_body=content.text_body,
+        html_body=content.html_body,
+        headers=[common_pb2.Header(name=h.name, value=h.value) for h in content.headers],
+        unsubscribe_url=content.unsubscribe_url,
+    )
+    pb.__getattribute__("from").CopyFrom(
+        common_pb2.Address(email=content.sender.email, name=content.sender.name)
+    )
+    if content.reply_to is not None:
+        pb.reply_to.CopyFrom(
+            common_pb2.Address(email=content.reply_to.email, name=content.reply_to.name)
+        )
+    return pb
+
+
+def recipient_from(pb: common_pb2.Recipient) -> Recipient:
+    return Recipient(email=pb.email, name=pb.name, variables=dict(pb.variables))
+
+
+def recipient_to(r: Recipient) -> common_pb2.Recipient:
+    return common_pb2.Recipient(email=r.email, name=r.name, variables=dict(r.variables))
+
+
+def options_from(pb: coordinator_pb2.JobOptions) -> JobOptions:
+    return JobOptions(
+        send_at=unix(pb.send_at, pb.HasField("send_at")),
+        expires_at=unix(pb.expires_at, pb.HasField("expires_at")),
+        priority=pb.priority,
+        name=pb.name,
+    )
+
+
+def options_to(options: JobOptions) -> coordinator_pb2.JobOptions:
+    return coordinator_pb2.JobOptions(
+        send_at=timestamp(options.send_at),
+        expires_at=timestamp(options.expires_at),
+        priority=options.priority,
+        name=options.name,
+    )
+
+
+def progress_to(job_id: str, status: JobStatus, created_at: float) -> common_pb2.JobProgress:
+    c = status.counts
+    return common_pb2.JobProgress(
+        job_id=job_id,
+        state=_JOB_STATE[status.state],
+        total=c.total,
+        queued=c.queued,
+        delivered=c.delivered,
+        failed=c.failed,
+        deferred=c.deferred,
+        cancelled=c.cancelled,
+        created_at=timestamp(created_at),
+        updated_at=timestamp(status.updated_at),
+        finished_at=timestamp(status.finished_at),
+    )
+
+
+def job_to(spec: JobSpec, status: JobStatus, with_content: bool = True) -> coordinator_pb2.Job:
+    return coordinator_pb2.Job(
+        job_id=spec.job_id,
+        idempotency_key=spec.idempotency_key,
+        content=content_to(spec.content) if with_content else None,
+        options=options_to(spec.options),
+        progress=progress_to(spec.job_id, status, spec.created_at),
+    )
+
+
+def job_state_from(value: int) -> JobState | None:
+    return _JOB_STATE_FROM.get(value)
+
+
+def status_from(value: int) -> Status | None:
+    return _STATUS_FROM.get(value)
+
+
+def result_from(pb: common_pb2.RecipientResult) -> tuple[int, Result]:
+    status = _STATUS_FROM.get(int(pb.status), Status.DEFERRED)
+    return pb.index, Result(
+        status=status,
+        code=pb.reply.code,
+        enhanced_code=pb.reply.enhanced_code,
+        text=pb.reply.text,
+        reason=pb.reason,
+        attempts=pb.attempts,
+        node_id=pb.node_id,
+        ambiguous=pb.ambiguous,
+        updated_at=unix(pb.updated_at, pb.HasField("updated_at")) or 0.0,
+    )
+
+
+def result_to(index: int, email: str, result: Result) -> common_pb2.RecipientResult:
+    return common_pb2.RecipientResult(
+        index=index,
+        email=email,
+        status=_STATUS[result.status],
+        reply=common_pb2.SmtpReply(
+            code=result.code, enhanced_code=result.enhanced_code, text=result.text
+        ),
+        reason=result.reason,
+        attempts=result.attempts,
+        node_id=result.node_id,
+        ambiguous=result.ambiguous,
+        updated_at=timestamp(result.updated_at) if result.updated_at else None,
+    )
+
+
+def counts_of(progress: common_pb2.JobProgress) -> Counts:
+    return Counts(
+        total=progress.total,
+        delivered=progress.delivered,
+        failed=progress.failed,
+        deferred=progress.deferred,
+        cancelled=progress.cancelled,
+    )

@@ -1,0 +1,53 @@
+"""Splitting a job's recipients into batches. Pure.
+
+A batch is identified by (job_id, seq); recipient i of a job is in batch
+i // batch_size, so any recipient's batch is known without an index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of at most size items, in order; never an empty list."""
+    if size < 1:
+        raise ValueError("size must be at least 1")
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def batch_of(index: int, batch_size: int) -> int:
+    """The batch seq holding recipient index."""
+    return index // batch_size
+
+
+def batch_range(seq: int, batch_size: int, total: int) -> range:
+    """The recipient indexes of batch seq."""
+    start = seq * batch_size
+    return range(start, min(start + batch_size, total))
+
+
+def batch_id(job_id: str, seq: int) -> str:
+    return f"{job_id}/{seq}"
+
+
+def parse_batch_id(value: str) -> tuple[str, int]:
+    """Inverse of batch_id.
+
+    Raises:
+        ValueError: value is not of the form job_id/seq.
+    """
+    job_id, sep, seq = value.rpartition("/")
+    if not sep or not job_id or not seq.isdigit():
+        raise ValueError(f"bad batch id {value!r}")
+    return job_id, int(seq)

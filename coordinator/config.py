@@ -1,0 +1,88 @@
+"""Coordinator configuration: one frozen dataclass, read from the environment in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from datetime import timedelta
+
+from coordinator.backoff import BackoffPolicy
+from coordinator.validation import Limits
+from mailers.etcd import parse_endpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    etcd_endpoints: tuple[str, ...]
+    """etcd client endpoints, host:port (IP addresses)."""
+    listen: str = "127.0.0.1:7701"
+    """Address the client and admin gRPC services listen on."""
+    advertise: str = ""
+    """Address clients are redirected to when this coordinator leads; defaults to listen."""
+    coordinator_id: str = ""
+    """Stable name in logs and cluster status; defaults to <host>-<pid>."""
+    etcd_prefix: str = "/mailers"
+    election_ttl_s: int = 5
+    """Lease TTL of the election key: a dead leader is replaced within about this long."""
+    batch_size: int = 50
+    """Recipients per batch."""
+    ack_timeout_s: float = 30.0
+    """A node that reports no progress on a batch for this long loses it to another node."""
+    max_attempts: int = 5
+    """SMTP attempts per recipient before a transient failure becomes permanent."""
+    max_dispatches: int = 10
+    """Times a batch may be handed out before its remaining recipients fail."""
+    retry: BackoffPolicy = BackoffPolicy(initial=timedelta(seconds=2), maximum=timedelta(minutes=5))
+    """Delay before a batch with deferred recipients is sent again."""
+    flush_interval_s: float = 0.1
+    """Results are persisted to etcd at most this long after they arrive."""
+    breaker_failures: int = 5
+    breaker_reset_s: float = 10.0
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        if not self.etcd_endpoints:
+            raise ValueError("etcd_endpoints is required")
+        if self.batch_size < 1 or self.batch_size > 1000:
+            raise ValueError("batch_size must be within 1..1000")
+        if self.ack_timeout_s <= 0 or self.flush_interval_s <= 0:
+            raise ValueError("ack_timeout_s and flush_interval_s must be positive")
+        if self.max_attempts < 1 or self.max_dispatches < 1:
+            raise ValueError("max_attempts and max_dispatches must be at least 1")
+        if self.election_ttl_s < 2:
+            raise ValueError("election_ttl_s must be at least 2")
+
+    @property
+    def advertised(self) -> str:
+        return self.advertise or self.listen
+
+    @property
+    def name(self) -> str:
+        return self.coordinator_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
+    """Build the config from MAILER_* variables; unknown values raise ValueError."""
+    e = environ
+    retry_initial = float(e.get("MAILER_RETRY_INITIAL_S", "2"))
+    retry_max = float(e.get("MAILER_RETRY_MAX_S", "300"))
+    return CoordinatorConfig(
+        etcd_endpoints=tuple(parse_endpoints(e.get("MAILER_ETCD_ENDPOINTS", "127.0.0.1:2379"))),
+        listen=e.get("MAILER_LISTEN", "127.0.0.1:7701"),
+        advertise=e.get("MAILER_ADVERTISE", ""),
+        coordinator_id=e.get("MAILER_COORDINATOR_ID", ""),
+        etcd_prefix=e.get("MAILER_ETCD_PREFIX", "/mailers"),
+        election_ttl_s=int(e.get("MAILER_ELECTION_TTL_S", "5")),
+        batch_size=int(e.get("MAILER_BATCH_SIZE", "50")),
+        ack_timeout_s=float(e.get("MAILER_ACK_TIMEOUT_S", "30")),
+        max_attempts=int(e.get("MAILER_MAX_ATTEMPTS", "5")),
+        max_dispatches=int(e.get("MAILER_MAX_DISPATCHES", "10")),
+        retry=BackoffPolicy(
+            initial=timedelta(seconds=retry_initial), maximum=timedelta(seconds=retry_max)
+        ),
+        flush_interval_s=float(e.get("MAILER_FLUSH_INTERVAL_S", "0.1")),
+        breaker_failures=int(e.get("MAILER_BREAKER_FAILURES", "5")),
+        breaker_reset_s=float(e.get("MAILER_BREAKER_RESET_S", "10")),
+    )

@@ -1,0 +1,709 @@
+"""The leader's dispatch loop: wires jobs, ledger, balancer and breakers to node streams.
+
+Owned by the coordinator while it leads; :meth:`Dispatcher.stop` cancels every task
+it started. Everything here runs on one event loop, so the in-memory state needs no
+locks; etcd is the durable copy and is written by the flush task.
+
+The flow of a batch: *ready* -> dispatched to a node (held in the ledger with a
+progress deadline) -> results arrive and are applied -> the node acks -> the batch is
+*done* if every recipient is final, else *waiting* (retry after a backoff delay when
+something was deferred) or *ready* again (nothing tried, e.g. after a pause). A node
+that disconnects, leaves etcd or misses the deadline loses its batches to *ready*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import heapq
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import aetcd
+
+from coordinator import _convert, backoff
+from coordinator.balancer import Balancer, Candidate
+from coordinator.batching import batch_id, batch_range, parse_batch_id
+from coordinator.breaker import Breaker
+from coordinator.config import CoordinatorConfig
+from coordinator.ledger import Ledger
+from coordinator.model import BatchState, Counts, JobSpec, JobState, JobStatus, Result, Status
+from coordinator.node_link import NodeLink
+from coordinator.store import Fence, JobStore, LostLeadership
+from mailerpb.mailer.v1 import common_pb2, sender_pb2
+from mailers.etcd import Keys, watch_prefix
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class JobRuntime:
+    """A job the leader is working on."""
+
+    spec: JobSpec
+    status: JobStatus
+    open_batches: int
+    ready: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    waiting: list[tuple[float, int]] = dataclasses.field(default_factory=list)
+    inflight: set[int] = dataclasses.field(default_factory=set)
+    states: dict[int, BatchState] = dataclasses.field(default_factory=dict)
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    content_pb: common_pb2.MessageContent | None = None
+    duplicates: int = 0
+
+    def notify(self) -> None:
+        """Wake every watcher; they pick up a fresh event for the next change."""
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+@dataclasses.dataclass
+class NodeEntry:
+    node_id: str
+    address: str
+    capacity: int
+    lease_id: int
+    link: NodeLink
+    breaker: Breaker
+    recipients_done: int = 0
+    full_until: float = 0.0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        client: aetcd.Client,
+        keys: Keys,
+        fence: Fence,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.keys = keys
+        self.fence = fence
+        self.store = JobStore(client, keys, fence)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.jobs: dict[str, JobRuntime] = {}
+        self.nodes: dict[str, NodeEntry] = {}
+        self.cordoned: set[str] = set()
+        self.ledger = Ledger()
+        self.balancer = Balancer()
+        self.lost = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._dirty_states: set[tuple[str, int]] = set()
+        self._dirty_jobs: set[str] = set()
+        self._flushed = asyncio.Event()
+        self._released = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._job_order: collections.deque[str] = collections.deque()
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load cordons and every unfinished job from etcd, then start dispatching."""
+        self.cordoned = await self.store.cordoned()
+        statuses = await self.store.list_statuses()
+        for job_id, status in sorted(statuses.items()):
+            if status.state.final:
+                continue
+            spec = await self.store.load_spec(job_id)
+            if spec is None:
+                continue
+            await self._resume(spec, status)
+        log.info("leading with epoch %d; resumed %d jobs", self.fence.revision, len(self.jobs))
+        self._tasks = [
+            asyncio.create_task(self._guard(self._loop()), name="dispatch"),
+            asyncio.create_task(self._guard(self._flush_loop()), name="flush"),
+            asyncio.create_task(
+                self._guard(
+                    watch_prefix(
+                        self.client, self.keys.nodes, self._nodes_snapshot, self._node_change
+                    )
+                ),
+                name="registry",
+            ),
+        ]
+
+    async def stop(self) -> None:
+        """Stop dispatching: cancel tasks and close every node stream (nodes then drop
+        the batches that came on them). Unflushed results are written if we still lead."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        for node in list(self.nodes.values()):
+            await node.link.close()
+        self.nodes.clear()
+        if not self.lost.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_once(), 5)
+
+    async def _guard(self, coro: object) -> None:
+        """Run a background coroutine; losing leadership or crashing ends our reign."""
+        try:
+            await coro  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except LostLeadership as exc:
+            log.error("lost leadership: %s", exc)
+            self.lost.set()
+        except Exception:
+            log.exception("dispatcher task crashed; stepping down")
+            self.lost.set()
+
+    async def _resume(self, spec: JobSpec, status: JobStatus) -> None:
+        states = await self.store.list_states(spec.job_id)
+        counts = Counts(total=spec.total)
+        job = JobRuntime(spec=spec, status=status, open_batches=0)
+        for seq in range(spec.batch_count):
+            state = states.get(seq)
+            indexes = batch_range(seq, spec.batch_size, spec.total)
+            if state is not None:
+                for result in state.results.values():
+                    counts.add(result.status)
+            if state is not None and all(
+                i in state.results and state.results[i].status.final for i in indexes
+            ):
+                continue
+            job.open_batches += 1
+            if state is not None:
+                job.states[seq] = state
+                if state.retry_at is not None:
+                    heapq.heappush(job.waiting, (state.retry_at, seq))
+                    continue
+            job.ready.append(seq)
+        status.counts = counts
+        self.jobs[spec.job_id] = job
+        self._job_order.append(spec.job_id)
+        if job.open_batches == 0:
+            self._maybe_finish(job)
+        self._dirty_jobs.add(spec.job_id)
+
+    # ---- jobs -----------------------------------------------------------------------
+
+    def add_job(self, spec: JobSpec, status: JobStatus) -> JobRuntime:
+        """Start working on a job just committed to etcd."""
+        job = JobRuntime(
+            spec=spec,
+            status=status,
+            open_batches=spec.batch_count,
+            ready=collections.deque(range(spec.batch_count)),
+        )
+        self.jobs[spec.job_id] = job
+        self._job_order.append(spec.job_id)
+        self._wake.set()
+        return job
+
+    def pause(self, job: JobRuntime) -> None:
+        if job.status.state.final or job.status.state is JobState.PAUSED:
+            return
+        job.status.state = JobState.PAUSED
+        self._cancel_inflight(job)
+        self._job_changed(job)
+
+    def resume(self, job: JobRuntime) -> None:
+        if job.status.state is not JobState.PAUSED:
+            return
+        job.status.state = JobState.RUNNING if job.status.counts.done else JobState.QUEUED
+        self._job_changed(job)
+        self._wake.set()
+
+    def cancel(self, job: JobRuntime) -> None:
+        if job.status.state.final:
+            return
+        job.status.state = JobState.CANCELLED
+        job.ready.clear()
+        job.waiting.clear()
+        self._cancel_inflight(job)
+        self._maybe_finish(job)
+        self._job_changed(job)
+
+    def _cancel_inflight(self, job: JobRuntime) -> None:
+        for seq in job.inflight:
+            bid = batch_id(job.spec.job_id, seq)
+            holder = self.ledger.holder(bid)
+            if holder in self.nodes:
+                self.nodes[holder].link.send(
+                    sender_pb2.DispatchRequest(
+                        cancel=sender_pb2.CancelBatch(batch_id=bid, epoch=self.fence.revision)
+                    )
+                )
+
+    def _job_changed(self, job: JobRuntime) -> None:
+        job.status.updated_at = self.clock()
+        self._dirty_jobs.add(job.spec.job_id)
+        job.notify()
+
+    def _maybe_finish(self, job: JobRuntime) -> None:
+        if job.inflight:
+            return
+        if job.status.state is JobState.CANCELLED:
+            counts = job.status.counts
+            counts.cancelled += counts.queued + counts.deferred
+            counts.deferred = 0
+        elif job.open_batches == 0:
+            job.status.state = JobState.COMPLETED
+        else:
+            return
+        job.status.finished_at = self.clock()
+        log.info(
+            "job %s %s: %d delivered, %d failed, %d cancelled",
+            job.spec.job_id,
+            job.status.state.value,
+            job.status.counts.delivered,
+            job.status.counts.failed,
+            job.status.counts.cancelled,
+        )
+        self._job_changed(job)
+
+    # ---- dispatching ----------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            now = self.clock()
+            for entry in self.ledger.expired(now):
+                log.warning(
+                    "batch %s: no progress from %s; reassigning", entry.batch_id, entry.node_id
+                )
+                node = self.nodes.get(entry.node_id)
+                if node is not None:
+                    node.breaker.on_failure(now)
+                    node.link.send(
+                        sender_pb2.DispatchRequest(
+                            cancel=sender_pb2.CancelBatch(
+                                batch_id=entry.batch_id, epoch=self.fence.revision
+                            )
+                        )
+                    )
+                self._requeue(entry.batch_id, now, front=True)
+            next_wake = await self._dispatch_ready(now)
+            deadline = self.ledger.next_deadline()
+            if deadline is not None:
+                next_wake = min(next_wake, deadline)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, next_wake - self.clock()))
+
+    def _candidates(self, now: float) -> list[Candidate]:
+        return [
+            Candidate(
+                node_id=node.node_id,
+                capacity=node.link.load.capacity or node.capacity,
+                in_flight=self.ledger.recipients_on(node.node_id),
+                error_rate=node.link.load.recent_error_rate,
+                schedulable=(
+                    node.link.connected
+                    and node.node_id not in self.cordoned
+                    and node.full_until <= now
+                    and node.breaker.admits(now)
+                ),
+            )
+            for node in self.nodes.values()
+        ]
+
+    async def _dispatch_ready(self, now: float) -> float:
+        """Hand out ready batches while nodes have room; returns when to look again."""
+        next_wake = now + 1.0
+        for _ in range(len(self._job_order)):
+            job_id = self._job_order[0]
+            self._job_order.rotate(-1)
+            job = self.jobs.get(job_id)
+            if job is None or job.status.state.final and not job.inflight:
+                if job is not None:
+                    del self.jobs[job_id]
+                self._job_order.remove(job_id)
+                continue
+            while job.waiting and job.waiting[0][0] <= now:
+                _, seq = heapq.heappop(job.waiting)
+                job.ready.append(seq)
+            if job.waiting:
+                next_wake = min(next_wake, job.waiting[0][0])
+        # Highest priority first; equal priorities take turns a batch at a time.
+        order = sorted(
+            (self.jobs[j] for j in self._job_order if j in self.jobs),
+            key=lambda j: -j.spec.options.priority,
+        )
+        progressed = True
+        while progressed:
+            progressed = False
+            for job in order:
+                if not job.ready or job.status.state in (JobState.PAUSED, JobState.CANCELLED):
+                    continue
+                if job.spec.options.send_at is not None and job.spec.options.send_at > now:
+                    next_wake = min(next_wake, job.spec.options.send_at)
+                    continue
+                seq = job.ready[0]
+                size = len(batch_range(seq, job.spec.batch_size, job.spec.total))
+                node_id = self.balancer.choose(self._candidates(now), size)
+                if node_id is None:
+                    return next_wake
+                job.ready.popleft()
+                await self._dispatch(job, seq, self.nodes[node_id], now)
+                progressed = True
+        return next_wake
+
+    async def _dispatch(self, job: JobRuntime, seq: int, node: NodeEntry, now: float) -> None:
+        state = job.states.get(seq)
+        if state is None:
+            state = await self.store.load_state(job.spec.job_id, seq) or BatchState()
+            job.states[seq] = state
+        first, recipients = await self.store.load_batch(job.spec.job_id, seq)
+        pending = [
+            sender_pb2.BatchRecipient(
+                index=first + offset,
+                recipient=_convert.recipient_to(recipient),
+                attempts=state.results[first + offset].attempts
+                if first + offset in state.results
+                else 0,
+            )
+            for offset, recipient in enumerate(recipients)
+            if not (first + offset in state.results and state.results[first + offset].status.final)
+        ]
+        if not pending:
+            self._settle(job, seq, now, deferred=False)
+            return
+        if job.status.state is JobState.CANCELLED or job.status.state is JobState.PAUSED:
+            job.ready.appendleft(seq)
+            return
+        if state.dispatches >= self.config.max_dispatches:
+            self._fail_pending(job, seq, f"no node finished the batch in {state.dispatches} tries")
+            self._settle(job, seq, now, deferred=False)
+            return
+        if not node.link.connected:
+            job.ready.appendleft(seq)
+            return
+        state.dispatches += 1
+        state.retry_at = None
+        if job.content_pb is None:
+            job.content_pb = _convert.content_to(job.spec.content)
+        bid = batch_id(job.spec.job_id, seq)
+        batch = sender_pb2.Batch(
+            batch_id=bid,
+            job_id=job.spec.job_id,
+            epoch=self.fence.revision,
+            attempt=state.dispatches,
+            content=job.content_pb,
+            recipients=pending,
+            ack_deadline_ms=int(self.config.ack_timeout_s * 1000),
+        )
+        node.link.send(sender_pb2.DispatchRequest(batch=batch))
+        self.ledger.add(bid, node.node_id, len(pending), now, self.config.ack_timeout_s)
+        node.breaker.on_dispatch(now)
+        job.inflight.add(seq)
+        self._dirty_states.add((job.spec.job_id, seq))
+        if job.status.state is JobState.QUEUED:
+            job.status.state = JobState.RUNNING
+            self._job_changed(job)
+
+    def _requeue(self, bid: str, now: float, front: bool) -> None:
+        self._batch_released()
+        job_id, seq = parse_batch_id(bid)
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        job.inflight.discard(seq)
+        if job.status.state is JobState.CANCELLED:
+            self._maybe_finish(job)
+            return
+        if front:
+            job.ready.appendleft(seq)
+        else:
+            job.ready.append(seq)
+        self._wake.set()
+
+    def _fail_pending(self, job: JobRuntime, seq: int, reason: str) -> None:
+        state = job.states.setdefault(seq, BatchState())
+        now = self.clock()
+        for index in batch_range(seq, job.spec.batch_size, job.spec.total):
+            old = state.results.get(index)
+            if old is not None and old.status.final:
+                continue
+            new = Result(
+                status=Status.FAILED,
+                code=old.code if old else 0,
+                enhanced_code=old.enhanced_code if old else "",
+                text=old.text if old else "",
+                reason=reason,
+                attempts=old.attempts if old else 0,
+                node_id=old.node_id if old else "",
+                ambiguous=old.ambiguous if old else False,
+                updated_at=now,
+            )
+            self._apply(job, state, index, new)
+        self._dirty_states.add((job.spec.job_id, seq))
+
+    def _apply(self, job: JobRuntime, state: BatchState, index: int, new: Result) -> bool:
+        """Record a recipient's outcome; the first final outcome wins. True if applied."""
+        old = state.results.get(index)
+        if old is not None and old.status.final:
+            if old.status is Status.DELIVERED and new.status is Status.DELIVERED:
+                job.duplicates += 1
+            return False
+        if old is not None:
+            job.status.counts.add(old.status, -1)
+        state.results[index] = new
+        job.status.counts.add(new.status)
+        return True
+
+    def _settle(self, job: JobRuntime, seq: int, now: float, deferred: bool) -> None:
+        """Decide what happens to a batch no node holds any more."""
+        job.inflight.discard(seq)
+        state = job.states.setdefault(seq, BatchState())
+        indexes = batch_range(seq, job.spec.batch_size, job.spec.total)
+        pending = [i for i in indexes if not (i in state.results and state.results[i].status.final)]
+        if not pending:
+            job.open_batches -= 1
+            self._dirty_states.add((job.spec.job_id, seq))
+            self._maybe_finish(job)
+            return
+        if job.status.state is JobState.CANCELLED:
+            self._maybe_finish(job)
+            return
+        if deferred:
+            attempt = max(
+                (state.results[i].attempts for i in pending if i in state.results), default=1
+            )
+            retry_at = (
+                now + backoff.delay(self.config.retry, max(1, attempt), self.rng).total_seconds()
+            )
+            state.retry_at = retry_at
+            heapq.heappush(job.waiting, (retry_at, seq))
+        else:
+            job.ready.appendleft(seq)
+        self._dirty_states.add((job.spec.job_id, seq))
+        self._wake.set()
+
+    # ---- node events (called by NodeLink) -------------------------------------------
+
+    def on_connected(self, link: NodeLink) -> None:
+        log.info("stream to node %s open (lease %x)", link.node_id, link.lease_id)
+        self._wake.set()
+
+    def on_disconnected(self, link: NodeLink) -> None:
+        node = self.nodes.get(link.node_id)
+        now = self.clock()
+        orphans = self.ledger.orphaned(link.node_id)
+        if orphans:
+            log.warning(
+                "node %s disconnected holding %d batches; moving them", link.node_id, len(orphans)
+            )
+        if node is not None and orphans:
+            node.breaker.on_failure(now)
+        for entry in orphans:
+            self._requeue(entry.batch_id, now, front=True)
+
+    def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None:
+        try:
+            job_id, seq = parse_batch_id(results.batch_id)
+        except ValueError:
+            return
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        now = self.clock()
+        self.ledger.touch(results.batch_id, link.node_id, now)
+        state = job.states.setdefault(seq, BatchState())
+        node = self.nodes.get(link.node_id)
+        applied = 0
+        for pb in results.results:
+            index, result = _convert.result_from(pb)
+            if index not in batch_range(seq, job.spec.batch_size, job.spec.total):
+                continue
+            if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
+                result.status = Status.FAILED
+                last = result.reason or result.text
+                result.reason = f"gave up after {result.attempts} attempts; last: {last}"
+            if self._apply(job, state, index, result):
+                applied += 1
+                if node is not None and result.status.final:
+                    node.recipients_done += 1
+        if applied:
+            self._dirty_states.add((job_id, seq))
+            self._job_changed(job)
+
+    def on_ack(self, link: NodeLink, ack: sender_pb2.BatchAck) -> None:
+        entry = self.ledger.remove(ack.batch_id, link.node_id)
+        if entry is None:
+            return
+        self._batch_released()
+        now = self.clock()
+        node = self.nodes.get(link.node_id)
+        if node is not None:
+            node.breaker.on_success(now)
+        job_id, seq = parse_batch_id(ack.batch_id)
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        state = job.states.get(seq, BatchState())
+        deferred = any(r.status is Status.DEFERRED for r in state.results.values())
+        self._settle(job, seq, now, deferred=deferred)
+        self._wake.set()
+
+    def on_rejected(self, link: NodeLink, rejected: sender_pb2.BatchRejected) -> None:
+        now = self.clock()
+        entry = self.ledger.remove(rejected.batch_id, link.node_id)
+        node = self.nodes.get(link.node_id)
+        log.info("node %s rejected %s: %s", link.node_id, rejected.batch_id, rejected.reason)
+        if node is not None:
+            # A full node is skipped until it reports load again; other refusals count
+            # against its breaker.
+            node.full_until = now + 1.0
+            if "capacity" not in rejected.reason:
+                node.breaker.on_failure(now)
+        if entry is not None:
+            job_id, seq = parse_batch_id(rejected.batch_id)
+            job = self.jobs.get(job_id)
+            if job is not None:
+                state = job.states.get(seq)
+                if state is not None and state.dispatches > 0:
+                    state.dispatches -= 1  # a refusal is not a try
+            self._requeue(rejected.batch_id, now, front=True)
+
+    def on_load(self, link: NodeLink) -> None:
+        node = self.nodes.get(link.node_id)
+        if node is not None:
+            node.full_until = 0.0
+        self._wake.set()
+
+    # ---- registry -------------------------------------------------------------------
+
+    async def _nodes_snapshot(self, items: list[tuple[bytes, bytes]]) -> None:
+        seen = {}
+        for key, value in items:
+            seen[self.keys.tail(key, self.keys.nodes)] = value
+        for node_id in [n for n in self.nodes if n not in seen]:
+            await self._remove_node(node_id)
+        for node_id, value in seen.items():
+            await self._upsert_node(node_id, value)
+
+    async def _node_change(self, kind: str, key: bytes, value: bytes) -> None:
+        node_id = self.keys.tail(key, self.keys.nodes)
+        if kind == "DELETE":
+            await self._remove_node(node_id)
+        else:
+            await self._upsert_node(node_id, value)
+
+    async def _upsert_node(self, node_id: str, value: bytes) -> None:
+        try:
+            info = json.loads(value)
+            address = str(info["address"])
+            capacity = int(info.get("capacity", 0))
+            lease_id = int(info.get("lease_id", 0))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring malformed registration of node %s", node_id)
+            return
+        existing = self.nodes.get(node_id)
+        if existing is not None:
+            if existing.address == address:
+                existing.capacity = capacity
+                existing.lease_id = lease_id
+                return
+            await self._remove_node(node_id)
+        log.info("node %s registered at %s", node_id, address)
+        link = NodeLink(node_id, address, self.config.name, self.fence.revision, self)
+        self.nodes[node_id] = NodeEntry(
+            node_id=node_id,
+            address=address,
+            capacity=capacity,
+            lease_id=lease_id,
+            link=link,
+            breaker=Breaker(self.config.breaker_failures, self.config.breaker_reset_s),
+        )
+        link.start()
+
+    async def _remove_node(self, node_id: str) -> None:
+        node = self.nodes.pop(node_id, None)
+        if node is None:
+            return
+        log.warning("node %s left the registry", node_id)
+        await node.link.close()
+        now = self.clock()
+        for entry in self.ledger.orphaned(node_id):
+            self._requeue(entry.batch_id, now, front=True)
+
+    # ---- persistence ----------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.flush_interval_s)
+            try:
+                await self._flush_once()
+            except LostLeadership:
+                raise
+            except aetcd.ClientError as exc:
+                log.warning("could not persist progress yet: %s", exc)
+
+    async def _flush_once(self) -> None:
+        if not self._dirty_states and not self._dirty_jobs:
+            return
+        state_keys, self._dirty_states = self._dirty_states, set()
+        job_ids, self._dirty_jobs = self._dirty_jobs, set()
+        states = {}
+        for job_id, seq in state_keys:
+            job = self.jobs.get(job_id)
+            if job is not None and seq in job.states:
+                states[(job_id, seq)] = job.states[seq]
+        statuses = {j: self.jobs[j].status for j in job_ids if j in self.jobs}
+        try:
+            await self.store.save(states, statuses)
+        except BaseException:
+            self._dirty_states |= state_keys
+            self._dirty_jobs |= job_ids
+            raise
+        # Batches that are done and written need not stay in memory.
+        for job_id, seq in state_keys:
+            job = self.jobs.get(job_id)
+            if job is None or seq in job.inflight or seq in job.ready:
+                continue
+            if any(s == seq for _, s in job.waiting):
+                continue
+            state = job.states.get(seq)
+            indexes = batch_range(seq, job.spec.batch_size, job.spec.total)
+            if state is not None and all(
+                i in state.results and state.results[i].status.final for i in indexes
+            ):
+                del job.states[seq]
+        for job_id in job_ids:
+            job = self.jobs.get(job_id)
+            if job is not None and job.status.state.final and not job.inflight:
+                self.jobs.pop(job_id, None)
+        self._flushed.set()
+        self._flushed = asyncio.Event()
+
+    async def flushed(self) -> None:
+        """Wait until the next flush has written what is dirty now."""
+        if not self._dirty_states and not self._dirty_jobs:
+            return
+        await self._flushed.wait()
+
+    # ---- admin ----------------------------------------------------------------------
+
+    async def set_cordon(self, node_id: str, cordoned: bool) -> None:
+        await self.store.set_cordon(node_id, cordoned)
+        if cordoned:
+            self.cordoned.add(node_id)
+        else:
+            self.cordoned.discard(node_id)
+            self._wake.set()
+
+    def node_batches(self, node_id: str) -> int:
+        return len(self.ledger.held_by(node_id))
+
+    async def wait_idle(self, node_id: str) -> None:
+        """Wait until node_id holds no batch. The caller's deadline bounds the wait."""
+        while self.node_batches(node_id) > 0:
+            await self._released.wait()
+
+    def _batch_released(self) -> None:
+        self._released.set()
+        self._released = asyncio.Event()

@@ -1,0 +1,50 @@
+"""The one table that maps coordinator failures to gRPC status codes."""
+
+from __future__ import annotations
+
+import aetcd
+import grpc
+
+from coordinator.store import LostLeadership
+from coordinator.validation import ValidationError
+
+
+class NotFound(Exception):
+    """The job or node does not exist."""
+
+
+class NotLeader(Exception):
+    """This coordinator does not lead; ``leader`` is where to go, if known."""
+
+    def __init__(self, leader: str) -> None:
+        self.leader = leader
+        super().__init__(f"not the leader; the leader is {leader}" if leader else "no leader yet")
+
+
+class Conflict(Exception):
+    """The request cannot apply in the current state (e.g. resuming a finished job)."""
+
+
+_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
+    # A lost fence mid-request: the client retries and finds the new leader.
+    (LostLeadership, grpc.StatusCode.UNAVAILABLE),
+    (aetcd.ClientError, grpc.StatusCode.UNAVAILABLE),
+    (TimeoutError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client sees for exc; INTERNAL when unknown."""
+    if isinstance(exc, NotLeader):
+        if exc.leader:
+            return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    for kind, code in _TABLE:
+        if isinstance(exc, kind):
+            if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, LostLeadership):
+                return code, f"etcd unavailable: {exc}"
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error"

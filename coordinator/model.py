@@ -1,0 +1,308 @@
+"""Plain data the coordinator works with, and its JSON form in etcd.
+
+Nothing here does I/O. Servicers convert protobuf to these types at the edge
+(`_convert.py`); everything inside the coordinator speaks these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from collections.abc import Mapping
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobState.COMPLETED, JobState.CANCELLED)
+
+
+class Status(enum.StrEnum):
+    """Where one recipient stands. DELIVERED, FAILED and CANCELLED are final."""
+
+    QUEUED = "queued"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    DEFERRED = "deferred"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (Status.DELIVERED, Status.FAILED, Status.CANCELLED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    email: str
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    name: str
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipient:
+    email: str
+    name: str = ""
+    variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Content:
+    sender: Address
+    reply_to: Address | None
+    subject: str
+    text_body: str
+    html_body: str
+    headers: tuple[Header, ...] = ()
+    unsubscribe_url: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    send_at: float | None = None
+    """Unix seconds before which nothing is sent."""
+    expires_at: float | None = None
+    """Unix seconds after which deferred recipients fail."""
+    priority: int = 0
+    name: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """What a job is; written once at submit and never changed."""
+
+    job_id: str
+    idempotency_key: str
+    content: Content
+    options: JobOptions
+    total: int
+    batch_size: int
+    created_at: float
+
+    @property
+    def batch_count(self) -> int:
+        return (self.total + self.batch_size - 1) // self.batch_size
+
+
+@dataclasses.dataclass
+class Counts:
+    """Recipients of a job by status; queued is whatever is not counted elsewhere."""
+
+    total: int = 0
+    delivered: int = 0
+    failed: int = 0
+    deferred: int = 0
+    cancelled: int = 0
+
+    @property
+    def queued(self) -> int:
+        return self.total - self.delivered - self.failed - self.deferred - self.cancelled
+
+    @property
+    def done(self) -> int:
+        return self.delivered + self.failed + self.cancelled
+
+    def add(self, status: Status, delta: int = 1) -> None:
+        if status is Status.DELIVERED:
+            self.delivered += delta
+        elif status is Status.FAILED:
+            self.failed += delta
+        elif status is Status.DEFERRED:
+            self.deferred += delta
+        elif status is Status.CANCELLED:
+            self.cancelled += delta
+
+
+@dataclasses.dataclass
+class JobStatus:
+    """The mutable part of a job."""
+
+    state: JobState
+    counts: Counts
+    updated_at: float
+    finished_at: float | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    """The latest outcome of one recipient."""
+
+    status: Status
+    code: int = 0
+    enhanced_code: str = ""
+    text: str = ""
+    reason: str = ""
+    attempts: int = 0
+    node_id: str = ""
+    ambiguous: bool = False
+    updated_at: float = 0.0
+
+
+@dataclasses.dataclass
+class BatchState:
+    """Per-recipient results of one batch, keyed by the recipient's job index."""
+
+    dispatches: int = 0
+    results: dict[int, Result] = dataclasses.field(default_factory=dict)
+    retry_at: float | None = None
+
+
+# ---- JSON forms -------------------------------------------------------------------------
+
+
+def _address_json(a: Address | None) -> list[str] | None:
+    return None if a is None else [a.email, a.name]
+
+
+def _address_from(v: Any) -> Address | None:
+    return None if v is None else Address(email=v[0], name=v[1])
+
+
+def dump_spec(spec: JobSpec) -> bytes:
+    c = spec.content
+    o = spec.options
+    return json.dumps(
+        {
+            "job_id": spec.job_id,
+            "idem": spec.idempotency_key,
+            "content": {
+                "from": _address_json(c.sender),
+                "reply_to": _address_json(c.reply_to),
+                "subject": c.subject,
+                "text": c.text_body,
+                "html": c.html_body,
+                "headers": [[h.name, h.value] for h in c.headers],
+                "unsubscribe_url": c.unsubscribe_url,
+            },
+            "options": {
+                "send_at": o.send_at,
+                "expires_at": o.expires_at,
+                "priority": o.priority,
+                "name": o.name,
+            },
+            "total": spec.total,
+            "batch_size": spec.batch_size,
+            "created_at": spec.created_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def load_spec(raw: bytes) -> JobSpec:
+    d = json.loads(raw)
+    c = d["content"]
+    o = d["options"]
+    sender = _address_from(c["from"])
+    assert sender is not None
+    return JobSpec(
+        job_id=d["job_id"],
+        idempotency_key=d["idem"],
+        content=Content(
+            sender=sender,
+            reply_to=_address_from(c["reply_to"]),
+            subject=c["subject"],
+            text_body=c["text"],
+            html_body=c["html"],
+            headers=tuple(Header(n, v) for n, v in c["headers"]),
+            unsubscribe_url=c["unsubscribe_url"],
+        ),
+        options=JobOptions(
+            send_at=o["send_at"], expires_at=o["expires_at"], priority=o["priority"], name=o["name"]
+        ),
+        total=d["total"],
+        batch_size=d["batch_size"],
+        created_at=d["created_at"],
+    )
+
+
+def dump_status(status: JobStatus) -> bytes:
+    c = status.counts
+    return json.dumps(
+        {
+            "state": status.state.value,
+            "counts": [c.total, c.delivered, c.failed, c.deferred, c.cancelled],
+            "updated_at": status.updated_at,
+            "finished_at": status.finished_at,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def load_status(raw: bytes) -> JobStatus:
+    d = json.loads(raw)
+    total, delivered, failed, deferred, cancelled = d["counts"]
+    return JobStatus(
+        state=JobState(d["state"]),
+        counts=Counts(total, delivered, failed, deferred, cancelled),
+        updated_at=d["updated_at"],
+        finished_at=d["finished_at"],
+    )
+
+
+def dump_recipients(first_index: int, recipients: list[Recipient]) -> bytes:
+    return json.dumps(
+        {"first": first_index, "r": [[r.email, r.name, dict(r.variables)] for r in recipients]},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+
+
+def load_recipients(raw: bytes) -> tuple[int, list[Recipient]]:
+    d = json.loads(raw)
+    return d["first"], [Recipient(email=e, name=n, variables=v) for e, n, v in d["r"]]
+
+
+def dump_batch_state(state: BatchState) -> bytes:
+    return json.dumps(
+        {
+            "dispatches": state.dispatches,
+            "retry_at": state.retry_at,
+            "results": {
+                str(i): [
+                    r.status.value,
+                    r.code,
+                    r.enhanced_code,
+                    r.text,
+                    r.reason,
+                    r.attempts,
+                    r.node_id,
+                    r.ambiguous,
+                    r.updated_at,
+                ]
+                for i, r in state.results.items()
+            },
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+
+
+def load_batch_state(raw: bytes) -> BatchState:
+    d = json.loads(raw)
+    results = {
+        int(i): Result(
+            status=Status(v[0]),
+            code=v[1],
+            enhanced_code=v[2],
+            text=v[3],
+            reason=v[4],
+            attempts=v[5],
+            node_id=v[6],
+            ambiguous=v[7],
+            updated_at=v[8],
+        )
+        for i, v in d["results"].items()
+    }
+    return BatchState(dispatches=d["dispatches"], results=results, retry_at=d["retry_at"])

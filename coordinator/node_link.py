@@ -1,0 +1,161 @@
+"""The leader's dispatch stream to one sender node (the gRPC shell of dispatching).
+
+A link dials the node, opens ``SenderService.Dispatch`` with the leader's epoch, waits
+for the node's hello, and then forwards what the node sends to a :class:`LinkEvents`
+sink. When the stream fails it reports the disconnect (so the dispatcher can move the
+node's batches at once) and dials again with a growing pause, until :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+
+from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A SIGKILLed node closes its sockets and the stream fails at once; keepalive pings
+# catch the silent cases (a stopped process, a cut network) within a few seconds.
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+class LinkEvents(Protocol):
+    def on_connected(self, link: NodeLink) -> None: ...
+    def on_disconnected(self, link: NodeLink) -> None: ...
+    def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None: ...
+    def on_ack(self, link: NodeLink, ack: sender_pb2.BatchAck) -> None: ...
+    def on_rejected(self, link: NodeLink, rejected: sender_pb2.BatchRejected) -> None: ...
+    def on_load(self, link: NodeLink) -> None: ...
+
+
+class NodeLink:
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        coordinator_id: str,
+        epoch: int,
+        events: LinkEvents,
+        hello_timeout_s: float = 5.0,
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self._coordinator_id = coordinator_id
+        self._epoch = epoch
+        self._events = events
+        self._hello_timeout_s = hello_timeout_s
+        self._queue: asyncio.Queue[sender_pb2.DispatchRequest | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.connected = False
+        self.lease_id = 0
+        self.load = common_pb2.NodeLoad()
+        self.relays: list[common_pb2.RelayStatus] = []
+        self.connects = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"link-{self.node_id}")
+
+    async def close(self) -> None:
+        """Stop the link; the stream is cancelled. Safe to call twice."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def send(self, request: sender_pb2.DispatchRequest) -> bool:
+        """Queue a request for the node; False when there is no open stream."""
+        if not self.connected:
+            return False
+        self._queue.put_nowait(request)
+        return True
+
+    async def _requests(
+        self, queue: asyncio.Queue[sender_pb2.DispatchRequest | None]
+    ) -> AsyncIterator[sender_pb2.DispatchRequest]:
+        yield sender_pb2.DispatchRequest(
+            open=sender_pb2.DispatchOpen(coordinator_id=self._coordinator_id, epoch=self._epoch)
+        )
+        while True:
+            request = await queue.get()
+            if request is None:
+                return
+            yield request
+
+    async def _run(self) -> None:
+        pause_s = 0.1
+        while not self._closed:
+            try:
+                await self._session()
+                pause_s = 0.1
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.info("stream to node %s ended: %s %s", self.node_id, exc.code(), exc.details())
+            except Exception as exc:
+                log.warning("stream to node %s failed: %r", self.node_id, exc)
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
+
+    async def _session(self) -> None:
+        self._queue = asyncio.Queue()
+        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+            stub = sender_pb2_grpc.SenderServiceStub(channel)
+            call = stub.Dispatch(self._requests(self._queue))
+            try:
+                first = await asyncio.wait_for(call.read(), self._hello_timeout_s)
+                if (
+                    not isinstance(first, sender_pb2.DispatchResponse)
+                    or first.WhichOneof("kind") != "hello"
+                ):
+                    raise ConnectionError(f"node {self.node_id} did not say hello")
+                self.lease_id = first.hello.lease_id
+                self.load = first.hello.load
+                self.relays = list(first.hello.relays)
+                self.connected = True
+                self.connects += 1
+                self._events.on_connected(self)
+                while True:
+                    message = await call.read()
+                    if not isinstance(message, sender_pb2.DispatchResponse):
+                        return  # EOF: the node closed the stream
+                    self._handle(message)
+            finally:
+                was_connected = self.connected
+                self.connected = False
+                call.cancel()
+                if was_connected:
+                    self._events.on_disconnected(self)
+
+    def _handle(self, message: sender_pb2.DispatchResponse) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "results":
+            self._events.on_results(self, message.results)
+        elif kind == "ack":
+            self._events.on_ack(self, message.ack)
+        elif kind == "load":
+            self.load = message.load
+            self._events.on_load(self)
+        elif kind == "rejected":
+            self._events.on_rejected(self, message.rejected)
+        elif kind == "hello":
+            self.lease_id = message.hello.lease_id
+            self.load = message.hello.load
+            self.relays = list(message.hello.relays)

@@ -1,0 +1,137 @@
+"""The coordinator process: gRPC server, election, and the dispatcher while leading.
+
+One coroutine, :func:`serve`, owns everything it starts: the gRPC server, the etcd
+client, each election session and each dispatcher. It campaigns; when it wins it
+starts a dispatcher and marks the health service SERVING; when the session ends or a
+fenced write fails it stops the dispatcher at once and campaigns again under a new
+lease. ``stop`` (SIGTERM) resigns: the lease is revoked so a standby leads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import aetcd
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.config import CoordinatorConfig
+from coordinator.dispatcher import Dispatcher
+from coordinator.election import Election, LeadershipUnavailable
+from coordinator.servicer import AdminServicer, MailerServicer, Role
+from mailerpb.mailer.v1 import coordinator_pb2_grpc
+from mailers.etcd import Keys, Session, connect
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("mailer.v1.MailerService", "mailer.v1.AdminService", "")
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for service in SERVICES:
+        await servicer.set(service, status)
+
+
+async def _first(*aws: asyncio.Future[Any]) -> None:
+    await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
+    """Run a coordinator until stop is set."""
+    client = connect(list(config.etcd_endpoints))
+    keys = Keys(config.etcd_prefix)
+    role = Role(config.name, config.advertised, list(config.etcd_endpoints))
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    coordinator_pb2_grpc.add_MailerServiceServicer_to_server(
+        MailerServicer(role, config.batch_size, config.limits), server
+    )
+    coordinator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(role), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    await _set_health(health_servicer, False)
+    server.add_insecure_port(config.listen)
+    await server.start()
+    log.info("coordinator %s listening on %s", config.name, config.listen)
+    stop_task = asyncio.ensure_future(stop.wait())
+    try:
+        while not stop.is_set():
+            try:
+                await _term(config, client, keys, role, health_servicer, stop_task)
+            except asyncio.CancelledError:
+                raise
+            except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
+                log.warning("etcd trouble (%s); campaigning again shortly", exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+    finally:
+        stop_task.cancel()
+        await _set_health(health_servicer, False)
+        await server.stop(grace=2)
+        with contextlib.suppress(Exception):
+            await client.close()
+
+
+async def _term(
+    config: CoordinatorConfig,
+    client: aetcd.Client,
+    keys: Keys,
+    role: Role,
+    health_servicer: health.aio.HealthServicer,
+    stop_task: asyncio.Future[Any],
+) -> None:
+    """One session: campaign, lead until something ends it, then clean up."""
+    session = Session(client, config.election_ttl_s)
+    await session.open()
+    dispatcher: Dispatcher | None = None
+    done_task = asyncio.ensure_future(session.done.wait())
+    try:
+        election = Election(client, keys, session, config.name, config.advertised)
+        await election.enter()
+        role.election = election
+        campaign = asyncio.ensure_future(election.campaign())
+        await _first(campaign, done_task, stop_task)
+        if not campaign.done():
+            campaign.cancel()
+            with contextlib.suppress(asyncio.CancelledError, LeadershipUnavailable):
+                await campaign
+            return
+        fence = campaign.result()
+        dispatcher = Dispatcher(config, client, keys, fence)
+        await dispatcher.start()
+        role.dispatcher = dispatcher
+        await _set_health(health_servicer, True)
+        lost_task = asyncio.ensure_future(dispatcher.lost.wait())
+        try:
+            await _first(lost_task, done_task, stop_task)
+        finally:
+            lost_task.cancel()
+        log.warning(
+            "stepping down: %s",
+            "stopping"
+            if stop_task.done()
+            else "lease lost"
+            if session.done.is_set()
+            else "fence lost",
+        )
+    finally:
+        role.dispatcher = None
+        await _set_health(health_servicer, False)
+        if dispatcher is not None:
+            await dispatcher.stop()
+        done_task.cancel()
+        await session.close(revoke=True)
