@@ -318,9 +318,8 @@ class Dispatcher:
             job_id = self._job_order[0]
             self._job_order.rotate(-1)
             job = self.jobs.get(job_id)
-            if job is None or job.status.state.final and not job.inflight:
-                if job is not None:
-                    del self.jobs[job_id]
+            if job is None or (job.status.state.final and not job.inflight):
+                # Only the flush drops a finished job from memory, after writing it.
                 self._job_order.remove(job_id)
                 continue
             while job.waiting and job.waiting[0][0] <= now:
@@ -660,10 +659,13 @@ class Dispatcher:
             self._dirty_states |= state_keys
             self._dirty_jobs |= job_ids
             raise
-        # Batches that are done and written need not stay in memory.
+        # Batches that are done and written need not stay in memory. Results that
+        # arrived during the write made them dirty again: those stay for the next flush.
         for job_id, seq in state_keys:
             job = self.jobs.get(job_id)
             if job is None or seq in job.inflight or seq in job.ready:
+                continue
+            if (job_id, seq) in self._dirty_states:
                 continue
             if any(s == seq for _, s in job.waiting):
                 continue
@@ -673,9 +675,12 @@ class Dispatcher:
                 i in state.results and state.results[i].status.final for i in indexes
             ):
                 del job.states[seq]
+        pending_jobs = self._dirty_jobs | {j for j, _ in self._dirty_states}
         for job_id in job_ids:
             job = self.jobs.get(job_id)
-            if job is not None and job.status.state.final and not job.inflight:
+            if job is None or job_id in pending_jobs:
+                continue
+            if job.status.state.final and not job.inflight:
                 self.jobs.pop(job_id, None)
         self._flushed.set()
         self._flushed = asyncio.Event()

@@ -1,0 +1,43 @@
+"""Whole clusters of real processes for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailers.cluster import ClusterSpec, LocalCluster
+
+
+def _require_etcd() -> None:
+    if shutil.which("etcd") is None:
+        if os.environ.get("CI"):
+            pytest.fail("etcd is not installed on this CI machine")
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+
+
+def start_cluster(base: Path, spec: ClusterSpec) -> LocalCluster:
+    _require_etcd()
+    cluster = LocalCluster(base, spec)
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Two coordinators, three nodes, one etcd, one sink; shared by a module's tests."""
+    c = start_cluster(tmp_path_factory.mktemp("cluster"), ClusterSpec())
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def fresh_cluster_factory(tmp_path: Path) -> Iterator[list[LocalCluster]]:
+    """For tests that kill processes: each gets its own cluster, stopped afterwards."""
+    made: list[LocalCluster] = []
+    yield made
+    for c in made:
+        c.stop()

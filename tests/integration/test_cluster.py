@@ -1,0 +1,252 @@
+"""End to end on real processes: etcd, two coordinators, three sender nodes, an SMTP sink.
+
+Submissions go through the SDK, the ground truth is the sink's log of every accepted
+recipient with the Message-ID it carried.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client_sdk import (
+    Address,
+    JobState,
+    MailerClient,
+    MessageContent,
+    Recipient,
+    RecipientStatus,
+)
+from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from mailers.cluster import ClusterSpec, LocalCluster
+from mailers.etcd import connect
+from tests.helpers import assert_eventually
+from tests.integration.conftest import start_cluster
+
+pytestmark = pytest.mark.integration
+
+CONTENT = MessageContent(
+    sender=Address("news@example.com", "Example News"),
+    subject="Hello {{ name }}",
+    text_body="Hi {{ name }}, your code is {{ code }}.",
+    html_body="<p>Hi <b>{{ name }}</b>, your code is {{ code }}.</p>",
+)
+
+
+def recipients(n: int, domain: str = "example.org") -> list[Recipient]:
+    return [Recipient(f"user{i}@{domain}", f"User {i}", {"code": f"C{i:05d}"}) for i in range(n)]
+
+
+def message_ids(cluster: LocalCluster, job_id: str) -> collections.Counter[str]:
+    return collections.Counter(
+        str(line["message_id"])
+        for line in cluster.delivered()
+        if str(line["message_id"]).startswith(f"<{job_id}.")
+    )
+
+
+async def wait_ready(client: MailerClient, nodes: int) -> None:
+    async def ready() -> bool:
+        try:
+            listed = await client.list_nodes(timeout=timedelta(seconds=5))
+        except Exception:
+            return False
+        return sum(1 for n in listed if n.state.name == "ACTIVE") >= nodes
+
+    await assert_eventually(ready, timeout_s=60, message=f"{nodes} nodes connected to the leader")
+
+
+async def test_thousand_recipients_arrive_exactly_once(cluster: LocalCluster) -> None:
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_ready(client, 3)
+        # When 1,000 recipients are submitted through the SDK
+        job = await client.submit(CONTENT, recipients(1000))
+        final = await client.wait(job.job_id)
+        # Then the job completes with every recipient delivered
+        assert final.state is JobState.COMPLETED
+        assert (final.delivered, final.failed, final.queued, final.deferred) == (1000, 0, 0, 0)
+        # And the sink holds each Message-ID exactly once
+        ids = message_ids(cluster, job.job_id)
+        assert len(ids) == 1000
+        assert max(ids.values()) == 1
+        assert set(ids) == {f"<{job.job_id}.{i}@example.com>" for i in range(1000)}
+        # And the per-recipient results say which node sent each; all nodes got work
+        shares: collections.Counter[str] = collections.Counter()
+        async for result in client.results(job.job_id):
+            assert result.status is RecipientStatus.DELIVERED
+            assert result.reply is not None and result.reply.code == 250
+            shares[result.node_id] += 1
+        assert sum(shares.values()) == 1000
+        assert len(shares) == 3, shares
+
+
+async def test_messages_are_personalised(cluster: LocalCluster) -> None:
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        job = await client.submit(CONTENT, recipients(3, "personal.example"))
+        final = await client.wait(job.job_id)
+        assert final.delivered == 3
+    files = [p for p in (cluster.maildir / "new").iterdir() if job.job_id in p.read_text()]
+    assert len(files) == 3
+    bodies = "\n".join(p.read_text() for p in files)
+    assert "Subject: Hello User 1" in bodies
+    assert "C00002" in bodies
+
+
+async def test_idempotent_resubmit_creates_no_second_job(cluster: LocalCluster) -> None:
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        first = await client.submit(CONTENT, recipients(5, "idem.example"), idempotency_key="k-1")
+        again = await client.submit(CONTENT, recipients(5, "idem.example"), idempotency_key="k-1")
+        assert first.created is True and again.created is False
+        assert again.job_id == first.job_id
+        await client.wait(first.job_id)
+    assert len(message_ids(cluster, first.job_id)) == 5
+
+
+def _no_recipients(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.ClearField("recipients")
+
+
+def _bad_address(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.recipients.add(email="not-an-address")
+
+
+def _no_subject_no_text(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.content.subject = ""
+    r.content.text_body = ""
+
+
+def _no_body(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.content.text_body = ""
+    r.content.html_body = ""
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (_no_recipients, "recipients"),
+        (_bad_address, "recipients[2].email"),
+        (_no_subject_no_text, "content.subject"),
+        (_no_body, "content.text_body"),
+    ],
+)
+async def test_bad_input_is_refused_and_nothing_is_stored(
+    cluster: LocalCluster,
+    mutate: Callable[[coordinator_pb2.SubmitJobRequest], None],
+    field: str,
+) -> None:
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_ready(client, 1)
+        leader = client.leader
+    etcd = connect(cluster.etcd.endpoints)
+    before = len(await etcd.get_prefix(b"/mailers/"))
+    request = coordinator_pb2.SubmitJobRequest(
+        idempotency_key=f"bad-{field}",
+        recipients=[
+            common_pb2.Recipient(email="a@example.com"),
+            common_pb2.Recipient(email="b@example.com"),
+        ],
+    )
+    getattr(request.content, "from").email = "news@example.com"
+    request.content.subject = "s"
+    request.content.text_body = "t"
+    request.content.html_body = "<p>h</p>"
+    mutate(request)
+    async with grpc.aio.insecure_channel(leader) as channel:
+        stub = coordinator_pb2_grpc.MailerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.SubmitJob(request, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
+    after = len(await etcd.get_prefix(b"/mailers/"))
+    assert await etcd.get(f"/mailers/idem/bad-{field}".encode()) is None
+    assert after == before
+    await etcd.close()
+
+
+def _slow_spec(**kw: object) -> ClusterSpec:
+    # A slow relay keeps transactions in flight when the fault strikes.
+    base: dict[str, object] = {
+        "sink_args": ("--delay-ms", "5"),
+        "coordinator_env": {"MAILER_ELECTION_TTL_S": "3", "MAILER_BATCH_SIZE": "25"},
+        "node_env": {"MAILER_LEASE_TTL_S": "3", "MAILER_SMTP_CONNECTIONS": "2"},
+    }
+    base.update(kw)
+    return ClusterSpec(**base)  # type: ignore[arg-type]
+
+
+async def test_leader_killed_mid_job_standby_takes_over(
+    tmp_path: Path, fresh_cluster_factory: list[LocalCluster]
+) -> None:
+    cluster = start_cluster(tmp_path / "c", _slow_spec())
+    fresh_cluster_factory.append(cluster)
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_ready(client, 3)
+        status = await client.cluster_status()
+        old_leader = status.leader
+        assert old_leader is not None
+        job = await client.submit(CONTENT, recipients(1500, "failover.example"))
+
+        async def some_delivered() -> bool:
+            return (await client.get(job.job_id)).progress.delivered >= 200
+
+        await assert_eventually(some_delivered, timeout_s=60, message="200 delivered")
+        # When the leader is SIGKILLed mid-job
+        cluster.coordinator_at(old_leader.address).signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        async def new_leader() -> bool:
+            try:
+                s = await client.cluster_status(timeout=timedelta(seconds=3))
+            except Exception:
+                return False
+            return s.leader is not None and s.leader.address != old_leader.address
+
+        await assert_eventually(new_leader, timeout_s=30, message="a standby leads")
+        takeover_s = time.monotonic() - killed_at
+        # Then the standby leads within a few seconds and the job completes in full
+        final = await client.wait(job.job_id)
+    assert takeover_s < 15, takeover_s
+    assert final.state is JobState.COMPLETED
+    assert final.delivered == 1500 and final.failed == 0
+    ids = message_ids(cluster, job.job_id)
+    assert len(ids) == 1500, "every recipient reached the sink"
+    duplicates = sum(n - 1 for n in ids.values())
+    print(f"leader failover: takeover {takeover_s:.1f}s, duplicates {duplicates}")
+    # Duplicates can only come from batches in flight at the kill: bounded by them.
+    assert duplicates <= 3 * 25 * 4
+
+
+async def test_sender_node_killed_mid_job_batches_move(
+    tmp_path: Path, fresh_cluster_factory: list[LocalCluster]
+) -> None:
+    cluster = start_cluster(tmp_path / "c", _slow_spec())
+    fresh_cluster_factory.append(cluster)
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_ready(client, 3)
+        job = await client.submit(CONTENT, recipients(1500, "nodekill.example"))
+
+        async def node0_busy() -> bool:
+            nodes = await client.list_nodes()
+            return any(n.node_id == "node0" and n.recipients_done >= 50 for n in nodes)
+
+        await assert_eventually(node0_busy, timeout_s=60, message="node0 delivering")
+        # When a sender node is SIGKILLed while it holds batches
+        cluster.nodes["node0"].signal(signal.SIGKILL)
+        final = await client.wait(job.job_id)
+        shares: collections.Counter[str] = collections.Counter()
+        async for result in client.results(job.job_id):
+            shares[result.node_id] += 1
+    # Then its batches went to the others and nothing was lost
+    assert final.state is JobState.COMPLETED
+    assert final.delivered == 1500 and final.failed == 0
+    ids = message_ids(cluster, job.job_id)
+    assert len(ids) == 1500
+    assert shares["node1"] > 0 and shares["node2"] > 0
+    print(f"node kill: shares {dict(shares)}, duplicates {sum(n - 1 for n in ids.values())}")
