@@ -374,8 +374,8 @@ def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
         for detail in getattr(status, "details"):  # noqa: B009 - dynamic message class
             if detail.type_url.endswith("/google.rpc.RetryInfo"):
                 info = retry_cls.FromString(detail.value)
-                delay: duration_pb2.Duration = getattr(info, "retry_delay")  # noqa: B009
-                return delay.ToTimedelta()
+                delay: timedelta = getattr(info, "retry_delay").ToTimedelta()  # noqa: B009
+                return delay
     except DecodeError:
         return None
     return None
@@ -384,10 +384,10 @@ def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
 def status_details_with_retry_info(code: int, message: str, retry_after: timedelta) -> bytes:
     """A serialized ``google.rpc.Status`` carrying ``RetryInfo`` (for tests and fakes)."""
     status_cls, retry_cls = _rpc_status_classes()
-    delay = duration_pb2.Duration()
-    delay.FromTimedelta(retry_after)
-    info = retry_cls(retry_delay=delay)
-    detail = any_pb2.Any(
-        type_url="type.googleapis.com/google.rpc.RetryInfo", value=info.SerializeToString()
-    )
+    info = retry_cls(retry_delay=retry_after)
+    # Messages of the private pool take dicts, not the default pool's Any.
+    detail = {
+        "type_url": "type.googleapis.com/google.rpc.RetryInfo",
+        "value": info.SerializeToString(),
+    }
     return status_cls(code=code, message=message, details=[detail]).SerializeToString()

@@ -5,7 +5,9 @@ itself (see :mod:`client_sdk.retry` for when it redirects, fails over and
 retries). Every call has a deadline: ``timeout`` bounds the whole call, retries
 included, and defaults to :attr:`ClientConfig.default_timeout`. Cancelling the
 awaiting task cancels the RPC in flight. Errors are the typed ones of
-:mod:`client_sdk.errors`.
+:mod:`client_sdk.errors`. (``timeout`` stays a parameter, against ruff's ASYNC109,
+because it becomes the gRPC deadline the server sees, which ``asyncio.timeout``
+would not.)
 
 Example::
 
@@ -475,8 +477,11 @@ class MailerClient:
                 if on_progress is not None:
                     on_progress(sent)
             await call.done_writing()
-        except asyncio.InvalidStateError:
-            pass  # The server ended the call early; awaiting it raises its status.
+        except (asyncio.InvalidStateError, aio.AioRpcError):
+            # The server ended the call while we wrote (a standby refuses at
+            # once). The write reports that as INTERNAL or an invalid state;
+            # awaiting the call raises the status the server really sent.
+            pass
         except BaseException:
             # The recipients source failed or we were cancelled: cancelling the
             # call makes the server discard the partial upload.

@@ -204,7 +204,10 @@ class SmtpReply:
     text: str = ""
 
     def __str__(self) -> str:
-        parts = [str(self.code) if self.code else "no reply", self.enhanced_code, self.text]
+        text = self.text
+        if self.enhanced_code and text.startswith(self.enhanced_code):
+            text = text[len(self.enhanced_code) :].lstrip()  # relays often repeat it
+        parts = [str(self.code) if self.code else "no reply", self.enhanced_code, text]
         return " ".join(p for p in parts if p)
 
 
