@@ -106,7 +106,9 @@ def classify(code: int, text: str, phase: Phase, failure: Failure = Failure.NONE
         detail = _first_line(text)
         where = f"{kind.value} during {phase.value}" + (f": {detail}" if detail else "")
         if phase is Phase.DATA_END and kind in (Failure.TIMEOUT, Failure.DISCONNECTED):
-            return Classification(Outcome.AMBIGUOUS, True, enhanced, f"no reply after data ({where})")
+            return Classification(
+                Outcome.AMBIGUOUS, True, enhanced, f"no reply after data ({where})"
+            )
         return Classification(Outcome.TRANSIENT, True, enhanced, where)
     summary = f"{code} {_first_line(text)}".strip()
     if 200 <= code < 300:

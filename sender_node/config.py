@@ -183,10 +183,13 @@ def from_env(
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"MAILER_ETCD_ENDPOINTS: {exc}") from None
+    lease_ttl_s = _integer(environ, "MAILER_LEASE_TTL_S", 5)
     etcd = EtcdConfig(
         endpoints=etcd_endpoints,
         prefix=environ.get("MAILER_ETCD_PREFIX", "").strip() or "/mailers",
-        lease_ttl_s=_integer(environ, "MAILER_LEASE_TTL_S", 5),
+        lease_ttl_s=lease_ttl_s,
+        # Short TTLs (tests, demos) get a proportionally shorter margin.
+        trust_margin_s=min(1.0, lease_ttl_s / 4),
     )
     smtp = SmtpConfig(
         relays=parse_relays(_required(environ, "MAILER_RELAYS")),

@@ -52,7 +52,9 @@ def trust_deadline(last_ok_s: float, ttl_s: float, margin_s: float) -> float:
     return last_ok_s + ttl_s - margin_s
 
 
-def node_record(node_id: str, address: str, lease_id: int, capacity: int, started_at: float) -> bytes:
+def node_record(
+    node_id: str, address: str, lease_id: int, capacity: int, started_at: float
+) -> bytes:
     """The JSON value of a node's registration key.
 
     ``started_at`` is the process start as Unix seconds (float).
@@ -128,6 +130,7 @@ class Registration:
         self._session: _Session | None = None
         self._last_value: bytes | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         # Before the first registration there is no session: "done" is already set.
         self._done = asyncio.Event()
         self._done.set()
@@ -175,12 +178,14 @@ class Registration:
         Raises:
             TimeoutError: not registered within ``timeout_s``.
         """
-        await asyncio.wait_for(self._registered.wait(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._registered.wait()
 
     async def stop(self, *, revoke: bool = True) -> None:
         """Cancel the keepalive task and, if ``revoke``, revoke the lease so the key goes
         at once instead of after the TTL. Idempotent; the revoke has a deadline and its
         failure is logged, not raised (the lease then expires on its own)."""
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -193,16 +198,22 @@ class Registration:
                 await self._revoke(session)
 
     async def _run(self) -> None:
-        while True:
+        # Loops also check _stopping: a cancellation can be lost when it races with a
+        # finishing await (e.g. gh-86296 in wait_for), and stop() must still end them.
+        while not self._stopping:
             session = await self._register()
             self._session = session
             self._done = session.done
             self._registered.set()
             log.info("registered %s under lease %x", self._key.decode(), session.lease.id)
             reason = await self._keep_alive(session)
+            if self._stopping:
+                return  # stop() revokes the lease
             session.done.set()
             self._registered.clear()
-            log.warning("lost registration under lease %x: %s; re-registering", session.lease.id, reason)
+            log.warning(
+                "lost registration under lease %x: %s; re-registering", session.lease.id, reason
+            )
             # The old lease may still exist (e.g. etcd was unreachable, not gone);
             # revoking it removes the key at once so the coordinator stops counting on us.
             await self._revoke(session)
@@ -210,10 +221,13 @@ class Registration:
     async def _register(self) -> _Session:
         """Grant a lease and put the key, retrying until it succeeds."""
         while True:
+            if self._stopping:
+                raise asyncio.CancelledError
             sent = self._clock()
             lease = None
             try:
-                lease = await asyncio.wait_for(self._client.lease(self._ttl_s), self._call_timeout_s)
+                async with asyncio.timeout(self._call_timeout_s):
+                    lease = await self._client.lease(self._ttl_s)
                 value = node_record(
                     self._node_id, self._address, int(lease.id), self._capacity, self._started_at
                 )
@@ -226,31 +240,36 @@ class Registration:
                 )
             except (aetcd.ClientError, TimeoutError, OSError) as exc:
                 log.warning("registration failed: %s", exc or type(exc).__name__)
+            except Exception:
+                # Never let a bug end the owner task silently: the node would sit
+                # unregistered forever. Log it and keep trying.
+                log.exception("registration failed unexpectedly")
             if lease is not None:
                 with contextlib.suppress(aetcd.ClientError, TimeoutError, OSError):
-                    await asyncio.wait_for(lease.revoke(), self._call_timeout_s)
+                    async with asyncio.timeout(self._call_timeout_s):
+                        await lease.revoke()
             await asyncio.sleep(self._retry_delay_s)
 
     async def _put(self, value: bytes, lease: Any) -> bool:
         """Put the key only if it does not exist or holds what this process last wrote."""
         txn = self._client.transactions
         put = txn.put(self._key, value, lease=lease)
-        ok, _ = await asyncio.wait_for(
-            self._client.transaction(compare=[txn.create(self._key) == 0], success=[put]),
-            self._call_timeout_s,
-        )
+        async with asyncio.timeout(self._call_timeout_s):
+            ok, _ = await self._client.transaction(
+                compare=[txn.create(self._key) == 0], success=[put], failure=[]
+            )
         if ok or self._last_value is None:
             return bool(ok)
-        ok, _ = await asyncio.wait_for(
-            self._client.transaction(compare=[txn.value(self._key) == self._last_value], success=[put]),
-            self._call_timeout_s,
-        )
+        async with asyncio.timeout(self._call_timeout_s):
+            ok, _ = await self._client.transaction(
+                compare=[txn.value(self._key) == self._last_value], success=[put], failure=[]
+            )
         return bool(ok)
 
     async def _keep_alive(self, session: _Session) -> str:
         """Refresh the lease every TTL/3 until it is lost; returns why it was lost."""
         next_refresh = session.last_ok_s + session.ttl_s / 3
-        while True:
+        while not self._stopping:
             deadline = trust_deadline(session.last_ok_s, session.ttl_s, self._margin_s)
             now = self._clock()
             if now >= deadline:
@@ -260,8 +279,9 @@ class Registration:
             if sent >= deadline:
                 return "no successful refresh within the lease TTL"
             try:
-                reply = await asyncio.wait_for(session.lease.refresh(), deadline - sent)
-            except (aetcd.ClientError, TimeoutError, OSError) as exc:
+                async with asyncio.timeout(deadline - sent):
+                    reply = await session.lease.refresh()
+            except Exception as exc:  # any failed refresh is retried until the deadline
                 log.warning("lease refresh failed: %s", exc or type(exc).__name__)
                 next_refresh = self._clock() + min(self._retry_delay_s, session.ttl_s / 6)
                 continue
@@ -273,9 +293,11 @@ class Registration:
             session.last_ok_s = sent
             session.ttl_s = float(reply.TTL)
             next_refresh = sent + session.ttl_s / 3
+        return "stopping"
 
     async def _revoke(self, session: _Session) -> None:
         try:
-            await asyncio.wait_for(session.lease.revoke(), self._call_timeout_s)
+            async with asyncio.timeout(self._call_timeout_s):
+                await session.lease.revoke()
         except (aetcd.ClientError, TimeoutError, OSError) as exc:
             log.warning("revoking lease %x failed: %s", session.lease.id, exc or type(exc).__name__)

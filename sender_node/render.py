@@ -70,7 +70,9 @@ _LINE_LIMIT = 78
 # Raw bytes per RFC 2047 encoded word: 36 bytes -> 48 base64 chars -> 60 chars per word,
 # so even the first line ("Subject: " + word) stays under 78 characters.
 _WORD_BYTES = 36
-_PART_HEAD = b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n'
+_PART_HEAD = (
+    b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n'
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,12 +224,10 @@ def _normalize_newlines(text: str) -> str:
 
 
 def encode_qp(text: str) -> bytes:
-    """UTF-8 quoted-printable with CRLF line endings, ending in CRLF."""
+    """UTF-8 quoted-printable with CRLF line endings (ending in CRLF only if ``text``
+    ends in a newline)."""
     encoded = binascii.b2a_qp(_normalize_newlines(text).encode("utf-8"), istext=True)
-    encoded = encoded.replace(b"\n", b"\r\n")
-    if not encoded.endswith(b"\r\n"):
-        encoded += b"\r\n"
-    return encoded
+    return encoded.replace(b"\n", b"\r\n")
 
 
 def _url_quote(value: str) -> str:
@@ -262,7 +262,9 @@ class CompiledMessage:
         if not text_source and content.html_body:
             text_source = html_to_text(content.html_body)
         self._text = Template.compile(_normalize_newlines(text_source))
-        self._html = Template.compile(_normalize_newlines(content.html_body)) if content.html_body else None
+        self._html = (
+            Template.compile(_normalize_newlines(content.html_body)) if content.html_body else None
+        )
         self._unsubscribe = self._compile_unsubscribe(content.unsubscribe_url)
         self._static_head = self._compile_static_head(content)
         self._boundary = b"=_mailers_" + hashlib.sha256(job_id.encode()).hexdigest()[:24].encode()
@@ -344,21 +346,23 @@ class CompiledMessage:
         if self._html is None:
             head.append(_PART_HEAD % b"plain")
             head.append(b"\r\n")
-            head.append(text)
+            head.append(text if text.endswith(b"\r\n") else text + b"\r\n")
             return b"".join(head)
         markup = encode_qp(self._html.render(values, html.escape))
-        boundary = self._boundary
-        head.append(b'Content-Type: multipart/alternative; boundary="' + boundary + b'"\r\n')
+        # The CRLF before a boundary line belongs to the delimiter, not to the part, so
+        # each part gets one of its own: decoded bodies end exactly as their templates.
+        delimiter = b"\r\n--" + self._boundary
+        head.append(b'Content-Type: multipart/alternative; boundary="' + self._boundary + b'"\r\n')
         head.append(b"\r\n")
-        head.append(b"--" + boundary + b"\r\n")
+        head.append(b"--" + self._boundary + b"\r\n")
         head.append(_PART_HEAD % b"plain")
         head.append(b"\r\n")
         head.append(text)
-        head.append(b"--" + boundary + b"\r\n")
+        head.append(delimiter + b"\r\n")
         head.append(_PART_HEAD % b"html")
         head.append(b"\r\n")
         head.append(markup)
-        head.append(b"--" + boundary + b"--\r\n")
+        head.append(delimiter + b"--\r\n")
         return b"".join(head)
 
 

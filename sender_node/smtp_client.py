@@ -147,8 +147,15 @@ class RelayPool:
             outcome = await self._send_via(relay, mail_from, rcpt, payload)
             if not _try_next_relay(outcome):
                 return outcome
-            relay.cool_until = self._clock() + self._cooldown_s
-            log.warning("relay %s failed (%s); trying the next one", relay.address, outcome.text)
+            now = self._clock()
+            if relay.cool_until <= now:
+                log.warning(
+                    "relay %s failed (%s); skipping it for %.0fs",
+                    relay.address,
+                    outcome.text,
+                    self._cooldown_s,
+                )
+            relay.cool_until = now + self._cooldown_s
         return outcome
 
     async def _send_via(
@@ -198,7 +205,9 @@ class RelayPool:
                 await smtp.ehlo(timeout=self._timeout_s)
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
-            raise _StepFailed(SendOutcome(exc.code, exc.message, Phase.CONNECT, relay=relay.address)) from None
+            raise _StepFailed(
+                SendOutcome(exc.code, exc.message, Phase.CONNECT, relay=relay.address)
+            ) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             smtp.close()
             raise _StepFailed(_no_reply(exc, Phase.CONNECT, relay.address)) from None
@@ -237,7 +246,9 @@ class RelayPool:
             # already rejects such addresses, so this is a safety net. Nothing was sent
             # for it, and the local 553 makes the recipient fail permanently.
             keep = await self._reset(smtp)
-            return SendOutcome(553, f"address not sendable: {exc}", phase, relay=relay.address), keep
+            return SendOutcome(
+                553, f"address not sendable: {exc}", phase, relay=relay.address
+            ), keep
         if reply.code == 421:
             return SendOutcome(reply.code, reply.message, phase, relay=relay.address), False
         return SendOutcome(reply.code, reply.message, Phase.DATA_END, relay=relay.address), True

@@ -1,0 +1,140 @@
+"""``python -m sender_node``: run one sender node until SIGTERM or SIGINT.
+
+Startup: read ``MAILER_*`` (see ``config.py``), connect to etcd, start the gRPC server
+(binding a free port when the listen port is 0), then register under a lease with the
+advertised address. Shutdown on SIGTERM/SIGINT: refuse new streams and batches, let
+batches under way finish for up to ``MAILER_DRAIN_TIMEOUT_S``, cancel the rest, revoke
+the lease, close the SMTP connections, and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+
+from mailerpb.mailer.v1 import sender_pb2_grpc
+from mailers.etcd import Keys, connect
+from sender_node.config import SenderConfig, from_env
+from sender_node.errors import ConfigError
+from sender_node.registration import Registration
+from sender_node.servicer import SenderServicer
+from sender_node.smtp_client import RelayPool
+
+log = logging.getLogger("sender_node")
+
+_WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
+_ETCD_CONNECT_TIMEOUT_S = 10.0
+_SERVER_STOP_GRACE_S = 1.0
+
+
+def _advertise_address(config: SenderConfig, bound_port: int) -> str:
+    if config.advertise:
+        return config.advertise
+    host = config.listen.rpartition(":")[0]
+    if host in _WILDCARD_HOSTS:
+        host = socket.gethostname()
+    return f"{host}:{bound_port}"
+
+
+async def run(config: SenderConfig, stop: asyncio.Event) -> None:
+    """Run a node until ``stop`` is set, then shut it down in order.
+
+    Raises:
+        RuntimeError: the listen address cannot be bound.
+        TimeoutError: etcd could not be reached at startup.
+    """
+    etcd = connect(list(config.etcd.endpoints))
+    async with asyncio.timeout(_ETCD_CONNECT_TIMEOUT_S):
+        await etcd.connect()
+    pool = RelayPool(
+        config.smtp.relays,
+        connections_per_relay=config.smtp.connections_per_relay,
+        timeout_s=config.smtp.timeout_s,
+        helo_name=config.smtp.helo_name,
+    )
+    registration = Registration(
+        etcd,
+        Keys(config.etcd.prefix),
+        config.node_id,
+        capacity=config.capacity,
+        ttl_s=config.etcd.lease_ttl_s,
+        margin_s=config.etcd.trust_margin_s,
+    )
+    servicer = SenderServicer(
+        node_id=config.node_id,
+        registration=registration,
+        mailer=pool,
+        capacity=config.capacity,
+        concurrency=config.smtp.connections_per_relay,
+    )
+    server = grpc.aio.server()
+    sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
+    try:
+        port = server.add_insecure_port(config.listen)
+        await server.start()
+        address = _advertise_address(config, port)
+        registration.start(address)
+        log.info("serving on %s (advertised as %s)", config.listen, address)
+        await stop.wait()
+        log.info("stopping: draining batches for up to %.1fs", config.drain_timeout_s)
+        servicer.drain()
+        if not await servicer.wait_idle(config.drain_timeout_s):
+            log.warning("drain timed out; dropping the batches still under way")
+    finally:
+        await servicer.close()
+        await server.stop(_SERVER_STOP_GRACE_S)
+        await registration.stop(revoke=True)
+        await pool.close()
+        await etcd.close()
+        log.info("stopped")
+
+
+class _NodeIdFilter(logging.Filter):
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self._node_id = node_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node_id = self._node_id
+        return True
+
+
+def _configure_logging(config: SenderConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_NodeIdFilter(config.node_id))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s [%(node_id)s] %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+async def _main(config: SenderConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await run(config, stop)
+
+
+def main() -> int:
+    """Entry point: configure from the environment and run until signalled."""
+    try:
+        config = from_env(os.environ)
+    except ConfigError as exc:
+        print(f"sender_node: {exc}", file=sys.stderr)
+        return 2
+    _configure_logging(config)
+    asyncio.run(_main(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

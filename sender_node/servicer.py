@@ -1,0 +1,561 @@
+"""The ``SenderService.Dispatch`` stream: batches in; results, acks and load out.
+
+The leader coordinator opens one long-lived stream per node. Semantics:
+
+- The first request must be ``open``. An ``open`` whose epoch is below the highest the
+  node has seen is aborted with FAILED_PRECONDITION; if the node is draining or not
+  (healthily) registered, with UNAVAILABLE. Otherwise the node answers ``hello``, and
+  every older stream (epoch at most the new one) is closed with FAILED_PRECONDITION: one
+  leader, one stream.
+- A ``batch`` is ``rejected`` (reason :data:`REJECT_STALE`, :data:`REJECT_DRAINING`,
+  :data:`REJECT_UNHEALTHY`, :data:`REJECT_DUPLICATE`, :data:`REJECT_CAPACITY` or
+  :data:`REJECT_INVALID`) or sent: recipients go out concurrently through the SMTP
+  pool, ``results`` are streamed as they happen (coalesced: up to 32 per message, at
+  most ~50 ms late), and ``ack`` follows once every recipient has a result. ``load``
+  is sent every second and after each ack.
+- ``cancel`` stops a batch: no new SMTP transaction starts for it, transactions under
+  way finish and are reported, then the batch is acked.
+- Before each SMTP transaction the node checks its registration; once it is not
+  healthy the batch stops without reporting its unsent recipients and without an ack
+  (the coordinator reassigns them), and when the registration's ``done`` fires the
+  stream is closed with UNAVAILABLE.
+- When a stream ends for any reason, the batches that came on it are cancelled at once,
+  including SMTP transactions under way: their results could not be reported, so
+  finishing them would only create duplicates when the coordinator resends them.
+
+Only this module (among the node's) imports ``mailerpb``; conversion to the pure
+``render.Content`` happens here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+import grpc
+
+from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from sender_node.classify import LoadStats, Outcome, classify
+from sender_node.errors import RenderError
+from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
+from sender_node.smtp_client import RelayInfo, SendOutcome
+
+log = logging.getLogger(__name__)
+
+REJECT_STALE = "stale epoch"
+REJECT_DRAINING = "draining"
+REJECT_UNHEALTHY = "not registered"
+REJECT_DUPLICATE = "duplicate"
+REJECT_CAPACITY = "at capacity"
+REJECT_INVALID = "invalid batch"
+
+_STATUS = {
+    Outcome.DELIVERED: common_pb2.RECIPIENT_STATUS_DELIVERED,
+    Outcome.PERMANENT: common_pb2.RECIPIENT_STATUS_FAILED,
+    Outcome.TRANSIENT: common_pb2.RECIPIENT_STATUS_DEFERRED,
+    Outcome.AMBIGUOUS: common_pb2.RECIPIENT_STATUS_DEFERRED,
+}
+
+
+class RegistrationView(Protocol):
+    """What the servicer needs from ``registration.Registration``."""
+
+    @property
+    def lease_id(self) -> int: ...
+
+    @property
+    def done(self) -> asyncio.Event: ...
+
+    def healthy(self) -> bool: ...
+
+
+class Mailer(Protocol):
+    """What the servicer needs from ``smtp_client.RelayPool``."""
+
+    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendOutcome: ...
+
+    def relays(self) -> list[RelayInfo]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchTuning:
+    """Timing knobs of the dispatch stream."""
+
+    flush_interval_s: float = 0.05
+    """Results wait at most this long to be coalesced."""
+    flush_max_results: int = 32
+    """A batch's results are sent at once when this many are waiting."""
+    load_interval_s: float = 1.0
+    """Period of unsolicited load reports."""
+    open_timeout_s: float = 10.0
+    """How long a new stream may take to send ``open``."""
+    cancel_grace_s: float = 2.0
+    """How long stream teardown waits for its cancelled batches to unwind."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _End:
+    code: grpc.StatusCode | None
+    details: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    batch: sender_pb2.Batch
+    stream: _Stream
+    next_index: int = 0
+    unreported: int = 0
+    cancel_requested: bool = False
+    lost_registration: bool = False
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def batch_id(self) -> str:
+        return self.batch.batch_id
+
+
+class _Stream:
+    """One open Dispatch stream: its outbound queue, pending results and batches."""
+
+    def __init__(self, epoch: int, coordinator_id: str, tuning: DispatchTuning) -> None:
+        self.epoch = epoch
+        self.coordinator_id = coordinator_id
+        self.tuning = tuning
+        self.out: asyncio.Queue[sender_pb2.DispatchResponse | _End] = asyncio.Queue()
+        self.batches: dict[str, _Batch] = {}
+        self.pending: dict[str, list[common_pb2.RecipientResult]] = {}
+        self.flush_needed = asyncio.Event()
+        self.ended = False
+        self.reader_done = False
+
+    def send(self, response: sender_pb2.DispatchResponse) -> None:
+        if not self.ended:
+            self.out.put_nowait(response)
+
+    def end(self, code: grpc.StatusCode | None, details: str = "") -> None:
+        if not self.ended:
+            self.ended = True
+            self.out.put_nowait(_End(code, details))
+
+    def add_result(self, batch_id: str, result: common_pb2.RecipientResult) -> None:
+        pending = self.pending.setdefault(batch_id, [])
+        pending.append(result)
+        if len(pending) >= self.tuning.flush_max_results:
+            self.flush(batch_id)
+        else:
+            self.flush_needed.set()
+
+    def flush(self, batch_id: str) -> None:
+        results = self.pending.pop(batch_id, None)
+        if results:
+            self.send(
+                sender_pb2.DispatchResponse(
+                    results=sender_pb2.BatchResults(batch_id=batch_id, results=results)
+                )
+            )
+
+    def flush_all(self) -> None:
+        for batch_id in list(self.pending):
+            self.flush(batch_id)
+
+
+def content_from_proto(content: common_pb2.MessageContent) -> Content:
+    """The pure rendering input for a job's ``MessageContent``."""
+    reply_to = None
+    if content.HasField("reply_to") and content.reply_to.email:
+        reply_to = Mailbox(content.reply_to.email, content.reply_to.name)
+    sender = getattr(content, "from")  # "from" is a Python keyword
+    return Content(
+        sender=Mailbox(sender.email, sender.name),
+        subject=content.subject,
+        text_body=content.text_body,
+        html_body=content.html_body,
+        reply_to=reply_to,
+        headers=tuple((h.name, h.value) for h in content.headers),
+        unsubscribe_url=content.unsubscribe_url,
+    )
+
+
+class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
+    """Serves ``Dispatch`` for one node.
+
+    The servicer owns every batch task and every per-stream task; :meth:`close`
+    cancels them all. :meth:`drain` makes it refuse new streams and batches, and
+    :meth:`wait_idle` waits for the batches under way.
+
+    Args:
+        node_id: This node's id (in hello and every result).
+        registration: The node's registration (see :class:`RegistrationView`).
+        mailer: The SMTP pool (see :class:`Mailer`).
+        capacity: Recipients held at once. A batch is rejected when it would exceed
+            it, unless the node holds nothing (so an oversized batch cannot starve).
+        concurrency: Concurrent SMTP transactions per batch; usually the connections per relay.
+        tuning: Stream timing.
+        template_cache_jobs: Jobs whose compiled content is kept.
+        clock: Monotonic seconds (latency, load window).
+        wall_clock: Unix seconds (``updated_at``, the Date header).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        registration: RegistrationView,
+        mailer: Mailer,
+        capacity: int,
+        concurrency: int,
+        tuning: DispatchTuning | None = None,
+        template_cache_jobs: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._node_id = node_id
+        self._registration = registration
+        self._mailer = mailer
+        self._capacity = capacity
+        self._concurrency = max(1, concurrency)
+        self._tuning = tuning or DispatchTuning()
+        self._cache = TemplateCache(template_cache_jobs)
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._load = LoadStats()
+        self._highest_epoch = 0
+        self._streams: set[_Stream] = set()
+        self._batches: dict[str, _Batch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- state visible to the process and tests --------------------------------------
+
+    @property
+    def highest_epoch(self) -> int:
+        """The highest coordinator epoch seen in an ``open``."""
+        return self._highest_epoch
+
+    @property
+    def in_flight(self) -> int:
+        """Recipients accepted and not yet reported."""
+        return self._in_flight
+
+    def load(self) -> common_pb2.NodeLoad:
+        """The node's current load report."""
+        snapshot = self._load.snapshot(self._clock())
+        return common_pb2.NodeLoad(
+            in_flight=self._in_flight,
+            capacity=self._capacity,
+            recent_latency_ms=snapshot.latency_ms,
+            recent_error_rate=snapshot.error_rate,
+        )
+
+    def drain(self) -> None:
+        """Refuse new streams and batches from now on; batches under way continue."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no batch is under way; False if ``timeout_s`` passed first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self) -> None:
+        """End every stream with UNAVAILABLE and cancel every batch; waits for them."""
+        self._draining = True
+        for stream in list(self._streams):
+            self._close_stream(stream, grpc.StatusCode.UNAVAILABLE, "node is shutting down")
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._tuning.cancel_grace_s)
+
+    # -- the RPC -----------------------------------------------------------------------
+
+    async def Dispatch(
+        self,
+        request_iterator: AsyncIterator[sender_pb2.DispatchRequest],
+        context: grpc.aio.ServicerContext[sender_pb2.DispatchRequest, sender_pb2.DispatchResponse],
+    ) -> AsyncIterator[sender_pb2.DispatchResponse]:
+        """Serve one dispatch stream until it ends (see the module docstring)."""
+        try:
+            async with asyncio.timeout(self._tuning.open_timeout_s):
+                first = await anext(request_iterator)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no open request")
+        if first.WhichOneof("kind") != "open":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must be open")
+        epoch = first.open.epoch
+        if epoch < self._highest_epoch:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale epoch {epoch}: this node has seen epoch {self._highest_epoch}",
+            )
+        self._highest_epoch = epoch
+        if self._draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is draining")
+        if not self._registration.healthy():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is not registered")
+        for older in list(self._streams):
+            self._close_stream(
+                older,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"superseded by a stream with epoch {epoch}",
+            )
+        stream = _Stream(epoch, first.open.coordinator_id, self._tuning)
+        self._streams.add(stream)
+        # Read together, without an await: the registration this stream lives under.
+        lease_done = self._registration.done
+        stream.send(sender_pb2.DispatchResponse(hello=self._hello()))
+        log.info("dispatch stream opened by %s, epoch %d", stream.coordinator_id, epoch)
+        helpers = [
+            asyncio.create_task(self._read(stream, request_iterator), name="dispatch-read"),
+            asyncio.create_task(self._flush_loop(stream), name="dispatch-flush"),
+            asyncio.create_task(self._load_loop(stream), name="dispatch-load"),
+            asyncio.create_task(self._watch_lease(stream, lease_done), name="dispatch-lease"),
+        ]
+        try:
+            while True:
+                item = await stream.out.get()
+                if isinstance(item, _End):
+                    if item.code is not None:
+                        await context.abort(item.code, item.details)
+                    return
+                yield item
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            self._close_stream(stream, grpc.StatusCode.CANCELLED, "stream ended")
+            pending = [b.task for b in list(stream.batches.values()) if b.task is not None]
+            if pending:
+                await asyncio.wait(pending, timeout=self._tuning.cancel_grace_s)
+            await asyncio.gather(*helpers, return_exceptions=True)
+            log.info("dispatch stream of epoch %d closed", epoch)
+
+    def _hello(self) -> sender_pb2.NodeHello:
+        relays = [
+            common_pb2.RelayStatus(
+                address=relay.address,
+                breaker_state=(
+                    common_pb2.BREAKER_STATE_OPEN
+                    if relay.cooling_down
+                    else common_pb2.BREAKER_STATE_CLOSED
+                ),
+                open_connections=relay.open_connections,
+            )
+            for relay in self._mailer.relays()
+        ]
+        return sender_pb2.NodeHello(
+            node_id=self._node_id,
+            lease_id=self._registration.lease_id,
+            load=self.load(),
+            relays=relays,
+        )
+
+    def _close_stream(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
+        """End ``stream`` and cancel its batches now, freeing their ids for a resend."""
+        stream.end(code, details)
+        self._streams.discard(stream)
+        for batch in list(stream.batches.values()):
+            if self._batches.get(batch.batch_id) is batch:
+                del self._batches[batch.batch_id]
+            if batch.task is not None:
+                batch.task.cancel()
+
+    async def _read(
+        self, stream: _Stream, requests: AsyncIterator[sender_pb2.DispatchRequest]
+    ) -> None:
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "batch":
+                    self._accept(stream, request.batch)
+                elif kind == "cancel":
+                    batch = stream.batches.get(request.cancel.batch_id)
+                    if batch is not None:
+                        batch.cancel_requested = True
+                else:
+                    stream.end(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} request")
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the call broke; the writer side will see it too
+            log.info("dispatch stream read failed: %s", exc)
+            stream.end(grpc.StatusCode.CANCELLED, "read failed")
+            return
+        # The coordinator half-closed: finish the batches under way, then end cleanly.
+        stream.reader_done = True
+        if not stream.batches:
+            stream.end(None)
+
+    async def _flush_loop(self, stream: _Stream) -> None:
+        while True:
+            await stream.flush_needed.wait()
+            await asyncio.sleep(self._tuning.flush_interval_s)
+            stream.flush_needed.clear()
+            stream.flush_all()
+
+    async def _load_loop(self, stream: _Stream) -> None:
+        while True:
+            await asyncio.sleep(self._tuning.load_interval_s)
+            stream.send(sender_pb2.DispatchResponse(load=self.load()))
+
+    async def _watch_lease(self, stream: _Stream, done: asyncio.Event) -> None:
+        await done.wait()
+        log.warning("registration lost: closing the dispatch stream of epoch %d", stream.epoch)
+        self._close_stream(stream, grpc.StatusCode.UNAVAILABLE, "node lost its registration")
+
+    # -- batches -------------------------------------------------------------------------
+
+    def _reject(self, stream: _Stream, batch_id: str, reason: str) -> None:
+        log.info("rejected batch %s: %s", batch_id, reason)
+        stream.send(
+            sender_pb2.DispatchResponse(
+                rejected=sender_pb2.BatchRejected(batch_id=batch_id, reason=reason)
+            )
+        )
+
+    def _accept(self, stream: _Stream, batch: sender_pb2.Batch) -> None:
+        size = len(batch.recipients)
+        if not batch.batch_id or not batch.job_id:
+            self._reject(stream, batch.batch_id, REJECT_INVALID)
+        elif batch.epoch < self._highest_epoch or stream.epoch < self._highest_epoch:
+            self._reject(stream, batch.batch_id, REJECT_STALE)
+        elif self._draining:
+            self._reject(stream, batch.batch_id, REJECT_DRAINING)
+        elif not self._registration.healthy():
+            self._reject(stream, batch.batch_id, REJECT_UNHEALTHY)
+        elif batch.batch_id in self._batches:
+            self._reject(stream, batch.batch_id, REJECT_DUPLICATE)
+        elif self._in_flight > 0 and self._in_flight + size > self._capacity:
+            self._reject(stream, batch.batch_id, REJECT_CAPACITY)
+        else:
+            state = _Batch(batch=batch, stream=stream, unreported=size)
+            self._batches[batch.batch_id] = state
+            stream.batches[batch.batch_id] = state
+            self._in_flight += size
+            self._idle.clear()
+            task = asyncio.create_task(self._run_batch(state), name=f"batch-{batch.batch_id}")
+            state.task = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run_batch(self, state: _Batch) -> None:
+        stream = state.stream
+        batch = state.batch
+        try:
+            try:
+                compiled = self._cache.get(batch.job_id, content_from_proto(batch.content))
+            except RenderError as exc:
+                log.warning("job %s cannot be rendered: %s", batch.job_id, exc)
+                while state.next_index < len(batch.recipients):
+                    item = batch.recipients[state.next_index]
+                    state.next_index += 1
+                    self._report(state, self._failed(item, f"render error: {exc}"))
+            else:
+                workers = min(self._concurrency, len(batch.recipients))
+                async with asyncio.TaskGroup() as group:
+                    for _ in range(workers):
+                        group.create_task(self._work(state, compiled))
+            stream.flush(state.batch_id)
+            if state.lost_registration:
+                log.warning("batch %s stopped: registration not healthy", state.batch_id)
+                return
+            stream.send(
+                sender_pb2.DispatchResponse(
+                    ack=sender_pb2.BatchAck(batch_id=state.batch_id, epoch=batch.epoch)
+                )
+            )
+            stream.send(sender_pb2.DispatchResponse(load=self.load()))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("batch %s failed", state.batch_id)
+        finally:
+            self._in_flight -= state.unreported
+            state.unreported = 0
+            if self._batches.get(state.batch_id) is state:
+                del self._batches[state.batch_id]
+            if stream.batches.get(state.batch_id) is state:
+                del stream.batches[state.batch_id]
+            if not self._batches:
+                self._idle.set()
+            if stream.reader_done and not stream.batches:
+                stream.end(None)
+
+    def _report(self, state: _Batch, result: common_pb2.RecipientResult) -> None:
+        state.unreported -= 1
+        self._in_flight -= 1
+        state.stream.add_result(state.batch_id, result)
+
+    async def _work(self, state: _Batch, compiled: CompiledMessage) -> None:
+        recipients = state.batch.recipients
+        while True:
+            if state.cancel_requested or state.stream.ended:
+                return
+            if not self._registration.healthy():
+                state.lost_registration = True
+                return
+            if state.next_index >= len(recipients):
+                return
+            item = recipients[state.next_index]
+            state.next_index += 1
+            self._report(state, await self._deliver(compiled, item))
+
+    async def _deliver(
+        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient
+    ) -> common_pb2.RecipientResult:
+        recipient = item.recipient
+        try:
+            data = compiled.render(
+                index=item.index,
+                email=recipient.email,
+                name=recipient.name,
+                variables=recipient.variables,
+                date=datetime.fromtimestamp(self._wall_clock(), UTC),
+            )
+        except RenderError as exc:
+            return self._failed(item, f"render error: {exc}")
+        started = self._clock()
+        outcome = await self._mailer.send(compiled.envelope_from, recipient.email, data)
+        finished = self._clock()
+        verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
+        self._load.record(finished, finished - started, verdict.relay_fault)
+        result = self._result(item, _STATUS[verdict.outcome], verdict.reason)
+        result.ambiguous = verdict.outcome is Outcome.AMBIGUOUS
+        if outcome.code > 0:
+            result.reply.code = outcome.code
+            result.reply.enhanced_code = verdict.enhanced_code
+            result.reply.text = outcome.text
+        return result
+
+    def _failed(self, item: sender_pb2.BatchRecipient, reason: str) -> common_pb2.RecipientResult:
+        return self._result(item, common_pb2.RECIPIENT_STATUS_FAILED, reason)
+
+    def _result(
+        self,
+        item: sender_pb2.BatchRecipient,
+        status: common_pb2.RecipientStatus.ValueType,
+        reason: str,
+    ) -> common_pb2.RecipientResult:
+        result = common_pb2.RecipientResult(
+            index=item.index,
+            email=item.recipient.email,
+            status=status,
+            reason=reason,
+            attempts=item.attempts + 1,
+            node_id=self._node_id,
+        )
+        result.updated_at.FromNanoseconds(int(self._wall_clock() * 1e9))
+        return result

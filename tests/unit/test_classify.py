@@ -1,0 +1,127 @@
+"""SMTP outcome classification (a table of codes and phases) and recent-load statistics."""
+
+from __future__ import annotations
+
+import pytest
+
+from sender_node.classify import (
+    Classification,
+    Failure,
+    LoadStats,
+    Outcome,
+    Phase,
+    classify,
+    parse_enhanced_code,
+)
+
+D, T, P, A = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AMBIGUOUS
+
+
+@pytest.mark.parametrize(
+    ("code", "phase", "failure", "outcome", "relay_fault"),
+    [
+        # Replies decide by class.
+        (250, Phase.DATA_END, Failure.NONE, D, False),
+        (251, Phase.DATA_END, Failure.NONE, D, False),
+        (421, Phase.MAIL, Failure.NONE, T, True),
+        (421, Phase.CONNECT, Failure.NONE, T, True),
+        (450, Phase.RCPT, Failure.NONE, T, False),
+        (451, Phase.DATA_END, Failure.NONE, T, False),
+        (452, Phase.RCPT, Failure.NONE, T, False),
+        (550, Phase.RCPT, Failure.NONE, P, False),
+        (551, Phase.RCPT, Failure.NONE, P, False),
+        (553, Phase.MAIL, Failure.NONE, P, False),
+        (554, Phase.DATA_END, Failure.NONE, P, False),
+        (552, Phase.DATA, Failure.NONE, P, False),
+        # Auth failures and a refusing greeting are the relay's fault, not the recipient's.
+        (530, Phase.MAIL, Failure.NONE, T, True),
+        (535, Phase.MAIL, Failure.NONE, T, True),
+        (554, Phase.CONNECT, Failure.NONE, T, True),
+        # Unexpected codes are treated as a misbehaving relay.
+        (354, Phase.DATA_END, Failure.NONE, T, True),
+        (-1, Phase.RCPT, Failure.NONE, T, True),
+        # No reply: transient before the final dot, ambiguous after it.
+        (0, Phase.CONNECT, Failure.REFUSED, T, True),
+        (0, Phase.CONNECT, Failure.TIMEOUT, T, True),
+        (0, Phase.MAIL, Failure.DISCONNECTED, T, True),
+        (0, Phase.RCPT, Failure.TIMEOUT, T, True),
+        (0, Phase.DATA, Failure.TIMEOUT, T, True),
+        (0, Phase.DATA, Failure.DISCONNECTED, T, True),
+        (0, Phase.DATA_END, Failure.TIMEOUT, A, True),
+        (0, Phase.DATA_END, Failure.DISCONNECTED, A, True),
+        (0, Phase.DATA_END, Failure.PROTOCOL, T, True),
+    ],
+)
+def test_classification_table(
+    code: int, phase: Phase, failure: Failure, outcome: Outcome, relay_fault: bool
+) -> None:
+    verdict = classify(code, "text", phase, failure)
+    assert (verdict.outcome, verdict.relay_fault) == (outcome, relay_fault)
+
+
+def test_reason_and_enhanced_code_come_from_the_reply() -> None:
+    verdict = classify(550, "5.1.1 <bob@example.org>: Recipient unknown\nmore", Phase.RCPT)
+    assert verdict == Classification(
+        Outcome.PERMANENT, False, "5.1.1", "550 5.1.1 <bob@example.org>: Recipient unknown"
+    )
+
+
+def test_reason_of_a_connection_failure_names_the_phase() -> None:
+    verdict = classify(0, "Connect call failed", Phase.CONNECT, Failure.REFUSED)
+    assert verdict.reason == "refused during connect: Connect call failed"
+    assert "no reply after data" in classify(0, "", Phase.DATA_END, Failure.TIMEOUT).reason
+
+
+@pytest.mark.parametrize(
+    ("text", "enhanced"),
+    [
+        ("2.0.0 OK", "2.0.0"),
+        ("  4.7.1 greylisted", "4.7.1"),
+        ("5.1.10 no such domain", "5.1.10"),
+        ("5.1.1", "5.1.1"),
+        ("OK queued as 5.1.1", ""),
+        ("3.1.1 nope", ""),
+        ("5.1.1234 too long", ""),
+        ("5.1.1a", ""),
+        ("", ""),
+    ],
+)
+def test_parse_enhanced_code(text: str, enhanced: str) -> None:
+    assert parse_enhanced_code(text) == enhanced
+
+
+def test_load_stats_window_mean_and_error_rate() -> None:
+    # Given three transactions at t=0, 1, 2
+    stats = LoadStats(window_s=10.0)
+    stats.record(0.0, 0.100, error=False)
+    stats.record(1.0, 0.300, error=True)
+    stats.record(2.0, 0.200, error=False)
+
+    # Then the snapshot averages them
+    snap = stats.snapshot(5.0)
+    assert snap.samples == 3
+    assert snap.latency_ms == pytest.approx(200.0)
+    assert snap.error_rate == pytest.approx(1 / 3)
+
+    # And samples leave the window as time passes
+    snap = stats.snapshot(10.5)
+    assert snap.samples == 2
+    assert snap.latency_ms == pytest.approx(250.0)
+    assert snap.error_rate == 0.5
+    assert stats.snapshot(100.0).samples == 0
+    assert stats.snapshot(100.0).latency_ms == 0.0
+
+
+def test_load_stats_is_bounded() -> None:
+    stats = LoadStats(window_s=100.0, max_samples=3)
+    for i in range(10):
+        stats.record(float(i), float(i), error=i % 2 == 0)
+    snap = stats.snapshot(10.0)
+    assert snap.samples == 3
+    assert snap.latency_ms == pytest.approx(8000.0)  # mean of 7, 8, 9 s
+    assert snap.error_rate == pytest.approx(1 / 3)
+
+
+def test_load_stats_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError):
+        LoadStats(window_s=0)
