@@ -28,6 +28,19 @@ from sender_node.smtp_client import RelayPool
 
 log = logging.getLogger("sender_node")
 
+# The leader pings every 2 s so a dead peer is noticed in seconds; accept that (the
+# default would answer with GOAWAY "too_many_pings" and cut an idle stream), and ping
+# back so a node notices a vanished leader and drops its batches just as fast.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 2000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 _ETCD_CONNECT_TIMEOUT_S = 10.0
 _SERVER_STOP_GRACE_S = 1.0
@@ -73,7 +86,7 @@ async def run(config: SenderConfig, stop: asyncio.Event) -> None:
         capacity=config.capacity,
         concurrency=config.smtp.connections_per_relay,
     )
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(config.listen)
