@@ -38,6 +38,9 @@ class CoordinatorConfig:
     """Delay before a batch with deferred recipients is sent again."""
     flush_interval_s: float = 0.1
     """Results are persisted to etcd at most this long after they arrive."""
+    takeover_grace_s: float = 3.0
+    """A new leader waits up to this long for registered nodes to connect and replay
+    results before it hands out batches."""
     breaker_failures: int = 5
     breaker_reset_s: float = 10.0
     limits: Limits = Limits()

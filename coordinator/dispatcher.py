@@ -104,6 +104,7 @@ class Dispatcher:
         self._released = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._job_order: collections.deque[str] = collections.deque()
+        self._registry_listed = False
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -120,7 +121,6 @@ class Dispatcher:
             await self._resume(spec, status)
         log.info("leading with epoch %d; resumed %d jobs", self.fence.revision, len(self.jobs))
         self._tasks = [
-            asyncio.create_task(self._guard(self._loop()), name="dispatch"),
             asyncio.create_task(self._guard(self._flush_loop()), name="flush"),
             asyncio.create_task(
                 self._guard(
@@ -130,7 +130,19 @@ class Dispatcher:
                 ),
                 name="registry",
             ),
+            asyncio.create_task(self._guard(self._loop()), name="dispatch"),
         ]
+
+    async def _await_known_nodes(self) -> None:
+        """Give the nodes registered at takeover a moment to connect and replay the
+        results the previous leader may not have persisted, before any batch moves."""
+        deadline = self.clock() + self.config.takeover_grace_s
+        while self.clock() < deadline:
+            if self._registry_listed and all(n.link.connects > 0 for n in self.nodes.values()):
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.05)
 
     async def stop(self) -> None:
         """Stop dispatching: cancel tasks and close every node stream (nodes then drop
@@ -269,6 +281,7 @@ class Dispatcher:
     # ---- dispatching ----------------------------------------------------------------
 
     async def _loop(self) -> None:
+        await self._await_known_nodes()
         while True:
             now = self.clock()
             for entry in self.ledger.expired(now):
@@ -445,7 +458,8 @@ class Dispatcher:
         """Record a recipient's outcome; the first final outcome wins. True if applied."""
         old = state.results.get(index)
         if old is not None and old.status.final:
-            if old.status is Status.DELIVERED and new.status is Status.DELIVERED:
+            replayed = old.node_id == new.node_id and old.updated_at == new.updated_at
+            if old.status is Status.DELIVERED and new.status is Status.DELIVERED and not replayed:
                 job.duplicates += 1
             return False
         if old is not None:
@@ -577,6 +591,7 @@ class Dispatcher:
     # ---- registry -------------------------------------------------------------------
 
     async def _nodes_snapshot(self, items: list[tuple[bytes, bytes]]) -> None:
+        self._registry_listed = True
         seen = {}
         for key, value in items:
             seen[self.keys.tail(key, self.keys.nodes)] = value

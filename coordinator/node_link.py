@@ -129,6 +129,10 @@ class NodeLink:
                 self.lease_id = first.hello.lease_id
                 self.load = first.hello.load
                 self.relays = list(first.hello.relays)
+                # Outcomes from streams that ended (perhaps with a dead leader) come
+                # first, so they are applied before this node can get a batch.
+                for replayed in first.hello.replay:
+                    self._events.on_results(self, replayed)
                 self.connected = True
                 self.connects += 1
                 self._events.on_connected(self)

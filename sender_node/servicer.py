@@ -22,6 +22,9 @@ The leader coordinator opens one long-lived stream per node. Semantics:
 - When a stream ends for any reason, the batches that came on it are cancelled at once,
   including SMTP transactions under way: their results could not be reported, so
   finishing them would only create duplicates when the coordinator resends them.
+- The results a stream sent lately (or had not yet sent) when it ended are kept and
+  replayed in the ``hello`` of the next stream: a leader that died may not have
+  persisted them, and the next one must not send those recipients again.
 
 Only this module (among the node's) imports ``mailerpb``; conversion to the pure
 ``render.Content`` happens here.
@@ -30,6 +33,7 @@ Only this module (among the node's) imports ``mailerpb``; conversion to the pure
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import time
@@ -96,6 +100,8 @@ class DispatchTuning:
     """How long a new stream may take to send ``open``."""
     cancel_grace_s: float = 2.0
     """How long stream teardown waits for its cancelled batches to unwind."""
+    replay_max_results: int = 20_000
+    """Results kept for replay to the next leader after a stream ends."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +128,20 @@ class _Batch:
 class _Stream:
     """One open Dispatch stream: its outbound queue, pending results and batches."""
 
-    def __init__(self, epoch: int, coordinator_id: str, tuning: DispatchTuning) -> None:
+    def __init__(
+        self,
+        epoch: int,
+        coordinator_id: str,
+        tuning: DispatchTuning,
+        orphaned: Callable[[str, list[common_pb2.RecipientResult]], None] = lambda b, r: None,
+    ) -> None:
         self.epoch = epoch
+        # Results sent lately: if the leader dies before persisting them, the next
+        # leader gets them replayed in our hello (see ``SenderServicer._replay``).
+        self.recent: collections.deque[tuple[str, common_pb2.RecipientResult]] = collections.deque(
+            maxlen=tuning.replay_max_results
+        )
+        self._orphaned = orphaned
         self.coordinator_id = coordinator_id
         self.tuning = tuning
         self.out: asyncio.Queue[sender_pb2.DispatchResponse | _End] = asyncio.Queue()
@@ -141,8 +159,18 @@ class _Stream:
         if not self.ended:
             self.ended = True
             self.out.put_nowait(_End(code, details))
+            # Sent lately or never sent: either way the next leader should hear of them.
+            for batch_id, result in self.recent:
+                self._orphaned(batch_id, [result])
+            self.recent.clear()
+            for batch_id, results in self.pending.items():
+                self._orphaned(batch_id, results)
+            self.pending.clear()
 
     def add_result(self, batch_id: str, result: common_pb2.RecipientResult) -> None:
+        if self.ended:
+            self._orphaned(batch_id, [result])
+            return
         pending = self.pending.setdefault(batch_id, [])
         pending.append(result)
         if len(pending) >= self.tuning.flush_max_results:
@@ -153,6 +181,7 @@ class _Stream:
     def flush(self, batch_id: str) -> None:
         results = self.pending.pop(batch_id, None)
         if results:
+            self.recent.extend((batch_id, r) for r in results)
             self.send(
                 sender_pb2.DispatchResponse(
                     results=sender_pb2.BatchResults(batch_id=batch_id, results=results)
@@ -232,6 +261,9 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
+        self._replay: collections.deque[tuple[str, common_pb2.RecipientResult]] = collections.deque(
+            maxlen=self._tuning.replay_max_results
+        )
 
     # -- state visible to the process and tests --------------------------------------
 
@@ -313,7 +345,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"superseded by a stream with epoch {epoch}",
             )
-        stream = _Stream(epoch, first.open.coordinator_id, self._tuning)
+        stream = _Stream(epoch, first.open.coordinator_id, self._tuning, self._keep_for_replay)
         self._streams.add(stream)
         # Read together, without an await: the registration this stream lives under.
         lease_done = self._registration.done
@@ -343,6 +375,17 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             await asyncio.gather(*helpers, return_exceptions=True)
             log.info("dispatch stream of epoch %d closed", epoch)
 
+    def _keep_for_replay(self, batch_id: str, results: list[common_pb2.RecipientResult]) -> None:
+        self._replay.extend((batch_id, r) for r in results)
+
+    def _take_replay(self) -> list[sender_pb2.BatchResults]:
+        """Results of ended streams, grouped by batch, handed out once."""
+        by_batch: dict[str, list[common_pb2.RecipientResult]] = {}
+        for batch_id, result in self._replay:
+            by_batch.setdefault(batch_id, []).append(result)
+        self._replay.clear()
+        return [sender_pb2.BatchResults(batch_id=b, results=r) for b, r in by_batch.items()]
+
     def _hello(self) -> sender_pb2.NodeHello:
         relays = [
             common_pb2.RelayStatus(
@@ -361,6 +404,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             lease_id=self._registration.lease_id,
             load=self.load(),
             relays=relays,
+            replay=self._take_replay(),
         )
 
     def _close_stream(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mailerpb.mailer.v1 import common_pb2 as mailer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/sender.proto\x12\tmailer.v1\x1a\x16mailer/v1/common.proto\"\x8f\x01\n\x0f\x44ispatchRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.mailer.v1.DispatchOpenH\x00\x12!\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x10.mailer.v1.BatchH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.mailer.v1.CancelBatchH\x00\x42\x06\n\x04kind\"\xe4\x01\n\x10\x44ispatchResponse\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.mailer.v1.NodeHelloH\x00\x12*\n\x07results\x18\x02 \x01(\x0b\x32\x17.mailer.v1.BatchResultsH\x00\x12\"\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x13.mailer.v1.BatchAckH\x00\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoadH\x00\x12,\n\x08rejected\x18\x05 \x01(\x0b\x32\x18.mailer.v1.BatchRejectedH\x00\x42\x06\n\x04kind\"5\n\x0c\x44ispatchOpen\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"y\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12&\n\x06relays\x18\x04 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\"Z\n\x0e\x42\x61tchRecipient\x12\r\n\x05index\x18\x01 \x01(\x03\x12\'\n\trecipient\x18\x02 \x01(\x0b\x32\x14.mailer.v1.Recipient\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\"\xbd\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12*\n\x07\x63ontent\x18\x05 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12-\n\nrecipients\x18\x06 \x03(\x0b\x32\x19.mailer.v1.BatchRecipient\x12\x17\n\x0f\x61\x63k_deadline_ms\x18\x07 \x01(\x03\".\n\x0b\x43\x61ncelBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"M\n\x0c\x42\x61tchResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\"+\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"1\n\rBatchRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2X\n\rSenderService\x12G\n\x08\x44ispatch\x12\x1a.mailer.v1.DispatchRequest\x1a\x1b.mailer.v1.DispatchResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/sender.proto\x12\tmailer.v1\x1a\x16mailer/v1/common.proto\"\x8f\x01\n\x0f\x44ispatchRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.mailer.v1.DispatchOpenH\x00\x12!\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x10.mailer.v1.BatchH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.mailer.v1.CancelBatchH\x00\x42\x06\n\x04kind\"\xe4\x01\n\x10\x44ispatchResponse\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.mailer.v1.NodeHelloH\x00\x12*\n\x07results\x18\x02 \x01(\x0b\x32\x17.mailer.v1.BatchResultsH\x00\x12\"\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x13.mailer.v1.BatchAckH\x00\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoadH\x00\x12,\n\x08rejected\x18\x05 \x01(\x0b\x32\x18.mailer.v1.BatchRejectedH\x00\x42\x06\n\x04kind\"5\n\x0c\x44ispatchOpen\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xa2\x01\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12&\n\x06relays\x18\x04 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\x12\'\n\x06replay\x18\x05 \x03(\x0b\x32\x17.mailer.v1.BatchResults\"Z\n\x0e\x42\x61tchRecipient\x12\r\n\x05index\x18\x01 \x01(\x03\x12\'\n\trecipient\x18\x02 \x01(\x0b\x32\x14.mailer.v1.Recipient\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\"\xbd\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12*\n\x07\x63ontent\x18\x05 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12-\n\nrecipients\x18\x06 \x03(\x0b\x32\x19.mailer.v1.BatchRecipient\x12\x17\n\x0f\x61\x63k_deadline_ms\x18\x07 \x01(\x03\".\n\x0b\x43\x61ncelBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"M\n\x0c\x42\x61tchResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\"+\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"1\n\rBatchRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t2X\n\rSenderService\x12G\n\x08\x44ispatch\x12\x1a.mailer.v1.DispatchRequest\x1a\x1b.mailer.v1.DispatchResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISPATCHRESPONSE']._serialized_end=436
   _globals['_DISPATCHOPEN']._serialized_start=438
   _globals['_DISPATCHOPEN']._serialized_end=491
-  _globals['_NODEHELLO']._serialized_start=493
-  _globals['_NODEHELLO']._serialized_end=614
-  _globals['_BATCHRECIPIENT']._serialized_start=616
-  _globals['_BATCHRECIPIENT']._serialized_end=706
-  _globals['_BATCH']._serialized_start=709
-  _globals['_BATCH']._serialized_end=898
-  _globals['_CANCELBATCH']._serialized_start=900
-  _globals['_CANCELBATCH']._serialized_end=946
-  _globals['_BATCHRESULTS']._serialized_start=948
-  _globals['_BATCHRESULTS']._serialized_end=1025
-  _globals['_BATCHACK']._serialized_start=1027
-  _globals['_BATCHACK']._serialized_end=1070
-  _globals['_BATCHREJECTED']._serialized_start=1072
-  _globals['_BATCHREJECTED']._serialized_end=1121
-  _globals['_SENDERSERVICE']._serialized_start=1123
-  _globals['_SENDERSERVICE']._serialized_end=1211
+  _globals['_NODEHELLO']._serialized_start=494
+  _globals['_NODEHELLO']._serialized_end=656
+  _globals['_BATCHRECIPIENT']._serialized_start=658
+  _globals['_BATCHRECIPIENT']._serialized_end=748
+  _globals['_BATCH']._serialized_start=751
+  _globals['_BATCH']._serialized_end=940
+  _globals['_CANCELBATCH']._serialized_start=942
+  _globals['_CANCELBATCH']._serialized_end=988
+  _globals['_BATCHRESULTS']._serialized_start=990
+  _globals['_BATCHRESULTS']._serialized_end=1067
+  _globals['_BATCHACK']._serialized_start=1069
+  _globals['_BATCHACK']._serialized_end=1112
+  _globals['_BATCHREJECTED']._serialized_start=1114
+  _globals['_BATCHREJECTED']._serialized_end=1163
+  _globals['_SENDERSERVICE']._serialized_start=1165
+  _globals['_SENDERSERVICE']._serialized_end=1253
 # @@protoc_insertion_point(module_scope)

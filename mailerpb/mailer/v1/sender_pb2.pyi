@@ -122,6 +122,7 @@ class NodeHello(_message.Message):
     LEASE_ID_FIELD_NUMBER: _builtins.int
     LOAD_FIELD_NUMBER: _builtins.int
     RELAYS_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     lease_id: _builtins.int
     """The lease the node is registered under; it changes on re-registration."""
@@ -129,6 +130,13 @@ class NodeHello(_message.Message):
     def load(self) -> _common_pb2.NodeLoad: ...
     @_builtins.property
     def relays(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RelayStatus]: ...
+    @_builtins.property
+    def replay(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResults]:
+        """Results this node sent, or had ready, on streams that have since ended (the
+        leader that received them may have died before persisting them). A new leader
+        applies them before it hands out batches, so those recipients are not sent twice.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +144,11 @@ class NodeHello(_message.Message):
         lease_id: _builtins.int = ...,
         load: _common_pb2.NodeLoad | None = ...,
         relays: _abc.Iterable[_common_pb2.RelayStatus] | None = ...,
+        replay: _abc.Iterable[Global___BatchResults] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "load", b"load", "node_id", b"node_id", "relays", b"relays"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "load", b"load", "node_id", b"node_id", "relays", b"relays", "replay", b"replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
