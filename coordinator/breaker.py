@@ -1,16 +1,24 @@
-"""A per-node circuit breaker as a small state machine on (state, event, now). Pure.
+"""Per-node circuit breakers: pybreaker for the counting, plus a one-trial gate.
 
-Closed counts consecutive failures; at the threshold it opens. Open admits nothing
-until reset_timeout has passed, then it is half-open and admits exactly one trial
-(a gate, unlike a plain breaker that lets every concurrent caller through). The trial's
-success closes it; its failure opens it again. Open never returns to closed without
-passing through half-open, except by an operator's reset.
+Each batch handed to a node is one guarded call: :meth:`NodeBreaker.guard` awaits the
+batch's outcome inside ``with breaker.calling():`` (``breaker.call(async_fn)`` would
+record success without awaiting). The node's ack is a success; losing the batch to a
+disconnect, a missed deadline or a refusal is a failure. ``asyncio.CancelledError`` and
+:class:`Released` (the batch went away for reasons that say nothing about the node, e.g.
+a pause) are excluded from the count.
+
+pybreaker lets every concurrent caller through once an open breaker's timeout has
+passed; :func:`admits` is the gate that lets exactly one trial batch through half-open.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import enum
+from collections.abc import Awaitable
+from datetime import UTC, datetime, timedelta
+
+import pybreaker
 
 
 class State(enum.StrEnum):
@@ -19,55 +27,81 @@ class State(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
-@dataclasses.dataclass
-class Breaker:
-    failure_threshold: int = 5
-    reset_timeout_s: float = 10.0
-    state: State = State.CLOSED
-    failures: int = 0
-    opened_at: float = 0.0
-    trial_in_flight: bool = False
+class NodeFault(Exception):
+    """A batch was lost through the node's fault (disconnect, no progress, refusal)."""
 
-    def current(self, now: float) -> State:
-        """The state as of now (an open breaker whose timeout passed reads half-open)."""
-        if self.state is State.OPEN and now - self.opened_at >= self.reset_timeout_s:
-            self.state = State.HALF_OPEN
-            self.trial_in_flight = False
-        return self.state
 
-    def admits(self, now: float) -> bool:
-        """Whether a new batch may go to the node now."""
-        state = self.current(now)
-        return state is State.CLOSED or (state is State.HALF_OPEN and not self.trial_in_flight)
+class Released(Exception):
+    """A batch left the node for a reason that is not the node's fault."""
 
-    def on_dispatch(self, now: float) -> None:
-        """A batch was given to the node; in half-open it is the one trial."""
-        if self.current(now) is State.HALF_OPEN:
-            self.trial_in_flight = True
 
-    def on_success(self, now: float) -> None:
-        state = self.current(now)
-        if state is State.HALF_OPEN or state is State.CLOSED:
-            self.state = State.CLOSED
-            self.failures = 0
-            self.trial_in_flight = False
+def admits(state: State, trial_in_flight: bool) -> bool:
+    """Whether a new batch may go to a node whose breaker is in state. Pure."""
+    return state is State.CLOSED or (state is State.HALF_OPEN and not trial_in_flight)
 
-    def on_failure(self, now: float) -> None:
-        state = self.current(now)
-        if state is State.HALF_OPEN:
-            self._open(now)
-        elif state is State.CLOSED:
-            self.failures += 1
-            if self.failures >= self.failure_threshold:
-                self._open(now)
+
+def effective_state(
+    raw: str, opened_at: datetime | None, reset_timeout_s: float, now: datetime
+) -> State:
+    """pybreaker's state name as of now: an open breaker whose timeout has passed is
+    half-open (pybreaker only moves it there on the next call). Pure."""
+    if raw == pybreaker.STATE_CLOSED:
+        return State.CLOSED
+    if raw == pybreaker.STATE_HALF_OPEN:
+        return State.HALF_OPEN
+    if opened_at is None or now >= opened_at + timedelta(seconds=reset_timeout_s):
+        return State.HALF_OPEN
+    return State.OPEN
+
+
+def _excluded(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError | Released)
+
+
+class NodeBreaker:
+    """One node's breaker. Not thread-safe; used from the dispatcher's event loop."""
+
+    def __init__(self, name: str, fail_max: int, reset_timeout_s: float) -> None:
+        self._breaker = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout_s,
+            exclude=[_excluded],
+            name=name,
+        )
+        self._reset_timeout_s = reset_timeout_s
+        self._trial_in_flight = False
+
+    def state(self) -> State:
+        storage = self._breaker._state_storage
+        return effective_state(
+            self._breaker.current_state,
+            storage.opened_at,
+            self._reset_timeout_s,
+            datetime.now(UTC),
+        )
+
+    def admits(self) -> bool:
+        return admits(self.state(), self._trial_in_flight)
+
+    async def guard(self, outcome: Awaitable[None]) -> None:
+        """Count outcome (the batch's ack, or NodeFault/Released) against the breaker.
+
+        Never raises for the outcome itself: the dispatcher has already acted on it.
+        Cancellation: cancelling the task is not counted as a failure.
+        """
+        trial = self.state() is State.HALF_OPEN
+        if trial:
+            self._trial_in_flight = True
+        try:
+            with self._breaker.calling():
+                await outcome
+        except (NodeFault, Released, pybreaker.CircuitBreakerError):
+            pass
+        finally:
+            if trial:
+                self._trial_in_flight = False
 
     def reset(self) -> None:
         """An operator's reset: closed, counters cleared."""
-        self.state = State.CLOSED
-        self.failures = 0
-        self.trial_in_flight = False
-
-    def _open(self, now: float) -> None:
-        self.state = State.OPEN
-        self.opened_at = now
-        self.trial_in_flight = False
+        self._breaker.close()
+        self._trial_in_flight = False

@@ -36,6 +36,14 @@ class CoordinatorConfig:
     """Times a batch may be handed out before its remaining recipients fail."""
     retry: BackoffPolicy = BackoffPolicy(initial=timedelta(seconds=2), maximum=timedelta(minutes=5))
     """Delay before a batch with deferred recipients is sent again."""
+    reassign: BackoffPolicy = BackoffPolicy(
+        initial=timedelta(seconds=0.5), maximum=timedelta(seconds=30)
+    )
+    """Delay before a batch lost again by a node is handed out again (the first move is
+    immediate)."""
+    max_job_age_s: float = 3 * 24 * 3600.0
+    """Recipients of a job older than this (or past its own expires_at) that are still
+    not delivered fail, keeping the last reply they got."""
     flush_interval_s: float = 0.1
     """Results are persisted to etcd at most this long after they arrive."""
     takeover_grace_s: float = 3.0
@@ -86,6 +94,8 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
             initial=timedelta(seconds=retry_initial), maximum=timedelta(seconds=retry_max)
         ),
         flush_interval_s=float(e.get("MAILER_FLUSH_INTERVAL_S", "0.1")),
+        max_job_age_s=float(e.get("MAILER_MAX_JOB_AGE_S", str(3 * 24 * 3600))),
+        takeover_grace_s=float(e.get("MAILER_TAKEOVER_GRACE_S", "3")),
         breaker_failures=int(e.get("MAILER_BREAKER_FAILURES", "5")),
         breaker_reset_s=float(e.get("MAILER_BREAKER_RESET_S", "10")),
     )

@@ -29,9 +29,9 @@ import aetcd
 from coordinator import _convert, backoff
 from coordinator.balancer import Balancer, Candidate
 from coordinator.batching import batch_id, batch_range, parse_batch_id
-from coordinator.breaker import Breaker
+from coordinator.breaker import NodeBreaker, NodeFault, Released
 from coordinator.config import CoordinatorConfig
-from coordinator.ledger import Ledger
+from coordinator.ledger import Entry, Ledger
 from coordinator.model import BatchState, Counts, JobSpec, JobState, JobStatus, Result, Status
 from coordinator.node_link import NodeLink
 from coordinator.store import Fence, JobStore, LostLeadership
@@ -54,6 +54,8 @@ class JobRuntime:
     states: dict[int, BatchState] = dataclasses.field(default_factory=dict)
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     content_pb: common_pb2.MessageContent | None = None
+    reassignments: dict[int, int] = dataclasses.field(default_factory=dict)
+    """Consecutive times a batch was lost by the node holding it, by seq."""
     duplicates: int = 0
 
     def notify(self) -> None:
@@ -69,7 +71,7 @@ class NodeEntry:
     capacity: int
     lease_id: int
     link: NodeLink
-    breaker: Breaker
+    breaker: NodeBreaker
     recipients_done: int = 0
     full_until: float = 0.0
 
@@ -105,6 +107,8 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._job_order: collections.deque[str] = collections.deque()
         self._registry_listed = False
+        self._outcomes: dict[str, asyncio.Future[None]] = {}
+        self._guards: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -153,6 +157,8 @@ class Dispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        for guard in list(self._guards):
+            guard.cancel()
         for node in list(self.nodes.values()):
             await node.link.close()
         self.nodes.clear()
@@ -289,8 +295,8 @@ class Dispatcher:
                     "batch %s: no progress from %s; reassigning", entry.batch_id, entry.node_id
                 )
                 node = self.nodes.get(entry.node_id)
+                self._resolve(entry.batch_id, NodeFault("no progress before the deadline"))
                 if node is not None:
-                    node.breaker.on_failure(now)
                     node.link.send(
                         sender_pb2.DispatchRequest(
                             cancel=sender_pb2.CancelBatch(
@@ -298,7 +304,7 @@ class Dispatcher:
                             )
                         )
                     )
-                self._requeue(entry.batch_id, now, front=True)
+                self._requeue(entry.batch_id, now, failed=True)
             next_wake = await self._dispatch_ready(now)
             deadline = self.ledger.next_deadline()
             if deadline is not None:
@@ -318,7 +324,7 @@ class Dispatcher:
                     node.link.connected
                     and node.node_id not in self.cordoned
                     and node.full_until <= now
-                    and node.breaker.admits(now)
+                    and node.breaker.admits()
                 ),
             )
             for node in self.nodes.values()
@@ -338,6 +344,9 @@ class Dispatcher:
             while job.waiting and job.waiting[0][0] <= now:
                 _, seq = heapq.heappop(job.waiting)
                 job.ready.append(seq)
+            if not job.status.state.final and now >= self._expires_at(job):
+                await self._expire(job, now)
+                continue
             if job.waiting:
                 next_wake = min(next_wake, job.waiting[0][0])
         # Highest priority first; equal priorities take turns a batch at a time.
@@ -364,11 +373,35 @@ class Dispatcher:
                 progressed = True
         return next_wake
 
-    async def _dispatch(self, job: JobRuntime, seq: int, node: NodeEntry, now: float) -> None:
+    def _expires_at(self, job: JobRuntime) -> float:
+        if job.spec.options.expires_at is not None:
+            return job.spec.options.expires_at
+        return job.spec.created_at + self.config.max_job_age_s
+
+    async def _expire(self, job: JobRuntime, now: float) -> None:
+        """Fail every recipient still waiting; each keeps the last reply it got.
+
+        Batches in flight finish their current attempt and are failed when they come back.
+        """
+        seqs = list(job.ready) + [seq for _, seq in job.waiting]
+        job.ready.clear()
+        job.waiting.clear()
+        for seq in seqs:
+            await self._state_for(job, seq)
+            self._fail_pending(job, seq, "job expired before delivery")
+            self._settle(job, seq, now, deferred=False)
+        self._job_changed(job)
+
+    async def _state_for(self, job: JobRuntime, seq: int) -> BatchState:
+        """The batch's results, loaded from etcd the first time they are needed."""
         state = job.states.get(seq)
         if state is None:
             state = await self.store.load_state(job.spec.job_id, seq) or BatchState()
             job.states[seq] = state
+        return state
+
+    async def _dispatch(self, job: JobRuntime, seq: int, node: NodeEntry, now: float) -> None:
+        state = await self._state_for(job, seq)
         first, recipients = await self.store.load_batch(job.spec.job_id, seq)
         pending = [
             sender_pb2.BatchRecipient(
@@ -410,14 +443,20 @@ class Dispatcher:
         )
         node.link.send(sender_pb2.DispatchRequest(batch=batch))
         self.ledger.add(bid, node.node_id, len(pending), now, self.config.ack_timeout_s)
-        node.breaker.on_dispatch(now)
+        self._track(node, bid)
         job.inflight.add(seq)
         self._dirty_states.add((job.spec.job_id, seq))
         if job.status.state is JobState.QUEUED:
             job.status.state = JobState.RUNNING
             self._job_changed(job)
 
-    def _requeue(self, bid: str, now: float, front: bool) -> None:
+    def _requeue(self, bid: str, now: float, failed: bool) -> None:
+        """Put a batch no node holds any more back in line.
+
+        After a failure (its node died, went silent or refused it) the first move is
+        immediate; repeated failures of the same batch wait an exponential backoff with
+        jitter, so a batch that kills nodes cannot take the whole cluster down at once.
+        """
         self._batch_released()
         job_id, seq = parse_batch_id(bid)
         job = self.jobs.get(job_id)
@@ -427,10 +466,13 @@ class Dispatcher:
         if job.status.state is JobState.CANCELLED:
             self._maybe_finish(job)
             return
-        if front:
-            job.ready.appendleft(seq)
+        moves = job.reassignments.get(seq, 0) + 1 if failed else 0
+        job.reassignments[seq] = moves
+        if moves > 1:
+            wait_s = backoff.delay(self.config.reassign, moves - 1, self.rng).total_seconds()
+            heapq.heappush(job.waiting, (now + wait_s, seq))
         else:
-            job.ready.append(seq)
+            job.ready.appendleft(seq)
         self._wake.set()
 
     def _fail_pending(self, job: JobRuntime, seq: int, reason: str) -> None:
@@ -482,6 +524,10 @@ class Dispatcher:
         if job.status.state is JobState.CANCELLED:
             self._maybe_finish(job)
             return
+        if now >= self._expires_at(job):
+            self._fail_pending(job, seq, "job expired before delivery")
+            self._settle(job, seq, now, deferred=False)
+            return
         if deferred:
             attempt = max(
                 (state.results[i].attempts for i in pending if i in state.results), default=1
@@ -496,6 +542,30 @@ class Dispatcher:
         self._dirty_states.add((job.spec.job_id, seq))
         self._wake.set()
 
+    # ---- breakers -------------------------------------------------------------------
+
+    def _track(self, node: NodeEntry, bid: str) -> None:
+        """Count the batch's fate against the node's breaker once it is known."""
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._outcomes[bid] = outcome
+        task = asyncio.create_task(node.breaker.guard(outcome), name=f"breaker-{bid}")
+        self._guards.add(task)
+        task.add_done_callback(self._guards.discard)
+
+    def _resolve(self, bid: str, error: Exception | None = None) -> None:
+        outcome = self._outcomes.pop(bid, None)
+        if outcome is None or outcome.done():
+            return
+        if error is None:
+            outcome.set_result(None)
+        else:
+            outcome.set_exception(error)
+
+    def _fail_orphans(self, orphans: list[Entry]) -> None:
+        """A node that vanished holding several batches failed once, not once per batch."""
+        for i, entry in enumerate(orphans):
+            self._resolve(entry.batch_id, NodeFault("node lost") if i == 0 else Released())
+
     # ---- node events (called by NodeLink) -------------------------------------------
 
     def on_connected(self, link: NodeLink) -> None:
@@ -503,17 +573,15 @@ class Dispatcher:
         self._wake.set()
 
     def on_disconnected(self, link: NodeLink) -> None:
-        node = self.nodes.get(link.node_id)
         now = self.clock()
         orphans = self.ledger.orphaned(link.node_id)
         if orphans:
             log.warning(
                 "node %s disconnected holding %d batches; moving them", link.node_id, len(orphans)
             )
-        if node is not None and orphans:
-            node.breaker.on_failure(now)
+        self._fail_orphans(orphans)
         for entry in orphans:
-            self._requeue(entry.batch_id, now, front=True)
+            self._requeue(entry.batch_id, now, failed=True)
 
     def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None:
         try:
@@ -550,13 +618,12 @@ class Dispatcher:
             return
         self._batch_released()
         now = self.clock()
-        node = self.nodes.get(link.node_id)
-        if node is not None:
-            node.breaker.on_success(now)
+        self._resolve(ack.batch_id)
         job_id, seq = parse_batch_id(ack.batch_id)
         job = self.jobs.get(job_id)
         if job is None:
             return
+        job.reassignments.pop(seq, None)
         state = job.states.get(seq, BatchState())
         deferred = any(r.status is Status.DEFERRED for r in state.results.values())
         self._settle(job, seq, now, deferred=deferred)
@@ -568,11 +635,13 @@ class Dispatcher:
         node = self.nodes.get(link.node_id)
         log.info("node %s rejected %s: %s", link.node_id, rejected.batch_id, rejected.reason)
         if node is not None:
-            # A full node is skipped until it reports load again; other refusals count
-            # against its breaker.
+            # A full node is skipped until it reports load again.
             node.full_until = now + 1.0
-            if "capacity" not in rejected.reason:
-                node.breaker.on_failure(now)
+        # A full node is not a faulty one; other refusals count against its breaker.
+        self._resolve(
+            rejected.batch_id,
+            Released() if "capacity" in rejected.reason else NodeFault(rejected.reason),
+        )
         if entry is not None:
             job_id, seq = parse_batch_id(rejected.batch_id)
             job = self.jobs.get(job_id)
@@ -580,7 +649,7 @@ class Dispatcher:
                 state = job.states.get(seq)
                 if state is not None and state.dispatches > 0:
                     state.dispatches -= 1  # a refusal is not a try
-            self._requeue(rejected.batch_id, now, front=True)
+            self._requeue(rejected.batch_id, now, failed="capacity" not in rejected.reason)
 
     def on_load(self, link: NodeLink) -> None:
         node = self.nodes.get(link.node_id)
@@ -631,7 +700,7 @@ class Dispatcher:
             capacity=capacity,
             lease_id=lease_id,
             link=link,
-            breaker=Breaker(self.config.breaker_failures, self.config.breaker_reset_s),
+            breaker=NodeBreaker(node_id, self.config.breaker_failures, self.config.breaker_reset_s),
         )
         link.start()
 
@@ -642,8 +711,10 @@ class Dispatcher:
         log.warning("node %s left the registry", node_id)
         await node.link.close()
         now = self.clock()
-        for entry in self.ledger.orphaned(node_id):
-            self._requeue(entry.batch_id, now, front=True)
+        orphans = self.ledger.orphaned(node_id)
+        self._fail_orphans(orphans)
+        for entry in orphans:
+            self._requeue(entry.batch_id, now, failed=True)
 
     # ---- persistence ----------------------------------------------------------------
 

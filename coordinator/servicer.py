@@ -481,7 +481,6 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         node = d.nodes.get(node_id)
         if node is None:
             raise NotFound(f"node {node_id!r} is not registered")
-        now = time.time()
         if not node.link.connected:
             state = coordinator_pb2.NODE_STATE_DISCONNECTED
         elif node_id in d.cordoned:
@@ -498,7 +497,7 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
             "closed": common_pb2.BREAKER_STATE_CLOSED,
             "open": common_pb2.BREAKER_STATE_OPEN,
             "half_open": common_pb2.BREAKER_STATE_HALF_OPEN,
-        }[node.breaker.current(now).value]
+        }[node.breaker.state().value]
         return coordinator_pb2.NodeInfo(
             node_id=node_id,
             address=node.address,

@@ -29,7 +29,11 @@ def start_cluster(base: Path, spec: ClusterSpec) -> LocalCluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Two coordinators, three nodes, one etcd, one sink; shared by a module's tests."""
-    c = start_cluster(tmp_path_factory.mktemp("cluster"), ClusterSpec())
+    c = start_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        # Mail to @tempfail.example is refused with 451, for the expiry test.
+        ClusterSpec(sink_args=("--tempfail-pattern", r"@tempfail\.example$")),
+    )
     yield c
     c.stop()
 

@@ -10,7 +10,7 @@ import collections
 import signal
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -18,6 +18,7 @@ import pytest
 
 from client_sdk import (
     Address,
+    JobOptions,
     JobState,
     MailerClient,
     MessageContent,
@@ -107,6 +108,31 @@ async def test_idempotent_resubmit_creates_no_second_job(cluster: LocalCluster) 
         assert again.job_id == first.job_id
         await client.wait(first.job_id)
     assert len(message_ids(cluster, first.job_id)) == 5
+
+
+async def test_deferred_recipients_fail_with_last_reply_when_the_job_expires(
+    cluster: LocalCluster,
+) -> None:
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_ready(client, 1)
+        # Given a job whose relay defers two recipients and which expires in 4 s
+        expires = datetime.now(UTC) + timedelta(seconds=4)
+        job = await client.submit(
+            CONTENT,
+            [*recipients(3, "ok.example"), *recipients(2, "tempfail.example")],
+            options=JobOptions(expires_at=expires),
+        )
+        final = await client.wait(job.job_id)
+        # Then the others are delivered and the deferred ones fail after expiry
+        assert final.state is JobState.COMPLETED
+        assert (final.delivered, final.failed) == (3, 2)
+        assert final.finished_at is not None and final.finished_at >= expires
+        failed = [r async for r in client.results(job.job_id, statuses=[RecipientStatus.FAILED])]
+    assert {r.email for r in failed} == {"user0@tempfail.example", "user1@tempfail.example"}
+    for r in failed:
+        assert r.reply is not None and r.reply.code == 451, r
+        assert "expired" in r.reason
+        assert r.attempts >= 2
 
 
 def _no_recipients(r: coordinator_pb2.SubmitJobRequest) -> None:

@@ -1,4 +1,4 @@
-"""Breaker, backoff and ledger: the pure pieces of reassignment, on a fake clock."""
+"""Backoff and ledger: the pure pieces of reassignment, on a fake clock."""
 
 from __future__ import annotations
 
@@ -10,68 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.backoff import BackoffPolicy, delay
-from coordinator.breaker import Breaker, State
 from coordinator.ledger import Ledger
-
-
-def test_breaker_opens_after_threshold_and_admits_one_trial() -> None:
-    b = Breaker(failure_threshold=3, reset_timeout_s=10)
-    for t in range(2):
-        b.on_failure(float(t))
-    assert b.admits(2.0)
-    b.on_failure(2.0)
-    # Open: nothing admitted until the timeout
-    assert b.current(5.0) is State.OPEN
-    assert not b.admits(11.9)
-    # Half-open: exactly one trial
-    assert b.admits(12.0)
-    b.on_dispatch(12.0)
-    assert not b.admits(12.1)
-    # The trial succeeds: closed again
-    b.on_success(13.0)
-    assert b.current(13.0) is State.CLOSED and b.admits(13.0)
-
-
-def test_breaker_trial_failure_reopens() -> None:
-    b = Breaker(failure_threshold=1, reset_timeout_s=5)
-    b.on_failure(0.0)
-    assert b.admits(5.0)
-    b.on_dispatch(5.0)
-    b.on_failure(6.0)
-    assert b.current(6.0) is State.OPEN
-    assert not b.admits(10.9)
-    assert b.admits(11.0)
-
-
-def test_breaker_success_resets_failure_count() -> None:
-    b = Breaker(failure_threshold=2, reset_timeout_s=5)
-    b.on_failure(0.0)
-    b.on_success(1.0)
-    b.on_failure(2.0)
-    assert b.current(2.0) is State.CLOSED
-
-
-@given(st.lists(st.tuples(st.sampled_from(["fail", "ok", "dispatch", "tick"]), st.floats(0, 5))))
-def test_breaker_never_goes_open_to_closed_without_half_open(
-    events: list[tuple[str, float]],
-) -> None:
-    b = Breaker(failure_threshold=2, reset_timeout_s=3)
-    now = 0.0
-    previous = b.current(now)
-    for kind, dt in events:
-        now += dt
-        seen = b.current(now)  # observing may move open -> half-open
-        assert not (previous is State.OPEN and seen is State.CLOSED)
-        previous = seen
-        if kind == "fail":
-            b.on_failure(now)
-        elif kind == "ok":
-            b.on_success(now)
-        elif kind == "dispatch":
-            b.on_dispatch(now)
-        seen = b.current(now)
-        assert not (previous is State.OPEN and seen is State.CLOSED)
-        previous = seen
 
 
 @given(st.integers(1, 200), st.integers(0, 2**32))
