@@ -47,7 +47,8 @@ class JobRuntime:
 
     spec: JobSpec
     status: JobStatus
-    open_batches: int
+    done: set[int] = dataclasses.field(default_factory=set)
+    """Batches whose every recipient is final (and whose state need not stay in memory)."""
     ready: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
     waiting: list[tuple[float, int]] = dataclasses.field(default_factory=list)
     inflight: set[int] = dataclasses.field(default_factory=set)
@@ -57,6 +58,10 @@ class JobRuntime:
     reassignments: dict[int, int] = dataclasses.field(default_factory=dict)
     """Consecutive times a batch was lost by the node holding it, by seq."""
     duplicates: int = 0
+
+    @property
+    def open_batches(self) -> int:
+        return self.spec.batch_count - len(self.done)
 
     def notify(self) -> None:
         """Wake every watcher; they pick up a fresh event for the next change."""
@@ -182,7 +187,7 @@ class Dispatcher:
     async def _resume(self, spec: JobSpec, status: JobStatus) -> None:
         states = await self.store.list_states(spec.job_id)
         counts = Counts(total=spec.total)
-        job = JobRuntime(spec=spec, status=status, open_batches=0)
+        job = JobRuntime(spec=spec, status=status)
         for seq in range(spec.batch_count):
             state = states.get(seq)
             indexes = batch_range(seq, spec.batch_size, spec.total)
@@ -192,8 +197,8 @@ class Dispatcher:
             if state is not None and all(
                 i in state.results and state.results[i].status.final for i in indexes
             ):
+                job.done.add(seq)
                 continue
-            job.open_batches += 1
             if state is not None:
                 job.states[seq] = state
                 if state.retry_at is not None:
@@ -214,7 +219,6 @@ class Dispatcher:
         job = JobRuntime(
             spec=spec,
             status=status,
-            open_batches=spec.batch_count,
             ready=collections.deque(range(spec.batch_count)),
         )
         self.jobs[spec.job_id] = job
@@ -517,7 +521,7 @@ class Dispatcher:
         indexes = batch_range(seq, job.spec.batch_size, job.spec.total)
         pending = [i for i in indexes if not (i in state.results and state.results[i].status.final)]
         if not pending:
-            job.open_batches -= 1
+            job.done.add(seq)
             self._dirty_states.add((job.spec.job_id, seq))
             self._maybe_finish(job)
             return
@@ -593,6 +597,11 @@ class Dispatcher:
             return
         now = self.clock()
         self.ledger.touch(results.batch_id, link.node_id, now)
+        if seq in job.done:
+            # Final and persisted already (e.g. replayed after a leader change); a fresh
+            # state here would overwrite the stored one.
+            return
+        # Not in memory and not done means nothing of it was ever persisted.
         state = job.states.setdefault(seq, BatchState())
         node = self.nodes.get(link.node_id)
         applied = 0
