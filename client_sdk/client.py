@@ -519,6 +519,35 @@ class MailerClient:
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
+    async def retry_failed(
+        self,
+        job_id: str,
+        *,
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> tuple[Job, int]:
+        """Queue again the recipients that failed transiently or ambiguously.
+
+        Recipients refused with a 5xx reply are never retried. Returns the job (running
+        again when anything was queued) and how many recipients were queued. Retried on
+        UNAVAILABLE: a repeat finds nothing more to queue, so it is safe.
+
+        Example::
+
+            job, queued = await client.retry_failed(job.job_id)
+            final = await client.wait(job.job_id)
+
+        Raises:
+            NotFoundError: No such job.
+            FailedPreconditionError: The job was cancelled.
+        """
+        req = coordinator_pb2.RetryFailedRequest(job_id=job_id)
+
+        async def attempt(stubs: _Stubs, t: float) -> tuple[Job, int]:
+            response = await stubs.mailer.RetryFailed(req, timeout=t)
+            return _convert.job_from_pb(response.job), response.requeued
+
+        return await self._call(attempt, idempotent=True, timeout=timeout)
+
     async def watch(
         self, job_id: str, *, stream_timeout: timedelta | None = None
     ) -> AsyncIterator[JobProgress]:

@@ -334,6 +334,21 @@ class SyncMailerClient:
             timeout=timeout,
         )
 
+    def retry_failed(self, job_id: str, *, timeout: timedelta | None = None) -> tuple[Job, int]:
+        """Queue again the recipients that failed transiently or ambiguously; see
+        :meth:`MailerClient.retry_failed`.
+
+        Raises:
+            NotFoundError: No such job.
+        """
+        req = coordinator_pb2.RetryFailedRequest(job_id=job_id)
+
+        def attempt(s: _Stubs, t: float) -> tuple[Job, int]:
+            response = s.mailer.RetryFailed(req, timeout=t)
+            return _convert.job_from_pb(response.job), int(response.requeued)
+
+        return self._call(attempt, idempotent=True, timeout=timeout)
+
     def watch(
         self, job_id: str, *, stream_timeout: timedelta | None = None
     ) -> Iterator[JobProgress]:

@@ -31,6 +31,7 @@ from coordinator.balancer import Balancer, Candidate
 from coordinator.batching import batch_id, batch_range, parse_batch_id
 from coordinator.breaker import NodeBreaker, NodeFault, Released
 from coordinator.config import CoordinatorConfig
+from coordinator.errors import Conflict, NotFound
 from coordinator.ledger import Entry, Ledger
 from coordinator.model import BatchState, Counts, JobSpec, JobState, JobStatus, Result, Status
 from coordinator.node_link import NodeLink
@@ -184,7 +185,9 @@ class Dispatcher:
             log.exception("dispatcher task crashed; stepping down")
             self.lost.set()
 
-    async def _resume(self, spec: JobSpec, status: JobStatus) -> None:
+    async def _resume(self, spec: JobSpec, status: JobStatus, reopen: bool = False) -> JobRuntime:
+        """Rebuild a job's runtime from etcd. With reopen, a finished job is loaded
+        too (to retry its failures); otherwise a job found complete is finished."""
         states = await self.store.list_states(spec.job_id)
         counts = Counts(total=spec.total)
         job = JobRuntime(spec=spec, status=status)
@@ -208,9 +211,10 @@ class Dispatcher:
         status.counts = counts
         self.jobs[spec.job_id] = job
         self._job_order.append(spec.job_id)
-        if job.open_batches == 0:
+        if job.open_batches == 0 and not reopen:
             self._maybe_finish(job)
         self._dirty_jobs.add(spec.job_id)
+        return job
 
     # ---- jobs -----------------------------------------------------------------------
 
@@ -225,6 +229,67 @@ class Dispatcher:
         self._job_order.append(spec.job_id)
         self._wake.set()
         return job
+
+    async def retry_failed(self, job_id: str) -> tuple[JobRuntime, int]:
+        """Queue again the recipients that failed for a transient or ambiguous reason.
+
+        A recipient qualifies when it FAILED without a 5xx reply: out of attempts on
+        4xx or connection errors, expired, or given up after repeated node losses.
+        Returns the job and how many recipients were queued.
+
+        Raises:
+            NotFound: no such job.
+            Conflict: the job was cancelled.
+        """
+        job = self.jobs.get(job_id)
+        if job is None:
+            spec = await self.store.load_spec(job_id)
+            status = await self.store.load_status(job_id)
+            if spec is None or status is None:
+                raise NotFound(f"job {job_id!r} not found")
+            job = await self._resume(spec, status, reopen=True)
+        if job.status.state is JobState.CANCELLED:
+            raise Conflict(f"job {job_id!r} was cancelled")
+        requeued = 0
+        for seq in range(job.spec.batch_count):
+            if seq in job.inflight:
+                continue
+            state = await self._state_for(job, seq)
+            again = [
+                i
+                for i, r in state.results.items()
+                if r.status is Status.FAILED and not 500 <= r.code < 600
+            ]
+            for i in again:
+                job.status.counts.add(Status.FAILED, -1)
+                del state.results[i]
+            if not again:
+                if seq in job.done and (job_id, seq) not in self._dirty_states:
+                    del job.states[seq]  # loaded only to look; stays done
+                continue
+            requeued += len(again)
+            state.dispatches = 0
+            state.retry_at = None
+            job.reassignments.pop(seq, None)
+            self._dirty_states.add((job_id, seq))
+            if seq in job.done:
+                job.done.discard(seq)
+                job.ready.append(seq)
+        if requeued:
+            job.status.state = JobState.RUNNING
+            job.status.finished_at = None
+            if job_id not in self._job_order:
+                self._job_order.append(job_id)
+            self._wake.set()
+        self._job_changed(job)
+        return job, requeued
+
+    async def settled(self, job: JobRuntime) -> None:
+        """Wait until no node holds a batch of job (after a pause or cancel, every node
+        has acknowledged and no new SMTP transaction of the job starts). The caller's
+        deadline bounds the wait."""
+        while job.inflight:
+            await self._released.wait()
 
     def pause(self, job: JobRuntime) -> None:
         if job.status.state.final or job.status.state is JobState.PAUSED:

@@ -10,6 +10,7 @@ one table in :mod:`coordinator.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -106,6 +107,18 @@ async def _handle(
     except Exception as exc:
         await _abort(context, exc)
         raise AssertionError("unreachable: abort raises") from exc
+
+
+async def _until_settled(
+    d: Dispatcher, job: JobRuntime, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    """Wait (within the call's deadline, 30 s at most) until every node holding one of
+    the job's batches has stopped it and said so."""
+    remaining = context.time_remaining()
+    limit = 30.0 if remaining is None else max(0.0, min(30.0, remaining - 0.5))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(limit):
+            await d.settled(job)
 
 
 def new_job_id(now: float) -> str:
@@ -363,6 +376,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             spec, status, job = await self._runtime_or_load(d, request.job_id)
             if job is not None:
                 d.cancel(job)
+                await _until_settled(d, job, context)
                 await d.flushed()
             return coordinator_pb2.CancelJobResponse(job=_convert.job_to(spec, status))
 
@@ -394,6 +408,23 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                 if spec is not None:
                     page.append(_convert.job_to(spec, status, with_content=False))
             return coordinator_pb2.ListJobsResponse(jobs=page, next_page_token=next_token)
+
+        return await _handle(context, call)
+
+    async def RetryFailed(
+        self,
+        request: coordinator_pb2.RetryFailedRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.RetryFailedResponse:
+        async def call() -> coordinator_pb2.RetryFailedResponse:
+            d = await self._role.leader()
+            if not request.job_id or "/" in request.job_id:
+                raise NotFound(f"job {request.job_id!r} not found")
+            job, requeued = await d.retry_failed(request.job_id)
+            await d.flushed()
+            return coordinator_pb2.RetryFailedResponse(
+                job=_convert.job_to(job.spec, job.status), requeued=requeued
+            )
 
         return await _handle(context, call)
 
@@ -581,7 +612,10 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         return await _handle(context, call)
 
     async def _job_control(
-        self, job_id: str, action: Callable[[Dispatcher, JobRuntime], None]
+        self,
+        job_id: str,
+        action: Callable[[Dispatcher, JobRuntime], None],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.Job:
         d = await self._role.leader()
         job = d.jobs.get(job_id)
@@ -591,6 +625,8 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
                 raise NotFound(f"job {job_id!r} not found")
             raise Conflict(f"job {job_id!r} has finished")
         action(d, job)
+        if job.status.state is JobState.PAUSED:
+            await _until_settled(d, job, context)
         await d.flushed()
         return _convert.job_to(job.spec, job.status)
 
@@ -598,7 +634,7 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         self, request: coordinator_pb2.PauseJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.PauseJobResponse:
         async def call() -> coordinator_pb2.PauseJobResponse:
-            job = await self._job_control(request.job_id, lambda d, j: d.pause(j))
+            job = await self._job_control(request.job_id, lambda d, j: d.pause(j), context)
             return coordinator_pb2.PauseJobResponse(job=job)
 
         return await _handle(context, call)
@@ -607,7 +643,7 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         self, request: coordinator_pb2.ResumeJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ResumeJobResponse:
         async def call() -> coordinator_pb2.ResumeJobResponse:
-            job = await self._job_control(request.job_id, lambda d, j: d.resume(j))
+            job = await self._job_control(request.job_id, lambda d, j: d.resume(j), context)
             return coordinator_pb2.ResumeJobResponse(job=job)
 
         return await _handle(context, call)

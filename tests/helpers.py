@@ -35,3 +35,15 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not reached within {timeout_s}s")
         time.sleep(0.05)
+
+
+async def assert_stays(
+    check: Callable[[], bool], for_s: float, interval_s: float = 0.05, message: str = "condition"
+) -> None:
+    """Poll check for for_s seconds; fail as soon as it is false (something that must
+    not happen, e.g. mail after a pause, did)."""
+    deadline = time.monotonic() + for_s
+    while time.monotonic() < deadline:
+        if not check():
+            raise AssertionError(f"{message} stopped holding")
+        await asyncio.sleep(interval_s)

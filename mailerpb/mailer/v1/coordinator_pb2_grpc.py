@@ -72,6 +72,11 @@ class MailerServiceStub:
                 request_serializer=mailer_dot_v1_dot_coordinator__pb2.ListJobResultsRequest.SerializeToString,
                 response_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListJobResultsResponse.FromString,
                 _registered_method=True)
+        self.RetryFailed = channel.unary_unary(
+                '/mailer.v1.MailerService/RetryFailed',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.FromString,
+                _registered_method=True)
 
 
 class MailerServiceServicer:
@@ -131,6 +136,15 @@ class MailerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryFailed(self, request, context):
+        """Queues again the recipients of a job that failed for a transient or ambiguous
+        reason (out of attempts on 4xx or connection errors, expired, no node finished
+        them). Permanent refusals (5xx) are never retried. The job runs again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +182,11 @@ def add_MailerServiceServicer_to_server(servicer, server):
                     servicer.ListJobResults,
                     request_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListJobResultsRequest.FromString,
                     response_serializer=mailer_dot_v1_dot_coordinator__pb2.ListJobResultsResponse.SerializeToString,
+            ),
+            'RetryFailed': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryFailed,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -372,6 +391,33 @@ class MailerService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def RetryFailed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/RetryFailed',
+            mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AdminServiceStub:
     """Operator API, served by the leader coordinator.
@@ -469,7 +515,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PauseJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Pauses a job: returns once every node holding its batches has stopped them
+        (transactions under way finish; no new one starts).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -55,6 +55,11 @@ class MailerServiceStub:
     """Cancels a job: recipients not yet sent end as cancelled."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListJobsRequest, _coordinator_pb2.ListJobsResponse]
     ListJobResults: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListJobResultsRequest, _coordinator_pb2.ListJobResultsResponse]
+    RetryFailed: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RetryFailedRequest, _coordinator_pb2.RetryFailedResponse]
+    """Queues again the recipients of a job that failed for a transient or ambiguous
+    reason (out of attempts on 4xx or connection errors, expired, no node finished
+    them). Permanent refusals (5xx) are never retried. The job runs again.
+    """
 
 @_typing.type_check_only
 class MailerServiceAsyncStub(MailerServiceStub):
@@ -83,6 +88,11 @@ class MailerServiceAsyncStub(MailerServiceStub):
     """Cancels a job: recipients not yet sent end as cancelled."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListJobsRequest, _coordinator_pb2.ListJobsResponse]  # type: ignore[assignment]
     ListJobResults: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListJobResultsRequest, _coordinator_pb2.ListJobResultsResponse]  # type: ignore[assignment]
+    RetryFailed: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RetryFailedRequest, _coordinator_pb2.RetryFailedResponse]  # type: ignore[assignment]
+    """Queues again the recipients of a job that failed for a transient or ambiguous
+    reason (out of attempts on 4xx or connection errors, expired, no node finished
+    them). Permanent refusals (5xx) are never retried. The job runs again.
+    """
 
 class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client API, served by the leader coordinator. A standby answers
@@ -151,6 +161,17 @@ class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.ListJobResultsResponse, _abc.Awaitable[_coordinator_pb2.ListJobResultsResponse]]: ...
 
+    @_abc_1.abstractmethod
+    def RetryFailed(
+        self,
+        request: _coordinator_pb2.RetryFailedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RetryFailedResponse, _abc.Awaitable[_coordinator_pb2.RetryFailedResponse]]:
+        """Queues again the recipients of a job that failed for a transient or ambiguous
+        reason (out of attempts on 4xx or connection errors, expired, no node finished
+        them). Permanent refusals (5xx) are never retried. The job runs again.
+        """
+
 def add_MailerServiceServicer_to_server(servicer: MailerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class AdminServiceStub:
@@ -170,6 +191,9 @@ class AdminServiceStub:
     ResetBreaker: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ResetBreakerRequest, _coordinator_pb2.ResetBreakerResponse]
     """Closes the coordinator's circuit breaker for a node."""
     PauseJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.PauseJobRequest, _coordinator_pb2.PauseJobResponse]
+    """Pauses a job: returns once every node holding its batches has stopped them
+    (transactions under way finish; no new one starts).
+    """
     ResumeJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ResumeJobRequest, _coordinator_pb2.ResumeJobResponse]
 
 @_typing.type_check_only
@@ -187,6 +211,9 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ResetBreaker: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ResetBreakerRequest, _coordinator_pb2.ResetBreakerResponse]  # type: ignore[assignment]
     """Closes the coordinator's circuit breaker for a node."""
     PauseJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.PauseJobRequest, _coordinator_pb2.PauseJobResponse]  # type: ignore[assignment]
+    """Pauses a job: returns once every node holding its batches has stopped them
+    (transactions under way finish; no new one starts).
+    """
     ResumeJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ResumeJobRequest, _coordinator_pb2.ResumeJobResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -242,7 +269,10 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _coordinator_pb2.PauseJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_coordinator_pb2.PauseJobResponse, _abc.Awaitable[_coordinator_pb2.PauseJobResponse]]: ...
+    ) -> _typing.Union[_coordinator_pb2.PauseJobResponse, _abc.Awaitable[_coordinator_pb2.PauseJobResponse]]:
+        """Pauses a job: returns once every node holding its batches has stopped them
+        (transactions under way finish; no new one starts).
+        """
 
     @_abc_1.abstractmethod
     def ResumeJob(

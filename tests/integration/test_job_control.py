@@ -1,0 +1,172 @@
+"""Job control against a running cluster: pause/resume, cancel, retry_failed.
+
+The relay here takes 20 ms per message so jobs are still running when we act on them;
+it refuses @reject.example with 550 and @tempfail.example with 451.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import pytest
+
+from client_sdk import (
+    Address,
+    FailedPreconditionError,
+    JobState,
+    MailerClient,
+    MessageContent,
+    NodeState,
+    Recipient,
+    RecipientStatus,
+)
+from mailers.cluster import ClusterSpec, LocalCluster
+from tests.helpers import assert_eventually, assert_stays
+from tests.integration.conftest import start_cluster
+
+pytestmark = pytest.mark.integration
+
+CONTENT = MessageContent(sender=Address("ops@example.com"), subject="Hi", text_body="Hello")
+
+
+@pytest.fixture(scope="module")
+def slow_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(
+        tmp_path_factory.mktemp("jobctl"),
+        ClusterSpec(
+            sink_args=(
+                "--delay-ms", "20",
+                "--reject-pattern", r"@reject\.example$",
+                "--tempfail-pattern", r"@tempfail\.example$",
+            ),
+            coordinator_env={"MAILER_MAX_ATTEMPTS": "2", "MAILER_RETRY_INITIAL_S": "0.3"},
+            node_env={"MAILER_SMTP_CONNECTIONS": "2"},
+        ),
+    )  # fmt: skip
+    yield c
+    c.stop()
+
+
+def _ids(cluster: LocalCluster, job_id: str) -> collections.Counter[str]:
+    return collections.Counter(
+        str(line["message_id"])
+        for line in cluster.delivered()
+        if str(line["message_id"]).startswith(f"<{job_id}.")
+    )
+
+
+async def _ready(client: MailerClient) -> None:
+    async def ready() -> bool:
+        try:
+            return sum(n.state is NodeState.ACTIVE for n in await client.list_nodes()) == 3
+        except Exception:
+            return False
+
+    await assert_eventually(ready, timeout_s=60, message="3 nodes connected")
+
+
+async def test_pause_stops_sending_on_every_node_and_resume_continues(
+    slow_cluster: LocalCluster,
+) -> None:
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        job = await client.submit(CONTENT, [Recipient(f"p{i}@pause.example") for i in range(1200)])
+
+        async def started() -> bool:
+            return (await client.get(job.job_id)).progress.delivered >= 100
+
+        await assert_eventually(started, timeout_s=60, message="100 delivered")
+        # When the job is paused
+        t0 = time.monotonic()
+        paused = await client.pause(job.job_id)
+        pause_s = time.monotonic() - t0
+        assert paused.state is JobState.PAUSED
+        # Then every node has stopped it when the call returns (within 2 s) ...
+        assert pause_s < 2.0, pause_s
+        nodes = await client.list_nodes()
+        assert all(n.batches_in_flight == 0 for n in nodes), nodes
+        # ... and nothing more of it reaches the relay
+        at_pause = sum(_ids(slow_cluster, job.job_id).values())
+        await assert_stays(
+            lambda: sum(_ids(slow_cluster, job.job_id).values()) == at_pause,
+            for_s=2.0,
+            message="no message of a paused job reaches the relay",
+        )
+        assert at_pause < 1200
+        # When it is resumed, it completes with each recipient delivered once
+        resumed = await client.resume(job.job_id)
+        assert resumed.state in (JobState.RUNNING, JobState.QUEUED)
+        final = await client.wait(job.job_id)
+    assert final.state is JobState.COMPLETED and final.delivered == 1200
+    ids = _ids(slow_cluster, job.job_id)
+    assert len(ids) == 1200 and max(ids.values()) == 1
+    print(f"pause acknowledged by every node in {pause_s:.2f}s")
+
+
+async def test_cancel_ends_unsent_recipients_as_cancelled(slow_cluster: LocalCluster) -> None:
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        job = await client.submit(CONTENT, [Recipient(f"c{i}@cancel.example") for i in range(1200)])
+
+        async def started() -> bool:
+            return (await client.get(job.job_id)).progress.delivered >= 50
+
+        await assert_eventually(started, timeout_s=60, message="50 delivered")
+        await client.cancel(job.job_id)
+        final = await client.wait(job.job_id)
+        statuses = collections.Counter([r.status async for r in client.results(job.job_id)])
+    assert final.state is JobState.CANCELLED
+    assert final.delivered + final.cancelled + final.failed == 1200
+    assert final.cancelled > 0
+    assert statuses[RecipientStatus.DELIVERED] == final.delivered
+    assert statuses[RecipientStatus.CANCELLED] == final.cancelled
+    # Every delivered recipient reached the relay; nothing cancelled did afterwards
+    assert len(_ids(slow_cluster, job.job_id)) == final.delivered
+    with pytest.raises(FailedPreconditionError):
+        await client.retry_failed(job.job_id)
+
+
+async def test_retry_failed_resends_only_transient_failures(slow_cluster: LocalCluster) -> None:
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        recipients = [
+            *(Recipient(f"ok{i}@fine.example") for i in range(20)),
+            *(Recipient(f"gone{i}@reject.example") for i in range(3)),
+            *(Recipient(f"later{i}@tempfail.example") for i in range(4)),
+        ]
+        job = await client.submit(CONTENT, recipients)
+        first = await client.wait(job.job_id)
+        assert (first.delivered, first.failed) == (20, 7)
+        before = {r.email: r async for r in client.results(job.job_id)}
+        assert all(
+            before[f"later{i}@tempfail.example"].reply.code == 451  # type: ignore[union-attr]
+            for i in range(4)
+        )
+        # When the failures are retried
+        retried_at = datetime.now(UTC)
+        again, queued = await client.retry_failed(job.job_id)
+        # Then only the four 451 failures are queued; the 550s are not
+        assert queued == 4
+        assert again.state is JobState.RUNNING
+        second = await client.wait(job.job_id)
+        after = {r.email: r async for r in client.results(job.job_id)}
+    assert (second.delivered, second.failed) == (20, 7)
+    for email, result in after.items():
+        if email.endswith("@tempfail.example"):
+            assert result.updated_at is not None and result.updated_at > retried_at, result
+            assert result.attempts == 2 and result.reply is not None and result.reply.code == 451
+        else:
+            assert result == before[email], f"{email} must not be sent again"
+    ids = _ids(slow_cluster, job.job_id)
+    assert len(ids) == 20 and max(ids.values()) == 1
+
+
+async def test_retry_failed_of_unknown_job_is_not_found(slow_cluster: LocalCluster) -> None:
+    from client_sdk import NotFoundError
+
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        with pytest.raises(NotFoundError):
+            await client.retry_failed("0000-nope")
