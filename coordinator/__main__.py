@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
 
 from coordinator.config import from_env
 from coordinator.server import serve
+from mailers import logs
 
 
 async def _main() -> None:
@@ -22,10 +22,8 @@ async def _main() -> None:
 
 
 def main() -> int:
-    logging.basicConfig(
-        level=os.environ.get("MAILER_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s coordinator[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    logs.setup(
+        "coordinator", os.environ.get("MAILER_COORDINATOR_ID") or str(os.getpid()), os.environ
     )
     try:
         import uvloop

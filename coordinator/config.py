@@ -23,6 +23,8 @@ class CoordinatorConfig:
     """Address clients are redirected to when this coordinator leads; defaults to listen."""
     coordinator_id: str = ""
     """Stable name in logs and cluster status; defaults to <host>-<pid>."""
+    metrics_listen: str = ""
+    """host:port of the Prometheus exporter; empty disables it."""
     etcd_prefix: str = "/mailers"
     election_ttl_s: int = 5
     """Lease TTL of the election key: a dead leader is replaced within about this long."""
@@ -85,6 +87,7 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
         advertise=e.get("MAILER_ADVERTISE", ""),
         coordinator_id=e.get("MAILER_COORDINATOR_ID", ""),
         etcd_prefix=e.get("MAILER_ETCD_PREFIX", "/mailers"),
+        metrics_listen=e.get("MAILER_METRICS_LISTEN", ""),
         election_ttl_s=int(e.get("MAILER_ELECTION_TTL_S", "5")),
         batch_size=int(e.get("MAILER_BATCH_SIZE", "50")),
         ack_timeout_s=float(e.get("MAILER_ACK_TIMEOUT_S", "30")),

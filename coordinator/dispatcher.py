@@ -33,6 +33,7 @@ from coordinator.breaker import NodeBreaker, NodeFault, Released
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import Conflict, NotFound
 from coordinator.ledger import Entry, Ledger
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import BatchState, Counts, JobSpec, JobState, JobStatus, Result, Status
 from coordinator.node_link import NodeLink
 from coordinator.store import Fence, JobStore, LostLeadership
@@ -91,6 +92,7 @@ class Dispatcher:
         fence: Fence,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        metrics: CoordinatorMetrics | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -99,6 +101,7 @@ class Dispatcher:
         self.store = JobStore(client, keys, fence)
         self.clock = clock
         self.rng = rng or random.Random()
+        self.metrics = metrics or CoordinatorMetrics()
         self.jobs: dict[str, JobRuntime] = {}
         self.nodes: dict[str, NodeEntry] = {}
         self.cordoned: set[str] = set()
@@ -373,14 +376,25 @@ class Dispatcher:
                             )
                         )
                     )
-                self._requeue(entry.batch_id, now, failed=True)
+                self._requeue(entry.batch_id, now, failed=True, reason="deadline")
             next_wake = await self._dispatch_ready(now)
+            self._update_gauges()
             deadline = self.ledger.next_deadline()
             if deadline is not None:
                 next_wake = min(next_wake, deadline)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), max(0.01, next_wake - self.clock()))
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.queue_batches.labels("ready").set(sum(len(j.ready) for j in self.jobs.values()))
+        m.queue_batches.labels("waiting").set(sum(len(j.waiting) for j in self.jobs.values()))
+        m.queue_batches.labels("in_flight").set(len(self.ledger))
+        m.jobs_active.set(sum(1 for j in self.jobs.values() if not j.status.state.final))
+        m.nodes_connected.set(sum(1 for n in self.nodes.values() if n.link.connected))
+        for node in self.nodes.values():
+            m.set_breaker(node.node_id, node.breaker.state().value)
 
     def _candidates(self, now: float) -> list[Candidate]:
         return [
@@ -512,6 +526,7 @@ class Dispatcher:
         )
         node.link.send(sender_pb2.DispatchRequest(batch=batch))
         self.ledger.add(bid, node.node_id, len(pending), now, self.config.ack_timeout_s)
+        self.metrics.batches_dispatched.labels(node.node_id).inc()
         self._track(node, bid)
         job.inflight.add(seq)
         self._dirty_states.add((job.spec.job_id, seq))
@@ -519,7 +534,7 @@ class Dispatcher:
             job.status.state = JobState.RUNNING
             self._job_changed(job)
 
-    def _requeue(self, bid: str, now: float, failed: bool) -> None:
+    def _requeue(self, bid: str, now: float, failed: bool, reason: str = "") -> None:
         """Put a batch no node holds any more back in line.
 
         After a failure (its node died, went silent or refused it) the first move is
@@ -527,6 +542,8 @@ class Dispatcher:
         jitter, so a batch that kills nodes cannot take the whole cluster down at once.
         """
         self._batch_released()
+        if reason:
+            self.metrics.reassignments.labels(reason).inc()
         job_id, seq = parse_batch_id(bid)
         job = self.jobs.get(job_id)
         if job is None:
@@ -572,6 +589,7 @@ class Dispatcher:
             replayed = old.node_id == new.node_id and old.updated_at == new.updated_at
             if old.status is Status.DELIVERED and new.status is Status.DELIVERED and not replayed:
                 job.duplicates += 1
+                self.metrics.duplicates.inc()
             return False
         if old is not None:
             job.status.counts.add(old.status, -1)
@@ -650,7 +668,7 @@ class Dispatcher:
             )
         self._fail_orphans(orphans)
         for entry in orphans:
-            self._requeue(entry.batch_id, now, failed=True)
+            self._requeue(entry.batch_id, now, failed=True, reason="node_lost")
 
     def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None:
         try:
@@ -680,6 +698,9 @@ class Dispatcher:
                 result.reason = f"gave up after {result.attempts} attempts; last: {last}"
             if self._apply(job, state, index, result):
                 applied += 1
+                self.metrics.recipients.labels(result.status.value).inc()
+                if result.code:
+                    self.metrics.smtp_replies.labels(str(result.code)).inc()
                 if node is not None and result.status.final:
                     node.recipients_done += 1
         if applied:
@@ -692,6 +713,7 @@ class Dispatcher:
             return
         self._batch_released()
         now = self.clock()
+        self.metrics.batch_ack_seconds.observe(max(0.0, now - entry.dispatched_at))
         self._resolve(ack.batch_id)
         job_id, seq = parse_batch_id(ack.batch_id)
         job = self.jobs.get(job_id)
@@ -723,7 +745,9 @@ class Dispatcher:
                 state = job.states.get(seq)
                 if state is not None and state.dispatches > 0:
                     state.dispatches -= 1  # a refusal is not a try
-            self._requeue(rejected.batch_id, now, failed="capacity" not in rejected.reason)
+            self._requeue(
+                rejected.batch_id, now, failed="capacity" not in rejected.reason, reason="rejected"
+            )
 
     def on_load(self, link: NodeLink) -> None:
         node = self.nodes.get(link.node_id)
@@ -788,7 +812,7 @@ class Dispatcher:
         orphans = self.ledger.orphaned(node_id)
         self._fail_orphans(orphans)
         for entry in orphans:
-            self._requeue(entry.batch_id, now, failed=True)
+            self._requeue(entry.batch_id, now, failed=True, reason="node_left")
 
     # ---- persistence ----------------------------------------------------------------
 

@@ -17,12 +17,14 @@ from typing import Any
 import aetcd
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatcher import Dispatcher
 from coordinator.election import Election, LeadershipUnavailable
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import AdminServicer, MailerServicer, Role
-from mailerpb.mailer.v1 import coordinator_pb2_grpc
+from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers.etcd import Keys, Session, connect
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,20 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
     coordinator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(role), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # Reflection lets grpcurl-style tools discover the API without the protos.
+    reflection.enable_server_reflection(
+        [
+            coordinator_pb2.DESCRIPTOR.services_by_name["MailerService"].full_name,
+            coordinator_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
     await _set_health(health_servicer, False)
+    metrics = CoordinatorMetrics()
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
     server.add_insecure_port(config.listen)
     await server.start()
     log.info("coordinator %s listening on %s", config.name, config.listen)
@@ -71,7 +86,7 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
     try:
         while not stop.is_set():
             try:
-                await _term(config, client, keys, role, health_servicer, stop_task)
+                await _term(config, client, keys, role, health_servicer, stop_task, metrics)
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
@@ -93,6 +108,7 @@ async def _term(
     role: Role,
     health_servicer: health.aio.HealthServicer,
     stop_task: asyncio.Future[Any],
+    metrics: CoordinatorMetrics,
 ) -> None:
     """One session: campaign, lead until something ends it, then clean up."""
     session = Session(client, config.election_ttl_s)
@@ -111,10 +127,12 @@ async def _term(
                 await campaign
             return
         fence = campaign.result()
-        dispatcher = Dispatcher(config, client, keys, fence)
+        dispatcher = Dispatcher(config, client, keys, fence, metrics=metrics)
         await dispatcher.start()
         role.dispatcher = dispatcher
         await _set_health(health_servicer, True)
+        metrics.leader.set(1)
+        metrics.leader_changes.labels("elected").inc()
         lost_task = asyncio.ensure_future(dispatcher.lost.wait())
         try:
             await _first(lost_task, done_task, stop_task)
@@ -132,6 +150,8 @@ async def _term(
         role.dispatcher = None
         await _set_health(health_servicer, False)
         if dispatcher is not None:
+            metrics.leader.set(0)
+            metrics.leader_changes.labels("stepped_down").inc()
             await dispatcher.stop()
         done_task.cancel()
         await session.close(revoke=True)

@@ -19,9 +19,11 @@ import sys
 import grpc
 
 from mailerpb.mailer.v1 import sender_pb2_grpc
+from mailers import logs
 from mailers.etcd import Keys, connect
 from sender_node.config import SenderConfig, from_env
 from sender_node.errors import ConfigError
+from sender_node.metrics import NodeMetrics
 from sender_node.registration import Registration
 from sender_node.servicer import SenderServicer
 from sender_node.smtp_client import RelayPool
@@ -71,6 +73,9 @@ async def run(config: SenderConfig, stop: asyncio.Event) -> None:
         timeout_s=config.smtp.timeout_s,
         helo_name=config.smtp.helo_name,
     )
+    metrics = NodeMetrics()
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
     registration = Registration(
         etcd,
         Keys(config.etcd.prefix),
@@ -78,6 +83,7 @@ async def run(config: SenderConfig, stop: asyncio.Event) -> None:
         capacity=config.capacity,
         ttl_s=config.etcd.lease_ttl_s,
         margin_s=config.etcd.trust_margin_s,
+        metrics=metrics,
     )
     servicer = SenderServicer(
         node_id=config.node_id,
@@ -85,6 +91,7 @@ async def run(config: SenderConfig, stop: asyncio.Event) -> None:
         mailer=pool,
         capacity=config.capacity,
         concurrency=config.smtp.connections_per_relay,
+        metrics=metrics,
     )
     server = grpc.aio.server(options=SERVER_OPTIONS)
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
@@ -108,27 +115,6 @@ async def run(config: SenderConfig, stop: asyncio.Event) -> None:
         log.info("stopped")
 
 
-class _NodeIdFilter(logging.Filter):
-    def __init__(self, node_id: str) -> None:
-        super().__init__()
-        self._node_id = node_id
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.node_id = self._node_id
-        return True
-
-
-def _configure_logging(config: SenderConfig) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_NodeIdFilter(config.node_id))
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s [%(node_id)s] %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.log_level.upper())
-
-
 async def _main(config: SenderConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -144,7 +130,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"sender_node: {exc}", file=sys.stderr)
         return 2
-    _configure_logging(config)
+    logs.setup("node", config.node_id, os.environ)
     asyncio.run(_main(config))
     return 0
 

@@ -16,7 +16,8 @@ Variables (defaults in brackets):
 - ``MAILER_CAPACITY`` [400]: recipients held at once.
 - ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP command.
 - ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may finish.
-- ``MAILER_LOG_LEVEL`` [``INFO``]
+- ``MAILER_METRICS_LISTEN`` [empty: off]: ``host:port`` of the Prometheus exporter.
+- ``MAILER_LOG_LEVEL`` [``INFO``]; ``MAILER_LOG_FORMAT`` [``text``] or ``json``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ class SenderConfig:
     """Address the coordinator dials; ``None`` means the bound listen address."""
     capacity: int = 400
     """Recipients the node holds at once; batches beyond it are rejected."""
+    metrics_listen: str = ""
+    """host:port of the Prometheus exporter (``MAILER_METRICS_LISTEN``); empty disables it."""
     drain_timeout_s: float = 10.0
     """On SIGTERM, how long in-flight batches may run before they are dropped."""
     log_level: str = "INFO"
@@ -200,6 +203,7 @@ def from_env(
     return SenderConfig(
         node_id=environ.get("MAILER_NODE_ID", "").strip() or f"node-{host}-{process_id}",
         listen=environ.get("MAILER_LISTEN", "").strip() or "127.0.0.1:0",
+        metrics_listen=environ.get("MAILER_METRICS_LISTEN", "").strip(),
         advertise=environ.get("MAILER_ADVERTISE", "").strip() or None,
         etcd=etcd,
         smtp=smtp,

@@ -31,6 +31,7 @@ from typing import Any
 import aetcd
 
 from mailers.etcd import Keys
+from sender_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,9 @@ class Registration:
         retry_delay_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: NodeMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or NodeMetrics()
         if not 0 <= margin_s < ttl_s:
             raise ValueError("margin_s must be below ttl_s")
         self._client = client
@@ -205,6 +208,7 @@ class Registration:
             self._session = session
             self._done = session.done
             self._registered.set()
+            self._metrics.registrations.inc()
             log.info("registered %s under lease %x", self._key.decode(), session.lease.id)
             reason = await self._keep_alive(session)
             if self._stopping:
@@ -282,6 +286,7 @@ class Registration:
                 async with asyncio.timeout(deadline - sent):
                     reply = await session.lease.refresh()
             except Exception as exc:  # any failed refresh is retried until the deadline
+                self._metrics.lease_renewals.labels("error").inc()
                 log.warning("lease refresh failed: %s", exc or type(exc).__name__)
                 next_refresh = self._clock() + min(self._retry_delay_s, session.ttl_s / 6)
                 continue
@@ -289,7 +294,9 @@ class Registration:
                 next_refresh = self._clock() + min(self._retry_delay_s, session.ttl_s / 6)
                 continue
             if reply.TTL <= 0:
+                self._metrics.lease_renewals.labels("expired").inc()
                 return "the lease expired or was revoked"
+            self._metrics.lease_renewals.labels("ok").inc()
             session.last_ok_s = sent
             session.ttl_s = float(reply.TTL)
             next_refresh = sent + session.ttl_s / 3

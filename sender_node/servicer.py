@@ -46,6 +46,7 @@ import grpc
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from sender_node.classify import LoadStats, Outcome, classify
 from sender_node.errors import RenderError
+from sender_node.metrics import NodeMetrics
 from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
 from sender_node.smtp_client import RelayInfo, SendOutcome
 
@@ -242,8 +243,11 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         template_cache_jobs: int = 64,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self._node_id = node_id
+        self._metrics = metrics or NodeMetrics()
+        self._metrics.in_flight.set_function(lambda: self._in_flight)
         self._registration = registration
         self._mailer = mailer
         self._capacity = capacity
@@ -576,6 +580,12 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         finished = self._clock()
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
         self._load.record(finished, finished - started, verdict.relay_fault)
+        m = self._metrics
+        m.transaction_seconds.observe(finished - started)
+        domain = recipient.email.rpartition("@")[2].lower()
+        m.messages.labels(outcome.relay, domain, verdict.outcome.name.lower()).inc()
+        if outcome.code > 0:
+            m.smtp_replies.labels(str(outcome.code)).inc()
         result = self._result(item, _STATUS[verdict.outcome], verdict.reason)
         result.ambiguous = verdict.outcome is Outcome.AMBIGUOUS
         if outcome.code > 0:
