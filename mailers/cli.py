@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import os
 import random
 import shutil
 import signal
@@ -23,11 +22,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from client_sdk import Address, MailerClient, MailerError, MessageContent
+from mailers.admin import add_admin_parsers
 from mailers.campaign import (
-    DEFAULT_COORDINATORS,
     SendArgs,
     add_send_parser,
     main_send,
@@ -146,45 +144,6 @@ def _free_or_default(ports: Sequence[int]) -> list[int]:
     return result
 
 
-async def _status(addresses: Sequence[str], console: Console) -> None:
-    async with MailerClient(addresses) as client:
-        status = await client.cluster_status()
-    table = Table("role", "coordinator", "address", "epoch")
-    if status.leader is not None:
-        table.add_row(
-            "leader", status.leader.coordinator_id, status.leader.address, str(status.leader.epoch)
-        )
-    for s in status.standbys:
-        table.add_row("standby", s.coordinator_id, s.address, str(s.epoch))
-    console.print(table)
-    console.print(f"etcd: {', '.join(status.etcd_endpoints)}; active jobs: {status.active_jobs}")
-
-
-async def _nodes(addresses: Sequence[str], console: Console) -> None:
-    async with MailerClient(addresses) as client:
-        nodes = await client.list_nodes()
-    table = Table("node", "address", "state", "in flight", "capacity", "batches", "done",
-                  "lease ttl", "breaker")  # fmt: skip
-    for n in nodes:
-        table.add_row(
-            n.node_id,
-            n.address,
-            n.state.value,
-            str(n.load.in_flight),
-            str(n.load.capacity),
-            str(n.batches_in_flight),
-            str(n.recipients_done),
-            f"{n.lease_ttl_remaining_s}s",
-            n.breaker_state.value,
-        )
-    console.print(table)
-
-
-def _coordinators(ns: argparse.Namespace) -> list[str]:
-    value = ns.coordinators or os.environ.get("MAILER_COORDINATORS") or DEFAULT_COORDINATORS
-    return [a.strip() for a in value.split(",") if a.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailers", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -196,24 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workdir", default="var/cluster")
     cluster.set_defaults(func=cmd_cluster)
     add_send_parser(sub)
-    for name, fn, text in (
-        ("status", _status, "leader, standbys and etcd endpoints"),
-        ("nodes", _nodes, "sender nodes with load, lease and breaker"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--coordinators", help="host:port,... (env MAILER_COORDINATORS)")
-        p.set_defaults(func=lambda ns, fn=fn: _run_admin(fn, ns))
+    add_admin_parsers(sub)
     return parser
-
-
-def _run_admin(fn: object, ns: argparse.Namespace) -> int:
-    console = Console()
-    try:
-        asyncio.run(fn(_coordinators(ns), console))  # type: ignore[operator]
-    except MailerError as exc:
-        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
-        return 1
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

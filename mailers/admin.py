@@ -1,0 +1,261 @@
+"""Operator commands of ``mailers``: cluster, nodes and jobs, as tables or ``--json``.
+
+Every command talks to the leader through the SDK (any coordinator address will do;
+the client follows redirects). ``--json`` prints one JSON document for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client_sdk import (
+    Job,
+    JobProgress,
+    JobState,
+    MailerClient,
+    MailerError,
+    NodeInfo,
+    RecipientStatus,
+)
+from mailers.campaign import DEFAULT_COORDINATORS
+
+Handler = Callable[[MailerClient, argparse.Namespace, Console], Awaitable[Any]]
+
+
+def plain(value: Any) -> Any:
+    """A JSON-ready copy of SDK values (dataclasses, enums, datetimes, sequences)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, tuple | list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def coordinators(ns: argparse.Namespace) -> list[str]:
+    value = ns.coordinators or os.environ.get("MAILER_COORDINATORS") or DEFAULT_COORDINATORS
+    return [a.strip() for a in value.split(",") if a.strip()]
+
+
+# ---- tables -----------------------------------------------------------------------------
+
+
+def nodes_table(nodes: Sequence[NodeInfo]) -> Table:
+    table = Table("node", "address", "state", "in flight", "capacity", "batches", "done",
+                  "err %", "lease ttl", "breaker", "relays")  # fmt: skip
+    for n in nodes:
+        relays = ", ".join(f"{r.address} ({r.breaker_state.value})" for r in n.relays)
+        table.add_row(
+            n.node_id,
+            n.address,
+            n.state.value,
+            str(n.load.in_flight),
+            str(n.load.capacity),
+            str(n.batches_in_flight),
+            str(n.recipients_done),
+            f"{100 * n.load.recent_error_rate:.0f}",
+            f"{n.lease_ttl_remaining_s}s",
+            n.breaker_state.value,
+            relays,
+        )
+    return table
+
+
+def _progress_cells(p: JobProgress) -> list[str]:
+    return [p.state.value, str(p.total), str(p.delivered), str(p.failed), str(p.deferred),
+            str(p.cancelled), str(p.queued)]  # fmt: skip
+
+
+def jobs_table(jobs: Sequence[Job]) -> Table:
+    table = Table("job", "name", "state", "total", "delivered", "failed", "deferred",
+                  "cancelled", "queued", "created")  # fmt: skip
+    for j in jobs:
+        cells = _progress_cells(j.progress)
+        created = (
+            j.progress.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.progress.created_at else ""
+        )
+        table.add_row(j.job_id, j.options.name, *cells, created)
+    return table
+
+
+# ---- handlers ---------------------------------------------------------------------------
+
+
+async def cmd_status(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    status = await client.cluster_status()
+    if ns.json:
+        return plain(status)
+    table = Table("role", "coordinator", "address", "epoch")
+    if status.leader is not None:
+        leader = status.leader
+        table.add_row("leader", leader.coordinator_id, leader.address, str(leader.epoch))
+    for s in status.standbys:
+        table.add_row("standby", s.coordinator_id, s.address, str(s.epoch))
+    console.print(table)
+    console.print(f"etcd: {', '.join(status.etcd_endpoints)}; active jobs: {status.active_jobs}")
+    return None
+
+
+async def cmd_nodes(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    nodes = await client.list_nodes()
+    if ns.json:
+        return plain(nodes)
+    console.print(nodes_table(nodes))
+    return None
+
+
+async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    if ns.action == "drain":
+        with console.status(f"draining {ns.node_id}: waiting for its batches to finish or move"):
+            node = await client.drain(ns.node_id, timeout=timedelta(seconds=ns.timeout))
+    else:
+        action = {
+            "cordon": client.cordon,
+            "uncordon": client.uncordon,
+            "reset-breaker": client.reset_breaker,
+        }[ns.action]
+        node = await action(ns.node_id)
+    if ns.json:
+        return plain(node)
+    console.print(nodes_table([node]))
+    return None
+
+
+async def cmd_jobs(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    states = [JobState(s) for s in ns.state or []]
+    jobs: list[Job] = []
+    async for job in client.list_jobs(states=states):
+        jobs.append(job)
+        if len(jobs) >= ns.limit:
+            break
+    if ns.json:
+        return plain(jobs)
+    console.print(jobs_table(jobs))
+    return None
+
+
+async def cmd_job_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    if ns.action == "watch":
+        return await _watch(client, ns.job_id, console, ns.json)
+    if ns.action == "retry-failed":
+        job, queued = await client.retry_failed(ns.job_id)
+        if ns.json:
+            return {"job": plain(job), "requeued": queued}
+        console.print(f"queued {queued} recipients again")
+    else:
+        action = {
+            "show": client.get,
+            "pause": client.pause,
+            "resume": client.resume,
+            "cancel": client.cancel,
+        }[ns.action]
+        job = await action(ns.job_id)
+        if ns.json:
+            return plain(job)
+    console.print(jobs_table([job]))
+    return None
+
+
+async def _watch(client: MailerClient, job_id: str, console: Console, as_json: bool) -> Any:
+    last: JobProgress | None = None
+    if as_json:
+        async for p in client.watch(job_id):
+            last = p
+        return plain(last)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(job_id, total=None, counts="")
+        async for p in client.watch(job_id):
+            last = p
+            counts = f"{p.delivered} delivered, {p.failed} failed, {p.deferred} deferred"
+            progress.update(task, total=p.total or None, completed=p.done, counts=counts)
+    if last is not None:
+        console.print(f"job {job_id}: {last.state.value}")
+    return None
+
+
+async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    statuses = [RecipientStatus(s) for s in ns.status or []]
+    results = []
+    async for r in client.results(ns.job_id, statuses=statuses):
+        results.append(r)
+        if len(results) >= ns.limit:
+            break
+    if ns.json:
+        return plain(results)
+    table = Table("#", "email", "status", "reply", "reason", "attempts", "node")
+    for r in results:
+        table.add_row(str(r.index), r.email, r.status.value, str(r.reply or ""), r.reason,
+                      str(r.attempts), r.node_id)  # fmt: skip
+    console.print(table)
+    return None
+
+
+# ---- wiring -----------------------------------------------------------------------------
+
+
+def _run(handler: Handler, ns: argparse.Namespace) -> int:
+    console = Console()
+
+    async def go() -> Any:
+        async with MailerClient(coordinators(ns)) as client:
+            return await handler(client, ns, console)
+
+    try:
+        out = asyncio.run(go())
+    except MailerError as exc:
+        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
+        return 1
+    if ns.json:
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register status, nodes, node, jobs, job and results on a subparsers object."""
+
+    def parser(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--coordinators", help="host:port,... (env MAILER_COORDINATORS)")
+        p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        p.set_defaults(func=lambda ns: _run(handler, ns))
+        return p
+
+    parser("status", cmd_status, "leader, standbys, etcd endpoints and active jobs")
+    parser("nodes", cmd_nodes, "sender nodes: load, lease, breakers, relays")
+    node = parser("node", cmd_node_action, "cordon, uncordon, drain or reset a node's breaker")
+    node.add_argument("action", choices=["cordon", "uncordon", "drain", "reset-breaker"])
+    node.add_argument("node_id")
+    node.add_argument("--timeout", type=float, default=600, help="drain deadline, seconds")
+    jobs = parser("jobs", cmd_jobs, "list jobs, newest first")
+    jobs.add_argument("--state", action="append", choices=[s.value for s in JobState][1:])
+    jobs.add_argument("--limit", type=int, default=50)
+    job = parser("job", cmd_job_action, "show, watch, pause, resume, cancel or retry a job")
+    job.add_argument(
+        "action", choices=["show", "watch", "pause", "resume", "cancel", "retry-failed"]
+    )
+    job.add_argument("job_id")
+    results = parser("results", cmd_results, "per-recipient outcomes of a job")
+    results.add_argument("job_id")
+    results.add_argument(
+        "--status", action="append", choices=[s.value for s in RecipientStatus][1:]
+    )
+    results.add_argument("--limit", type=int, default=1000)
