@@ -523,6 +523,7 @@ class Dispatcher:
             content=job.content_pb,
             recipients=pending,
             ack_deadline_ms=int(self.config.ack_timeout_s * 1000),
+            priority=job.spec.options.priority,
         )
         node.link.send(sender_pb2.DispatchRequest(batch=batch))
         self.ledger.add(bid, node.node_id, len(pending), now, self.config.ack_timeout_s)

@@ -48,6 +48,7 @@ from sender_node.classify import LoadStats, Outcome, classify
 from sender_node.errors import RenderError
 from sender_node.metrics import NodeMetrics
 from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
+from sender_node.slots import PrioritySlots
 from sender_node.smtp_client import RelayInfo, SendOutcome
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._mailer = mailer
         self._capacity = capacity
         self._concurrency = max(1, concurrency)
+        self._slots = PrioritySlots(self._concurrency)
         self._tuning = tuning or DispatchTuning()
         self._cache = TemplateCache(template_cache_jobs)
         self._clock = clock
@@ -559,10 +561,10 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 return
             item = recipients[state.next_index]
             state.next_index += 1
-            self._report(state, await self._deliver(compiled, item))
+            self._report(state, await self._deliver(compiled, item, state.batch.priority))
 
     async def _deliver(
-        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient
+        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient, priority: int = 0
     ) -> common_pb2.RecipientResult:
         recipient = item.recipient
         try:
@@ -575,9 +577,10 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             )
         except RenderError as exc:
             return self._failed(item, f"render error: {exc}")
-        started = self._clock()
-        outcome = await self._mailer.send(compiled.envelope_from, recipient.email, data)
-        finished = self._clock()
+        async with self._slots.slot(priority):
+            started = self._clock()
+            outcome = await self._mailer.send(compiled.envelope_from, recipient.email, data)
+            finished = self._clock()
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
         self._load.record(finished, finished - started, verdict.relay_fault)
         m = self._metrics

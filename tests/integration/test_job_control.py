@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -170,3 +170,74 @@ async def test_retry_failed_of_unknown_job_is_not_found(slow_cluster: LocalClust
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
         with pytest.raises(NotFoundError):
             await client.retry_failed("0000-nope")
+
+
+async def test_drain_of_a_busy_node_loses_nothing(slow_cluster: LocalCluster) -> None:
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        job = await client.submit(CONTENT, [Recipient(f"d{i}@drain.example") for i in range(900)])
+
+        async def node2_busy() -> bool:
+            nodes = {n.node_id: n for n in await client.list_nodes()}
+            return nodes["node2"].batches_in_flight > 0
+
+        await assert_eventually(node2_busy, timeout_s=60, message="node2 holds batches")
+        # When the busy node is drained
+        drained = await client.drain("node2")
+        # Then it holds nothing when the call returns and gets nothing new
+        assert drained.batches_in_flight == 0
+        done_at_drain = drained.recipients_done
+        final = await client.wait(job.job_id)
+        nodes = {n.node_id: n for n in await client.list_nodes()}
+        await client.uncordon("node2")
+    assert final.delivered == 900 and final.failed == 0
+    assert nodes["node2"].recipients_done == done_at_drain
+    ids = _ids(slow_cluster, job.job_id)
+    assert len(ids) == 900 and max(ids.values()) == 1
+
+
+async def test_high_priority_job_overtakes_a_campaign(slow_cluster: LocalCluster) -> None:
+    from client_sdk import JobOptions
+
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        campaign = await client.submit(
+            CONTENT, [Recipient(f"bulk{i}@campaign.example") for i in range(2000)]
+        )
+
+        async def running() -> bool:
+            return (await client.get(campaign.job_id)).progress.delivered >= 50
+
+        await assert_eventually(running, timeout_s=60, message="campaign running")
+        urgent = await client.submit(
+            CONTENT,
+            [Recipient(f"otp{i}@urgent.example") for i in range(40)],
+            options=JobOptions(priority=10),
+        )
+        urgent_final = await client.wait(urgent.job_id)
+        campaign_now = (await client.get(campaign.job_id)).progress
+        await client.cancel(campaign.job_id)
+    # The transactional job finished while most of the campaign was still waiting
+    assert urgent_final.delivered == 40
+    assert campaign_now.done < 2000 * 0.75, campaign_now
+
+
+async def test_scheduled_job_waits_for_send_at(slow_cluster: LocalCluster) -> None:
+    from client_sdk import JobOptions
+
+    async with MailerClient(slow_cluster.coordinator_addresses) as client:
+        await _ready(client)
+        send_at = datetime.now(UTC) + timedelta(seconds=3)
+        job = await client.submit(
+            CONTENT,
+            [Recipient(f"s{i}@scheduled.example") for i in range(10)],
+            options=JobOptions(send_at=send_at),
+        )
+        await assert_stays(
+            lambda: not _ids(slow_cluster, job.job_id),
+            for_s=2.0,
+            message="nothing is sent before send_at",
+        )
+        final = await client.wait(job.job_id)
+    assert final.delivered == 10
+    assert final.finished_at is not None and final.finished_at >= send_at

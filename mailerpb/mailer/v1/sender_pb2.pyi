@@ -196,6 +196,7 @@ class Batch(_message.Message):
     CONTENT_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     ACK_DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     job_id: _builtins.str
     epoch: _builtins.int
@@ -203,6 +204,8 @@ class Batch(_message.Message):
     """Dispatch attempt of this batch, from 1."""
     ack_deadline_ms: _builtins.int
     """Milliseconds the node has before the coordinator gives the batch to another node."""
+    priority: _builtins.int
+    """The job's priority: a node starts transactions of higher-priority batches first."""
     @_builtins.property
     def content(self) -> _common_pb2.MessageContent: ...
     @_builtins.property
@@ -217,10 +220,11 @@ class Batch(_message.Message):
         content: _common_pb2.MessageContent | None = ...,
         recipients: _abc.Iterable[Global___BatchRecipient] | None = ...,
         ack_deadline_ms: _builtins.int = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "attempt", b"attempt", "batch_id", b"batch_id", "content", b"content", "epoch", b"epoch", "job_id", b"job_id", "recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "attempt", b"attempt", "batch_id", b"batch_id", "content", b"content", "epoch", b"epoch", "job_id", b"job_id", "priority", b"priority", "recipients", b"recipients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
