@@ -35,7 +35,8 @@ class CoordinatorConfig:
     max_attempts: int = 5
     """SMTP attempts per recipient before a transient failure becomes permanent."""
     max_dispatches: int = 10
-    """Times a batch may be handed out before its remaining recipients fail."""
+    """Times in a row a batch may be lost by the node holding it (crash, silence, refusal)
+    before its remaining recipients fail."""
     retry: BackoffPolicy = BackoffPolicy(initial=timedelta(seconds=2), maximum=timedelta(minutes=5))
     """Delay before a batch with deferred recipients is sent again."""
     reassign: BackoffPolicy = BackoffPolicy(

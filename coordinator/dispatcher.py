@@ -503,8 +503,11 @@ class Dispatcher:
         if job.status.state is JobState.CANCELLED or job.status.state is JobState.PAUSED:
             job.ready.appendleft(seq)
             return
-        if state.dispatches >= self.config.max_dispatches:
-            self._fail_pending(job, seq, f"no node finished the batch in {state.dispatches} tries")
+        lost = job.reassignments.get(seq, 0)
+        if lost >= self.config.max_dispatches:
+            # A batch that every node loses (crash, silence) is given up on, so it
+            # cannot take the cluster down node by node.
+            self._fail_pending(job, seq, f"lost by a node {lost} times in a row")
             self._settle(job, seq, now, deferred=False)
             return
         if not node.link.connected:
@@ -594,6 +597,8 @@ class Dispatcher:
             return False
         if old is not None:
             job.status.counts.add(old.status, -1)
+            # Once an attempt may have reached the relay, the recipient stays marked.
+            new.ambiguous = new.ambiguous or old.ambiguous
         state.results[index] = new
         job.status.counts.add(new.status)
         return True
@@ -617,12 +622,10 @@ class Dispatcher:
             self._settle(job, seq, now, deferred=False)
             return
         if deferred:
-            attempt = max(
-                (state.results[i].attempts for i in pending if i in state.results), default=1
-            )
-            retry_at = (
-                now + backoff.delay(self.config.retry, max(1, attempt), self.rng).total_seconds()
-            )
+            # The delay grows with the batch's rounds, not the recipients' SMTP attempts:
+            # a round in which every relay was down attempted nothing but still waits longer.
+            rounds = max(1, state.dispatches)
+            retry_at = now + backoff.delay(self.config.retry, rounds, self.rng).total_seconds()
             state.retry_at = retry_at
             heapq.heappush(job.waiting, (retry_at, seq))
         else:

@@ -7,10 +7,32 @@ or in-process with :class:`SinkServer` (``port=0`` picks a free port).
   ``DIR/tmp`` and renamed, as Maildir requires, so a reader never sees half a file).
 * Every accepted recipient appends one line to the log, flushed at once:
   ``{"message_id", "rcpt", "mail_from", "size", "ts", "file"}``. The log is the
-  ground truth of tests counting deliveries and duplicate Message-IDs.
-* Faults for tests: recipients matching ``--reject-pattern`` get ``550``, those
-  matching ``--tempfail-pattern`` get ``451``, and ``--delay-ms`` holds every DATA
-  reply back.
+  ground truth of tests counting deliveries and duplicate Message-IDs: a message the
+  sink stored is logged even when the client never saw the ``250`` (see below).
+
+Fault catalogue (a :class:`FaultPlan`), chosen at startup by flags and changeable at
+runtime, without a restart, through ``--control FILE``: a JSON object the sink re-reads
+whenever the file changes (polled every 0.1 s; write it with :func:`write_control`).
+While the file exists it is the whole plan; without it the flags are. Each applied plan
+is announced on stdout as ``mailers-sink faults #N: {...}``.
+
+- ``reject_pattern``: recipients matching the regex get ``550 5.1.1``.
+- ``tempfail_pattern``: recipients matching the regex get ``451 4.3.0``.
+- ``tempfail``: every ``MAIL`` is answered with ``code`` (421 by default; 451, or 535
+  to imitate an auth failure): the relay refuses all mail for a while, then recovers.
+- ``hang_after_data``: the whole message is received, the final dot is never answered
+  (the client times out). With ``"store": true`` the message is stored and logged first.
+- ``cut_mid_data``: ``354``, one line of the message read, then the connection is
+  dropped. Nothing is stored.
+- ``cut_after_data``: the message is stored and logged, then the connection is dropped
+  before the ``250``: the classic lost reply that makes a retry a legitimate duplicate.
+- ``delay_ms``: every DATA reply is held back this long.
+
+``tempfail``, ``hang_after_data`` and the cuts take a window: ``count`` (the next N
+occurrences) and/or ``for_s`` (seconds from when the plan was applied); neither means
+until the plan changes. Example::
+
+    {"tempfail": {"code": 421, "for_s": 8}, "cut_after_data": {"count": 5}}
 
 Nothing is fsynced: the sink is for tests and demos, and must take large volumes
 quickly; a crash can lose the last messages, never corrupt earlier lines.
@@ -33,7 +55,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -41,11 +63,157 @@ from typing import IO, Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+_TEMPFAIL_TEXT = {
+    421: "4.3.2 Service not available, closing transmission channel",
+    535: "5.7.8 Authentication credentials invalid",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """When a fault applies: the next ``count`` occurrences and/or ``for_s`` seconds from
+    when its plan was applied. Neither: until the plan changes."""
+
+    count: int | None = None
+    for_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.count < 0:
+            raise ValueError("count must not be negative")
+        if self.for_s is not None and self.for_s < 0:
+            raise ValueError("for_s must not be negative")
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object form (only the fields that are set)."""
+        return {k: v for k, v in (("count", self.count), ("for_s", self.for_s)) if v is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultPlan:
+    """Faults the sink injects (see the module docstring). The default injects none."""
+
+    reject_pattern: str | None = None
+    """Recipients matching this regular expression get ``550 5.1.1``."""
+    tempfail_pattern: str | None = None
+    """Recipients matching this regular expression get ``451 4.3.0``."""
+    tempfail: Window | None = None
+    """While active, every ``MAIL`` is answered with :attr:`tempfail_code`."""
+    tempfail_code: int = 421
+    hang_after_data: Window | None = None
+    """While active, the final dot is never answered."""
+    hang_stores: bool = False
+    """Whether a hung message is stored and logged before the sink goes silent."""
+    cut_mid_data: Window | None = None
+    """While active, the connection is dropped part-way through the message."""
+    cut_after_data: Window | None = None
+    """While active, the message is stored and logged, then the connection dropped."""
+    delay_ms: int = 0
+    """Held before every DATA reply, to imitate a slow relay."""
+
+    def __post_init__(self) -> None:
+        for pattern in (self.reject_pattern, self.tempfail_pattern):
+            if pattern is not None:
+                re.compile(pattern)
+        if not 400 <= self.tempfail_code <= 599:
+            raise ValueError("tempfail code must be a 4xx or 5xx reply")
+        if self.delay_ms < 0:
+            raise ValueError("delay_ms must not be negative")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> FaultPlan:
+        """Parse the control-file form.
+
+        Raises:
+            ValueError: unknown keys, wrong types, or bad values.
+        """
+        known = {
+            "reject_pattern",
+            "tempfail_pattern",
+            "tempfail",
+            "hang_after_data",
+            "cut_mid_data",
+            "cut_after_data",
+            "delay_ms",
+        }
+        unknown = set(obj) - known
+        if unknown:
+            raise ValueError(f"unknown fault(s): {', '.join(sorted(unknown))}")
+
+        def window(key: str, extra: frozenset[str] = frozenset()) -> Window | None:
+            raw = obj.get(key)
+            if raw is None:
+                return None
+            if not isinstance(raw, Mapping) or set(raw) - {"count", "for_s", *extra}:
+                raise ValueError(f"{key} must be an object with count and/or for_s")
+            count, for_s = raw.get("count"), raw.get("for_s")
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+                raise ValueError(f"{key}.count must be an integer")
+            if for_s is not None and (
+                isinstance(for_s, bool) or not isinstance(for_s, int | float)
+            ):
+                raise ValueError(f"{key}.for_s must be a number")
+            return Window(count, None if for_s is None else float(for_s))
+
+        def text(key: str) -> str | None:
+            value = obj.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key} must be a string")
+            return value
+
+        tempfail_raw = obj.get("tempfail")
+        code = tempfail_raw.get("code", 421) if isinstance(tempfail_raw, Mapping) else 421
+        hang_raw = obj.get("hang_after_data")
+        stores = hang_raw.get("store", False) if isinstance(hang_raw, Mapping) else False
+        delay_ms = obj.get("delay_ms", 0)
+        if not isinstance(code, int) or not isinstance(stores, bool):
+            raise ValueError("tempfail.code must be an integer, hang_after_data.store a boolean")
+        if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
+            raise ValueError("delay_ms must be an integer")
+        try:
+            return cls(
+                reject_pattern=text("reject_pattern"),
+                tempfail_pattern=text("tempfail_pattern"),
+                tempfail=window("tempfail", frozenset({"code"})),
+                tempfail_code=code,
+                hang_after_data=window("hang_after_data", frozenset({"store"})),
+                hang_stores=stores,
+                cut_mid_data=window("cut_mid_data"),
+                cut_after_data=window("cut_after_data"),
+                delay_ms=delay_ms,
+            )
+        except re.error as exc:
+            raise ValueError(f"bad pattern: {exc}") from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The control-file form; ``FaultPlan.from_json(plan.to_json()) == plan``."""
+        out: dict[str, Any] = {}
+        if self.reject_pattern is not None:
+            out["reject_pattern"] = self.reject_pattern
+        if self.tempfail_pattern is not None:
+            out["tempfail_pattern"] = self.tempfail_pattern
+        if self.tempfail is not None:
+            out["tempfail"] = {"code": self.tempfail_code, **self.tempfail.to_json()}
+        if self.hang_after_data is not None:
+            out["hang_after_data"] = {"store": self.hang_stores, **self.hang_after_data.to_json()}
+        if self.cut_mid_data is not None:
+            out["cut_mid_data"] = self.cut_mid_data.to_json()
+        if self.cut_after_data is not None:
+            out["cut_after_data"] = self.cut_after_data.to_json()
+        if self.delay_ms:
+            out["delay_ms"] = self.delay_ms
+        return out
+
+
+def write_control(path: Path, plan: FaultPlan) -> None:
+    """Write a control file atomically (temporary file, then rename), for a running sink."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(plan.to_json()), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 @dataclasses.dataclass(frozen=True)
 class SinkConfig:
-    """Where the sink listens and stores, and which faults it injects."""
+    """Where the sink listens and stores, and which faults it injects at startup."""
 
     maildir: Path
     """Maildir root; ``tmp``, ``new`` and ``cur`` are created inside."""
@@ -60,6 +228,15 @@ class SinkConfig:
     """Recipients matching this regular expression get ``550 5.1.1``."""
     tempfail_pattern: str | None = None
     """Recipients matching this regular expression get ``451 4.3.0``."""
+    tempfail_code: int = 421
+    """The reply to every ``MAIL`` while the startup tempfail window lasts."""
+    tempfail_for_s: float | None = None
+    """Seconds from startup during which every ``MAIL`` gets :attr:`tempfail_code`."""
+    control_path: Path | None = None
+    """A JSON :class:`FaultPlan` re-read when it changes; while it exists it replaces
+    the faults given here."""
+    control_poll_s: float = 0.1
+    """How often the control file is checked for changes."""
     hostname: str = "mailers-sink"
     """Name in the greeting (set, so no slow FQDN lookup per connection)."""
     data_size_limit: int = 32 * 1024 * 1024
@@ -69,9 +246,19 @@ class SinkConfig:
             raise ValueError("port must be in 0..65535")
         if self.delay < timedelta(0):
             raise ValueError("delay must not be negative")
-        for pattern in (self.reject_pattern, self.tempfail_pattern):
-            if pattern is not None:
-                re.compile(pattern)
+        if self.control_poll_s <= 0:
+            raise ValueError("control_poll_s must be positive")
+        self.startup_plan()  # validates patterns and codes
+
+    def startup_plan(self) -> FaultPlan:
+        """The faults given by the flags."""
+        return FaultPlan(
+            reject_pattern=self.reject_pattern,
+            tempfail_pattern=self.tempfail_pattern,
+            tempfail=Window(for_s=self.tempfail_for_s) if self.tempfail_for_s else None,
+            tempfail_code=self.tempfail_code,
+            delay_ms=int(self.delay.total_seconds() * 1000),
+        )
 
 
 @dataclasses.dataclass
@@ -79,9 +266,35 @@ class SinkStats:
     """Counters since start."""
 
     messages: int = 0
+    """Messages stored (including those whose reply was then withheld)."""
     recipients: int = 0
     rejected: int = 0
     tempfailed: int = 0
+    """Recipients refused by ``tempfail_pattern`` and transactions refused by ``tempfail``."""
+    hung: int = 0
+    cut_mid_data: int = 0
+    cut_after_data: int = 0
+
+
+class _Armed:
+    """One windowed fault of the applied plan, counting down."""
+
+    def __init__(self, window: Window | None, now: float) -> None:
+        self._enabled = window is not None
+        self._remaining = window.count if window is not None else None
+        self._until = now + window.for_s if window is not None and window.for_s else None
+        if window is not None and window.for_s == 0:
+            self._enabled = False
+
+    def take(self, now: float) -> bool:
+        """True (and one occurrence used) when the fault applies now."""
+        if not self._enabled or (self._until is not None and now >= self._until):
+            return False
+        if self._remaining is not None:
+            if self._remaining <= 0:
+                return False
+            self._remaining -= 1
+        return True
 
 
 def message_id_of(data: bytes) -> str:
@@ -125,15 +338,69 @@ class MaildirWriter:
 
 
 class SinkHandler:
-    """aiosmtpd handler: applies the fault patterns, stores and logs accepted mail."""
+    """aiosmtpd handler: applies the fault plan, stores and logs accepted mail.
 
-    def __init__(self, config: SinkConfig, maildir: MaildirWriter, log: IO[str]) -> None:
-        self._config = config
+    Args:
+        plan: The faults to start with; :meth:`apply` replaces them.
+        maildir: Where messages are stored.
+        log: The recipient log, flushed after each message.
+        clock: Monotonic seconds, for fault windows.
+    """
+
+    def __init__(
+        self,
+        plan: FaultPlan,
+        maildir: MaildirWriter,
+        log: IO[str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._maildir = maildir
         self._log = log
-        self._reject = re.compile(config.reject_pattern) if config.reject_pattern else None
-        self._tempfail = re.compile(config.tempfail_pattern) if config.tempfail_pattern else None
+        self._clock = clock
         self.stats = SinkStats()
+        self.applied = 0
+        """How many plans were applied (the startup plan is #1)."""
+        self.apply(plan)
+
+    @property
+    def plan(self) -> FaultPlan:
+        """The plan in force."""
+        return self._plan
+
+    def apply(self, plan: FaultPlan) -> None:
+        """Replace the faults; windows start now and counts start afresh."""
+        now = self._clock()
+        self._plan = plan
+        self._reject = re.compile(plan.reject_pattern) if plan.reject_pattern else None
+        self._tempfail_rcpt = re.compile(plan.tempfail_pattern) if plan.tempfail_pattern else None
+        self._tempfail = _Armed(plan.tempfail, now)
+        self._hang = _Armed(plan.hang_after_data, now)
+        self._cut_mid = _Armed(plan.cut_mid_data, now)
+        self._cut_after = _Armed(plan.cut_after_data, now)
+        self.applied += 1
+
+    def take_cut_mid_data(self) -> bool:
+        """True (one occurrence used) when this DATA is to be cut part-way."""
+        if self._cut_mid.take(self._clock()):
+            self.stats.cut_mid_data += 1
+            return True
+        return False
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if self._tempfail.take(self._clock()):
+            self.stats.tempfailed += 1
+            code = self._plan.tempfail_code
+            return f"{code} {_TEMPFAIL_TEXT.get(code, '4.3.0 Temporary failure, try again later')}"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -146,7 +413,7 @@ class SinkHandler:
         if self._reject is not None and self._reject.search(address):
             self.stats.rejected += 1
             return f"550 5.1.1 <{address}>: Recipient address rejected"
-        if self._tempfail is not None and self._tempfail.search(address):
+        if self._tempfail_rcpt is not None and self._tempfail_rcpt.search(address):
             self.stats.tempfailed += 1
             return f"451 4.3.0 <{address}>: Temporary failure, try again later"
         envelope.rcpt_tos.append(address)
@@ -154,8 +421,26 @@ class SinkHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self._config.delay > timedelta(0):
-            await asyncio.sleep(self._config.delay.total_seconds())
+        now = self._clock()
+        if self._hang.take(now):
+            self.stats.hung += 1
+            if self._plan.hang_stores:
+                self._store(envelope)
+            await _forever()  # ended by connection_lost (the client gives up)
+        if self._cut_after.take(now):
+            self.stats.cut_after_data += 1
+            self._store(envelope)
+            # abort(), not close(): no byte written after this point reaches the client.
+            transport: Any = server.transport
+            if transport is not None:
+                transport.abort()
+            await _forever()  # ended by connection_lost, a moment from now
+        if self._plan.delay_ms > 0:
+            await asyncio.sleep(self._plan.delay_ms / 1000)
+        self._store(envelope)
+        return "250 2.0.0 OK queued"
+
+    def _store(self, envelope: Envelope) -> None:
         data = envelope.original_content
         if data is None:
             raw = envelope.content
@@ -182,21 +467,60 @@ class SinkHandler:
         self._log.flush()
         self.stats.messages += 1
         self.stats.recipients += len(envelope.rcpt_tos)
-        return "250 2.0.0 OK queued"
+
+
+async def _forever() -> None:
+    await asyncio.get_running_loop().create_future()
+
+
+class _FaultySMTP(SMTP):
+    """aiosmtpd's SMTP session plus the one fault a handler hook cannot do: a cut
+    while the message is still arriving (``handle_DATA`` runs after the final dot)."""
+
+    def __init__(self, handler: SinkHandler, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._sink = handler
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        if (
+            envelope is not None
+            and envelope.rcpt_tos
+            and not arg
+            and self._sink.take_cut_mid_data()
+        ):
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            reader: asyncio.StreamReader = self._reader
+            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                await reader.readuntil(b"\r\n")
+            transport: Any = self.transport
+            if transport is not None:
+                transport.abort()
+            return
+        await super().smtp_DATA(arg)
 
 
 class SinkServer:
     """The sink on the running event loop; ``start`` binds, ``stop`` closes everything.
 
-    Usable as ``async with SinkServer(config) as sink:``.
+    Usable as ``async with SinkServer(config) as sink:``. Owns the control-file watcher
+    task (when ``config.control_path`` is set) and cancels it in :meth:`stop`.
+
+    Args:
+        config: Where to listen and store, and the startup faults.
+        announce: Called with a line for each applied plan or control-file error
+            (``python -m mailers.sink`` prints them).
     """
 
-    def __init__(self, config: SinkConfig) -> None:
+    def __init__(self, config: SinkConfig, announce: Callable[[str], None] | None = None) -> None:
         self.config = config
+        self._announce = announce
         self._server: asyncio.Server | None = None
         self._log: IO[str] | None = None
         self._handler: SinkHandler | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self._watcher: asyncio.Task[None] | None = None
+        self._control_version: tuple[int, int, int] | None = None
         self.port = config.port
 
     @property
@@ -207,20 +531,41 @@ class SinkServer:
         return self._handler.stats
 
     @property
+    def plan(self) -> FaultPlan:
+        """The faults in force."""
+        if self._handler is None:
+            return self.config.startup_plan()
+        return self._handler.plan
+
+    @property
     def address(self) -> str:
         """``host:port`` the sink listens on."""
         return f"{self.config.host}:{self.port}"
 
+    def set_faults(self, plan: FaultPlan) -> None:
+        """Replace the faults now (in-process use; a control file would override it).
+
+        Raises:
+            RuntimeError: the sink is not started.
+        """
+        if self._handler is None:
+            raise RuntimeError("sink not started")
+        self._handler.apply(plan)
+        self._say(f"mailers-sink faults #{self._handler.applied}: {json.dumps(plan.to_json())}")
+
     async def start(self) -> None:
-        """Create the Maildir and log, and start listening."""
+        """Create the Maildir and log, read the control file if any, and start listening."""
         maildir = MaildirWriter(self.config.maildir)
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.config.log_path.open("a", encoding="utf-8")
-        self._handler = SinkHandler(self.config, maildir, self._log)
+        handler = SinkHandler(self.config.startup_plan(), maildir, self._log)
+        self._handler = handler
+        if self.config.control_path is not None:
+            self._check_control()
 
         def factory() -> SMTP:
-            smtp = SMTP(
-                self._handler,
+            smtp = _FaultySMTP(
+                handler,
                 hostname=self.config.hostname,
                 enable_SMTPUTF8=True,
                 data_size_limit=self.config.data_size_limit,
@@ -234,9 +579,50 @@ class SinkServer:
             factory, self.config.host, self.config.port, reuse_address=True
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
+        if self.config.control_path is not None:
+            self._watcher = asyncio.create_task(self._watch_control(), name="sink-control")
+
+    async def _watch_control(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.control_poll_s)
+            self._check_control()
+
+    def _check_control(self) -> None:
+        """Apply the control file if it changed since last seen (or went away)."""
+        path = self.config.control_path
+        assert path is not None and self._handler is not None
+        try:
+            st = path.stat()
+            version: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            version = None
+        if version == self._control_version:
+            return
+        self._control_version = version
+        if version is None:
+            self.set_faults(self.config.startup_plan())
+            return
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError("the control file must hold a JSON object")
+            plan = FaultPlan.from_json(obj)
+        except (OSError, ValueError) as exc:
+            self._say(f"mailers-sink control error, faults unchanged: {exc}")
+            return
+        self.set_faults(plan)
+
+    def _say(self, line: str) -> None:
+        if self._announce is not None:
+            self._announce(line)
 
     async def stop(self) -> None:
         """Stop listening, drop open sessions and close the log. Idempotent."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         if self._server is not None:
             self._server.close()
             for session in list(self._sessions):
@@ -280,6 +666,15 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
     parser.add_argument("--delay-ms", type=int, default=0, help="hold each DATA reply this long")
     parser.add_argument("--reject-pattern", help="regex: matching recipients get 550")
     parser.add_argument("--tempfail-pattern", help="regex: matching recipients get 451")
+    parser.add_argument(
+        "--tempfail-code", type=int, default=421, help="reply to every MAIL during the window"
+    )
+    parser.add_argument(
+        "--tempfail-for-s", type=float, help="answer every MAIL with --tempfail-code this long"
+    )
+    parser.add_argument(
+        "--control", type=Path, help="JSON fault plan, re-read when it changes (see the docs)"
+    )
     ns = parser.parse_args(argv)
     try:
         return SinkConfig(
@@ -290,6 +685,9 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
             delay=timedelta(milliseconds=ns.delay_ms),
             reject_pattern=ns.reject_pattern,
             tempfail_pattern=ns.tempfail_pattern,
+            tempfail_code=ns.tempfail_code,
+            tempfail_for_s=ns.tempfail_for_s,
+            control_path=ns.control,
         )
     except (ValueError, re.error) as exc:
         parser.error(str(exc))
@@ -300,7 +698,7 @@ async def _serve(config: SinkConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with SinkServer(config) as sink:
+    async with SinkServer(config, announce=lambda line: print(line, flush=True)) as sink:
         print(f"mailers-sink listening on {sink.address}", flush=True)
         await stop.wait()
         print(

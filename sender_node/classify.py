@@ -8,15 +8,23 @@ a network. ``smtp_client.py`` produces the inputs; ``servicer.py`` maps the
 Rules:
 
 - 2xx → DELIVERED.
-- 4xx (421, 450, 451, 452, ...) → TRANSIENT.
-- 5xx → PERMANENT, except auth failures (530, 534, 535, 538) and any 5xx to the
-  connection greeting or EHLO: those are faults of the relay or of our account at it,
-  not of the recipient, so TRANSIENT with ``relay_fault``.
+- 4xx (421, 450, 451, 452, ...) → TRANSIENT (the node reports DEFERRED; the coordinator
+  retries after a backoff). ``relay_fault`` for 421 (the relay is closing the channel)
+  and for any 4xx to the greeting or EHLO; a 450/451/452 to one recipient or message
+  is not the relay's fault.
+- 5xx → PERMANENT (FAILED, never retried), except auth failures (530, 534, 535, 538)
+  and any 5xx to the connection greeting or EHLO: those are faults of the relay or of
+  our account at it, not of the recipient, so TRANSIENT with ``relay_fault``.
 - No reply (connection refused, timeout, disconnect) before the final dot was sent →
   TRANSIENT with ``relay_fault``: the relay cannot have accepted the message.
 - Timeout or disconnect waiting for the reply to the final dot → AMBIGUOUS: the relay
   may have queued the message, so a retry may duplicate it (the Message-ID is the
   dedupe key downstream).
+- No relay tried (:attr:`Failure.UNAVAILABLE`: every relay's breaker is open) →
+  TRANSIENT, "all relays unavailable".
+
+``relay_fault`` is what counts as a failure for a relay's circuit breaker
+(``relay_breaker``) and for the node's error rate; a per-recipient refusal never is.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class Failure(enum.Enum):
     DISCONNECTED = "disconnected"
     PROTOCOL = "protocol"
     """The relay answered something that is not SMTP."""
+    UNAVAILABLE = "unavailable"
+    """No relay was tried: every relay's circuit breaker is open (or on trial)."""
 
 
 AUTH_CODES = frozenset({530, 534, 535, 538})
@@ -101,6 +111,14 @@ def classify(code: int, text: str, phase: Phase, failure: Failure = Failure.NONE
         failure: How the transaction ended when no reply decided it.
     """
     enhanced = parse_enhanced_code(text)
+    if failure is Failure.UNAVAILABLE:
+        detail = _first_line(text)
+        return Classification(
+            Outcome.TRANSIENT,
+            True,
+            enhanced,
+            "all relays unavailable" + (f": {detail}" if detail else ""),
+        )
     if failure is not Failure.NONE or code <= 0:
         kind = failure if failure is not Failure.NONE else Failure.PROTOCOL
         detail = _first_line(text)
@@ -114,8 +132,10 @@ def classify(code: int, text: str, phase: Phase, failure: Failure = Failure.NONE
     if 200 <= code < 300:
         return Classification(Outcome.DELIVERED, False, enhanced, summary)
     if 400 <= code < 500:
-        # 421 means the relay is shutting the connection: its problem, not the recipient's.
-        return Classification(Outcome.TRANSIENT, code == 421, enhanced, summary)
+        # 421 means the relay is shutting the connection, and a 4xx greeting/EHLO refuses
+        # the whole session: the relay's problem, not the recipient's.
+        relay_fault = code == 421 or phase is Phase.CONNECT
+        return Classification(Outcome.TRANSIENT, relay_fault, enhanced, summary)
     if 500 <= code < 600:
         if code in AUTH_CODES or phase is Phase.CONNECT:
             return Classification(Outcome.TRANSIENT, True, enhanced, f"relay fault: {summary}")

@@ -44,9 +44,10 @@ from typing import Protocol
 import grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
-from sender_node.classify import LoadStats, Outcome, classify
+from sender_node.classify import Failure, LoadStats, Outcome, classify
 from sender_node.errors import RenderError
 from sender_node.metrics import NodeMetrics
+from sender_node.relay_breaker import BreakerState
 from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
 from sender_node.slots import PrioritySlots
 from sender_node.smtp_client import RelayInfo, SendOutcome
@@ -59,6 +60,12 @@ REJECT_UNHEALTHY = "not registered"
 REJECT_DUPLICATE = "duplicate"
 REJECT_CAPACITY = "at capacity"
 REJECT_INVALID = "invalid batch"
+
+_BREAKER_STATE = {
+    BreakerState.CLOSED: common_pb2.BREAKER_STATE_CLOSED,
+    BreakerState.OPEN: common_pb2.BREAKER_STATE_OPEN,
+    BreakerState.HALF_OPEN: common_pb2.BREAKER_STATE_HALF_OPEN,
+}
 
 _STATUS = {
     Outcome.DELIVERED: common_pb2.RECIPIENT_STATUS_DELIVERED,
@@ -392,24 +399,22 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._replay.clear()
         return [sender_pb2.BatchResults(batch_id=b, results=r) for b, r in by_batch.items()]
 
-    def _hello(self) -> sender_pb2.NodeHello:
-        relays = [
+    def _relay_statuses(self) -> list[common_pb2.RelayStatus]:
+        return [
             common_pb2.RelayStatus(
                 address=relay.address,
-                breaker_state=(
-                    common_pb2.BREAKER_STATE_OPEN
-                    if relay.cooling_down
-                    else common_pb2.BREAKER_STATE_CLOSED
-                ),
+                breaker_state=_BREAKER_STATE[relay.breaker_state],
                 open_connections=relay.open_connections,
             )
             for relay in self._mailer.relays()
         ]
+
+    def _hello(self) -> sender_pb2.NodeHello:
         return sender_pb2.NodeHello(
             node_id=self._node_id,
             lease_id=self._registration.lease_id,
             load=self.load(),
-            relays=relays,
+            relays=self._relay_statuses(),
             replay=self._take_replay(),
         )
 
@@ -457,9 +462,22 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             stream.flush_all()
 
     async def _load_loop(self, stream: _Stream) -> None:
+        breakers = [r.breaker_state for r in self._mailer.relays()]
         while True:
             await asyncio.sleep(self._tuning.load_interval_s)
             stream.send(sender_pb2.DispatchResponse(load=self.load()))
+            # The leader learns relay breaker changes from a repeated hello (NodeLink
+            # applies a hello mid-stream); without replay, which only a new stream gets.
+            now = [r.breaker_state for r in self._mailer.relays()]
+            if now != breakers:
+                breakers = now
+                hello = sender_pb2.NodeHello(
+                    node_id=self._node_id,
+                    lease_id=self._registration.lease_id,
+                    load=self.load(),
+                    relays=self._relay_statuses(),
+                )
+                stream.send(sender_pb2.DispatchResponse(hello=hello))
 
     async def _watch_lease(self, stream: _Stream, done: asyncio.Event) -> None:
         await done.wait()
@@ -590,6 +608,14 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         if outcome.code > 0:
             m.smtp_replies.labels(str(outcome.code)).inc()
         result = self._result(item, _STATUS[verdict.outcome], verdict.reason)
+        if outcome.failure is Failure.UNAVAILABLE or (
+            verdict.relay_fault and verdict.outcome is not Outcome.AMBIGUOUS
+        ):
+            # No relay was tried (every breaker open), or the relay failed before the
+            # message could have reached it (refused connection, 421, auth): the relay's
+            # fault, not the recipient's, so it does not use up the recipient's attempts
+            # while relays are down. The job's maximum age bounds such an outage.
+            result.attempts = item.attempts
         result.ambiguous = verdict.outcome is Outcome.AMBIGUOUS
         if outcome.code > 0:
             result.reply.code = outcome.code

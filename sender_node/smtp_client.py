@@ -1,10 +1,17 @@
 """SMTP delivery through relays over pooled, persistent connections.
 
 The only module that imports aiosmtplib. :class:`RelayPool` keeps up to N connections
-per relay and reuses each for many transactions. A send tries the relays in order: the
-first is preferred; on a connection-level failure (refused, greeting/EHLO error, lost
-before the message was handed over) the next one is tried, and the failing relay is
-skipped for a short cool-down so later sends do not pay its connect timeout again.
+per relay and reuses each for many transactions.
+
+Failover and circuit breakers: each relay has one ``pybreaker.CircuitBreaker`` (shared by
+every message of the node) and one ``relay_breaker.TrialGate``. A send tries the relays
+in the configured order, skipping a relay whose breaker is open; a relay fault before the
+message was handed over (refused, timeout, 421, an auth failure such as 535, ...) sends
+the transaction on to the next relay. Only relay faults (``classify``'s ``relay_fault``)
+count against a breaker; a 550 for one recipient does not. After the breaker's reset
+timeout exactly one transaction is let through as the trial, and the others keep failing
+over meanwhile. When every relay is skipped the outcome is ``Failure.UNAVAILABLE``:
+"all relays unavailable", a DEFERRED recipient, never a FAILED one.
 
 Each transaction is driven step by step (MAIL, RCPT, DATA, content) rather than through
 ``SMTP.sendmail``, because sendmail cannot tell a timeout waiting for ``354`` (nothing
@@ -12,8 +19,11 @@ sent, safe to retry) from a timeout after the final dot (the relay may have the
 message): the difference is the AMBIGUOUS outcome. Per-recipient refusals are still
 honoured: with one recipient per transaction, a RCPT refusal is that recipient's result.
 
-Every SMTP step has a deadline (``timeout_s``). Nothing here logs message content,
-commands or credentials; aiosmtplib has no debug output to switch off.
+Every SMTP step has a deadline (``timeout_s``); the message transfer and the reply to the
+final dot get ``relay_breaker.data_timeout_s``, which grows with the message size.
+Cancelling a send closes the connection in use; a cancelled breaker trial gives no
+verdict and leaves the breaker half-open for the next caller. Nothing here logs message
+content, commands or credentials; aiosmtplib has no debug output to switch off.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import aiosmtplib
+import pybreaker
 
-from sender_node.classify import Failure, Phase
+from sender_node.classify import Failure, Phase, classify
+from sender_node.relay_breaker import Admission, BreakerState, TrialGate, data_timeout_s
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,11 @@ class RelayInfo:
     address: str
     open_connections: int
     cooling_down: bool
-    """True while the relay is skipped after a connection failure."""
+    """True while the relay's breaker is not closed (transactions go to other relays)."""
+    breaker_state: BreakerState = BreakerState.CLOSED
+    """The relay's circuit breaker, for ``RelayStatus.breaker_state``."""
+    consecutive_failures: int = 0
+    """Relay faults since its last success."""
 
 
 class _StepFailed(Exception):
@@ -75,8 +91,30 @@ def _prepare_data(data: bytes) -> bytes:
     return _LEADING_DOT.sub(b"..", data) + b".\r\n"
 
 
+class _RelayFault(Exception):
+    """Raised inside ``breaker.calling()`` so pybreaker counts the outcome as a failure."""
+
+    def __init__(self, outcome: SendOutcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = old_state.name if old_state is not None else "none"
+        if old != new_state.name:
+            log.warning("relay %s: circuit breaker %s -> %s", cb.name, old, new_state.name)
+
+
 class _Relay:
-    def __init__(self, address: str, connections: int) -> None:
+    def __init__(
+        self, address: str, connections: int, breaker_failures: int, reset_timeout_s: float
+    ) -> None:
         self.address = address
         host, _, port = address.rpartition(":")
         self.host = host.strip("[]")
@@ -84,20 +122,46 @@ class _Relay:
         self.slots = asyncio.Semaphore(connections)
         self.idle: list[aiosmtplib.SMTP] = []
         self.open = 0
-        self.cool_until = 0.0
+        # Our own storage object, so the state and opened-at time are read through a
+        # public API rather than the breaker's private attribute.
+        self.storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
+        self.breaker = pybreaker.CircuitBreaker(
+            fail_max=breaker_failures,
+            reset_timeout=reset_timeout_s,
+            # A cancelled transaction says nothing about the relay.
+            exclude=[asyncio.CancelledError],
+            state_storage=self.storage,
+            listeners=[_LogTransitions()],
+            name=address,
+            # Re-raise the fault that tripped the breaker, so its outcome is reported.
+            throw_new_error_on_trip=False,
+        )
+        self.gate = TrialGate(reset_timeout_s)
+
+    def state(self) -> BreakerState:
+        return BreakerState.parse(self.storage.state)
+
+    def opened_at_s(self) -> float | None:
+        opened_at = self.storage.opened_at
+        return opened_at.timestamp() if opened_at is not None else None
 
 
 class RelayPool:
-    """Persistent SMTP connections to an ordered list of relays.
+    """Persistent SMTP connections to an ordered list of relays, each behind a breaker.
 
     Args:
         relays: ``host:port`` of each relay, preferred first.
         connections_per_relay: Bound on connections (and concurrent sends) per relay.
-        timeout_s: Deadline of each SMTP step.
+        timeout_s: Deadline of each SMTP step; the message transfer gets more, see
+            ``min_throughput_bytes_per_s``.
         helo_name: Name given in EHLO.
-        cooldown_s: How long a relay is skipped after a connection failure; it is
-            still tried when every relay is cooling down.
-        clock: Monotonic seconds, injectable for tests.
+        cooldown_s: Reset timeout of each relay's breaker: how long an open breaker
+            skips its relay before one trial transaction is let through.
+        breaker_failures: Consecutive relay faults that open a relay's breaker.
+        min_throughput_bytes_per_s: Slowest transfer rate considered healthy; the
+            deadline of the message transfer and final reply is ``timeout_s`` plus the
+            message size at this rate.
+        wall_clock: Unix seconds, the clock pybreaker stamps an opening with.
     """
 
     def __init__(
@@ -108,24 +172,42 @@ class RelayPool:
         timeout_s: float = 30.0,
         helo_name: str = "localhost",
         cooldown_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
+        breaker_failures: int = 5,
+        min_throughput_bytes_per_s: float = 64 * 1024,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if not relays:
             raise ValueError("at least one relay is required")
-        self._relays = [_Relay(address, connections_per_relay) for address in relays]
+        if breaker_failures < 1 or cooldown_s < 0 or min_throughput_bytes_per_s <= 0:
+            raise ValueError("bad breaker or throughput settings")
+        self._relays = [
+            _Relay(address, connections_per_relay, breaker_failures, cooldown_s)
+            for address in relays
+        ]
         self._timeout_s = timeout_s
         self._helo_name = helo_name
-        self._cooldown_s = cooldown_s
-        self._clock = clock
+        self._min_throughput = min_throughput_bytes_per_s
+        self._wall_clock = wall_clock
         self._closed = False
 
     def relays(self) -> list[RelayInfo]:
         """Current state of every relay, in order of preference."""
-        now = self._clock()
-        return [RelayInfo(r.address, r.open, r.cool_until > now) for r in self._relays]
+        infos = []
+        for r in self._relays:
+            state = r.state()
+            infos.append(
+                RelayInfo(
+                    r.address,
+                    r.open,
+                    state is not BreakerState.CLOSED,
+                    state,
+                    r.breaker.fail_counter,
+                )
+            )
+        return infos
 
     async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendOutcome:
-        """Send one message to one recipient.
+        """Send one message to one recipient through the first relay that takes it.
 
         Never raises for SMTP or network failures: they come back as a
         :class:`SendOutcome`. Cancelling the call closes the connection in use (its
@@ -139,24 +221,53 @@ class RelayPool:
         if self._closed:
             return SendOutcome(0, "node is shutting down", Phase.CONNECT, Failure.REFUSED)
         payload = _prepare_data(data)
-        now = self._clock()
-        ready = [r for r in self._relays if r.cool_until <= now]
-        cooling = [r for r in self._relays if r.cool_until > now]
-        outcome = SendOutcome(0, "no relay", Phase.CONNECT, Failure.REFUSED)
-        for relay in ready + cooling:
-            outcome = await self._send_via(relay, mail_from, rcpt, payload)
+        last: SendOutcome | None = None
+        for relay in self._relays:
+            outcome = await self._send_guarded(relay, mail_from, rcpt, payload)
+            if outcome is None:
+                continue  # breaker open or on trial: fail over without trying
             if not _try_next_relay(outcome):
                 return outcome
-            now = self._clock()
-            if relay.cool_until <= now:
-                log.warning(
-                    "relay %s failed (%s); skipping it for %.0fs",
-                    relay.address,
-                    outcome.text,
-                    self._cooldown_s,
-                )
-            relay.cool_until = now + self._cooldown_s
-        return outcome
+            last = outcome
+        if last is None:
+            return SendOutcome(
+                0,
+                "every relay's circuit breaker is open or on trial",
+                Phase.CONNECT,
+                Failure.UNAVAILABLE,
+            )
+        return last
+
+    async def _send_guarded(
+        self, relay: _Relay, mail_from: str, rcpt: str, payload: bytes
+    ) -> SendOutcome | None:
+        """One transaction through ``relay``'s breaker; None when the breaker refused it."""
+        admission = relay.gate.admit(relay.state(), relay.opened_at_s(), self._wall_clock())
+        if admission is Admission.SKIP:
+            return None
+        try:
+            # calling() around the awaited transaction: pybreaker sees its real end
+            # (breaker.call(async_fn) would record success on creating the coroutine).
+            # pybreaker counts an excluded exception (cancellation) as a success: outside
+            # a trial that only resets the run of consecutive faults.
+            with relay.breaker.calling():
+                outcome = await self._send_via(relay, mail_from, rcpt, payload)
+                if _is_relay_fault(outcome):
+                    raise _RelayFault(outcome)
+            return outcome
+        except _RelayFault as fault:
+            return fault.outcome
+        except pybreaker.CircuitBreakerError:
+            return None  # pybreaker's own clock says the breaker is still open
+        except asyncio.CancelledError:
+            if admission is Admission.TRIAL:
+                # pybreaker took the (excluded) cancellation as a success and closed the
+                # breaker; the trial gave no verdict, so let the next caller be the trial.
+                relay.breaker.half_open()
+            raise
+        finally:
+            if admission is Admission.TRIAL:
+                relay.gate.release()
 
     async def _send_via(
         self, relay: _Relay, mail_from: str, rcpt: str, payload: bytes
@@ -234,8 +345,12 @@ class RelayPool:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost")
             phase = Phase.DATA_END
             # No await between write and read_response: the reply cannot arrive unseen.
+            # The deadline covers the transfer too (write only buffers), so it grows
+            # with the size.
             protocol.write(payload)
-            reply = await protocol.read_response(timeout=timeout)
+            reply = await protocol.read_response(
+                timeout=data_timeout_s(timeout, len(payload), self._min_throughput)
+            )
         except aiosmtplib.SMTPResponseException as exc:
             keep = exc.code != 421 and await self._reset(smtp)
             return SendOutcome(exc.code, exc.message, phase, relay=relay.address), keep
@@ -294,10 +409,15 @@ def _no_reply(exc: BaseException, phase: Phase, relay: str) -> SendOutcome:
     return SendOutcome(0, text, phase, failure, relay)
 
 
+def _is_relay_fault(outcome: SendOutcome) -> bool:
+    """True when the outcome counts against the relay's breaker (see ``classify``)."""
+    return classify(outcome.code, outcome.text, outcome.phase, outcome.failure).relay_fault
+
+
 def _try_next_relay(outcome: SendOutcome) -> bool:
-    """True when the relay itself failed before taking responsibility for the message."""
-    if outcome.phase is Phase.CONNECT:
-        return outcome.failure is not Failure.NONE or outcome.code >= 400
-    if outcome.phase is Phase.DATA_END:
-        return False
-    return outcome.failure is not Failure.NONE or outcome.code == 421
+    """True when the relay itself failed before taking responsibility for the message.
+
+    After the final dot the relay may hold the message (AMBIGUOUS) or gave its verdict:
+    sending it through another relay would risk a duplicate or override a bounce.
+    """
+    return outcome.phase is not Phase.DATA_END and _is_relay_fault(outcome)

@@ -152,6 +152,14 @@ class FakeCoordinator(
         job.progress.state = common_pb2.JOB_STATE_CANCELLED
         return coordinator_pb2.CancelJobResponse(job=job)
 
+    async def RetryFailed(
+        self, request: coordinator_pb2.RetryFailedRequest, context: Ctx
+    ) -> coordinator_pb2.RetryFailedResponse:
+        await self._gate("RetryFailed", context)
+        job = self.jobs[request.job_id]
+        job.progress.state = common_pb2.JOB_STATE_RUNNING
+        return coordinator_pb2.RetryFailedResponse(job=job, requeued=job.progress.failed)
+
     async def ListJobResults(
         self, request: coordinator_pb2.ListJobResultsRequest, context: Ctx
     ) -> coordinator_pb2.ListJobResultsResponse:

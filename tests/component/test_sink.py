@@ -1,20 +1,34 @@
-"""The SMTP sink, in-process and as ``python -m mailers.sink``, fed by aiosmtplib."""
+"""The SMTP sink, in-process and as ``python -m mailers.sink``, fed by aiosmtplib.
+
+Includes each fault of the catalogue, and fault plans changed at runtime (in-process and
+through the control file of a running process).
+"""
 
 from __future__ import annotations
 
 import email
 import email.policy
+import json
 import smtplib
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
 
 from mailers.procs import free_port, spawn_python, wait_for_port
-from mailers.sink import SinkConfig, SinkServer, message_id_of, read_log
-from tests.helpers import wait_until
+from mailers.sink import (
+    FaultPlan,
+    SinkConfig,
+    SinkServer,
+    Window,
+    message_id_of,
+    read_log,
+    write_control,
+)
+from tests.helpers import assert_eventually, wait_until
 
 
 def make_message(message_id: str, to: str = "a@example.com") -> EmailMessage:
@@ -144,3 +158,188 @@ def test_sink_runs_as_a_module(tmp_path: Path) -> None:
         proc.stop()
     assert proc.popen.returncode == 0
     assert "listening on" in proc.log()
+
+
+# -- the fault catalogue -------------------------------------------------------------
+
+
+async def send_one(sink: SinkServer, n: int, deadline_s: float = 10) -> None:
+    """Send one message for one recipient; raises what aiosmtplib raises."""
+    await aiosmtplib.send(
+        make_message(f"<f{n}@mailers.test>", to=f"r{n}@example.com"),
+        hostname="127.0.0.1",
+        port=sink.port,
+        sender="bounces@example.com",
+        recipients=[f"r{n}@example.com"],
+        timeout=deadline_s,
+    )
+
+
+def logged_ids(sink: SinkServer) -> list[str]:
+    return [str(line["message_id"]) for line in read_log(sink.config.log_path)]
+
+
+@pytest.mark.parametrize("code", [421, 451])
+async def test_tempfail_window_refuses_everything_then_recovers(
+    sink: SinkServer, code: int
+) -> None:
+    # Given a sink answering every MAIL with a 4xx for 0.3 s
+    sink.set_faults(FaultPlan(tempfail=Window(for_s=0.3), tempfail_code=code))
+    # When a message is sent right away
+    with pytest.raises(aiosmtplib.SMTPResponseException) as info:
+        await send_one(sink, 1)
+    # Then it is refused with that code and not stored
+    assert info.value.code == code
+    assert logged_ids(sink) == [] and sink.stats.tempfailed == 1
+
+    # And once the window has passed, mail is accepted again
+    async def accepted() -> bool:
+        try:
+            await send_one(sink, 2)
+        except aiosmtplib.SMTPResponseException:
+            return False
+        return True
+
+    await assert_eventually(accepted, timeout_s=5, interval_s=0.05, message="recovery")
+    assert logged_ids(sink) == ["<f2@mailers.test>"]
+
+
+async def test_tempfail_count_refuses_the_next_n_transactions(sink: SinkServer) -> None:
+    sink.set_faults(FaultPlan(tempfail=Window(count=2)))
+    codes = []
+    for n in range(3):
+        try:
+            await send_one(sink, n)
+            codes.append(250)
+        except aiosmtplib.SMTPResponseException as exc:
+            codes.append(exc.code)
+    assert codes == [421, 421, 250]
+
+
+@pytest.mark.parametrize("stores", [False, True])
+async def test_hang_after_data_never_answers_the_final_dot(sink: SinkServer, stores: bool) -> None:
+    # Given a sink that goes silent after the next message's final dot
+    sink.set_faults(FaultPlan(hang_after_data=Window(count=1), hang_stores=stores))
+    # When a client sends with a short deadline
+    with pytest.raises(aiosmtplib.SMTPTimeoutError):
+        await send_one(sink, 1, deadline_s=0.3)
+    # Then it timed out; the message is stored only when the plan says so
+    assert sink.stats.hung == 1
+    assert logged_ids(sink) == (["<f1@mailers.test>"] if stores else [])
+    # And the next message is answered
+    await send_one(sink, 2)
+    assert logged_ids(sink)[-1] == "<f2@mailers.test>"
+
+
+async def test_cut_mid_data_drops_the_connection_and_stores_nothing(sink: SinkServer) -> None:
+    sink.set_faults(FaultPlan(cut_mid_data=Window(count=1)))
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await send_one(sink, 1)
+    assert (sink.stats.cut_mid_data, logged_ids(sink)) == (1, [])
+    assert list((sink.config.maildir / "new").iterdir()) == []
+    await send_one(sink, 2)
+    assert logged_ids(sink) == ["<f2@mailers.test>"]
+
+
+async def test_cut_after_data_stores_and_logs_but_withholds_the_250(sink: SinkServer) -> None:
+    # Given a sink that drops the connection after storing the next message
+    sink.set_faults(FaultPlan(cut_after_data=Window(count=1)))
+    # When a message is sent, the client sees the connection lost, no reply
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await send_one(sink, 1)
+    # Then the sink has it nonetheless: a retry would be a legitimate duplicate
+    await send_one(sink, 1)
+    assert logged_ids(sink) == ["<f1@mailers.test>", "<f1@mailers.test>"]
+    assert (sink.stats.cut_after_data, sink.stats.messages) == (1, 2)
+
+
+async def test_control_file_changes_faults_at_runtime(tmp_path: Path) -> None:
+    # Given a sink watching a control file that does not exist yet
+    control = tmp_path / "control.json"
+    said: list[str] = []
+    config = SinkConfig(
+        maildir=tmp_path / "md",
+        log_path=tmp_path / "log.jsonl",
+        reject_pattern=r"^nobody",
+        control_path=control,
+        control_poll_s=0.02,
+    )
+    async with SinkServer(config, announce=said.append) as sink:
+        assert sink.plan == FaultPlan(reject_pattern=r"^nobody")
+        # When a plan is written, it is applied without a restart
+        plan = FaultPlan(tempfail=Window(count=1), cut_after_data=Window(for_s=60.0))
+        write_control(control, plan)
+        await assert_eventually(lambda: sink.plan == plan, timeout_s=5, message="plan applied")
+        assert said[-1] == f"mailers-sink faults #2: {json.dumps(plan.to_json())}"
+        # When the file is broken, the faults stay as they were
+        control.write_text("{not json")
+        await assert_eventually(lambda: "control error" in said[-1], timeout_s=5)
+        assert sink.plan == plan
+        # When it is removed, the startup faults are back
+        control.unlink()
+        await assert_eventually(
+            lambda: sink.plan == config.startup_plan(), timeout_s=5, message="startup plan"
+        )
+
+
+def test_fault_plan_json_round_trip_and_validation() -> None:
+    plan = FaultPlan(
+        reject_pattern="^b",
+        tempfail=Window(for_s=8.0),
+        tempfail_code=451,
+        hang_after_data=Window(count=3),
+        hang_stores=True,
+        cut_mid_data=Window(count=1, for_s=2.5),
+        cut_after_data=Window(),
+        delay_ms=5,
+    )
+    assert FaultPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    assert FaultPlan.from_json({}) == FaultPlan()
+    assert FaultPlan.from_json({"tempfail": {"for_s": 8}}).tempfail_code == 421
+    bad_plans: list[dict[str, Any]] = [
+        {"explode": {}},
+        {"tempfail": {"code": 250}},
+        {"tempfail": 5},
+        {"cut_mid_data": {"count": "3"}},
+        {"cut_mid_data": {"count": -1}},
+        {"hang_after_data": {"store": "yes"}},
+        {"reject_pattern": "("},
+        {"delay_ms": -5},
+    ]
+    for bad in bad_plans:
+        with pytest.raises(ValueError):
+            FaultPlan.from_json(bad)
+
+
+def test_sink_process_applies_a_control_file_without_restart(tmp_path: Path) -> None:
+    # Given the sink as a process with a control file rejecting one recipient
+    port = free_port()
+    control = tmp_path / "control.json"
+    write_control(control, FaultPlan(reject_pattern=r"^a@"))
+    proc = spawn_python(
+        "sink",
+        "mailers.sink",
+        tmp_path / "logs",
+        {},
+        [
+            "--port", str(port), "--maildir", str(tmp_path / "md"),
+            "--log", str(tmp_path / "l"), "--control", str(control),
+            # (the control file, present, overrides these flags)
+            "--tempfail-code", "451", "--tempfail-for-s", "30",
+        ],
+    )  # fmt: skip
+    try:
+        wait_for_port(port, 15, proc.popen)
+        assert "mailers-sink faults #2" in proc.log()
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                smtp.send_message(make_message("<p1@mailers.test>"), "b@example.com", ["a@x.org"])
+        # When the control file changes, the running process follows it
+        write_control(control, FaultPlan())
+        wait_until(lambda: "mailers-sink faults #3" in proc.log(), timeout_s=10)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.send_message(make_message("<p2@mailers.test>"), "b@example.com", ["a@x.org"])
+        wait_until(lambda: len(read_log(tmp_path / "l")) == 1, timeout_s=10)
+    finally:
+        proc.stop()
+    assert proc.popen.returncode == 0

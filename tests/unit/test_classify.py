@@ -50,6 +50,22 @@ D, T, P, A = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AM
         (0, Phase.DATA_END, Failure.TIMEOUT, A, True),
         (0, Phase.DATA_END, Failure.DISCONNECTED, A, True),
         (0, Phase.DATA_END, Failure.PROTOCOL, T, True),
+        # A 4xx refusing the whole session (greeting, EHLO) is the relay's fault; a 4xx
+        # for one message or recipient is not, nor is any per-recipient 5xx.
+        (421, Phase.DATA_END, Failure.NONE, T, True),
+        (450, Phase.CONNECT, Failure.NONE, T, True),
+        (451, Phase.MAIL, Failure.NONE, T, False),
+        (451, Phase.RCPT, Failure.NONE, T, False),
+        (550, Phase.DATA_END, Failure.NONE, P, False),
+        (553, Phase.RCPT, Failure.NONE, P, False),
+        # Auth failures at any step trip the relay's breaker, never bounce the recipient.
+        (534, Phase.MAIL, Failure.NONE, T, True),
+        (535, Phase.CONNECT, Failure.NONE, T, True),
+        (535, Phase.RCPT, Failure.NONE, T, True),
+        (535, Phase.DATA_END, Failure.NONE, T, True),
+        (538, Phase.MAIL, Failure.NONE, T, True),
+        # No relay tried (every breaker open): deferred, never failed.
+        (0, Phase.CONNECT, Failure.UNAVAILABLE, T, True),
     ],
 )
 def test_classification_table(
@@ -70,6 +86,23 @@ def test_reason_of_a_connection_failure_names_the_phase() -> None:
     verdict = classify(0, "Connect call failed", Phase.CONNECT, Failure.REFUSED)
     assert verdict.reason == "refused during connect: Connect call failed"
     assert "no reply after data" in classify(0, "", Phase.DATA_END, Failure.TIMEOUT).reason
+
+
+def test_all_relays_unavailable_is_deferred_with_a_clear_reason() -> None:
+    verdict = classify(
+        0, "circuit breakers of every relay are open", Phase.CONNECT, Failure.UNAVAILABLE
+    )
+    assert verdict.outcome is Outcome.TRANSIENT
+    assert verdict.reason == "all relays unavailable: circuit breakers of every relay are open"
+    assert classify(0, "", Phase.CONNECT, Failure.UNAVAILABLE).reason == "all relays unavailable"
+
+
+def test_ambiguous_only_when_the_final_dot_went_unanswered() -> None:
+    # The same timeout is safe to retry before the dot, ambiguous after it.
+    for phase in (Phase.CONNECT, Phase.MAIL, Phase.RCPT, Phase.DATA):
+        assert classify(0, "timed out", phase, Failure.TIMEOUT).outcome is Outcome.TRANSIENT
+    for failure in (Failure.TIMEOUT, Failure.DISCONNECTED):
+        assert classify(0, "x", Phase.DATA_END, failure).outcome is Outcome.AMBIGUOUS
 
 
 @pytest.mark.parametrize(
