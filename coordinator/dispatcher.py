@@ -174,6 +174,9 @@ class Dispatcher:
         if not self.lost.is_set():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_once(), 5)
+        # Whatever ended our reign, request handlers still holding this dispatcher (a
+        # WatchJob stream) must see it is over and send their clients elsewhere.
+        self.lost.set()
 
     async def _guard(self, coro: object) -> None:
         """Run a background coroutine; losing leadership or crashing ends our reign."""

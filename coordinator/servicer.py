@@ -72,7 +72,8 @@ class Role:
         now = time.monotonic()
         if self.election is not None and now - self._hint_at > 1.0:
             try:
-                candidates = await asyncio.wait_for(self.election.candidates(), 2)
+                # Short: a coordinator cut off from etcd should redirect (or refuse) fast.
+                candidates = await asyncio.wait_for(self.election.candidates(), 0.5)
                 self._hint = candidates[0].address if candidates else ""
             except Exception:
                 self._hint = ""

@@ -2,15 +2,21 @@
 
 Each part is a real process (``python -m coordinator``, ``python -m sender_node``,
 ``python -m mailers.sink``, Debian's ``etcd``) on loopback ports, so killing one is a
-real failure. Used by ``mailers cluster``/``mailers demo`` and by the integration tests;
-:meth:`LocalCluster.stop` stops every process it started, by PID.
+real failure. Used by ``mailers cluster``/``mailers demo`` and by the integration and
+chaos tests; :meth:`LocalCluster.stop` stops every process it started, by PID.
+
+For fault injection a test can give chosen nodes an SMTP sink of their own (so the sink
+logs tell which node sent what), route a node's or a coordinator's etcd traffic, or a
+node's SMTP traffic, elsewhere (e.g. through ``mailers.faultproxy``) with
+:attr:`LocalCluster.node_etcd_endpoints`, :attr:`LocalCluster.coordinator_etcd_endpoints`
+and :attr:`LocalCluster.node_relays`, and restart a node or the shared sink.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mailers.procs import EtcdCluster, Proc, free_port, spawn_python, wait_for_port
@@ -28,7 +34,33 @@ class ClusterSpec:
     per_node_env: Mapping[int, Mapping[str, str]] = dataclasses.field(default_factory=dict)
     """Extra variables for node i (e.g. a different capacity)."""
     sink_args: tuple[str, ...] = ()
+    """Extra arguments of every sink (e.g. ``("--delay-ms", "5")``)."""
+    own_sink_nodes: tuple[int, ...] = ()
+    """Nodes that relay to a sink of their own (``LocalCluster.node_sinks[i]``) instead
+    of the shared one, so the sink logs tell which node sent a message."""
     etcd_prefix: str = "/mailers"
+
+
+@dataclasses.dataclass
+class Sink:
+    """One SMTP sink process: where it listens, stores and logs."""
+
+    name: str
+    port: int
+    maildir: Path
+    log_path: Path
+    proc: Proc | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def delivered(self) -> list[dict[str, object]]:
+        """Every line of the sink's log (one per accepted recipient), tagged ``sink``."""
+        if not self.log_path.exists():
+            return []
+        lines = self.log_path.read_text().splitlines()
+        return [{**json.loads(line), "sink": self.name} for line in lines if line.strip()]
 
 
 class LocalCluster:
@@ -47,6 +79,24 @@ class LocalCluster:
         self.coordinators: dict[str, Proc] = {}
         self.nodes: dict[str, Proc] = {}
         self.sink: Proc | None = None
+        self.node_sinks: dict[int, Sink] = {
+            i: Sink(
+                name=f"sink-node{i}",
+                port=free_port(),
+                maildir=base_dir / f"maildir-node{i}",
+                log_path=base_dir / f"sink-node{i}.jsonl",
+            )
+            for i in self.spec.own_sink_nodes
+        }
+        self.node_etcd_endpoints: dict[int, Sequence[str]] = {}
+        """etcd endpoints for node i instead of the cluster's (e.g. a fault proxy in
+        front of etcd); set before :meth:`start` or :meth:`restart_node`."""
+        self.coordinator_etcd_endpoints: dict[int, Sequence[str]] = {}
+        """etcd endpoints for coordinator i instead of the cluster's; set before
+        :meth:`start`."""
+        self.node_relays: dict[int, Sequence[str]] = {}
+        """SMTP relays for node i instead of its sink (e.g. a fault proxy in front of
+        it); set before :meth:`start` or :meth:`restart_node`."""
 
     @property
     def coordinator_addresses(self) -> list[str]:
@@ -79,20 +129,35 @@ class LocalCluster:
             raise
 
     def start_sink(self) -> None:
-        self.sink = spawn_python(
-            "sink",
+        """Start the shared sink and every node's own sink (see ``own_sink_nodes``)."""
+        self.sink = self._spawn_sink("sink", self.sink_port, self.maildir, self.sink_log)
+        for sink in self.node_sinks.values():
+            if sink.proc is None or not sink.proc.alive():
+                sink.proc = self._spawn_sink(sink.name, sink.port, sink.maildir, sink.log_path)
+
+    def restart_sink(self) -> None:
+        """Stop the shared sink (SIGTERM, then SIGKILL) and start it again on the same
+        port, appending to the same log. Nodes reconnect on their own."""
+        if self.sink is not None:
+            self.sink.stop()
+        self.sink = self._spawn_sink("sink", self.sink_port, self.maildir, self.sink_log)
+
+    def _spawn_sink(self, name: str, port: int, maildir: Path, log: Path) -> Proc:
+        proc = spawn_python(
+            name,
             "mailers.sink",
             self.log_dir,
             {"PYTHONUNBUFFERED": "1"},
             [
                 "--host", "127.0.0.1",
-                "--port", str(self.sink_port),
-                "--maildir", str(self.maildir),
-                "--log", str(self.sink_log),
+                "--port", str(port),
+                "--maildir", str(maildir),
+                "--log", str(log),
                 *self.spec.sink_args,
             ],
         )  # fmt: skip
-        wait_for_port(self.sink_port, 30, self.sink.popen)
+        wait_for_port(port, 30, proc.popen)
+        return proc
 
     def start_coordinator(self, i: int, port: int) -> Proc:
         name = f"coordinator{i}"
@@ -104,6 +169,8 @@ class LocalCluster:
             }
         )
         env.update(self.spec.coordinator_env)
+        if i in self.coordinator_etcd_endpoints:
+            env["MAILER_ETCD_ENDPOINTS"] = ",".join(self.coordinator_etcd_endpoints[i])
         proc = spawn_python(name, "coordinator", self.log_dir, env)
         self.coordinators[name] = proc
         return proc
@@ -115,31 +182,46 @@ class LocalCluster:
             {
                 "MAILER_NODE_ID": name,
                 "MAILER_LISTEN": "127.0.0.1:0",
-                "MAILER_RELAYS": self.relay,
+                "MAILER_RELAYS": self.node_sinks[i].address if i in self.node_sinks else self.relay,
             }
         )
         env.update(self.spec.node_env)
         env.update(self.spec.per_node_env.get(i, {}))
+        if i in self.node_etcd_endpoints:
+            env["MAILER_ETCD_ENDPOINTS"] = ",".join(self.node_etcd_endpoints[i])
+        if i in self.node_relays:
+            env["MAILER_RELAYS"] = ",".join(self.node_relays[i])
         proc = spawn_python(name, "sender_node", self.log_dir, env)
         self.nodes[name] = proc
         return proc
+
+    def restart_node(self, i: int) -> Proc:
+        """Stop node i if it runs (SIGTERM, so it drains and revokes its lease; SIGKILL
+        after the grace period) and start it again with the same id and environment."""
+        old = self.nodes.get(f"node{i}")
+        if old is not None:
+            old.stop()
+        return self.start_node(i)
 
     def coordinator_at(self, address: str) -> Proc:
         port = int(address.rpartition(":")[2])
         return self.coordinators[f"coordinator{self.coordinator_ports.index(port)}"]
 
     def delivered(self) -> list[dict[str, object]]:
-        """Every line of the sink's log: one per accepted recipient."""
-        if not self.sink_log.exists():
-            return []
-        lines = self.sink_log.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        """Every line of every sink's log: one per accepted recipient, each tagged with
+        its sink's name under ``sink`` (``"sink"`` for the shared one)."""
+        shared = Sink("sink", self.sink_port, self.maildir, self.sink_log)
+        lines = shared.delivered()
+        for sink in self.node_sinks.values():
+            lines.extend(sink.delivered())
+        return lines
 
     def stop(self) -> None:
         for proc in [*self.nodes.values(), *self.coordinators.values()]:
             proc.stop()
-        if self.sink is not None:
-            self.sink.stop()
+        for sink_proc in [self.sink, *(s.proc for s in self.node_sinks.values())]:
+            if sink_proc is not None:
+                sink_proc.stop()
         self.etcd.stop()
 
     def logs(self) -> str:

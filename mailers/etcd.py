@@ -177,21 +177,29 @@ class Session:
 
     async def _keepalive(self) -> None:
         interval = self.ttl_s / 3
+        # After a failed refresh (an etcd leader election takes 1-2 s) try again soon,
+        # not a whole interval later: one miss must not cost the lease.
+        retry_s = min(0.5, interval)
+        wait_s = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait_s)
+            sent = time.monotonic()
             try:
                 reply = await asyncio.wait_for(self.lease.refresh(), interval)
-            except (TimeoutError, aetcd.ClientError) as exc:
-                log.warning("lease %x keepalive failed: %s", self.lease_id, exc)
+            except Exception as exc:  # any failure: retry until the lease can't be trusted
+                log.warning("lease %x keepalive failed: %r", self.lease_id, exc)
                 if not lease_trusted(self.last_ok, time.monotonic(), self.ttl_s, self.margin_s):
                     self.done.set()
                     return
+                wait_s = retry_s
                 continue
             if reply is None or reply.TTL <= 0:
                 log.warning("lease %x expired", self.lease_id)
                 self.done.set()
                 return
-            self.last_ok = time.monotonic()
+            # etcd restarts the TTL no earlier than when the refresh was sent.
+            self.last_ok = sent
+            wait_s = interval
 
     async def close(self, revoke: bool = True) -> None:
         self.done.set()

@@ -50,7 +50,7 @@ from sender_node.metrics import NodeMetrics
 from sender_node.relay_breaker import BreakerState
 from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
 from sender_node.slots import PrioritySlots
-from sender_node.smtp_client import RelayInfo, SendOutcome
+from sender_node.smtp_client import RelayInfo, SendAborted, SendOutcome
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,13 @@ class RegistrationView(Protocol):
 class Mailer(Protocol):
     """What the servicer needs from ``smtp_client.RelayPool``."""
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendOutcome: ...
+    async def send(
+        self,
+        mail_from: str,
+        rcpt: str,
+        data: bytes,
+        may_send: Callable[[], bool] | None = None,
+    ) -> SendOutcome: ...
 
     def relays(self) -> list[RelayInfo]: ...
 
@@ -579,11 +585,26 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 return
             item = recipients[state.next_index]
             state.next_index += 1
-            self._report(state, await self._deliver(compiled, item, state.batch.priority))
+            result = await self._deliver(compiled, item, state)
+            if result is None:
+                # Stopped before the message could reach the relay: nothing to report;
+                # the coordinator sends this recipient again.
+                state.lost_registration = not self._registration.healthy()
+                return
+            self._report(state, result)
+
+    def _may_send(self, state: _Batch) -> bool:
+        """Still allowed to start (or finish handing over) a transaction of this batch:
+        the lease is trusted, the batch not cancelled and its stream still open."""
+        return (
+            self._registration.healthy() and not state.cancel_requested and not state.stream.ended
+        )
 
     async def _deliver(
-        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient, priority: int = 0
-    ) -> common_pb2.RecipientResult:
+        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient, state: _Batch
+    ) -> common_pb2.RecipientResult | None:
+        """Send one recipient's message; None when stopped before it could be delivered
+        (the lease lapsed, the batch was cancelled or its stream ended meanwhile)."""
         recipient = item.recipient
         try:
             data = compiled.render(
@@ -595,9 +616,20 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             )
         except RenderError as exc:
             return self._failed(item, f"render error: {exc}")
-        async with self._slots.slot(priority):
+        async with self._slots.slot(state.batch.priority):
+            # Waiting for a slot can take long (or the process was frozen): check again.
+            if not self._may_send(state):
+                return None
             started = self._clock()
-            outcome = await self._mailer.send(compiled.envelope_from, recipient.email, data)
+            try:
+                outcome = await self._mailer.send(
+                    compiled.envelope_from,
+                    recipient.email,
+                    data,
+                    may_send=lambda: self._may_send(state),
+                )
+            except SendAborted:
+                return None
             finished = self._clock()
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
         self._load.record(finished, finished - started, verdict.relay_fault)

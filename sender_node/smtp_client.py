@@ -129,7 +129,7 @@ class _Relay:
             fail_max=breaker_failures,
             reset_timeout=reset_timeout_s,
             # A cancelled transaction says nothing about the relay.
-            exclude=[asyncio.CancelledError],
+            exclude=[asyncio.CancelledError, SendAborted],
             state_storage=self.storage,
             listeners=[_LogTransitions()],
             name=address,
@@ -206,7 +206,13 @@ class RelayPool:
             )
         return infos
 
-    async def send(self, mail_from: str, rcpt: str, data: bytes) -> SendOutcome:
+    async def send(
+        self,
+        mail_from: str,
+        rcpt: str,
+        data: bytes,
+        may_send: Callable[[], bool] | None = None,
+    ) -> SendOutcome:
         """Send one message to one recipient through the first relay that takes it.
 
         Never raises for SMTP or network failures: they come back as a
@@ -217,13 +223,19 @@ class RelayPool:
             mail_from: Envelope sender.
             rcpt: Envelope recipient.
             data: The message, CRLF line endings, not dot-stuffed.
+            may_send: Asked after a connection slot is obtained and again right before
+                the message body goes out; when it answers False the transaction is
+                abandoned (the connection is closed, so the relay discards it).
+
+        Raises:
+            SendAborted: may_send said no; nothing was delivered.
         """
         if self._closed:
             return SendOutcome(0, "node is shutting down", Phase.CONNECT, Failure.REFUSED)
         payload = _prepare_data(data)
         last: SendOutcome | None = None
         for relay in self._relays:
-            outcome = await self._send_guarded(relay, mail_from, rcpt, payload)
+            outcome = await self._send_guarded(relay, mail_from, rcpt, payload, may_send)
             if outcome is None:
                 continue  # breaker open or on trial: fail over without trying
             if not _try_next_relay(outcome):
@@ -239,7 +251,12 @@ class RelayPool:
         return last
 
     async def _send_guarded(
-        self, relay: _Relay, mail_from: str, rcpt: str, payload: bytes
+        self,
+        relay: _Relay,
+        mail_from: str,
+        rcpt: str,
+        payload: bytes,
+        may_send: Callable[[], bool] | None,
     ) -> SendOutcome | None:
         """One transaction through ``relay``'s breaker; None when the breaker refused it."""
         admission = relay.gate.admit(relay.state(), relay.opened_at_s(), self._wall_clock())
@@ -251,7 +268,7 @@ class RelayPool:
             # pybreaker counts an excluded exception (cancellation) as a success: outside
             # a trial that only resets the run of consecutive faults.
             with relay.breaker.calling():
-                outcome = await self._send_via(relay, mail_from, rcpt, payload)
+                outcome = await self._send_via(relay, mail_from, rcpt, payload, may_send)
                 if _is_relay_fault(outcome):
                     raise _RelayFault(outcome)
             return outcome
@@ -259,7 +276,7 @@ class RelayPool:
             return fault.outcome
         except pybreaker.CircuitBreakerError:
             return None  # pybreaker's own clock says the breaker is still open
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, SendAborted):
             if admission is Admission.TRIAL:
                 # pybreaker took the (excluded) cancellation as a success and closed the
                 # breaker; the trial gave no verdict, so let the next caller be the trial.
@@ -270,9 +287,17 @@ class RelayPool:
                 relay.gate.release()
 
     async def _send_via(
-        self, relay: _Relay, mail_from: str, rcpt: str, payload: bytes
+        self,
+        relay: _Relay,
+        mail_from: str,
+        rcpt: str,
+        payload: bytes,
+        may_send: Callable[[], bool] | None,
     ) -> SendOutcome:
         async with relay.slots:
+            # The wait for a slot may have been long (or the process frozen meanwhile).
+            if may_send is not None and not may_send():
+                raise SendAborted("stopped while waiting for a connection")
             outcome = SendOutcome(0, "not attempted", Phase.CONNECT, Failure.REFUSED, relay.address)
             for attempt in range(2):
                 reused = attempt == 0 and bool(relay.idle)
@@ -282,7 +307,9 @@ class RelayPool:
                     return failed.outcome
                 keep = False
                 try:
-                    outcome, keep = await self._transaction(smtp, relay, mail_from, rcpt, payload)
+                    outcome, keep = await self._transaction(
+                        smtp, relay, mail_from, rcpt, payload, may_send
+                    )
                 finally:
                     if keep and smtp.is_connected and not self._closed:
                         relay.idle.append(smtp)
@@ -326,7 +353,13 @@ class RelayPool:
         return smtp
 
     async def _transaction(
-        self, smtp: aiosmtplib.SMTP, relay: _Relay, mail_from: str, rcpt: str, payload: bytes
+        self,
+        smtp: aiosmtplib.SMTP,
+        relay: _Relay,
+        mail_from: str,
+        rcpt: str,
+        payload: bytes,
+        may_send: Callable[[], bool] | None = None,
     ) -> tuple[SendOutcome, bool]:
         """Run MAIL/RCPT/DATA on a connected client; returns the outcome and whether
         the connection is fit for reuse."""
@@ -343,6 +376,10 @@ class RelayPool:
             protocol = smtp.protocol
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            if may_send is not None and not may_send():
+                # Past 354 the relay waits for the body; dropping the connection (the
+                # caller closes it, keep is False) makes it discard the transaction.
+                raise SendAborted("stopped before the message body")
             phase = Phase.DATA_END
             # No await between write and read_response: the reply cannot arrive unseen.
             # The deadline covers the transfer too (write only buffers), so it grows
@@ -391,6 +428,10 @@ class RelayPool:
                 with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
                     await smtp.quit(timeout=min(self._timeout_s, 2.0))
                 smtp.close()
+
+
+class SendAborted(Exception):
+    """The caller's ``may_send`` said no before the message body went out."""
 
 
 def _no_reply(exc: BaseException, phase: Phase, relay: str) -> SendOutcome:
