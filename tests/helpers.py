@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from client_sdk import MailerClient, MailerError, NodeState
 
 
 async def assert_eventually(
@@ -47,3 +50,31 @@ async def assert_stays(
         if not check():
             raise AssertionError(f"{message} stopped holding")
         await asyncio.sleep(interval_s)
+
+
+async def wait_nodes_active(client: MailerClient, count: int, timeout_s: float = 60) -> None:
+    """Wait until the leader has an open stream to at least count active nodes."""
+
+    async def ready() -> bool:
+        try:
+            nodes = await client.list_nodes(timeout=timedelta(seconds=3))
+        except MailerError:
+            return False
+        return sum(1 for n in nodes if n.state is NodeState.ACTIVE) >= count
+
+    await assert_eventually(ready, timeout_s=timeout_s, message=f"{count} nodes active")
+
+
+async def wait_new_leader(client: MailerClient, old_address: str, timeout_s: float = 30) -> float:
+    """Wait until a coordinator other than old_address leads; returns the seconds waited."""
+    started = time.monotonic()
+
+    async def new_leader() -> bool:
+        try:
+            status = await client.cluster_status(timeout=timedelta(seconds=2))
+        except MailerError:
+            return False
+        return status.leader is not None and status.leader.address != old_address
+
+    await assert_eventually(new_leader, timeout_s=timeout_s, message="a standby leads")
+    return time.monotonic() - started

@@ -22,10 +22,10 @@ from typing import Any
 import aetcd
 import pytest
 
-from client_sdk import Address, MailerClient, MessageContent, NodeState, Recipient
+from client_sdk import Address, MailerClient, MessageContent, Recipient
 from mailers.cluster import LocalCluster
 from mailers.etcd import Keys, connect
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, wait_nodes_active
 
 CONTENT = MessageContent(
     sender=Address("news@example.com", "Example News"),
@@ -77,14 +77,7 @@ async def etcd_client(endpoints: Sequence[str]) -> AsyncIterator[aetcd.Client]:
 
 
 async def wait_ready(client: MailerClient, nodes: int) -> None:
-    async def ready() -> bool:
-        try:
-            listed = await client.list_nodes(timeout=timedelta(seconds=5))
-        except Exception:
-            return False
-        return sum(1 for n in listed if n.state is NodeState.ACTIVE) >= nodes
-
-    await assert_eventually(ready, timeout_s=60, message=f"{nodes} nodes connected to the leader")
+    await wait_nodes_active(client, nodes)
 
 
 async def batches_held(client: MailerClient, node_id: str) -> int | None:

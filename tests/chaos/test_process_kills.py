@@ -12,15 +12,14 @@ import collections
 import signal
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from client_sdk import Address, MailerClient, MessageContent, NodeState, Recipient
+from client_sdk import Address, MailerClient, MessageContent, Recipient
 from mailers.cluster import ClusterSpec, LocalCluster
 from tests.chaos.invariants import check_job
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, wait_new_leader, wait_nodes_active
 from tests.integration.conftest import start_cluster
 
 pytestmark = pytest.mark.chaos
@@ -51,17 +50,6 @@ def _recipients(n: int, domain: str) -> list[Recipient]:
     return [Recipient(f"r{i}@{domain}", f"R{i}") for i in range(n)]
 
 
-async def _ready(client: MailerClient, nodes: int) -> None:
-    async def ready() -> bool:
-        try:
-            listed = await client.list_nodes(timeout=timedelta(seconds=3))
-        except Exception:
-            return False
-        return sum(1 for n in listed if n.state is NodeState.ACTIVE) >= nodes
-
-    await assert_eventually(ready, timeout_s=60, message="nodes connected")
-
-
 @pytest.fixture
 def clusters() -> Iterator[list[LocalCluster]]:
     made: list[LocalCluster] = []
@@ -76,7 +64,7 @@ async def test_1_sender_node_sigkilled_mid_batch(
     cluster = start_cluster(tmp_path / "c", _spec())
     clusters.append(cluster)
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client, 3)
+        await wait_nodes_active(client, 3)
         job = await client.submit(CONTENT, _recipients(600, "kill-node.example"))
 
         async def node0_holds_batches() -> bool:
@@ -113,7 +101,7 @@ async def test_2_leader_sigkilled_during_submits_and_dispatch(
     cluster = start_cluster(tmp_path / "c", _spec(etcd_members=3))
     clusters.append(cluster)
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client, 3)
+        await wait_nodes_active(client, 3)
         status = await client.cluster_status()
         assert status.leader is not None
         old_leader = status.leader
@@ -133,17 +121,7 @@ async def test_2_leader_sigkilled_during_submits_and_dispatch(
         submitter = asyncio.create_task(submit_all())
         await assert_eventually(lambda: len(submitted) >= 4, timeout_s=60, message="4 submits")
         cluster.coordinator_at(old_leader.address).signal(signal.SIGKILL)
-        killed = time.monotonic()
-
-        async def new_leader() -> bool:
-            try:
-                s = await client.cluster_status(timeout=timedelta(seconds=2))
-            except Exception:
-                return False
-            return s.leader is not None and s.leader.address != old_leader.address
-
-        await assert_eventually(new_leader, timeout_s=30, message="standby leads")
-        takeover_s = time.monotonic() - killed
+        takeover_s = await wait_new_leader(client, old_leader.address)
         await asyncio.wait_for(submitter, 120)
         # Resubmitting every key returns the job already made for it
         for i, key in enumerate(keys):

@@ -38,7 +38,6 @@ from client_sdk import (
     BreakerState,
     MailerClient,
     MessageContent,
-    NodeState,
     Recipient,
     RecipientResult,
     RecipientStatus,
@@ -47,7 +46,7 @@ from mailers.cluster import ClusterSpec, LocalCluster
 from mailers.sink import FaultPlan, Window, write_control
 from tests.chaos.conftest import ClusterFactory
 from tests.chaos.invariants import check_job
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, wait_nodes_active
 
 pytestmark = pytest.mark.chaos
 
@@ -90,17 +89,6 @@ def _people(domain: str, bounce_every: int = 0) -> list[Recipient]:
         return f"bounce{i}" if bounce_every and i % bounce_every == 0 else f"user{i}"
 
     return [Recipient(f"{local(i)}@{domain}", f"User {i}") for i in range(RECIPIENTS)]
-
-
-async def _ready(client: MailerClient) -> None:
-    async def ready() -> bool:
-        try:
-            listed = await client.list_nodes(timeout=timedelta(seconds=3))
-        except Exception:
-            return False
-        return sum(1 for n in listed if n.state is NodeState.ACTIVE) >= 3
-
-    await assert_eventually(ready, timeout_s=60, message="3 nodes connected to the leader")
 
 
 def _announcements(cluster: LocalCluster) -> int:
@@ -172,7 +160,7 @@ async def test_5_relay_tempfails_then_recovers(
     control = tmp_path / "sink-control.json"
     cluster = await cluster_factory(_spec(control))
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         # Given a relay answering 421 or 451 to every MAIL for a few seconds
         fault_at = await _set_faults(
             cluster, control, FaultPlan(tempfail=Window(for_s=window_s), tempfail_code=code)
@@ -219,7 +207,7 @@ async def test_6_rejected_recipients_fail_once_and_the_rest_are_delivered(
     write_control(control, FaultPlan(reject_pattern=r"^bounce"))
     cluster = await cluster_factory(_spec(control))
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         # When a job with every fifth recipient such an address is sent
         job_id, results = await _run_job(client, _people("reject.example", bounce_every=5))
         report = await check_job(client, cluster, job_id)
@@ -263,7 +251,7 @@ async def test_7_relay_fails_during_data(
     write_control(control, FaultPlan(hang_stores=stored, **windows))  # type: ignore[arg-type]
     cluster = await cluster_factory(_spec(control))
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         # When a job is sent
         started = time.monotonic()
         job_id, results = await _run_job(client, _people(f"{fault.replace('_', '-')}.example"))
@@ -301,7 +289,7 @@ async def test_8_all_relays_down_then_back(tmp_path: Path, cluster_factory: Clus
     cluster = await cluster_factory(_spec(control))
     assert cluster.sink is not None
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         # Given every relay down: the sink process is stopped, connections are refused
         await asyncio.to_thread(cluster.sink.stop)
         down_at = time.monotonic()

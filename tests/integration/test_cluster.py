@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ from client_sdk import (
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from mailers.cluster import ClusterSpec, LocalCluster
 from mailers.etcd import connect
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, wait_new_leader, wait_nodes_active
 from tests.integration.conftest import start_cluster
 
 pytestmark = pytest.mark.integration
@@ -53,20 +52,9 @@ def message_ids(cluster: LocalCluster, job_id: str) -> collections.Counter[str]:
     )
 
 
-async def wait_ready(client: MailerClient, nodes: int) -> None:
-    async def ready() -> bool:
-        try:
-            listed = await client.list_nodes(timeout=timedelta(seconds=5))
-        except Exception:
-            return False
-        return sum(1 for n in listed if n.state.name == "ACTIVE") >= nodes
-
-    await assert_eventually(ready, timeout_s=60, message=f"{nodes} nodes connected to the leader")
-
-
 async def test_thousand_recipients_arrive_exactly_once(cluster: LocalCluster) -> None:
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 3)
+        await wait_nodes_active(client, 3)
         # When 1,000 recipients are submitted through the SDK
         job = await client.submit(CONTENT, recipients(1000))
         final = await client.wait(job.job_id)
@@ -114,7 +102,7 @@ async def test_deferred_recipients_fail_with_last_reply_when_the_job_expires(
     cluster: LocalCluster,
 ) -> None:
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 1)
+        await wait_nodes_active(client, 1)
         # Given a job whose relay defers two recipients and which expires in 4 s
         expires = datetime.now(UTC) + timedelta(seconds=4)
         job = await client.submit(
@@ -168,7 +156,7 @@ async def test_bad_input_is_refused_and_nothing_is_stored(
     field: str,
 ) -> None:
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 1)
+        await wait_nodes_active(client, 1)
         leader = client.leader
     etcd = connect(cluster.etcd.endpoints)
     before = len(await etcd.get_prefix(b"/mailers/"))
@@ -213,7 +201,7 @@ async def test_leader_killed_mid_job_standby_takes_over(
     cluster = start_cluster(tmp_path / "c", _slow_spec())
     fresh_cluster_factory.append(cluster)
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 3)
+        await wait_nodes_active(client, 3)
         status = await client.cluster_status()
         old_leader = status.leader
         assert old_leader is not None
@@ -225,17 +213,7 @@ async def test_leader_killed_mid_job_standby_takes_over(
         await assert_eventually(some_delivered, timeout_s=60, message="200 delivered")
         # When the leader is SIGKILLed mid-job
         cluster.coordinator_at(old_leader.address).signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-
-        async def new_leader() -> bool:
-            try:
-                s = await client.cluster_status(timeout=timedelta(seconds=3))
-            except Exception:
-                return False
-            return s.leader is not None and s.leader.address != old_leader.address
-
-        await assert_eventually(new_leader, timeout_s=30, message="a standby leads")
-        takeover_s = time.monotonic() - killed_at
+        takeover_s = await wait_new_leader(client, old_leader.address)
         # Then the standby leads within a few seconds and the job completes in full
         final = await client.wait(job.job_id)
     assert takeover_s < 15, takeover_s
@@ -255,7 +233,7 @@ async def test_sender_node_killed_mid_job_batches_move(
     cluster = start_cluster(tmp_path / "c", _slow_spec())
     fresh_cluster_factory.append(cluster)
     async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 3)
+        await wait_nodes_active(client, 3)
         job = await client.submit(CONTENT, recipients(1500, "nodekill.example"))
 
         async def node0_busy() -> bool:

@@ -19,12 +19,11 @@ from client_sdk import (
     JobState,
     MailerClient,
     MessageContent,
-    NodeState,
     Recipient,
     RecipientStatus,
 )
 from mailers.cluster import ClusterSpec, LocalCluster
-from tests.helpers import assert_eventually, assert_stays
+from tests.helpers import assert_eventually, assert_stays, wait_nodes_active
 from tests.integration.conftest import start_cluster
 
 pytestmark = pytest.mark.integration
@@ -58,21 +57,11 @@ def _ids(cluster: LocalCluster, job_id: str) -> collections.Counter[str]:
     )
 
 
-async def _ready(client: MailerClient) -> None:
-    async def ready() -> bool:
-        try:
-            return sum(n.state is NodeState.ACTIVE for n in await client.list_nodes()) == 3
-        except Exception:
-            return False
-
-    await assert_eventually(ready, timeout_s=60, message="3 nodes connected")
-
-
 async def test_pause_stops_sending_on_every_node_and_resume_continues(
     slow_cluster: LocalCluster,
 ) -> None:
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         job = await client.submit(CONTENT, [Recipient(f"p{i}@pause.example") for i in range(1200)])
 
         async def started() -> bool:
@@ -108,7 +97,7 @@ async def test_pause_stops_sending_on_every_node_and_resume_continues(
 
 async def test_cancel_ends_unsent_recipients_as_cancelled(slow_cluster: LocalCluster) -> None:
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         job = await client.submit(CONTENT, [Recipient(f"c{i}@cancel.example") for i in range(1200)])
 
         async def started() -> bool:
@@ -131,7 +120,7 @@ async def test_cancel_ends_unsent_recipients_as_cancelled(slow_cluster: LocalClu
 
 async def test_retry_failed_resends_only_transient_failures(slow_cluster: LocalCluster) -> None:
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         recipients = [
             *(Recipient(f"ok{i}@fine.example") for i in range(20)),
             *(Recipient(f"gone{i}@reject.example") for i in range(3)),
@@ -174,7 +163,7 @@ async def test_retry_failed_of_unknown_job_is_not_found(slow_cluster: LocalClust
 
 async def test_drain_of_a_busy_node_loses_nothing(slow_cluster: LocalCluster) -> None:
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         job = await client.submit(CONTENT, [Recipient(f"d{i}@drain.example") for i in range(900)])
 
         async def node2_busy() -> bool:
@@ -200,7 +189,7 @@ async def test_high_priority_job_overtakes_a_campaign(slow_cluster: LocalCluster
     from client_sdk import JobOptions
 
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         campaign = await client.submit(
             CONTENT, [Recipient(f"bulk{i}@campaign.example") for i in range(2000)]
         )
@@ -226,7 +215,7 @@ async def test_scheduled_job_waits_for_send_at(slow_cluster: LocalCluster) -> No
     from client_sdk import JobOptions
 
     async with MailerClient(slow_cluster.coordinator_addresses) as client:
-        await _ready(client)
+        await wait_nodes_active(client, 3)
         send_at = datetime.now(UTC) + timedelta(seconds=3)
         job = await client.submit(
             CONTENT,
