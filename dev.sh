@@ -18,6 +18,8 @@ install_system() {
   python3 -c 'import venv, ensurepip' 2>/dev/null || want+=(python3-venv)
   command -v npm >/dev/null || want+=(nodejs npm)
   command -v gcc >/dev/null || want+=(gcc python3-dev)
+  command -v iptables >/dev/null || want+=(iptables)
+  command -v ip >/dev/null || want+=(iproute2)
   if [ ${#want[@]} -gt 0 ]; then
     echo "== apt-get install ${want[*]}"
     $SUDO apt-get update -qq

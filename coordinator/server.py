@@ -29,7 +29,10 @@ from mailers.etcd import Keys, Session, connect
 
 log = logging.getLogger(__name__)
 
-SERVICES = ("mailer.v1.MailerService", "mailer.v1.AdminService", "")
+# Named services are SERVING only on the leader (readiness, client discovery); the
+# overall "" status is SERVING while the process runs, so a plain liveness probe does
+# not restart standbys.
+SERVICES = ("mailer.v1.MailerService", "mailer.v1.AdminService")
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -76,6 +79,7 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
         server,
     )
     await _set_health(health_servicer, False)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     metrics = CoordinatorMetrics()
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)

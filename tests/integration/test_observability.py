@@ -137,6 +137,8 @@ async def test_metrics_health_reflection_and_json_logs(setup: Setup) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
     assert await _health(setup.coord_ports[lead], "mailer.v1.MailerService") == serving
     assert await _health(setup.coord_ports[standby], "mailer.v1.MailerService") != serving
+    # ... while the process as a whole is live on both (a plain liveness probe passes)
+    assert await _health(setup.coord_ports[standby], "") == serving
 
     # Metrics: the leader counts what it dispatched and what came back
     coord = scrape(setup.coord_metrics[lead])

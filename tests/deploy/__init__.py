@@ -1,0 +1,1 @@
+"""Deployment tests: manifests, the configuration reference, a multi-host run."""

@@ -1,0 +1,89 @@
+"""deploy/CONFIG.md is generated from the config code and cannot drift from it.
+
+- The file is what ``scripts/gen_config_reference.py`` produces now (``--check``).
+- Every ``MAILER_*`` name in the product code is in the reference, and the
+  reference lists no variable the code no longer reads.
+- The mapping parsed from ``from_env`` is true: setting each variable changes the
+  field the reference says it sets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from scripts import gen_config_reference as ref
+
+# A valid value, different from the default, for every variable from_env reads. A new
+# variable fails test_each_variable_sets_its_field until it gets a sample here.
+SAMPLES = {
+    "MAILER_ETCD_ENDPOINTS": "10.0.0.1:2379,10.0.0.2:2379",
+    "MAILER_LISTEN": "0.0.0.0:7999",
+    "MAILER_ADVERTISE": "10.0.0.9:7999",
+    "MAILER_COORDINATOR_ID": "coordinator-x",
+    "MAILER_METRICS_LISTEN": "0.0.0.0:9100",
+    "MAILER_ETCD_PREFIX": "/elsewhere",
+    "MAILER_ELECTION_TTL_S": "7",
+    "MAILER_BATCH_SIZE": "25",
+    "MAILER_ACK_TIMEOUT_S": "12",
+    "MAILER_MAX_ATTEMPTS": "3",
+    "MAILER_MAX_DISPATCHES": "4",
+    "MAILER_RETRY_INITIAL_S": "3",
+    "MAILER_RETRY_MAX_S": "120",
+    "MAILER_MAX_JOB_AGE_S": "3600",
+    "MAILER_FLUSH_INTERVAL_S": "0.5",
+    "MAILER_TAKEOVER_GRACE_S": "5",
+    "MAILER_BREAKER_FAILURES": "7",
+    "MAILER_BREAKER_RESET_S": "20",
+    "MAILER_NODE_ID": "node-x",
+    "MAILER_LEASE_TTL_S": "2",
+    "MAILER_RELAYS": "10.0.0.5:25,10.0.0.6:25",
+    "MAILER_SMTP_CONNECTIONS": "8",
+    "MAILER_SMTP_TIMEOUT_S": "10",
+    "MAILER_CAPACITY": "100",
+    "MAILER_DRAIN_TIMEOUT_S": "30",
+    "MAILER_LOG_LEVEL": "DEBUG",
+}
+
+
+def test_reference_is_current() -> None:
+    # When the reference is regenerated from the code, nothing changes
+    assert ref.main(["--check"]) == 0, "run: python scripts/gen_config_reference.py"
+
+
+def test_every_variable_in_the_code_is_in_the_reference() -> None:
+    text = ref.OUTPUT.read_text()
+    mapped = {
+        s.variable for p in ref.PROCESSES for srcs in ref.env_sources(p).values() for s in srcs
+    }
+    in_code = ref.product_variables()
+    missing = {name: files for name, files in in_code.items() if f"`{name}`" not in text}
+    assert not missing, f"MAILER_* variables not in deploy/CONFIG.md: {missing}"
+    unknown = set(in_code) - mapped - set(ref.OTHER_VARIABLES)
+    assert not unknown, f"read outside from_env: describe them in OTHER_VARIABLES: {unknown}"
+    stale = set(ref.OTHER_VARIABLES) - set(in_code)
+    assert not stale, f"OTHER_VARIABLES lists names the code no longer uses: {stale}"
+
+
+@pytest.mark.parametrize("process", ref.PROCESSES, ids=lambda p: p.title)
+def test_each_variable_sets_its_field(process: ref.Process) -> None:
+    baseline = ref.build(process, process.required_samples)
+    for path, sources in ref.env_sources(process).items():
+        for source in sources:
+            assert source.variable in SAMPLES, f"add a sample value for {source.variable}"
+            # When only this variable is set (besides the required ones)
+            env = {**process.required_samples, source.variable: SAMPLES[source.variable]}
+            changed = ref.build(process, env)
+            # Then the field the reference names for it changes
+            before = ref.field_value(baseline, path)
+            after = ref.field_value(changed, path)
+            assert before != after, f"{source.variable} did not change {path}"
+
+
+@pytest.mark.parametrize("process", ref.PROCESSES, ids=lambda p: p.title)
+def test_every_field_is_in_the_reference(process: ref.Process) -> None:
+    text = ref.OUTPUT.read_text()
+    for row in ref.rows(process):
+        assert f"`{row.path}`" in text
+    assert dataclasses.is_dataclass(process.config_class)
