@@ -47,7 +47,7 @@ install_buf() {
 
 lint() {
   echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
-  echo "== mypy --strict"; .venv/bin/mypy coordinator sender_node client_sdk mailers tests
+  echo "== mypy --strict"; .venv/bin/mypy coordinator sender_node client_sdk mailers tests bench
   echo "== buf lint"; .tools/node_modules/.bin/buf lint
   echo "== generated code is current"; "$PY" scripts/gen_protos.py --check
 }
@@ -78,6 +78,11 @@ case "${1:-}" in
     ;;
   bench)
     install_system; install_python
+    if [ ! -x /usr/sbin/smtp-sink ] || [ ! -x /usr/sbin/smtp-source ]; then
+      echo "== apt-get install postfix (smtp-sink, smtp-source for the benchmark)"
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postfix >/dev/null
+    fi
     exec "$PY" -m bench.e2e "${@:2}"
     ;;
   *)

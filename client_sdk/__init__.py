@@ -22,6 +22,7 @@ from client_sdk.retry import RetryPolicy
 from client_sdk.sync import SyncMailerClient
 from client_sdk.types import (
     Address,
+    Attachment,
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
@@ -44,6 +45,7 @@ from client_sdk.types import (
 
 __all__ = [
     "Address",
+    "Attachment",
     "AlreadyExistsError",
     "AuthError",
     "BreakerState",

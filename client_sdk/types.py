@@ -113,6 +113,16 @@ class Recipient:
 
 
 @dataclasses.dataclass(frozen=True)
+class Attachment:
+    """A file attached to every message of a job."""
+
+    filename: str
+    content_type: str
+    """``type/subtype``, e.g. ``application/pdf``; checked against the content."""
+    content: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class MessageContent:
     """What every recipient of a job receives, before personalisation."""
 
@@ -128,6 +138,8 @@ class MessageContent:
     headers: Sequence[Header] = ()
     unsubscribe_url: str = ""
     """When set, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) are added."""
+    attachments: Sequence[Attachment] = ()
+    """Files every recipient receives (type allow-list and size limits apply)."""
 
     def __post_init__(self) -> None:
         if not self.text_body and not self.html_body:

@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from coordinator.model import (
     Address,
+    Attachment,
     Content,
     Counts,
     Header,
@@ -64,6 +65,9 @@ def content_from(pb: common_pb2.MessageContent) -> Content:
         html_body=pb.html_body,
         headers=tuple(Header(h.name, h.value) for h in pb.headers),
         unsubscribe_url=pb.unsubscribe_url,
+        attachments=tuple(
+            Attachment(a.filename, a.content_type, a.content) for a in pb.attachments
+        ),
     )
 
 
@@ -74,6 +78,12 @@ def content_to(content: Content) -> common_pb2.MessageContent:
         html_body=content.html_body,
         headers=[common_pb2.Header(name=h.name, value=h.value) for h in content.headers],
         unsubscribe_url=content.unsubscribe_url,
+        attachments=[
+            common_pb2.Attachment(
+                filename=a.filename, content_type=a.content_type, content=a.content
+            )
+            for a in content.attachments
+        ],
     )
     pb.__getattribute__("from").CopyFrom(
         common_pb2.Address(email=content.sender.email, name=content.sender.name)

@@ -6,6 +6,7 @@ Nothing here does I/O. Servicers convert protobuf to these types at the edge
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import json
@@ -67,6 +68,14 @@ class Content:
     html_body: str
     headers: tuple[Header, ...] = ()
     unsubscribe_url: str = ""
+    attachments: tuple[Attachment, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    content: bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +99,9 @@ class JobSpec:
     total: int
     batch_size: int
     created_at: float
+    tenant: str = ""
+    """Owner of the job; "" for jobs submitted with auth off (and records from before
+    tenants existed)."""
 
     @property
     def batch_count(self) -> int:
@@ -185,6 +197,10 @@ def dump_spec(spec: JobSpec) -> bytes:
                 "html": c.html_body,
                 "headers": [[h.name, h.value] for h in c.headers],
                 "unsubscribe_url": c.unsubscribe_url,
+                "attachments": [
+                    [a.filename, a.content_type, base64.b64encode(a.content).decode()]
+                    for a in c.attachments
+                ],
             },
             "options": {
                 "send_at": o.send_at,
@@ -195,6 +211,7 @@ def dump_spec(spec: JobSpec) -> bytes:
             "total": spec.total,
             "batch_size": spec.batch_size,
             "created_at": spec.created_at,
+            "tenant": spec.tenant,
         },
         separators=(",", ":"),
     ).encode()
@@ -217,6 +234,9 @@ def load_spec(raw: bytes) -> JobSpec:
             html_body=c["html"],
             headers=tuple(Header(n, v) for n, v in c["headers"]),
             unsubscribe_url=c["unsubscribe_url"],
+            attachments=tuple(
+                Attachment(f, t, base64.b64decode(b)) for f, t, b in c.get("attachments", [])
+            ),
         ),
         options=JobOptions(
             send_at=o["send_at"], expires_at=o["expires_at"], priority=o["priority"], name=o["name"]
@@ -224,6 +244,7 @@ def load_spec(raw: bytes) -> JobSpec:
         total=d["total"],
         batch_size=d["batch_size"],
         created_at=d["created_at"],
+        tenant=d.get("tenant", ""),
     )
 
 

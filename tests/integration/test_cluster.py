@@ -254,3 +254,31 @@ async def test_sender_node_killed_mid_job_batches_move(
     assert len(ids) == 1500
     assert shares["node1"] > 0 and shares["node2"] > 0
     print(f"node kill: shares {dict(shares)}, duplicates {sum(n - 1 for n in ids.values())}")
+
+
+async def test_attachment_reaches_every_recipient(cluster: LocalCluster) -> None:
+    import email
+    import email.policy
+
+    from client_sdk import Attachment
+
+    pdf = b"%PDF-1.4\n% a tiny test document\n%%EOF\n"
+    content = MessageContent(
+        sender=Address("news@example.com"),
+        subject="Your invoice, {{ name }}",
+        text_body="Attached.",
+        attachments=[Attachment("facture-été.pdf", "application/pdf", pdf)],
+    )
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        job = await client.submit(content, recipients(2, "attach.example"))
+        final = await client.wait(job.job_id)
+        assert final.delivered == 2
+    files = [p for p in (cluster.maildir / "new").iterdir() if job.job_id in p.read_text()]
+    assert len(files) == 2
+    for path in files:
+        message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+        parts = [p for p in message.walk() if p.get_content_disposition() == "attachment"]
+        assert len(parts) == 1
+        assert parts[0].get_filename() == "facture-été.pdf"
+        assert parts[0].get_content_type() == "application/pdf"
+        assert parts[0].get_content() == pdf

@@ -221,6 +221,7 @@ class MessageContent(_message.Message):
     HTML_BODY_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     UNSUBSCRIBE_URL_FIELD_NUMBER: _builtins.int
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Subject template. Required unless a body is given."""
     text_body: _builtins.str
@@ -233,6 +234,13 @@ class MessageContent(_message.Message):
     def reply_to(self) -> Global___Address: ...
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]: ...
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attachment]:
+        """Files every recipient receives unchanged (base64-encoded once per job). Content
+        types come from an allow-list and binary types are checked by their magic bytes;
+        the total size is limited (1 MB by default).
+        """
+
     def __init__(
         self,
         *,
@@ -242,14 +250,44 @@ class MessageContent(_message.Message):
         html_body: _builtins.str = ...,
         headers: _abc.Iterable[Global___Header] | None = ...,
         unsubscribe_url: _builtins.str = ...,
+        attachments: _abc.Iterable[Global___Attachment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "reply_to", b"reply_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "headers", b"headers", "html_body", b"html_body", "reply_to", b"reply_to", "subject", b"subject", "text_body", b"text_body", "unsubscribe_url", b"unsubscribe_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "from", b"from", "headers", b"headers", "html_body", b"html_body", "reply_to", b"reply_to", "subject", b"subject", "text_body", b"text_body", "unsubscribe_url", b"unsubscribe_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MessageContent: _TypeAlias = MessageContent  # noqa: Y015
+
+@_typing.final
+class Attachment(_message.Message):
+    """A file attached to every message of a job."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILENAME_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    filename: _builtins.str
+    """Shown to the reader; non-ASCII is RFC 2231 encoded. No slashes or controls."""
+    content_type: _builtins.str
+    """MIME type, e.g. "application/pdf", from the renderer's allow-list."""
+    content: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        filename: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attachment: _TypeAlias = Attachment  # noqa: Y015
 
 @_typing.final
 class SmtpReply(_message.Message):

@@ -1,0 +1,53 @@
+"""The benchmark campaign: a personalised ~2 KB HTML+text newsletter and its recipients.
+
+Shared by ``bench.render`` (rendering alone) and ``bench.e2e`` (the whole cluster), so
+both measure the same message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+SENDER = "news@example.com"
+SENDER_NAME = "Example News"
+SUBJECT = "{{ name }}, your November digest is ready"
+# No spaces inside the braces: the coordinator still rejects spaces anywhere in the URL.
+UNSUBSCRIBE_URL = "https://example.com/unsubscribe?e={{email}}&c={{code}}"
+HEADERS = (("X-Campaign", "bench-2026-11"),)
+
+_LOREM = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor."
+
+TEXT = (
+    "Hello {{ name }},\n\n"
+    "Your November digest is ready. Your member code is {{ code }}.\n"
+    "We picked these stories for readers in {{ city }}:\n\n"
+    + "".join(f"- {_LOREM}\n" for _ in range(4))
+    + "\nYou are receiving this because you signed up at example.com.\n"
+)
+
+HTML = (
+    "<html><head><style>p { font-family: sans-serif; }</style></head><body>\n"
+    "<h1>Hello {{ name }}!</h1>\n"
+    "<p>Your November digest is ready. Your member code is <b>{{ code }}</b>.</p>\n"
+    "<p>We picked these stories for readers in {{ city }}:</p>\n<ul>\n"
+    + "".join(f"<li>{_LOREM}</li>\n" for _ in range(4))
+    + "</ul>\n<p>You are receiving this because you signed up at example.com.</p>\n"
+    '<p><a href="https://example.com/unsubscribe?e={{ email }}">Unsubscribe</a></p>\n'
+    "</body></html>\n"
+)
+
+CITIES = ("Paris", "Zürich", "Kraków", "Lisboa", "Tōkyō", "Austin", "Nairobi", "Oslo")
+
+
+def recipient(i: int) -> tuple[str, str, dict[str, str]]:
+    """Recipient ``i``: address, display name and variables."""
+    return (
+        f"user{i}@example.org",
+        f"User {i}",
+        {"code": f"M{i:07d}", "city": CITIES[i % len(CITIES)]},
+    )
+
+
+def recipients(count: int) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The first ``count`` recipients."""
+    return (recipient(i) for i in range(count))

@@ -1,0 +1,277 @@
+"""End-to-end benchmark: the whole cluster on loopback sending into Postfix's smtp-sink.
+
+1. Starts ``smtp-sink`` (Debian package ``postfix``) on a free loopback port and measures
+   the machine's C ceiling with ``smtp-source -> smtp-sink`` (reused connections,
+   ~2 KB messages).
+2. Starts etcd, one coordinator and two sender nodes (``mailers.cluster.LocalCluster``)
+   whose relay is that smtp-sink, submits a personalised HTML+text campaign
+   (``bench.campaign``, ~2 KB per message) through the SDK (streamed upload), and waits
+   until every recipient has an outcome.
+3. Prints msg/s end to end (submit start to the last outcome) and for the sending phase
+   alone, CPU seconds and peak RSS (VmHWM) of every process, and the ratio against the
+   ceiling measured in the same run.
+
+Installs nothing: it exits with a hint when smtp-sink/smtp-source or etcd are missing
+(``DEBIAN_FRONTEND=noninteractive apt-get install -y postfix etcd-server``). Every
+process it starts is stopped by PID at the end (``LocalCluster.stop()``, smtp-sink by
+its PID), and every wait is bounded by ``--timeout-s``. Run as root, smtp-sink drops
+to user ``postfix``. Not a test: nothing is asserted; the exit status is 1 only when
+the run could not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from bench import campaign
+
+SOURCE_MESSAGE_BYTES = 2048
+TARGET_MSG_S = 1500
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclasses.dataclass
+class Usage:
+    """CPU seconds and peak RSS of one process."""
+
+    cpu_s: float
+    peak_rss_kib: int
+
+
+def proc_usage(pid: int) -> Usage | None:
+    """CPU (user + system) and VmHWM of ``pid`` from /proc; None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = stat.rsplit(")", 1)[1].split()
+    cpu_s = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    hwm = 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return Usage(cpu_s, hwm)
+
+
+def self_usage() -> Usage:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def find_tool(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
+@contextlib.contextmanager
+def smtp_sink(binary: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Postfix's smtp-sink on 127.0.0.1:port, stopped by PID on exit."""
+    argv = [binary]
+    if os.geteuid() == 0:
+        argv += ["-u", "postfix"]
+    argv += [f"127.0.0.1:{port}", "1024"]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_for_port(port, 10)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def ceiling(binary: str, port: int, messages: int, sessions: int, timeout_s: float) -> float:
+    """msg/s of smtp-source -> smtp-sink with reused connections."""
+    argv = [binary, "-s", str(sessions), "-m", str(messages), "-l", str(SOURCE_MESSAGE_BYTES)]
+    argv += ["-d", f"127.0.0.1:{port}"]
+    start = time.perf_counter()
+    subprocess.run(argv, stdout=subprocess.DEVNULL, check=True, timeout=timeout_s)
+    return messages / (time.perf_counter() - start)
+
+
+async def run_campaign(
+    addresses: Sequence[str], count: int, nodes: int, timeout_s: float
+) -> tuple[float, float, int, int]:
+    """Submit the campaign and wait for it; (submit seconds, total seconds, delivered,
+    failed)."""
+    from client_sdk import Address, ClientConfig, Header, MailerClient, MessageContent, Recipient
+
+    content = MessageContent(
+        sender=Address(campaign.SENDER, campaign.SENDER_NAME),
+        subject=campaign.SUBJECT,
+        text_body=campaign.TEXT,
+        html_body=campaign.HTML,
+        headers=tuple(Header(name, value) for name, value in campaign.HEADERS),
+        unsubscribe_url=campaign.UNSUBSCRIBE_URL,
+    )
+    config = ClientConfig(submit_timeout=timedelta(seconds=timeout_s))
+    async with asyncio.timeout(timeout_s), MailerClient(list(addresses), config) as client:
+        # Both nodes must be registered, or the first batches all go to one.
+        for _ in range(int(timeout_s / 0.2)):
+            if len(await client.list_nodes()) >= nodes:
+                break
+            await asyncio.sleep(0.2)
+        start = time.perf_counter()
+        job = await client.submit(
+            content,
+            # A factory, not an iterator: the SDK re-reads it on a retry instead of
+            # keeping every recipient in memory.
+            lambda: (Recipient(e, n, v) for e, n, v in campaign.recipients(count)),
+            idempotency_key=f"bench-{os.getpid()}-{time.time_ns()}",
+        )
+        submitted = time.perf_counter() - start
+        final = await client.wait(job.job_id)
+        total = time.perf_counter() - start
+    return submitted, total, final.delivered, final.failed
+
+
+def row(name: str, pid: int, cpu_s: float, wall_s: float, rss_kib: int) -> str:
+    """One line of the per-process table."""
+    share = 100 * cpu_s / wall_s
+    return f"{name:14} {pid:7d} {cpu_s:7.1f} {share:6.0f} {rss_kib / 1024:13.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.e2e",
+        description=__doc__.split("\n\n")[0],
+        epilog="Needs smtp-sink/smtp-source (apt-get install postfix) and etcd.",
+    )
+    parser.add_argument("--recipients", type=int, default=50_000, help="campaign size")
+    parser.add_argument("--source-messages", type=int, default=20_000,
+                        help="messages for the smtp-source ceiling")  # fmt: skip
+    parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
+    parser.add_argument("--connections", type=int, default=8,
+                        help="SMTP connections per node (MAILER_SMTP_CONNECTIONS)")  # fmt: skip
+    parser.add_argument("--capacity", type=int, default=2000,
+                        help="recipients a node holds (MAILER_CAPACITY)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=200, help="MAILER_BATCH_SIZE")
+    parser.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the nodes (repeatable)")  # fmt: skip
+    parser.add_argument("--timeout-s", type=float, default=900, help="bound of the whole run")
+    parser.add_argument("--workdir", type=Path, help="logs and etcd data (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    sink_bin, source_bin = find_tool("smtp-sink"), find_tool("smtp-source")
+    if sink_bin is None or source_bin is None:
+        print("smtp-sink/smtp-source not found: DEBIAN_FRONTEND=noninteractive "
+              "apt-get install -y postfix", file=sys.stderr)  # fmt: skip
+        return 2
+    if shutil.which("etcd") is None:
+        print("etcd not found: apt-get install -y etcd-server", file=sys.stderr)
+        return 2
+    from mailers.cluster import ClusterSpec, LocalCluster
+
+    deadline = time.monotonic() + args.timeout_s
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailers-bench-"))
+    port = free_port()
+    node_env = {
+        "MAILER_RELAYS": f"127.0.0.1:{port}",
+        "MAILER_SMTP_CONNECTIONS": str(args.connections),
+        "MAILER_CAPACITY": str(args.capacity),
+        "MAILER_LOG_LEVEL": "WARNING",
+    }
+    for item in args.node_env:
+        key, _, value = item.partition("=")
+        node_env[key] = value
+    spec = ClusterSpec(
+        coordinators=1,
+        nodes=2,
+        node_env=node_env,
+        coordinator_env={"MAILER_BATCH_SIZE": str(args.batch_size), "MAILER_LOG_LEVEL": "WARNING"},
+    )
+    print(f"workdir {workdir}; {os.cpu_count()} CPUs; campaign of {args.recipients:,} "
+          f"personalised HTML+text messages")  # fmt: skip
+    with smtp_sink(sink_bin, port) as sink:
+        rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, args.timeout_s)
+        print(f"ceiling: smtp-source -> smtp-sink, {args.sessions} reused sessions, "
+              f"{SOURCE_MESSAGE_BYTES} B: {rate_c:,.0f} msg/s")  # fmt: skip
+        cluster = LocalCluster(workdir, spec)
+        try:
+            cluster.start()
+            pids: dict[str, int] = {name: p.pid for name, p in cluster.coordinators.items()}
+            pids.update({name: p.pid for name, p in cluster.nodes.items()})
+            for member in cluster.etcd.members:
+                if member.proc is not None:
+                    pids[member.name] = member.proc.pid
+            pids["smtp-sink"] = sink.pid
+            before = {name: proc_usage(pid) for name, pid in pids.items()}
+            client_before = self_usage()
+            remaining = max(1.0, deadline - time.monotonic())
+            submit_s, total_s, delivered, failed = asyncio.run(
+                run_campaign(cluster.coordinator_addresses, args.recipients, 2, remaining)
+            )
+            after = {name: proc_usage(pid) for name, pid in pids.items()}
+            client_after = self_usage()
+        except BaseException:
+            print(cluster.logs()[-4000:], file=sys.stderr)
+            raise
+        finally:
+            cluster.stop()
+
+    rate = args.recipients / total_s
+    send_rate = args.recipients / max(total_s - submit_s, 1e-9)
+    print(f"delivered {delivered:,}, failed {failed:,} of {args.recipients:,}")
+    print(f"submit (streamed upload, durable in etcd): {submit_s:.1f} s "
+          f"({args.recipients / submit_s:,.0f} recipients/s)")  # fmt: skip
+    print(f"end to end: {total_s:.1f} s -> {rate:,.0f} msg/s "
+          f"(sending phase alone: {send_rate:,.0f} msg/s)")  # fmt: skip
+    print(f"ratio to smtp-source -> smtp-sink: {rate / rate_c:.1%} end to end, "
+          f"{send_rate / rate_c:.1%} sending phase; target {TARGET_MSG_S:,} msg/s")  # fmt: skip
+    print(f"{'process':14} {'pid':>7} {'cpu s':>7} {'cpu %':>6} {'peak RSS MiB':>13}")
+    rows = [(name, pids[name], before[name], after[name]) for name in pids]
+    total_cpu = 0.0
+    for name, pid, b, a in rows:
+        if a is None or b is None:
+            print(f"{name:14} {pid:7d}  (exited)")
+            continue
+        cpu = a.cpu_s - b.cpu_s
+        total_cpu += cpu
+        print(row(name, pid, cpu, total_s, a.peak_rss_kib))
+    client_cpu = client_after.cpu_s - client_before.cpu_s
+    total_cpu += client_cpu
+    print(row("client (SDK)", os.getpid(), client_cpu, total_s, client_after.peak_rss_kib))
+    print(f"{'all':14} {'':7} {total_cpu:7.1f} {100 * total_cpu / total_s:6.0f}   "
+          f"(cpu % of one core over the {total_s:.1f} s run)")  # fmt: skip
+    return 0 if delivered + failed == args.recipients else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
