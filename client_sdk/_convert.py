@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from client_sdk.types import (
     Address,
+    Attachment,
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
@@ -151,6 +152,12 @@ def content_to_pb(content: MessageContent) -> common_pb2.MessageContent:
         html_body=content.html_body,
         headers=[common_pb2.Header(name=h.name, value=h.value) for h in content.headers],
         unsubscribe_url=content.unsubscribe_url,
+        attachments=[
+            common_pb2.Attachment(
+                filename=a.filename, content_type=a.content_type, content=a.content
+            )
+            for a in content.attachments
+        ],
     )
     # "from" is a Python keyword, so the generated class has no typed accessor.
     getattr(msg, "from").CopyFrom(address_to_pb(content.sender))
@@ -172,6 +179,10 @@ def content_from_pb(msg: common_pb2.MessageContent) -> MessageContent:
         reply_to=address_from_pb(msg.reply_to) if msg.HasField("reply_to") else None,
         headers=tuple(Header(name=h.name, value=h.value) for h in msg.headers),
         unsubscribe_url=msg.unsubscribe_url,
+        attachments=tuple(
+            Attachment(filename=a.filename, content_type=a.content_type, content=a.content)
+            for a in msg.attachments
+        ),
     )
 
 

@@ -136,6 +136,24 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     return result
 
 
+AUTH_METADATA_KEY = "authorization"
+"""Metadata key carrying ``Bearer <token>``."""
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that authenticates with token (empty for None).
+
+    Raises:
+        ValueError: the token is empty or holds whitespace or control characters
+            (the message never includes it).
+    """
+    if token is None:
+        return ()
+    if not token or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError("token must be non-empty printable text without spaces")
+    return ((AUTH_METADATA_KEY, f"Bearer {token}"),)
+
+
 def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:
     """gRPC channel arguments for a coordinator channel.
 
@@ -286,6 +304,7 @@ class MailerClient:
         *,
         channel_factory: Callable[[str], aio.Channel] | None = None,
         rng: random.Random | None = None,
+        token: str | None = None,
     ) -> None:
         """Create a client; no connection is made until the first call.
 
@@ -295,11 +314,15 @@ class MailerClient:
             channel_factory: Makes the channel for an address (tests, TLS);
                 an insecure channel with :func:`channel_options` by default.
             rng: Randomness for backoff jitter.
+            token: The API token, sent as ``authorization: Bearer <token>`` metadata
+                on every call; None for a cluster with auth off. Send it over TLS
+                (a ``channel_factory`` making secure channels) outside local dev.
         """
         self._config = config or ClientConfig()
         self._router = LeaderRouter(parse_addresses(addresses))
         self._channel_factory = channel_factory or self._insecure_channel
         self._rng = rng or random.Random()
+        self._metadata: tuple[tuple[str, str], ...] = auth_metadata(token)
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, _Stubs] = {}
 
@@ -432,7 +455,7 @@ class MailerClient:
                     break
             else:
                 req = _convert.submit_request(content, head, key, options)
-                resp = await stubs.mailer.SubmitJob(req, timeout=timeout_s)
+                resp = await stubs.mailer.SubmitJob(req, metadata=self._metadata, timeout=timeout_s)
                 if on_progress is not None:
                     on_progress(len(head))
                 return _convert.job_from_pb(resp.job, created=resp.created)
@@ -456,7 +479,7 @@ class MailerClient:
         on_progress: ProgressCallback | None,
     ) -> Job:
         cfg = self._config
-        call = stubs.mailer.UploadJob(timeout=timeout_s)
+        call = stubs.mailer.UploadJob(metadata=self._metadata, timeout=timeout_s)
         sent = 0
         try:
             await call.write(_convert.upload_header(content, key, options))
@@ -499,7 +522,9 @@ class MailerClient:
         req = coordinator_pb2.GetJobRequest(job_id=job_id)
 
         async def attempt(stubs: _Stubs, t: float) -> Job:
-            return _convert.job_from_pb((await stubs.mailer.GetJob(req, timeout=t)).job)
+            return _convert.job_from_pb(
+                (await stubs.mailer.GetJob(req, metadata=self._metadata, timeout=t)).job
+            )
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
 
@@ -515,7 +540,9 @@ class MailerClient:
         req = coordinator_pb2.CancelJobRequest(job_id=job_id)
 
         async def attempt(stubs: _Stubs, t: float) -> Job:
-            return _convert.job_from_pb((await stubs.mailer.CancelJob(req, timeout=t)).job)
+            return _convert.job_from_pb(
+                (await stubs.mailer.CancelJob(req, metadata=self._metadata, timeout=t)).job
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
@@ -543,7 +570,7 @@ class MailerClient:
         req = coordinator_pb2.RetryFailedRequest(job_id=job_id)
 
         async def attempt(stubs: _Stubs, t: float) -> tuple[Job, int]:
-            response = await stubs.mailer.RetryFailed(req, timeout=t)
+            response = await stubs.mailer.RetryFailed(req, metadata=self._metadata, timeout=t)
             return _convert.job_from_pb(response.job), response.requeued
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
@@ -571,7 +598,9 @@ class MailerClient:
         last: JobProgress | None = None
         while True:
             address = self._router.current
-            call = self._stubs_for(address).mailer.WatchJob(req, timeout=stream_s)
+            call = self._stubs_for(address).mailer.WatchJob(
+                req, metadata=self._metadata, timeout=stream_s
+            )
             received = 0
             error: MailerError | None = None
             try:
@@ -637,7 +666,7 @@ class MailerClient:
         )
 
         async def attempt(stubs: _Stubs, t: float) -> Page[Job]:
-            resp = await stubs.mailer.ListJobs(req, timeout=t)
+            resp = await stubs.mailer.ListJobs(req, metadata=self._metadata, timeout=t)
             return Page([_convert.job_from_pb(j) for j in resp.jobs], resp.next_page_token)
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
@@ -687,7 +716,7 @@ class MailerClient:
         )
 
         async def attempt(stubs: _Stubs, t: float) -> Page[RecipientResult]:
-            resp = await stubs.mailer.ListJobResults(req, timeout=t)
+            resp = await stubs.mailer.ListJobResults(req, metadata=self._metadata, timeout=t)
             return Page([_convert.result_from_pb(r) for r in resp.results], resp.next_page_token)
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
@@ -729,7 +758,7 @@ class MailerClient:
 
         async def attempt(stubs: _Stubs, t: float) -> ClusterStatus:
             return _convert.cluster_status_from_pb(
-                await stubs.admin.GetClusterStatus(req, timeout=t)
+                await stubs.admin.GetClusterStatus(req, metadata=self._metadata, timeout=t)
             )
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
@@ -739,7 +768,7 @@ class MailerClient:
         req = coordinator_pb2.ListNodesRequest()
 
         async def attempt(stubs: _Stubs, t: float) -> list[NodeInfo]:
-            resp = await stubs.admin.ListNodes(req, timeout=t)
+            resp = await stubs.admin.ListNodes(req, metadata=self._metadata, timeout=t)
             return [_convert.node_from_pb(n) for n in resp.nodes]
 
         return await self._call(attempt, idempotent=True, timeout=timeout)
@@ -753,7 +782,9 @@ class MailerClient:
         req = coordinator_pb2.CordonNodeRequest(node_id=node_id)
 
         async def attempt(stubs: _Stubs, t: float) -> NodeInfo:
-            return _convert.node_from_pb((await stubs.admin.CordonNode(req, timeout=t)).node)
+            return _convert.node_from_pb(
+                (await stubs.admin.CordonNode(req, metadata=self._metadata, timeout=t)).node
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
@@ -766,7 +797,9 @@ class MailerClient:
         req = coordinator_pb2.UncordonNodeRequest(node_id=node_id)
 
         async def attempt(stubs: _Stubs, t: float) -> NodeInfo:
-            return _convert.node_from_pb((await stubs.admin.UncordonNode(req, timeout=t)).node)
+            return _convert.node_from_pb(
+                (await stubs.admin.UncordonNode(req, metadata=self._metadata, timeout=t)).node
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
@@ -782,7 +815,9 @@ class MailerClient:
         req = coordinator_pb2.DrainNodeRequest(node_id=node_id)
 
         async def attempt(stubs: _Stubs, t: float) -> NodeInfo:
-            return _convert.node_from_pb((await stubs.admin.DrainNode(req, timeout=t)).node)
+            return _convert.node_from_pb(
+                (await stubs.admin.DrainNode(req, metadata=self._metadata, timeout=t)).node
+            )
 
         return await self._call(
             attempt, idempotent=False, timeout=timeout, default_timeout=self._config.drain_timeout
@@ -797,7 +832,9 @@ class MailerClient:
         req = coordinator_pb2.ResetBreakerRequest(node_id=node_id)
 
         async def attempt(stubs: _Stubs, t: float) -> NodeInfo:
-            return _convert.node_from_pb((await stubs.admin.ResetBreaker(req, timeout=t)).node)
+            return _convert.node_from_pb(
+                (await stubs.admin.ResetBreaker(req, metadata=self._metadata, timeout=t)).node
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
@@ -811,7 +848,9 @@ class MailerClient:
         req = coordinator_pb2.PauseJobRequest(job_id=job_id)
 
         async def attempt(stubs: _Stubs, t: float) -> Job:
-            return _convert.job_from_pb((await stubs.admin.PauseJob(req, timeout=t)).job)
+            return _convert.job_from_pb(
+                (await stubs.admin.PauseJob(req, metadata=self._metadata, timeout=t)).job
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 
@@ -825,7 +864,9 @@ class MailerClient:
         req = coordinator_pb2.ResumeJobRequest(job_id=job_id)
 
         async def attempt(stubs: _Stubs, t: float) -> Job:
-            return _convert.job_from_pb((await stubs.admin.ResumeJob(req, timeout=t)).job)
+            return _convert.job_from_pb(
+                (await stubs.admin.ResumeJob(req, metadata=self._metadata, timeout=t)).job
+            )
 
         return await self._call(attempt, idempotent=False, timeout=timeout)
 

@@ -26,6 +26,7 @@ from client_sdk import _convert
 from client_sdk.client import (
     ClientConfig,
     ProgressCallback,
+    auth_metadata,
     channel_options,
     error_from_rpc,
     give_up_error,
@@ -107,6 +108,7 @@ class SyncMailerClient:
         channel_factory: Callable[[str], grpc.Channel] | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        token: str | None = None,
     ) -> None:
         """Create a client; no connection is made until the first call.
 
@@ -116,12 +118,16 @@ class SyncMailerClient:
             channel_factory: Makes the channel for an address (tests, TLS);
                 an insecure channel with :func:`client_sdk.client.channel_options` by default.
             rng: Randomness for backoff jitter.
+            token: The API token, sent as ``authorization: Bearer <token>`` metadata
+                on every call; None for a cluster with auth off. Send it over TLS
+                (a ``channel_factory`` making secure channels) outside local dev.
             sleep: Waits between retries (tests pass a recorder).
         """
         self._config = config or ClientConfig()
         self._router = LeaderRouter(parse_addresses(addresses))
         self._channel_factory = channel_factory or self._insecure_channel
         self._rng = rng or random.Random()
+        self._metadata: tuple[tuple[str, str], ...] = auth_metadata(token)
         self._sleep = sleep
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
@@ -258,7 +264,7 @@ class SyncMailerClient:
                     break
             else:
                 req = _convert.submit_request(content, head, key, options)
-                resp = stubs.mailer.SubmitJob(req, timeout=t)
+                resp = stubs.mailer.SubmitJob(req, metadata=self._metadata, timeout=t)
                 if on_progress is not None:
                     on_progress(len(head))
                 return _convert.job_from_pb(resp.job, created=resp.created)
@@ -301,7 +307,7 @@ class SyncMailerClient:
                 raise
 
         try:
-            resp = stubs.mailer.UploadJob(requests(), timeout=t)
+            resp = stubs.mailer.UploadJob(requests(), metadata=self._metadata, timeout=t)
         except grpc.RpcError:
             if source_error:
                 raise source_error[0] from None
@@ -316,7 +322,9 @@ class SyncMailerClient:
         """
         req = coordinator_pb2.GetJobRequest(job_id=job_id)
         return self._call(
-            lambda s, t: _convert.job_from_pb(s.mailer.GetJob(req, timeout=t).job),
+            lambda s, t: _convert.job_from_pb(
+                s.mailer.GetJob(req, metadata=self._metadata, timeout=t).job
+            ),
             idempotent=True,
             timeout=timeout,
         )
@@ -329,7 +337,9 @@ class SyncMailerClient:
         """
         req = coordinator_pb2.CancelJobRequest(job_id=job_id)
         return self._call(
-            lambda s, t: _convert.job_from_pb(s.mailer.CancelJob(req, timeout=t).job),
+            lambda s, t: _convert.job_from_pb(
+                s.mailer.CancelJob(req, metadata=self._metadata, timeout=t).job
+            ),
             idempotent=False,
             timeout=timeout,
         )
@@ -344,7 +354,7 @@ class SyncMailerClient:
         req = coordinator_pb2.RetryFailedRequest(job_id=job_id)
 
         def attempt(s: _Stubs, t: float) -> tuple[Job, int]:
-            response = s.mailer.RetryFailed(req, timeout=t)
+            response = s.mailer.RetryFailed(req, metadata=self._metadata, timeout=t)
             return _convert.job_from_pb(response.job), int(response.requeued)
 
         return self._call(attempt, idempotent=True, timeout=timeout)
@@ -365,7 +375,7 @@ class SyncMailerClient:
         last: JobProgress | None = None
         while True:
             address, stubs = self._route()
-            call = stubs.mailer.WatchJob(req, timeout=stream_s)
+            call = stubs.mailer.WatchJob(req, metadata=self._metadata, timeout=stream_s)
             received = 0
             error: MailerError | None = None
             try:
@@ -423,7 +433,7 @@ class SyncMailerClient:
         )
 
         def attempt(s: _Stubs, t: float) -> Page[Job]:
-            resp = s.mailer.ListJobs(req, timeout=t)
+            resp = s.mailer.ListJobs(req, metadata=self._metadata, timeout=t)
             return Page([_convert.job_from_pb(j) for j in resp.jobs], resp.next_page_token)
 
         return self._call(attempt, idempotent=True, timeout=timeout)
@@ -472,7 +482,7 @@ class SyncMailerClient:
         )
 
         def attempt(s: _Stubs, t: float) -> Page[RecipientResult]:
-            resp = s.mailer.ListJobResults(req, timeout=t)
+            resp = s.mailer.ListJobResults(req, metadata=self._metadata, timeout=t)
             return Page([_convert.result_from_pb(r) for r in resp.results], resp.next_page_token)
 
         return self._call(attempt, idempotent=True, timeout=timeout)
@@ -507,7 +517,9 @@ class SyncMailerClient:
         """Leader, standbys, etcd endpoints and active job count."""
         req = coordinator_pb2.GetClusterStatusRequest()
         return self._call(
-            lambda s, t: _convert.cluster_status_from_pb(s.admin.GetClusterStatus(req, timeout=t)),
+            lambda s, t: _convert.cluster_status_from_pb(
+                s.admin.GetClusterStatus(req, metadata=self._metadata, timeout=t)
+            ),
             idempotent=True,
             timeout=timeout,
         )
@@ -517,7 +529,8 @@ class SyncMailerClient:
         req = coordinator_pb2.ListNodesRequest()
         return self._call(
             lambda s, t: [
-                _convert.node_from_pb(n) for n in s.admin.ListNodes(req, timeout=t).nodes
+                _convert.node_from_pb(n)
+                for n in s.admin.ListNodes(req, metadata=self._metadata, timeout=t).nodes
             ],
             idempotent=True,
             timeout=timeout,
@@ -527,7 +540,9 @@ class SyncMailerClient:
         """Give the node no new batches; those it holds continue."""
         req = coordinator_pb2.CordonNodeRequest(node_id=node_id)
         return self._call(
-            lambda s, t: _convert.node_from_pb(s.admin.CordonNode(req, timeout=t).node),
+            lambda s, t: _convert.node_from_pb(
+                s.admin.CordonNode(req, metadata=self._metadata, timeout=t).node
+            ),
             idempotent=False,
             timeout=timeout,
         )
@@ -536,7 +551,9 @@ class SyncMailerClient:
         """Let the node take batches again."""
         req = coordinator_pb2.UncordonNodeRequest(node_id=node_id)
         return self._call(
-            lambda s, t: _convert.node_from_pb(s.admin.UncordonNode(req, timeout=t).node),
+            lambda s, t: _convert.node_from_pb(
+                s.admin.UncordonNode(req, metadata=self._metadata, timeout=t).node
+            ),
             idempotent=False,
             timeout=timeout,
         )
@@ -545,7 +562,9 @@ class SyncMailerClient:
         """Cordon the node and wait until its batches are finished or moved."""
         req = coordinator_pb2.DrainNodeRequest(node_id=node_id)
         return self._call(
-            lambda s, t: _convert.node_from_pb(s.admin.DrainNode(req, timeout=t).node),
+            lambda s, t: _convert.node_from_pb(
+                s.admin.DrainNode(req, metadata=self._metadata, timeout=t).node
+            ),
             idempotent=False,
             timeout=timeout,
             default_timeout=self._config.drain_timeout,
@@ -555,7 +574,9 @@ class SyncMailerClient:
         """Close the coordinator's circuit breaker for a node."""
         req = coordinator_pb2.ResetBreakerRequest(node_id=node_id)
         return self._call(
-            lambda s, t: _convert.node_from_pb(s.admin.ResetBreaker(req, timeout=t).node),
+            lambda s, t: _convert.node_from_pb(
+                s.admin.ResetBreaker(req, metadata=self._metadata, timeout=t).node
+            ),
             idempotent=False,
             timeout=timeout,
         )
@@ -564,7 +585,9 @@ class SyncMailerClient:
         """Pause a job: no new SMTP transactions start for it."""
         req = coordinator_pb2.PauseJobRequest(job_id=job_id)
         return self._call(
-            lambda s, t: _convert.job_from_pb(s.admin.PauseJob(req, timeout=t).job),
+            lambda s, t: _convert.job_from_pb(
+                s.admin.PauseJob(req, metadata=self._metadata, timeout=t).job
+            ),
             idempotent=False,
             timeout=timeout,
         )
@@ -573,7 +596,9 @@ class SyncMailerClient:
         """Resume a paused job."""
         req = coordinator_pb2.ResumeJobRequest(job_id=job_id)
         return self._call(
-            lambda s, t: _convert.job_from_pb(s.admin.ResumeJob(req, timeout=t).job),
+            lambda s, t: _convert.job_from_pb(
+                s.admin.ResumeJob(req, metadata=self._metadata, timeout=t).job
+            ),
             idempotent=False,
             timeout=timeout,
         )

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 from coordinator.backoff import BackoffPolicy
+from coordinator.quotas import Quotas
 from coordinator.validation import Limits
 from mailers.etcd import parse_endpoints
 
@@ -55,6 +56,20 @@ class CoordinatorConfig:
     breaker_failures: int = 5
     breaker_reset_s: float = 10.0
     limits: Limits = Limits()
+    """Submit-time size limits (MAILER_MAX_RECIPIENTS, MAILER_MAX_BODY_BYTES,
+    MAILER_MAX_CONTENT_BYTES, MAILER_MAX_SUBJECT_CHARS, MAILER_MAX_HEADERS,
+    MAILER_MAX_VARIABLES, MAILER_MAX_VARIABLE_CHARS)."""
+    max_message_bytes: int = 8 * 1024 * 1024
+    """Largest gRPC request the server accepts. The SDK sends at most ~2 MiB of
+    recipients inline and 1 MiB upload chunks, and content is capped near 1.2 MB, so
+    8 MiB leaves room while bounding what one call can make the server buffer."""
+    auth_file: str = ""
+    """Path of the tenants-and-tokens file (JSON, or TOML by suffix); empty turns
+    authentication off (local development only: every caller may do everything)."""
+    default_quotas: Quotas = Quotas()
+    """Quotas of tenants whose entry in the auth file sets none, and of every caller
+    when auth is off (MAILER_QUOTA_MAX_RECIPIENTS_PER_JOB, MAILER_QUOTA_MESSAGES_PER_HOUR,
+    MAILER_QUOTA_MAX_ACTIVE_JOBS); 0 means unlimited."""
 
     def __post_init__(self) -> None:
         if not self.etcd_endpoints:
@@ -67,6 +82,8 @@ class CoordinatorConfig:
             raise ValueError("max_attempts and max_dispatches must be at least 1")
         if self.election_ttl_s < 2:
             raise ValueError("election_ttl_s must be at least 2")
+        if self.max_message_bytes < 64 * 1024:
+            raise ValueError("max_message_bytes must be at least 64 KiB")
 
     @property
     def advertised(self) -> str:
@@ -80,6 +97,7 @@ class CoordinatorConfig:
 def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
     """Build the config from MAILER_* variables; unknown values raise ValueError."""
     e = environ
+    d = Limits()
     retry_initial = float(e.get("MAILER_RETRY_INITIAL_S", "2"))
     retry_max = float(e.get("MAILER_RETRY_MAX_S", "300"))
     return CoordinatorConfig(
@@ -102,4 +120,20 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
         takeover_grace_s=float(e.get("MAILER_TAKEOVER_GRACE_S", "3")),
         breaker_failures=int(e.get("MAILER_BREAKER_FAILURES", "5")),
         breaker_reset_s=float(e.get("MAILER_BREAKER_RESET_S", "10")),
+        limits=Limits(
+            max_recipients=int(e.get("MAILER_MAX_RECIPIENTS", str(d.max_recipients))),
+            max_body_bytes=int(e.get("MAILER_MAX_BODY_BYTES", str(d.max_body_bytes))),
+            max_content_bytes=int(e.get("MAILER_MAX_CONTENT_BYTES", str(d.max_content_bytes))),
+            max_subject_chars=int(e.get("MAILER_MAX_SUBJECT_CHARS", str(d.max_subject_chars))),
+            max_headers=int(e.get("MAILER_MAX_HEADERS", str(d.max_headers))),
+            max_variables=int(e.get("MAILER_MAX_VARIABLES", str(d.max_variables))),
+            max_variable_chars=int(e.get("MAILER_MAX_VARIABLE_CHARS", str(d.max_variable_chars))),
+        ),
+        max_message_bytes=int(e.get("MAILER_MAX_MESSAGE_BYTES", str(8 * 1024 * 1024))),
+        auth_file=e.get("MAILER_AUTH_FILE", ""),
+        default_quotas=Quotas(
+            max_recipients_per_job=int(e.get("MAILER_QUOTA_MAX_RECIPIENTS_PER_JOB", "0")),
+            messages_per_hour=int(e.get("MAILER_QUOTA_MESSAGES_PER_HOUR", "0")),
+            max_active_jobs=int(e.get("MAILER_QUOTA_MAX_ACTIVE_JOBS", "0")),
+        ),
     )

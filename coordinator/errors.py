@@ -5,6 +5,7 @@ from __future__ import annotations
 import aetcd
 import grpc
 
+from coordinator.quotas import QuotaExceeded
 from coordinator.store import LostLeadership
 from coordinator.validation import ValidationError
 
@@ -21,13 +22,25 @@ class NotLeader(Exception):
         super().__init__(f"not the leader; the leader is {leader}" if leader else "no leader yet")
 
 
+class Unauthenticated(Exception):
+    """The call carries no valid token (normally refused earlier, by the interceptor)."""
+
+
+class PermissionDenied(Exception):
+    """The caller is known but may not make this call."""
+
+
 class Conflict(Exception):
     """The request cannot apply in the current state (e.g. resuming a finished job)."""
 
 
 _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    # RetryInfo (when waiting helps) is attached by the servicer's abort.
+    (QuotaExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     # A lost fence mid-request: the client retries and finds the new leader.
     (LostLeadership, grpc.StatusCode.UNAVAILABLE),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import aetcd
@@ -19,13 +20,18 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from coordinator.auth import AuthConfig, load_auth_file
 from coordinator.config import CoordinatorConfig
 from coordinator.dispatcher import Dispatcher
+from coordinator.edge import AuthInterceptor, add_service
 from coordinator.election import Election, LeadershipUnavailable
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.model import Address, Content
 from coordinator.servicer import AdminServicer, MailerServicer, Role
+from coordinator.validation import TemplateCheck
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers.etcd import Keys, Session, connect
+from sender_node import render
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +39,86 @@ log = logging.getLogger(__name__)
 # overall "" status is SERVING while the process runs, so a plain liveness probe does
 # not restart standbys.
 SERVICES = ("mailer.v1.MailerService", "mailer.v1.AdminService")
-SERVER_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-]
+
+
+def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+    """gRPC server arguments; the receive limit is CoordinatorConfig.max_message_bytes."""
+    return [
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+    ]
+
+
+def load_auth(config: CoordinatorConfig) -> AuthConfig | None:
+    """The auth file's contents, read once at start; None (with a warning) when auth is off.
+
+    Raises:
+        ValueError, OSError: the file is unreadable or malformed; the coordinator
+            must not start open by accident.
+    """
+    if not config.auth_file:
+        log.warning(
+            "MAILER_AUTH_FILE is not set: authentication is OFF and every caller may do "
+            "everything (local development only)"
+        )
+        return None
+    auth = load_auth_file(Path(config.auth_file), config.default_quotas)
+    log.info("auth on: %d tenants, %d admin tokens", len(auth.tenants), len(auth.admin_hashes))
+    return auth
+
+
+def build_server(config: CoordinatorConfig, role: Role, auth: AuthConfig | None) -> grpc.aio.Server:
+    """The gRPC server with the client and admin services, auth and safe deserializers.
+
+    Health and reflection are added by the caller and stay open.
+    """
+    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
+    add_service(
+        server,
+        coordinator_pb2_grpc.add_MailerServiceServicer_to_server,
+        MailerServicer(
+            role,
+            config.batch_size,
+            config.limits,
+            auth=auth,
+            default_quotas=config.default_quotas,
+            templates=template_check(),
+        ),
+    )
+    add_service(
+        server, coordinator_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(role)
+    )
+    return server
+
+
+def template_check() -> TemplateCheck:
+    """The renderer's own compile check (sandbox policy, syntax, filters), run at submit."""
+
+    def check(content: Content) -> list[str]:
+        def mailbox(a: Address) -> render.Mailbox:
+            return render.Mailbox(email=a.email, name=a.name)
+
+        return render.check_templates(
+            render.Content(
+                sender=mailbox(content.sender),
+                subject=content.subject,
+                text_body=content.text_body,
+                html_body=content.html_body,
+                reply_to=mailbox(content.reply_to) if content.reply_to is not None else None,
+                headers=tuple((h.name, h.value) for h in content.headers),
+                unsubscribe_url=content.unsubscribe_url,
+                attachments=tuple(
+                    render.Attachment(a.filename, a.content_type, a.content)
+                    for a in content.attachments
+                ),
+            )
+        )
+
+    return check
 
 
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -61,11 +140,7 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
     client = connect(list(config.etcd_endpoints))
     keys = Keys(config.etcd_prefix)
     role = Role(config.name, config.advertised, list(config.etcd_endpoints))
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    coordinator_pb2_grpc.add_MailerServiceServicer_to_server(
-        MailerServicer(role, config.batch_size, config.limits), server
-    )
-    coordinator_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(role), server)
+    server = build_server(config, role, load_auth(config))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection lets grpcurl-style tools discover the API without the protos.

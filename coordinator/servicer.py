@@ -18,12 +18,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status  # type: ignore[import-untyped]
 
 from coordinator import _convert
+from coordinator.auth import ANONYMOUS_DEV, AuthConfig, Principal
 from coordinator.batching import batch_range, chunks
 from coordinator.dispatcher import Dispatcher, JobRuntime
 from coordinator.election import Election
-from coordinator.errors import Conflict, NotFound, NotLeader, status_for
+from coordinator.errors import Conflict, NotFound, NotLeader, Unauthenticated, status_for
 from coordinator.model import (
     BatchState,
     Content,
@@ -36,9 +40,17 @@ from coordinator.model import (
     Result,
     Status,
 )
+from coordinator.quotas import (
+    HourlyWindow,
+    QuotaExceeded,
+    Quotas,
+    check_active_jobs,
+    check_job_size,
+)
 from coordinator.validation import (
     Collector,
     Limits,
+    TemplateCheck,
     ValidationError,
     check_content,
     check_idempotency_key,
@@ -89,12 +101,26 @@ class Role:
         raise NotLeader(hint if hint != self.address else "")
 
 
+def retry_info_status(code: grpc.StatusCode, message: str, retry_after_s: float) -> grpc.Status:
+    """A status whose ``grpc-status-details-bin`` carries ``google.rpc.RetryInfo``."""
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(0.0, retry_after_s) * 1e9))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code_pb2.Code.Value(code.name), message=message, details=[detail])
+    )
+    return status
+
+
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
     code, message = status_for(exc)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("internal error", exc_info=exc)
     if isinstance(exc, NotLeader) and exc.leader:
         context.set_trailing_metadata(((LEADER_METADATA_KEY, exc.leader),))
+    if isinstance(exc, QuotaExceeded) and exc.retry_after_s is not None:
+        await context.abort_with_status(retry_info_status(code, message, exc.retry_after_s))
     await context.abort(code, message)
 
 
@@ -170,19 +196,69 @@ class JobWriter:
         await self._d.store.discard_batches(self.job_id)
 
 
+def job_not_found(job_id: str) -> NotFound:
+    """The one error for a job that is missing or another tenant's (existence not leaked)."""
+    return NotFound(f"job {job_id!r} not found")
+
+
 class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
-    def __init__(self, role: Role, batch_size: int, limits: Limits) -> None:
+    """The client API. Every job belongs to the tenant that submitted it; a tenant
+    sees only its own jobs, and another tenant's job is NOT_FOUND like a missing one.
+    Tokens are checked before any handler by :class:`coordinator.edge.AuthInterceptor`;
+    here the caller is only identified (``auth`` None: auth off, everyone is tenant "").
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        batch_size: int,
+        limits: Limits,
+        *,
+        auth: AuthConfig | None = None,
+        default_quotas: Quotas | None = None,
+        templates: TemplateCheck | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._role = role
         self._batch_size = batch_size
         self._limits = limits
+        self._auth = auth
+        self._default_quotas = default_quotas or Quotas()
+        self._templates = templates
+        self._clock = clock
+        # In memory on the leader (see coordinator.quotas).
+        self._window = HourlyWindow()
+        # job id -> tenant; specs never change, so entries never go stale.
+        self._owners: dict[str, str] = {}
+
+    def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+        if self._auth is None:
+            return ANONYMOUS_DEV
+        principal = self._auth.identify(context.invocation_metadata() or ())
+        if principal is None:
+            raise Unauthenticated("missing or invalid API token")
+        return principal
+
+    def _quotas(self, tenant: str) -> Quotas:
+        if self._auth is None:
+            return self._default_quotas
+        return self._auth.quotas_for(tenant, self._default_quotas)
+
+    def _check_active(self, d: Dispatcher, tenant: str, quotas: Quotas) -> None:
+        active = sum(
+            1 for j in d.jobs.values() if j.spec.tenant == tenant and not j.status.state.final
+        )
+        check_active_jobs(quotas, active)
 
     # ---- submit ---------------------------------------------------------------------
 
-    async def _existing(self, d: Dispatcher, idempotency_key: str) -> coordinator_pb2.Job | None:
-        job_id = await d.store.find_idempotent(idempotency_key)
+    async def _existing(
+        self, d: Dispatcher, caller: Principal, idempotency_key: str
+    ) -> coordinator_pb2.Job | None:
+        job_id = await d.store.find_idempotent(caller.tenant, idempotency_key)
         if job_id is None:
             return None
-        return await self._job(d, job_id, with_content=True)
+        return await self._job(d, job_id, caller, with_content=True)
 
     async def _commit(
         self,
@@ -192,6 +268,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         options: JobOptions,
         idempotency_key: str,
         now: float,
+        caller: Principal,
     ) -> tuple[coordinator_pb2.Job, bool]:
         spec = JobSpec(
             job_id=writer.job_id,
@@ -201,12 +278,22 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             total=writer.total,
             batch_size=self._batch_size,
             created_at=now,
+            tenant=caller.tenant,
         )
         status = JobStatus(state=JobState.QUEUED, counts=Counts(total=writer.total), updated_at=now)
-        existing_id = await d.store.commit_job(spec, status)
+        quotas = self._quotas(caller.tenant)
+        self._check_active(d, caller.tenant, quotas)
+        # Reserved before the commit's await so that concurrent submits cannot both fit.
+        self._window.reserve(caller.tenant, quotas, writer.total, now)
+        try:
+            existing_id = await d.store.commit_job(spec, status)
+        except BaseException:
+            self._window.release(caller.tenant, writer.total, now)
+            raise
         if existing_id is not None:
+            self._window.release(caller.tenant, writer.total, now)
             await writer.discard()
-            return await self._job(d, existing_id, with_content=True), False
+            return await self._job(d, existing_id, caller, with_content=True), False
         d.add_job(spec, status)
         log.info("accepted job %s with %d recipients", spec.job_id, spec.total)
         return _convert.job_to(spec, status), True
@@ -217,14 +304,18 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.SubmitJobResponse:
         async def call() -> coordinator_pb2.SubmitJobResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
             content = _convert.content_from(request.content)
             recipients = [_convert.recipient_from(r) for r in request.recipients]
-            check_job(content, recipients, request.idempotency_key, self._limits)
-            existing = await self._existing(d, request.idempotency_key)
+            check_job(content, recipients, request.idempotency_key, self._limits, self._templates)
+            existing = await self._existing(d, caller, request.idempotency_key)
             if existing is not None:
                 return coordinator_pb2.SubmitJobResponse(job=existing, created=False)
-            now = time.time()
+            quotas = self._quotas(caller.tenant)
+            check_job_size(quotas, len(recipients))
+            self._check_active(d, caller.tenant, quotas)
+            now = self._clock()
             writer = JobWriter(d, new_job_id(now), self._batch_size)
             try:
                 for chunk in chunks(recipients, self._batch_size * _WRITE_GROUP):
@@ -237,6 +328,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                     _convert.options_from(request.options),
                     request.idempotency_key,
                     now,
+                    caller,
                 )
             except BaseException:
                 await writer.discard()
@@ -251,6 +343,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.UploadJobResponse:
         async def call() -> coordinator_pb2.UploadJobResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("payload") != "header":
@@ -259,12 +352,14 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             content = _convert.content_from(header.content)
             out = Collector()
             check_idempotency_key(out, header.idempotency_key)
-            check_content(out, content, self._limits)
+            check_content(out, content, self._limits, self._templates)
             out.raise_if_any()
-            existing = await self._existing(d, header.idempotency_key)
+            existing = await self._existing(d, caller, header.idempotency_key)
             if existing is not None:
                 return coordinator_pb2.UploadJobResponse(job=existing, created=False)
-            now = time.time()
+            quotas = self._quotas(caller.tenant)
+            self._check_active(d, caller.tenant, quotas)
+            now = self._clock()
             writer = JobWriter(d, new_job_id(now), self._batch_size)
             problems = Collector()
             seen = 0
@@ -281,6 +376,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                         raise ValidationError(
                             [("recipients", f"more than {self._limits.max_recipients} recipients")]
                         )
+                    check_job_size(quotas, seen)
                     if not problems.problems:
                         await writer.add(chunk)
                 if seen == 0:
@@ -294,6 +390,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                     _convert.options_from(header.options),
                     header.idempotency_key,
                     now,
+                    caller,
                 )
             except BaseException:
                 await writer.discard()
@@ -305,29 +402,52 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
     # ---- reads ----------------------------------------------------------------------
 
     async def _runtime_or_load(
-        self, d: Dispatcher, job_id: str
+        self, d: Dispatcher, job_id: str, caller: Principal
     ) -> tuple[JobSpec, JobStatus, JobRuntime | None]:
+        """The job if it exists and the caller may see it; NotFound otherwise."""
         job = d.jobs.get(job_id)
         if job is not None:
+            if not caller.sees_all and job.spec.tenant != caller.tenant:
+                raise job_not_found(job_id)
             return job.spec, job.status, job
         if not job_id or "/" in job_id:
-            raise NotFound(f"job {job_id!r} not found")
+            raise job_not_found(job_id)
         spec = await d.store.load_spec(job_id)
+        if spec is None or (not caller.sees_all and spec.tenant != caller.tenant):
+            raise job_not_found(job_id)
         status = await d.store.load_status(job_id)
-        if spec is None or status is None:
-            raise NotFound(f"job {job_id!r} not found")
+        if status is None:
+            raise job_not_found(job_id)
         return spec, status, None
 
-    async def _job(self, d: Dispatcher, job_id: str, with_content: bool) -> coordinator_pb2.Job:
-        spec, status, _ = await self._runtime_or_load(d, job_id)
+    async def _job(
+        self, d: Dispatcher, job_id: str, caller: Principal, with_content: bool
+    ) -> coordinator_pb2.Job:
+        spec, status, _ = await self._runtime_or_load(d, job_id, caller)
         return _convert.job_to(spec, status, with_content=with_content)
+
+    async def _owner(self, d: Dispatcher, job_id: str) -> tuple[str, JobSpec | None]:
+        """The tenant of a job (from memory, else its spec), and the spec if loaded."""
+        job = d.jobs.get(job_id)
+        if job is not None:
+            return job.spec.tenant, job.spec
+        tenant = self._owners.get(job_id)
+        if tenant is not None:
+            return tenant, None
+        spec = await d.store.load_spec(job_id)
+        if spec is None:
+            return "", None
+        self._owners[job_id] = spec.tenant
+        return spec.tenant, spec
 
     async def GetJob(
         self, request: coordinator_pb2.GetJobRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.GetJobResponse:
         async def call() -> coordinator_pb2.GetJobResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
-            return coordinator_pb2.GetJobResponse(job=await self._job(d, request.job_id, True))
+            job = await self._job(d, request.job_id, caller, True)
+            return coordinator_pb2.GetJobResponse(job=job)
 
         return await _handle(context, call)
 
@@ -337,8 +457,9 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[coordinator_pb2.WatchJobResponse]:
         try:
+            caller = self._caller(context)
             d = await self._role.leader()
-            spec, status, job = await self._runtime_or_load(d, request.job_id)
+            spec, status, job = await self._runtime_or_load(d, request.job_id, caller)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception as exc:
@@ -353,7 +474,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                 return
             if changed is None:
                 await asyncio.sleep(1.0)
-                spec, status, job = await self._runtime_or_load(d, request.job_id)
+                spec, status, job = await self._runtime_or_load(d, request.job_id, caller)
             else:
                 lost = asyncio.ensure_future(d.lost.wait())
                 wait = asyncio.ensure_future(changed.wait())
@@ -373,8 +494,9 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.CancelJobResponse:
         async def call() -> coordinator_pb2.CancelJobResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
-            spec, status, job = await self._runtime_or_load(d, request.job_id)
+            spec, status, job = await self._runtime_or_load(d, request.job_id, caller)
             if job is not None:
                 d.cancel(job)
                 await _until_settled(d, job, context)
@@ -387,6 +509,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         self, request: coordinator_pb2.ListJobsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListJobsResponse:
         async def call() -> coordinator_pb2.ListJobsResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
             page_size = min(request.page_size or 100, 1000)
             wanted = {_convert.job_state_from(s) for s in request.states}
@@ -402,10 +525,14 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                 status = statuses[job_id]
                 if wanted and status.state not in wanted:
                     continue
+                tenant, spec = await self._owner(d, job_id)
+                if not caller.sees_all and tenant != caller.tenant:
+                    continue
                 if len(page) == page_size:
                     next_token = page[-1].job_id
                     break
-                spec = d.jobs[job_id].spec if job_id in d.jobs else await d.store.load_spec(job_id)
+                if spec is None:
+                    spec = await d.store.load_spec(job_id)
                 if spec is not None:
                     page.append(_convert.job_to(spec, status, with_content=False))
             return coordinator_pb2.ListJobsResponse(jobs=page, next_page_token=next_token)
@@ -418,9 +545,10 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.RetryFailedResponse:
         async def call() -> coordinator_pb2.RetryFailedResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
-            if not request.job_id or "/" in request.job_id:
-                raise NotFound(f"job {request.job_id!r} not found")
+            # Ownership first: another tenant's job is "not found" like a missing one.
+            await self._runtime_or_load(d, request.job_id, caller)
             job, requeued = await d.retry_failed(request.job_id)
             await d.flushed()
             return coordinator_pb2.RetryFailedResponse(
@@ -435,8 +563,9 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.ListJobResultsResponse:
         async def call() -> coordinator_pb2.ListJobResultsResponse:
+            caller = self._caller(context)
             d = await self._role.leader()
-            spec, status, job = await self._runtime_or_load(d, request.job_id)
+            spec, status, job = await self._runtime_or_load(d, request.job_id, caller)
             page_size = min(request.page_size or 500, 5000)
             wanted = {_convert.status_from(s) for s in request.statuses}
             try:

@@ -96,8 +96,13 @@ class JobStore:
 
     # ---- submit ---------------------------------------------------------------------
 
-    async def find_idempotent(self, key: str) -> str | None:
-        kv = await self._client.get(self._keys.idempotency(key))
+    def _idem_key(self, tenant: str, key: str) -> bytes:
+        # Keys are scoped per tenant; neither a tenant id nor a key may hold '/', and
+        # tenant "" keeps the original layout (idem/<key>) of records from before tenants.
+        return self._keys.idempotency(f"{tenant}/{key}" if tenant else key)
+
+    async def find_idempotent(self, tenant: str, key: str) -> str | None:
+        kv = await self._client.get(self._idem_key(tenant, key))
         return kv.value.decode() if kv is not None else None
 
     async def write_batches(
@@ -116,7 +121,7 @@ class JobStore:
         idempotency key (the caller then discards its batches and returns that job).
         Raises LostLeadership when the fence fails.
         """
-        idem_key = self._keys.idempotency(spec.idempotency_key)
+        idem_key = self._idem_key(spec.tenant, spec.idempotency_key)
         ok, _ = await self._client.transaction(
             compare=[self._fence_compare(), self._client.transactions.create(idem_key) == 0],
             success=[
@@ -132,7 +137,7 @@ class JobStore:
             return None
         if not await self._fence_holds():
             raise LostLeadership("fenced write refused")
-        existing = await self.find_idempotent(spec.idempotency_key)
+        existing = await self.find_idempotent(spec.tenant, spec.idempotency_key)
         if existing is None:  # deleted in between: extremely unlikely; let the client retry
             raise aetcd.ClientError("idempotency key changed during commit")
         return existing

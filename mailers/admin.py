@@ -216,7 +216,9 @@ def _run(handler: Handler, ns: argparse.Namespace) -> int:
     console = Console()
 
     async def go() -> Any:
-        async with MailerClient(coordinators(ns)) as client:
+        # The token comes from the environment only: flags show in ``ps``.
+        token = os.environ.get("MAILER_TOKEN") or None
+        async with MailerClient(coordinators(ns), token=token) as client:
             return await handler(client, ns, console)
 
     try:

@@ -220,6 +220,10 @@ def parse_time(value: str, what: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.astimezone()
 
 
+TOKEN_ENV = "MAILER_TOKEN"
+"""Environment variable holding the API token of the CLI commands."""
+
+
 def resolve_coordinators(flag: str | None, environ: Mapping[str, str]) -> tuple[str, ...]:
     """Coordinator addresses: the flag, else ``MAILER_COORDINATORS``, else the local default."""
     value = flag or environ.get(COORDINATORS_ENV) or DEFAULT_COORDINATORS
@@ -243,6 +247,8 @@ class SendArgs:
     """False: submit, print the job id and return."""
     submit_timeout: timedelta = timedelta(minutes=10)
     top_failures: int = 5
+    token: str | None = dataclasses.field(default=None, repr=False)
+    """API token from ``MAILER_TOKEN`` (never a flag: flags show in ``ps``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,7 +425,7 @@ async def run_send(
         )
     own_client = client is None
     if client is None:
-        client = MailerClient(list(args.coordinators))
+        client = MailerClient(list(args.coordinators), token=args.token)
     try:
         started = time.monotonic()
         with _progress_bar(console) as progress:
@@ -535,6 +541,7 @@ def send_args_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> SendAr
         wait=not ns.no_wait,
         submit_timeout=timedelta(seconds=ns.submit_timeout),
         top_failures=ns.top_failures,
+        token=environ.get(TOKEN_ENV) or None,
     )
 
 

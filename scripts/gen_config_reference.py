@@ -102,6 +102,12 @@ OTHER_VARIABLES: dict[str, Other] = {
         f"`{mailers.campaign.DEFAULT_COORDINATORS}`",
         "Coordinator addresses the command tries; it finds the leader among them.",
     ),
+    "MAILER_TOKEN": Other(
+        "the `mailers` command (`send` and the operator commands)",
+        "none (auth off)",
+        "API token sent as `authorization: Bearer` on every call; a tenant token for "
+        "`send` and job commands, an admin token for `status`, `nodes`, `node`.",
+    ),
 }
 
 

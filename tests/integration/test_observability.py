@@ -100,6 +100,15 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
+def families(port: int) -> set[str]:
+    """Metric family names announced by # HELP lines."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}
+    # Counters are announced as <name>_total; compare by the name they were made with.
+    return {n.removesuffix("_total") for n in names}
+
+
 def total(samples: dict[str, float], prefix: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(prefix))
 
@@ -152,6 +161,27 @@ async def test_metrics_health_reflection_and_json_logs(setup: Setup) -> None:
     assert total(node, "mailers_node_messages_total{") == 120
     assert total(node, 'mailers_node_messages_total{domain="metrics.example"') == 120
     assert node["mailers_node_registrations_total"] >= 1
+    assert total(node, "mailers_node_transaction_seconds_count") == 120
+    assert total(node, 'mailers_node_batches_total{outcome="completed"}') >= 3
+    assert total(node, "mailers_node_relay_breaker_state{") == 0  # closed
+    assert node["mailers_node_in_flight"] == 0
+    assert total(coord, 'mailers_leader_changes_total{change="elected"}') == 1
+    assert coord["mailers_nodes_connected"] == 1
+    assert total(coord, 'mailers_node_breaker_state{node="node0"}') == 0
+    assert coord["mailers_duplicate_deliveries_total"] == 0
+    # Every family is exported, including those no event has touched yet
+    coord_families = families(setup.coord_metrics[lead])
+    assert {
+        "mailers_coordinator_leader", "mailers_leader_changes", "mailers_batches_dispatched",
+        "mailers_batch_ack_seconds", "mailers_batches_reassigned", "mailers_recipients",
+        "mailers_smtp_replies", "mailers_duplicate_deliveries", "mailers_queue_batches",
+        "mailers_jobs_active", "mailers_node_breaker_state", "mailers_nodes_connected",
+    } <= coord_families  # fmt: skip
+    assert {
+        "mailers_node_messages", "mailers_node_smtp_replies", "mailers_node_transaction_seconds",
+        "mailers_node_in_flight", "mailers_node_batches", "mailers_node_lease_renewals",
+        "mailers_node_registrations", "mailers_node_relay_breaker_state",
+    } <= families(setup.node_metrics)  # fmt: skip
 
     # Reflection lists the services
     async with grpc.aio.insecure_channel(leader.address) as channel:
