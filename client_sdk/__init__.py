@@ -26,6 +26,7 @@ from client_sdk.types import (
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    EtcdMember,
     Header,
     Job,
     JobOptions,
@@ -41,6 +42,8 @@ from client_sdk.types import (
     RecipientStatus,
     RelayStatus,
     SmtpReply,
+    Suppression,
+    SuppressionReason,
 )
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "ClusterStatus",
     "CoordinatorInfo",
     "DeadlineExceededError",
+    "EtcdMember",
     "FailedPreconditionError",
     "Header",
     "InvalidArgumentError",
@@ -78,6 +82,8 @@ __all__ = [
     "RetryPolicy",
     "RpcError",
     "SmtpReply",
+    "Suppression",
+    "SuppressionReason",
     "SyncMailerClient",
     "TransientError",
     "UnavailableError",

@@ -23,6 +23,7 @@ from client_sdk.types import (
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    EtcdMember,
     Header,
     Job,
     JobOptions,
@@ -37,6 +38,8 @@ from client_sdk.types import (
     RecipientStatus,
     RelayStatus,
     SmtpReply,
+    Suppression,
+    SuppressionReason,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
 
@@ -57,6 +60,13 @@ _RECIPIENT_STATUSES: Mapping[int, RecipientStatus] = {
     common_pb2.RECIPIENT_STATUS_FAILED: RecipientStatus.FAILED,
     common_pb2.RECIPIENT_STATUS_DEFERRED: RecipientStatus.DEFERRED,
     common_pb2.RECIPIENT_STATUS_CANCELLED: RecipientStatus.CANCELLED,
+    common_pb2.RECIPIENT_STATUS_SUPPRESSED: RecipientStatus.SUPPRESSED,
+}
+_SUPPRESSION_REASONS: Mapping[int, SuppressionReason] = {
+    coordinator_pb2.SUPPRESSION_REASON_UNSPECIFIED: SuppressionReason.UNSPECIFIED,
+    coordinator_pb2.SUPPRESSION_REASON_HARD_BOUNCE: SuppressionReason.HARD_BOUNCE,
+    coordinator_pb2.SUPPRESSION_REASON_UNSUBSCRIBE: SuppressionReason.UNSUBSCRIBE,
+    coordinator_pb2.SUPPRESSION_REASON_MANUAL: SuppressionReason.MANUAL,
 }
 _BREAKER_STATES: Mapping[int, BreakerState] = {
     common_pb2.BREAKER_STATE_UNSPECIFIED: BreakerState.UNSPECIFIED,
@@ -217,6 +227,7 @@ def progress_from_pb(msg: common_pb2.JobProgress) -> JobProgress:
         failed=msg.failed,
         deferred=msg.deferred,
         cancelled=msg.cancelled,
+        suppressed=msg.suppressed,
         created_at=_timestamp_from_pb(msg, "created_at"),
         updated_at=_timestamp_from_pb(msg, "updated_at"),
         finished_at=_timestamp_from_pb(msg, "finished_at"),
@@ -269,6 +280,40 @@ def cluster_status_from_pb(msg: coordinator_pb2.GetClusterStatusResponse) -> Clu
         standbys=tuple(_coordinator_from_pb(s) for s in msg.standbys),
         etcd_endpoints=tuple(msg.etcd_endpoints),
         active_jobs=msg.active_jobs,
+        etcd_members=tuple(
+            EtcdMember(
+                endpoint=m.endpoint,
+                healthy=m.healthy,
+                is_leader=m.is_leader,
+                db_size_bytes=m.db_size_bytes,
+                revision=m.revision,
+                error=m.error,
+            )
+            for m in msg.etcd_members
+        ),
+    )
+
+
+def suppression_reason_to_pb(
+    reason: SuppressionReason,
+) -> coordinator_pb2.SuppressionReason.ValueType:
+    """The wire number of a suppression reason."""
+    return coordinator_pb2.SuppressionReason.ValueType(_enum_to(_SUPPRESSION_REASONS, reason))
+
+
+def suppression_from_pb(msg: coordinator_pb2.Suppression) -> Suppression:
+    """A Suppression."""
+    reply = None
+    if msg.HasField("reply"):
+        reply = SmtpReply(
+            code=msg.reply.code, enhanced_code=msg.reply.enhanced_code, text=msg.reply.text
+        )
+    return Suppression(
+        email=msg.email,
+        reason=_enum_from(_SUPPRESSION_REASONS, msg.reason, SuppressionReason.UNSPECIFIED),
+        tenant=msg.tenant,
+        reply=reply,
+        created_at=_timestamp_from_pb(msg, "created_at"),
     )
 
 

@@ -61,6 +61,8 @@ from client_sdk.types import (
     Recipient,
     RecipientResult,
     RecipientStatus,
+    Suppression,
+    SuppressionReason,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -749,6 +751,100 @@ class MailerClient:
             token = page.next_page_token
             if not token:
                 return
+
+    # ----- suppression lists ------------------------------------------------------
+
+    async def suppressions_page(
+        self,
+        *,
+        tenant: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> Page[Suppression]:
+        """One page of the caller's tenant's suppression list, by address.
+
+        Args:
+            tenant: Admins only: whose list ("" is the list of auth-off jobs). A tenant
+                token may leave it empty or name its own tenant.
+
+        Raises:
+            AuthError: A tenant token naming another tenant (PERMISSION_DENIED).
+        """
+        req = coordinator_pb2.ListSuppressionsRequest(
+            tenant=tenant, page_size=page_size, page_token=page_token
+        )
+
+        async def attempt(stubs: _Stubs, t: float) -> Page[Suppression]:
+            resp = await stubs.mailer.ListSuppressions(req, metadata=self._metadata, timeout=t)
+            return Page(
+                [_convert.suppression_from_pb(s) for s in resp.suppressions], resp.next_page_token
+            )
+
+        return await self._call(attempt, idempotent=True, timeout=timeout)
+
+    async def suppressions(
+        self,
+        *,
+        tenant: str = "",
+        page_size: int | None = None,
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[Suppression]:
+        """The whole suppression list, paging as needed; ``timeout`` is per page."""
+        token = ""
+        while True:
+            page = await self.suppressions_page(
+                tenant=tenant,
+                page_size=page_size or self._config.page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            for item in page.items:
+                yield item
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def suppress(
+        self,
+        email: str,
+        reason: SuppressionReason = SuppressionReason.MANUAL,
+        *,
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> Suppression:
+        """Put an address on the suppression list (replacing its entry): it is never
+        sent to again, and recipients with it end SUPPRESSED. Idempotent.
+
+        Raises:
+            InvalidArgumentError: Not an email address.
+        """
+        req = coordinator_pb2.AddSuppressionRequest(
+            tenant=tenant, email=email, reason=_convert.suppression_reason_to_pb(reason)
+        )
+
+        async def attempt(stubs: _Stubs, t: float) -> Suppression:
+            resp = await stubs.mailer.AddSuppression(req, metadata=self._metadata, timeout=t)
+            return _convert.suppression_from_pb(resp.suppression)
+
+        return await self._call(attempt, idempotent=True, timeout=timeout)
+
+    async def unsuppress(
+        self,
+        email: str,
+        *,
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> bool:
+        """Take an address off the suppression list; False when it was not on it.
+        Idempotent (a retried call may report False)."""
+        req = coordinator_pb2.RemoveSuppressionRequest(tenant=tenant, email=email)
+
+        async def attempt(stubs: _Stubs, t: float) -> bool:
+            resp = await stubs.mailer.RemoveSuppression(req, metadata=self._metadata, timeout=t)
+            return resp.removed
+
+        return await self._call(attempt, idempotent=True, timeout=timeout)
 
     # ----- admin ------------------------------------------------------------------
 

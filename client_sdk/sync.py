@@ -49,6 +49,8 @@ from client_sdk.types import (
     Recipient,
     RecipientResult,
     RecipientStatus,
+    Suppression,
+    SuppressionReason,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
@@ -510,6 +512,77 @@ class SyncMailerClient:
             token = page.next_page_token
             if not token:
                 return
+
+    # ----- suppression lists ------------------------------------------------------
+
+    def suppressions_page(
+        self,
+        *,
+        tenant: str = "",
+        page_size: int = 100,
+        page_token: str = "",
+        timeout: timedelta | None = None,
+    ) -> Page[Suppression]:
+        """One page of the suppression list, by address (``tenant``: admins only)."""
+        req = coordinator_pb2.ListSuppressionsRequest(
+            tenant=tenant, page_size=page_size, page_token=page_token
+        )
+
+        def attempt(s: _Stubs, t: float) -> Page[Suppression]:
+            resp = s.mailer.ListSuppressions(req, metadata=self._metadata, timeout=t)
+            return Page(
+                [_convert.suppression_from_pb(x) for x in resp.suppressions], resp.next_page_token
+            )
+
+        return self._call(attempt, idempotent=True, timeout=timeout)
+
+    def suppressions(
+        self, *, tenant: str = "", page_size: int | None = None, timeout: timedelta | None = None
+    ) -> Iterator[Suppression]:
+        """The whole suppression list, paging as needed; ``timeout`` is per page."""
+        token = ""
+        while True:
+            page = self.suppressions_page(
+                tenant=tenant,
+                page_size=page_size or self._config.page_size,
+                page_token=token,
+                timeout=timeout,
+            )
+            yield from page.items
+            token = page.next_page_token
+            if not token:
+                return
+
+    def suppress(
+        self,
+        email: str,
+        reason: SuppressionReason = SuppressionReason.MANUAL,
+        *,
+        tenant: str = "",
+        timeout: timedelta | None = None,
+    ) -> Suppression:
+        """Put an address on the suppression list (replacing its entry). Idempotent."""
+        req = coordinator_pb2.AddSuppressionRequest(
+            tenant=tenant, email=email, reason=_convert.suppression_reason_to_pb(reason)
+        )
+        return self._call(
+            lambda s, t: _convert.suppression_from_pb(
+                s.mailer.AddSuppression(req, metadata=self._metadata, timeout=t).suppression
+            ),
+            idempotent=True,
+            timeout=timeout,
+        )
+
+    def unsuppress(self, email: str, *, tenant: str = "", timeout: timedelta | None = None) -> bool:
+        """Take an address off the suppression list; False when it was not on it."""
+        req = coordinator_pb2.RemoveSuppressionRequest(tenant=tenant, email=email)
+        return self._call(
+            lambda s, t: (
+                s.mailer.RemoveSuppression(req, metadata=self._metadata, timeout=t).removed
+            ),
+            idempotent=True,
+            timeout=timeout,
+        )
 
     # ----- admin ------------------------------------------------------------------
 

@@ -49,6 +49,8 @@ class RecipientStatus(enum.Enum):
     """A transient failure; it will be retried."""
     CANCELLED = "cancelled"
     """The job was cancelled before this recipient was sent. Final."""
+    SUPPRESSED = "suppressed"
+    """The address is on the tenant's suppression list; never sent. Final."""
 
     @property
     def is_final(self) -> bool:
@@ -57,7 +59,18 @@ class RecipientStatus(enum.Enum):
             RecipientStatus.DELIVERED,
             RecipientStatus.FAILED,
             RecipientStatus.CANCELLED,
+            RecipientStatus.SUPPRESSED,
         )
+
+
+class SuppressionReason(enum.Enum):
+    """Why an address is on a suppression list."""
+
+    UNSPECIFIED = "unspecified"
+    HARD_BOUNCE = "hard_bounce"
+    """Added automatically after a permanent bad-mailbox refusal (5.1.x, 550/551/553)."""
+    UNSUBSCRIBE = "unsubscribe"
+    MANUAL = "manual"
 
 
 class NodeState(enum.Enum):
@@ -175,11 +188,12 @@ class JobProgress:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     finished_at: datetime | None = None
+    suppressed: int = 0
 
     @property
     def done(self) -> int:
-        """Recipients with a final outcome: delivered, failed or cancelled."""
-        return self.delivered + self.failed + self.cancelled
+        """Recipients with a final outcome: delivered, failed, cancelled or suppressed."""
+        return self.delivered + self.failed + self.cancelled + self.suppressed
 
     @property
     def is_final(self) -> bool:
@@ -258,6 +272,21 @@ class CoordinatorInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class EtcdMember:
+    """One configured etcd endpoint as the leader sees it."""
+
+    endpoint: str
+    healthy: bool = False
+    """Answered a status request within the leader's short deadline."""
+    is_leader: bool = False
+    """The member is the etcd cluster's raft leader."""
+    db_size_bytes: int = 0
+    revision: int = 0
+    error: str = ""
+    """Why it is unhealthy, when it is."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterStatus:
     """The cluster as the leader sees it."""
 
@@ -265,6 +294,20 @@ class ClusterStatus:
     standbys: Sequence[CoordinatorInfo] = ()
     etcd_endpoints: Sequence[str] = ()
     active_jobs: int = 0
+    etcd_members: Sequence[EtcdMember] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Suppression:
+    """An address a tenant never sends to."""
+
+    email: str
+    """Lower-cased."""
+    reason: SuppressionReason
+    tenant: str = ""
+    reply: SmtpReply | None = None
+    """The refusal that caused a hard bounce, if any."""
+    created_at: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)

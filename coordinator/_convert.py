@@ -19,6 +19,7 @@ from coordinator.model import (
     Result,
     Status,
 )
+from coordinator.suppression import Reason, Suppression
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
 
 _JOB_STATE = {
@@ -36,6 +37,7 @@ _STATUS = {
     Status.FAILED: common_pb2.RECIPIENT_STATUS_FAILED,
     Status.DEFERRED: common_pb2.RECIPIENT_STATUS_DEFERRED,
     Status.CANCELLED: common_pb2.RECIPIENT_STATUS_CANCELLED,
+    Status.SUPPRESSED: common_pb2.RECIPIENT_STATUS_SUPPRESSED,
 }
 _STATUS_FROM: dict[int, Status] = {int(v): k for k, v in _STATUS.items()}
 
@@ -132,6 +134,7 @@ def progress_to(job_id: str, status: JobStatus, created_at: float) -> common_pb2
         failed=c.failed,
         deferred=c.deferred,
         cancelled=c.cancelled,
+        suppressed=c.suppressed,
         created_at=timestamp(created_at),
         updated_at=timestamp(status.updated_at),
         finished_at=timestamp(status.finished_at),
@@ -194,4 +197,32 @@ def counts_of(progress: common_pb2.JobProgress) -> Counts:
         failed=progress.failed,
         deferred=progress.deferred,
         cancelled=progress.cancelled,
+        suppressed=progress.suppressed,
+    )
+
+
+_REASON = {
+    Reason.HARD_BOUNCE: coordinator_pb2.SUPPRESSION_REASON_HARD_BOUNCE,
+    Reason.UNSUBSCRIBE: coordinator_pb2.SUPPRESSION_REASON_UNSUBSCRIBE,
+    Reason.MANUAL: coordinator_pb2.SUPPRESSION_REASON_MANUAL,
+}
+_REASON_FROM: dict[int, Reason] = {int(v): k for k, v in _REASON.items()}
+
+
+def reason_from(value: int) -> Reason | None:
+    """The reason of a wire number; UNSPECIFIED means MANUAL, unknown numbers None."""
+    if value == coordinator_pb2.SUPPRESSION_REASON_UNSPECIFIED:
+        return Reason.MANUAL
+    return _REASON_FROM.get(value)
+
+
+def suppression_to(tenant: str, s: Suppression) -> coordinator_pb2.Suppression:
+    return coordinator_pb2.Suppression(
+        email=s.email,
+        reason=_REASON[s.reason],
+        reply=common_pb2.SmtpReply(code=s.code, enhanced_code=s.enhanced_code, text=s.text)
+        if s.code
+        else None,
+        created_at=timestamp(s.created_at),
+        tenant=tenant,
     )

@@ -34,9 +34,19 @@ from coordinator.config import CoordinatorConfig
 from coordinator.errors import Conflict, NotFound
 from coordinator.ledger import Entry, Ledger
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import BatchState, Counts, JobSpec, JobState, JobStatus, Result, Status
+from coordinator.model import (
+    BatchState,
+    Counts,
+    JobSpec,
+    JobState,
+    JobStatus,
+    Recipient,
+    Result,
+    Status,
+)
 from coordinator.node_link import NodeLink
 from coordinator.store import Fence, JobStore, LostLeadership
+from coordinator.suppression import Reason, Suppression, is_hard_bounce, normalize
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
 from mailers.etcd import Keys, watch_prefix
 
@@ -118,6 +128,11 @@ class Dispatcher:
         self._registry_listed = False
         self._outcomes: dict[str, asyncio.Future[None]] = {}
         self._guards: set[asyncio.Task[None]] = set()
+        self._suppressed: dict[str, dict[str, Suppression]] = {}
+        """Tenant -> its suppression list, loaded from etcd on first use and kept in
+        step by every change made through this leader."""
+        self._dirty_suppressions: dict[tuple[str, str], Suppression] = {}
+        """Hard bounces found in results, written by the next flush."""
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -359,6 +374,63 @@ class Dispatcher:
         )
         self._job_changed(job)
 
+    # ---- suppression lists ----------------------------------------------------------
+
+    async def suppressions(self, tenant: str) -> dict[str, Suppression]:
+        """The tenant's suppression list by normalised address: one etcd read per tenant
+        per reign, then memory. Callers must not modify the returned dict."""
+        known = self._suppressed.get(tenant)
+        if known is not None:
+            return known
+        loaded = await self.store.suppressions(tenant)
+        known = self._suppressed.get(tenant)  # another caller loaded it meanwhile
+        if known is not None:
+            return known
+        # Hard bounces found before the list was loaded and not yet flushed.
+        for (t, email), s in self._dirty_suppressions.items():
+            if t == tenant:
+                loaded.setdefault(email, s)
+        self._suppressed[tenant] = loaded
+        return loaded
+
+    async def add_suppression(self, tenant: str, suppression: Suppression) -> Suppression:
+        """Put an address on the tenant's list (replacing its entry). Durable on return.
+        Raises LostLeadership."""
+        listed = await self.suppressions(tenant)
+        await self.store.put_suppression(tenant, suppression)
+        self._dirty_suppressions.pop((tenant, suppression.email), None)
+        listed[suppression.email] = suppression
+        return suppression
+
+    async def remove_suppression(self, tenant: str, email: str) -> bool:
+        """Take an address off the tenant's list; False when it was not on it.
+        Raises LostLeadership."""
+        listed = await self.suppressions(tenant)
+        present = email in listed
+        self._dirty_suppressions.pop((tenant, email), None)
+        await self.store.delete_suppression(tenant, email)
+        listed.pop(email, None)
+        return present
+
+    def _note_hard_bounce(self, tenant: str, email: str, result: Result) -> None:
+        email = normalize(email)
+        listed = self._suppressed.get(tenant)
+        if (listed is not None and email in listed) or (tenant, email) in self._dirty_suppressions:
+            return  # the first reason stays (e.g. an unsubscribe)
+        entry = Suppression(
+            email=email,
+            reason=Reason.HARD_BOUNCE,
+            created_at=self.clock(),
+            code=result.code,
+            enhanced_code=result.enhanced_code,
+            text=result.text,
+        )
+        self._dirty_suppressions[(tenant, email)] = entry
+        if listed is not None:
+            listed[email] = entry
+        log.info("suppressing %s for tenant %r: %d %s", email, tenant, result.code,
+                 result.enhanced_code)  # fmt: skip
+
     # ---- dispatching ----------------------------------------------------------------
 
     async def _loop(self) -> None:
@@ -489,6 +561,9 @@ class Dispatcher:
     async def _dispatch(self, job: JobRuntime, seq: int, node: NodeEntry, now: float) -> None:
         state = await self._state_for(job, seq)
         first, recipients = await self.store.load_batch(job.spec.job_id, seq)
+        listed = await self.suppressions(job.spec.tenant)
+        if listed:
+            self._suppress_pending(job, seq, state, first, recipients, listed, now)
         pending = [
             sender_pb2.BatchRecipient(
                 index=first + offset,
@@ -539,6 +614,42 @@ class Dispatcher:
         self._dirty_states.add((job.spec.job_id, seq))
         if job.status.state is JobState.QUEUED:
             job.status.state = JobState.RUNNING
+            self._job_changed(job)
+
+    def _suppress_pending(
+        self,
+        job: JobRuntime,
+        seq: int,
+        state: BatchState,
+        first: int,
+        recipients: list[Recipient],
+        listed: dict[str, Suppression],
+        now: float,
+    ) -> None:
+        """End the batch's unsent recipients whose address is listed as SUPPRESSED."""
+        applied = 0
+        for offset, recipient in enumerate(recipients):
+            index = first + offset
+            old = state.results.get(index)
+            if old is not None and old.status.final:
+                continue
+            entry = listed.get(normalize(recipient.email))
+            if entry is None:
+                continue
+            result = Result(
+                status=Status.SUPPRESSED,
+                code=old.code if old else 0,
+                enhanced_code=old.enhanced_code if old else "",
+                text=old.text if old else "",
+                reason=f"suppressed: {entry.reason.value}",
+                attempts=old.attempts if old else 0,
+                updated_at=now,
+            )
+            if self._apply(job, state, index, result):
+                applied += 1
+        if applied:
+            self.metrics.recipients.labels(Status.SUPPRESSED.value).inc(applied)
+            self._dirty_states.add((job.spec.job_id, seq))
             self._job_changed(job)
 
     def _requeue(self, bid: str, now: float, failed: bool, reason: str = "") -> None:
@@ -699,12 +810,18 @@ class Dispatcher:
             index, result = _convert.result_from(pb)
             if index not in batch_range(seq, job.spec.batch_size, job.spec.total):
                 continue
+            # Judged before "out of attempts" may turn a deferral into a failure below.
+            bounced = is_hard_bounce(
+                result.status is Status.FAILED, result.code, result.enhanced_code
+            )
             if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
                 result.status = Status.FAILED
                 last = result.reason or result.text
                 result.reason = f"gave up after {result.attempts} attempts; last: {last}"
             if self._apply(job, state, index, result):
                 applied += 1
+                if bounced and pb.email:
+                    self._note_hard_bounce(job.spec.tenant, pb.email, result)
                 self.metrics.recipients.labels(result.status.value).inc()
                 if result.code:
                     self.metrics.smtp_replies.labels(str(result.code)).inc()
@@ -834,10 +951,11 @@ class Dispatcher:
                 log.warning("could not persist progress yet: %s", exc)
 
     async def _flush_once(self) -> None:
-        if not self._dirty_states and not self._dirty_jobs:
+        if not self._dirty_states and not self._dirty_jobs and not self._dirty_suppressions:
             return
         state_keys, self._dirty_states = self._dirty_states, set()
         job_ids, self._dirty_jobs = self._dirty_jobs, set()
+        bounces, self._dirty_suppressions = self._dirty_suppressions, {}
         states = {}
         for job_id, seq in state_keys:
             job = self.jobs.get(job_id)
@@ -845,10 +963,12 @@ class Dispatcher:
                 states[(job_id, seq)] = job.states[seq]
         statuses = {j: self.jobs[j].status for j in job_ids if j in self.jobs}
         try:
-            await self.store.save(states, statuses)
+            await self.store.save(states, statuses, [(t, e) for (t, _), e in bounces.items()])
         except BaseException:
             self._dirty_states |= state_keys
             self._dirty_jobs |= job_ids
+            for key, entry in bounces.items():
+                self._dirty_suppressions.setdefault(key, entry)
             raise
         # Batches that are done and written need not stay in memory. Results that
         # arrived during the write made them dirty again: those stay for the next flush.
@@ -878,7 +998,7 @@ class Dispatcher:
 
     async def flushed(self) -> None:
         """Wait until the next flush has written what is dirty now."""
-        if not self._dirty_states and not self._dirty_jobs:
+        if not self._dirty_states and not self._dirty_jobs and not self._dirty_suppressions:
             return
         await self._flushed.wait()
 

@@ -27,17 +27,19 @@ class JobState(enum.StrEnum):
 
 
 class Status(enum.StrEnum):
-    """Where one recipient stands. DELIVERED, FAILED and CANCELLED are final."""
+    """Where one recipient stands. DELIVERED, FAILED, CANCELLED and SUPPRESSED are final."""
 
     QUEUED = "queued"
     DELIVERED = "delivered"
     FAILED = "failed"
     DEFERRED = "deferred"
     CANCELLED = "cancelled"
+    SUPPRESSED = "suppressed"
+    """On the tenant's suppression list at dispatch; never sent."""
 
     @property
     def final(self) -> bool:
-        return self in (Status.DELIVERED, Status.FAILED, Status.CANCELLED)
+        return self in (Status.DELIVERED, Status.FAILED, Status.CANCELLED, Status.SUPPRESSED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,14 +119,15 @@ class Counts:
     failed: int = 0
     deferred: int = 0
     cancelled: int = 0
+    suppressed: int = 0
 
     @property
     def queued(self) -> int:
-        return self.total - self.delivered - self.failed - self.deferred - self.cancelled
+        return self.total - self.done - self.deferred
 
     @property
     def done(self) -> int:
-        return self.delivered + self.failed + self.cancelled
+        return self.delivered + self.failed + self.cancelled + self.suppressed
 
     def add(self, status: Status, delta: int = 1) -> None:
         if status is Status.DELIVERED:
@@ -135,6 +138,8 @@ class Counts:
             self.deferred += delta
         elif status is Status.CANCELLED:
             self.cancelled += delta
+        elif status is Status.SUPPRESSED:
+            self.suppressed += delta
 
 
 @dataclasses.dataclass
@@ -253,7 +258,7 @@ def dump_status(status: JobStatus) -> bytes:
     return json.dumps(
         {
             "state": status.state.value,
-            "counts": [c.total, c.delivered, c.failed, c.deferred, c.cancelled],
+            "counts": [c.total, c.delivered, c.failed, c.deferred, c.cancelled, c.suppressed],
             "updated_at": status.updated_at,
             "finished_at": status.finished_at,
         },
@@ -263,10 +268,11 @@ def dump_status(status: JobStatus) -> bytes:
 
 def load_status(raw: bytes) -> JobStatus:
     d = json.loads(raw)
-    total, delivered, failed, deferred, cancelled = d["counts"]
+    # Records from before suppression lists have five counts.
+    total, delivered, failed, deferred, cancelled, *rest = d["counts"]
     return JobStatus(
         state=JobState(d["state"]),
-        counts=Counts(total, delivered, failed, deferred, cancelled),
+        counts=Counts(total, delivered, failed, deferred, cancelled, rest[0] if rest else 0),
         updated_at=d["updated_at"],
         finished_at=d["finished_at"],
     )

@@ -18,16 +18,24 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from aetcd import rpc as etcd_rpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_status import rpc_status  # type: ignore[import-untyped]
 
 from coordinator import _convert
-from coordinator.auth import ANONYMOUS_DEV, AuthConfig, Principal
+from coordinator.auth import ANONYMOUS_DEV, TENANT_ID, AuthConfig, Principal
 from coordinator.batching import batch_range, chunks
 from coordinator.dispatcher import Dispatcher, JobRuntime
 from coordinator.election import Election
-from coordinator.errors import Conflict, NotFound, NotLeader, Unauthenticated, status_for
+from coordinator.errors import (
+    Conflict,
+    NotFound,
+    NotLeader,
+    PermissionDenied,
+    Unauthenticated,
+    status_for,
+)
 from coordinator.model import (
     BatchState,
     Content,
@@ -47,6 +55,7 @@ from coordinator.quotas import (
     check_active_jobs,
     check_job_size,
 )
+from coordinator.suppression import Suppression, normalize
 from coordinator.validation import (
     Collector,
     Limits,
@@ -58,12 +67,15 @@ from coordinator.validation import (
     check_recipients,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
+from mailers.etcd import connect
 
 log = logging.getLogger(__name__)
 
 LEADER_METADATA_KEY = "mailers-leader"
 # Batches are written to etcd in groups this large while a job streams in.
 _WRITE_GROUP = 64
+# Each etcd endpoint gets this long to answer a status request in GetClusterStatus.
+_ETCD_STATUS_DEADLINE_S = 1.5
 _T = TypeVar("_T")
 
 
@@ -194,6 +206,55 @@ class JobWriter:
 
     async def discard(self) -> None:
         await self._d.store.discard_batches(self.job_id)
+
+
+async def etcd_member(endpoint: str, deadline_s: float) -> coordinator_pb2.EtcdMember:
+    """Ask one etcd endpoint for its status through a client of its own (the shared
+    client fails over and so cannot tell which member answered). Never raises; the
+    client is closed whatever happens."""
+    member = coordinator_pb2.EtcdMember(endpoint=endpoint)
+    client = connect([endpoint], timeout_s=max(1, int(deadline_s)))
+    try:
+        async with asyncio.timeout(deadline_s):
+            await client.connect()
+            # aetcd's status() drops the answering member's id and revision; the raw
+            # Maintenance.Status reply has both (header.member_id, header.revision).
+            reply = await client.maintenancestub.Status(
+                etcd_rpc.StatusRequest(), timeout=deadline_s
+            )
+        member.healthy = True
+        member.is_leader = reply.leader != 0 and reply.leader == reply.header.member_id
+        member.db_size_bytes = reply.dbSize
+        member.revision = reply.header.revision
+    except Exception as exc:  # any failure or the deadline: this member is unhealthy
+        member.error = f"{type(exc).__name__}: {exc}".strip()[:200] or "no answer"
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 1.0)
+    return member
+
+
+def suppression_tenant(caller: Principal, requested: str) -> str:
+    """Whose suppression list a call acts on: a tenant's own; an admin names any
+    (``""`` is the list of jobs submitted with auth off)."""
+    if caller.admin:
+        if requested and not TENANT_ID.match(requested):
+            raise ValidationError([("tenant", "is not a tenant id")])
+        return requested
+    if requested and requested != caller.tenant:
+        raise PermissionDenied("a tenant manages only its own suppression list")
+    return caller.tenant
+
+
+def suppression_email(raw: str) -> str:
+    """The normalised address of a suppression request. Raises ValidationError."""
+    email = normalize(raw)
+    local, at, domain = email.rpartition("@")
+    if not at or not local or not domain or len(email) > 320:
+        raise ValidationError([("email", "is not an email address")])
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in email):
+        raise ValidationError([("email", "contains whitespace or control characters")])
+    return email
 
 
 def job_not_found(job_id: str) -> NotFound:
@@ -609,6 +670,63 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
 
         return await _handle(context, call)
 
+    # ---- suppression lists ----------------------------------------------------------
+
+    async def ListSuppressions(
+        self,
+        request: coordinator_pb2.ListSuppressionsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.ListSuppressionsResponse:
+        async def call() -> coordinator_pb2.ListSuppressionsResponse:
+            tenant = suppression_tenant(self._caller(context), request.tenant)
+            d = await self._role.leader()
+            page_size = min(request.page_size or 100, 1000)
+            listed = await d.suppressions(tenant)
+            emails = sorted(e for e in listed if e > request.page_token)
+            page = emails[:page_size]
+            next_token = page[-1] if len(emails) > page_size else ""
+            return coordinator_pb2.ListSuppressionsResponse(
+                suppressions=[_convert.suppression_to(tenant, listed[e]) for e in page],
+                next_page_token=next_token,
+            )
+
+        return await _handle(context, call)
+
+    async def AddSuppression(
+        self,
+        request: coordinator_pb2.AddSuppressionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.AddSuppressionResponse:
+        async def call() -> coordinator_pb2.AddSuppressionResponse:
+            tenant = suppression_tenant(self._caller(context), request.tenant)
+            email = suppression_email(request.email)
+            reason = _convert.reason_from(request.reason)
+            if reason is None:
+                raise ValidationError([("reason", "is not a suppression reason")])
+            d = await self._role.leader()
+            entry = await d.add_suppression(
+                tenant, Suppression(email=email, reason=reason, created_at=self._clock())
+            )
+            return coordinator_pb2.AddSuppressionResponse(
+                suppression=_convert.suppression_to(tenant, entry)
+            )
+
+        return await _handle(context, call)
+
+    async def RemoveSuppression(
+        self,
+        request: coordinator_pb2.RemoveSuppressionRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.RemoveSuppressionResponse:
+        async def call() -> coordinator_pb2.RemoveSuppressionResponse:
+            tenant = suppression_tenant(self._caller(context), request.tenant)
+            email = suppression_email(request.email)
+            d = await self._role.leader()
+            removed = await d.remove_suppression(tenant, email)
+            return coordinator_pb2.RemoveSuppressionResponse(removed=removed)
+
+        return await _handle(context, call)
+
 
 class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
     def __init__(self, role: Role) -> None:
@@ -629,11 +747,15 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
                 )
                 for c in candidates
             ]
+            members = await asyncio.gather(
+                *(etcd_member(e, _ETCD_STATUS_DEADLINE_S) for e in self._role.etcd_endpoints)
+            )
             return coordinator_pb2.GetClusterStatusResponse(
                 leader=infos[0] if infos else None,
                 standbys=infos[1:],
                 etcd_endpoints=self._role.etcd_endpoints,
                 active_jobs=sum(1 for j in d.jobs.values() if not j.status.state.final),
+                etcd_members=members,
             )
 
         return await _handle(context, call)

@@ -35,6 +35,7 @@ from coordinator.model import (
     load_spec,
     load_status,
 )
+from coordinator.suppression import Suppression, dump, load
 from mailers.etcd import Keys
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,10 @@ class JobStore:
         self,
         states: dict[tuple[str, int], BatchState],
         statuses: dict[str, JobStatus],
+        suppressions: Iterable[tuple[str, Suppression]] = (),
     ) -> None:
-        """Persist batch results and job statuses. Raises LostLeadership."""
+        """Persist batch results, job statuses and (tenant, address) suppressions.
+        Raises LostLeadership."""
         items: list[tuple[bytes, bytes]] = [
             (self._keys.state(job_id, seq), dump_batch_state(state))
             for (job_id, seq), state in states.items()
@@ -196,7 +199,30 @@ class JobStore:
             (self._keys.job_state(job_id), dump_status(status))
             for job_id, status in statuses.items()
         )
+        items.extend(
+            (self._keys.suppression(tenant, s.email), dump(s)) for tenant, s in suppressions
+        )
         await self._put_all(items)
+
+    # ---- suppression lists ----------------------------------------------------------
+
+    async def suppressions(self, tenant: str) -> dict[str, Suppression]:
+        """The tenant's whole list, by normalised address."""
+        prefix = self._keys.suppressions(tenant)
+        listing = await self._client.get_prefix(prefix)
+        return {self._keys.tail(kv.key, prefix): load(kv.value) for kv in listing}
+
+    async def put_suppression(self, tenant: str, suppression: Suppression) -> None:
+        """Add or replace one address. Raises LostLeadership."""
+        await self._put_all(
+            [(self._keys.suppression(tenant, suppression.email), dump(suppression))]
+        )
+
+    async def delete_suppression(self, tenant: str, email: str) -> None:
+        """Remove one address (absent is fine). Raises LostLeadership."""
+        await self._commit(
+            [self._client.transactions.delete(self._keys.suppression(tenant, email))]
+        )
 
     # ---- cordons --------------------------------------------------------------------
 

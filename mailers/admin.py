@@ -28,6 +28,8 @@ from client_sdk import (
     MailerError,
     NodeInfo,
     RecipientStatus,
+    Suppression,
+    SuppressionReason,
 )
 from mailers.campaign import DEFAULT_COORDINATORS
 
@@ -80,12 +82,12 @@ def nodes_table(nodes: Sequence[NodeInfo]) -> Table:
 
 def _progress_cells(p: JobProgress) -> list[str]:
     return [p.state.value, str(p.total), str(p.delivered), str(p.failed), str(p.deferred),
-            str(p.cancelled), str(p.queued)]  # fmt: skip
+            str(p.cancelled), str(p.suppressed), str(p.queued)]  # fmt: skip
 
 
 def jobs_table(jobs: Sequence[Job]) -> Table:
     table = Table("job", "name", "state", "total", "delivered", "failed", "deferred",
-                  "cancelled", "queued", "created")  # fmt: skip
+                  "cancelled", "suppressed", "queued", "created")  # fmt: skip
     for j in jobs:
         cells = _progress_cells(j.progress)
         created = (
@@ -109,7 +111,17 @@ async def cmd_status(client: MailerClient, ns: argparse.Namespace, console: Cons
     for s in status.standbys:
         table.add_row("standby", s.coordinator_id, s.address, str(s.epoch))
     console.print(table)
-    console.print(f"etcd: {', '.join(status.etcd_endpoints)}; active jobs: {status.active_jobs}")
+    etcd = Table("etcd endpoint", "health", "raft leader", "db size", "revision")
+    for m in status.etcd_members:
+        health = "[green]healthy[/]" if m.healthy else f"[red]unhealthy[/] {m.error}"
+        etcd.add_row(m.endpoint, health, "yes" if m.is_leader else "",
+                     f"{m.db_size_bytes / 1e6:.1f} MB" if m.healthy else "",
+                     str(m.revision) if m.healthy else "")  # fmt: skip
+    if status.etcd_members:
+        console.print(etcd)
+    else:
+        console.print(f"etcd: {', '.join(status.etcd_endpoints)}")
+    console.print(f"active jobs: {status.active_jobs}")
     return None
 
 
@@ -209,6 +221,40 @@ async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Con
     return None
 
 
+def suppressions_table(items: Sequence[Suppression]) -> Table:
+    table = Table("email", "reason", "reply", "added")
+    for s in items:
+        added = s.created_at.strftime("%Y-%m-%d %H:%M:%S") if s.created_at else ""
+        table.add_row(s.email, s.reason.value, str(s.reply or ""), added)
+    return table
+
+
+async def cmd_suppression(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+    if ns.action == "list":
+        items: list[Suppression] = []
+        async for s in client.suppressions(tenant=ns.tenant):
+            items.append(s)
+            if len(items) >= ns.limit:
+                break
+        if ns.json:
+            return plain(items)
+        console.print(suppressions_table(items))
+        return None
+    if not ns.email:
+        raise SystemExit(f"mailers suppression {ns.action}: an EMAIL is required")
+    if ns.action == "add":
+        added = await client.suppress(ns.email, SuppressionReason(ns.reason), tenant=ns.tenant)
+        if ns.json:
+            return plain(added)
+        console.print(suppressions_table([added]))
+        return None
+    removed = await client.unsuppress(ns.email, tenant=ns.tenant)
+    if ns.json:
+        return {"email": ns.email, "removed": removed}
+    console.print(f"{ns.email}: {'removed' if removed else 'was not on the list'}")
+    return None
+
+
 # ---- wiring -----------------------------------------------------------------------------
 
 
@@ -232,7 +278,8 @@ def _run(handler: Handler, ns: argparse.Namespace) -> int:
 
 
 def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register status, nodes, node, jobs, job and results on a subparsers object."""
+    """Register status, nodes, node, jobs, job, results and suppression on a subparsers
+    object."""
 
     def parser(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
@@ -261,3 +308,14 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--status", action="append", choices=[s.value for s in RecipientStatus][1:]
     )
     results.add_argument("--limit", type=int, default=1000)
+    supp = parser("suppression", cmd_suppression, "list, add or remove suppressed addresses")
+    supp.add_argument("action", choices=["list", "add", "remove"])
+    supp.add_argument("email", nargs="?", help="the address (add, remove)")
+    supp.add_argument("--tenant", default="", help="whose list (admin tokens only)")
+    supp.add_argument(
+        "--reason",
+        default=SuppressionReason.MANUAL.value,
+        choices=[r.value for r in SuppressionReason][1:],
+        help="why it is added (add)",
+    )
+    supp.add_argument("--limit", type=int, default=10000)

@@ -269,6 +269,8 @@ class Summary:
     elapsed_s: float
     """Wall time from the start of the upload to the final state."""
     duplicates_skipped: int = 0
+    suppressed: int = 0
+    """On the tenant's suppression list; never sent."""
 
     @property
     def rate_per_s(self) -> float:
@@ -322,6 +324,7 @@ class SummaryBuilder:
             per_node=dict(sorted(self._nodes.items(), key=lambda kv: (-kv[1], kv[0]))),
             elapsed_s=elapsed_s,
             duplicates_skipped=duplicates_skipped,
+            suppressed=final.suppressed,
         )
 
 
@@ -348,6 +351,8 @@ def render_summary(summary: Summary, console: Console) -> None:
     table.add_row("[green]delivered", str(summary.delivered))
     table.add_row("[red]failed", str(summary.failed))
     table.add_row("[yellow]cancelled", str(summary.cancelled))
+    if summary.suppressed:
+        table.add_row("[dim]suppressed", str(summary.suppressed))
     if summary.deferred:
         table.add_row("deferred", str(summary.deferred))
     if summary.duplicates_skipped:
@@ -392,6 +397,7 @@ def _counts(p: JobProgress) -> str:
         f"[green]{p.delivered} delivered[/] [red]{p.failed} failed[/] "
         f"[yellow]{p.deferred} deferred[/]"
         + (f" [dim]{p.cancelled} cancelled[/]" if p.cancelled else "")
+        + (f" [dim]{p.suppressed} suppressed[/]" if p.suppressed else "")
     )
 
 

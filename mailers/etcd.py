@@ -40,6 +40,8 @@ class Keys:
     - ``idem/<key>``: idempotency key -> job id.
     - ``batch/<job_id>/<seq>``: a batch's recipients, written once at submit.
     - ``state/<job_id>/<seq>``: a batch's per-recipient results and attempts.
+    - ``suppress/<tenant>/<email>``: an address the tenant never sends to (email
+      lower-cased; tenant "" for auth off, giving ``suppress//<email>``).
     """
 
     prefix: str = "/mailers"
@@ -96,6 +98,12 @@ class Keys:
 
     def state(self, job_id: str, seq: int) -> bytes:
         return self._k("state", job_id, f"{seq:08d}")
+
+    def suppressions(self, tenant: str) -> bytes:
+        return self._k("suppress", tenant, "")
+
+    def suppression(self, tenant: str, email: str) -> bytes:
+        return self._k("suppress", tenant, email)
 
     def tail(self, key: bytes, parent: bytes) -> str:
         """The part of key after parent (one of the prefix properties above)."""

@@ -34,6 +34,7 @@ from client_sdk import (
     Recipient,
     RecipientStatus,
     RetryPolicy,
+    SuppressionReason,
     UnavailableError,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -67,6 +68,7 @@ class FakeCoordinator(
         self.results: list[common_pb2.RecipientResult] = []
         self.result_requests: list[coordinator_pb2.ListJobResultsRequest] = []
         self.watch_events: asyncio.Queue[object] = asyncio.Queue()
+        self.suppressed: dict[str, coordinator_pb2.Suppression] = {}
         self.time_remaining: list[float | None] = []
 
     async def _gate(self, name: str, context: Ctx) -> None:
@@ -159,6 +161,34 @@ class FakeCoordinator(
         job = self.jobs[request.job_id]
         job.progress.state = common_pb2.JOB_STATE_RUNNING
         return coordinator_pb2.RetryFailedResponse(job=job, requeued=job.progress.failed)
+
+    async def ListSuppressions(
+        self, request: coordinator_pb2.ListSuppressionsRequest, context: Ctx
+    ) -> coordinator_pb2.ListSuppressionsResponse:
+        await self._gate("ListSuppressions", context)
+        emails = sorted(e for e in self.suppressed if e > request.page_token)
+        page = emails[: request.page_size]
+        return coordinator_pb2.ListSuppressionsResponse(
+            suppressions=[self.suppressed[e] for e in page],
+            next_page_token=page[-1] if len(emails) > request.page_size else "",
+        )
+
+    async def AddSuppression(
+        self, request: coordinator_pb2.AddSuppressionRequest, context: Ctx
+    ) -> coordinator_pb2.AddSuppressionResponse:
+        await self._gate("AddSuppression", context)
+        entry = coordinator_pb2.Suppression(
+            email=request.email.lower(), reason=request.reason, tenant=request.tenant
+        )
+        self.suppressed[entry.email] = entry
+        return coordinator_pb2.AddSuppressionResponse(suppression=entry)
+
+    async def RemoveSuppression(
+        self, request: coordinator_pb2.RemoveSuppressionRequest, context: Ctx
+    ) -> coordinator_pb2.RemoveSuppressionResponse:
+        await self._gate("RemoveSuppression", context)
+        removed = self.suppressed.pop(request.email.lower(), None) is not None
+        return coordinator_pb2.RemoveSuppressionResponse(removed=removed)
 
     async def ListJobResults(
         self, request: coordinator_pb2.ListJobResultsRequest, context: Ctx
@@ -500,3 +530,21 @@ async def test_run_send_submits_a_csv_watches_it_and_summarises(
     assert summary.elapsed_s > 0
     printed = out.getvalue()
     assert "job-1" in printed and "550 5.1.1 unknown user" in printed and "msg/s" in printed
+
+
+async def test_suppression_calls_page_and_convert(cluster: Cluster) -> None:
+    (_, standby_addr), (leader, leader_addr) = cluster
+    async with MailerClient([standby_addr, leader_addr], FAST) as client:
+        # Given five addresses added, one as an unsubscribe
+        for i in range(5):
+            reason = SuppressionReason.UNSUBSCRIBE if i == 0 else SuppressionReason.MANUAL
+            added = await client.suppress(f"U{i}@x.example", reason, tenant="acme")
+            assert added.email == f"u{i}@x.example" and added.reason is reason
+        # When the list is read two at a time, Then every address comes once, in order
+        listed = [s async for s in client.suppressions(page_size=2)]
+        assert [s.email for s in listed] == [f"u{i}@x.example" for i in range(5)]
+        assert listed[0].reason is SuppressionReason.UNSUBSCRIBE and listed[0].tenant == "acme"
+        assert leader.calls["ListSuppressions"] == 3
+        # And removal reports whether the address was listed
+        assert await client.unsuppress("u1@x.example") is True
+        assert await client.unsuppress("u1@x.example") is False

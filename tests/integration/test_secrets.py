@@ -231,3 +231,25 @@ def _assert_files_clean(base: Path, forms: dict[str, bytes]) -> None:
         data = path.read_bytes()
         for name, form in forms.items():
             assert form not in data, f"canary ({name}) found in {path}"
+
+
+async def test_suppression_lists_are_per_tenant(cluster: LocalCluster) -> None:
+    addresses = cluster.coordinator_addresses
+    async with (
+        MailerClient(addresses, token=CANARY) as acme,
+        MailerClient(addresses, token=BETA) as beta,
+        MailerClient(addresses, token=ADMIN) as admin,
+    ):
+        # Given acme suppresses an address on its own list
+        await acme.suppress("gone@tenant.example")
+        # Then beta does not see it, and cannot reach acme's list
+        assert "gone@tenant.example" not in {s.email async for s in beta.suppressions()}
+        with pytest.raises(AuthError) as denied:
+            await beta.suppress("x@tenant.example", tenant="acme")
+        assert denied.value.code is grpc.StatusCode.PERMISSION_DENIED
+        # While acme and an admin naming acme do
+        assert "gone@tenant.example" in {s.email async for s in acme.suppressions()}
+        listed = {s.email async for s in admin.suppressions(tenant="acme")}
+        assert "gone@tenant.example" in listed
+        assert await admin.unsuppress("gone@tenant.example", tenant="acme")
+        assert "gone@tenant.example" not in {s.email async for s in acme.suppressions()}

@@ -69,6 +69,8 @@ class _RecipientStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Recip
     """A transient failure; it will be retried."""
     RECIPIENT_STATUS_CANCELLED: _RecipientStatus.ValueType  # 5
     """The job was cancelled before this recipient was sent. Final."""
+    RECIPIENT_STATUS_SUPPRESSED: _RecipientStatus.ValueType  # 6
+    """The address is on the job's tenant's suppression list; never sent. Final."""
 
 class RecipientStatus(_RecipientStatus, metaclass=_RecipientStatusEnumTypeWrapper):
     """Where one recipient of a job stands."""
@@ -84,6 +86,8 @@ RECIPIENT_STATUS_DEFERRED: RecipientStatus.ValueType  # 4
 """A transient failure; it will be retried."""
 RECIPIENT_STATUS_CANCELLED: RecipientStatus.ValueType  # 5
 """The job was cancelled before this recipient was sent. Final."""
+RECIPIENT_STATUS_SUPPRESSED: RecipientStatus.ValueType  # 6
+"""The address is on the job's tenant's suppression list; never sent. Final."""
 Global___RecipientStatus: _TypeAlias = RecipientStatus  # noqa: Y015
 
 class _BreakerState:
@@ -391,6 +395,7 @@ class JobProgress(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     total: _builtins.int
@@ -399,6 +404,7 @@ class JobProgress(_message.Message):
     failed: _builtins.int
     deferred: _builtins.int
     cancelled: _builtins.int
+    suppressed: _builtins.int
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -419,10 +425,11 @@ class JobProgress(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        suppressed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "created_at", b"created_at", "deferred", b"deferred", "delivered", b"delivered", "failed", b"failed", "finished_at", b"finished_at", "job_id", b"job_id", "queued", b"queued", "state", b"state", "total", b"total", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "created_at", b"created_at", "deferred", b"deferred", "delivered", b"delivered", "failed", b"failed", "finished_at", b"finished_at", "job_id", b"job_id", "queued", b"queued", "state", b"state", "suppressed", b"suppressed", "total", b"total", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

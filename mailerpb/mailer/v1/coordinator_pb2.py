@@ -26,15 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from mailerpb.mailer.v1 import common_pb2 as mailer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmailer/v1/coordinator.proto\x12\tmailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16mailer/v1/common.proto\"\x89\x01\n\nJobOptions\x12+\n\x07send_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xac\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12*\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12&\n\x07options\x18\x04 \x01(\x0b\x32\x15.mailer.v1.JobOptions\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.mailer.v1.JobProgress\"\xa9\x01\n\x10SubmitJobRequest\x12*\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12(\n\nrecipients\x18\x02 \x03(\x0b\x32\x14.mailer.v1.Recipient\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12&\n\x07options\x18\x04 \x01(\x0b\x32\x15.mailer.v1.JobOptions\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"~\n\x0fUploadJobHeader\x12*\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.mailer.v1.JobOptions\":\n\x0eRecipientChunk\x12(\n\nrecipients\x18\x01 \x03(\x0b\x32\x14.mailer.v1.Recipient\"|\n\x10UploadJobRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.mailer.v1.UploadJobHeaderH\x00\x12/\n\nrecipients\x18\x02 \x01(\x0b\x32\x19.mailer.v1.RecipientChunkH\x00\x42\t\n\x07payload\"A\n\x11UploadJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x10WatchJobResponse\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x16.mailer.v1.JobProgress\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.mailer.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.mailer.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x15ListJobResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12,\n\x08statuses\x18\x04 \x03(\x0e\x32\x1a.mailer.v1.RecipientStatus\"^\n\x16ListJobResultsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x12RetryFailedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"D\n\x13RetryFailedResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x10\n\x08requeued\x18\x02 \x01(\x03\"I\n\x0f\x43oordinatorInfo\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x19\n\x17GetClusterStatusRequest\"\xa1\x01\n\x18GetClusterStatusResponse\x12*\n\x06leader\x18\x01 \x01(\x0b\x32\x1a.mailer.v1.CoordinatorInfo\x12,\n\x08standbys\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.CoordinatorInfo\x12\x16\n\x0e\x65tcd_endpoints\x18\x03 \x03(\t\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\x05\"\x9f\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mailer.v1.NodeState\x12!\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12\x1d\n\x15lease_ttl_remaining_s\x18\x05 \x01(\x03\x12.\n\rbreaker_state\x18\x06 \x01(\x0e\x32\x17.mailer.v1.BreakerState\x12&\n\x06relays\x18\x07 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\x12\x19\n\x11\x62\x61tches_in_flight\x18\x08 \x01(\x05\x12\x17\n\x0frecipients_done\x18\t \x01(\x03\"\x12\n\x10ListNodesRequest\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.mailer.v1.NodeInfo\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"$\n\x11\x43ordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"7\n\x12\x43ordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"&\n\x13UncordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"9\n\x14UncordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"&\n\x13ResetBreakerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"9\n\x14ResetBreakerResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"!\n\x0fPauseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x10PauseJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x11ResumeJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job*\x8d\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x01\x12\x17\n\x13NODE_STATE_CORDONED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x1b\n\x17NODE_STATE_DISCONNECTED\x10\x04\x32\xd9\x04\n\rMailerService\x12\x46\n\tSubmitJob\x12\x1b.mailer.v1.SubmitJobRequest\x1a\x1c.mailer.v1.SubmitJobResponse\x12H\n\tUploadJob\x12\x1b.mailer.v1.UploadJobRequest\x1a\x1c.mailer.v1.UploadJobResponse(\x01\x12=\n\x06GetJob\x12\x18.mailer.v1.GetJobRequest\x1a\x19.mailer.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.mailer.v1.WatchJobRequest\x1a\x1b.mailer.v1.WatchJobResponse0\x01\x12\x46\n\tCancelJob\x12\x1b.mailer.v1.CancelJobRequest\x1a\x1c.mailer.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.mailer.v1.ListJobsRequest\x1a\x1b.mailer.v1.ListJobsResponse\x12U\n\x0eListJobResults\x12 .mailer.v1.ListJobResultsRequest\x1a!.mailer.v1.ListJobResultsResponse\x12L\n\x0bRetryFailed\x12\x1d.mailer.v1.RetryFailedRequest\x1a\x1e.mailer.v1.RetryFailedResponse2\xf5\x04\n\x0c\x41\x64minService\x12[\n\x10GetClusterStatus\x12\".mailer.v1.GetClusterStatusRequest\x1a#.mailer.v1.GetClusterStatusResponse\x12\x46\n\tListNodes\x12\x1b.mailer.v1.ListNodesRequest\x1a\x1c.mailer.v1.ListNodesResponse\x12\x46\n\tDrainNode\x12\x1b.mailer.v1.DrainNodeRequest\x1a\x1c.mailer.v1.DrainNodeResponse\x12I\n\nCordonNode\x12\x1c.mailer.v1.CordonNodeRequest\x1a\x1d.mailer.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.mailer.v1.UncordonNodeRequest\x1a\x1f.mailer.v1.UncordonNodeResponse\x12O\n\x0cResetBreaker\x12\x1e.mailer.v1.ResetBreakerRequest\x1a\x1f.mailer.v1.ResetBreakerResponse\x12\x43\n\x08PauseJob\x12\x1a.mailer.v1.PauseJobRequest\x1a\x1b.mailer.v1.PauseJobResponse\x12\x46\n\tResumeJob\x12\x1b.mailer.v1.ResumeJobRequest\x1a\x1c.mailer.v1.ResumeJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmailer/v1/coordinator.proto\x12\tmailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16mailer/v1/common.proto\"\x89\x01\n\nJobOptions\x12+\n\x07send_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x0c\n\x04name\x18\x04 \x01(\t\"\xac\x01\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12*\n\x07\x63ontent\x18\x03 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12&\n\x07options\x18\x04 \x01(\x0b\x32\x15.mailer.v1.JobOptions\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.mailer.v1.JobProgress\"\xa9\x01\n\x10SubmitJobRequest\x12*\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12(\n\nrecipients\x18\x02 \x03(\x0b\x32\x14.mailer.v1.Recipient\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12&\n\x07options\x18\x04 \x01(\x0b\x32\x15.mailer.v1.JobOptions\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"~\n\x0fUploadJobHeader\x12*\n\x07\x63ontent\x18\x01 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.mailer.v1.JobOptions\":\n\x0eRecipientChunk\x12(\n\nrecipients\x18\x01 \x03(\x0b\x32\x14.mailer.v1.Recipient\"|\n\x10UploadJobRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.mailer.v1.UploadJobHeaderH\x00\x12/\n\nrecipients\x18\x02 \x01(\x0b\x32\x19.mailer.v1.RecipientChunkH\x00\x42\t\n\x07payload\"A\n\x11UploadJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"-\n\x0eGetJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x10WatchJobResponse\x12(\n\x08progress\x18\x01 \x01(\x0b\x32\x16.mailer.v1.JobProgress\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x11\x43\x61ncelJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"]\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12#\n\x06states\x18\x03 \x03(\x0e\x32\x13.mailer.v1.JobState\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.mailer.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"|\n\x15ListJobResultsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12,\n\x08statuses\x18\x04 \x03(\x0e\x32\x1a.mailer.v1.RecipientStatus\"^\n\x16ListJobResultsResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"$\n\x12RetryFailedRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"D\n\x13RetryFailedResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\x12\x10\n\x08requeued\x18\x02 \x01(\x03\"I\n\x0f\x43oordinatorInfo\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\"\x19\n\x17GetClusterStatusRequest\"\xce\x01\n\x18GetClusterStatusResponse\x12*\n\x06leader\x18\x01 \x01(\x0b\x32\x1a.mailer.v1.CoordinatorInfo\x12,\n\x08standbys\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.CoordinatorInfo\x12\x16\n\x0e\x65tcd_endpoints\x18\x03 \x03(\t\x12\x13\n\x0b\x61\x63tive_jobs\x18\x04 \x01(\x05\x12+\n\x0c\x65tcd_members\x18\x05 \x03(\x0b\x32\x15.mailer.v1.EtcdMember\"z\n\nEtcdMember\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x15\n\rdb_size_bytes\x18\x04 \x01(\x03\x12\x10\n\x08revision\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"\xaf\x01\n\x0bSuppression\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12,\n\x06reason\x18\x02 \x01(\x0e\x32\x1c.mailer.v1.SuppressionReason\x12#\n\x05reply\x18\x03 \x01(\x0b\x32\x14.mailer.v1.SmtpReply\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"P\n\x17ListSuppressionsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"a\n\x18ListSuppressionsResponse\x12,\n\x0csuppressions\x18\x01 \x03(\x0b\x32\x16.mailer.v1.Suppression\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"d\n\x15\x41\x64\x64SuppressionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.mailer.v1.SuppressionReason\"E\n\x16\x41\x64\x64SuppressionResponse\x12+\n\x0bsuppression\x18\x01 \x01(\x0b\x32\x16.mailer.v1.Suppression\"9\n\x18RemoveSuppressionRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\r\n\x05\x65mail\x18\x02 \x01(\t\",\n\x19RemoveSuppressionResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\x9f\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.mailer.v1.NodeState\x12!\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12\x1d\n\x15lease_ttl_remaining_s\x18\x05 \x01(\x03\x12.\n\rbreaker_state\x18\x06 \x01(\x0e\x32\x17.mailer.v1.BreakerState\x12&\n\x06relays\x18\x07 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\x12\x19\n\x11\x62\x61tches_in_flight\x18\x08 \x01(\x05\x12\x17\n\x0frecipients_done\x18\t \x01(\x03\"\x12\n\x10ListNodesRequest\"7\n\x11ListNodesResponse\x12\"\n\x05nodes\x18\x01 \x03(\x0b\x32\x13.mailer.v1.NodeInfo\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"6\n\x11\x44rainNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"$\n\x11\x43ordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"7\n\x12\x43ordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"&\n\x13UncordonNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"9\n\x14UncordonNodeResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"&\n\x13ResetBreakerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"9\n\x14ResetBreakerResponse\x12!\n\x04node\x18\x01 \x01(\x0b\x32\x13.mailer.v1.NodeInfo\"!\n\x0fPauseJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"/\n\x10PauseJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job\"\"\n\x10ResumeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x11ResumeJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.mailer.v1.Job*\x9e\x01\n\x11SuppressionReason\x12\"\n\x1eSUPPRESSION_REASON_UNSPECIFIED\x10\x00\x12\"\n\x1eSUPPRESSION_REASON_HARD_BOUNCE\x10\x01\x12\"\n\x1eSUPPRESSION_REASON_UNSUBSCRIBE\x10\x02\x12\x1d\n\x19SUPPRESSION_REASON_MANUAL\x10\x03*\x8d\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11NODE_STATE_ACTIVE\x10\x01\x12\x17\n\x13NODE_STATE_CORDONED\x10\x02\x12\x17\n\x13NODE_STATE_DRAINING\x10\x03\x12\x1b\n\x17NODE_STATE_DISCONNECTED\x10\x04\x32\xed\x06\n\rMailerService\x12\x46\n\tSubmitJob\x12\x1b.mailer.v1.SubmitJobRequest\x1a\x1c.mailer.v1.SubmitJobResponse\x12H\n\tUploadJob\x12\x1b.mailer.v1.UploadJobRequest\x1a\x1c.mailer.v1.UploadJobResponse(\x01\x12=\n\x06GetJob\x12\x18.mailer.v1.GetJobRequest\x1a\x19.mailer.v1.GetJobResponse\x12\x45\n\x08WatchJob\x12\x1a.mailer.v1.WatchJobRequest\x1a\x1b.mailer.v1.WatchJobResponse0\x01\x12\x46\n\tCancelJob\x12\x1b.mailer.v1.CancelJobRequest\x1a\x1c.mailer.v1.CancelJobResponse\x12\x43\n\x08ListJobs\x12\x1a.mailer.v1.ListJobsRequest\x1a\x1b.mailer.v1.ListJobsResponse\x12U\n\x0eListJobResults\x12 .mailer.v1.ListJobResultsRequest\x1a!.mailer.v1.ListJobResultsResponse\x12L\n\x0bRetryFailed\x12\x1d.mailer.v1.RetryFailedRequest\x1a\x1e.mailer.v1.RetryFailedResponse\x12[\n\x10ListSuppressions\x12\".mailer.v1.ListSuppressionsRequest\x1a#.mailer.v1.ListSuppressionsResponse\x12U\n\x0e\x41\x64\x64Suppression\x12 .mailer.v1.AddSuppressionRequest\x1a!.mailer.v1.AddSuppressionResponse\x12^\n\x11RemoveSuppression\x12#.mailer.v1.RemoveSuppressionRequest\x1a$.mailer.v1.RemoveSuppressionResponse2\xf5\x04\n\x0c\x41\x64minService\x12[\n\x10GetClusterStatus\x12\".mailer.v1.GetClusterStatusRequest\x1a#.mailer.v1.GetClusterStatusResponse\x12\x46\n\tListNodes\x12\x1b.mailer.v1.ListNodesRequest\x1a\x1c.mailer.v1.ListNodesResponse\x12\x46\n\tDrainNode\x12\x1b.mailer.v1.DrainNodeRequest\x1a\x1c.mailer.v1.DrainNodeResponse\x12I\n\nCordonNode\x12\x1c.mailer.v1.CordonNodeRequest\x1a\x1d.mailer.v1.CordonNodeResponse\x12O\n\x0cUncordonNode\x12\x1e.mailer.v1.UncordonNodeRequest\x1a\x1f.mailer.v1.UncordonNodeResponse\x12O\n\x0cResetBreaker\x12\x1e.mailer.v1.ResetBreakerRequest\x1a\x1f.mailer.v1.ResetBreakerResponse\x12\x43\n\x08PauseJob\x12\x1a.mailer.v1.PauseJobRequest\x1a\x1b.mailer.v1.PauseJobResponse\x12\x46\n\tResumeJob\x12\x1b.mailer.v1.ResumeJobRequest\x1a\x1c.mailer.v1.ResumeJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mailerpb.mailer.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=2987
-  _globals['_NODESTATE']._serialized_end=3128
+  _globals['_SUPPRESSIONREASON']._serialized_start=3793
+  _globals['_SUPPRESSIONREASON']._serialized_end=3951
+  _globals['_NODESTATE']._serialized_start=3954
+  _globals['_NODESTATE']._serialized_end=4095
   _globals['_JOBOPTIONS']._serialized_start=100
   _globals['_JOBOPTIONS']._serialized_end=237
   _globals['_JOB']._serialized_start=240
@@ -80,39 +82,55 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=1872
   _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=1897
   _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_start=1900
-  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2061
-  _globals['_NODEINFO']._serialized_start=2064
-  _globals['_NODEINFO']._serialized_end=2351
-  _globals['_LISTNODESREQUEST']._serialized_start=2353
-  _globals['_LISTNODESREQUEST']._serialized_end=2371
-  _globals['_LISTNODESRESPONSE']._serialized_start=2373
-  _globals['_LISTNODESRESPONSE']._serialized_end=2428
-  _globals['_DRAINNODEREQUEST']._serialized_start=2430
-  _globals['_DRAINNODEREQUEST']._serialized_end=2465
-  _globals['_DRAINNODERESPONSE']._serialized_start=2467
-  _globals['_DRAINNODERESPONSE']._serialized_end=2521
-  _globals['_CORDONNODEREQUEST']._serialized_start=2523
-  _globals['_CORDONNODEREQUEST']._serialized_end=2559
-  _globals['_CORDONNODERESPONSE']._serialized_start=2561
-  _globals['_CORDONNODERESPONSE']._serialized_end=2616
-  _globals['_UNCORDONNODEREQUEST']._serialized_start=2618
-  _globals['_UNCORDONNODEREQUEST']._serialized_end=2656
-  _globals['_UNCORDONNODERESPONSE']._serialized_start=2658
-  _globals['_UNCORDONNODERESPONSE']._serialized_end=2715
-  _globals['_RESETBREAKERREQUEST']._serialized_start=2717
-  _globals['_RESETBREAKERREQUEST']._serialized_end=2755
-  _globals['_RESETBREAKERRESPONSE']._serialized_start=2757
-  _globals['_RESETBREAKERRESPONSE']._serialized_end=2814
-  _globals['_PAUSEJOBREQUEST']._serialized_start=2816
-  _globals['_PAUSEJOBREQUEST']._serialized_end=2849
-  _globals['_PAUSEJOBRESPONSE']._serialized_start=2851
-  _globals['_PAUSEJOBRESPONSE']._serialized_end=2898
-  _globals['_RESUMEJOBREQUEST']._serialized_start=2900
-  _globals['_RESUMEJOBREQUEST']._serialized_end=2934
-  _globals['_RESUMEJOBRESPONSE']._serialized_start=2936
-  _globals['_RESUMEJOBRESPONSE']._serialized_end=2984
-  _globals['_MAILERSERVICE']._serialized_start=3131
-  _globals['_MAILERSERVICE']._serialized_end=3732
-  _globals['_ADMINSERVICE']._serialized_start=3735
-  _globals['_ADMINSERVICE']._serialized_end=4364
+  _globals['_GETCLUSTERSTATUSRESPONSE']._serialized_end=2106
+  _globals['_ETCDMEMBER']._serialized_start=2108
+  _globals['_ETCDMEMBER']._serialized_end=2230
+  _globals['_SUPPRESSION']._serialized_start=2233
+  _globals['_SUPPRESSION']._serialized_end=2408
+  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_start=2410
+  _globals['_LISTSUPPRESSIONSREQUEST']._serialized_end=2490
+  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_start=2492
+  _globals['_LISTSUPPRESSIONSRESPONSE']._serialized_end=2589
+  _globals['_ADDSUPPRESSIONREQUEST']._serialized_start=2591
+  _globals['_ADDSUPPRESSIONREQUEST']._serialized_end=2691
+  _globals['_ADDSUPPRESSIONRESPONSE']._serialized_start=2693
+  _globals['_ADDSUPPRESSIONRESPONSE']._serialized_end=2762
+  _globals['_REMOVESUPPRESSIONREQUEST']._serialized_start=2764
+  _globals['_REMOVESUPPRESSIONREQUEST']._serialized_end=2821
+  _globals['_REMOVESUPPRESSIONRESPONSE']._serialized_start=2823
+  _globals['_REMOVESUPPRESSIONRESPONSE']._serialized_end=2867
+  _globals['_NODEINFO']._serialized_start=2870
+  _globals['_NODEINFO']._serialized_end=3157
+  _globals['_LISTNODESREQUEST']._serialized_start=3159
+  _globals['_LISTNODESREQUEST']._serialized_end=3177
+  _globals['_LISTNODESRESPONSE']._serialized_start=3179
+  _globals['_LISTNODESRESPONSE']._serialized_end=3234
+  _globals['_DRAINNODEREQUEST']._serialized_start=3236
+  _globals['_DRAINNODEREQUEST']._serialized_end=3271
+  _globals['_DRAINNODERESPONSE']._serialized_start=3273
+  _globals['_DRAINNODERESPONSE']._serialized_end=3327
+  _globals['_CORDONNODEREQUEST']._serialized_start=3329
+  _globals['_CORDONNODEREQUEST']._serialized_end=3365
+  _globals['_CORDONNODERESPONSE']._serialized_start=3367
+  _globals['_CORDONNODERESPONSE']._serialized_end=3422
+  _globals['_UNCORDONNODEREQUEST']._serialized_start=3424
+  _globals['_UNCORDONNODEREQUEST']._serialized_end=3462
+  _globals['_UNCORDONNODERESPONSE']._serialized_start=3464
+  _globals['_UNCORDONNODERESPONSE']._serialized_end=3521
+  _globals['_RESETBREAKERREQUEST']._serialized_start=3523
+  _globals['_RESETBREAKERREQUEST']._serialized_end=3561
+  _globals['_RESETBREAKERRESPONSE']._serialized_start=3563
+  _globals['_RESETBREAKERRESPONSE']._serialized_end=3620
+  _globals['_PAUSEJOBREQUEST']._serialized_start=3622
+  _globals['_PAUSEJOBREQUEST']._serialized_end=3655
+  _globals['_PAUSEJOBRESPONSE']._serialized_start=3657
+  _globals['_PAUSEJOBRESPONSE']._serialized_end=3704
+  _globals['_RESUMEJOBREQUEST']._serialized_start=3706
+  _globals['_RESUMEJOBREQUEST']._serialized_end=3740
+  _globals['_RESUMEJOBRESPONSE']._serialized_start=3742
+  _globals['_RESUMEJOBRESPONSE']._serialized_end=3790
+  _globals['_MAILERSERVICE']._serialized_start=4098
+  _globals['_MAILERSERVICE']._serialized_end=4975
+  _globals['_ADMINSERVICE']._serialized_start=4978
+  _globals['_ADMINSERVICE']._serialized_end=5607
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,28 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SuppressionReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SuppressionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SuppressionReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUPPRESSION_REASON_UNSPECIFIED: _SuppressionReason.ValueType  # 0
+    SUPPRESSION_REASON_HARD_BOUNCE: _SuppressionReason.ValueType  # 1
+    """A permanent bad-mailbox refusal (5.1.x, or 550/551/553 without an enhanced code)."""
+    SUPPRESSION_REASON_UNSUBSCRIBE: _SuppressionReason.ValueType  # 2
+    SUPPRESSION_REASON_MANUAL: _SuppressionReason.ValueType  # 3
+
+class SuppressionReason(_SuppressionReason, metaclass=_SuppressionReasonEnumTypeWrapper):
+    """Why an address is suppressed."""
+
+SUPPRESSION_REASON_UNSPECIFIED: SuppressionReason.ValueType  # 0
+SUPPRESSION_REASON_HARD_BOUNCE: SuppressionReason.ValueType  # 1
+"""A permanent bad-mailbox refusal (5.1.x, or 550/551/553 without an enhanced code)."""
+SUPPRESSION_REASON_UNSUBSCRIBE: SuppressionReason.ValueType  # 2
+SUPPRESSION_REASON_MANUAL: SuppressionReason.ValueType  # 3
+Global___SuppressionReason: _TypeAlias = SuppressionReason  # noqa: Y015
+
 class _NodeState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -593,6 +615,7 @@ class GetClusterStatusResponse(_message.Message):
     STANDBYS_FIELD_NUMBER: _builtins.int
     ETCD_ENDPOINTS_FIELD_NUMBER: _builtins.int
     ACTIVE_JOBS_FIELD_NUMBER: _builtins.int
+    ETCD_MEMBERS_FIELD_NUMBER: _builtins.int
     active_jobs: _builtins.int
     @_builtins.property
     def leader(self) -> Global___CoordinatorInfo: ...
@@ -600,6 +623,10 @@ class GetClusterStatusResponse(_message.Message):
     def standbys(self) -> _containers.RepeatedCompositeFieldContainer[Global___CoordinatorInfo]: ...
     @_builtins.property
     def etcd_endpoints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def etcd_members(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMember]:
+        """Each configured etcd endpoint as the leader sees it, asked with a short deadline."""
+
     def __init__(
         self,
         *,
@@ -607,14 +634,233 @@ class GetClusterStatusResponse(_message.Message):
         standbys: _abc.Iterable[Global___CoordinatorInfo] | None = ...,
         etcd_endpoints: _abc.Iterable[_builtins.str] | None = ...,
         active_jobs: _builtins.int = ...,
+        etcd_members: _abc.Iterable[Global___EtcdMember] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader", b"leader"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "etcd_endpoints", b"etcd_endpoints", "leader", b"leader", "standbys", b"standbys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_jobs", b"active_jobs", "etcd_endpoints", b"etcd_endpoints", "etcd_members", b"etcd_members", "leader", b"leader", "standbys", b"standbys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetClusterStatusResponse: _TypeAlias = GetClusterStatusResponse  # noqa: Y015
+
+@_typing.final
+class EtcdMember(_message.Message):
+    """One configured etcd endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    DB_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """host:port as configured."""
+    healthy: _builtins.bool
+    """Answered a status request within the deadline."""
+    is_leader: _builtins.bool
+    """The member is the etcd cluster's raft leader."""
+    db_size_bytes: _builtins.int
+    """Backend database size in bytes."""
+    revision: _builtins.int
+    """The member's current revision."""
+    error: _builtins.str
+    """Why the member is unhealthy, when it is."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        is_leader: _builtins.bool = ...,
+        db_size_bytes: _builtins.int = ...,
+        revision: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["db_size_bytes", b"db_size_bytes", "endpoint", b"endpoint", "error", b"error", "healthy", b"healthy", "is_leader", b"is_leader", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMember: _TypeAlias = EtcdMember  # noqa: Y015
+
+@_typing.final
+class Suppression(_message.Message):
+    """An address a tenant never sends to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    email: _builtins.str
+    """Lower-cased."""
+    reason: Global___SuppressionReason.ValueType
+    tenant: _builtins.str
+    @_builtins.property
+    def reply(self) -> _common_pb2.SmtpReply:
+        """The reply that caused a hard bounce, if any."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        email: _builtins.str = ...,
+        reason: Global___SuppressionReason.ValueType = ...,
+        reply: _common_pb2.SmtpReply | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "reply", b"reply"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "email", b"email", "reason", b"reason", "reply", b"reply", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Suppression: _TypeAlias = Suppression  # noqa: Y015
+
+@_typing.final
+class ListSuppressionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Admins only: whose list; ignored for tenant callers (always their own)."""
+    page_size: _builtins.int
+    """At most this many; 0 means 100."""
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSuppressionsRequest: _TypeAlias = ListSuppressionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSuppressionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def suppressions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Suppression]: ...
+    def __init__(
+        self,
+        *,
+        suppressions: _abc.Iterable[Global___Suppression] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "suppressions", b"suppressions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSuppressionsResponse: _TypeAlias = ListSuppressionsResponse  # noqa: Y015
+
+@_typing.final
+class AddSuppressionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    email: _builtins.str
+    reason: Global___SuppressionReason.ValueType
+    """HARD_BOUNCE, UNSUBSCRIBE or MANUAL; UNSPECIFIED means MANUAL."""
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        email: _builtins.str = ...,
+        reason: Global___SuppressionReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "reason", b"reason", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSuppressionRequest: _TypeAlias = AddSuppressionRequest  # noqa: Y015
+
+@_typing.final
+class AddSuppressionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUPPRESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def suppression(self) -> Global___Suppression: ...
+    def __init__(
+        self,
+        *,
+        suppression: Global___Suppression | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["suppression", b"suppression"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["suppression", b"suppression"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddSuppressionResponse: _TypeAlias = AddSuppressionResponse  # noqa: Y015
+
+@_typing.final
+class RemoveSuppressionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    email: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        email: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSuppressionRequest: _TypeAlias = RemoveSuppressionRequest  # noqa: Y015
+
+@_typing.final
+class RemoveSuppressionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMOVED_FIELD_NUMBER: _builtins.int
+    removed: _builtins.bool
+    """False when the address was not on the list."""
+    def __init__(
+        self,
+        *,
+        removed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed", b"removed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveSuppressionResponse: _TypeAlias = RemoveSuppressionResponse  # noqa: Y015
 
 @_typing.final
 class NodeInfo(_message.Message):

@@ -77,6 +77,21 @@ class MailerServiceStub:
                 request_serializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.SerializeToString,
                 response_deserializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.FromString,
                 _registered_method=True)
+        self.ListSuppressions = channel.unary_unary(
+                '/mailer.v1.MailerService/ListSuppressions',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsResponse.FromString,
+                _registered_method=True)
+        self.AddSuppression = channel.unary_unary(
+                '/mailer.v1.MailerService/AddSuppression',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.AddSuppressionRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.AddSuppressionResponse.FromString,
+                _registered_method=True)
+        self.RemoveSuppression = channel.unary_unary(
+                '/mailer.v1.MailerService/RemoveSuppression',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.FromString,
+                _registered_method=True)
 
 
 class MailerServiceServicer:
@@ -145,6 +160,27 @@ class MailerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSuppressions(self, request, context):
+        """The caller's tenant's suppression list (an admin names the tenant), by address.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddSuppression(self, request, context):
+        """Adds (or replaces) an address on the list: it is never sent to again. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSuppression(self, request, context):
+        """Removes an address from the list. Idempotent: removing an absent address is OK.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +223,21 @@ def add_MailerServiceServicer_to_server(servicer, server):
                     servicer.RetryFailed,
                     request_deserializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.FromString,
                     response_serializer=mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.SerializeToString,
+            ),
+            'ListSuppressions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSuppressions,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsResponse.SerializeToString,
+            ),
+            'AddSuppression': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddSuppression,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.AddSuppressionRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.AddSuppressionResponse.SerializeToString,
+            ),
+            'RemoveSuppression': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSuppression,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +459,87 @@ class MailerService:
             '/mailer.v1.MailerService/RetryFailed',
             mailer_dot_v1_dot_coordinator__pb2.RetryFailedRequest.SerializeToString,
             mailer_dot_v1_dot_coordinator__pb2.RetryFailedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSuppressions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/ListSuppressions',
+            mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.ListSuppressionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddSuppression(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/AddSuppression',
+            mailer_dot_v1_dot_coordinator__pb2.AddSuppressionRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.AddSuppressionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSuppression(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/RemoveSuppression',
+            mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,12 @@ class MailerServiceStub:
     reason (out of attempts on 4xx or connection errors, expired, no node finished
     them). Permanent refusals (5xx) are never retried. The job runs again.
     """
+    ListSuppressions: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListSuppressionsRequest, _coordinator_pb2.ListSuppressionsResponse]
+    """The caller's tenant's suppression list (an admin names the tenant), by address."""
+    AddSuppression: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.AddSuppressionRequest, _coordinator_pb2.AddSuppressionResponse]
+    """Adds (or replaces) an address on the list: it is never sent to again. Idempotent."""
+    RemoveSuppression: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveSuppressionRequest, _coordinator_pb2.RemoveSuppressionResponse]
+    """Removes an address from the list. Idempotent: removing an absent address is OK."""
 
 @_typing.type_check_only
 class MailerServiceAsyncStub(MailerServiceStub):
@@ -93,6 +99,12 @@ class MailerServiceAsyncStub(MailerServiceStub):
     reason (out of attempts on 4xx or connection errors, expired, no node finished
     them). Permanent refusals (5xx) are never retried. The job runs again.
     """
+    ListSuppressions: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListSuppressionsRequest, _coordinator_pb2.ListSuppressionsResponse]  # type: ignore[assignment]
+    """The caller's tenant's suppression list (an admin names the tenant), by address."""
+    AddSuppression: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.AddSuppressionRequest, _coordinator_pb2.AddSuppressionResponse]  # type: ignore[assignment]
+    """Adds (or replaces) an address on the list: it is never sent to again. Idempotent."""
+    RemoveSuppression: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveSuppressionRequest, _coordinator_pb2.RemoveSuppressionResponse]  # type: ignore[assignment]
+    """Removes an address from the list. Idempotent: removing an absent address is OK."""
 
 class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client API, served by the leader coordinator. A standby answers
@@ -171,6 +183,30 @@ class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
         reason (out of attempts on 4xx or connection errors, expired, no node finished
         them). Permanent refusals (5xx) are never retried. The job runs again.
         """
+
+    @_abc_1.abstractmethod
+    def ListSuppressions(
+        self,
+        request: _coordinator_pb2.ListSuppressionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListSuppressionsResponse, _abc.Awaitable[_coordinator_pb2.ListSuppressionsResponse]]:
+        """The caller's tenant's suppression list (an admin names the tenant), by address."""
+
+    @_abc_1.abstractmethod
+    def AddSuppression(
+        self,
+        request: _coordinator_pb2.AddSuppressionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.AddSuppressionResponse, _abc.Awaitable[_coordinator_pb2.AddSuppressionResponse]]:
+        """Adds (or replaces) an address on the list: it is never sent to again. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def RemoveSuppression(
+        self,
+        request: _coordinator_pb2.RemoveSuppressionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RemoveSuppressionResponse, _abc.Awaitable[_coordinator_pb2.RemoveSuppressionResponse]]:
+        """Removes an address from the list. Idempotent: removing an absent address is OK."""
 
 def add_MailerServiceServicer_to_server(servicer: MailerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
