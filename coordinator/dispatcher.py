@@ -32,6 +32,7 @@ from coordinator.batching import batch_id, batch_range, parse_batch_id
 from coordinator.breaker import NodeBreaker, NodeFault, Released
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import Conflict, NotFound
+from coordinator.fairness import Eligible, round_order
 from coordinator.ledger import Entry, Ledger
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import (
@@ -126,6 +127,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._job_order: collections.deque[str] = collections.deque()
         self._registry_listed = False
+        self._turn = 0
         self._outcomes: dict[str, asyncio.Future[None]] = {}
         self._guards: set[asyncio.Task[None]] = set()
         self._suppressed: dict[str, dict[str, Suppression]] = {}
@@ -507,19 +509,27 @@ class Dispatcher:
                 continue
             if job.waiting:
                 next_wake = min(next_wake, job.waiting[0][0])
-        # Highest priority first; equal priorities take turns a batch at a time.
-        order = sorted(
-            (self.jobs[j] for j in self._job_order if j in self.jobs),
-            key=lambda j: -j.spec.options.priority,
-        )
-        progressed = True
-        while progressed:
-            progressed = False
-            for job in order:
-                if not job.ready or job.status.state in (JobState.PAUSED, JobState.CANCELLED):
+        # Rounds of one batch per (priority, tenant): see fairness.round_order.
+        while True:
+            eligible = []
+            for job_id in self._job_order:
+                job = self.jobs.get(job_id)
+                if job is None or not job.ready:
+                    continue
+                if job.status.state in (JobState.PAUSED, JobState.CANCELLED):
                     continue
                 if job.spec.options.send_at is not None and job.spec.options.send_at > now:
                     next_wake = min(next_wake, job.spec.options.send_at)
+                    continue
+                eligible.append(Eligible(job_id, job.spec.tenant, job.spec.options.priority))
+            if not eligible:
+                return next_wake
+            self._turn += 1
+            waiting_before = self._ready_count(eligible)
+            for job_id in round_order(eligible, self._turn):
+                # A job can finish (and leave memory) while another's batch is handed out.
+                job = self.jobs.get(job_id)
+                if job is None or not job.ready:
                     continue
                 seq = job.ready[0]
                 size = len(batch_range(seq, job.spec.batch_size, job.spec.total))
@@ -528,8 +538,11 @@ class Dispatcher:
                     return next_wake
                 job.ready.popleft()
                 await self._dispatch(job, seq, self.nodes[node_id], now)
-                progressed = True
-        return next_wake
+            if self._ready_count(eligible) >= waiting_before:
+                return next_wake  # a round that placed nothing: look again later
+
+    def _ready_count(self, eligible: list[Eligible]) -> int:
+        return sum(len(j.ready) for e in eligible if (j := self.jobs.get(e.job_id)) is not None)
 
     def _expires_at(self, job: JobRuntime) -> float:
         if job.spec.options.expires_at is not None:
