@@ -135,8 +135,7 @@ async def cmd_nodes(client: MailerClient, ns: argparse.Namespace, console: Conso
 
 async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
     if ns.action == "drain":
-        with console.status(f"draining {ns.node_id}: waiting for its batches to finish or move"):
-            node = await client.drain(ns.node_id, timeout=timedelta(seconds=ns.timeout))
+        node = await _drain_with_progress(client, ns.node_id, ns.timeout, console, ns.json)
     else:
         action = {
             "cordon": client.cordon,
@@ -148,6 +147,33 @@ async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console:
         return plain(node)
     console.print(nodes_table([node]))
     return None
+
+
+async def _drain_with_progress(
+    client: MailerClient, node_id: str, timeout_s: float, console: Console, quiet: bool
+) -> NodeInfo:
+    """Drain node_id, showing its batches still in flight go down to zero."""
+    drain = asyncio.ensure_future(client.drain(node_id, timeout=timedelta(seconds=timeout_s)))
+    if quiet:
+        return await drain
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[left]}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"draining {node_id}", total=None, left="")
+        start: int | None = None
+        while not drain.done():
+            try:
+                nodes = {n.node_id: n for n in await client.list_nodes()}
+            except MailerError:
+                nodes = {}
+            held = nodes[node_id].batches_in_flight if node_id in nodes else 0
+            start = held if start is None else max(start, held)
+            progress.update(task, total=start or 1, completed=(start or 1) - held,
+                            left=f"{held} batches left")  # fmt: skip
+            await asyncio.wait({drain}, timeout=0.5)
+        node = await drain
+        progress.update(task, total=1, completed=1, left="0 batches left")
+    return node
 
 
 async def cmd_jobs(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:

@@ -79,3 +79,14 @@ def test_jobs_job_and_results(cli: Cli, tmp_path: Path, cluster: LocalCluster) -
     assert all(r["status"] == "delivered" and r["reply"]["code"] == 250 for r in results)
     retried = cli("job", "retry-failed", job["job_id"])
     assert isinstance(retried, dict) and retried["requeued"] == 0
+
+
+def test_drain_shows_progress_until_no_batch_is_left(
+    cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addresses = ",".join(cluster.coordinator_addresses)
+    capsys.readouterr()
+    assert main(["node", "drain", "node2", "--coordinators", addresses]) == 0
+    out = capsys.readouterr().out
+    assert "draining node2" in out and "0 batches left" in out
+    assert main(["node", "uncordon", "node2", "--coordinators", addresses]) == 0
