@@ -117,8 +117,11 @@ class DispatchTuning:
     """How long a new stream may take to send ``open``."""
     cancel_grace_s: float = 2.0
     """How long stream teardown waits for its cancelled batches to unwind."""
-    replay_max_results: int = 20_000
-    """Results kept for replay to the next leader after a stream ends."""
+    replay_max_results: int = 4_000
+    """Results kept for replay to the next leader after a stream ends. The leader
+    persists results every 100 ms, so what a dead leader may have lost is the last
+    few hundred (a node sends ~2,000/s); 4,000 leaves a wide margin while keeping a
+    node's memory flat (20,000 made RSS grow 30% from 10k to 200k recipients)."""
 
 
 @dataclasses.dataclass(frozen=True)
