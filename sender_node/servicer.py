@@ -427,13 +427,15 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             for relay in self._mailer.relays()
         ]
 
-    def _hello(self) -> sender_pb2.NodeHello:
+    def _hello(self, replay: bool = True) -> sender_pb2.NodeHello:
+        """The node's hello; ``replay`` hands over the results of ended streams (only a
+        new stream's first hello does; a repeated one just refreshes relay states)."""
         return sender_pb2.NodeHello(
             node_id=self._node_id,
             lease_id=self._registration.lease_id,
             load=self.load(),
             relays=self._relay_statuses(),
-            replay=self._take_replay(),
+            replay=self._take_replay() if replay else [],
         )
 
     def _close_stream(self, stream: _Stream, code: grpc.StatusCode, details: str) -> None:
@@ -489,13 +491,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             now = [r.breaker_state for r in self._mailer.relays()]
             if now != breakers:
                 breakers = now
-                hello = sender_pb2.NodeHello(
-                    node_id=self._node_id,
-                    lease_id=self._registration.lease_id,
-                    load=self.load(),
-                    relays=self._relay_statuses(),
-                )
-                stream.send(sender_pb2.DispatchResponse(hello=hello))
+                stream.send(sender_pb2.DispatchResponse(hello=self._hello(replay=False)))
 
     async def _watch_lease(self, stream: _Stream, done: asyncio.Event) -> None:
         await done.wait()

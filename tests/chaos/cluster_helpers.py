@@ -25,7 +25,7 @@ import pytest
 from client_sdk import Address, MailerClient, MessageContent, Recipient
 from mailers.cluster import LocalCluster
 from mailers.etcd import Keys, connect
-from tests.helpers import assert_eventually, wait_nodes_active
+from tests.helpers import assert_eventually
 
 CONTENT = MessageContent(
     sender=Address("news@example.com", "Example News"),
@@ -74,10 +74,6 @@ async def etcd_client(endpoints: Sequence[str]) -> AsyncIterator[aetcd.Client]:
         yield client
     finally:
         await client.close()
-
-
-async def wait_ready(client: MailerClient, nodes: int) -> None:
-    await wait_nodes_active(client, nodes)
 
 
 async def batches_held(client: MailerClient, node_id: str) -> int | None:

@@ -39,9 +39,9 @@ from tests.chaos.cluster_helpers import (
     running_cluster,
     until,
     wait_final,
-    wait_ready,
 )
 from tests.chaos.invariants import check_job
+from tests.helpers import wait_nodes_active
 
 pytestmark = pytest.mark.chaos
 
@@ -66,7 +66,7 @@ async def test_etcd_member_killed_under_load(tmp_path: Path, role: str, ttl_s: i
     """ttl_s: lease TTL of the nodes and of the coordinators' election keys."""
     cluster = LocalCluster(tmp_path / "c", etcd_spec(ttl_s))
     async with running_cluster(cluster), MailerClient(cluster.coordinator_addresses) as client:
-        await wait_ready(client, 3)
+        await wait_nodes_active(client, 3)
         endpoints = cluster.etcd.endpoints
         victim = cluster.etcd.members[0]
         survivors = endpoints[1:]
@@ -152,7 +152,7 @@ async def test_leader_cut_off_from_etcd_steps_down_and_watchers_follow(tmp_path:
             running_cluster(cluster),
             MailerClient(cluster.coordinator_addresses) as client,
         ):
-            await wait_ready(client, 3)
+            await wait_nodes_active(client, 3)
             old = (await client.cluster_status()).leader
             assert old is not None
             job = await client.submit(CONTENT, recipients(TOTAL, "leader-cut.example"))

@@ -37,9 +37,9 @@ from tests.chaos.cluster_helpers import (
     recipients,
     running_cluster,
     until,
-    wait_ready,
 )
 from tests.chaos.invariants import Report, check_job
+from tests.helpers import wait_nodes_active
 
 pytestmark = pytest.mark.chaos
 
@@ -134,7 +134,7 @@ async def freeze_node0_past_its_lease(
         MailerClient(cluster.coordinator_addresses) as client,
         etcd_client(cluster.etcd.endpoints) as etcd,
     ):
-        await wait_ready(client, 3)
+        await wait_nodes_active(client, 3)
         old_lease = await node_lease(etcd, "node0")
         job = await client.submit(CONTENT, recipients(TOTAL, domain))
         held = await wait_node0_busy(client, cluster)
@@ -273,7 +273,7 @@ async def test_node_cut_off_from_etcd_fences_itself_and_its_batches_move(
             MailerClient(cluster.coordinator_addresses) as client,
             etcd_client(cluster.etcd.endpoints) as etcd,
         ):
-            await wait_ready(client, 3)
+            await wait_nodes_active(client, 3)
             old_lease = await node_lease(etcd, "node0")
             job = await client.submit(CONTENT, recipients(TOTAL, "partition.example"))
             held = await wait_node0_busy(client, cluster)

@@ -88,12 +88,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         s.stop()
 
 
+def exposition(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return str(response.read().decode())
+
+
 def scrape(port: int) -> dict[str, float]:
     """Prometheus text format -> {'name{labels}': value}, ignoring comments."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
     samples = {}
-    for line in text.splitlines():
+    for line in exposition(port).splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
@@ -102,8 +105,7 @@ def scrape(port: int) -> dict[str, float]:
 
 def families(port: int) -> set[str]:
     """Metric family names announced by # HELP lines."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = exposition(port)
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# HELP ")}
     # Counters are announced as <name>_total; compare by the name they were made with.
     return {n.removesuffix("_total") for n in names}
