@@ -168,6 +168,7 @@ def content_to_pb(content: MessageContent) -> common_pb2.MessageContent:
             )
             for a in content.attachments
         ],
+        recipients_per_message=content.recipients_per_message,
     )
     # "from" is a Python keyword, so the generated class has no typed accessor.
     getattr(msg, "from").CopyFrom(address_to_pb(content.sender))
@@ -193,6 +194,7 @@ def content_from_pb(msg: common_pb2.MessageContent) -> MessageContent:
             Attachment(filename=a.filename, content_type=a.content_type, content=a.content)
             for a in msg.attachments
         ),
+        recipients_per_message=max(1, msg.recipients_per_message),
     )
 
 

@@ -153,6 +153,10 @@ class MessageContent:
     """When set, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) are added."""
     attachments: Sequence[Attachment] = ()
     """Files every recipient receives (type allow-list and size limits apply)."""
+    recipients_per_message: int = 1
+    """Above 1 (at most 100): every recipient gets the same message, and up to this many
+    share one SMTP transaction. The templates may then not use per-recipient values
+    (email, name, variables); To shows "undisclosed-recipients:;"."""
 
     def __post_init__(self) -> None:
         if not self.text_body and not self.html_body:

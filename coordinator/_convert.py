@@ -70,6 +70,8 @@ def content_from(pb: common_pb2.MessageContent) -> Content:
         attachments=tuple(
             Attachment(a.filename, a.content_type, a.content) for a in pb.attachments
         ),
+        # 0 (unset) means one message per recipient, like 1.
+        recipients_per_message=max(1, pb.recipients_per_message),
     )
 
 
@@ -86,6 +88,7 @@ def content_to(content: Content) -> common_pb2.MessageContent:
             )
             for a in content.attachments
         ],
+        recipients_per_message=content.recipients_per_message,
     )
     pb.__getattribute__("from").CopyFrom(
         common_pb2.Address(email=content.sender.email, name=content.sender.name)

@@ -71,6 +71,8 @@ class Content:
     headers: tuple[Header, ...] = ()
     unsubscribe_url: str = ""
     attachments: tuple[Attachment, ...] = ()
+    recipients_per_message: int = 1
+    """Above 1: recipients share one message, this many per SMTP transaction."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +208,7 @@ def dump_spec(spec: JobSpec) -> bytes:
                     [a.filename, a.content_type, base64.b64encode(a.content).decode()]
                     for a in c.attachments
                 ],
+                "rpm": c.recipients_per_message,
             },
             "options": {
                 "send_at": o.send_at,
@@ -242,6 +245,7 @@ def load_spec(raw: bytes) -> JobSpec:
             attachments=tuple(
                 Attachment(f, t, base64.b64decode(b)) for f, t, b in c.get("attachments", [])
             ),
+            recipients_per_message=c.get("rpm", 1),
         ),
         options=JobOptions(
             send_at=o["send_at"], expires_at=o["expires_at"], priority=o["priority"], name=o["name"]

@@ -115,6 +115,7 @@ def template_check() -> TemplateCheck:
                     render.Attachment(a.filename, a.content_type, a.content)
                     for a in content.attachments
                 ),
+                recipients_per_message=content.recipients_per_message,
             )
         )
 

@@ -27,6 +27,8 @@ import email_validator
 from coordinator.model import Address, Content, Header, Recipient
 
 MAX_REPORTED = 20
+MAX_RECIPIENTS_PER_MESSAGE = 100
+"""RFC 5321's minimum of recipients per transaction a relay must accept."""
 
 # RFC 5322 dot-atom local part and an LDH domain with at least two labels.
 _LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
@@ -240,13 +242,18 @@ def check_content(
             out.add("content.unsubscribe_url", "must be an http(s) or mailto URL")
         elif any(c in url for c in " <>,"):
             out.add("content.unsubscribe_url", "must not contain spaces, '<', '>' or ','")
+    if not 1 <= content.recipients_per_message <= MAX_RECIPIENTS_PER_MESSAGE:
+        out.add(
+            "content.recipients_per_message",
+            f"must be between 0 (one message per recipient) and {MAX_RECIPIENTS_PER_MESSAGE}",
+        )
     size = content_size(content)
     if size > limits.max_content_bytes:
         out.add("content", f"is larger than {limits.max_content_bytes} bytes ({size})")
     if templates is not None and not out.problems:
         for problem in templates(content):
             name, sep, message = problem.partition(": ")
-            if sep and name in ("subject", "text_body", "html_body"):
+            if sep and name in ("subject", "text_body", "html_body", "recipients_per_message"):
                 out.add(f"content.{name}", message)
             else:
                 out.add("content", problem)

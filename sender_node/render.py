@@ -232,6 +232,16 @@ class Content:
     headers: tuple[tuple[str, str], ...] = ()
     unsubscribe_url: str = ""
     attachments: tuple[Attachment, ...] = ()
+    recipients_per_message: int = 1
+    """Above 1, every recipient gets the same message (see :meth:`CompiledMessage.render_shared`),
+    so the templates may not read per-recipient values."""
+
+
+MAX_RECIPIENTS_PER_MESSAGE = 100
+"""RFC 5321 §4.5.3.1.8: a relay must accept at least 100 recipients per transaction."""
+
+SHARED_TO = "undisclosed-recipients:;"
+"""The To header of a message several recipients share (their addresses stay private)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -832,6 +842,20 @@ class _Compiled:
         self.unsubscribe = self._unsubscribe(envs.url, content.unsubscribe_url)
         self.attachments: list[bytes] = []
         self._attachments(content.attachments, limits)
+        self._check_shared(content)
+
+    def _check_shared(self, content: Content) -> None:
+        if not 1 <= content.recipients_per_message <= MAX_RECIPIENTS_PER_MESSAGE:
+            self.problems.append(
+                f"recipients_per_message: must be between 1 and {MAX_RECIPIENTS_PER_MESSAGE}"
+            )
+        elif content.recipients_per_message > 1:
+            used = sorted(template_variables(content))
+            if used:
+                self.problems.append(
+                    "recipients_per_message: recipients share one message, so the templates "
+                    f"may not use per-recipient values ({', '.join(used)})"
+                )
 
     def _try(self, make: Callable[[], Any], where: str) -> Any:
         try:
@@ -1042,6 +1066,30 @@ class CompiledMessage:
         """The Message-ID of the recipient at ``index`` in the job, with angle brackets."""
         return f"<{self._msgid_prefix}.{index}@{self.domain}>"
 
+    @property
+    def recipients_per_message(self) -> int:
+        """How many recipients may share one message and transaction (1: none share)."""
+        return self.content.recipients_per_message
+
+    def render_shared(self, *, first_index: int, date: datetime) -> bytes:
+        """The one message a group of recipients shares (``recipients_per_message`` > 1).
+
+        The templates use no per-recipient values (checked at compile time), To is
+        :data:`SHARED_TO`, and the Message-ID is ``<{job_id}.g{first_index}@{domain}>``:
+        deterministic for the group that starts at ``first_index``.
+
+        Raises:
+            RenderError: the job does not share messages.
+        """
+        if self.recipients_per_message <= 1:
+            raise RenderError("this job renders one message per recipient")
+        return self._assemble(
+            {},
+            date,
+            to=_header("To", SHARED_TO),
+            message_id=f"<{self._msgid_prefix}.g{first_index}@{self.domain}>",
+        )
+
     def _date(self, date: datetime) -> bytes:
         key = int(date.timestamp())
         if key != self._date_key:
@@ -1073,12 +1121,22 @@ class CompiledMessage:
         """
         values = {"email": email, "name": name}
         values.update(variables)
+        return self._assemble(
+            values,
+            date,
+            to=_header("To", format_mailbox(Mailbox(email, name))),
+            message_id=self.message_id(index),
+        )
+
+    def _assemble(
+        self, values: Mapping[str, str], date: datetime, *, to: bytes, message_id: str
+    ) -> bytes:
         head = [
             self._date(date),
             self._static_head,
-            _header("To", format_mailbox(Mailbox(email, name))),
+            to,
             _header("Subject", header_text("Subject", self._subject.render(values))),
-            _header("Message-ID", self.message_id(index)),
+            _header("Message-ID", message_id),
         ]
         for header_name, field in self._headers:
             head.append(_header(header_name, header_text(header_name, field.render(values))))

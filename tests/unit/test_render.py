@@ -678,3 +678,38 @@ def test_signer_is_used_only_for_domains_it_has_keys_for() -> None:
     raw = cache.get("k", other).render(index=0, email="a@b.c", name="", variables={}, date=DATE)
     assert parse(raw)["X-Signed"] is None
     assert signer.calls == ["example.com"]
+
+
+def test_a_shared_message_hides_the_recipients_and_names_its_group() -> None:
+    # Given a job whose recipients share one message
+    compiled = CompiledMessage(
+        "job-42",
+        content(subject="Maintenance tonight", text_body="Down 22:00-23:00.\n",
+                recipients_per_message=50),
+    )  # fmt: skip
+
+    # When the group starting at recipient 120 is rendered
+    raw = compiled.render_shared(first_index=120, date=DATE)
+
+    # Then no recipient address appears, and the Message-ID names the group
+    message = parse(raw)
+    assert message["To"] == "undisclosed-recipients:;"
+    assert message["Message-ID"] == "<job-42.g120@example.com>"
+    assert body(message, "plain") == "Down 22:00-23:00.\n"
+    assert compiled.render_shared(first_index=120, date=DATE) == raw
+
+
+def test_a_shared_message_may_not_use_per_recipient_values() -> None:
+    # Given shared jobs whose templates read the recipient, or an oversized group
+    personal = content(recipients_per_message=2)
+    too_many = content(subject="Hi", text_body="Hi.\n", recipients_per_message=101)
+
+    # Then compiling names the field and the variables
+    assert check_templates(personal) == [
+        "recipients_per_message: recipients share one message, so the templates may not "
+        "use per-recipient values (code, name)"
+    ]
+    assert check_templates(too_many) == ["recipients_per_message: must be between 1 and 100"]
+    # And a job that does not share refuses render_shared
+    with pytest.raises(RenderError, match="one message per recipient"):
+        CompiledMessage("j", content()).render_shared(first_index=0, date=DATE)

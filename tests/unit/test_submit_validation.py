@@ -251,3 +251,27 @@ def test_the_renderers_template_check_is_wired() -> None:
         ("content.subject", "line 1: unexpected '}'"),
         ("content.text_body", "line 1: access to '__class__' is unsafe"),
     ]
+
+
+def test_shared_messages_are_checked_at_submit() -> None:
+    from coordinator.server import template_check
+
+    # Given a shared job whose subject is personalised, and one asking for 101 per message
+    personal = _content(subject="Hi {{ name }}", recipients_per_message=10)
+    oversized = _content(recipients_per_message=101)
+    with pytest.raises(ValidationError) as info:
+        check_job(personal, [Recipient("a@example.com")], "k", Limits(), template_check())
+    # Then each is refused on the field, naming the offending variable or the bound
+    assert info.value.problems == [
+        (
+            "content.recipients_per_message",
+            "recipients share one message, so the templates may not use per-recipient "
+            "values (name)",
+        )
+    ]
+    assert _problems(oversized) == [
+        (
+            "content.recipients_per_message",
+            "must be between 0 (one message per recipient) and 100",
+        )
+    ]

@@ -226,6 +226,7 @@ class MessageContent(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     UNSUBSCRIBE_URL_FIELD_NUMBER: _builtins.int
     ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     subject: _builtins.str
     """Subject template. Required unless a body is given."""
     text_body: _builtins.str
@@ -234,6 +235,13 @@ class MessageContent(_message.Message):
     """HTML body template."""
     unsubscribe_url: _builtins.str
     """When set, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) are added."""
+    recipients_per_message: _builtins.int
+    """0 or 1: one message per recipient. Above 1: every recipient gets the same bytes,
+    so up to this many recipients share one SMTP transaction (one message, several
+    RCPT TO). The templates may then not use per-recipient values (email, name,
+    variables); To shows "undisclosed-recipients:;" and the Message-ID names the
+    group's first recipient. At most 100 (RFC 5321's minimum for relays).
+    """
     @_builtins.property
     def reply_to(self) -> Global___Address: ...
     @_builtins.property
@@ -255,10 +263,11 @@ class MessageContent(_message.Message):
         headers: _abc.Iterable[Global___Header] | None = ...,
         unsubscribe_url: _builtins.str = ...,
         attachments: _abc.Iterable[Global___Attachment] | None = ...,
+        recipients_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "reply_to", b"reply_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "from", b"from", "headers", b"headers", "html_body", b"html_body", "reply_to", b"reply_to", "subject", b"subject", "text_body", b"text_body", "unsubscribe_url", b"unsubscribe_url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments", "from", b"from", "headers", b"headers", "html_body", b"html_body", "recipients_per_message", b"recipients_per_message", "reply_to", b"reply_to", "subject", b"subject", "text_body", b"text_body", "unsubscribe_url", b"unsubscribe_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
