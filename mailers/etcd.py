@@ -4,6 +4,11 @@ aetcd dials a single ``host:port``. gRPC's ``ipv4:`` resolver accepts a list of
 addresses, and its default pick-first policy moves to the next address when the
 current one fails, so a client built by :func:`connect` survives the loss of one member
 of an etcd cluster without any code of ours choosing endpoints.
+
+With an :class:`EtcdTls` the client speaks TLS and presents a client certificate. An
+etcd started with ``--client-cert-auth`` and auth enabled takes the certificate's
+common name as the etcd user (no password, no token), so which keys a process may
+touch follows from the certificate it is given (see ``mailers.etcd_auth``).
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import aetcd
+import grpc
+from aetcd import rpc, watcher
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +134,189 @@ def parse_endpoints(spec: str) -> list[str]:
     return endpoints
 
 
-def connect(endpoints: Sequence[str], timeout_s: int = DEFAULT_TIMEOUT_S) -> aetcd.Client:
+TLS_ENV = ("MAILER_ETCD_CA", "MAILER_ETCD_CERT", "MAILER_ETCD_KEY")
+"""The variables of :meth:`EtcdTls.from_env`: all three or none."""
+
+SERVER_NAME_ENV = "MAILER_ETCD_SERVER_NAME"
+"""Optional with :data:`TLS_ENV`: the name every etcd member's certificate carries."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdTls:
+    """TLS towards etcd: the CA to trust and the certificate to present.
+
+    The certificate's common name is the etcd user the client acts as once etcd runs
+    with ``--client-cert-auth`` and auth enabled. The same triple describes an etcd
+    member's side (``mailers.procs.EtcdCluster``): the CA its clients and peers must be
+    signed by, and the member's own certificate.
+
+    The files are read when a client is built (:func:`connect`), so a process picks up
+    renewed certificates when it next connects.
+    """
+
+    ca_file: Path
+    """PEM CA certificate(s) the server must be signed by (``MAILER_ETCD_CA``)."""
+    cert_file: Path
+    """PEM client certificate, whose CN is the etcd user (``MAILER_ETCD_CERT``)."""
+    key_file: Path
+    """PEM private key of ``cert_file``, unencrypted (``MAILER_ETCD_KEY``)."""
+    server_name: str | None = None
+    """Host name to verify the members' certificates against (``MAILER_ETCD_SERVER_NAME``).
+
+    None: the host of the first endpoint. A cluster spread over several hosts needs a
+    name every member's certificate carries (a shared DNS SAN), because a client with
+    several endpoints checks every member against one name."""
+
+    def __post_init__(self) -> None:
+        for field in ("ca_file", "cert_file", "key_file"):
+            if not str(getattr(self, field)):
+                raise ValueError(f"EtcdTls.{field} is empty")
+        if self.server_name is not None and not self.server_name.strip():
+            raise ValueError("EtcdTls.server_name is empty; use None for the default")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> EtcdTls | None:
+        """TLS settings from ``MAILER_ETCD_CA``, ``MAILER_ETCD_CERT``, ``MAILER_ETCD_KEY``
+        (and the optional ``MAILER_ETCD_SERVER_NAME``); None when none of the three is set.
+
+        Raises:
+            ValueError: only some of the three are set (the message names the missing
+                ones), or a named file does not exist.
+        """
+        values = {name: environ.get(name, "").strip() for name in TLS_ENV}
+        missing = [name for name, value in values.items() if not value]
+        server_name = environ.get(SERVER_NAME_ENV, "").strip() or None
+        if len(missing) == len(TLS_ENV):
+            if server_name is not None:
+                raise ValueError(f"{SERVER_NAME_ENV} is set but {', '.join(TLS_ENV)} are not")
+            return None
+        if missing:
+            raise ValueError(
+                f"etcd TLS needs {', '.join(TLS_ENV)} together; missing: {', '.join(missing)}"
+            )
+        for name, value in values.items():
+            if not Path(value).is_file():
+                raise ValueError(f"{name}: no file at {value}")
+        ca, cert, key = (Path(values[name]) for name in TLS_ENV)
+        return cls(ca_file=ca, cert_file=cert, key_file=key, server_name=server_name)
+
+    @classmethod
+    def from_dir(cls, directory: Path, name: str) -> EtcdTls:
+        """``ca.crt`` and ``<name>.crt``/``<name>.key`` in ``directory``: the layout of
+        ``mailers.certs.make_dev_pki`` (e.g. name ``node-n1``, ``coordinator``, ``etcd-root``).
+        """
+        return cls(directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key")
+
+    def env(self) -> dict[str, str]:
+        """The variables :meth:`from_env` reads back into an equal EtcdTls."""
+        env = dict(
+            zip(TLS_ENV, map(str, (self.ca_file, self.cert_file, self.key_file)), strict=True)
+        )
+        if self.server_name is not None:
+            env[SERVER_NAME_ENV] = self.server_name
+        return env
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials from the files (read now).
+
+        Raises:
+            OSError: a file cannot be read.
+        """
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca_file.read_bytes(),
+            private_key=self.key_file.read_bytes(),
+            certificate_chain=self.cert_file.read_bytes(),
+        )
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """An aetcd client whose channel is ``grpc.aio.secure_channel``.
+
+    aetcd 1.0.0 hard-codes ``insecure_channel`` in ``Client.connect``; this is that method
+    with the channel swapped (and without aetcd's user/password login, which a
+    certificate replaces). Everything else (stubs, watcher, error mapping) is aetcd's.
+    """
+
+    _is_connecting: bool  # set by aetcd.Client.__init__
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            # Another task is opening the channel; wait for it as aetcd does.
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(
+                f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
+            )
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def connect(
+    endpoints: Sequence[str], timeout_s: int = DEFAULT_TIMEOUT_S, tls: EtcdTls | None = None
+) -> aetcd.Client:
     """A client (not yet connected) that fails over across endpoints.
 
     aetcd builds its target as f"{host}:{port}"; handing it the head of an ``ipv4:``
     address list as host and the last port as port yields "ipv4:a:1,b:2,c:3".
+
+    Args:
+        endpoints: ``host:port`` of each member; several must be IP addresses.
+        timeout_s: Deadline of every etcd call made through the client.
+        tls: Speak TLS and present this certificate; None for plaintext.
+
+    Raises:
+        ValueError: no endpoints.
+        OSError: a TLS file cannot be read.
     """
+    if not endpoints:
+        raise ValueError("no etcd endpoints given")
+    first_host = endpoints[0].rpartition(":")[0].strip("[]")
+    options: dict[str, Any] = {}
     if len(endpoints) == 1:
         host, _, port = endpoints[0].rpartition(":")
-        return aetcd.Client(host=host, port=int(port), timeout=timeout_s)
-    *rest, last = endpoints
-    last_host, _, last_port = last.rpartition(":")
-    target_head = "ipv4:" + ",".join([*rest, last_host])
-    return aetcd.Client(
-        host=target_head,
-        port=int(last_port),
-        timeout=timeout_s,
+    else:
+        *rest, last = endpoints
+        last_host, _, port = last.rpartition(":")
+        host = "ipv4:" + ",".join([*rest, last_host])
         # Reconnect quickly after a member dies instead of gRPC's default 20 s backoff cap.
-        options={"grpc.max_reconnect_backoff_ms": 1000, "grpc.initial_reconnect_backoff_ms": 100},
+        options = {"grpc.max_reconnect_backoff_ms": 1000, "grpc.initial_reconnect_backoff_ms": 100}
+    if tls is None:
+        return aetcd.Client(host=host, port=int(port), timeout=timeout_s, options=options)
+    server_name = tls.server_name or (None if len(endpoints) == 1 else first_host)
+    if server_name is not None:
+        # An ipv4: target's default authority is the whole address list, which no
+        # certificate names; verify the members against one name instead.
+        options["grpc.ssl_target_name_override"] = server_name
+    return _TlsClient(
+        tls.credentials(), host=host, port=int(port), timeout=timeout_s, options=options
+    )
+
+
+def permission_denied(exc: BaseException) -> bool:
+    """Whether an aetcd error is etcd refusing the call to this user.
+
+    aetcd has no class for gRPC's PERMISSION_DENIED: it raises a plain
+    ``aetcd.ClientError`` caused by the ``grpc.aio.AioRpcError``.
+    """
+    cause = exc.__cause__
+    return isinstance(cause, grpc.aio.AioRpcError) and (
+        cause.code() == grpc.StatusCode.PERMISSION_DENIED
     )
 
 

@@ -3,6 +3,12 @@
 Used by ``mailers cluster`` and by the integration and chaos tests. Every process
 started here is tracked by PID and stopped by :meth:`Proc.stop`, SIGTERM first and
 SIGKILL after a grace period, so no test or demo leaves servers behind.
+
+:class:`EtcdCluster` runs plaintext by default. Given an ``EtcdTls`` (the members' CA,
+certificate and key) its members serve clients and each other over TLS only and
+require a certificate signed by that CA from both (``--client-cert-auth``,
+``--peer-client-cert-auth``); etcd then takes a client certificate's common name as
+the etcd user once auth is enabled (``mailers.etcd_auth``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from mailers.etcd import EtcdTls
 
 ETCD_BINARY = "etcd"
 
@@ -121,12 +129,23 @@ class EtcdMember:
 
 
 class EtcdCluster:
-    """One or more real etcd members on loopback, each with its own data dir and ports."""
+    """One or more real etcd members on loopback, each with its own data dir and ports.
 
-    def __init__(self, base_dir: Path, size: int = 1) -> None:
+    Args:
+        base_dir: Data directories and logs go here.
+        size: Number of members.
+        tls: Serve clients and peers over TLS with this CA, certificate and key
+            (``EtcdTls.from_dir(pki_dir, "etcd")`` for ``make_dev_pki``'s), and accept
+            only clients and peers with a certificate signed by the CA. The certificate
+            must be usable for server and client authentication (members dial each
+            other) and name 127.0.0.1. None: plaintext, no client certificates.
+    """
+
+    def __init__(self, base_dir: Path, size: int = 1, tls: EtcdTls | None = None) -> None:
         if shutil.which(ETCD_BINARY) is None:
             raise FileNotFoundError("etcd is not installed (apt-get install etcd-server)")
         self.base_dir = base_dir
+        self.tls = tls
         self.members = [
             EtcdMember(name=f"etcd{i}", client_port=free_port(), peer_port=free_port())
             for i in range(size)
@@ -134,21 +153,45 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
+        """``host:port`` of each member, as ``mailers.etcd.connect`` takes them."""
         return [m.endpoint for m in self.members]
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
+    def client_urls(self) -> list[str]:
+        """Each member's client URL (``https://`` with TLS), as etcdctl takes them."""
+        return [f"{self.scheme}://{m.endpoint}" for m in self.members]
+
     def _initial_cluster(self) -> str:
-        return ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        return ",".join(f"{m.name}={self.scheme}://127.0.0.1:{m.peer_port}" for m in self.members)
+
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        ca, cert, key = (str(p) for p in (self.tls.ca_file, self.tls.cert_file, self.tls.key_file))
+        return [
+            "--trusted-ca-file", ca, "--cert-file", cert, "--key-file", key,
+            "--client-cert-auth",
+            "--peer-trusted-ca-file", ca, "--peer-cert-file", cert, "--peer-key-file", key,
+            "--peer-client-cert-auth",
+        ]  # fmt: skip
 
     def start_member(self, member: EtcdMember, state: str = "new") -> None:
         data_dir = self.base_dir / member.name
+        client_url = f"{self.scheme}://127.0.0.1:{member.client_port}"
+        peer_url = f"{self.scheme}://127.0.0.1:{member.peer_port}"
         argv = [
             ETCD_BINARY,
             "--name", member.name,
             "--data-dir", str(data_dir),
-            "--listen-client-urls", f"http://127.0.0.1:{member.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{member.client_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{member.peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{member.peer_port}",
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            *self._tls_args(),
             "--initial-cluster", self._initial_cluster(),
             "--initial-cluster-state", state,
             "--initial-cluster-token", f"mailers-{self.members[0].peer_port}",
