@@ -3,7 +3,13 @@
 Public names are re-exported here; import from ``client_sdk``, not its modules.
 """
 
-from client_sdk.client import ClientConfig, MailerClient, RecipientSource, parse_addresses
+from client_sdk.client import (
+    ClientConfig,
+    ClientTls,
+    MailerClient,
+    RecipientSource,
+    parse_addresses,
+)
 from client_sdk.errors import (
     AlreadyExistsError,
     AuthError,
@@ -53,6 +59,7 @@ __all__ = [
     "AuthError",
     "BreakerState",
     "ClientConfig",
+    "ClientTls",
     "ClusterStatus",
     "CoordinatorInfo",
     "DeadlineExceededError",

@@ -11,10 +11,14 @@ would not.)
 
 Example::
 
-    async with MailerClient(["127.0.0.1:7701", "127.0.0.1:7702"]) as client:
+    tls = ClientTls.from_files("ca.crt", "client.crt", "client.key")
+    async with MailerClient(["127.0.0.1:7701", "127.0.0.1:7702"], tls=tls) as client:
         job = await client.submit(content, recipients)
         async for progress in client.watch(job.job_id):
             print(progress.done, "/", progress.total)
+
+Without ``tls`` the client dials in plaintext, for clusters started with
+``MAILER_PLAINTEXT=1`` (local development); it cannot reach a TLS cluster.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from collections.abc import (
     Sequence,
 )
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -136,6 +141,86 @@ def parse_addresses(addresses: str | Sequence[str]) -> list[str]:
     if not result:
         raise ValueError("at least one coordinator address is required")
     return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientTls:
+    """TLS for a client's channels to the coordinators (every one, redirects included).
+
+    A cluster started with TLS (``MAILER_TLS_CA``...) refuses plaintext clients, and one
+    whose coordinators require client certificates (their default) refuses clients
+    without a certificate from its CA: both fail with UNAVAILABLE (the handshake fails).
+    Without ``tls`` a client dials in plaintext, which suits only a cluster started
+    with ``MAILER_PLAINTEXT=1``.
+    """
+
+    root_certificates: bytes | None = dataclasses.field(default=None, repr=False)
+    """PEM of the CA(s) coordinator certificates chain to; None trusts the system's."""
+    certificate_chain: bytes | None = dataclasses.field(default=None, repr=False)
+    """PEM client certificate (chain), for coordinators that require one."""
+    private_key: bytes | None = dataclasses.field(default=None, repr=False)
+    """PEM private key of ``certificate_chain``."""
+    server_name: str = ""
+    """Name checked in coordinators' certificates instead of the host of each address
+    (for coordinators dialed by IP whose certificates name a service)."""
+
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("certificate_chain and private_key go together")
+
+    @classmethod
+    def from_files(
+        cls,
+        ca_file: str | Path | None = None,
+        cert_file: str | Path | None = None,
+        key_file: str | Path | None = None,
+        *,
+        server_name: str = "",
+    ) -> ClientTls:
+        """Read the PEM files once, now.
+
+        Args:
+            ca_file: The CA bundle; None trusts the system's roots.
+            cert_file: The client certificate; with ``key_file`` or not at all.
+            key_file: Its private key.
+            server_name: See :attr:`server_name`.
+
+        Raises:
+            ValueError: a file cannot be read or holds no PEM data (the message names
+                the file, never its contents), or only one of cert_file and key_file.
+        """
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return cls(
+            root_certificates=_read_pem(ca_file, "CA file") if ca_file else None,
+            certificate_chain=_read_pem(cert_file, "certificate file") if cert_file else None,
+            private_key=_read_pem(key_file, "key file") if key_file else None,
+            server_name=server_name,
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials of these settings."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        """Channel arguments these settings add (the server-name override)."""
+        if not self.server_name:
+            return []
+        return [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def _read_pem(path: str | Path, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"TLS {what} {path}: cannot read: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"TLS {what} {path}: no PEM data in it")
+    return data
 
 
 AUTH_METADATA_KEY = "authorization"
@@ -307,22 +392,33 @@ class MailerClient:
         channel_factory: Callable[[str], aio.Channel] | None = None,
         rng: random.Random | None = None,
         token: str | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         """Create a client; no connection is made until the first call.
 
         Args:
             addresses: Every coordinator's ``host:port``, as a list or comma-separated.
             config: Timeouts, retry policy and sizes; defaults when None.
-            channel_factory: Makes the channel for an address (tests, TLS);
-                an insecure channel with :func:`channel_options` by default.
+            channel_factory: Makes the channel for an address (tests, custom
+                credentials); by default a channel with :func:`channel_options`,
+                TLS when ``tls`` is given, else plaintext.
             rng: Randomness for backoff jitter.
             token: The API token, sent as ``authorization: Bearer <token>`` metadata
                 on every call; None for a cluster with auth off. Send it over TLS
-                (a ``channel_factory`` making secure channels) outside local dev.
+                (``tls``) outside local dev.
+            tls: TLS for every channel, leader redirects included; None dials in
+                plaintext (a cluster started with ``MAILER_PLAINTEXT=1`` only).
+
+        Raises:
+            ValueError: both ``tls`` and ``channel_factory`` are given.
         """
+        if tls is not None and channel_factory is not None:
+            raise ValueError("give tls or channel_factory, not both")
         self._config = config or ClientConfig()
         self._router = LeaderRouter(parse_addresses(addresses))
-        self._channel_factory = channel_factory or self._insecure_channel
+        self._tls = tls
+        self._credentials = tls.credentials() if tls is not None else None
+        self._channel_factory = channel_factory or self._default_channel
         self._rng = rng or random.Random()
         self._metadata: tuple[tuple[str, str], ...] = auth_metadata(token)
         self._channels: dict[str, aio.Channel] = {}
@@ -352,8 +448,13 @@ class MailerClient:
         for channel in channels:
             await channel.close()
 
-    def _insecure_channel(self, address: str) -> aio.Channel:
-        return aio.insecure_channel(address, options=channel_options(self._config))
+    def _default_channel(self, address: str) -> aio.Channel:
+        options = channel_options(self._config)
+        if self._tls is None or self._credentials is None:
+            return aio.insecure_channel(address, options=options)
+        return aio.secure_channel(
+            address, self._credentials, options=[*options, *self._tls.channel_options()]
+        )
 
     def _stubs_for(self, address: str) -> _Stubs:
         stubs = self._stubs.get(address)

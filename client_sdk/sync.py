@@ -25,6 +25,7 @@ import grpc
 from client_sdk import _convert
 from client_sdk.client import (
     ClientConfig,
+    ClientTls,
     ProgressCallback,
     auth_metadata,
     channel_options,
@@ -111,23 +112,35 @@ class SyncMailerClient:
         rng: random.Random | None = None,
         sleep: Callable[[float], None] = time.sleep,
         token: str | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         """Create a client; no connection is made until the first call.
 
         Args:
             addresses: Every coordinator's ``host:port``, as a list or comma-separated.
             config: Timeouts, retry policy and sizes; defaults when None.
-            channel_factory: Makes the channel for an address (tests, TLS);
-                an insecure channel with :func:`client_sdk.client.channel_options` by default.
+            channel_factory: Makes the channel for an address (tests, custom
+                credentials); by default a channel with
+                :func:`client_sdk.client.channel_options`, TLS when ``tls`` is given,
+                else plaintext.
             rng: Randomness for backoff jitter.
             token: The API token, sent as ``authorization: Bearer <token>`` metadata
                 on every call; None for a cluster with auth off. Send it over TLS
-                (a ``channel_factory`` making secure channels) outside local dev.
+                (``tls``) outside local dev.
             sleep: Waits between retries (tests pass a recorder).
+            tls: TLS for every channel, leader redirects included; None dials in
+                plaintext (a cluster started with ``MAILER_PLAINTEXT=1`` only).
+
+        Raises:
+            ValueError: both ``tls`` and ``channel_factory`` are given.
         """
+        if tls is not None and channel_factory is not None:
+            raise ValueError("give tls or channel_factory, not both")
         self._config = config or ClientConfig()
         self._router = LeaderRouter(parse_addresses(addresses))
-        self._channel_factory = channel_factory or self._insecure_channel
+        self._tls = tls
+        self._credentials = tls.credentials() if tls is not None else None
+        self._channel_factory = channel_factory or self._default_channel
         self._rng = rng or random.Random()
         self._metadata: tuple[tuple[str, str], ...] = auth_metadata(token)
         self._sleep = sleep
@@ -161,8 +174,13 @@ class SyncMailerClient:
         for channel in channels:
             channel.close()
 
-    def _insecure_channel(self, address: str) -> grpc.Channel:
-        return grpc.insecure_channel(address, options=channel_options(self._config))
+    def _default_channel(self, address: str) -> grpc.Channel:
+        options = channel_options(self._config)
+        if self._tls is None or self._credentials is None:
+            return grpc.insecure_channel(address, options=options)
+        return grpc.secure_channel(
+            address, self._credentials, options=[*options, *self._tls.channel_options()]
+        )
 
     def _route(self) -> tuple[str, _Stubs]:
         with self._lock:

@@ -1,4 +1,9 @@
-"""``python -m coordinator``: run a coordinator configured from MAILER_* variables."""
+"""``python -m coordinator``: run a coordinator configured from MAILER_* variables.
+
+Exits 2, with one line on stderr, when the configuration is unusable: a malformed
+value, neither TLS (``MAILER_TLS_CA``, ``_CERT``, ``_KEY``) nor ``MAILER_PLAINTEXT=1``,
+or a TLS file that cannot be read.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,28 @@ import os
 import signal
 import sys
 
-from coordinator.config import from_env
+from coordinator.config import CoordinatorConfig, from_env
 from coordinator.server import serve
 from mailers import logs
+from mailers.tls import Transport
 
 
-async def _main() -> None:
-    config = from_env(os.environ)
+async def _main(config: CoordinatorConfig, transport: Transport) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(config, stop)
+    await serve(config, stop, transport)
 
 
 def main() -> int:
+    try:
+        config = from_env(os.environ)
+        # TLS files are read once, here, so a bad one stops the process before it starts.
+        transport = Transport.load(config.tls)
+    except ValueError as exc:  # ConfigError-like: TlsConfigError and malformed numbers
+        print(f"coordinator: {exc}", file=sys.stderr)
+        return 2
     logs.setup(
         "coordinator", os.environ.get("MAILER_COORDINATOR_ID") or str(os.getpid()), os.environ
     )
@@ -31,7 +43,7 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_main())
+    asyncio.run(_main(config, transport))
     return 0
 
 

@@ -11,7 +11,9 @@ from datetime import timedelta
 from coordinator.backoff import BackoffPolicy
 from coordinator.quotas import Quotas
 from coordinator.validation import Limits
-from mailers.etcd import parse_endpoints
+from mailers.etcd import EtcdTls, parse_endpoints
+from mailers.tls import TlsConfig
+from mailers.tls import coordinator_from_env as tls_from_env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +28,10 @@ class CoordinatorConfig:
     """Stable name in logs and cluster status; defaults to <host>-<pid>."""
     metrics_listen: str = ""
     """host:port of the Prometheus exporter; empty disables it."""
+    health_listen: str = ""
+    """host:port of a plaintext gRPC server with only the health service, for probes
+    that cannot do TLS (Kubernetes gRPC probes); empty disables it. It tells who leads,
+    nothing else."""
     etcd_prefix: str = "/mailers"
     election_ttl_s: int = 5
     """Lease TTL of the election key: a dead leader is replaced within about this long."""
@@ -70,6 +76,14 @@ class CoordinatorConfig:
     """Quotas of tenants whose entry in the auth file sets none, and of every caller
     when auth is off (MAILER_QUOTA_MAX_RECIPIENTS_PER_JOB, MAILER_QUOTA_MESSAGES_PER_HOUR,
     MAILER_QUOTA_MAX_ACTIVE_JOBS); 0 means unlimited."""
+    tls: TlsConfig = TlsConfig()
+    """TLS of the client API and of the streams to nodes (MAILER_TLS_CA, MAILER_TLS_CERT,
+    MAILER_TLS_KEY, MAILER_TLS_CLIENT_AUTH, MAILER_TLS_ALLOWED_CLIENTS,
+    MAILER_TLS_SERVER_NAME: the name in node certificates), or MAILER_PLAINTEXT=1; the
+    coordinator refuses to start with neither (see mailers/tls.py)."""
+    etcd_tls: EtcdTls | None = None
+    """etcd over TLS with this client certificate (MAILER_ETCD_CA, MAILER_ETCD_CERT,
+    MAILER_ETCD_KEY; its CN is the coordinator's etcd user); None for plaintext."""
 
     def __post_init__(self) -> None:
         if not self.etcd_endpoints:
@@ -107,6 +121,7 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
         coordinator_id=e.get("MAILER_COORDINATOR_ID", ""),
         etcd_prefix=e.get("MAILER_ETCD_PREFIX", "/mailers"),
         metrics_listen=e.get("MAILER_METRICS_LISTEN", ""),
+        health_listen=e.get("MAILER_HEALTH_LISTEN", ""),
         election_ttl_s=int(e.get("MAILER_ELECTION_TTL_S", "5")),
         batch_size=int(e.get("MAILER_BATCH_SIZE", "50")),
         ack_timeout_s=float(e.get("MAILER_ACK_TIMEOUT_S", "30")),
@@ -136,4 +151,6 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
             messages_per_hour=int(e.get("MAILER_QUOTA_MESSAGES_PER_HOUR", "0")),
             max_active_jobs=int(e.get("MAILER_QUOTA_MAX_ACTIVE_JOBS", "0")),
         ),
+        tls=tls_from_env(e),
+        etcd_tls=EtcdTls.from_env(e),
     )

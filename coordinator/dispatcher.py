@@ -50,6 +50,7 @@ from coordinator.store import Fence, JobStore, LostLeadership
 from coordinator.suppression import Reason, Suppression, is_hard_bounce, normalize
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
 from mailers.etcd import Keys, watch_prefix
+from mailers.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,12 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         metrics: CoordinatorMetrics | None = None,
+        *,
+        transport: Transport,
     ) -> None:
         self.config = config
+        self.transport = transport
+        """How node links dial: mutual TLS (or plaintext, chosen explicitly)."""
         self.client = client
         self.keys = keys
         self.fence = fence
@@ -928,7 +933,9 @@ class Dispatcher:
                 return
             await self._remove_node(node_id)
         log.info("node %s registered at %s", node_id, address)
-        link = NodeLink(node_id, address, self.config.name, self.fence.revision, self)
+        link = NodeLink(
+            node_id, address, self.config.name, self.fence.revision, self, transport=self.transport
+        )
         self.nodes[node_id] = NodeEntry(
             node_id=node_id,
             address=address,

@@ -1,6 +1,8 @@
 """The leader's dispatch stream to one sender node (the gRPC shell of dispatching).
 
-A link dials the node, opens ``SenderService.Dispatch`` with the leader's epoch, waits
+A link dials the node (over the coordinator's :class:`mailers.tls.Transport`: mutual
+TLS with the coordinator's certificate, the node's checked against the CA, or plaintext
+when chosen), opens ``SenderService.Dispatch`` with the leader's epoch, waits
 for the node's hello, and then forwards what the node sends to a :class:`LinkEvents`
 sink. When the stream fails it reports the disconnect (so the dispatcher can move the
 node's batches at once) and dials again with a growing pause, until :meth:`close`.
@@ -17,6 +19,7 @@ from typing import Protocol
 import grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from mailers.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,12 @@ class NodeLink:
         coordinator_id: str,
         epoch: int,
         events: LinkEvents,
+        *,
+        transport: Transport,
         hello_timeout_s: float = 5.0,
     ) -> None:
         self.node_id = node_id
+        self._transport = transport
         self.address = address
         self._coordinator_id = coordinator_id
         self._epoch = epoch
@@ -116,7 +122,7 @@ class NodeLink:
 
     async def _session(self) -> None:
         self._queue = asyncio.Queue()
-        async with grpc.aio.insecure_channel(self.address, options=CHANNEL_OPTIONS) as channel:
+        async with self._transport.aio_channel(self.address, CHANNEL_OPTIONS) as channel:
             stub = sender_pb2_grpc.SenderServiceStub(channel)
             call = stub.Dispatch(self._requests(self._queue))
             try:

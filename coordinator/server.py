@@ -5,6 +5,11 @@ client, each election session and each dispatcher. It campaigns; when it wins it
 starts a dispatcher and marks the health service SERVING; when the session ends or a
 fenced write fails it stops the dispatcher at once and campaigns again under a new
 lease. ``stop`` (SIGTERM) resigns: the lease is revoked so a standby leads at once.
+
+The client API listens with the coordinator's :class:`mailers.tls.Transport` (TLS,
+client certificates required unless ``MAILER_TLS_CLIENT_AUTH=none``; plaintext only
+with ``MAILER_PLAINTEXT=1``), and node links dial with it. ``MAILER_HEALTH_LISTEN``
+adds a plaintext port with the health service alone, for probes that cannot do TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ from coordinator.servicer import AdminServicer, MailerServicer, Role
 from coordinator.validation import TemplateCheck
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers.etcd import Keys, Session, connect
+from mailers.tls import Transport
 from sender_node import render
 
 log = logging.getLogger(__name__)
@@ -70,12 +77,23 @@ def load_auth(config: CoordinatorConfig) -> AuthConfig | None:
     return auth
 
 
-def build_server(config: CoordinatorConfig, role: Role, auth: AuthConfig | None) -> grpc.aio.Server:
+def build_server(
+    config: CoordinatorConfig,
+    role: Role,
+    auth: AuthConfig | None,
+    peer_checks: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
     """The gRPC server with the client and admin services, auth and safe deserializers.
 
-    Health and reflection are added by the caller and stay open.
+    Health and reflection are added by the caller and stay open to token-less callers.
+
+    Args:
+        peer_checks: Interceptors that run first (``Transport.interceptors()``: the
+            client-certificate name check).
     """
-    interceptors = [AuthInterceptor(auth)] if auth is not None else []
+    interceptors: list[grpc.aio.ServerInterceptor] = list(peer_checks)
+    if auth is not None:
+        interceptors.append(AuthInterceptor(auth))
     server = grpc.aio.server(options=server_options(config), interceptors=interceptors)
     add_service(
         server,
@@ -136,12 +154,26 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
-    """Run a coordinator until stop is set."""
-    client = connect(list(config.etcd_endpoints))
+async def serve(
+    config: CoordinatorConfig, stop: asyncio.Event, transport: Transport | None = None
+) -> None:
+    """Run a coordinator until stop is set.
+
+    Args:
+        config: The coordinator's settings.
+        stop: Set it to resign and shut down.
+        transport: ``config.tls`` loaded (TLS files read, or plaintext chosen); loaded
+            here when None.
+
+    Raises:
+        TlsConfigError: neither TLS nor plaintext was chosen, or a TLS file is unusable.
+    """
+    if transport is None:
+        transport = Transport.load(config.tls)
+    client = connect(list(config.etcd_endpoints), tls=config.etcd_tls)
     keys = Keys(config.etcd_prefix)
-    role = Role(config.name, config.advertised, list(config.etcd_endpoints))
-    server = build_server(config, role, load_auth(config))
+    role = Role(config.name, config.advertised, list(config.etcd_endpoints), config.etcd_tls)
+    server = build_server(config, role, load_auth(config), transport.interceptors())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # Reflection lets grpcurl-style tools discover the API without the protos.
@@ -159,14 +191,23 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
     metrics = CoordinatorMetrics()
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
-    server.add_insecure_port(config.listen)
+    health_server: grpc.aio.Server | None = None
+    if config.health_listen:
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_server.add_insecure_port(config.health_listen)
+        await health_server.start()
+        log.info("health service (plaintext) on %s", config.health_listen)
+    transport.add_port(server, config.listen)
     await server.start()
-    log.info("coordinator %s listening on %s", config.name, config.listen)
+    log.info("coordinator %s listening on %s, %s", config.name, config.listen, transport.describe())
     stop_task = asyncio.ensure_future(stop.wait())
     try:
         while not stop.is_set():
             try:
-                await _term(config, client, keys, role, health_servicer, stop_task, metrics)
+                await _term(
+                    config, client, keys, role, health_servicer, stop_task, metrics, transport
+                )
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
@@ -177,6 +218,8 @@ async def serve(config: CoordinatorConfig, stop: asyncio.Event) -> None:
         stop_task.cancel()
         await _set_health(health_servicer, False)
         await server.stop(grace=2)
+        if health_server is not None:
+            await health_server.stop(grace=None)
         with contextlib.suppress(Exception):
             await client.close()
 
@@ -189,6 +232,7 @@ async def _term(
     health_servicer: health.aio.HealthServicer,
     stop_task: asyncio.Future[Any],
     metrics: CoordinatorMetrics,
+    transport: Transport,
 ) -> None:
     """One session: campaign, lead until something ends it, then clean up."""
     session = Session(client, config.election_ttl_s)
@@ -207,7 +251,7 @@ async def _term(
                 await campaign
             return
         fence = campaign.result()
-        dispatcher = Dispatcher(config, client, keys, fence, metrics=metrics)
+        dispatcher = Dispatcher(config, client, keys, fence, metrics=metrics, transport=transport)
         await dispatcher.start()
         role.dispatcher = dispatcher
         await _set_health(health_servicer, True)

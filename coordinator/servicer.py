@@ -67,7 +67,7 @@ from coordinator.validation import (
     check_recipients,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from mailers.etcd import connect
+from mailers.etcd import EtcdTls, connect
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,17 @@ _T = TypeVar("_T")
 class Role:
     """What this coordinator is right now; shared by the servicers and the main loop."""
 
-    def __init__(self, coordinator_id: str, address: str, etcd_endpoints: list[str]) -> None:
+    def __init__(
+        self,
+        coordinator_id: str,
+        address: str,
+        etcd_endpoints: list[str],
+        etcd_tls: EtcdTls | None = None,
+    ) -> None:
         self.coordinator_id = coordinator_id
         self.address = address
         self.etcd_endpoints = etcd_endpoints
+        self.etcd_tls = etcd_tls
         self.dispatcher: Dispatcher | None = None
         self.election: Election | None = None
         self._hint = ""
@@ -208,12 +215,14 @@ class JobWriter:
         await self._d.store.discard_batches(self.job_id)
 
 
-async def etcd_member(endpoint: str, deadline_s: float) -> coordinator_pb2.EtcdMember:
+async def etcd_member(
+    endpoint: str, deadline_s: float, tls: EtcdTls | None = None
+) -> coordinator_pb2.EtcdMember:
     """Ask one etcd endpoint for its status through a client of its own (the shared
     client fails over and so cannot tell which member answered). Never raises; the
     client is closed whatever happens."""
     member = coordinator_pb2.EtcdMember(endpoint=endpoint)
-    client = connect([endpoint], timeout_s=max(1, int(deadline_s)))
+    client = connect([endpoint], timeout_s=max(1, int(deadline_s)), tls=tls)
     try:
         async with asyncio.timeout(deadline_s):
             await client.connect()
@@ -748,7 +757,10 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
                 for c in candidates
             ]
             members = await asyncio.gather(
-                *(etcd_member(e, _ETCD_STATUS_DEADLINE_S) for e in self._role.etcd_endpoints)
+                *(
+                    etcd_member(e, _ETCD_STATUS_DEADLINE_S, self._role.etcd_tls)
+                    for e in self._role.etcd_endpoints
+                )
             )
             return coordinator_pb2.GetClusterStatusResponse(
                 leader=infos[0] if infos else None,

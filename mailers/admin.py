@@ -31,7 +31,12 @@ from client_sdk import (
     Suppression,
     SuppressionReason,
 )
-from mailers.campaign import DEFAULT_COORDINATORS
+from mailers.campaign import (
+    DEFAULT_COORDINATORS,
+    CampaignInputError,
+    add_tls_arguments,
+    resolve_tls,
+)
 
 Handler = Callable[[MailerClient, argparse.Namespace, Console], Awaitable[Any]]
 
@@ -287,10 +292,16 @@ async def cmd_suppression(client: MailerClient, ns: argparse.Namespace, console:
 def _run(handler: Handler, ns: argparse.Namespace) -> int:
     console = Console()
 
+    try:
+        tls = resolve_tls(ns, os.environ)
+    except CampaignInputError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+
     async def go() -> Any:
         # The token comes from the environment only: flags show in ``ps``.
         token = os.environ.get("MAILER_TOKEN") or None
-        async with MailerClient(coordinators(ns), token=token) as client:
+        async with MailerClient(coordinators(ns), token=token, tls=tls) as client:
             return await handler(client, ns, console)
 
     try:
@@ -311,6 +322,7 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--coordinators", help="host:port,... (env MAILER_COORDINATORS)")
         p.add_argument("--json", action="store_true", help="print JSON for scripts")
+        add_tls_arguments(p)
         p.set_defaults(func=lambda ns: _run(handler, ns))
         return p
 

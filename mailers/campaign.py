@@ -41,6 +41,7 @@ from rich.table import Table
 
 from client_sdk import (
     Address,
+    ClientTls,
     Header,
     JobOptions,
     JobProgress,
@@ -224,6 +225,54 @@ TOKEN_ENV = "MAILER_TOKEN"
 """Environment variable holding the API token of the CLI commands."""
 
 
+TLS_ENV = {
+    "tls_ca": "MAILER_TLS_CA",
+    "tls_cert": "MAILER_TLS_CERT",
+    "tls_key": "MAILER_TLS_KEY",
+    "tls_server_name": "MAILER_TLS_SERVER_NAME",
+}
+"""The ``--tls-*`` flags of the CLI and the variables they default to."""
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` and ``--tls-server-name`` (see
+    :func:`resolve_tls`)."""
+    parser.add_argument("--tls-ca", help="CA of the coordinators' certificates ($MAILER_TLS_CA)")
+    parser.add_argument("--tls-cert", help="client certificate ($MAILER_TLS_CERT)")
+    parser.add_argument("--tls-key", help="its private key ($MAILER_TLS_KEY)")
+    parser.add_argument(
+        "--tls-server-name",
+        help="name in the coordinators' certificates, when not their host "
+        "($MAILER_TLS_SERVER_NAME)",
+    )
+
+
+def resolve_tls(ns: argparse.Namespace, environ: Mapping[str, str]) -> ClientTls | None:
+    """The CLI's TLS: each ``--tls-*`` flag, else its variable (``MAILER_TLS_CA``...).
+
+    Without a CA, certificate or key the CLI dials in plaintext (clusters started with
+    ``MAILER_PLAINTEXT=1``). The files are read here, once.
+
+    Raises:
+        CampaignInputError: a file is unreadable, or a certificate comes without its key.
+    """
+    values = {
+        flag: (getattr(ns, flag, None) or environ.get(name, "")).strip()
+        for flag, name in TLS_ENV.items()
+    }
+    if not (values["tls_ca"] or values["tls_cert"] or values["tls_key"]):
+        return None
+    try:
+        return ClientTls.from_files(
+            values["tls_ca"] or None,
+            values["tls_cert"] or None,
+            values["tls_key"] or None,
+            server_name=values["tls_server_name"],
+        )
+    except ValueError as exc:
+        raise CampaignInputError(f"TLS: {exc}") from None
+
+
 def resolve_coordinators(flag: str | None, environ: Mapping[str, str]) -> tuple[str, ...]:
     """Coordinator addresses: the flag, else ``MAILER_COORDINATORS``, else the local default."""
     value = flag or environ.get(COORDINATORS_ENV) or DEFAULT_COORDINATORS
@@ -249,6 +298,8 @@ class SendArgs:
     top_failures: int = 5
     token: str | None = dataclasses.field(default=None, repr=False)
     """API token from ``MAILER_TOKEN`` (never a flag: flags show in ``ps``)."""
+    tls: ClientTls | None = None
+    """TLS towards the coordinators (``--tls-*`` or ``MAILER_TLS_CA``...); None: plaintext."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,7 +482,7 @@ async def run_send(
         )
     own_client = client is None
     if client is None:
-        client = MailerClient(list(args.coordinators), token=args.token)
+        client = MailerClient(list(args.coordinators), token=args.token, tls=args.tls)
     try:
         started = time.monotonic()
         with _progress_bar(console) as progress:
@@ -508,6 +559,7 @@ def add_send_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--no-wait", action="store_true", help="submit, print the job id and exit")
     p.add_argument("--top-failures", type=int, default=5, help="failure replies to list")
+    add_tls_arguments(p)
     p.set_defaults(func=main_send)
 
 
@@ -548,6 +600,7 @@ def send_args_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> SendAr
         submit_timeout=timedelta(seconds=ns.submit_timeout),
         top_failures=ns.top_failures,
         token=environ.get(TOKEN_ENV) or None,
+        tls=resolve_tls(ns, environ),
     )
 
 

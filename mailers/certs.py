@@ -177,9 +177,7 @@ class DevCA:
         return paths
 
 
-def cluster_specs(
-    nodes: Sequence[str], hosts: Sequence[str] = DEFAULT_HOSTS
-) -> list[CertSpec]:
+def cluster_specs(nodes: Sequence[str], hosts: Sequence[str] = DEFAULT_HOSTS) -> list[CertSpec]:
     """The certificates of a cluster, with the common names etcd's roles are keyed on.
 
     - ``coordinator``: server (SDK clients dial it) and client (it dials nodes and etcd),

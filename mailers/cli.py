@@ -4,6 +4,10 @@ mailers demo                 start a local cluster and send a 1,000-recipient ca
 mailers cluster              run a local cluster until Ctrl-C
 mailers send --csv ...       send a CSV of recipients as one job, with a progress bar
 mailers status | nodes       what the leader coordinator says about the cluster
+mailers certs DIR            make a development CA and the certificates of a cluster
+
+The local clusters of ``demo`` and ``cluster`` run mutual TLS between every process
+with a development CA made in their work directory (``--plaintext`` turns it off).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client_sdk import Address, MailerClient, MailerError, MessageContent
+from client_sdk import Address, MailerError, MessageContent
 from mailers.admin import add_admin_parsers
 from mailers.campaign import (
     SendArgs,
@@ -31,6 +35,7 @@ from mailers.campaign import (
     main_send,
     run_send,
 )
+from mailers.certs import DEFAULT_HOSTS, make_dev_pki
 from mailers.cluster import ClusterSpec, LocalCluster
 from mailers.procs import free_port
 
@@ -52,25 +57,32 @@ def write_demo_csv(path: Path, count: int, seed: int = 7) -> None:
             )
 
 
-def _start_cluster(workdir: Path, ports: Sequence[int], console: Console) -> LocalCluster:
+def _start_cluster(
+    workdir: Path, ports: Sequence[int], console: Console, *, tls: bool = True
+) -> LocalCluster:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    cluster = LocalCluster(workdir, ClusterSpec(coordinator_ports=tuple(ports)))
+    cluster = LocalCluster(workdir, ClusterSpec(coordinator_ports=tuple(ports), tls=tls))
     with console.status("starting etcd, 2 coordinators, 3 sender nodes and an SMTP sink"):
         cluster.start()
-        asyncio.run(_wait_nodes(cluster.coordinator_addresses, 3))
+        asyncio.run(_wait_nodes(cluster, 3))
+    security = (
+        f"mutual TLS (dev CA in {cluster.pki_dir})"
+        if tls
+        else "[yellow]plaintext[/] (MAILER_PLAINTEXT=1)"
+    )
     console.print(
         f"[green]cluster up[/]: coordinators {', '.join(cluster.coordinator_addresses)}; "
-        f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}"
+        f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}; {security}"
     )
     console.print(f"messages are stored as files in {cluster.maildir / 'new'}")
     return cluster
 
 
-async def _wait_nodes(addresses: Sequence[str], count: int, timeout_s: float = 60) -> None:
+async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    async with MailerClient(addresses) as client:
+    async with cluster.client() as client:
         while True:
             try:
                 nodes = await client.list_nodes(timeout=timedelta(seconds=5))
@@ -86,7 +98,9 @@ async def _wait_nodes(addresses: Sequence[str], count: int, timeout_s: float = 6
 def cmd_demo(ns: argparse.Namespace) -> int:
     console = Console()
     workdir = Path(ns.workdir).resolve()
-    cluster = _start_cluster(workdir, _free_or_default(DEFAULT_PORTS), console)
+    cluster = _start_cluster(
+        workdir, _free_or_default(DEFAULT_PORTS), console, tls=not ns.plaintext
+    )
     try:
         csv_path = workdir / "recipients.csv"
         write_demo_csv(csv_path, ns.recipients)
@@ -101,6 +115,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
                 unsubscribe_url="https://example.com/unsubscribe",
             ),
             coordinators=tuple(cluster.coordinator_addresses),
+            tls=cluster.client_tls,
         )
         summary = asyncio.run(run_send(args, console))
         stored = len(list((cluster.maildir / "new").iterdir()))
@@ -115,12 +130,20 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def cmd_cluster(ns: argparse.Namespace) -> int:
     console = Console()
-    cluster = _start_cluster(Path(ns.workdir).resolve(), DEFAULT_PORTS, console)
+    cluster = _start_cluster(
+        Path(ns.workdir).resolve(), DEFAULT_PORTS, console, tls=not ns.plaintext
+    )
+    exports = ""
+    if cluster.spec.tls:
+        exports = "".join(f"  export {k}={v}\n" for k, v in cluster.tls_env("client").items())
     console.print(
         "send a campaign from another terminal, e.g.\n"
+        f"{exports}"
         "  .venv/bin/mailers send --csv recipients.csv --from news@example.com "
         "--subject 'Hi {{ name }}' --html deploy/demo/campaign.html\n"
-        "Ctrl-C stops the cluster."
+        "Ctrl-C stops the cluster.",
+        highlight=False,
+        soft_wrap=True,
     )
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
@@ -128,6 +151,38 @@ def cmd_cluster(ns: argparse.Namespace) -> int:
         pass
     finally:
         cluster.stop()
+    return 0
+
+
+def cmd_certs(ns: argparse.Namespace) -> int:
+    """Write a development CA and a cluster's certificates, and say how to use them."""
+    console = Console(highlight=False, soft_wrap=True)
+    directory = Path(ns.directory).resolve()
+    if (directory / "ca.key").exists() and not ns.force:
+        console.print(f"[red]error:[/] {directory} already holds a CA (--force replaces it)")
+        return 2
+    written = make_dev_pki(directory, ns.node or [], ns.host or DEFAULT_HOSTS)
+    for name, paths in written.items():
+        console.print(f"{name:>16}  {paths.cert}  {paths.key} (mode 0600)")
+    ca = written["ca"].cert
+
+    def env(name: str) -> str:
+        p = written[name]
+        return f"MAILER_TLS_CA={ca} MAILER_TLS_CERT={p.cert} MAILER_TLS_KEY={p.key}"
+
+    console.print("\nenvironment of each process (see deploy/README.md, TLS):")
+    console.print(f"  coordinators:   {env('coordinator')}")
+    for node in ns.node or []:
+        console.print(f"  node {node}:{' ' * max(1, 10 - len(node))}{env(f'node-{node}')}")
+    console.print(f"  mailers CLI:    {env('client')}")
+    console.print(
+        "  SDK:            ClientTls.from_files("
+        f"'{ca}', '{written['client'].cert}', '{written['client'].key}')"
+    )
+    console.print(
+        "development only: ca.key can issue certificates every process trusts; "
+        "keep production keys in your own PKI"
+    )
     return 0
 
 
@@ -150,10 +205,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="start a local cluster and send a demo campaign")
     demo.add_argument("--recipients", type=int, default=1000)
     demo.add_argument("--workdir", default="var/demo", help="cluster data, logs and maildir")
+    demo.add_argument("--plaintext", action="store_true", help="no TLS between processes")
     demo.set_defaults(func=cmd_demo)
     cluster = sub.add_parser("cluster", help="run a local cluster until Ctrl-C")
     cluster.add_argument("--workdir", default="var/cluster")
+    cluster.add_argument("--plaintext", action="store_true", help="no TLS between processes")
     cluster.set_defaults(func=cmd_cluster)
+    certs = sub.add_parser(
+        "certs",
+        help="make a development CA and the certificates of a cluster",
+        description="Write ca.crt/ca.key and coordinator, client, etcd, etcd-root and "
+        "node-<ID> certificates (ECDSA P-256, keys mode 0600) into DIR.",
+    )
+    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument(
+        "--node", action="append", metavar="ID", help="a node certificate (repeatable)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="DNS name or IP of server certificates (repeatable; default: "
+        f"{', '.join(DEFAULT_HOSTS)})",
+    )
+    certs.add_argument("--force", action="store_true", help="replace a CA already in DIR")
+    certs.set_defaults(func=cmd_certs)
     add_send_parser(sub)
     add_admin_parsers(sub)
     return parser

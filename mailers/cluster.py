@@ -10,6 +10,11 @@ logs tell which node sent what), route a node's or a coordinator's etcd traffic,
 node's SMTP traffic, elsewhere (e.g. through ``mailers.faultproxy``) with
 :attr:`LocalCluster.node_etcd_endpoints`, :attr:`LocalCluster.coordinator_etcd_endpoints`
 and :attr:`LocalCluster.node_relays`, and restart a node or the shared sink.
+
+With ``ClusterSpec(tls=True)`` the cluster makes a development PKI in ``<base>/pki``
+(``mailers.certs.make_dev_pki``) and runs every gRPC hop over mutual TLS: coordinators
+with ``coordinator.crt``, node i with ``node-node<i>.crt``, and :meth:`LocalCluster.client`
+with ``client.crt``. Otherwise every process gets ``MAILER_PLAINTEXT=1``, explicitly.
 """
 
 from __future__ import annotations
@@ -18,8 +23,23 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from client_sdk import ClientTls, MailerClient
+from mailers.certs import DEFAULT_HOSTS, CertSpec, DevCA, make_dev_pki
 from mailers.procs import EtcdCluster, Proc, free_port, spawn_python, wait_for_port
+
+# Every transport variable, so none leaks in from the environment of whoever starts
+# the cluster (spawn() copies os.environ): an empty value means unset.
+_TRANSPORT_VARIABLES = (
+    "MAILER_PLAINTEXT",
+    "MAILER_TLS_CA",
+    "MAILER_TLS_CERT",
+    "MAILER_TLS_KEY",
+    "MAILER_TLS_CLIENT_AUTH",
+    "MAILER_TLS_ALLOWED_CLIENTS",
+    "MAILER_TLS_SERVER_NAME",
+)
 
 
 @dataclasses.dataclass
@@ -39,6 +59,9 @@ class ClusterSpec:
     """Nodes that relay to a sink of their own (``LocalCluster.node_sinks[i]``) instead
     of the shared one, so the sink logs tell which node sent a message."""
     etcd_prefix: str = "/mailers"
+    tls: bool = False
+    """Mutual TLS between every process, with a development CA made in ``<base>/pki``;
+    False runs plaintext (``MAILER_PLAINTEXT=1``)."""
 
 
 @dataclasses.dataclass
@@ -106,12 +129,64 @@ class LocalCluster:
     def relay(self) -> str:
         return f"127.0.0.1:{self.sink_port}"
 
-    def _base_env(self) -> dict[str, str]:
+    @property
+    def pki_dir(self) -> Path:
+        """The development CA and certificates of a TLS cluster."""
+        return self.base_dir / "pki"
+
+    def _pki(self, name: str, common_name: str) -> tuple[Path, Path]:
+        """``<name>.crt`` and ``.key`` in the PKI, made first (with the CA) if missing."""
+        if not (self.pki_dir / "ca.crt").exists():
+            make_dev_pki(self.pki_dir, [f"node{i}" for i in range(self.spec.nodes)])
+        cert, key = self.pki_dir / f"{name}.crt", self.pki_dir / f"{name}.key"
+        if not cert.exists():
+            DevCA.load(self.pki_dir).issue(CertSpec(name, common_name, DEFAULT_HOSTS))
+        return cert, key
+
+    def tls_env(self, name: str = "client") -> dict[str, str]:
+        """``MAILER_TLS_CA``, ``_CERT`` and ``_KEY`` naming the CA and the certificate
+        ``name`` (``client``, ``coordinator``, ``node-node0``...) of a TLS cluster, for a
+        process or the CLI.
+
+        Raises:
+            RuntimeError: the cluster runs plaintext.
+        """
+        if not self.spec.tls:
+            raise RuntimeError("this cluster runs plaintext (ClusterSpec.tls is False)")
+        cert, key = self._pki(name, f"mailers-{name}")
         return {
+            "MAILER_TLS_CA": str(self.pki_dir / "ca.crt"),
+            "MAILER_TLS_CERT": str(cert),
+            "MAILER_TLS_KEY": str(key),
+        }
+
+    @property
+    def client_tls(self) -> ClientTls | None:
+        """The SDK's TLS for this cluster (the ``client`` certificate); None: plaintext."""
+        if not self.spec.tls:
+            return None
+        env = self.tls_env("client")
+        return ClientTls.from_files(
+            env["MAILER_TLS_CA"], env["MAILER_TLS_CERT"], env["MAILER_TLS_KEY"]
+        )
+
+    def client(self, **kwargs: Any) -> MailerClient:
+        """An SDK client of every coordinator, over TLS with the client certificate
+        when the cluster runs TLS; ``kwargs`` go to :class:`MailerClient`."""
+        return MailerClient(self.coordinator_addresses, tls=self.client_tls, **kwargs)
+
+    def _base_env(self, certificate: str | None = None) -> dict[str, str]:
+        env = {
             "MAILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints),
             "MAILER_ETCD_PREFIX": self.spec.etcd_prefix,
             "PYTHONUNBUFFERED": "1",
         }
+        env.update(dict.fromkeys(_TRANSPORT_VARIABLES, ""))
+        if not self.spec.tls:
+            env["MAILER_PLAINTEXT"] = "1"
+        elif certificate is not None:
+            env.update(self.tls_env(certificate))
+        return env
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start everything and wait until each process listens. Stops all on failure."""
@@ -161,7 +236,7 @@ class LocalCluster:
 
     def start_coordinator(self, i: int, port: int) -> Proc:
         name = f"coordinator{i}"
-        env = self._base_env()
+        env = self._base_env("coordinator")
         env.update(
             {
                 "MAILER_LISTEN": f"127.0.0.1:{port}",
@@ -177,7 +252,7 @@ class LocalCluster:
 
     def start_node(self, i: int) -> Proc:
         name = f"node{i}"
-        env = self._base_env()
+        env = self._base_env(f"node-{name}")
         env.update(
             {
                 "MAILER_NODE_ID": name,

@@ -101,7 +101,8 @@ class Deployment:
 
 
 def _start(lab: NetLab, base: Path) -> Deployment:
-    env = {"PYTHONUNBUFFERED": "1"}
+    # Plaintext, chosen explicitly (tests/integration/test_tls.py covers TLS).
+    env = {"PYTHONUNBUFFERED": "1", "MAILER_PLAINTEXT": "1"}
     etcd_hosts = [lab.add_host(f"etcd{i}", 11 + i) for i in range(3)]
     coord_hosts = [lab.add_host(f"coord{i}", 21 + i) for i in range(2)]
     node_hosts = [lab.add_host(f"node{i}", 31 + i) for i in range(3)]

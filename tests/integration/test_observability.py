@@ -33,7 +33,12 @@ class Setup:
 
     def start(self) -> None:
         self.etcd.start()
-        env = {"MAILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints), "MAILER_LOG_FORMAT": "json"}
+        env = {
+            "MAILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints),
+            "MAILER_LOG_FORMAT": "json",
+            # Plaintext, chosen explicitly: these tests read health and reflection raw.
+            "MAILER_PLAINTEXT": "1",
+        }
         sink = spawn_python(
             "sink", "mailers.sink", self.logs, {},
             ["--host", "127.0.0.1", "--port", str(self.sink_port),
