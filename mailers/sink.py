@@ -34,6 +34,14 @@ until the plan changes. Example::
 
     {"tempfail": {"code": 421, "for_s": 8}, "cut_after_data": {"count": 5}}
 
+Security and limits, all off by default (in-process use through :class:`SinkConfig`):
+``tls_context`` offers STARTTLS (or, with ``implicit_tls``, speaks TLS from the first
+byte, like port 465); ``data_size_limit`` is advertised as ``SIZE`` and enforced;
+``auth_user``/``auth_password`` accept exactly that login (PLAIN or LOGIN), only over
+TLS unless ``auth_require_tls`` is off, and ``auth_required`` refuses MAIL without it.
+Each log line also says whether the message came over TLS (``tls``) and the ``SIZE=``
+the client declared in MAIL (``declared_size``, null without one).
+
 Nothing is fsynced: the sink is for tests and demos, and must take large volumes
 quickly; a crash can lose the last messages, never corrupt earlier lines.
 """
@@ -46,21 +54,24 @@ import contextlib
 import dataclasses
 import email.parser
 import email.policy
+import hmac
 import itertools
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TEMPFAIL_TEXT = {
@@ -240,10 +251,30 @@ class SinkConfig:
     hostname: str = "mailers-sink"
     """Name in the greeting (set, so no slow FQDN lookup per connection)."""
     data_size_limit: int = 32 * 1024 * 1024
+    """Advertised as ``SIZE`` in EHLO; a larger ``SIZE=`` in MAIL or a larger message is
+    refused with 552. 0 means no limit (and no ``SIZE`` advertised)."""
+    tls_context: ssl.SSLContext | None = None
+    """Server context (see :func:`server_tls_context`): STARTTLS is offered with it, or,
+    with :attr:`implicit_tls`, every connection is TLS from the start."""
+    implicit_tls: bool = False
+    """TLS from the first byte (SMTPS) instead of STARTTLS; needs :attr:`tls_context`."""
+    auth_user: str | None = None
+    """The one login AUTH accepts (PLAIN and LOGIN); None: every AUTH fails."""
+    auth_password: str | None = dataclasses.field(default=None, repr=False)
+    auth_required: bool = False
+    """Refuse MAIL (530) until the client has authenticated."""
+    auth_require_tls: bool = True
+    """Offer and accept AUTH only over TLS (implicit TLS always counts as TLS)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be in 0..65535")
+        if self.implicit_tls and self.tls_context is None:
+            raise ValueError("implicit_tls needs a tls_context")
+        if (self.auth_user is None) != (self.auth_password is None):
+            raise ValueError("auth_user and auth_password go together")
+        if self.data_size_limit < 0:
+            raise ValueError("data_size_limit must not be negative")
         if self.delay < timedelta(0):
             raise ValueError("delay must not be negative")
         if self.control_poll_s <= 0:
@@ -274,6 +305,33 @@ class SinkStats:
     hung: int = 0
     cut_mid_data: int = 0
     cut_after_data: int = 0
+    auth_succeeded: int = 0
+    auth_failed: int = 0
+    tls_messages: int = 0
+    """Messages stored that came over an encrypted connection."""
+    sized_mails: int = 0
+    """Stored messages whose MAIL carried a ``SIZE=`` parameter."""
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side TLS context from a PEM certificate (chain) and key, for
+    :attr:`SinkConfig.tls_context`; client certificates are not asked for."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _declared_size(mail_options: Sequence[str]) -> int | None:
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
+
+
+def _encrypted(server: SMTP) -> bool:
+    transport: Any = server.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is not None
 
 
 class _Armed:
@@ -425,11 +483,11 @@ class SinkHandler:
         if self._hang.take(now):
             self.stats.hung += 1
             if self._plan.hang_stores:
-                self._store(envelope)
+                self._store(envelope, server)
             await _forever()  # ended by connection_lost (the client gives up)
         if self._cut_after.take(now):
             self.stats.cut_after_data += 1
-            self._store(envelope)
+            self._store(envelope, server)
             # abort(), not close(): no byte written after this point reaches the client.
             transport: Any = server.transport
             if transport is not None:
@@ -437,10 +495,25 @@ class SinkHandler:
             await _forever()  # ended by connection_lost, a moment from now
         if self._plan.delay_ms > 0:
             await asyncio.sleep(self._plan.delay_ms / 1000)
-        self._store(envelope)
+        self._store(envelope, server)
         return "250 2.0.0 OK queued"
 
-    def _store(self, envelope: Envelope) -> None:
+    def authenticate(self, user: str, password: str, mechanism: str, auth_data: Any) -> AuthResult:
+        """aiosmtpd authenticator: accept exactly ``user``/``password`` (PLAIN, LOGIN)."""
+        ok = (
+            mechanism in ("PLAIN", "LOGIN")
+            and isinstance(auth_data, LoginPassword)
+            and hmac.compare_digest(auth_data.login, user.encode())
+            and hmac.compare_digest(auth_data.password, password.encode())
+        )
+        if ok:
+            self.stats.auth_succeeded += 1
+        else:
+            self.stats.auth_failed += 1
+        # handled=False: aiosmtpd answers 535 5.7.8 itself on failure.
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+    def _store(self, envelope: Envelope, server: SMTP) -> None:
         data = envelope.original_content
         if data is None:
             raw = envelope.content
@@ -448,6 +521,8 @@ class SinkHandler:
         path = self._maildir.write(data)
         message_id = message_id_of(data)
         ts = time.time()
+        tls = _encrypted(server)
+        declared = _declared_size(envelope.mail_options)
         lines = [
             json.dumps(
                 {
@@ -457,6 +532,8 @@ class SinkHandler:
                     "size": len(data),
                     "ts": ts,
                     "file": path.name,
+                    "tls": tls,
+                    "declared_size": declared,
                 },
                 ensure_ascii=False,
             )
@@ -467,6 +544,8 @@ class SinkHandler:
         self._log.flush()
         self.stats.messages += 1
         self.stats.recipients += len(envelope.rcpt_tos)
+        self.stats.tls_messages += int(tls)
+        self.stats.sized_mails += int(declared is not None)
 
 
 async def _forever() -> None:
@@ -563,20 +642,47 @@ class SinkServer:
         if self.config.control_path is not None:
             self._check_control()
 
+        config = self.config
+        options: dict[str, Any] = {}
+        if config.tls_context is not None and not config.implicit_tls:
+            options["tls_context"] = config.tls_context
+        if config.auth_user is not None and config.auth_password is not None:
+            user, password = config.auth_user, config.auth_password
+
+            def authenticator(
+                server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+            ) -> AuthResult:
+                return handler.authenticate(user, password, mechanism, data)
+
+            options["authenticator"] = authenticator
+        if config.auth_required:
+            options["auth_required"] = True
+        if not config.auth_require_tls or config.implicit_tls:
+            # aiosmtpd only counts STARTTLS as TLS; an implicit-TLS connection is one too.
+            options["auth_require_tls"] = False
+
         def factory() -> SMTP:
-            smtp = _FaultySMTP(
-                handler,
-                hostname=self.config.hostname,
-                enable_SMTPUTF8=True,
-                data_size_limit=self.config.data_size_limit,
-                ident="mailers-sink",
-            )
+            with warnings.catch_warnings():
+                # "Requiring AUTH while not requiring TLS": not so with implicit TLS.
+                warnings.simplefilter("ignore", UserWarning)
+                smtp = _FaultySMTP(
+                    handler,
+                    hostname=config.hostname,
+                    enable_SMTPUTF8=True,
+                    data_size_limit=config.data_size_limit or None,
+                    ident="mailers-sink",
+                    **options,
+                )
             self._sessions.add(smtp)
             return smtp
 
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            factory, self.config.host, self.config.port, reuse_address=True
+            factory,
+            config.host,
+            config.port,
+            reuse_address=True,
+            ssl=config.tls_context if config.implicit_tls else None,
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         if self.config.control_path is not None:
@@ -675,9 +781,41 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
     parser.add_argument(
         "--control", type=Path, help="JSON fault plan, re-read when it changes (see the docs)"
     )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: offer STARTTLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    parser.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte")
+    parser.add_argument("--auth-user", help="accept AUTH for this user")
+    parser.add_argument(
+        "--auth-password-file", type=Path, help="file holding the AUTH password (one line)"
+    )
+    parser.add_argument(
+        "--auth-required", action="store_true", help="answer MAIL with 530 until AUTH succeeded"
+    )
+    parser.add_argument("--size-limit", type=int, help="advertised SIZE in bytes; 0: none")
     ns = parser.parse_args(argv)
+    if (ns.tls_cert is None) != (ns.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if (ns.auth_user is None) != (ns.auth_password_file is None):
+        parser.error("--auth-user and --auth-password-file go together")
+    try:
+        tls_context = (
+            server_tls_context(ns.tls_cert, ns.tls_key) if ns.tls_cert is not None else None
+        )
+        password = (
+            ns.auth_password_file.read_text().rstrip("\r\n")
+            if ns.auth_password_file is not None
+            else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f"cannot load TLS or AUTH files: {exc}")
     try:
         return SinkConfig(
+            tls_context=tls_context,
+            implicit_tls=ns.implicit_tls,
+            auth_user=ns.auth_user,
+            auth_password=password,
+            auth_required=ns.auth_required,
+            **({} if ns.size_limit is None else {"data_size_limit": ns.size_limit}),
             maildir=ns.maildir,
             log_path=ns.log,
             host=ns.host,

@@ -108,6 +108,75 @@ OTHER_VARIABLES: dict[str, Other] = {
         "API token sent as `authorization: Bearer` on every call; a tenant token for "
         "`send` and job commands, an admin token for `status`, `nodes`, `node`.",
     ),
+    "MAILER_PLAINTEXT": Other(
+        "coordinator and sender node (`mailers.tls.from_env`), the `mailers` command",
+        "off",
+        "`1` runs gRPC without TLS, for local development only. With neither this nor "
+        "the `MAILER_TLS_*` files a coordinator or node refuses to start.",
+    ),
+    "MAILER_TLS_CA": Other(
+        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
+        "none",
+        "CA bundle (PEM) every gRPC peer's certificate must chain to.",
+    ),
+    "MAILER_TLS_CERT": Other(
+        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
+        "none",
+        "This process's certificate (PEM), served and presented as client certificate.",
+    ),
+    "MAILER_TLS_KEY": Other(
+        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
+        "none",
+        "The private key of `MAILER_TLS_CERT` (PEM); never logged.",
+    ),
+    "MAILER_TLS_CLIENT_AUTH": Other(
+        "coordinator (`mailers.tls.from_env`)",
+        "`require`",
+        "`require`: clients must present a certificate from the CA (mutual TLS); `none`: "
+        "server-authenticated TLS, tenant tokens only. Nodes always require one.",
+    ),
+    "MAILER_TLS_ALLOWED_CLIENTS": Other(
+        "coordinator and sender node (`mailers.tls.from_env`)",
+        "nodes: `mailers-coordinator`; coordinators: any name",
+        "Comma list of certificate names (CN or DNS SAN) a client certificate must carry; "
+        "`*` accepts any certificate from the CA.",
+    ),
+    "MAILER_TLS_SERVER_NAME": Other(
+        "coordinator, the `mailers` command",
+        "the host of the address dialled",
+        "Name checked in the certificate of the servers this process dials (nodes for a "
+        "coordinator, coordinators for the command).",
+    ),
+    "MAILER_ETCD_CA": Other(
+        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
+        "none (plaintext etcd)",
+        "CA of the etcd members' certificates; with `MAILER_ETCD_CERT` and "
+        "`MAILER_ETCD_KEY` (all three or none) etcd is reached over TLS.",
+    ),
+    "MAILER_ETCD_CERT": Other(
+        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
+        "none",
+        "Client certificate for etcd; its CN is the etcd user (`mailers-coordinator`, "
+        "`mailers-node-<id>`, see `mailers etcd-auth`).",
+    ),
+    "MAILER_ETCD_KEY": Other(
+        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
+        "none",
+        "The private key of `MAILER_ETCD_CERT`.",
+    ),
+    "MAILER_DOMAIN_LIMITS": Other(
+        "sender node (`throttle.parse_domain_limits`, sets `domain_limits` and "
+        "`domain_overrides`)",
+        "20 transactions at once per recipient domain, no rate limit",
+        "Per recipient domain throttles, e.g. `default=concurrency:20;gmail.com=rate:10,"
+        "burst:5,concurrency:4` (keys: rate, burst, concurrency, min_rate, decrease, "
+        "increase, recovery, cooldown). A 421/451 reply slows a domain down regardless.",
+    ),
+    "MAILER_ETCD_SERVER_NAME": Other(
+        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
+        "the first endpoint's host",
+        "Name checked in the etcd members' certificates when several endpoints are given.",
+    ),
 }
 
 

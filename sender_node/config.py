@@ -10,26 +10,48 @@ Variables (defaults in brackets):
 - ``MAILER_ADVERTISE`` [the bound listen address]: what the coordinator dials.
 - ``MAILER_ETCD_ENDPOINTS`` (required): ``host:port,host:port``.
 - ``MAILER_ETCD_PREFIX`` [``/mailers``]
-- ``MAILER_RELAYS`` (required): ``host:port,...`` SMTP relays, preferred first.
+- ``MAILER_RELAYS`` (required): ``host:port,...`` SMTP relays, preferred first; each may
+  carry ``;key=value`` options (see :func:`parse_relays`): ``tls=auto|starttls|implicit|none``,
+  ``verify=false``, ``ca=/path.pem``, ``user=NAME`` with ``password_env=VAR`` or
+  ``password_file=/path``, ``weight=N``, ``connections=N``, ``rate=R`` (messages/s).
+- ``MAILER_RELAY_STRATEGY`` [``failover``]: ``failover`` (priority order) or ``balance``
+  (smooth weighted round-robin by relay ``weight``).
 - ``MAILER_LEASE_TTL_S`` [5]
-- ``MAILER_SMTP_CONNECTIONS`` [4]: persistent connections per relay.
+- ``MAILER_SMTP_CONNECTIONS`` [4]: persistent connections per relay (a relay's
+  ``connections=`` option overrides it).
 - ``MAILER_CAPACITY`` [400]: recipients held at once.
 - ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP command.
 - ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may finish.
 - ``MAILER_METRICS_LISTEN`` [empty: off]: ``host:port`` of the Prometheus exporter.
+- ``MAILER_DOMAIN_LIMITS`` [empty: 20 transactions at once per recipient domain, no
+  rate limit]: e.g. ``default=concurrency:20;gmail.com=rate:10,burst:5,concurrency:4``
+  (keys: rate, burst, concurrency, min_rate, decrease, increase, recovery, cooldown; see
+  ``throttle.parse_domain_limits``). A 421/451 reply always slows the domain down.
+- ``MAILER_DKIM_KEYS`` [empty: no signing]: ``domain:selector:/path/key.pem,...``; mail
+  whose From domain has a key is DKIM-signed (RSA or Ed25519 PEM).
+- ``MAILER_ETCD_CA``, ``MAILER_ETCD_CERT``, ``MAILER_ETCD_KEY`` [empty: plaintext etcd]:
+  TLS to etcd with this client certificate (its CN is the node's etcd user).
 - ``MAILER_LOG_LEVEL`` [``INFO``]; ``MAILER_LOG_FORMAT`` [``text``] or ``json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import hmac
 import logging
+import math
 import os
 import socket
 from collections.abc import Mapping
 
-from mailers.etcd import parse_endpoints
+from mailers.etcd import EtcdTls, parse_endpoints
+from mailers.tls import TlsConfig
+from mailers.tls import node_from_env as tls_from_env
+from sender_node.dkim import parse_key_spec
 from sender_node.errors import ConfigError
+from sender_node.relay_choice import Strategy
+from sender_node.throttle import Limits, parse_domain_limits
 
 
 def _split_hostport(value: str, what: str) -> tuple[str, int]:
@@ -39,18 +61,245 @@ def _split_hostport(value: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def parse_relays(spec: str) -> tuple[str, ...]:
-    """Split ``host:port,host:port`` into relay addresses, in order of preference.
+class Secret:
+    """A credential that never shows itself: ``repr``/``str``/f-strings print ``********``.
+
+    Only :meth:`reveal` gives the value, and only the SMTP client calls it, to log in.
+    Equality compares in constant time (configs are compared in tests).
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself: pass it straight to the protocol, never to a log."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    def __str__(self) -> str:
+        return "********"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Secret):
+            return NotImplemented
+        return hmac.compare_digest(self._value.encode(), other._value.encode())
+
+    def __hash__(self) -> int:
+        return hash(Secret)  # equal secrets must hash alike; the value must not leak
+
+
+class RelayTls(enum.StrEnum):
+    """How a relay connection is encrypted (the relay's ``tls=`` option)."""
+
+    AUTO = "auto"
+    """STARTTLS when the relay offers it, plaintext otherwise (never AUTH in plaintext)."""
+    STARTTLS = "starttls"
+    """STARTTLS is required: a relay not offering it is a relay fault."""
+    IMPLICIT = "implicit"
+    """TLS from the first byte (SMTPS, usually port 465)."""
+    NONE = "none"
+    """Plaintext, even when the relay offers STARTTLS; only when chosen explicitly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RelayConfig:
+    """One SMTP relay: where it is, how to secure and authenticate, and its limits."""
+
+    address: str
+    """``host:port``."""
+    tls: RelayTls = RelayTls.AUTO
+    """Encryption mode; see :class:`RelayTls`."""
+    verify: bool = True
+    """Verify the relay's certificate and host name in every TLS mode (``verify=false``
+    turns it off for this relay). A failed verification is a relay fault."""
+    ca_file: str | None = None
+    """PEM file of CAs to trust for this relay instead of the system trust store."""
+    user: str | None = None
+    """AUTH user name; AUTH happens only over an encrypted connection."""
+    password: Secret | None = dataclasses.field(default=None, repr=False)
+    """AUTH password, read at startup from ``password_env`` or ``password_file``."""
+    weight: int = 1
+    """Share of transactions under the ``balance`` strategy."""
+    connections: int | None = None
+    """Connections (and concurrent transactions) to this relay; None: the node default."""
+    rate_per_s: float | None = None
+    """Messages per second this relay may take (bursts up to one second's worth); None:
+    unlimited."""
+
+    def __post_init__(self) -> None:
+        _split_hostport(self.address, "relay")
+        where = f"relay {self.address}"
+        if self.weight < 1:
+            raise ConfigError(f"{where}: weight must be at least 1")
+        if self.connections is not None and self.connections < 1:
+            raise ConfigError(f"{where}: connections must be at least 1")
+        if self.rate_per_s is not None and not (
+            self.rate_per_s > 0 and math.isfinite(self.rate_per_s)
+        ):
+            raise ConfigError(f"{where}: rate must be a positive number")
+        if (self.user is None) != (self.password is None):
+            raise ConfigError(f"{where}: user needs password_env or password_file, and back")
+        if self.user is not None and self.tls is RelayTls.NONE:
+            raise ConfigError(f"{where}: user (AUTH) with tls=none would send it in clear")
+        if self.ca_file is not None and self.tls is RelayTls.NONE:
+            raise ConfigError(f"{where}: ca is meaningless with tls=none")
+
+    @property
+    def host(self) -> str:
+        """The host part, without IPv6 brackets."""
+        return _split_hostport(self.address, "relay")[0]
+
+    @property
+    def port(self) -> int:
+        """The port part."""
+        return _split_hostport(self.address, "relay")[1]
+
+
+_RELAY_KEYS = (
+    "tls",
+    "verify",
+    "ca",
+    "user",
+    "password_env",
+    "password_file",
+    "weight",
+    "connections",
+    "rate",
+)
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def parse_relay(entry: str, environ: Mapping[str, str]) -> RelayConfig:
+    """Parse one relay: ``host:port`` then optional ``;key=value`` options.
+
+    Keys: ``tls`` (``auto``, ``starttls``, ``implicit``, ``none``), ``verify`` (a boolean),
+    ``ca`` (a PEM file), ``user``, ``password_env`` (a variable in ``environ``) or
+    ``password_file`` (a file; one trailing newline is stripped), ``weight`` (integer >= 1),
+    ``connections`` (integer >= 1), ``rate`` (messages per second). Files are read here,
+    once; error messages name the relay and the key, never a password.
 
     Raises:
-        ConfigError: no relay, or an entry that is not ``host:port``.
+        ConfigError: an unknown or repeated key, a bad value, an unset ``password_env``
+            variable, or an unreadable ``password_file`` or ``ca``.
     """
-    relays = tuple(part.strip() for part in spec.split(",") if part.strip())
-    if not relays:
+    address, *options = (part.strip() for part in entry.split(";"))
+    _split_hostport(address, "relay")
+    values: dict[str, str] = {}
+    for n, option in enumerate(options, 1):
+        if not option:
+            continue
+        key, sep, value = (s.strip() for s in option.partition("="))
+        key = key.lower()
+        where = f"relay {address}: {key}"
+        # Never echo a value, or text that is not key=value: it may be a password
+        # written inline by mistake.
+        if not sep:
+            raise ConfigError(f"relay {address}: option #{n} is not key=value")
+        if key not in _RELAY_KEYS:
+            raise ConfigError(
+                f"relay {address}: unknown option {key!r} (known: {', '.join(_RELAY_KEYS)})"
+            )
+        if not value:
+            raise ConfigError(f"{where} needs a value ({key}=...)")
+        if key in values:
+            raise ConfigError(f"{where} given twice")
+        values[key] = value
+
+    def number(key: str, kind: type[int] | type[float]) -> int | float | None:
+        raw = values.get(key)
+        if raw is None:
+            return None
+        try:
+            return kind(raw)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise ConfigError(f"relay {address}: {key}={raw!r} is not {what}") from None
+
+    tls = RelayTls.AUTO
+    if "tls" in values:
+        try:
+            tls = RelayTls(values["tls"].lower())
+        except ValueError:
+            known = ", ".join(m.value for m in RelayTls)
+            raise ConfigError(
+                f"relay {address}: tls={values['tls']!r} is not one of {known}"
+            ) from None
+    verify = True
+    if "verify" in values:
+        flag = values["verify"].lower()
+        if flag not in _TRUE | _FALSE:
+            raise ConfigError(f"relay {address}: verify={values['verify']!r} is not a boolean")
+        verify = flag in _TRUE
+    ca_file = values.get("ca")
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigError(f"relay {address}: ca file {ca_file!r} is not readable")
+    if "password_env" in values and "password_file" in values:
+        raise ConfigError(f"relay {address}: password_env and password_file are exclusive")
+    password: Secret | None = None
+    if "password_env" in values:
+        name = values["password_env"]
+        raw = environ.get(name)
+        if not raw:
+            raise ConfigError(
+                f"relay {address}: password_env names {name}, which is unset or empty"
+            )
+        password = Secret(raw)
+    elif "password_file" in values:
+        path = values["password_file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = f.read()
+        except (OSError, UnicodeDecodeError) as exc:
+            # The reason only (strerror), never the file's content.
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                f"relay {address}: password_file {path!r} is not readable: {reason}"
+            ) from None
+        raw = raw.removesuffix("\n").removesuffix("\r")
+        if not raw:
+            raise ConfigError(f"relay {address}: password_file {path!r} is empty")
+        password = Secret(raw)
+    weight = number("weight", int)
+    connections = number("connections", int)
+    rate = number("rate", float)
+    return RelayConfig(
+        address=address,
+        tls=tls,
+        verify=verify,
+        ca_file=ca_file,
+        user=values.get("user"),
+        password=password,
+        weight=1 if weight is None else int(weight),
+        connections=None if connections is None else int(connections),
+        rate_per_s=rate,
+    )
+
+
+def parse_relays(spec: str, environ: Mapping[str, str] | None = None) -> tuple[RelayConfig, ...]:
+    """Parse ``MAILER_RELAYS``: comma-separated relays, preferred first.
+
+    Each relay is ``host:port`` optionally followed by ``;key=value`` options (see
+    :func:`parse_relay`), e.g.
+    ``smtp.example.com:465;tls=implicit;user=bulk;password_env=RELAY_PW, 127.0.0.1:2525;tls=none``.
+    A plain ``host:port,host:port`` list means ``tls=auto`` with verified certificates,
+    no AUTH, weight 1, the default connection count and no rate limit.
+
+    Args:
+        spec: The variable's value.
+        environ: Where ``password_env`` variables are looked up (empty when omitted).
+
+    Raises:
+        ConfigError: no relay, or a malformed one (the message names it and the key).
+    """
+    entries = [part.strip() for part in spec.split(",") if part.strip()]
+    if not entries:
         raise ConfigError("no SMTP relays given (MAILER_RELAYS)")
-    for relay in relays:
-        _split_hostport(relay, "relay")
-    return relays
+    return tuple(parse_relay(entry, environ or {}) for entry in entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +314,8 @@ class EtcdConfig:
     """TTL of the registration lease; the node is considered gone this long after it stops."""
     trust_margin_s: float = 1.0
     """The node stops sending this long before its lease could have expired."""
+    tls: EtcdTls | None = None
+    """Client certificate and CA for etcd over TLS; None for plaintext."""
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -81,20 +332,30 @@ class EtcdConfig:
 class SmtpConfig:
     """The relays a node sends through."""
 
-    relays: tuple[str, ...]
-    """``host:port`` of each relay; the first is preferred, the rest take over on failure."""
+    relays: tuple[RelayConfig, ...]
+    """Each relay, ``host:port`` plus optional ``;key=value`` options (``tls``, ``verify``,
+    ``ca``, ``user``, ``password_env``/``password_file``, ``weight``, ``connections``,
+    ``rate``); comma-separated, the first preferred under ``failover``."""
     connections_per_relay: int = 4
-    """Persistent connections kept per relay; also the node's sending concurrency per relay."""
+    """Persistent connections kept per relay (unless the relay sets ``connections``);
+    also the node's sending concurrency per relay."""
     timeout_s: float = 30.0
     """Deadline of each SMTP step (connect, MAIL, RCPT, DATA, end of data)."""
     helo_name: str = "localhost"
     """Name given in EHLO."""
+    strategy: Strategy = Strategy.FAILOVER
+    """How transactions are spread over the relays: ``failover`` (priority order) or
+    ``balance`` (smooth weighted round-robin by ``weight``)."""
+
+    def sending_concurrency(self) -> int:
+        """Transactions a node runs at once: the connections of the relays it uses
+        together (all of them when balancing, the largest pool under failover)."""
+        sizes = [r.connections or self.connections_per_relay for r in self.relays]
+        return sum(sizes) if self.strategy is Strategy.BALANCE else max(sizes)
 
     def __post_init__(self) -> None:
         if not self.relays:
             raise ConfigError("no SMTP relays")
-        for relay in self.relays:
-            _split_hostport(relay, "relay")
         if self.connections_per_relay < 1:
             raise ConfigError("MAILER_SMTP_CONNECTIONS must be at least 1")
         if self.timeout_s <= 0:
@@ -120,6 +381,17 @@ class SenderConfig:
     drain_timeout_s: float = 10.0
     """On SIGTERM, how long in-flight batches may run before they are dropped."""
     log_level: str = "INFO"
+    tls: TlsConfig = TlsConfig()
+    """TLS of the dispatch server: MAILER_TLS_CA, MAILER_TLS_CERT, MAILER_TLS_KEY, and
+    MAILER_TLS_ALLOWED_CLIENTS (client certificate names accepted, by default
+    ``mailers-coordinator``), or MAILER_PLAINTEXT=1; the node refuses to start with
+    neither (see mailers/tls.py)."""
+    domain_limits: Limits = Limits()
+    """Throttles of a recipient domain without an override."""
+    domain_overrides: Mapping[str, Limits] = dataclasses.field(default_factory=dict)
+    """Throttles by recipient domain (lower case)."""
+    dkim_keys: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    """DKIM ``{domain: (selector, key file)}``; the keys are read at startup."""
 
     def __post_init__(self) -> None:
         if not self.node_id or "/" in self.node_id:
@@ -155,6 +427,16 @@ def _integer(environ: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
 
 
+def _strategy(environ: Mapping[str, str], name: str) -> Strategy:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return Strategy.FAILOVER
+    try:
+        return Strategy.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
 def _required(environ: Mapping[str, str], name: str) -> str:
     raw = environ.get(name, "").strip()
     if not raw:
@@ -187,7 +469,18 @@ def from_env(
             raise
         raise ConfigError(f"MAILER_ETCD_ENDPOINTS: {exc}") from None
     lease_ttl_s = _integer(environ, "MAILER_LEASE_TTL_S", 5)
+    try:
+        etcd_tls = EtcdTls.from_env(environ)
+    except ValueError as exc:
+        raise ConfigError(f"etcd TLS: {exc}") from None
+    try:
+        domain_limits, domain_overrides = parse_domain_limits(
+            environ.get("MAILER_DOMAIN_LIMITS", "")
+        )
+    except ValueError as exc:
+        raise ConfigError(f"MAILER_DOMAIN_LIMITS: {exc}") from None
     etcd = EtcdConfig(
+        tls=etcd_tls,
         endpoints=etcd_endpoints,
         prefix=environ.get("MAILER_ETCD_PREFIX", "").strip() or "/mailers",
         lease_ttl_s=lease_ttl_s,
@@ -195,10 +488,11 @@ def from_env(
         trust_margin_s=min(1.0, lease_ttl_s / 4),
     )
     smtp = SmtpConfig(
-        relays=parse_relays(_required(environ, "MAILER_RELAYS")),
+        relays=parse_relays(_required(environ, "MAILER_RELAYS"), environ),
         connections_per_relay=_integer(environ, "MAILER_SMTP_CONNECTIONS", 4),
         timeout_s=_number(environ, "MAILER_SMTP_TIMEOUT_S", 30.0),
         helo_name=host or "localhost",
+        strategy=_strategy(environ, "MAILER_RELAY_STRATEGY"),
     )
     return SenderConfig(
         node_id=environ.get("MAILER_NODE_ID", "").strip() or f"node-{host}-{process_id}",
@@ -210,4 +504,8 @@ def from_env(
         capacity=_integer(environ, "MAILER_CAPACITY", 400),
         drain_timeout_s=_number(environ, "MAILER_DRAIN_TIMEOUT_S", 10.0),
         log_level=environ.get("MAILER_LOG_LEVEL", "").strip().upper() or "INFO",
+        tls=tls_from_env(environ),
+        domain_limits=domain_limits,
+        domain_overrides=domain_overrides,
+        dkim_keys=parse_key_spec(environ.get("MAILER_DKIM_KEYS", "")),
     )

@@ -38,6 +38,14 @@ class NodeMetrics:
         self.registrations = Counter(
             "mailers_node_registrations", "Times the node registered under a new lease", registry=r
         )
+        self.throttled = Counter(
+            "mailers_node_throttled", "Transactions deferred waiting for their domain's turn",
+            ["domain"], registry=r,
+        )  # fmt: skip
+        self.domain_slowdowns = Counter(
+            "mailers_node_domain_slowdowns", "421/451 replies that cut a domain's rate",
+            ["domain"], registry=r,
+        )  # fmt: skip
         self.relay_breaker_state = Gauge(
             "mailers_node_relay_breaker_state",
             "Per-relay breaker: 0 closed, 1 half-open, 2 open", ["relay"], registry=r,

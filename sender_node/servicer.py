@@ -37,20 +37,29 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
 import grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
-from sender_node.classify import Failure, LoadStats, Outcome, classify
+from sender_node.classify import Failure, LoadStats, Outcome, Phase, classify
 from sender_node.errors import RenderError
 from sender_node.metrics import NodeMetrics
+from sender_node.pacing import DomainPacer, PacingTimeout
 from sender_node.relay_breaker import BreakerState
-from sender_node.render import Attachment, CompiledMessage, Content, Mailbox, TemplateCache
+from sender_node.render import (
+    Attachment,
+    CompiledMessage,
+    Content,
+    Mailbox,
+    MessageSigner,
+    TemplateCache,
+)
 from sender_node.slots import PrioritySlots
 from sender_node.smtp_client import RelayInfo, SendAborted, SendOutcome
+from sender_node.throttle import recipient_domain
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +108,14 @@ class Mailer(Protocol):
         data: bytes,
         may_send: Callable[[], bool] | None = None,
     ) -> SendOutcome: ...
+
+    async def send_group(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        data: bytes,
+        may_send: Callable[[], bool] | None = None,
+    ) -> list[SendOutcome]: ...
 
     def relays(self) -> list[RelayInfo]: ...
 
@@ -230,6 +247,7 @@ def content_from_proto(content: common_pb2.MessageContent) -> Content:
         attachments=tuple(
             Attachment(a.filename, a.content_type, a.content) for a in content.attachments
         ),
+        recipients_per_message=max(1, content.recipients_per_message),
     )
 
 
@@ -251,6 +269,11 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         template_cache_jobs: Jobs whose compiled content is kept.
         clock: Monotonic seconds (latency, load window).
         wall_clock: Unix seconds (``updated_at``, the Date header).
+        signer: DKIM-signs messages whose From domain it has a key for.
+        pacer: Per-recipient-domain concurrency and rate (default: 20 transactions at
+            once per domain, no rate limit, slowed down by 421/451 replies).
+        pacing_wait_s: How long a transaction may wait for its domain's turn; past
+            that its recipients are deferred (without using up an attempt).
     """
 
     def __init__(
@@ -266,6 +289,9 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         metrics: NodeMetrics | None = None,
+        signer: MessageSigner | None = None,
+        pacer: DomainPacer | None = None,
+        pacing_wait_s: float = 30.0,
     ) -> None:
         self._node_id = node_id
         self._metrics = metrics or NodeMetrics()
@@ -276,7 +302,9 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._concurrency = max(1, concurrency)
         self._slots = PrioritySlots(self._concurrency)
         self._tuning = tuning or DispatchTuning()
-        self._cache = TemplateCache(template_cache_jobs)
+        self._cache = TemplateCache(template_cache_jobs, signer=signer)
+        self._pacer = pacer if pacer is not None else DomainPacer(clock=clock)
+        self._pacing_wait_s = pacing_wait_s
         self._clock = clock
         self._wall_clock = wall_clock
         self._load = LoadStats()
@@ -594,15 +622,27 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 return
             if state.next_index >= len(recipients):
                 return
-            item = recipients[state.next_index]
+            group = [recipients[state.next_index]]
             state.next_index += 1
-            result = await self._deliver(compiled, item, state)
-            if result is None:
+            if compiled.recipients_per_message > 1:
+                # A shared message: the following recipients of the same domain join the
+                # transaction (one domain per group keeps per-domain throttles exact).
+                domain = recipient_domain(group[0].recipient.email)
+                while (
+                    len(group) < compiled.recipients_per_message
+                    and state.next_index < len(recipients)
+                    and recipient_domain(recipients[state.next_index].recipient.email) == domain
+                ):
+                    group.append(recipients[state.next_index])
+                    state.next_index += 1
+            results = await self._deliver(compiled, group, state)
+            if results is None:
                 # Stopped before the message could reach the relay: nothing to report;
-                # the coordinator sends this recipient again.
+                # the coordinator sends these recipients again.
                 state.lost_registration = not self._registration.healthy()
                 return
-            self._report(state, result)
+            for result in results:
+                self._report(state, result)
 
     def _may_send(self, state: _Batch) -> bool:
         """Still allowed to start (or finish handing over) a transaction of this batch:
@@ -611,42 +651,98 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             self._registration.healthy() and not state.cancel_requested and not state.stream.ended
         )
 
+    def _render(
+        self, compiled: CompiledMessage, group: Sequence[sender_pb2.BatchRecipient]
+    ) -> bytes:
+        date = datetime.fromtimestamp(self._wall_clock(), UTC)
+        if compiled.recipients_per_message > 1:
+            return compiled.render_shared(first_index=group[0].index, date=date)
+        recipient = group[0].recipient
+        return compiled.render(
+            index=group[0].index,
+            email=recipient.email,
+            name=recipient.name,
+            variables=recipient.variables,
+            date=date,
+        )
+
     async def _deliver(
-        self, compiled: CompiledMessage, item: sender_pb2.BatchRecipient, state: _Batch
-    ) -> common_pb2.RecipientResult | None:
-        """Send one recipient's message; None when stopped before it could be delivered
+        self,
+        compiled: CompiledMessage,
+        group: Sequence[sender_pb2.BatchRecipient],
+        state: _Batch,
+    ) -> list[common_pb2.RecipientResult] | None:
+        """Send one message to the recipients of ``group`` (one, unless the job shares
+        its message) in one transaction; None when stopped before it could be delivered
         (the lease lapsed, the batch was cancelled or its stream ended meanwhile)."""
-        recipient = item.recipient
         try:
-            data = compiled.render(
-                index=item.index,
-                email=recipient.email,
-                name=recipient.name,
-                variables=recipient.variables,
-                date=datetime.fromtimestamp(self._wall_clock(), UTC),
-            )
+            data = self._render(compiled, group)
         except RenderError as exc:
-            return self._failed(item, f"render error: {exc}")
-        async with self._slots.slot(state.batch.priority):
-            # Waiting for a slot can take long (or the process was frozen): check again.
-            if not self._may_send(state):
-                return None
-            started = self._clock()
-            try:
-                outcome = await self._mailer.send(
-                    compiled.envelope_from,
-                    recipient.email,
-                    data,
-                    may_send=lambda: self._may_send(state),
-                )
-            except SendAborted:
-                return None
-            finished = self._clock()
+            return [self._failed(item, f"render error: {exc}") for item in group]
+        rcpts = [item.recipient.email for item in group]
+        domain = recipient_domain(rcpts[0])
+        try:
+            # The domain's turn first, then a node-wide slot: transactions waiting for a
+            # throttled domain do not hold slots other domains could use.
+            async with self._pacer.slot(
+                domain, deadline_s=self._clock() + self._pacing_wait_s
+            ) as paced:
+                async with self._slots.slot(state.batch.priority):
+                    # Waiting can take long (or the process was frozen): check again.
+                    if not self._may_send(state):
+                        return None
+                    started = self._clock()
+                    try:
+                        outcomes = await self._send(compiled, rcpts, data, state)
+                    except SendAborted:
+                        return None
+                    finished = self._clock()
+                for outcome in outcomes:
+                    if outcome.phase is not Phase.CONNECT and outcome.code > 0:
+                        # A 421/451 from the transaction slows the domain down; one at
+                        # connect time is about the relay, not the destination.
+                        if paced.reply(outcome.code):
+                            self._metrics.domain_slowdowns.labels(domain).inc()
+        except PacingTimeout:
+            self._metrics.throttled.labels(domain).inc()
+            return [self._throttled(item) for item in group]
+        self._metrics.transaction_seconds.observe(finished - started)
+        relay_fault = False
+        results = []
+        for item, outcome in zip(group, outcomes, strict=True):
+            result, fault = self._outcome_result(item, outcome)
+            relay_fault = relay_fault or fault
+            results.append(result)
+        self._load.record(finished, finished - started, relay_fault)
+        return results
+
+    async def _send(
+        self, compiled: CompiledMessage, rcpts: list[str], data: bytes, state: _Batch
+    ) -> list[SendOutcome]:
+        def may_send() -> bool:
+            return self._may_send(state)
+
+        if len(rcpts) == 1:
+            return [await self._mailer.send(compiled.envelope_from, rcpts[0], data, may_send)]
+        return await self._mailer.send_group(compiled.envelope_from, rcpts, data, may_send)
+
+    def _throttled(self, item: sender_pb2.BatchRecipient) -> common_pb2.RecipientResult:
+        result = self._result(
+            item,
+            common_pb2.RECIPIENT_STATUS_DEFERRED,
+            f"throttled: no turn for its domain within {self._pacing_wait_s:g}s",
+        )
+        # The node held it back: no attempt was made, so none is used up.
+        result.attempts = item.attempts
+        return result
+
+    def _outcome_result(
+        self, item: sender_pb2.BatchRecipient, outcome: SendOutcome
+    ) -> tuple[common_pb2.RecipientResult, bool]:
+        """The result reported for one recipient, and whether the relay was at fault."""
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
-        self._load.record(finished, finished - started, verdict.relay_fault)
         m = self._metrics
-        m.transaction_seconds.observe(finished - started)
-        domain = recipient.email.rpartition("@")[2].lower()
+        domain = recipient_domain(item.recipient.email)
         m.messages.labels(outcome.relay, domain, verdict.outcome.name.lower()).inc()
         if outcome.code > 0:
             m.smtp_replies.labels(str(outcome.code)).inc()
@@ -664,7 +760,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             result.reply.code = outcome.code
             result.reply.enhanced_code = verdict.enhanced_code
             result.reply.text = outcome.text
-        return result
+        return result, verdict.relay_fault
 
     def _failed(self, item: sender_pb2.BatchRecipient, reason: str) -> common_pb2.RecipientResult:
         return self._result(item, common_pb2.RECIPIENT_STATUS_FAILED, reason)

@@ -20,8 +20,10 @@ import pytest
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from mailers.procs import free_port
+from sender_node.pacing import DomainPacer
 from sender_node.servicer import DispatchTuning, SenderServicer
 from sender_node.smtp_client import RelayPool
+from sender_node.throttle import Limits
 from tests.helpers import assert_eventually
 from tests.smtp_sink import Sink, smtp_sink
 
@@ -56,7 +58,13 @@ class Node:
 
 class StartNode(Protocol):
     async def __call__(
-        self, relays: list[str], *, capacity: int = 100, smtp_timeout_s: float = 5.0
+        self,
+        relays: list[str],
+        *,
+        capacity: int = 100,
+        smtp_timeout_s: float = 5.0,
+        pacer: DomainPacer | None = None,
+        pacing_wait_s: float = 30.0,
     ) -> Node: ...
 
 
@@ -132,12 +140,18 @@ def make_batch(
     epoch: int = 1,
     job_id: str = "job-1",
     attempts: int = 0,
+    shared: int = 0,
 ) -> sender_pb2.Batch:
-    content = common_pb2.MessageContent(
-        subject="Hello {{ name }}",
-        text_body="Hi {{ name }}, your code is {{ code }}.",
-        html_body="<p>Hi {{ name }}</p>",
-    )
+    if shared:
+        content = common_pb2.MessageContent(
+            subject="Notice", text_body="Same for all.", recipients_per_message=shared
+        )
+    else:
+        content = common_pb2.MessageContent(
+            subject="Hello {{ name }}",
+            text_body="Hi {{ name }}, your code is {{ code }}.",
+            html_body="<p>Hi {{ name }}</p>",
+        )
     getattr(content, "from").CopyFrom(common_pb2.Address(email="news@example.com", name="News"))
     recipients = [
         sender_pb2.BatchRecipient(
@@ -174,7 +188,14 @@ async def servers() -> AsyncIterator[StartNode]:
     """Factory starting a node (servicer + gRPC server + pool); everything stops at teardown."""
     cleanups: list[Callable[[], Awaitable[None]]] = []
 
-    async def start(relays: list[str], *, capacity: int = 100, smtp_timeout_s: float = 5.0) -> Node:
+    async def start(
+        relays: list[str],
+        *,
+        capacity: int = 100,
+        smtp_timeout_s: float = 5.0,
+        pacer: DomainPacer | None = None,
+        pacing_wait_s: float = 30.0,
+    ) -> Node:
         registration = FakeRegistration()
         pool = RelayPool(relays, connections_per_relay=4, timeout_s=smtp_timeout_s, cooldown_s=60)
         servicer = SenderServicer(
@@ -184,6 +205,8 @@ async def servers() -> AsyncIterator[StartNode]:
             capacity=capacity,
             concurrency=4,
             tuning=DispatchTuning(flush_interval_s=0.01, load_interval_s=0.2),
+            pacer=pacer,
+            pacing_wait_s=pacing_wait_s,
         )
         server = grpc.aio.server()
         sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
@@ -526,3 +549,54 @@ async def test_invalid_recipient_address_fails_without_sending(
     assert results[1].status == FAILED
     assert "invalid email address" in results[1].reason
     assert len(sink.handler.messages) == 1
+
+
+async def test_a_shared_message_is_one_transaction_per_group(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a job sharing its message, 3 recipients per transaction, one refused address
+    emails = addresses(7)
+    sink.handler.refuse = {emails[4]: "550 5.1.1 No such user"}
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+
+    # When a batch of 7 is sent
+    await coordinator.send_batch(make_batch("b1", emails, shared=3))
+    results = {r.index: r for r in results_of(await coordinator.read_until("ack", "b1"))}
+
+    # Then each recipient has its own result: the refused one its 550, the rest 250
+    assert set(results) == set(range(7))
+    assert results[4].status == FAILED and results[4].reply.code == 550
+    assert all(r.status == DELIVERED for i, r in results.items() if i != 4)
+    # And the relay got 3 messages (3, 2 accepted of 3, 1), one Message-ID per group
+    groups = sorted(m.rcpt_tos for m in sink.handler.messages)
+    assert groups == sorted([tuple(emails[0:3]), (emails[3], emails[5]), (emails[6],)])
+    ids = {m.parsed()["Message-ID"] for m in sink.handler.messages}
+    assert len(ids) == 3
+    assert all(m.parsed()["To"] == "undisclosed-recipients:;" for m in sink.handler.messages)
+
+
+async def test_a_throttled_domain_defers_without_using_an_attempt(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a node whose limits allow slow.example one message per 1,000 s
+    pacer = DomainPacer(overrides={"slow.example": Limits(rate_per_s=0.001, burst=1)})
+    node = await servers([sink.address], pacer=pacer, pacing_wait_s=1.0)
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+
+    # When a batch has 3 recipients there and 3 elsewhere (each attempted once before)
+    emails = [f"s{i}@slow.example" for i in range(3)] + [f"f{i}@fast.example" for i in range(3)]
+    await coordinator.send_batch(make_batch("b1", emails, attempts=1))
+    results = {r.email: r for r in results_of(await coordinator.read_until("ack", "b1"))}
+
+    # Then one slow.example message went out; the other two were deferred as throttled
+    # without using up an attempt, and fast.example was not held back at all
+    slow = [results[e] for e in emails[:3]]
+    assert sorted(r.status for r in slow) == sorted([DELIVERED, DEFERRED, DEFERRED])
+    for r in slow:
+        if r.status == DEFERRED:
+            assert r.reason.startswith("throttled") and r.attempts == 1
+    assert all(results[e].status == DELIVERED for e in emails[3:])
+    assert len(sink.handler.messages) == 4

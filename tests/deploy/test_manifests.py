@@ -94,6 +94,9 @@ def _kustomize(tmp: Path, *, external_etcd: bool = False) -> list[dict[str, Any]
     secrets.mkdir(exist_ok=True)
     for name in ("smtp-username", "smtp-password", "tls.crt", "tls.key"):
         (secrets / name).write_text(f"dummy {name}\n")
+    (secrets / "grpc").mkdir(exist_ok=True)
+    for name in ("ca.crt", "coordinator.crt", "coordinator.key", "node-pool.crt", "node-pool.key"):
+        (secrets / "grpc" / name).write_text(f"dummy {name}\n")
     overlay = tree / "overlays" / "production"
     if external_etcd:
         k = overlay / "kustomization.yaml"
@@ -215,7 +218,11 @@ def test_coordinator_probes_are_leader_aware(production: list[dict[str, Any]]) -
     # Only the leader is Ready; old pods must be stoppable before new ones are Ready.
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == "100%"
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert c["readinessProbe"]["grpc"] == {"port": 7701, "service": LEADER_SERVICE}
+    # The kubelet's gRPC probe cannot do TLS: it asks the plaintext health-only port.
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    health_port = int(env["MAILER_HEALTH_LISTEN"].rsplit(":", 1)[1])
+    assert health_port != 7701 and env["MAILER_TLS_CA"]
+    assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": LEADER_SERVICE}
     live = c["livenessProbe"]["exec"]["command"]
     assert live[:3] == ["python", "-m", "mailers.healthcheck"] and "--service" not in live
     assert c["livenessProbe"]["timeoutSeconds"] > float(live[live.index("--timeout-s") + 1])
@@ -237,10 +244,16 @@ def test_nodes_drain_within_the_grace_period(production: list[dict[str, Any]]) -
     assert hpa["spec"]["behavior"]["scaleDown"]["policies"] == [
         {"type": "Pods", "value": 1, "periodSeconds": 60}
     ]
-    # The generated Secrets are the ones the pod mounts (kustomize adds the hash suffix).
+    # The generated Secrets are the ones the pods mount (kustomize adds the hash suffix):
+    # SMTP and relay TLS and gRPC TLS on nodes, gRPC TLS on coordinators.
     secrets = {s["metadata"]["name"] for s in _by(production, "Secret")}
     mounted = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    assert mounted == secrets and len(secrets) == 2
+    coordinator = _one(production, "Deployment", "mailers-coordinator")["spec"]["template"]
+    coordinator_mounted = {
+        v["secret"]["secretName"] for v in coordinator["spec"]["volumes"] if "secret" in v
+    }
+    assert mounted | coordinator_mounted == secrets and len(secrets) == 4
+    assert len(mounted) == 3 and len(coordinator_mounted) == 1
 
 
 def test_service_monitor_selects_metrics_ports(production: list[dict[str, Any]]) -> None:
@@ -279,6 +292,25 @@ def test_pods_configuration_is_accepted(production: list[dict[str, Any]]) -> Non
     node = _pod_env(_one(production, "Deployment", "mailers-node"), production)
     node_config = sender_node.config.from_env(node)
     assert node_config.node_id == "pod-0" and node_config.advertise == "10.1.2.3:7800"
+    # Mutual TLS on both, with the files where the Secrets are mounted
+    for tls, name in ((config.tls, "mailers-coordinator"), (node_config.tls, "mailers-node")):
+        assert tls.enabled and not tls.plaintext
+        assert tls.cert_file.startswith(_mount_of(production, name, "mailers-grpc-"))
+    assert config.tls.server_name == "mailers-node"
+    assert node_config.tls.allowed_clients == ("mailers-coordinator",)
+
+
+def _mount_of(objs: list[dict[str, Any]], deployment: str, secret: str) -> str:
+    """Where deployment's container mounts the Secret whose name starts with secret."""
+    spec = _one(objs, "Deployment", deployment)["spec"]["template"]["spec"]
+    (volume,) = [
+        v["name"]
+        for v in spec["volumes"]
+        if v.get("secret", {}).get("secretName", "").startswith(secret)
+    ]
+    (c,) = spec["containers"]
+    (path,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume]
+    return str(path)
 
 
 # ---- configuration in every file names only real variables ---------------------------
@@ -308,8 +340,16 @@ def _env_file(path: Path) -> dict[str, str]:
 
 
 def test_systemd_env_files_are_accepted() -> None:
-    coordinator.config.from_env(_env_file(DEPLOY / "systemd" / "coordinator.env"))
-    sender_node.config.from_env(_env_file(DEPLOY / "systemd" / "node.env"))
+    coord = coordinator.config.from_env(_env_file(DEPLOY / "systemd" / "coordinator.env"))
+    node = sender_node.config.from_env(_env_file(DEPLOY / "systemd" / "node.env"))
+    # Mutual TLS, with the files the unit loads as credentials
+    for tls, unit in ((coord.tls, "mailers-coordinator"), (node.tls, "mailers-node")):
+        assert tls.enabled and not tls.plaintext
+        text = (DEPLOY / "systemd" / f"{unit}.service").read_text()
+        credentials = re.findall(r"^LoadCredential=([^:]+):", text, re.MULTILINE)
+        for path in (tls.ca_file, tls.cert_file, tls.key_file):
+            directory, _, name = path.rpartition("/")
+            assert directory == f"/run/credentials/{unit}.service" and name in credentials
 
 
 # ---- compose --------------------------------------------------------------------------
@@ -373,13 +413,14 @@ def test_compose_topology(compose: dict[str, Any]) -> None:
         check = svc["healthcheck"]["test"]
         assert check[1:4] == ["python", "-m", "mailers.healthcheck"] and "--service" not in check
         config = coordinator.config.from_env(_service_env(compose, name))
+        assert config.tls.plaintext, "compose runs plaintext, and says so explicitly"
         assert set(config.etcd_endpoints) == etcd_ips
         published = svc["ports"][0].rsplit(":", 1)[0]
         assert config.advertised == published, "clients on the host follow the redirect"
     for name in by_role["node"]:
         node = sender_node.config.from_env(_service_env(compose, name))
         assert set(node.etcd.endpoints) == etcd_ips
-        assert node.smtp.relays == ("sink:2525",)
+        assert [r.address for r in node.smtp.relays] == ["sink:2525"]
         assert node.advertise == f"{name}:7800"
         assert services[name]["healthcheck"]["test"][-1] == "127.0.0.1:7800"
         grace_s = int(services[name]["stop_grace_period"].rstrip("s"))

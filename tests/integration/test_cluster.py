@@ -282,3 +282,37 @@ async def test_attachment_reaches_every_recipient(cluster: LocalCluster) -> None
         assert parts[0].get_filename() == "facture-été.pdf"
         assert parts[0].get_content_type() == "application/pdf"
         assert parts[0].get_content() == pdf
+
+
+async def test_a_shared_message_goes_to_many_recipients_per_transaction(
+    cluster: LocalCluster,
+) -> None:
+    # Given a notice that is the same for everyone, 25 recipients per message allowed
+    notice = MessageContent(
+        sender=Address("ops@example.com", "Ops"),
+        subject="Maintenance tonight",
+        text_body="The service is down from 22:00 to 23:00 UTC.",
+        recipients_per_message=25,
+    )
+    people = [Recipient(f"a{i}@a.example") for i in range(60)]
+    people += [Recipient(f"b{i}@b.example") for i in range(60)]
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_nodes_active(client, 3)
+        job = await client.submit(notice, people)
+        final = await client.wait(job.job_id)
+    # Then everyone got it, exactly once
+    assert final.state is JobState.COMPLETED and final.delivered == 120
+    lines = [
+        line
+        for line in cluster.delivered()
+        if str(line["message_id"]).startswith(f"<{job.job_id}.g")
+    ]
+    assert sorted(str(line["rcpt"]) for line in lines) == sorted(p.email for p in people)
+    # And messages were shared: at most 25 recipients each, one domain each
+    by_message: dict[str, set[str]] = collections.defaultdict(set)
+    for line in lines:
+        by_message[str(line["message_id"])].add(str(line["rcpt"]))
+    assert len(by_message) < 120
+    for rcpts in by_message.values():
+        assert len(rcpts) <= 25
+        assert len({r.rpartition("@")[2] for r in rcpts}) == 1

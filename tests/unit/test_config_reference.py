@@ -56,6 +56,9 @@ SAMPLES = {
     "MAILER_QUOTA_MAX_RECIPIENTS_PER_JOB": "10000",
     "MAILER_QUOTA_MESSAGES_PER_HOUR": "50000",
     "MAILER_QUOTA_MAX_ACTIVE_JOBS": "3",
+    "MAILER_HEALTH_LISTEN": "0.0.0.0:7702",
+    "MAILER_RELAY_STRATEGY": "balance",
+    "MAILER_DKIM_KEYS": "example.com:s1:/etc/mailers/dkim/example.com.pem",
 }
 
 

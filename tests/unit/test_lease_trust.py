@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sender_node.config import EtcdConfig, SmtpConfig, from_env
+from sender_node.config import EtcdConfig, RelayConfig, SmtpConfig, from_env
 from sender_node.errors import ConfigError
 from sender_node.registration import lease_trusted, node_record, trust_deadline
 
@@ -50,7 +50,7 @@ def test_config_from_env_defaults_and_overrides() -> None:
     assert config.listen == "127.0.0.1:0"
     assert config.advertise is None
     assert config.etcd == EtcdConfig(endpoints=("127.0.0.1:2379",))
-    assert config.smtp == SmtpConfig(relays=("127.0.0.1:25",), helo_name="h")
+    assert config.smtp == SmtpConfig(relays=(RelayConfig("127.0.0.1:25"),), helo_name="h")
     assert (config.capacity, config.log_level) == (400, "INFO")
 
     config = from_env(
@@ -72,7 +72,7 @@ def test_config_from_env_defaults_and_overrides() -> None:
     assert config.advertise == "n9.internal:7000"
     assert config.etcd.prefix == "/x" and config.etcd.lease_ttl_s == 3
     assert config.etcd.trust_margin_s == 0.75
-    assert config.smtp.relays == ("a:25", "b:2525")
+    assert [r.address for r in config.smtp.relays] == ["a:25", "b:2525"]
     assert config.smtp.connections_per_relay == 8 and config.smtp.timeout_s == 2.5
     assert config.capacity == 50 and config.log_level == "DEBUG"
 
