@@ -55,6 +55,9 @@ class ClusterSpec:
     """Extra variables for node i (e.g. a different capacity)."""
     sink_args: tuple[str, ...] = ()
     """Extra arguments of every sink (e.g. ``("--delay-ms", "5")``)."""
+    relay_options: str = ""
+    """``;key=value`` options appended to each node's relay address (e.g.
+    ``tls=starttls;ca=/path;user=u;password_env=VAR``, see ``sender_node.config``)."""
     own_sink_nodes: tuple[int, ...] = ()
     """Nodes that relay to a sink of their own (``LocalCluster.node_sinks[i]``) instead
     of the shared one, so the sink logs tell which node sent a message."""
@@ -257,7 +260,10 @@ class LocalCluster:
             {
                 "MAILER_NODE_ID": name,
                 "MAILER_LISTEN": "127.0.0.1:0",
-                "MAILER_RELAYS": self.node_sinks[i].address if i in self.node_sinks else self.relay,
+                "MAILER_RELAYS": (
+                    self.node_sinks[i].address if i in self.node_sinks else self.relay
+                )
+                + (f";{self.spec.relay_options}" if self.spec.relay_options else ""),
             }
         )
         env.update(self.spec.node_env)

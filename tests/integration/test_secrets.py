@@ -1,11 +1,12 @@
 """Tenants, quotas and the secrets canary on a real cluster with auth on (issue 6).
 
-The canary is a tenant's API token. After a job has run with every process logging
-at DEBUG, a call with a wrong token and an admin call with the tenant's token, it
-(raw, base64 and sha256) must appear nowhere but where expected: the token in no
-log, output, etcd key or value, error text or trailing metadata; its sha256 only in
-the auth file. SMTP AUTH does not exist yet; when it lands, its password (and
-base64("\\0user\\0password")) belongs in this canary too.
+Two canaries: a tenant's API token, and the SMTP AUTH password of the nodes' relay (a
+real STARTTLS sink requiring AUTH, its certificate verified against a dev CA). After a
+job has run with every process logging at DEBUG, a call with a wrong token and an
+admin call with the tenant's token, neither (raw, base64, base64url, sha256, and for
+the password base64("\\0user\\0password") as AUTH PLAIN sends it) may appear in any
+log, output, etcd key or value, stored message, error text or trailing metadata; the
+token's sha256 only in the auth file.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from client_sdk import (
     ResourceExhaustedError,
 )
 from coordinator.auth import hash_token, new_token
+from mailers.certs import CertSpec, DevCA
 from mailers.cluster import ClusterSpec, LocalCluster
 from mailers.etcd import connect
 from tests.helpers import wait_nodes_active
@@ -42,6 +44,8 @@ from tests.integration.conftest import start_cluster
 pytestmark = pytest.mark.integration
 
 CANARY = new_token()
+SMTP_USER = "mailer"
+SMTP_CANARY = "smtp-" + new_token()
 BETA = new_token()
 TIGHT = new_token()
 ADMIN = new_token()
@@ -78,12 +82,34 @@ def auth_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, auth_file: Path) -> Iterator[LocalCluster]:
     debug = {"MAILER_LOG_LEVEL": "DEBUG"}
+    # The relay: STARTTLS with a certificate from a dev CA, AUTH required. Its password
+    # file lives outside the cluster's directory (which the canary search covers).
+    secrets = tmp_path_factory.mktemp("relay-secrets")
+    ca = DevCA.create(secrets)
+    smtp = ca.issue(CertSpec("smtp", "smtp", ("127.0.0.1", "localhost"), client=False))
+    password_file = secrets / "smtp-password"
+    password_file.write_text(SMTP_CANARY + "\n")
     c = start_cluster(
         tmp_path_factory.mktemp("secrets"),
         ClusterSpec(
             coordinator_env={**debug, "MAILER_AUTH_FILE": str(auth_file)},
-            node_env=debug,
+            node_env={**debug, "MAILER_RELAY_PASSWORD": SMTP_CANARY},
             nodes=2,
+            sink_args=(
+                "--tls-cert",
+                str(smtp.cert),
+                "--tls-key",
+                str(smtp.key),
+                "--auth-user",
+                SMTP_USER,
+                "--auth-password-file",
+                str(password_file),
+                "--auth-required",
+            ),  # fmt: skip
+            relay_options=(
+                f"tls=starttls;ca={ca.cert_path};user={SMTP_USER};"
+                "password_env=MAILER_RELAY_PASSWORD"
+            ),
         ),
     )
     yield c
@@ -183,6 +209,9 @@ async def test_canary_token_leaks_nowhere(cluster: LocalCluster, auth_file: Path
         job = await acme.submit(CONTENT, _people(20, "c"))
         final = await acme.wait(job.job_id)
         assert final.state is JobState.COMPLETED and final.delivered == 20
+    # (through the relay over STARTTLS, after AUTH: the sink requires both)
+    lines = [line for line in cluster.delivered() if str(line["rcpt"]).startswith("c")]
+    assert len(lines) >= 20 and all(line["tls"] for line in lines)
     # And a call with a wrong token and an admin call with the canary, on raw channels
     # so the whole error (details, trailing metadata, debug string) can be searched
     leader = cluster.coordinator_addresses
@@ -214,6 +243,10 @@ async def test_canary_token_leaks_nowhere(cluster: LocalCluster, auth_file: Path
         await etcd.close()
     # Then no form of the canary is anywhere but the sha256 in the auth file
     forms = _forms(CANARY)
+    smtp_forms = {f"smtp {name}": form for name, form in _forms(SMTP_CANARY).items()}
+    plain = f"\0{SMTP_USER}\0{SMTP_CANARY}".encode()
+    smtp_forms["smtp AUTH PLAIN"] = base64.b64encode(plain)
+    forms.update(smtp_forms)
     _assert_files_clean(cluster.base_dir, forms)
     for chunk in seen:
         for name, form in forms.items():
