@@ -11,15 +11,20 @@ sink on loopback (``tests/smtp_sink.py``). Fake piece: the registration, replace
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+import dkim  # type: ignore[import-untyped]
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from mailers.procs import free_port
+from sender_node.dkim import DkimKey, DkimSigner
 from sender_node.pacing import DomainPacer
 from sender_node.servicer import DispatchTuning, SenderServicer
 from sender_node.smtp_client import RelayPool
@@ -65,6 +70,7 @@ class StartNode(Protocol):
         smtp_timeout_s: float = 5.0,
         pacer: DomainPacer | None = None,
         pacing_wait_s: float = 30.0,
+        signer: DkimSigner | None = None,
     ) -> Node: ...
 
 
@@ -195,6 +201,7 @@ async def servers() -> AsyncIterator[StartNode]:
         smtp_timeout_s: float = 5.0,
         pacer: DomainPacer | None = None,
         pacing_wait_s: float = 30.0,
+        signer: DkimSigner | None = None,
     ) -> Node:
         registration = FakeRegistration()
         pool = RelayPool(relays, connections_per_relay=4, timeout_s=smtp_timeout_s, cooldown_s=60)
@@ -207,6 +214,7 @@ async def servers() -> AsyncIterator[StartNode]:
             tuning=DispatchTuning(flush_interval_s=0.01, load_interval_s=0.2),
             pacer=pacer,
             pacing_wait_s=pacing_wait_s,
+            signer=signer,
         )
         server = grpc.aio.server()
         sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
@@ -600,3 +608,36 @@ async def test_a_throttled_domain_defers_without_using_an_attempt(
             assert r.reason.startswith("throttled") and r.attempts == 1
     assert all(results[e].status == DELIVERED for e in emails[3:])
     assert len(sink.handler.messages) == 4
+
+
+async def test_mail_from_a_domain_with_a_key_leaves_dkim_signed(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a node with an RSA-2048 DKIM key for example.com (the From domain)
+    private = rsa.generate_private_key(65537, 2048)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = private.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(public)
+    signer = DkimSigner({"example.com": DkimKey("s1", pem)})
+    node = await servers([sink.address], signer=signer)
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+
+    # When a batch is sent
+    await coordinator.send_batch(make_batch("b1", addresses(3)))
+    await coordinator.read_until("ack", "b1")
+
+    # Then every message the relay got carries a signature that dkimpy verifies
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        return record if name == b"s1._domainkey.example.com." else b""
+
+    assert len(sink.handler.messages) == 3
+    for message in sink.handler.messages:
+        assert message.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
+        assert dkim.verify(message.data, dnsfunc=dns)

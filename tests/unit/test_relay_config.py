@@ -185,3 +185,44 @@ def test_strategy_defaults_to_failover_and_rejects_unknown_names() -> None:
         from_env(BASE | {"MAILER_RELAYS": "a:25", "MAILER_RELAY_STRATEGY": "x"}, hostname="h")
     with pytest.raises(ConfigError, match="no SMTP relays"):
         parse_relays(" , ")
+
+
+def test_from_env_reads_domain_limits_dkim_keys_and_etcd_tls(tmp_path: Path) -> None:
+    # Given throttles, DKIM keys and etcd TLS files in the environment
+    for name in ("ca.crt", "node.crt", "node.key"):
+        (tmp_path / name).write_text("pem")
+    environ = BASE | {
+        "MAILER_RELAYS": "a:25",
+        "MAILER_DOMAIN_LIMITS": "default=concurrency:8;gmail.com=rate:10,concurrency:2",
+        "MAILER_DKIM_KEYS": "Example.com:s1:/keys/example.pem",
+        "MAILER_ETCD_CA": str(tmp_path / "ca.crt"),
+        "MAILER_ETCD_CERT": str(tmp_path / "node.crt"),
+        "MAILER_ETCD_KEY": str(tmp_path / "node.key"),
+    }
+    config = from_env(environ, hostname="h", pid=1)
+
+    # Then each lands in its field
+    assert config.domain_limits.max_concurrency == 8 and config.domain_limits.rate_per_s is None
+    gmail = config.domain_overrides["gmail.com"]
+    assert (gmail.rate_per_s, gmail.max_concurrency) == (10.0, 2)
+    assert config.dkim_keys == {"example.com": ("s1", "/keys/example.pem")}
+    assert config.etcd.tls is not None and config.etcd.tls.cert_file == tmp_path / "node.crt"
+    # And the defaults limit nothing but concurrency, sign nothing, and use plaintext etcd
+    plain = from_env(BASE | {"MAILER_RELAYS": "a:25"}, hostname="h", pid=1)
+    assert (plain.domain_limits.max_concurrency, plain.domain_limits.rate_per_s) == (20, None)
+    assert plain.domain_overrides == {} and plain.dkim_keys == {} and plain.etcd.tls is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("MAILER_DOMAIN_LIMITS", "gmail.com=rate:x", "MAILER_DOMAIN_LIMITS: "),
+        ("MAILER_DKIM_KEYS", "example.com:s1", "is not domain:selector:path"),
+        ("MAILER_ETCD_CA", "/nonexistent/ca.crt", "etcd TLS: "),
+    ],
+)
+def test_bad_throttle_dkim_or_etcd_settings_are_config_errors(
+    variable: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_env(BASE | {"MAILER_RELAYS": "a:25", variable: value}, hostname="h", pid=1)
