@@ -5,9 +5,11 @@ mailers cluster              run a local cluster until Ctrl-C
 mailers send --csv ...       send a CSV of recipients as one job, with a progress bar
 mailers status | nodes       what the leader coordinator says about the cluster
 mailers certs DIR            make a development CA and the certificates of a cluster
+mailers etcd-auth NODE_ID... create etcd's users and roles and enable auth (as root)
 
 The local clusters of ``demo`` and ``cluster`` run mutual TLS between every process
-with a development CA made in their work directory (``--plaintext`` turns it off).
+with a development CA made in their work directory, and etcd over TLS with a user per
+certificate (``--plaintext`` turns both off).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import random
 import shutil
 import signal
@@ -25,6 +28,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
+import aetcd
 from rich.console import Console
 
 from client_sdk import Address, MailerError, MessageContent
@@ -36,7 +40,17 @@ from mailers.campaign import (
     run_send,
 )
 from mailers.certs import DEFAULT_HOSTS, make_dev_pki
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
+from mailers.etcd import EtcdTls, connect, parse_endpoints, permission_denied
+from mailers.etcd_auth import ROOT as ETCD_ROOT_USER
+from mailers.etcd_auth import (
+    Grant,
+    add_node,
+    bootstrap,
+    node_user,
+    remove_node,
+    role_table,
+)
 from mailers.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +82,7 @@ def _start_cluster(
         cluster.start()
         asyncio.run(_wait_nodes(cluster, 3))
     security = (
-        f"mutual TLS (dev CA in {cluster.pki_dir})"
+        f"mutual TLS and etcd with client-certificate users (dev CA in {cluster.pki_dir})"
         if tls
         else "[yellow]plaintext[/] (MAILER_PLAINTEXT=1)"
     )
@@ -134,8 +148,16 @@ def cmd_cluster(ns: argparse.Namespace) -> int:
         Path(ns.workdir).resolve(), DEFAULT_PORTS, console, tls=not ns.plaintext
     )
     exports = ""
-    if cluster.spec.tls:
+    root = cluster.etcd_tls(ETCD_ROOT)
+    if root is not None:
         exports = "".join(f"  export {k}={v}\n" for k, v in cluster.tls_env("client").items())
+        console.print(
+            "etcd as root: etcdctl --endpoints "
+            f"{','.join(cluster.etcd.client_urls)} --cacert {root.ca_file} "
+            f"--cert {root.cert_file} --key {root.key_file} get / --prefix --keys-only",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         "send a campaign from another terminal, e.g.\n"
         f"{exports}"
@@ -166,23 +188,153 @@ def cmd_certs(ns: argparse.Namespace) -> int:
         console.print(f"{name:>16}  {paths.cert}  {paths.key} (mode 0600)")
     ca = written["ca"].cert
 
-    def env(name: str) -> str:
+    def env(name: str, kind: str = "TLS") -> str:
         p = written[name]
-        return f"MAILER_TLS_CA={ca} MAILER_TLS_CERT={p.cert} MAILER_TLS_KEY={p.key}"
+        return f"MAILER_{kind}_CA={ca} MAILER_{kind}_CERT={p.cert} MAILER_{kind}_KEY={p.key}"
 
+    indent = " " * 18
     console.print("\nenvironment of each process (see deploy/README.md, TLS):")
     console.print(f"  coordinators:   {env('coordinator')}")
+    console.print(f"{indent}{env('coordinator', 'ETCD')}")
     for node in ns.node or []:
         console.print(f"  node {node}:{' ' * max(1, 10 - len(node))}{env(f'node-{node}')}")
+        console.print(f"{indent}{env(f'node-{node}', 'ETCD')}")
     console.print(f"  mailers CLI:    {env('client')}")
     console.print(
         "  SDK:            ClientTls.from_files("
         f"'{ca}', '{written['client'].cert}', '{written['client'].key}')"
     )
+    etcd, root = written["etcd"], written[ETCD_ROOT]
+    console.print(
+        f"  etcd members:   --trusted-ca-file {ca} --cert-file {etcd.cert} "
+        f"--key-file {etcd.key} --client-cert-auth,"
+        f"\n{indent}the same files as --peer-trusted-ca-file, --peer-cert-file, "
+        "--peer-key-file, and --peer-client-cert-auth"
+    )
+    nodes = " ".join(ns.node or [])
+    console.print(
+        f"  then, once:     mailers etcd-auth --endpoints HOST:PORT --pki {directory} {nodes}"
+    )
+    console.print(f"  etcdctl (root): --cacert {ca} --cert {root.cert} --key {root.key}")
     console.print(
         "development only: ca.key can issue certificates every process trusts; "
         "keep production keys in your own PKI"
     )
+    return 0
+
+
+class _UsageError(ValueError):
+    """An ``etcd-auth`` argument is unusable; the message says which."""
+
+
+def _root_tls(ns: argparse.Namespace) -> EtcdTls:
+    """Root's identity from ``--pki`` or ``--ca/--cert/--key``, its files checked.
+
+    Raises:
+        _UsageError: neither or both ways given, a file missing.
+    """
+    files = {"--ca": ns.ca, "--cert": ns.cert, "--key": ns.key}
+    given = [flag for flag, value in files.items() if value]
+    if ns.pki and given:
+        raise _UsageError(f"give --pki or --ca/--cert/--key, not both ({', '.join(given)})")
+    if ns.pki:
+        tls = EtcdTls.from_dir(Path(ns.pki), ETCD_ROOT)
+        labels = ("--pki: ca.crt", f"--pki: {ETCD_ROOT}.crt", f"--pki: {ETCD_ROOT}.key")
+    elif len(given) == len(files):
+        tls = EtcdTls(Path(ns.ca), Path(ns.cert), Path(ns.key))
+        labels = ("--ca", "--cert", "--key")
+    else:
+        missing = [flag for flag in files if flag not in given]
+        raise _UsageError(
+            "root's certificate is needed: --pki DIR (with ca.crt and etcd-root.crt/.key) "
+            f"or --ca, --cert and --key (missing: {', '.join(missing)})"
+        )
+    for label, path in zip(labels, (tls.ca_file, tls.cert_file, tls.key_file), strict=True):
+        if not path.is_file():
+            raise _UsageError(f"{label}: no file at {path}")
+    if ns.server_name:
+        tls = dataclasses.replace(tls, server_name=ns.server_name)
+    return tls
+
+
+_UNREACHABLE = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+
+
+def _describe(grant: Grant) -> str:
+    """``readwrite /mailers/...`` (a prefix) or ``readwrite /mailers/nodes/n1`` (a key)."""
+    key = grant.key.decode(errors="replace")
+    return f"{grant.access.name.lower()} {key}{'...' if grant.range_end else ''}"
+
+
+async def _etcd_auth(
+    ns: argparse.Namespace, endpoints: list[str], tls: EtcdTls, console: Console
+) -> None:
+    """Run the chosen mode. Raises what bootstrap, add_node and remove_node raise."""
+    where = f"etcd at {','.join(endpoints)}"
+    if not (ns.add_node or ns.remove_node):
+        await bootstrap(endpoints, tls, ns.prefix, ns.node_ids, ready_timeout_s=ns.timeout_s)
+        console.print(f"{where}: auth enabled; users (certificate CN) and their keys:")
+        console.print(f"  {ETCD_ROOT_USER:<28} all (etcd's superuser)")
+        for user, grants in role_table(ns.prefix, ns.node_ids).items():
+            console.print(f"  {user:<28} {', '.join(_describe(g) for g in sorted(grants))}")
+        if not ns.node_ids:
+            console.print("no node users yet: add each node with --add-node ID")
+        return
+    client = connect(endpoints, tls=tls)
+    try:
+        for node_id in ns.add_node or []:
+            await add_node(client, ns.prefix, node_id)
+            console.print(
+                f"{where}: user {node_user(node_id)} may read and write "
+                f"{ns.prefix}/nodes/{node_id} only"
+            )
+        for node_id in ns.remove_node or []:
+            await remove_node(client, node_id)
+            console.print(f"{where}: user and role {node_user(node_id)} removed")
+    finally:
+        await client.close()
+
+
+def cmd_etcd_auth(ns: argparse.Namespace) -> int:
+    """Set up or change etcd's users and roles as root; 0 done, 1 etcd failed or
+    refused, 2 unusable arguments."""
+    console = Console(highlight=False, soft_wrap=True)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        endpoints = parse_endpoints(ns.endpoints)
+        if ns.node_ids and (ns.add_node or ns.remove_node):
+            raise _UsageError(
+                "NODE_ID arguments set up a whole cluster; with --add-node or "
+                "--remove-node give none"
+            )
+        if not ns.prefix.startswith("/"):
+            raise _UsageError(f"--prefix {ns.prefix!r} must start with '/'")
+        if ns.timeout_s <= 0:
+            raise _UsageError("--timeout-s must be positive")
+        # Validates every node id before anything is sent.
+        role_table(ns.prefix, [*ns.node_ids, *(ns.add_node or []), *(ns.remove_node or [])])
+        tls = _root_tls(ns)
+        asyncio.run(_etcd_auth(ns, endpoints, tls, console))
+    except ValueError as exc:  # _UsageError, bad endpoints or node ids
+        errors.print(f"[red]error:[/] {exc}")
+        return 2
+    except OSError as exc:
+        errors.print(f"[red]error:[/] cannot read a TLS file: {exc}")
+        return 2
+    except aetcd.ClientError as exc:
+        if permission_denied(exc):
+            errors.print(
+                f"[red]error:[/] etcd refused: {exc}. Only etcd's root user may change "
+                "users and roles once auth is on: use the etcd-root certificate (CN root)"
+            )
+        elif isinstance(exc, _UNREACHABLE):
+            errors.print(
+                f"[red]error:[/] etcd at {ns.endpoints} did not answer: {exc}. Is it up, "
+                "serving TLS with --client-cert-auth, and signed by this CA?"
+            )
+        else:
+            errors.print(f"[red]error:[/] etcd failed: {type(exc).__name__}: {exc}")
+        return 1
     return 0
 
 
@@ -230,9 +382,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--force", action="store_true", help="replace a CA already in DIR")
     certs.set_defaults(func=cmd_certs)
+    add_etcd_auth_parser(sub)
     add_send_parser(sub)
     add_admin_parsers(sub)
     return parser
+
+
+def add_etcd_auth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``mailers etcd-auth``: see :func:`cmd_etcd_auth`."""
+    parser = sub.add_parser(
+        "etcd-auth",
+        help="create etcd's users and roles and enable auth (as root)",
+        description="Against etcd serving TLS with --client-cert-auth, as its root user "
+        "(a certificate with CN root, etcd-root.crt from `mailers certs`): create the user "
+        "and role of the coordinators (mailers-coordinator: read and write PREFIX/...) "
+        "and of each NODE_ID (mailers-node-ID: its own PREFIX/nodes/ID only), then enable "
+        "auth. Idempotent: run it again with more node ids. --add-node and --remove-node "
+        "change one node's user once auth is on. Exit status: 0 done, 1 etcd failed or "
+        "refused, 2 unusable arguments.",
+    )
+    parser.add_argument("node_ids", nargs="*", metavar="NODE_ID", help="a sender node's id")
+    parser.add_argument(
+        "--endpoints", required=True, metavar="HOST:PORT,...", help="the etcd members"
+    )
+    parser.add_argument("--pki", metavar="DIR", help="ca.crt and etcd-root.crt/.key in DIR")
+    parser.add_argument("--ca", metavar="FILE", help="CA of the etcd members' certificates")
+    parser.add_argument("--cert", metavar="FILE", help="root's certificate (CN root)")
+    parser.add_argument("--key", metavar="FILE", help="its private key")
+    parser.add_argument(
+        "--server-name", help="name in the members' certificates, when not their host"
+    )
+    parser.add_argument("--prefix", default="/mailers", help="the cluster's key prefix")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="how long to wait for etcd to answer and have a leader (default 30)",
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--add-node", action="append", metavar="ID", help="add one node's user (repeatable)"
+    )
+    mode.add_argument(
+        "--remove-node",
+        action="append",
+        metavar="ID",
+        help="delete one node's user and role (repeatable)",
+    )
+    parser.set_defaults(func=cmd_etcd_auth)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

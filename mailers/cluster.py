@@ -14,19 +14,33 @@ and :attr:`LocalCluster.node_relays`, and restart a node or the shared sink.
 With ``ClusterSpec(tls=True)`` the cluster makes a development PKI in ``<base>/pki``
 (``mailers.certs.make_dev_pki``) and runs every gRPC hop over mutual TLS: coordinators
 with ``coordinator.crt``, node i with ``node-node<i>.crt``, and :meth:`LocalCluster.client`
-with ``client.crt``. Otherwise every process gets ``MAILER_PLAINTEXT=1``, explicitly.
+with ``client.crt``. etcd is secured as well: its members serve clients and peers over
+TLS only with ``etcd.crt`` and require client certificates, and right after etcd starts
+:func:`mailers.etcd_auth.bootstrap` (as ``root``, ``etcd-root.crt``) creates the users
+and roles of the coordinators and nodes and enables auth. Each process then reaches etcd
+with the same certificate it uses for gRPC (``MAILER_ETCD_CA``, ``_CERT``, ``_KEY``), so
+node i may touch only its own registration key. :meth:`LocalCluster.etcd_client` gives a
+test a client of its own (``root`` unless told otherwise).
+
+Otherwise every process gets ``MAILER_PLAINTEXT=1``, explicitly, and etcd runs plaintext
+without auth.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import aetcd
+
 from client_sdk import ClientTls, MailerClient
 from mailers.certs import DEFAULT_HOSTS, CertSpec, DevCA, make_dev_pki
+from mailers.etcd import SERVER_NAME_ENV, TLS_ENV, EtcdTls, connect
+from mailers.etcd_auth import bootstrap
 from mailers.procs import EtcdCluster, Proc, free_port, spawn_python, wait_for_port
 
 # Every transport variable, so none leaks in from the environment of whoever starts
@@ -39,7 +53,12 @@ _TRANSPORT_VARIABLES = (
     "MAILER_TLS_CLIENT_AUTH",
     "MAILER_TLS_ALLOWED_CLIENTS",
     "MAILER_TLS_SERVER_NAME",
+    *TLS_ENV,
+    SERVER_NAME_ENV,
 )
+
+ETCD_ROOT = "etcd-root"
+"""The certificate (CN ``root``) of etcd's superuser in the cluster's PKI."""
 
 
 @dataclasses.dataclass
@@ -63,8 +82,9 @@ class ClusterSpec:
     of the shared one, so the sink logs tell which node sent a message."""
     etcd_prefix: str = "/mailers"
     tls: bool = False
-    """Mutual TLS between every process, with a development CA made in ``<base>/pki``;
-    False runs plaintext (``MAILER_PLAINTEXT=1``)."""
+    """Mutual TLS between every process, with a development CA made in ``<base>/pki``,
+    and etcd over TLS with client-certificate users (auth on); False runs plaintext
+    (``MAILER_PLAINTEXT=1``) and etcd without TLS or auth."""
 
 
 @dataclasses.dataclass
@@ -96,7 +116,12 @@ class LocalCluster:
         self.log_dir = base_dir / "logs"
         self.maildir = base_dir / "maildir"
         self.sink_log = base_dir / "sink.jsonl"
-        self.etcd = EtcdCluster(base_dir / "etcd", size=self.spec.etcd_members)
+        # The PKI is made in start(); EtcdTls only names the files until etcd starts.
+        self.etcd = EtcdCluster(
+            base_dir / "etcd",
+            size=self.spec.etcd_members,
+            tls=EtcdTls.from_dir(self.pki_dir, "etcd") if self.spec.tls else None,
+        )
         self.sink_port = free_port()
         ports = list(self.spec.coordinator_ports) or [
             free_port() for _ in range(self.spec.coordinators)
@@ -137,10 +162,15 @@ class LocalCluster:
         """The development CA and certificates of a TLS cluster."""
         return self.base_dir / "pki"
 
+    @property
+    def node_ids(self) -> list[str]:
+        """The ids of the spec's nodes (``node0``...): node i is ``node<i>``."""
+        return [f"node{i}" for i in range(self.spec.nodes)]
+
     def _pki(self, name: str, common_name: str) -> tuple[Path, Path]:
         """``<name>.crt`` and ``.key`` in the PKI, made first (with the CA) if missing."""
         if not (self.pki_dir / "ca.crt").exists():
-            make_dev_pki(self.pki_dir, [f"node{i}" for i in range(self.spec.nodes)])
+            make_dev_pki(self.pki_dir, self.node_ids)
         cert, key = self.pki_dir / f"{name}.crt", self.pki_dir / f"{name}.key"
         if not cert.exists():
             DevCA.load(self.pki_dir).issue(CertSpec(name, common_name, DEFAULT_HOSTS))
@@ -178,6 +208,31 @@ class LocalCluster:
         when the cluster runs TLS; ``kwargs`` go to :class:`MailerClient`."""
         return MailerClient(self.coordinator_addresses, tls=self.client_tls, **kwargs)
 
+    def etcd_tls(self, name: str = ETCD_ROOT) -> EtcdTls | None:
+        """The etcd identity of certificate ``name`` (``etcd-root``, ``coordinator``,
+        ``node-node0``...) in a TLS cluster; None when etcd runs plaintext."""
+        if not self.spec.tls:
+            return None
+        if name == ETCD_ROOT:
+            self._pki(name, "root")
+        else:
+            self._pki(name, f"mailers-{name}")
+        return EtcdTls.from_dir(self.pki_dir, name)
+
+    def etcd_env(self, name: str) -> dict[str, str]:
+        """``MAILER_ETCD_CA``, ``_CERT`` and ``_KEY`` of :meth:`etcd_tls` for a process;
+        empty when etcd runs plaintext."""
+        tls = self.etcd_tls(name)
+        return tls.env() if tls is not None else {}
+
+    def etcd_client(self, name: str = ETCD_ROOT, timeout_s: int = 5) -> aetcd.Client:
+        """A client of the cluster's etcd members (not yet connected; the caller closes
+        it). In a TLS cluster it presents certificate ``name``: ``etcd-root`` (etcd's
+        root user, the default) or e.g. ``node-node0``; in a plaintext cluster it speaks
+        plaintext and ``name`` is ignored. Each call through it gives up after
+        ``timeout_s``."""
+        return connect(self.etcd.endpoints, timeout_s=timeout_s, tls=self.etcd_tls(name))
+
     def _base_env(self, certificate: str | None = None) -> dict[str, str]:
         env = {
             "MAILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints),
@@ -188,14 +243,46 @@ class LocalCluster:
         if not self.spec.tls:
             env["MAILER_PLAINTEXT"] = "1"
         elif certificate is not None:
+            # One certificate per process, for gRPC and etcd alike: its CN is the etcd
+            # user bootstrap() made (mailers-coordinator, mailers-node-<id>).
             env.update(self.tls_env(certificate))
+            env.update(self.etcd_env(certificate))
         return env
 
+    def secure_etcd(self, timeout_s: float = 60.0) -> None:
+        """In a TLS cluster, create the users and roles of the coordinators and of
+        :attr:`node_ids` and enable auth, as ``root``; nothing when etcd runs plaintext.
+        Idempotent; waits (up to ``timeout_s``) while etcd is still electing a leader.
+
+        Raises:
+            aetcd.ClientError: etcd refused the set-up, or had no leader in time.
+        """
+        root = self.etcd_tls(ETCD_ROOT)
+        if root is not None:
+            asyncio.run(
+                bootstrap(
+                    self.etcd.endpoints,
+                    root,
+                    self.spec.etcd_prefix,
+                    self.node_ids,
+                    ready_timeout_s=timeout_s,
+                )
+            )
+
     def start(self, timeout_s: float = 60.0) -> None:
-        """Start everything and wait until each process listens. Stops all on failure."""
+        """Start everything and wait until each process listens. Stops all on failure.
+
+        In a TLS cluster etcd's users are set up (:meth:`secure_etcd`) before any
+        process of ours connects to it. That calls ``asyncio.run``, so call this from a
+        thread without a running event loop (e.g. ``asyncio.to_thread``).
+        """
         try:
+            self.etcd_tls(ETCD_ROOT)  # makes the PKI, etcd's own certificate included
             self.etcd.start(timeout_s)
+            # The sink needs no etcd; starting it first lets etcd elect its leader
+            # meanwhile, which secure_etcd would otherwise wait for.
             self.start_sink()
+            self.secure_etcd(timeout_s)
             for i, port in enumerate(self.coordinator_ports):
                 self.start_coordinator(i, port)
             for i in range(self.spec.nodes):
@@ -254,7 +341,15 @@ class LocalCluster:
         return proc
 
     def start_node(self, i: int) -> Proc:
+        """Start node i as ``node<i>``.
+
+        Raises:
+            ValueError: the cluster secures etcd and i is not one of the spec's nodes,
+                so etcd has no user for it (``mailers.etcd_auth.add_node`` makes one).
+        """
         name = f"node{i}"
+        if self.spec.tls and name not in self.node_ids:
+            raise ValueError(f"etcd has no user for {name}: the spec has {self.spec.nodes} nodes")
         env = self._base_env(f"node-{name}")
         env.update(
             {

@@ -195,9 +195,11 @@ class EtcdCluster:
             "--initial-cluster", self._initial_cluster(),
             "--initial-cluster-state", state,
             "--initial-cluster-token", f"mailers-{self.members[0].peer_port}",
-            # Leader elections inside etcd finish well within a second on loopback.
-            "--heartbeat-interval", "100",
-            "--election-timeout", "1000",
+            # Leader elections inside etcd finish well within a second on loopback. A
+            # lone member has no peer to miss heartbeats from, so it may elect itself
+            # sooner (it is the wait before a secured cluster can set up its users).
+            "--heartbeat-interval", "100" if len(self.members) > 1 else "50",
+            "--election-timeout", "1000" if len(self.members) > 1 else "500",
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip

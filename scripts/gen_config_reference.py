@@ -165,8 +165,7 @@ OTHER_VARIABLES: dict[str, Other] = {
         "The private key of `MAILER_ETCD_CERT`.",
     ),
     "MAILER_DOMAIN_LIMITS": Other(
-        "sender node (`throttle.parse_domain_limits`, sets `domain_limits` and "
-        "`domain_overrides`)",
+        "sender node (`throttle.parse_domain_limits`, sets `domain_limits` and `domain_overrides`)",
         "20 transactions at once per recipient domain, no rate limit",
         "Per recipient domain throttles, e.g. `default=concurrency:20;gmail.com=rate:10,"
         "burst:5,concurrency:4` (keys: rate, burst, concurrency, min_rate, decrease, "

@@ -285,6 +285,8 @@ def token_only_coordinator(cluster: LocalCluster, tmp_path: Path) -> Iterator[st
     port = free_port()
     env = {
         **cluster.tls_env("coordinator"),
+        # etcd's root: the coordinators' etcd role reaches only the cluster's /mailers/.
+        **cluster.etcd_env("etcd-root"),
         "MAILER_PLAINTEXT": "",
         "MAILER_TLS_CLIENT_AUTH": "none",
         "MAILER_ETCD_ENDPOINTS": ",".join(cluster.etcd.endpoints),
