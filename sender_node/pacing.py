@@ -145,6 +145,20 @@ class DomainPacer:
         finally:
             self._release(key)
 
+    def try_take(self, domain: str) -> Slot | None:
+        """Take a slot of ``domain`` now if one is free and nobody waits for it; None
+        otherwise. No await: the hot path of an unthrottled domain. The caller must
+        :meth:`give_back` the slot it got, exactly once.
+        """
+        key = domain.lower()
+        if key in self._queues or not self._throttles.try_acquire(key, self._clock()).ok:
+            return None
+        return Slot(self, key, 0.0)
+
+    def give_back(self, slot: Slot) -> None:
+        """Release a slot :meth:`try_take` returned."""
+        self._release(slot.domain)
+
     def on_reply(self, domain: str, code: int) -> bool:
         """Feed an SMTP reply of a transaction to ``domain`` (see :meth:`Slot.reply`)."""
         return self._throttles.on_reply(domain.lower(), code, self._clock())

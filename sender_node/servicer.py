@@ -47,7 +47,7 @@ from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from sender_node.classify import Failure, LoadStats, Outcome, Phase, classify
 from sender_node.errors import RenderError
 from sender_node.metrics import NodeMetrics
-from sender_node.pacing import DomainPacer, PacingTimeout
+from sender_node.pacing import DomainPacer, PacingTimeout, Slot
 from sender_node.relay_breaker import BreakerState
 from sender_node.render import (
     Attachment,
@@ -682,30 +682,13 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         rcpts = [item.recipient.email for item in group]
         domain = recipient_domain(rcpts[0])
         try:
-            # The domain's turn first, then a node-wide slot: transactions waiting for a
-            # throttled domain do not hold slots other domains could use.
-            async with self._pacer.slot(
-                domain, deadline_s=self._clock() + self._pacing_wait_s
-            ) as paced:
-                async with self._slots.slot(state.batch.priority):
-                    # Waiting can take long (or the process was frozen): check again.
-                    if not self._may_send(state):
-                        return None
-                    started = self._clock()
-                    try:
-                        outcomes = await self._send(compiled, rcpts, data, state)
-                    except SendAborted:
-                        return None
-                    finished = self._clock()
-                for outcome in outcomes:
-                    if outcome.phase is not Phase.CONNECT and outcome.code > 0:
-                        # A 421/451 from the transaction slows the domain down; one at
-                        # connect time is about the relay, not the destination.
-                        if paced.reply(outcome.code):
-                            self._metrics.domain_slowdowns.labels(domain).inc()
+            sent = await self._paced_send(compiled, rcpts, data, state, domain)
         except PacingTimeout:
             self._metrics.throttled.labels(domain).inc()
             return [self._throttled(item) for item in group]
+        if sent is None:
+            return None
+        outcomes, started, finished = sent
         self._metrics.transaction_seconds.observe(finished - started)
         relay_fault = False
         results = []
@@ -715,6 +698,60 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             results.append(result)
         self._load.record(finished, finished - started, relay_fault)
         return results
+
+    async def _paced_send(
+        self,
+        compiled: CompiledMessage,
+        rcpts: list[str],
+        data: bytes,
+        state: _Batch,
+        domain: str,
+    ) -> tuple[list[SendOutcome], float, float] | None:
+        """One transaction in a node-wide slot and a slot of the recipients' domain.
+
+        Raises:
+            PacingTimeout: the domain gave no slot within ``pacing_wait_s``.
+        """
+        priority = state.batch.priority
+        # Usually the domain has a slot free: take it, without waiting, inside a node slot.
+        async with self._slots.slot(priority):
+            paced = self._pacer.try_take(domain)
+            if paced is not None:
+                try:
+                    return await self._timed_send(compiled, rcpts, data, state, paced)
+                finally:
+                    self._pacer.give_back(paced)
+        # The domain is busy or throttled: wait for its turn without holding a node slot
+        # that transactions to other domains could use.
+        deadline_s = self._clock() + self._pacing_wait_s
+        async with self._pacer.slot(domain, deadline_s=deadline_s) as paced:
+            async with self._slots.slot(priority):
+                return await self._timed_send(compiled, rcpts, data, state, paced)
+
+    async def _timed_send(
+        self,
+        compiled: CompiledMessage,
+        rcpts: list[str],
+        data: bytes,
+        state: _Batch,
+        paced: Slot,
+    ) -> tuple[list[SendOutcome], float, float] | None:
+        # Waiting for slots can take long (or the process was frozen): check again.
+        if not self._may_send(state):
+            return None
+        started = self._clock()
+        try:
+            outcomes = await self._send(compiled, rcpts, data, state)
+        except SendAborted:
+            return None
+        finished = self._clock()
+        for outcome in outcomes:
+            if outcome.phase is not Phase.CONNECT and outcome.code > 0:
+                # A 421/451 from the transaction slows the domain down; one at connect
+                # time is about the relay, not the destination.
+                if paced.reply(outcome.code):
+                    self._metrics.domain_slowdowns.labels(paced.domain).inc()
+        return outcomes, started, finished
 
     async def _send(
         self, compiled: CompiledMessage, rcpts: list[str], data: bytes, state: _Batch

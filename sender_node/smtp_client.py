@@ -322,6 +322,10 @@ class RelayPool:
             for index, config in enumerate(configs)
         ]
         self._chooser = RelayChooser(strategy, [c.weight for c in configs])
+        # Failover without rate limits needs no chooser: the first relay that can take it.
+        self._in_order = strategy is Strategy.FAILOVER and all(
+            r.bucket is None for r in self._relays
+        )
         self._timeout_s = timeout_s
         self._helo_name = helo_name
         self._min_throughput = min_throughput_bytes_per_s
@@ -450,6 +454,12 @@ class RelayPool:
     async def _next_relay(self, tried: set[int], size: int) -> _Relay | None:
         """The relay for the next attempt, with one rate-limit token taken; None when no
         relay is left. May sleep (exactly the computed wait) for a token."""
+        if self._in_order:
+            wall_s = self._wall_clock()
+            for r in self._relays:
+                if r.index not in tried and not r.too_small_for(size) and r.admissible(wall_s):
+                    return r
+            return None
         while True:
             now_s = self._clock()
             wall_s = self._wall_clock()
@@ -768,6 +778,8 @@ def _no_reply(exc: BaseException, phase: Phase, relay: str) -> SendOutcome:
 
 def _is_relay_fault(outcome: SendOutcome) -> bool:
     """True when the outcome counts against the relay's breaker (see ``classify``)."""
+    if outcome.phase is Phase.DATA_END and 200 <= outcome.code < 300:
+        return False  # delivered: the common case, decided without parsing the text
     return classify(outcome.code, outcome.text, outcome.phase, outcome.failure).relay_fault
 
 

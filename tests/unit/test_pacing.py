@@ -336,3 +336,28 @@ async def test_idle_domains_are_forgotten() -> None:
         pass
     assert len(pacer) == 1
     assert pacer.limits("GMAIL.com") == Limits()
+
+
+async def test_try_take_is_the_no_wait_path_and_yields_to_waiters() -> None:
+    # Given a domain allowed two at once
+    time = FakeTime()
+    pacer = DomainPacer(
+        overrides={"two.example": Limits(max_concurrency=2)}, clock=time.clock, sleep=time.sleep
+    )
+    # When two slots are taken without waiting
+    first, second = pacer.try_take("Two.Example"), pacer.try_take("two.example")
+    assert first is not None and second is not None
+    # Then a third is refused at once, and a waiter queues
+    assert pacer.try_take("two.example") is None
+    held = pacer.slot("two.example")  # kept: dropping it would run its release
+    waiter = asyncio.ensure_future(held.__aenter__())
+    await settle()
+    assert not waiter.done() and _status(pacer, "two.example").waiting == 1
+    # And a slot given back goes to the waiter, not to a later try_take
+    pacer.give_back(first)
+    assert pacer.try_take("two.example") is None
+    await settle()
+    assert waiter.done() and _status(pacer, "two.example").in_flight == 2
+    await held.__aexit__(None, None, None)
+    pacer.give_back(second)
+    assert _status(pacer, "two.example").in_flight == 0
