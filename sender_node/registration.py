@@ -30,7 +30,7 @@ from typing import Any
 
 import aetcd
 
-from mailers.etcd import Keys
+from mailers.etcd import Keys, permission_denied
 from sender_node.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,17 @@ class Registration:
                     self._key.decode(),
                 )
             except (aetcd.ClientError, TimeoutError, OSError) as exc:
-                log.warning("registration failed: %s", exc or type(exc).__name__)
+                if permission_denied(exc):
+                    # Not transient: retrying will not help until an operator acts.
+                    log.error(
+                        "etcd refused to register %s: this node's etcd user (the CN of "
+                        "MAILER_ETCD_CERT) may not write it; run `mailers etcd-auth "
+                        "--add-node %s` as root",
+                        self._key.decode(),
+                        self._node_id,
+                    )
+                else:
+                    log.warning("registration failed: %s", exc or type(exc).__name__)
             except Exception:
                 # Never let a bug end the owner task silently: the node would sit
                 # unregistered forever. Log it and keep trying.

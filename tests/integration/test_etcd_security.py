@@ -376,9 +376,11 @@ async def test_registration_under_another_nodes_id_never_succeeds(
     finally:
         await registration.stop()
 
-    # Then every attempt was refused by etcd
+    # Then every attempt was refused by etcd, and the log says what to do about it
     assert not registration.healthy()
-    assert "permission denied" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and all("etcd refused to register /mailers/nodes/n3" in e for e in errors)
+    assert "mailers etcd-auth --add-node n3" in errors[0]
 
 
 # ---- who may connect ---------------------------------------------------------------
