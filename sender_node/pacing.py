@@ -151,9 +151,7 @@ class DomainPacer:
         :meth:`give_back` the slot it got, exactly once.
         """
         key = domain.lower()
-        if key in self._queues or not self._throttles.try_acquire(key, self._clock()).ok:
-            return None
-        return Slot(self, key, 0.0)
+        return Slot(self, key, 0.0) if self._take_now(key, self._clock()) else None
 
     def give_back(self, slot: Slot) -> None:
         """Release a slot :meth:`try_take` returned."""
@@ -194,7 +192,7 @@ class DomainPacer:
 
     async def _acquire(self, key: str, deadline_s: float | None) -> float:
         started = self._clock()
-        if key not in self._queues and self._throttles.try_acquire(key, started).ok:
+        if self._take_now(key, started):
             return 0.0
         loop = asyncio.get_running_loop()
         queue = self._queues.setdefault(key, collections.deque())
@@ -227,6 +225,10 @@ class DomainPacer:
                 del self._queues[key]
             elif was_head:
                 self._wake_head(queue)
+
+    def _take_now(self, key: str, now_s: float) -> bool:
+        """Take a slot of ``key`` unless callers already wait for one (no queue-jumping)."""
+        return key not in self._queues and self._throttles.try_acquire(key, now_s).ok
 
     async def _wait(self, key: str, wake: asyncio.Future[None], deadline_s: float | None) -> None:
         """Wait for ``wake``; PacingTimeout at the deadline."""

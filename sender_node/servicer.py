@@ -101,14 +101,6 @@ class RegistrationView(Protocol):
 class Mailer(Protocol):
     """What the servicer needs from ``smtp_client.RelayPool``."""
 
-    async def send(
-        self,
-        mail_from: str,
-        rcpt: str,
-        data: bytes,
-        may_send: Callable[[], bool] | None = None,
-    ) -> SendOutcome: ...
-
     async def send_group(
         self,
         mail_from: str,
@@ -741,7 +733,9 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             return None
         started = self._clock()
         try:
-            outcomes = await self._send(compiled, rcpts, data, state)
+            outcomes = await self._mailer.send_group(
+                compiled.envelope_from, rcpts, data, lambda: self._may_send(state)
+            )
         except SendAborted:
             return None
         finished = self._clock()
@@ -752,16 +746,6 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 if paced.reply(outcome.code):
                     self._metrics.domain_slowdowns.labels(paced.domain).inc()
         return outcomes, started, finished
-
-    async def _send(
-        self, compiled: CompiledMessage, rcpts: list[str], data: bytes, state: _Batch
-    ) -> list[SendOutcome]:
-        def may_send() -> bool:
-            return self._may_send(state)
-
-        if len(rcpts) == 1:
-            return [await self._mailer.send(compiled.envelope_from, rcpts[0], data, may_send)]
-        return await self._mailer.send_group(compiled.envelope_from, rcpts, data, may_send)
 
     def _throttled(self, item: sender_pb2.BatchRecipient) -> common_pb2.RecipientResult:
         result = self._result(
