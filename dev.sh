@@ -3,7 +3,8 @@
 #   bash dev.sh demo   install everything, start a local cluster, send a 1,000-recipient campaign
 #   bash dev.sh test   install everything, run lint, type checks and the whole test suite
 # Other commands: cluster (run the local cluster until Ctrl-C), check (lint + types + unit
-# tests), gen-protos (regenerate mailerpb/), bench.
+# tests), gen-protos (regenerate mailerpb/), bench, lock (upgrade every dependency in
+# uv.lock), api-baseline (record the released API for buf breaking).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,6 +15,7 @@ PY=.venv/bin/python
 install_system() {
   local want=()
   command -v etcd >/dev/null || want+=(etcd-server etcd-client)
+  [ -x /usr/lib/postgresql/15/bin/initdb ] || want+=(postgresql)
   command -v python3 >/dev/null || want+=(python3)
   python3 -c 'import venv, ensurepip' 2>/dev/null || want+=(python3-venv)
   command -v npm >/dev/null || want+=(nodejs npm)
@@ -27,28 +29,41 @@ install_system() {
   fi
 }
 
-install_python() {
-  if [ ! -x "$PY" ]; then python3 -m venv .venv; fi
-  # Re-install only when pyproject.toml changed since the last install.
-  if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
-    echo "== pip install -e .[dev]"
-    "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
-    touch .venv/.installed
+UV=.tools/uv/bin/uv
+export UV_PYTHON_DOWNLOADS=never
+
+install_uv() {
+  # uv itself comes pinned with hashes; everything else comes from uv.lock through it.
+  if ! "$UV" --version 2>/dev/null | grep -q "^uv $(sed -n 's/^uv==\([^ ]*\).*/\1/p' tools/uv-requirements.txt)\b"; then
+    echo "== install uv (tools/uv-requirements.txt)"
+    rm -rf .tools/uv
+    python3 -m venv .tools/uv
+    .tools/uv/bin/pip install -q --disable-pip-version-check --require-hashes \
+      -r tools/uv-requirements.txt
   fi
 }
 
+install_python() {
+  install_uv
+  # --locked: refuse to run when pyproject.toml and uv.lock disagree (re-lock with
+  # `bash dev.sh lock`), so every machine installs exactly the versions in the lock.
+  "$UV" sync --locked --all-packages --python python3 --quiet
+}
+
 install_buf() {
-  if [ ! -x .tools/node_modules/.bin/buf ]; then
-    echo "== npm install @bufbuild/buf"
-    mkdir -p .tools
-    (cd .tools && npm install --silent --no-audit --no-fund @bufbuild/buf@1 >/dev/null)
+  if [ ! -x tools/node_modules/.bin/buf ] || [ tools/package-lock.json -nt tools/node_modules/.package-lock.json ]; then
+    echo "== npm ci (tools/package-lock.json: buf)"
+    (cd tools && npm ci --silent --no-audit --no-fund >/dev/null 2>&1)
   fi
 }
 
 lint() {
   echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
   echo "== mypy --strict"; .venv/bin/mypy coordinator sender_node client_sdk mailers tests bench
-  echo "== buf lint"; .tools/node_modules/.bin/buf lint
+  echo "== buf lint"; tools/node_modules/.bin/buf lint
+  # The API as released is kept in tools/api-baseline.binpb (`bash dev.sh api-baseline`
+  # refreshes it on a release); a change that breaks it fails here.
+  echo "== buf breaking"; tools/node_modules/.bin/buf breaking --against tools/api-baseline.binpb
   echo "== generated code is current"; "$PY" scripts/gen_protos.py --check
 }
 
@@ -76,6 +91,17 @@ case "${1:-}" in
     install_python
     exec "$PY" scripts/gen_protos.py
     ;;
+  lock)
+    # The one command that moves dependencies: re-resolve every package to the newest
+    # release pyproject.toml allows, then install from the new lock.
+    install_uv
+    "$UV" lock --upgrade --python python3
+    install_python
+    ;;
+  api-baseline)
+    install_buf
+    exec tools/node_modules/.bin/buf build -o tools/api-baseline.binpb
+    ;;
   bench)
     install_system; install_python
     if [ ! -x /usr/sbin/smtp-sink ] || [ ! -x /usr/sbin/smtp-source ]; then
@@ -86,7 +112,7 @@ case "${1:-}" in
     exec "$PY" -m bench.e2e "${@:2}"
     ;;
   *)
-    sed -n '2,7p' "$0"
+    sed -n '2,8p' "$0"
     exit 2
     ;;
 esac

@@ -8,14 +8,14 @@ functions; values a newer server may add (unknown enum numbers) map to
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2, message_factory
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from client_sdk.types import (
     Address,
@@ -382,57 +382,17 @@ def upload_chunk(recipients: Iterable[common_pb2.Recipient]) -> coordinator_pb2.
     )
 
 
-# google.rpc.Status and google.rpc.RetryInfo, declared here because the
-# googleapis-common-protos package is not a dependency. A private pool keeps
-# them from clashing with anyone registering the real ones.
-@functools.cache
-def _rpc_status_classes() -> tuple[type[Message], type[Message]]:
-    pool = descriptor_pool.DescriptorPool()
-    for dep in (any_pb2.DESCRIPTOR, duration_pb2.DESCRIPTOR):
-        pool.AddSerializedFile(dep.serialized_pb)
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="mailers_sdk/google_rpc.proto",
-        package="google.rpc",
-        syntax="proto3",
-        dependency=["google/protobuf/any.proto", "google/protobuf/duration.proto"],
-    )
-    field = descriptor_pb2.FieldDescriptorProto
-    status = fdp.message_type.add(name="Status")
-    status.field.add(name="code", number=1, type=field.TYPE_INT32, label=field.LABEL_OPTIONAL)
-    status.field.add(name="message", number=2, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
-    status.field.add(
-        name="details",
-        number=3,
-        type=field.TYPE_MESSAGE,
-        label=field.LABEL_REPEATED,
-        type_name=".google.protobuf.Any",
-    )
-    retry = fdp.message_type.add(name="RetryInfo")
-    retry.field.add(
-        name="retry_delay",
-        number=1,
-        type=field.TYPE_MESSAGE,
-        label=field.LABEL_OPTIONAL,
-        type_name=".google.protobuf.Duration",
-    )
-    pool.Add(fdp)
-    return (
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.Status")),
-        message_factory.GetMessageClass(pool.FindMessageTypeByName("google.rpc.RetryInfo")),
-    )
-
-
 def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
     """The ``RetryInfo.retry_delay`` inside a serialized ``google.rpc.Status``, if any."""
     if not data:
         return None
-    status_cls, retry_cls = _rpc_status_classes()
     try:
-        status = status_cls.FromString(data)
-        for detail in getattr(status, "details"):  # noqa: B009 - dynamic message class
-            if detail.type_url.endswith("/google.rpc.RetryInfo"):
-                info = retry_cls.FromString(detail.value)
-                delay: timedelta = getattr(info, "retry_delay").ToTimedelta()  # noqa: B009
+        status = status_pb2.Status.FromString(data)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                delay: timedelta = info.retry_delay.ToTimedelta()
                 return delay
     except DecodeError:
         return None
@@ -441,11 +401,10 @@ def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
 
 def status_details_with_retry_info(code: int, message: str, retry_after: timedelta) -> bytes:
     """A serialized ``google.rpc.Status`` carrying ``RetryInfo`` (for tests and fakes)."""
-    status_cls, retry_cls = _rpc_status_classes()
-    info = retry_cls(retry_delay=retry_after)
-    # Messages of the private pool take dicts, not the default pool's Any.
-    detail = {
-        "type_url": "type.googleapis.com/google.rpc.RetryInfo",
-        "value": info.SerializeToString(),
-    }
-    return status_cls(code=code, message=message, details=[detail]).SerializeToString()
+    detail = any_pb2.Any()
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromTimedelta(retry_after)
+    detail.Pack(info)
+    status = status_pb2.Status(code=code, message=message, details=[detail])
+    data: bytes = status.SerializeToString()
+    return data

@@ -314,9 +314,11 @@ def _run(handler: Handler, ns: argparse.Namespace) -> int:
     return 0
 
 
-def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_admin_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], run_node: Callable[[], int]
+) -> None:
     """Register status, nodes, node, jobs, job, results and suppression on a subparsers
-    object."""
+    object. ``mailers node`` with no action calls run_node (it runs a sender node)."""
 
     def parser(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
@@ -328,9 +330,26 @@ def add_admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     parser("status", cmd_status, "leader, standbys, etcd endpoints and active jobs")
     parser("nodes", cmd_nodes, "sender nodes: load, lease, breakers, relays")
-    node = parser("node", cmd_node_action, "cordon, uncordon, drain or reset a node's breaker")
-    node.add_argument("action", choices=["cordon", "uncordon", "drain", "reset-breaker"])
-    node.add_argument("node_id")
+    node = parser(
+        "node",
+        cmd_node_action,
+        "cordon, uncordon, drain or reset a node's breaker; with no action, run a sender "
+        "node (as python -m sender_node, configured by MAILER_* variables)",
+    )
+    node.add_argument(
+        "action", nargs="?", choices=["cordon", "uncordon", "drain", "reset-breaker"]
+    )
+    node.add_argument("node_id", nargs="?")
+    admin_func = node.get_default("func")
+
+    def node_command(ns: argparse.Namespace) -> int:
+        if ns.action is None:
+            return run_node()
+        if ns.node_id is None:
+            node.error(f"{ns.action} needs a NODE_ID")
+        return int(admin_func(ns))
+
+    node.set_defaults(func=node_command)
     node.add_argument("--timeout", type=float, default=600, help="drain deadline, seconds")
     jobs = parser("jobs", cmd_jobs, "list jobs, newest first")
     jobs.add_argument("--state", action="append", choices=[s.value for s in JobState][1:])

@@ -6,6 +6,7 @@ mailers send --csv ...       send a CSV of recipients as one job, with a progres
 mailers status | nodes       what the leader coordinator says about the cluster
 mailers certs DIR            make a development CA and the certificates of a cluster
 mailers etcd-auth NODE_ID... create etcd's users and roles and enable auth (as root)
+mailers coordinator | node   run a coordinator or a sender node (MAILER_* variables)
 
 The local clusters of ``demo`` and ``cluster`` run mutual TLS between every process
 with a development CA made in their work directory, and etcd over TLS with a user per
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import csv
 import dataclasses
+import importlib.metadata
 import random
 import shutil
 import signal
@@ -351,9 +353,37 @@ def _free_or_default(ports: Sequence[int]) -> list[int]:
     return result
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mailers-server")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+def cmd_coordinator(ns: argparse.Namespace) -> int:
+    from coordinator.__main__ import main as coordinator_main
+
+    return coordinator_main()
+
+
+def run_node() -> int:
+    from sender_node.__main__ import main as node_main
+
+    return node_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    server = sub.add_parser(
+        "coordinator",
+        help="run a coordinator (as python -m coordinator)",
+        description="Run a coordinator, configured by MAILER_* environment variables "
+        "(deploy/CONFIG.md). Exit status 2 means the configuration is unusable. "
+        "`mailers node` with no action runs a sender node the same way.",
+    )
+    server.set_defaults(func=cmd_coordinator)
     demo = sub.add_parser("demo", help="start a local cluster and send a demo campaign")
     demo.add_argument("--recipients", type=int, default=1000)
     demo.add_argument("--workdir", default="var/demo", help="cluster data, logs and maildir")
@@ -384,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs.set_defaults(func=cmd_certs)
     add_etcd_auth_parser(sub)
     add_send_parser(sub)
-    add_admin_parsers(sub)
+    add_admin_parsers(sub, run_node)
     return parser
 
 
