@@ -336,9 +336,7 @@ def add_admin_parsers(
         "cordon, uncordon, drain or reset a node's breaker; with no action, run a sender "
         "node (as python -m sender_node, configured by MAILER_* variables)",
     )
-    node.add_argument(
-        "action", nargs="?", choices=["cordon", "uncordon", "drain", "reset-breaker"]
-    )
+    node.add_argument("action", nargs="?", choices=["cordon", "uncordon", "drain", "reset-breaker"])
     node.add_argument("node_id", nargs="?")
     admin_func = node.get_default("func")
 
