@@ -16,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -96,15 +99,22 @@ def spawn(
     argv: Sequence[str],
     log_dir: Path,
     env: Mapping[str, str] | None = None,
+    user: str | None = None,
 ) -> Proc:
-    """Start argv with stdout and stderr going to log_dir/<name>.log."""
+    """Start argv with stdout and stderr going to log_dir/<name>.log (as ``user`` when
+    given: only root can)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = dict(os.environ)
     full_env.update(env or {})
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            list(argv),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+            user=user,
         )
     return Proc(name=name, popen=popen, log_path=log_path)
 
@@ -221,3 +231,184 @@ class EtcdCluster:
         for member in self.members:
             if member.proc is not None:
                 member.proc.stop()
+
+
+PG_BIN_DIRS = tuple(Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15))
+"""Where Debian's ``postgresql`` package puts the server binaries (not on PATH)."""
+
+
+def pg_bin_dir() -> Path | None:
+    """The directory holding ``initdb`` and ``postgres``, or None when not installed."""
+    for candidate in PG_BIN_DIRS:
+        if (candidate / "initdb").is_file():
+            return candidate
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@dataclasses.dataclass(frozen=True)
+class PgTls:
+    """A server certificate and key for PostgreSQL (signed by the cluster's CA)."""
+
+    cert_file: Path
+    key_file: Path
+
+
+class PostgresServer:
+    """A private PostgreSQL server on a free loopback port, for tests, demos and benches.
+
+    ``initdb`` makes a fresh cluster with one role, ``mailers`` (password from
+    :attr:`password_file`, SCRAM over TCP) and a database of the same name. As root
+    the server runs as the ``postgres`` user (or ``nobody``), since PostgreSQL refuses
+    to run as root; its directory then lives under /tmp so that user can reach it.
+
+    Args:
+        base_dir: Logs and the password file go here (and the data, unless root).
+        durable: False turns ``fsync`` off: commits still reach the OS before they
+            return (a killed server loses nothing), only a machine crash could. For
+            tests on slow disks; benchmarks and demos keep PostgreSQL's defaults.
+        tls: Serve TLS with this certificate (clients then use ``sslmode=verify-full``).
+    """
+
+    def __init__(self, base_dir: Path, *, durable: bool = True, tls: PgTls | None = None) -> None:
+        bindir = pg_bin_dir()
+        if bindir is None:
+            raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.bindir = bindir
+        self.base_dir = base_dir
+        self.durable = durable
+        self.tls = tls
+        self.port = free_port()
+        self.proc: Proc | None = None
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = "postgres" if _user_exists("postgres") else "nobody"
+            self.data_root = Path(tempfile.mkdtemp(prefix="mailers-pg-"))
+            shutil.chown(self.data_root, self._user)
+        else:
+            self.data_root = base_dir / "pg"
+            self.data_root.mkdir(parents=True, exist_ok=True)
+        self.data_dir = self.data_root / "data"
+        self.password_file = base_dir / "pg-password"
+
+    @property
+    def url(self) -> str:
+        """The server's URL, without the password (it is in :attr:`password_file`)."""
+        return self.database_url("mailers")
+
+    def database_url(self, database: str) -> str:
+        """The URL of one database of this server."""
+        ssl = "?sslmode=verify-full" if self.tls is not None else ""
+        return f"postgresql://mailers@127.0.0.1:{self.port}/{database}{ssl}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """``MAILER_DATABASE_*`` for a coordinator using this server."""
+        return {
+            "MAILER_DATABASE_URL": self.url,
+            "MAILER_DATABASE_PASSWORD_FILE": str(self.password_file),
+        }
+
+    def _run(self, argv: Sequence[str]) -> None:
+        done = subprocess.run(
+            list(argv), capture_output=True, user=self._user, cwd=self.data_root, timeout=120
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed: {done.stderr.decode(errors='replace')}")
+
+    def init(self) -> None:
+        """Create the cluster (once): initdb, the role's password, settings."""
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        password = secrets.token_urlsafe(18)
+        self.password_file.write_text(password + "\n")
+        self.password_file.chmod(0o600)
+        pwfile = self.data_root / "initdb-pw"
+        pwfile.write_text(password + "\n")
+        if self._user is not None:
+            shutil.chown(pwfile, self._user)
+        self._run([
+            str(self.bindir / "initdb"), "-D", str(self.data_dir), "-U", "mailers",
+            f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
+            "-E", "UTF8", "--locale=C", "--no-instructions",
+        ])  # fmt: skip
+        pwfile.unlink()
+        settings = [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{self.data_root}'",
+            "max_connections = 200",
+            "shared_buffers = 128MB",
+        ]
+        if not self.durable:
+            settings += ["fsync = off", "full_page_writes = off"]
+        if self.tls is not None:
+            for name, source in (
+                ("server.crt", self.tls.cert_file),
+                ("server.key", self.tls.key_file),
+            ):
+                target = self.data_dir / name
+                shutil.copyfile(source, target)
+                target.chmod(0o600)
+                if self._user is not None:
+                    shutil.chown(target, self._user)
+            settings += ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("\n# mailers.procs.PostgresServer\n" + "\n".join(settings) + "\n")
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the server (initialising it first if needed) and create the database."""
+        if not (self.data_dir / "PG_VERSION").exists():
+            self.init()
+        argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
+        self.proc = spawn("postgres", argv, self.base_dir / "logs", user=self._user)
+        wait_for_port(self.port, timeout_s, self.proc.popen)
+        self._wait_ready(timeout_s)
+        self._createdb()
+
+    def _psql(self, sql: str, database: str = "postgres") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(self.bindir / "psql"), "-h", str(self.data_root), "-p", str(self.port),
+             "-U", "mailers", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
+            capture_output=True, user=self._user, timeout=60,
+        )  # fmt: skip
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self._psql("SELECT 1").returncode != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"PostgreSQL on port {self.port} is not ready")
+            time.sleep(0.1)
+
+    def _createdb(self) -> None:
+        exists = self._psql("SELECT 1 FROM pg_database WHERE datname = 'mailers'")
+        if exists.stdout.strip() != b"1":
+            self.sql("CREATE DATABASE mailers")
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """Run one statement as the ``mailers`` role over the Unix socket; its output."""
+        done = self._psql(statement, database)
+        if done.returncode != 0:
+            raise RuntimeError(f"psql failed: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode()
+
+    def create_database(self, name: str, template: str = "template1") -> str:
+        """A new empty database (for a test of its own); returns its URL."""
+        self.sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.database_url(name)
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and, when it lived under /tmp, remove it."""
+        if self.proc is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: abort sessions, checkpoint, exit.
+            self.proc.signal(signal.SIGINT)
+            self.proc.stop(grace_s=30)
+        if self._user is not None:
+            shutil.rmtree(self.data_root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True

@@ -346,6 +346,8 @@ class RecipientResult(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     AMBIGUOUS_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the recipient in the job, from 0."""
     email: _builtins.str
@@ -360,6 +362,10 @@ class RecipientResult(_message.Message):
     """True when an earlier attempt ended without a reply after the final dot,
     so the relay may have received the message twice.
     """
+    message_id: _builtins.str
+    """The Message-ID header of the message sent, with its angle brackets."""
+    relay: _builtins.str
+    """The relay (host:port) that gave the reply, when one did."""
     @_builtins.property
     def reply(self) -> Global___SmtpReply:
         """The last SMTP reply for this recipient, if any."""
@@ -378,10 +384,12 @@ class RecipientResult(_message.Message):
         node_id: _builtins.str = ...,
         ambiguous: _builtins.bool = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        message_id: _builtins.str = ...,
+        relay: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "attempts", b"attempts", "email", b"email", "index", b"index", "node_id", b"node_id", "reason", b"reason", "reply", b"reply", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "attempts", b"attempts", "email", b"email", "index", b"index", "message_id", b"message_id", "node_id", b"node_id", "reason", b"reason", "relay", b"relay", "reply", b"reply", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,24 +26,32 @@ class DispatchRequest(_message.Message):
     OPEN_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     CANCEL_FIELD_NUMBER: _builtins.int
+    RESULTS_ACK_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___DispatchOpen: ...
     @_builtins.property
     def batch(self) -> Global___Batch: ...
     @_builtins.property
     def cancel(self) -> Global___CancelBatch: ...
+    @_builtins.property
+    def results_ack(self) -> Global___ResultsAck: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___Heartbeat: ...
     def __init__(
         self,
         *,
         open: Global___DispatchOpen | None = ...,
         batch: Global___Batch | None = ...,
         cancel: Global___CancelBatch | None = ...,
+        results_ack: Global___ResultsAck | None = ...,
+        heartbeat: Global___Heartbeat | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "heartbeat", b"heartbeat", "kind", b"kind", "open", b"open", "results_ack", b"results_ack"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "heartbeat", b"heartbeat", "kind", b"kind", "open", b"open", "results_ack", b"results_ack"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "batch", "cancel"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "batch", "cancel", "results_ack", "heartbeat"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -95,22 +103,78 @@ class DispatchOpen(_message.Message):
 
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    AUTHORITY_MS_FIELD_NUMBER: _builtins.int
     coordinator_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch: the create revision of its election key."""
+    authority_ms: _builtins.int
+    """How long one heartbeat lets the node start SMTP transactions (see Heartbeat)."""
     def __init__(
         self,
         *,
         coordinator_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        authority_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["coordinator_id", b"coordinator_id", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_ms", b"authority_ms", "coordinator_id", b"coordinator_id", "epoch", b"epoch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DispatchOpen: _TypeAlias = DispatchOpen  # noqa: Y015
+
+@_typing.final
+class Heartbeat(_message.Message):
+    """The leader still leads and the node may go on starting SMTP transactions of
+    this stream's batches until `authority_ms` after it received this message
+    (its own clock). A leader sends heartbeats only while it trusts its election
+    lease; a node that stops getting them stops starting transactions, finishes
+    those past their final dot, and releases its batches.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    AUTHORITY_MS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    authority_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        authority_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_ms", b"authority_ms", "epoch", b"epoch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class ResultsAck(_message.Message):
+    """The leader has durably stored every result of this stream with `seq` up to
+    `through_seq`; the node may forget them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THROUGH_SEQ_FIELD_NUMBER: _builtins.int
+    through_seq: _builtins.int
+    def __init__(
+        self,
+        *,
+        through_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["through_seq", b"through_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResultsAck: _TypeAlias = ResultsAck  # noqa: Y015
 
 @_typing.final
 class NodeHello(_message.Message):
@@ -123,6 +187,8 @@ class NodeHello(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     RELAYS_FIELD_NUMBER: _builtins.int
     REPLAY_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    TIMEOUTS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     lease_id: _builtins.int
     """The lease the node is registered under; it changes on re-registration."""
@@ -132,10 +198,21 @@ class NodeHello(_message.Message):
     def relays(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RelayStatus]: ...
     @_builtins.property
     def replay(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResults]:
-        """Results this node sent, or had ready, on streams that have since ended (the
-        leader that received them may have died before persisting them). A new leader
-        applies them before it hands out batches, so those recipients are not sent twice.
+        """Every result the node holds that no leader has acknowledged (its journal),
+        oldest first. The leader applies them (idempotently) before it hands out
+        work or moves any batch this node held.
         """
+
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBatch]:
+        """Batches the node still holds from earlier streams (finishing transactions
+        past their final dot). Every other batch the leader believes this node
+        holds has been released: its unreported recipients were never attempted.
+        """
+
+    @_builtins.property
+    def timeouts(self) -> Global___NodeTimeouts:
+        """The node's own timeouts, so the leader can keep its waits longer."""
 
     def __init__(
         self,
@@ -145,14 +222,68 @@ class NodeHello(_message.Message):
         load: _common_pb2.NodeLoad | None = ...,
         relays: _abc.Iterable[_common_pb2.RelayStatus] | None = ...,
         replay: _abc.Iterable[Global___BatchResults] | None = ...,
+        held: _abc.Iterable[Global___HeldBatch] | None = ...,
+        timeouts: Global___NodeTimeouts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "timeouts", b"timeouts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "load", b"load", "node_id", b"node_id", "relays", b"relays", "replay", b"replay"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held", b"held", "lease_id", b"lease_id", "load", b"load", "node_id", b"node_id", "relays", b"relays", "replay", b"replay", "timeouts", b"timeouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeHello: _TypeAlias = NodeHello  # noqa: Y015
+
+@_typing.final
+class HeldBatch(_message.Message):
+    """A batch as dispatched: its id and the dispatch attempt it came with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    attempt: _builtins.int
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_id", b"batch_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldBatch: _TypeAlias = HeldBatch  # noqa: Y015
+
+@_typing.final
+class NodeTimeouts(_message.Message):
+    """Upper bounds of a node's SMTP work, in milliseconds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINAL_REPLY_MS_FIELD_NUMBER: _builtins.int
+    TRANSACTION_MS_FIELD_NUMBER: _builtins.int
+    final_reply_ms: _builtins.int
+    """Longest a transaction can take after its final dot before it is given up
+    (and reported ambiguous).
+    """
+    transaction_ms: _builtins.int
+    """Longest one whole SMTP transaction can take, connect and slot waits included."""
+    def __init__(
+        self,
+        *,
+        final_reply_ms: _builtins.int = ...,
+        transaction_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_reply_ms", b"final_reply_ms", "transaction_ms", b"transaction_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeTimeouts: _TypeAlias = NodeTimeouts  # noqa: Y015
 
 @_typing.final
 class BatchRecipient(_message.Message):
@@ -201,9 +332,11 @@ class Batch(_message.Message):
     job_id: _builtins.str
     epoch: _builtins.int
     attempt: _builtins.int
-    """Dispatch attempt of this batch, from 1."""
+    """Dispatch attempt of this batch, from 1. Results and acks name it."""
     ack_deadline_ms: _builtins.int
-    """Milliseconds the node has before the coordinator gives the batch to another node."""
+    """Deprecated: batches no longer have a fixed deadline; a batch moves only
+    when its node releases it or its node's lease is gone.
+    """
     priority: _builtins.int
     """The job's priority: a node starts transactions of higher-priority batches first."""
     @_builtins.property
@@ -232,7 +365,10 @@ Global___Batch: _TypeAlias = Batch  # noqa: Y015
 
 @_typing.final
 class CancelBatch(_message.Message):
-    """Stop sending a batch: it was reassigned or its job was paused or cancelled."""
+    """Stop a batch: its job was paused or cancelled, or the leader wants it back.
+    The node starts no new transaction of it, finishes those past their final
+    dot, reports them, then acks the batch.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -256,13 +392,21 @@ Global___CancelBatch: _TypeAlias = CancelBatch  # noqa: Y015
 
 @_typing.final
 class BatchResults(_message.Message):
-    """Per-recipient outcomes of a batch, sent as they happen."""
+    """Per-recipient outcomes of a batch, sent as they happen. Every message has a
+    node-wide sequence number; the node keeps it in its journal until a leader
+    acknowledges it (ResultsAck), and replays it to every new leader until then.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
+    seq: _builtins.int
+    attempt: _builtins.int
+    """The dispatch attempt these results came from."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.RecipientResult]: ...
     def __init__(
@@ -270,10 +414,12 @@ class BatchResults(_message.Message):
         *,
         batch_id: _builtins.str = ...,
         results: _abc.Iterable[_common_pb2.RecipientResult] | None = ...,
+        seq: _builtins.int = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_id", b"batch_id", "results", b"results", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,23 +427,34 @@ Global___BatchResults: _TypeAlias = BatchResults  # noqa: Y015
 
 @_typing.final
 class BatchAck(_message.Message):
-    """The node has finished with a batch: every recipient has been reported."""
+    """The node has released a batch: every recipient it attempted has been
+    reported (in results sent before this ack); the others were never attempted.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    UNATTEMPTED_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     epoch: _builtins.int
+    attempt: _builtins.int
+    unattempted: _builtins.int
+    """Recipients left unattempted (handed back after a cancel, a drain or a loss
+    of authority); 0 when the batch ran to the end.
+    """
     def __init__(
         self,
         *,
         batch_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        unattempted: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "batch_id", b"batch_id", "epoch", b"epoch", "unattempted", b"unattempted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,3 +483,35 @@ class BatchRejected(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BatchRejected: _TypeAlias = BatchRejected  # noqa: Y015
+
+@_typing.final
+class NodeHandback(_message.Message):
+    """What a node that cannot reach the leader hands back through etcd (key
+    `handback/<node_id>`): its unacknowledged results and the batches it has
+    released. The leader applies it and deletes the key.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResults]: ...
+    @_builtins.property
+    def released(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBatch]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        results: _abc.Iterable[Global___BatchResults] | None = ...,
+        released: _abc.Iterable[Global___HeldBatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "released", b"released", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeHandback: _TypeAlias = NodeHandback  # noqa: Y015

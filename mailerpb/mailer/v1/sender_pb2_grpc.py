@@ -47,9 +47,10 @@ class SenderServiceServicer:
     """
 
     def Dispatch(self, request_iterator, context):
-        """A long-lived stream opened by the leader. Batches go down; results,
-        acks and load reports come up. The first request must be `open`.
-        A node rejects a stream whose epoch is lower than the highest it has seen.
+        """A long-lived stream opened by the leader. Batches, heartbeats and result
+        acknowledgements go down; results, batch releases and load reports come up.
+        The first request must be `open`. A node rejects a stream whose epoch is
+        lower than the highest it knows, from an `open` or from etcd's election keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

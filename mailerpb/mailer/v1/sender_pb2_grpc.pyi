@@ -34,9 +34,10 @@ class SenderServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SenderServiceAsyncStub: ...
     Dispatch: _grpc.StreamStreamMultiCallable[_sender_pb2.DispatchRequest, _sender_pb2.DispatchResponse]
-    """A long-lived stream opened by the leader. Batches go down; results,
-    acks and load reports come up. The first request must be `open`.
-    A node rejects a stream whose epoch is lower than the highest it has seen.
+    """A long-lived stream opened by the leader. Batches, heartbeats and result
+    acknowledgements go down; results, batch releases and load reports come up.
+    The first request must be `open`. A node rejects a stream whose epoch is
+    lower than the highest it knows, from an `open` or from etcd's election keys.
     """
 
 @_typing.type_check_only
@@ -45,9 +46,10 @@ class SenderServiceAsyncStub(SenderServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Dispatch: _aio.StreamStreamMultiCallable[_sender_pb2.DispatchRequest, _sender_pb2.DispatchResponse]  # type: ignore[assignment]
-    """A long-lived stream opened by the leader. Batches go down; results,
-    acks and load reports come up. The first request must be `open`.
-    A node rejects a stream whose epoch is lower than the highest it has seen.
+    """A long-lived stream opened by the leader. Batches, heartbeats and result
+    acknowledgements go down; results, batch releases and load reports come up.
+    The first request must be `open`. A node rejects a stream whose epoch is
+    lower than the highest it knows, from an `open` or from etcd's election keys.
     """
 
 class SenderServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -59,9 +61,10 @@ class SenderServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_sender_pb2.DispatchRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sender_pb2.DispatchResponse], _abc.AsyncIterator[_sender_pb2.DispatchResponse]]:
-        """A long-lived stream opened by the leader. Batches go down; results,
-        acks and load reports come up. The first request must be `open`.
-        A node rejects a stream whose epoch is lower than the highest it has seen.
+        """A long-lived stream opened by the leader. Batches, heartbeats and result
+        acknowledgements go down; results, batch releases and load reports come up.
+        The first request must be `open`. A node rejects a stream whose epoch is
+        lower than the highest it knows, from an `open` or from etcd's election keys.
         """
 
 def add_SenderServiceServicer_to_server(servicer: SenderServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
