@@ -1,4 +1,4 @@
-"""Plain data the coordinator works with, and its JSON form in etcd.
+"""Plain data the coordinator works with, and the JSON form of a job's spec.
 
 Nothing here does I/O. Servicers convert protobuf to these types at the edge
 (`_convert.py`); everything inside the coordinator speaks these.
@@ -167,15 +167,55 @@ class Result:
     node_id: str = ""
     ambiguous: bool = False
     updated_at: float = 0.0
+    message_id: str = ""
+    relay: str = ""
 
 
-@dataclasses.dataclass
-class BatchState:
-    """Per-recipient results of one batch, keyed by the recipient's job index."""
+@dataclasses.dataclass(frozen=True)
+class RecipientOutcome:
+    """A result as stored: which recipient of which job, and where it stands."""
 
-    dispatches: int = 0
-    results: dict[int, Result] = dataclasses.field(default_factory=dict)
-    retry_at: float | None = None
+    job_no: int
+    index: int
+    email: str
+    result: Result
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    """A job as the store holds it."""
+
+    job_no: int
+    """The store's own number for the job (recipient and batch rows refer to it)."""
+    spec: JobSpec
+    status: JobStatus
+    cursor: int = 0
+    """Batches below this seq have been handed out at least once."""
+    duplicates: int = 0
+    """Deliveries reported more than once (each one a message the relay got twice)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRecipient:
+    """A recipient still to be sent, as a batch is loaded for dispatch."""
+
+    index: int
+    recipient: Recipient
+    attempts: int
+    suppressed: str | None = None
+    """The tenant's suppression reason when the address is listed (never sent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenBatch:
+    """A batch handed out before and not done, as a new leader reads it."""
+
+    seq: int
+    node_id: str | None
+    """Who holds it (None: nobody)."""
+    attempt: int
+    lost: int
+    retry_at: float | None
 
 
 # ---- JSON forms -------------------------------------------------------------------------
@@ -255,85 +295,3 @@ def load_spec(raw: bytes) -> JobSpec:
         created_at=d["created_at"],
         tenant=d.get("tenant", ""),
     )
-
-
-def dump_status(status: JobStatus) -> bytes:
-    c = status.counts
-    return json.dumps(
-        {
-            "state": status.state.value,
-            "counts": [c.total, c.delivered, c.failed, c.deferred, c.cancelled, c.suppressed],
-            "updated_at": status.updated_at,
-            "finished_at": status.finished_at,
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def load_status(raw: bytes) -> JobStatus:
-    d = json.loads(raw)
-    # Records from before suppression lists have five counts.
-    total, delivered, failed, deferred, cancelled, *rest = d["counts"]
-    return JobStatus(
-        state=JobState(d["state"]),
-        counts=Counts(total, delivered, failed, deferred, cancelled, rest[0] if rest else 0),
-        updated_at=d["updated_at"],
-        finished_at=d["finished_at"],
-    )
-
-
-def dump_recipients(first_index: int, recipients: list[Recipient]) -> bytes:
-    return json.dumps(
-        {"first": first_index, "r": [[r.email, r.name, dict(r.variables)] for r in recipients]},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode()
-
-
-def load_recipients(raw: bytes) -> tuple[int, list[Recipient]]:
-    d = json.loads(raw)
-    return d["first"], [Recipient(email=e, name=n, variables=v) for e, n, v in d["r"]]
-
-
-def dump_batch_state(state: BatchState) -> bytes:
-    return json.dumps(
-        {
-            "dispatches": state.dispatches,
-            "retry_at": state.retry_at,
-            "results": {
-                str(i): [
-                    r.status.value,
-                    r.code,
-                    r.enhanced_code,
-                    r.text,
-                    r.reason,
-                    r.attempts,
-                    r.node_id,
-                    r.ambiguous,
-                    r.updated_at,
-                ]
-                for i, r in state.results.items()
-            },
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode()
-
-
-def load_batch_state(raw: bytes) -> BatchState:
-    d = json.loads(raw)
-    results = {
-        int(i): Result(
-            status=Status(v[0]),
-            code=v[1],
-            enhanced_code=v[2],
-            text=v[3],
-            reason=v[4],
-            attempts=v[5],
-            node_id=v[6],
-            ambiguous=v[7],
-            updated_at=v[8],
-        )
-        for i, v in d["results"].items()
-    }
-    return BatchState(dispatches=d["dispatches"], results=results, retry_at=d["retry_at"])

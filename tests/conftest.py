@@ -1,11 +1,17 @@
-"""Fixtures for real servers: etcd (one member or three) on free loopback ports.
+"""Fixtures for real servers: etcd (one member or three) and PostgreSQL, on free
+loopback ports.
 
-Where etcd is not installed the tests that need it are skipped locally and fail in CI
-(CI=true), so a CI machine missing a server can never pass by skipping.
+Where etcd or PostgreSQL is not installed the tests that need it are skipped locally and
+fail in CI (CI=true), so a CI machine missing a server can never pass by skipping.
+
+PostgreSQL: one server per session; a database migrated once serves as the template of
+a fresh database per test (``database``), so tests never see each other's rows.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -14,8 +20,14 @@ from pathlib import Path
 import aetcd
 import pytest
 
+from coordinator.db import migrate
+from coordinator.db.settings import DatabaseConfig
+from coordinator.db.store import Database, connect as pg_connect
 from mailers.etcd import connect
-from mailers.procs import EtcdCluster
+from mailers.procs import EtcdCluster, PostgresServer, pg_bin_dir
+
+PG_TEMPLATE = "mailers_template"
+_databases = itertools.count()
 
 
 def _require_etcd() -> None:
@@ -57,3 +69,42 @@ async def etcd(etcd_cluster: EtcdCluster) -> AsyncIterator[aetcd.Client]:
     await client.connect()
     yield client
     await client.close()
+
+
+def require_postgres() -> None:
+    if pg_bin_dir() is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed on this CI machine")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session, with a migrated template database."""
+    require_postgres()
+    server = PostgresServer(tmp_path_factory.mktemp("pg"), durable=False)
+    server.start()
+    server.sql(f'CREATE DATABASE "{PG_TEMPLATE}"')
+    config = DatabaseConfig(
+        url=server.database_url(PG_TEMPLATE), password_file=str(server.password_file)
+    )
+    asyncio.run(migrate.upgrade(lambda: pg_connect(config)))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_config(pg_server: PostgresServer) -> DatabaseConfig:
+    """A fresh, migrated database of this test's own."""
+    name = f"t{os.getpid()}_{next(_databases)}"
+    pg_server.create_database(name, template=PG_TEMPLATE)
+    return DatabaseConfig(
+        url=pg_server.database_url(name), password_file=str(pg_server.password_file)
+    )
+
+
+@pytest.fixture
+async def database(database_config: DatabaseConfig) -> AsyncIterator[Database]:
+    db = await Database.open(database_config, migrate_schema=False)
+    yield db
+    await db.close()

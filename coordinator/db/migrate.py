@@ -1,0 +1,89 @@
+"""Bring the schema to the newest revision, with Alembic, under an advisory lock.
+
+Every coordinator calls :func:`upgrade` at start, before it campaigns: the first one
+applies what is missing (all revisions in one transaction, so a failure leaves the
+schema as it was), the others wait on the lock and then find nothing to do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def split_script(script: str) -> list[str]:
+    """The statements of an SQL script, split at semicolons that end a line outside
+    dollar-quoted bodies (prepared statements take one command each)."""
+    statements: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for line in script.splitlines():
+        if line.lstrip().startswith("--") and not quoted:
+            continue
+        current.append(line)
+        quoted ^= line.count("$$") % 2 == 1
+        if not quoted and line.rstrip().endswith(";"):
+            statement = "\n".join(current).strip().rstrip(";").strip()
+            if statement:
+                statements.append(statement)
+            current = []
+    rest = "\n".join(current).strip()
+    if rest:
+        statements.append(rest)
+    return statements
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    """The newest revision in the code (what :func:`upgrade` brings a database to)."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+async def upgrade(connect: Any) -> None:
+    """Apply every missing revision.
+
+    Args:
+        connect: An async callable returning a new asyncpg connection (the store's
+            own connector, so TLS and the password file apply).
+    Raises:
+        asyncpg.PostgresError, OSError: the database refused or could not be reached;
+            nothing was changed.
+    """
+    engine = create_async_engine("postgresql+asyncpg://", async_creator=connect, poolclass=NullPool)
+    config = alembic_config()
+
+    def run(sync_connection: Any) -> None:
+        config.attributes["connection"] = sync_connection
+        command.upgrade(config, "head")
+
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(run)
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+async def current_revision(connection: asyncpg.Connection) -> str | None:
+    """The revision a database is at (None before the first migration)."""
+    exists = await connection.fetchval("SELECT to_regclass('alembic_version') IS NOT NULL")
+    if not exists:
+        return None
+    value: str | None = await connection.fetchval("SELECT version_num FROM alembic_version")
+    return value

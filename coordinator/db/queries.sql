@@ -1,0 +1,312 @@
+-- Every query the coordinator runs, by name (loaded by coordinator.db.store.load_queries).
+-- Recipient status numbers: 0 queued, 1 delivered, 2 failed, 3 deferred, 4 cancelled,
+-- 5 suppressed; 1, 2, 4 and 5 are final.
+
+-- name: check_fence
+-- The last statement of every write transaction of a leader (see the fence table).
+SELECT mailers_check_fence($1);
+
+-- name: raise_fence
+UPDATE fence SET epoch = $1, leader = $2, raised_at = now()
+WHERE epoch < $1
+RETURNING epoch;
+
+-- name: fence_epoch
+SELECT epoch, leader FROM fence;
+
+-- name: next_job_no
+SELECT nextval(pg_get_serial_sequence('jobs', 'job_no'));
+
+-- name: insert_job
+INSERT INTO jobs (job_no, job_id, tenant, idempotency_key, spec, total, batch_size, priority,
+                  state, created_at, updated_at)
+OVERRIDING SYSTEM VALUE
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued', $9, $9)
+ON CONFLICT (tenant, idempotency_key) DO NOTHING
+RETURNING job_no;
+
+-- name: job_by_key
+SELECT * FROM jobs WHERE tenant = $1 AND idempotency_key = $2;
+
+-- name: job_by_id
+SELECT * FROM jobs WHERE job_id = $1;
+
+-- name: job_exists
+SELECT job_no FROM jobs WHERE job_id = $1;
+
+-- name: tenant_lock
+-- Serialises the quota checks of one tenant's submits (held until commit).
+SELECT pg_advisory_xact_lock(hashtext('mailers-quota'), hashtext($1));
+
+-- name: quota_used
+SELECT coalesce(sum(recipients), 0)::bigint FROM quota_usage
+WHERE tenant = $1 AND minute > $2;
+
+-- name: quota_oldest
+-- Minutes of the window, oldest first, to tell when enough of it frees up.
+SELECT minute, recipients FROM quota_usage
+WHERE tenant = $1 AND minute > $2
+ORDER BY minute;
+
+-- name: quota_add
+INSERT INTO quota_usage (tenant, minute, recipients) VALUES ($1, $2, $3)
+ON CONFLICT (tenant, minute) DO UPDATE SET recipients = quota_usage.recipients + $3;
+
+-- name: quota_trim
+DELETE FROM quota_usage WHERE minute < $1;
+
+-- name: active_jobs
+SELECT count(*) FROM jobs
+WHERE tenant = $1 AND state IN ('queued', 'running', 'paused');
+
+-- name: unfinished_jobs
+-- What a new leader resumes; the partial index keeps this proportional to open work.
+SELECT * FROM jobs
+WHERE state IN ('queued', 'running', 'paused') AND job_id > $1
+ORDER BY job_id
+LIMIT $2;
+
+-- name: open_batches
+SELECT seq, node_id, attempt, lost, retry_at FROM batches
+WHERE job_no = $1 AND NOT done AND seq > $2
+ORDER BY seq
+LIMIT $3;
+
+-- name: pending_recipients
+-- Recipients of the given batch ranges that still need sending, with the reason of
+-- their tenant's suppression when there is one.
+SELECT r.job_no, r.idx, r.email, r.name, r.variables, r.attempts, s.reason AS suppressed
+FROM unnest($1::bigint[], $2::int[], $3::int[], $4::text[]) AS b(job_no, lo, hi, tenant)
+JOIN recipients r ON r.job_no = b.job_no AND r.idx >= b.lo AND r.idx < b.hi
+LEFT JOIN suppressions s ON s.tenant = b.tenant AND s.email = lower(btrim(r.email))
+WHERE r.status IN (0, 3)
+ORDER BY r.job_no, r.idx;
+
+-- name: assign_batches
+-- Ownership of dispatched batches, written (fenced) before they are sent.
+INSERT INTO batches AS b (job_no, seq, node_id, attempt)
+SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[])
+ON CONFLICT (job_no, seq) DO UPDATE
+SET node_id = excluded.node_id, attempt = excluded.attempt, retry_at = NULL;
+
+-- name: advance_jobs
+UPDATE jobs j SET cursor = greatest(j.cursor, u.cursor),
+    state = CASE WHEN j.state = 'queued' THEN 'running' ELSE j.state END,
+    updated_at = $3
+FROM unnest($1::bigint[], $2::int[]) AS u(job_no, cursor)
+WHERE j.job_no = u.job_no;
+
+-- name: apply_results
+-- Outcomes reported by nodes, applied idempotently, with the job counts moved in the
+-- same statement. A result applies to a recipient that is not final when it comes from
+-- the same or a later attempt; a delivery always applies (it is what happened, even
+-- to a recipient already failed, expired or cancelled). A delivery reported again by
+-- another node or attempt counts as a duplicate.
+WITH incoming AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::smallint[],
+                         $5::smallint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                         $10::bool[], $11::timestamptz[], $12::text[], $13::text[])
+        AS i(job_no, idx, status, attempts, code, enhanced_code, reply, reason, node_id,
+             ambiguous, updated_at, message_id, relay)
+), changed AS (
+    UPDATE recipients r
+    SET status = i.status, attempts = greatest(o.attempts, i.attempts), code = i.code,
+        enhanced_code = i.enhanced_code, reply = i.reply, reason = i.reason,
+        node_id = i.node_id, ambiguous = o.ambiguous OR i.ambiguous,
+        updated_at = i.updated_at, message_id = coalesce(i.message_id, o.message_id),
+        relay = coalesce(i.relay, o.relay)
+    FROM incoming i, recipients o
+    WHERE r.job_no = i.job_no AND r.idx = i.idx AND o.job_no = i.job_no AND o.idx = i.idx
+      AND ((o.status IN (0, 3) AND i.attempts >= o.attempts) OR (i.status = 1 AND o.status <> 1))
+    RETURNING r.job_no, o.status AS old_status, r.status AS new_status
+), repeated AS (
+    SELECT i.job_no, count(*) AS n
+    FROM incoming i JOIN recipients o ON o.job_no = i.job_no AND o.idx = i.idx
+    WHERE i.status = 1 AND o.status = 1
+      AND (i.node_id, i.attempts) IS DISTINCT FROM (o.node_id, o.attempts)
+    GROUP BY i.job_no
+), deltas AS (
+    SELECT job_no,
+        sum((new_status = 1)::int - (old_status = 1)::int) AS delivered,
+        sum((new_status = 2)::int - (old_status = 2)::int) AS failed,
+        sum((new_status = 3)::int - (old_status = 3)::int) AS deferred,
+        sum((new_status = 4)::int - (old_status = 4)::int) AS cancelled,
+        sum((new_status = 5)::int - (old_status = 5)::int) AS suppressed
+    FROM changed GROUP BY job_no
+), moved AS (
+    UPDATE jobs j
+    SET delivered = j.delivered + coalesce(d.delivered, 0),
+        failed = j.failed + coalesce(d.failed, 0),
+        deferred = j.deferred + coalesce(d.deferred, 0),
+        cancelled = j.cancelled + coalesce(d.cancelled, 0),
+        suppressed = j.suppressed + coalesce(d.suppressed, 0),
+        duplicates = j.duplicates + coalesce(rp.n, 0),
+        updated_at = $14
+    FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
+    LEFT JOIN deltas d USING (job_no)
+    LEFT JOIN repeated rp USING (job_no)
+    WHERE j.job_no = touched.job_no
+    RETURNING j.job_no
+)
+SELECT (SELECT count(*) FROM changed) AS applied, array(SELECT job_no FROM moved) AS jobs;
+
+-- name: set_status_range
+-- A decision of the leader over a range of one job's recipients (cancel, expire, fail
+-- a lost batch, retry failures): recipients of the given statuses move to $5, keeping
+-- their last reply; counts move with them.
+WITH changed AS (
+    UPDATE recipients r
+    SET status = $5, reason = $6, updated_at = $7
+    FROM recipients o
+    WHERE r.job_no = $1 AND r.idx >= $2 AND r.idx < $3 AND r.status = ANY($4::smallint[])
+      AND o.job_no = r.job_no AND o.idx = r.idx
+      AND ($8::bool IS NOT TRUE OR NOT (o.code BETWEEN 500 AND 599))
+    RETURNING o.status AS old_status, r.status AS new_status, r.idx
+), deltas AS (
+    SELECT
+        sum((new_status = 0)::int - (old_status = 0)::int) AS queued,
+        sum((new_status = 1)::int - (old_status = 1)::int) AS delivered,
+        sum((new_status = 2)::int - (old_status = 2)::int) AS failed,
+        sum((new_status = 3)::int - (old_status = 3)::int) AS deferred,
+        sum((new_status = 4)::int - (old_status = 4)::int) AS cancelled,
+        sum((new_status = 5)::int - (old_status = 5)::int) AS suppressed,
+        count(*) AS n
+    FROM changed
+), moved AS (
+    UPDATE jobs j
+    SET delivered = j.delivered + coalesce(d.delivered, 0),
+        failed = j.failed + coalesce(d.failed, 0),
+        deferred = j.deferred + coalesce(d.deferred, 0),
+        cancelled = j.cancelled + coalesce(d.cancelled, 0),
+        suppressed = j.suppressed + coalesce(d.suppressed, 0),
+        updated_at = $7
+    FROM deltas d
+    WHERE j.job_no = $1 AND d.n > 0
+)
+SELECT (SELECT n FROM deltas) AS n, array(SELECT DISTINCT idx / $9 FROM changed) AS seqs;
+
+-- name: suppress_recipients
+-- Recipients found on their tenant's suppression list at dispatch: final, never sent,
+-- keeping the last reply an earlier attempt got.
+WITH incoming AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS i(job_no, idx, reason)
+), changed AS (
+    UPDATE recipients r SET status = 5, reason = i.reason, updated_at = $4
+    FROM incoming i, recipients o
+    WHERE r.job_no = i.job_no AND r.idx = i.idx AND o.job_no = i.job_no AND o.idx = i.idx
+      AND o.status IN (0, 3)
+    RETURNING r.job_no, o.status AS old_status
+), deltas AS (
+    SELECT job_no, count(*) AS n, sum((old_status = 3)::int) AS deferred
+    FROM changed GROUP BY job_no
+), moved AS (
+    UPDATE jobs j SET suppressed = j.suppressed + d.n, deferred = j.deferred - d.deferred,
+        updated_at = $4
+    FROM deltas d WHERE j.job_no = d.job_no
+    RETURNING j.job_no
+)
+SELECT array(SELECT job_no FROM moved) AS jobs;
+
+-- name: batch_outcomes
+-- How the recipients of released batches stand, to settle each batch.
+SELECT b.job_no, b.seq,
+    count(*) FILTER (WHERE r.status = 0) AS queued,
+    count(*) FILTER (WHERE r.status = 3) AS deferred
+FROM unnest($1::bigint[], $2::int[], $3::int[], $4::int[]) AS b(job_no, seq, lo, hi)
+JOIN recipients r ON r.job_no = b.job_no AND r.idx >= b.lo AND r.idx < b.hi
+GROUP BY b.job_no, b.seq;
+
+-- name: release_batches
+-- Settle released batches: only while the releasing node and attempt still hold them.
+UPDATE batches b
+SET node_id = NULL, done = u.done, retry_at = u.retry_at,
+    lost = CASE WHEN u.lost THEN b.lost + 1 ELSE 0 END
+FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[], $5::bool[], $6::timestamptz[],
+            $7::bool[])
+    AS u(job_no, seq, node_id, attempt, done, retry_at, lost)
+WHERE b.job_no = u.job_no AND b.seq = u.seq AND b.node_id = u.node_id AND b.attempt = u.attempt
+RETURNING b.job_no, b.seq, u.node_id, u.attempt, b.lost;
+
+-- name: reopen_batches
+UPDATE batches SET done = false, retry_at = NULL, lost = 0
+WHERE job_no = $1 AND seq = ANY($2::int[]) AND node_id IS NULL;
+
+-- name: add_hard_bounces
+INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::smallint[],
+                     $6::text[], $7::text[])
+ON CONFLICT (tenant, email) DO NOTHING;
+
+-- name: set_job_state
+UPDATE jobs SET state = $2, updated_at = $3, finished_at = $4
+WHERE job_no = $1
+RETURNING *;
+
+-- name: list_jobs
+-- Newest first (job ids sort by creation), by keyset.
+SELECT * FROM jobs
+WHERE ($1::text IS NULL OR tenant = $1)
+  AND ($2::text = '' OR job_id < $2)
+  AND (cardinality($3::text[]) = 0 OR state = ANY($3::text[]))
+ORDER BY job_id DESC
+LIMIT $4;
+
+-- name: list_results
+SELECT idx, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
+       updated_at, message_id, relay
+FROM recipients
+WHERE job_no = $1 AND idx > $2
+ORDER BY idx
+LIMIT $3;
+
+-- name: list_results_by_status
+SELECT idx, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
+       updated_at, message_id, relay
+FROM recipients
+WHERE job_no = $1 AND status = ANY($2::smallint[]) AND idx > $3
+ORDER BY idx
+LIMIT $4;
+
+-- name: list_suppressions
+SELECT * FROM suppressions
+WHERE tenant = $1 AND email > $2
+ORDER BY email
+LIMIT $3;
+
+-- name: get_suppression
+SELECT * FROM suppressions WHERE tenant = $1 AND email = $2;
+
+-- name: put_suppression
+INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (tenant, email) DO UPDATE
+SET reason = excluded.reason, created_at = excluded.created_at, code = excluded.code,
+    enhanced_code = excluded.enhanced_code, reply = excluded.reply
+RETURNING *;
+
+-- name: delete_suppression
+DELETE FROM suppressions WHERE tenant = $1 AND email = $2 RETURNING email;
+
+-- name: jobs_to_purge
+SELECT job_no, job_id, total FROM jobs
+WHERE purged_at IS NULL AND finished_at IS NOT NULL AND finished_at < $1
+ORDER BY finished_at
+LIMIT $2;
+
+-- name: purge_recipients
+-- One slice of a finished job's recipients (a short transaction each).
+DELETE FROM recipients WHERE job_no = $1 AND idx >= $2 AND idx < $3;
+
+-- name: purge_batches
+DELETE FROM batches WHERE job_no = $1;
+
+-- name: mark_purged
+UPDATE jobs SET purged_at = $2 WHERE job_no = $1;
+
+-- name: database_size
+SELECT pg_database_size(current_database());
+
+-- name: relation_sizes
+SELECT c.relname, pg_total_relation_size(c.oid) AS bytes
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' AND c.relkind = 'r';

@@ -1,0 +1,781 @@
+"""Every query of the coordinator, run against PostgreSQL by one class.
+
+Queries are named in ``queries.sql`` (after procrastinate's ``sql/queries.sql``). Rows
+become :mod:`coordinator.model` objects here; protos never come this far down.
+
+**Fencing.** A :class:`Store` built with a leader's epoch ends every write transaction
+with ``mailers_check_fence(epoch)``; once a newer leader has raised the fence
+(:meth:`Store.raise_fence`) that check fails and the whole transaction rolls back with
+:class:`LostLeadership`. The check is the last statement, so its share lock on the fence
+row is held only while the transaction commits, and a new leader's raise never waits
+behind a long upload.
+
+**Failures.** PostgreSQL unreachable, shutting down, out of disk, read-only or too slow
+raises :class:`StoreUnavailable` (nothing was written, or :class:`CommitUnknown` when a
+commit's outcome could not be learnt): callers retry later or answer UNAVAILABLE.
+Every call has a deadline (``statement_timeout`` on the server, the pool's command
+timeout on the client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from coordinator.db import migrate
+from coordinator.db.settings import DatabaseConfig
+from coordinator.model import (
+    Counts,
+    JobRecord,
+    JobSpec,
+    JobState,
+    JobStatus,
+    OpenBatch,
+    PendingRecipient,
+    Recipient,
+    RecipientOutcome,
+    Result,
+    Status,
+    dump_spec,
+    load_spec,
+)
+from coordinator.suppression import Reason, Suppression
+
+log = logging.getLogger(__name__)
+
+QUERIES_FILE = Path(__file__).resolve().parent / "queries.sql"
+FENCED = "ML001"
+"""SQLSTATE of mailers_check_fence's refusal."""
+
+STATUS_CODE: dict[Status, int] = {
+    Status.QUEUED: 0,
+    Status.DELIVERED: 1,
+    Status.FAILED: 2,
+    Status.DEFERRED: 3,
+    Status.CANCELLED: 4,
+    Status.SUPPRESSED: 5,
+}
+STATUS_OF: dict[int, Status] = {v: k for k, v in STATUS_CODE.items()}
+
+# SQLSTATE classes and codes that mean "not now" rather than "wrong": connection
+# trouble (08), insufficient resources such as a full disk (53), the server shutting
+# down or cancelling on statement_timeout (57), read-only (25006), and a
+# serialization failure or deadlock (40).
+_TRANSIENT_CLASSES = ("08", "53", "57", "40")
+_TRANSIENT_CODES = frozenset({"25006"})
+
+
+class LostLeadership(Exception):
+    """The fence no longer holds: a newer leader exists. Stop acting as leader at once."""
+
+
+class StoreUnavailable(Exception):
+    """PostgreSQL cannot do it now (unreachable, full, read-only, too slow); nothing
+    was written unless this is a :class:`CommitUnknown`."""
+
+
+class CommitUnknown(StoreUnavailable):
+    """The connection failed while committing: the transaction may or may not have
+    applied. Settle it by reading back, never by undoing blindly."""
+
+
+class Duplicate(Exception):
+    """A job with the same tenant and idempotency key already exists."""
+
+
+def load_queries(path: Path = QUERIES_FILE) -> dict[str, str]:
+    """The queries of ``queries.sql`` by name (each starts at a ``-- name:`` line)."""
+    queries: dict[str, str] = {}
+    name = ""
+    lines: list[str] = []
+    for line in path.read_text().splitlines():
+        match = re.match(r"--\s*name:\s*(\w+)\s*$", line)
+        if match:
+            if name:
+                queries[name] = "\n".join(lines).strip()
+            name, lines = match.group(1), []
+        elif name and not line.lstrip().startswith("--"):
+            lines.append(line)
+    if name:
+        queries[name] = "\n".join(lines).strip()
+    return queries
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        state = str(getattr(exc, "sqlstate", "") or "")
+        return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_CODES
+    return isinstance(
+        exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError
+    )
+
+
+def _fenced(exc: BaseException) -> bool:
+    return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", "") == FENCED
+
+
+def ts(unix_s: float | None) -> datetime | None:
+    return None if unix_s is None else datetime.fromtimestamp(unix_s, UTC)
+
+
+def unix(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class Database:
+    """The connection pool and the schema. Owned by the coordinator process.
+
+    :meth:`open` connects and brings the schema to head (under an advisory lock, see
+    :mod:`coordinator.db.migrate`); :meth:`close` closes every connection.
+    """
+
+    def __init__(self, config: DatabaseConfig, pool: asyncpg.Pool) -> None:
+        self.config = config
+        self.pool = pool
+        self.queries = load_queries()
+
+    @classmethod
+    async def open(cls, config: DatabaseConfig, *, migrate_schema: bool = True) -> Database:
+        """Connect, migrate, and make the pool.
+
+        Raises:
+            StoreUnavailable: the server could not be reached or refused.
+        """
+        try:
+            if migrate_schema:
+                await migrate.upgrade(lambda: connect(config))
+            pool = await asyncpg.create_pool(
+                dsn=config.url,
+                password=config.password,
+                min_size=1,
+                max_size=config.pool_size,
+                timeout=config.connect_timeout_s,
+                command_timeout=config.statement_timeout_s + 5,
+                server_settings=_server_settings(config),
+            )
+        except Exception as exc:
+            if _transient(exc) or isinstance(exc, asyncpg.PostgresError):
+                raise StoreUnavailable(f"PostgreSQL at {config.redacted()}: {exc}") from exc
+            raise
+        return cls(config, pool)
+
+    async def close(self) -> None:
+        """Close the pool; connections in use are terminated after a short grace."""
+        with contextlib.suppress(Exception):
+            await self.pool.close()
+
+
+def _server_settings(config: DatabaseConfig) -> dict[str, str]:
+    return {
+        "statement_timeout": str(int(config.statement_timeout_s * 1000)),
+        "application_name": "mailers-coordinator",
+    }
+
+
+async def connect(config: DatabaseConfig) -> asyncpg.Connection:
+    """One connection with the store's settings (TLS per the URL, password file)."""
+    return await asyncpg.connect(
+        dsn=config.url,
+        password=config.password(),
+        timeout=config.connect_timeout_s,
+        server_settings=_server_settings(config),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotaRequest:
+    """Limits a submit is checked against inside its transaction (0: unlimited)."""
+
+    messages_per_hour: int = 0
+    max_active_jobs: int = 0
+
+
+class QuotaRefused(Exception):
+    """A quota would be exceeded; ``retry_after_s`` is when it may fit (None: never)."""
+
+    def __init__(self, message: str, retry_after_s: float | None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRelease:
+    """A node gave a batch back (or lost it); settle it from its recipients' state."""
+
+    job_no: int
+    seq: int
+    node_id: str
+    attempt: int
+    lo: int
+    hi: int
+    lost: bool = False
+    """The node vanished holding it (counts towards giving the batch up)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSettled:
+    """How a released batch stands after its results were applied."""
+
+    job_no: int
+    seq: int
+    done: bool
+    retry_at: float | None
+    lost: int
+    queued: int
+    deferred: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusChange:
+    """A leader's decision over a range of one job's recipients."""
+
+    job_no: int
+    lo: int
+    hi: int
+    from_statuses: tuple[Status, ...]
+    to_status: Status
+    reason: str
+    batch_size: int
+    skip_permanent: bool = False
+    """Leave recipients whose last reply was a 5xx (retrying those cannot help)."""
+
+
+@dataclasses.dataclass
+class WriteOutcome:
+    """What one writer transaction changed."""
+
+    jobs: set[int] = dataclasses.field(default_factory=set)
+    """Jobs whose counts moved."""
+    settled: list[BatchSettled] = dataclasses.field(default_factory=list)
+    reopened: dict[int, list[int]] = dataclasses.field(default_factory=dict)
+    """Batches (by job) that have recipients to send again."""
+
+
+class Store:
+    """Reads, and (with an epoch) fenced writes, of the data plane.
+
+    Args:
+        db: The pool and queries.
+        epoch: The leader's election revision; None for a store that only reads (a
+            write then raises LostLeadership).
+    """
+
+    def __init__(self, db: Database, epoch: int | None = None) -> None:
+        self._db = db
+        self._q = db.queries
+        self.epoch = epoch
+
+    # ---- plumbing -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._db.pool.acquire(timeout=self._db.config.connect_timeout_s) as conn:
+                yield conn
+        except (LostLeadership, StoreUnavailable, Duplicate, QuotaRefused):
+            raise
+        except Exception as exc:
+            if _fenced(exc):
+                raise LostLeadership(str(exc)) from exc
+            if _transient(exc):
+                raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+            raise
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction that commits only while our fence holds."""
+        if self.epoch is None:
+            raise LostLeadership("this store does not lead")
+        async with self._conn() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                yield conn
+                await conn.execute(self._q["check_fence"], self.epoch)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await tx.rollback()
+                raise
+            try:
+                await tx.commit()
+            except Exception as exc:
+                if _fenced(exc):
+                    raise
+                if _transient(exc):
+                    raise CommitUnknown(f"commit outcome unknown: {exc}") from exc
+                raise
+
+    # ---- leadership -----------------------------------------------------------------
+
+    async def raise_fence(self, leader: str) -> None:
+        """Make our epoch the fence: writes of every older leader fail from now on.
+
+        Waits for their transactions in flight to finish first (they hold share locks).
+        Raises:
+            LostLeadership: a newer epoch already holds the fence.
+        """
+        assert self.epoch is not None
+        async with self._conn() as conn:
+            raised = await conn.fetchval(self._q["raise_fence"], self.epoch, leader)
+            if raised is None:
+                current = await conn.fetchrow(self._q["fence_epoch"])
+                if current is None or int(current["epoch"]) != self.epoch:
+                    raise LostLeadership(
+                        f"fence is at epoch {current and current['epoch']}, ours is {self.epoch}"
+                    )
+
+    # ---- submit ---------------------------------------------------------------------
+
+    async def find_by_key(self, tenant: str, key: str) -> JobRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["job_by_key"], tenant, key)
+        return _job(row) if row is not None else None
+
+    async def job_exists(self, job_id: str) -> bool:
+        async with self._conn() as conn:
+            return await conn.fetchval(self._q["job_exists"], job_id) is not None
+
+    async def submit(
+        self,
+        spec: JobSpec,
+        chunks: AsyncIterator[Sequence[Recipient]],
+        quota: QuotaRequest,
+        now: float,
+    ) -> JobRecord:
+        """Store a job, all its recipients and its idempotency key in one transaction.
+
+        ``spec.total`` is ignored: the total is what ``chunks`` yields (it may raise
+        to abort the job, e.g. on invalid input: then nothing is stored).
+
+        Raises:
+            Duplicate: the tenant already has a job with this idempotency key.
+            QuotaRefused: the job does not fit the tenant's quotas.
+            LostLeadership, StoreUnavailable, CommitUnknown: see the module docstring.
+        """
+        total = 0
+        async with self._write() as conn:
+            job_no = int(await conn.fetchval(self._q["next_job_no"]))
+
+            async def records() -> AsyncIterator[tuple[Any, ...]]:
+                nonlocal total
+                async for chunk in chunks:
+                    for r in chunk:
+                        variables = json.dumps(dict(r.variables)) if r.variables else None
+                        yield (job_no, total, r.email, r.name, variables)
+                        total += 1
+
+            await conn.copy_records_to_table(
+                "recipients",
+                records=records(),
+                columns=("job_no", "idx", "email", "name", "variables"),
+            )
+            spec = dataclasses.replace(spec, total=total)
+            inserted = await conn.fetchval(
+                self._q["insert_job"], job_no, spec.job_id, spec.tenant, spec.idempotency_key,
+                _spec_json(spec), total, spec.batch_size, spec.options.priority, ts(now),
+            )  # fmt: skip
+            if inserted is None:
+                raise Duplicate(spec.idempotency_key)
+            await self._charge_quota(conn, spec.tenant, total, quota, now)
+        status = JobStatus(state=JobState.QUEUED, counts=Counts(total=total), updated_at=now)
+        return JobRecord(job_no=job_no, spec=spec, status=status)
+
+    async def _charge_quota(
+        self, conn: asyncpg.Connection, tenant: str, n: int, quota: QuotaRequest, now: float
+    ) -> None:
+        if not quota.messages_per_hour and not quota.max_active_jobs:
+            return
+        await conn.execute(self._q["tenant_lock"], tenant)
+        if quota.max_active_jobs:
+            # Our own job is already inserted (and counted) in this transaction.
+            active = int(await conn.fetchval(self._q["active_jobs"], tenant))
+            if active > quota.max_active_jobs:
+                raise QuotaRefused(f"quota: {quota.max_active_jobs} unfinished jobs already", 30.0)
+        if quota.messages_per_hour:
+            minute = ts(now - now % 60)
+            since = ts(now - 3600)
+            used = int(await conn.fetchval(self._q["quota_used"], tenant, since))
+            limit = quota.messages_per_hour
+            if used + n > limit:
+                rows = await conn.fetch(self._q["quota_oldest"], tenant, since)
+                raise QuotaRefused(
+                    f"quota: {limit} recipients per hour; {used} used in the last hour",
+                    _quota_retry_after(rows, used + n - limit, now),
+                )
+            await conn.execute(self._q["quota_add"], tenant, minute, n)
+            await conn.execute(self._q["quota_trim"], ts(now - 7200))
+
+    # ---- a new leader's view --------------------------------------------------------
+
+    async def unfinished_jobs(self, page: int = 500) -> AsyncIterator[JobRecord]:
+        """Every job not completed or cancelled, oldest first, read in pages."""
+        after = ""
+        while True:
+            async with self._conn() as conn:
+                rows = await conn.fetch(self._q["unfinished_jobs"], after, page)
+            for row in rows:
+                yield _job(row)
+            if len(rows) < page:
+                return
+            after = rows[-1]["job_id"]
+
+    async def open_batches(self, job_no: int, page: int = 10_000) -> AsyncIterator[OpenBatch]:
+        """A job's batches that were handed out and are not done, in pages."""
+        after = -1
+        while True:
+            async with self._conn() as conn:
+                rows = await conn.fetch(self._q["open_batches"], job_no, after, page)
+            for row in rows:
+                yield OpenBatch(
+                    seq=row["seq"],
+                    node_id=row["node_id"],
+                    attempt=row["attempt"],
+                    lost=row["lost"],
+                    retry_at=unix(row["retry_at"]),
+                )
+            if len(rows) < page:
+                return
+            after = rows[-1]["seq"]
+
+    # ---- dispatch -------------------------------------------------------------------
+
+    async def pending(
+        self, ranges: Sequence[tuple[int, int, int, str]]
+    ) -> dict[int, list[PendingRecipient]]:
+        """Recipients still to send in each (job_no, lo, hi, tenant) range, by job_no,
+        in index order, with suppressions marked."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                self._q["pending_recipients"],
+                [r[0] for r in ranges], [r[1] for r in ranges],
+                [r[2] for r in ranges], [r[3] for r in ranges],
+            )  # fmt: skip
+        found: dict[int, list[PendingRecipient]] = {}
+        for row in rows:
+            variables = json.loads(row["variables"]) if row["variables"] else {}
+            found.setdefault(row["job_no"], []).append(
+                PendingRecipient(
+                    index=row["idx"],
+                    recipient=Recipient(row["email"], row["name"], variables),
+                    attempts=row["attempts"],
+                    suppressed=row["suppressed"],
+                )
+            )
+        return found
+
+    async def assign(
+        self, assignments: Sequence[tuple[int, int, str, int]], cursors: dict[int, int], now: float
+    ) -> None:
+        """Record that (job_no, seq) goes to node_id as dispatch ``attempt``, and move
+        each job's cursor; fenced. Call before sending the batches."""
+        async with self._write() as conn:
+            await conn.execute(
+                self._q["assign_batches"],
+                [a[0] for a in assignments], [a[1] for a in assignments],
+                [a[2] for a in assignments], [a[3] for a in assignments],
+            )  # fmt: skip
+            if cursors:
+                await conn.execute(
+                    self._q["advance_jobs"], list(cursors), list(cursors.values()), ts(now)
+                )
+
+    # ---- the result writer's transaction --------------------------------------------
+
+    async def write(
+        self,
+        outcomes: Sequence[RecipientOutcome],
+        changes: Sequence[StatusChange],
+        suppressed: Sequence[tuple[int, int, str]],
+        releases: Sequence[BatchRelease],
+        bounces: Sequence[tuple[str, Suppression]],
+        retry_at: Any,
+        now: float,
+    ) -> WriteOutcome:
+        """Apply, in one fenced transaction and in this order: node outcomes, leader
+        decisions over ranges, suppressions found at dispatch, hard bounces to the
+        suppression lists, and released batches (settled from their recipients' state:
+        ``retry_at(release, deferred)`` gives the time a batch with deferred recipients
+        may go again).
+
+        Idempotent: applying the same arguments twice changes nothing the second time
+        (so a :class:`CommitUnknown` may simply be retried).
+        """
+        out = WriteOutcome()
+        async with self._write() as conn:
+            if outcomes:
+                out.jobs.update(await self._apply_outcomes(conn, outcomes, now))
+            for change in changes:
+                await self._change(conn, change, now, out)
+            if suppressed:
+                out.jobs.update(await self._suppress(conn, suppressed, now))
+            if bounces:
+                await self._bounces(conn, bounces)
+            if releases:
+                out.settled = await self._release(conn, releases, retry_at)
+        return out
+
+    async def _apply_outcomes(
+        self, conn: asyncpg.Connection, outcomes: Sequence[RecipientOutcome], now: float
+    ) -> set[int]:
+        cols: list[list[Any]] = [[] for _ in range(13)]
+        for o in _dedupe(outcomes):
+            r = o.result
+            row = (
+                o.job_no, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
+                r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
+                r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
+            )  # fmt: skip
+            for col, value in zip(cols, row, strict=True):
+                col.append(value)
+        row = await conn.fetchrow(self._q["apply_results"], *cols, ts(now))
+        return set(row["jobs"])
+
+    async def _change(
+        self, conn: asyncpg.Connection, c: StatusChange, now: float, out: WriteOutcome
+    ) -> None:
+        row = await conn.fetchrow(
+            self._q["set_status_range"], c.job_no, c.lo, c.hi,
+            [STATUS_CODE[s] for s in c.from_statuses], STATUS_CODE[c.to_status], c.reason,
+            ts(now), c.skip_permanent, c.batch_size,
+        )  # fmt: skip
+        if row["n"]:
+            out.jobs.add(c.job_no)
+            if c.to_status in (Status.QUEUED, Status.DEFERRED):
+                seqs = sorted(int(s) for s in row["seqs"])
+                await conn.execute(self._q["reopen_batches"], c.job_no, seqs)
+                out.reopened.setdefault(c.job_no, []).extend(seqs)
+
+    async def _suppress(
+        self, conn: asyncpg.Connection, suppressed: Sequence[tuple[int, int, str]], now: float
+    ) -> set[int]:
+        row = await conn.fetchrow(
+            self._q["suppress_recipients"],
+            [s[0] for s in suppressed], [s[1] for s in suppressed], [s[2] for s in suppressed],
+            ts(now),
+        )  # fmt: skip
+        return set(row["jobs"])
+
+    async def _bounces(
+        self, conn: asyncpg.Connection, bounces: Sequence[tuple[str, Suppression]]
+    ) -> None:
+        await conn.execute(
+            self._q["add_hard_bounces"],
+            [t for t, _ in bounces], [s.email for _, s in bounces],
+            [s.reason.value for _, s in bounces], [ts(s.created_at) for _, s in bounces],
+            [s.code for _, s in bounces], [s.enhanced_code for _, s in bounces],
+            [s.text for _, s in bounces],
+        )  # fmt: skip
+
+    async def _release(
+        self, conn: asyncpg.Connection, releases: Sequence[BatchRelease], retry_at: Any
+    ) -> list[BatchSettled]:
+        ranges = sorted({(r.job_no, r.seq, r.lo, r.hi) for r in releases})
+        rows = await conn.fetch(
+            self._q["batch_outcomes"],
+            [r[0] for r in ranges],
+            [r[1] for r in ranges],
+            [r[2] for r in ranges],
+            [r[3] for r in ranges],
+        )
+        standing = {(row["job_no"], row["seq"]): (row["queued"], row["deferred"]) for row in rows}
+        plans = []
+        for r in releases:
+            queued, deferred = standing.get((r.job_no, r.seq), (0, 0))
+            done = queued == 0 and deferred == 0
+            when = retry_at(r, deferred) if deferred and not done else None
+            plans.append((r, done, when, queued, deferred))
+        settled = await conn.fetch(
+            self._q["release_batches"],
+            [p[0].job_no for p in plans], [p[0].seq for p in plans],
+            [p[0].node_id for p in plans], [p[0].attempt for p in plans],
+            [p[1] for p in plans], [ts(p[2]) for p in plans], [p[0].lost for p in plans],
+        )  # fmt: skip
+        applied = {
+            (row["job_no"], row["seq"], row["node_id"], row["attempt"]): row["lost"]
+            for row in settled
+        }
+        return [
+            BatchSettled(r.job_no, r.seq, done, when, applied[key], q, d)
+            for r, done, when, q, d in plans
+            if (key := (r.job_no, r.seq, r.node_id, r.attempt)) in applied
+        ]
+
+    # ---- job state ------------------------------------------------------------------
+
+    async def set_job_state(
+        self, job_no: int, state: JobState, now: float, finished_at: float | None
+    ) -> JobRecord | None:
+        async with self._write() as conn:
+            row = await conn.fetchrow(
+                self._q["set_job_state"], job_no, state.value, ts(now), ts(finished_at)
+            )
+        return _job(row) if row is not None else None
+
+    # ---- reads ----------------------------------------------------------------------
+
+    async def job(self, job_id: str) -> JobRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["job_by_id"], job_id)
+        return _job(row) if row is not None else None
+
+    async def list_jobs(
+        self, tenant: str | None, states: Iterable[JobState], before: str, limit: int
+    ) -> list[JobRecord]:
+        """Newest first, jobs with ids below ``before`` ("" for the first page); all
+        tenants when ``tenant`` is None."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                self._q["list_jobs"], tenant, before, [s.value for s in states], limit
+            )
+        return [_job(row) for row in rows]
+
+    async def results(
+        self, job_no: int, after: int, statuses: Iterable[Status], limit: int
+    ) -> list[tuple[int, str, Result]]:
+        """(index, email, result) of a job's recipients with index above ``after``."""
+        wanted = [STATUS_CODE[s] for s in statuses]
+        async with self._conn() as conn:
+            if wanted:
+                rows = await conn.fetch(
+                    self._q["list_results_by_status"], job_no, wanted, after, limit
+                )
+            else:
+                rows = await conn.fetch(self._q["list_results"], job_no, after, limit)
+        return [(row["idx"], row["email"], _result(row)) for row in rows]
+
+    async def suppressions(self, tenant: str, after: str, limit: int) -> list[Suppression]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(self._q["list_suppressions"], tenant, after, limit)
+        return [_suppression(row) for row in rows]
+
+    async def put_suppression(self, tenant: str, s: Suppression) -> Suppression:
+        async with self._write() as conn:
+            row = await conn.fetchrow(
+                self._q["put_suppression"], tenant, s.email, s.reason.value,
+                ts(s.created_at), s.code, s.enhanced_code, s.text,
+            )  # fmt: skip
+        return _suppression(row)
+
+    async def delete_suppression(self, tenant: str, email: str) -> bool:
+        async with self._write() as conn:
+            return await conn.fetchval(self._q["delete_suppression"], tenant, email) is not None
+
+    # ---- retention ------------------------------------------------------------------
+
+    async def jobs_to_purge(self, finished_before: float, limit: int) -> list[tuple[int, int]]:
+        """(job_no, total) of finished jobs whose recipients are due to go."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(self._q["jobs_to_purge"], ts(finished_before), limit)
+        return [(row["job_no"], row["total"]) for row in rows]
+
+    async def purge_slice(self, job_no: int, lo: int, hi: int) -> None:
+        """Delete one slice of a finished job's recipient rows (its own transaction)."""
+        async with self._write() as conn:
+            await conn.execute(self._q["purge_recipients"], job_no, lo, hi)
+
+    async def mark_purged(self, job_no: int, now: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(self._q["purge_batches"], job_no)
+            await conn.execute(self._q["mark_purged"], job_no, ts(now))
+
+    # ---- sizes (benchmarks, status) -------------------------------------------------
+
+    async def sizes(self) -> dict[str, int]:
+        """Bytes on disk per table (indexes and TOAST included), and ``database``."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(self._q["relation_sizes"])
+            total = await conn.fetchval(self._q["database_size"])
+        sizes = {row["relname"]: int(row["bytes"]) for row in rows}
+        sizes["database"] = int(total)
+        return sizes
+
+
+def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:
+    """One outcome per recipient: a delivery wins, then the latest attempt, then the
+    latest report (a statement may update a row only once)."""
+    best: dict[tuple[int, int], RecipientOutcome] = {}
+    for o in outcomes:
+        key = (o.job_no, o.index)
+        kept = best.get(key)
+        if kept is None or _rank(o.result) >= _rank(kept.result):
+            best[key] = o
+    return list(best.values())
+
+
+def _rank(r: Result) -> tuple[bool, int, bool]:
+    return (r.status is Status.DELIVERED, r.attempts, r.status.final)
+
+
+def _quota_retry_after(rows: Sequence[Any], need: int, now: float) -> float:
+    freed = 0
+    for row in rows:
+        freed += int(row["recipients"])
+        if freed >= need:
+            return max(1.0, float(row["minute"].timestamp()) + 3600 + 60 - now)
+    return 3600.0
+
+
+def _spec_json(spec: JobSpec) -> str:
+    return dump_spec(spec).decode()
+
+
+def _job(row: Any) -> JobRecord:
+    spec = load_spec(row["spec"].encode())
+    spec = dataclasses.replace(spec, total=row["total"], batch_size=row["batch_size"])
+    counts = Counts(
+        total=row["total"],
+        delivered=row["delivered"],
+        failed=row["failed"],
+        deferred=row["deferred"],
+        cancelled=row["cancelled"],
+        suppressed=row["suppressed"],
+    )
+    status = JobStatus(
+        state=JobState(row["state"]),
+        counts=counts,
+        updated_at=unix(row["updated_at"]) or 0.0,
+        finished_at=unix(row["finished_at"]),
+    )
+    return JobRecord(
+        job_no=row["job_no"],
+        spec=spec,
+        status=status,
+        cursor=row["cursor"],
+        duplicates=row["duplicates"],
+    )
+
+
+def _result(row: Any) -> Result:
+    return Result(
+        status=STATUS_OF[row["status"]],
+        code=row["code"],
+        enhanced_code=row["enhanced_code"] or "",
+        text=row["reply"] or "",
+        reason=row["reason"] or "",
+        attempts=row["attempts"],
+        node_id=row["node_id"] or "",
+        ambiguous=row["ambiguous"],
+        updated_at=unix(row["updated_at"]) or 0.0,
+        message_id=row["message_id"] or "",
+        relay=row["relay"] or "",
+    )
+
+
+def _suppression(row: Any) -> Suppression:
+    return Suppression(
+        email=row["email"],
+        reason=Reason(row["reason"]),
+        created_at=unix(row["created_at"]) or 0.0,
+        code=row["code"],
+        enhanced_code=row["enhanced_code"],
+        text=row["reply"],
+    )

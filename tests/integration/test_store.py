@@ -1,0 +1,252 @@
+"""The PostgreSQL store against a real server: fencing, atomic submits, idempotent
+results, batch settlement, keyset listings and quotas."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from coordinator.db.store import (
+    BatchRelease,
+    Database,
+    Duplicate,
+    LostLeadership,
+    QuotaRefused,
+    QuotaRequest,
+    StatusChange,
+    Store,
+)
+from coordinator.model import (
+    Address,
+    Content,
+    JobOptions,
+    JobSpec,
+    JobState,
+    Recipient,
+    RecipientOutcome,
+    Result,
+    Status,
+)
+
+CONTENT = Content(
+    sender=Address("news@example.com"), reply_to=None, subject="Hi", text_body="Hello", html_body=""
+)
+NOW = 1_800_000_000.0
+
+
+def spec(job_id: str, key: str, tenant: str = "acme", batch_size: int = 10) -> JobSpec:
+    return JobSpec(
+        job_id=job_id,
+        idempotency_key=key,
+        content=CONTENT,
+        options=JobOptions(),
+        total=0,
+        batch_size=batch_size,
+        created_at=NOW,
+        tenant=tenant,
+    )
+
+
+async def chunks_of(
+    n: int, size: int = 1000, fail_at: int | None = None
+) -> AsyncIterator[Sequence[Recipient]]:
+    for start in range(0, n, size):
+        if fail_at is not None and start >= fail_at:
+            raise ValueError("bad recipient")
+        yield [
+            Recipient(f"user{i}@example.org", f"User {i}", {"code": str(i)})
+            for i in range(start, min(n, start + size))
+        ]
+
+
+async def leader(database: Database, epoch: int) -> Store:
+    store = Store(database, epoch)
+    await store.raise_fence(f"coordinator-{epoch}")
+    return store
+
+
+def delivered(job_no: int, index: int, node: str = "n1", attempts: int = 1) -> RecipientOutcome:
+    return RecipientOutcome(
+        job_no,
+        index,
+        "",
+        Result(Status.DELIVERED, 250, "2.0.0", "ok", attempts=attempts, node_id=node),
+    )
+
+
+async def write(store: Store, outcomes: Sequence[RecipientOutcome] = (), **kw: object) -> object:
+    return await store.write(
+        outcomes,
+        kw.get("changes", ()),  # type: ignore[arg-type]
+        kw.get("suppressed", ()),  # type: ignore[arg-type]
+        kw.get("releases", ()),  # type: ignore[arg-type]
+        (),
+        lambda release, deferred: NOW + 60,
+        NOW,
+    )
+
+
+async def test_a_deposed_leaders_writes_fail(database: Database) -> None:
+    # Given a leader at epoch 5 that stored a job
+    old = await leader(database, 5)
+    job = await old.submit(spec("j1", "k1"), chunks_of(20), QuotaRequest(), NOW)
+    # When a newer leader (epoch 7) raises the fence
+    new = await leader(database, 7)
+    # Then every write of the old one is refused, and nothing of it lands
+    with pytest.raises(LostLeadership):
+        await write(old, [delivered(job.job_no, 0)])
+    with pytest.raises(LostLeadership):
+        await old.submit(spec("j2", "k2"), chunks_of(5), QuotaRequest(), NOW)
+    assert not await new.job_exists("j2")
+    after = await new.job("j1")
+    assert after is not None and after.status.counts.delivered == 0
+    # And an older epoch cannot take the fence back
+    with pytest.raises(LostLeadership):
+        await leader(database, 6)
+    await write(new, [delivered(job.job_no, 0)])
+    assert (await new.job("j1")).status.counts.delivered == 1  # type: ignore[union-attr]
+
+
+async def test_the_fence_raise_waits_for_a_write_in_flight(database: Database) -> None:
+    # Given a long upload of the old leader in progress
+    old = await leader(database, 5)
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow() -> AsyncIterator[Sequence[Recipient]]:
+        async for chunk in chunks_of(100, size=50):
+            started.set()
+            await release.wait()
+            yield chunk
+
+    upload = asyncio.create_task(old.submit(spec("slow", "k"), slow(), QuotaRequest(), NOW))
+    await started.wait()
+    # When a new leader raises the fence meanwhile, and then the upload finishes
+    new_store = Store(database, 9)
+    raising = asyncio.create_task(new_store.raise_fence("new"))
+    await asyncio.sleep(0.2)
+    release.set()
+    # Then the upload fails (its final fence check comes after the raise) and nothing is
+    # left of it, and the raise succeeds
+    with pytest.raises(LostLeadership):
+        await upload
+    await raising
+    assert not await new_store.job_exists("slow")
+
+
+async def test_a_submit_is_whole_or_absent(database: Database) -> None:
+    store = await leader(database, 1)
+    # Given a job stored with its idempotency key
+    first = await store.submit(spec("a", "same"), chunks_of(2500), QuotaRequest(), NOW)
+    assert first.spec.total == 2500
+    # When the same key comes again
+    with pytest.raises(Duplicate):
+        await store.submit(spec("b", "same"), chunks_of(30), QuotaRequest(), NOW)
+    # Or a submit fails half-way through its recipients
+    with pytest.raises(ValueError):
+        await store.submit(spec("c", "other"), chunks_of(3000, fail_at=2000), QuotaRequest(), NOW)
+    # Then neither left a job or a recipient row behind
+    assert not await store.job_exists("b") and not await store.job_exists("c")
+    async with database.pool.acquire() as conn:
+        rows = await conn.fetchval("SELECT count(*) FROM recipients")
+    assert rows == 2500
+    found = await store.find_by_key("acme", "same")
+    assert found is not None and found.spec.job_id == "a"
+    # And keys are per tenant
+    other = await store.submit(spec("d", "same", tenant="beta"), chunks_of(1), QuotaRequest(), NOW)
+    assert other.spec.job_id == "d"
+
+
+async def test_results_apply_once_and_deliveries_win(database: Database) -> None:
+    store = await leader(database, 1)
+    job = await store.submit(spec("r", "k"), chunks_of(10), QuotaRequest(), NOW)
+    n = job.job_no
+    deferred = RecipientOutcome(n, 1, "", Result(Status.DEFERRED, 451, "4.3.0", "busy", attempts=1))
+    failed = RecipientOutcome(
+        n, 2, "", Result(Status.FAILED, 550, "5.1.1", "no such user", attempts=1)
+    )
+    # Given results applied, then the same results replayed
+    for _ in range(2):
+        await write(store, [delivered(n, 0), deferred, failed])
+    counts = (await store.job("r")).status.counts  # type: ignore[union-attr]
+    # Then they count once
+    assert (counts.delivered, counts.deferred, counts.failed, counts.queued) == (1, 1, 1, 7)
+    # When an older attempt's deferral arrives after a later delivery of recipient 1
+    await write(store, [delivered(n, 1, attempts=2)])
+    await write(store, [deferred])
+    # Then the delivery stands
+    results = {i: r for i, _, r in await store.results(n, -1, (), 100)}
+    assert results[1].status is Status.DELIVERED and results[1].attempts == 2
+    # When a recipient cancelled by the leader is reported delivered later
+    await write(
+        store,
+        changes=[StatusChange(n, 3, 4, (Status.QUEUED,), Status.CANCELLED, "job cancelled", 10)],
+    )
+    await write(store, [delivered(n, 3)])
+    # Then it is delivered (what happened), and counts follow
+    record = await store.job("r")
+    assert record is not None
+    c = record.status.counts
+    assert (c.delivered, c.cancelled, c.deferred) == (3, 0, 0)
+    # And another node's delivery of a delivered recipient is counted as a duplicate
+    await write(store, [delivered(n, 0, node="n2")])
+    assert (await store.job("r")).duplicates == 1  # type: ignore[union-attr]
+
+
+async def test_released_batches_settle_from_their_recipients(database: Database) -> None:
+    store = await leader(database, 1)
+    job = await store.submit(spec("s", "k", batch_size=5), chunks_of(15), QuotaRequest(), NOW)
+    n = job.job_no
+    await store.assign([(n, 0, "n1", 1), (n, 1, "n1", 1), (n, 2, "n2", 1)], {n: 3}, NOW)
+    # Given batch 0 fully delivered, batch 1 with a deferral, batch 2 untouched
+    outcomes = [delivered(n, i) for i in range(5)]
+    outcomes.append(RecipientOutcome(n, 5, "", Result(Status.DEFERRED, 451, attempts=1)))
+    outcomes += [delivered(n, i) for i in range(6, 10)]
+    releases = [
+        BatchRelease(n, 0, "n1", 1, 0, 5),
+        BatchRelease(n, 1, "n1", 1, 5, 10),
+        BatchRelease(n, 2, "n2", 1, 10, 15),
+        BatchRelease(n, 2, "n9", 1, 10, 15),  # not the holder: ignored
+    ]
+    out = await store.write(outcomes, (), (), releases, (), lambda r, d: NOW + 42, NOW)
+    settled = {s.seq: s for s in out.settled}
+    # Then each settles by what its recipients say, once
+    assert settled[0].done and settled[0].retry_at is None
+    assert not settled[1].done and settled[1].retry_at == NOW + 42 and settled[1].deferred == 1
+    assert not settled[2].done and settled[2].retry_at is None and settled[2].queued == 5
+    assert len(out.settled) == 3
+    opened = [b.seq async for b in store.open_batches(n)]
+    assert opened == [1, 2]
+    record = await store.job("s")
+    assert record is not None and record.cursor == 3 and record.status.state is JobState.RUNNING
+
+
+async def test_listings_page_by_keyset(database: Database) -> None:
+    store = await leader(database, 1)
+    for i in range(7):
+        await store.submit(spec(f"job{i:02d}", f"k{i}"), chunks_of(3), QuotaRequest(), NOW)
+    first = await store.list_jobs("acme", (), "", 3)
+    second = await store.list_jobs("acme", (), first[-1].spec.job_id, 3)
+    assert [j.spec.job_id for j in first + second] == [f"job{i:02d}" for i in range(6, 0, -1)]
+    assert await store.list_jobs("nobody", (), "", 3) == []
+    job = await store.job("job00")
+    assert job is not None
+    page = await store.results(job.job_no, 0, (), 2)
+    assert [i for i, _, _ in page] == [1, 2]
+
+
+async def test_quotas_are_checked_in_the_submit_transaction(database: Database) -> None:
+    store = await leader(database, 1)
+    quota = QuotaRequest(messages_per_hour=100, max_active_jobs=2)
+    await store.submit(spec("q1", "k1"), chunks_of(60), quota, NOW)
+    # A job that would pass the hourly limit is refused, with when to try again
+    with pytest.raises(QuotaRefused) as refused:
+        await store.submit(spec("q2", "k2"), chunks_of(50), quota, NOW + 10)
+    assert refused.value.retry_after_s is not None and refused.value.retry_after_s > 3000
+    assert not await store.job_exists("q2")
+    await store.submit(spec("q3", "k3"), chunks_of(40), quota, NOW + 20)
+    # A third unfinished job is refused
+    with pytest.raises(QuotaRefused):
+        await store.submit(spec("q4", "k4"), chunks_of(1), QuotaRequest(max_active_jobs=2), NOW)
