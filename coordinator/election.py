@@ -16,10 +16,17 @@ import logging
 
 import aetcd
 
-from coordinator.store import Fence
-from mailers.etcd import Keys, Session
+from mailers.etcd import Keys, Session, first_created, read_prefix
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fence:
+    """The leader's election key and the create revision it won with (its epoch)."""
+
+    key: bytes
+    revision: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +72,12 @@ class Election:
         self.revision = kv.create_revision
 
     async def candidates(self) -> list[Candidate]:
-        """Every candidate, leader first."""
-        listing = await self._client.get_prefix(
-            self._keys.election, sort_order="ascend", sort_target="create"
-        )
+        """Every candidate, leader first (a paged read)."""
+        items, _ = await read_prefix(self._client, self._keys.election)
         result = []
-        for kv in listing:
-            info = json.loads(kv.value)
-            result.append(Candidate(info["id"], info["address"], kv.create_revision))
+        for item in sorted(items, key=lambda i: i.create_revision):
+            info = json.loads(item.value)
+            result.append(Candidate(info["id"], info["address"], item.create_revision))
         return result
 
     async def campaign(self) -> Fence:
@@ -85,20 +90,20 @@ class Election:
         if not self.revision:
             await self.enter()
         while not self._session.done.is_set():
-            listing = await self._client.get_prefix(
-                self._keys.election, sort_order="ascend", sort_target="create"
-            )
-            keys = [kv.key for kv in listing]
-            if self.key not in keys:
-                raise LeadershipUnavailable("our election key is gone (lease expired)")
-            if keys[0] == self.key:
+            # Two one-key reads, however many candidates there are: the one just ahead
+            # of us (created last before our key), as etcd's election recipe does.
+            ahead = await first_created(self._client, self._keys.election, below=self.revision)
+            if ahead is None:
+                ours = await self._client.get(self.key)
+                if ours is None or ours.create_revision != self.revision:
+                    raise LeadershipUnavailable("our election key is gone (lease expired)")
                 log.info("won the election with epoch %d", self.revision)
                 return Fence(self.key, self.revision)
-            # Wait for the candidate just ahead of us to go (or anything to change).
-            ahead = keys[keys.index(self.key) - 1]
-            start = listing.header.revision + 1
+            # Wait for the candidate just ahead of us to go (or the poll to come round).
             try:
-                await self._client.watch_once(ahead, timeout=self._poll_s, start_revision=start)
+                await self._client.watch_once(
+                    ahead.key, timeout=self._poll_s, start_revision=ahead.mod_revision + 1
+                )
             except aetcd.exceptions.WatchTimeoutError:
                 pass
             except aetcd.ClientError as exc:

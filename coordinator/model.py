@@ -173,12 +173,14 @@ class Result:
 
 @dataclasses.dataclass(frozen=True)
 class RecipientOutcome:
-    """A result as stored: which recipient of which job, and where it stands."""
+    """A node's report on one recipient: which job (by id), which recipient, the result."""
 
-    job_no: int
+    job_id: str
     index: int
-    email: str
     result: Result
+    email: str = ""
+    hard_bounce: bool = False
+    """The result puts the address on its tenant's suppression list."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,16 @@
 """The leader's dispatch stream to one sender node (the gRPC shell of dispatching).
 
-A link dials the node (over the coordinator's :class:`mailers.tls.Transport`: mutual
-TLS with the coordinator's certificate, the node's checked against the CA, or plaintext
-when chosen), opens ``SenderService.Dispatch`` with the leader's epoch, waits
-for the node's hello, and then forwards what the node sends to a :class:`LinkEvents`
-sink. When the stream fails it reports the disconnect (so the dispatcher can move the
-node's batches at once) and dials again with a growing pause, until :meth:`close`.
+A link dials the node (over the coordinator's :class:`mailers.tls.Transport`), opens
+``SenderService.Dispatch`` with the leader's epoch and the authority a heartbeat grants,
+waits for the node's hello, and then forwards what the node sends to a
+:class:`LinkEvents` sink. While the stream is open it sends a heartbeat every
+``heartbeat_interval_s``, but only while ``may_lead()`` says the leader's election
+lease is still trusted: a leader that may have lost its lease stops granting authority,
+and the node stops starting transactions within ``authority_s``.
+
+A stream that fails is dialled again with a growing pause until :meth:`close`. Losing a
+stream moves nothing: the node keeps its batches until it releases them (in a later
+hello, through etcd, or by losing its lease).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
@@ -38,7 +43,7 @@ CHANNEL_OPTIONS = [
 
 
 class LinkEvents(Protocol):
-    def on_connected(self, link: NodeLink) -> None: ...
+    def on_hello(self, link: NodeLink, hello: sender_pb2.NodeHello) -> None: ...
     def on_disconnected(self, link: NodeLink) -> None: ...
     def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None: ...
     def on_ack(self, link: NodeLink, ack: sender_pb2.BatchAck) -> None: ...
@@ -47,6 +52,15 @@ class LinkEvents(Protocol):
 
 
 class NodeLink:
+    """One node's stream. Owned by the registry; :meth:`close` cancels its task.
+
+    Args:
+        may_lead: Asked before each batch and heartbeat is sent: False once the
+            leader's election lease may have lapsed.
+        authority_s: How long one heartbeat lets the node start transactions.
+        heartbeat_interval_s: Period of heartbeats.
+    """
+
     def __init__(
         self,
         node_id: str,
@@ -56,14 +70,20 @@ class NodeLink:
         events: LinkEvents,
         *,
         transport: Transport,
-        hello_timeout_s: float = 5.0,
+        may_lead: Callable[[], bool],
+        authority_s: float = 3.0,
+        heartbeat_interval_s: float = 1.0,
+        hello_timeout_s: float = 10.0,
     ) -> None:
         self.node_id = node_id
-        self._transport = transport
         self.address = address
+        self._transport = transport
         self._coordinator_id = coordinator_id
         self._epoch = epoch
         self._events = events
+        self._may_lead = may_lead
+        self._authority_ms = int(authority_s * 1000)
+        self._heartbeat_interval_s = heartbeat_interval_s
         self._hello_timeout_s = hello_timeout_s
         self._queue: asyncio.Queue[sender_pb2.DispatchRequest | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -93,11 +113,33 @@ class NodeLink:
         self._queue.put_nowait(request)
         return True
 
+    def send_batch(self, batch: sender_pb2.Batch) -> bool:
+        """Queue a batch, if the stream is open and the leader may still lead."""
+        if not self._may_lead():
+            return False
+        return self.send(sender_pb2.DispatchRequest(batch=batch))
+
+    def cancel(self, batch_id: str) -> bool:
+        return self.send(
+            sender_pb2.DispatchRequest(
+                cancel=sender_pb2.CancelBatch(batch_id=batch_id, epoch=self._epoch)
+            )
+        )
+
+    def acknowledge(self, through_seq: int) -> bool:
+        return self.send(
+            sender_pb2.DispatchRequest(results_ack=sender_pb2.ResultsAck(through_seq=through_seq))
+        )
+
     async def _requests(
         self, queue: asyncio.Queue[sender_pb2.DispatchRequest | None]
     ) -> AsyncIterator[sender_pb2.DispatchRequest]:
         yield sender_pb2.DispatchRequest(
-            open=sender_pb2.DispatchOpen(coordinator_id=self._coordinator_id, epoch=self._epoch)
+            open=sender_pb2.DispatchOpen(
+                coordinator_id=self._coordinator_id,
+                epoch=self._epoch,
+                authority_ms=self._authority_ms if self._may_lead() else 0,
+            )
         )
         while True:
             request = await queue.get()
@@ -120,39 +162,57 @@ class NodeLink:
             await asyncio.sleep(pause_s)
             pause_s = min(pause_s * 2, 2.0)
 
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval_s)
+            if self._may_lead():
+                self.send(
+                    sender_pb2.DispatchRequest(
+                        heartbeat=sender_pb2.Heartbeat(
+                            epoch=self._epoch, authority_ms=self._authority_ms
+                        )
+                    )
+                )
+
     async def _session(self) -> None:
         self._queue = asyncio.Queue()
         async with self._transport.aio_channel(self.address, CHANNEL_OPTIONS) as channel:
             stub = sender_pb2_grpc.SenderServiceStub(channel)
             call = stub.Dispatch(self._requests(self._queue))
+            heartbeats: asyncio.Task[None] | None = None
             try:
-                first = await asyncio.wait_for(call.read(), self._hello_timeout_s)
+                async with asyncio.timeout(self._hello_timeout_s):
+                    first = await call.read()
                 if (
                     not isinstance(first, sender_pb2.DispatchResponse)
                     or first.WhichOneof("kind") != "hello"
                 ):
                     raise ConnectionError(f"node {self.node_id} did not say hello")
-                self.lease_id = first.hello.lease_id
-                self.load = first.hello.load
-                self.relays = list(first.hello.relays)
-                # Outcomes from streams that ended (perhaps with a dead leader) come
-                # first, so they are applied before this node can get a batch.
-                for replayed in first.hello.replay:
-                    self._events.on_results(self, replayed)
+                self._hello(first.hello)
                 self.connected = True
                 self.connects += 1
-                self._events.on_connected(self)
+                # Replayed results and released batches are handled before anything else
+                # this node sends, and before it can get a batch.
+                self._events.on_hello(self, first.hello)
+                heartbeats = asyncio.create_task(self._heartbeats(), name=f"hb-{self.node_id}")
                 while True:
                     message = await call.read()
                     if not isinstance(message, sender_pb2.DispatchResponse):
                         return  # EOF: the node closed the stream
                     self._handle(message)
             finally:
+                if heartbeats is not None:
+                    heartbeats.cancel()
                 was_connected = self.connected
                 self.connected = False
                 call.cancel()
                 if was_connected:
                     self._events.on_disconnected(self)
+
+    def _hello(self, hello: sender_pb2.NodeHello) -> None:
+        self.lease_id = hello.lease_id
+        self.load = hello.load
+        self.relays = list(hello.relays)
 
     def _handle(self, message: sender_pb2.DispatchResponse) -> None:
         kind = message.WhichOneof("kind")
@@ -166,6 +226,5 @@ class NodeLink:
         elif kind == "rejected":
             self._events.on_rejected(self, message.rejected)
         elif kind == "hello":
-            self.lease_id = message.hello.lease_id
-            self.load = message.hello.load
-            self.relays = list(message.hello.relays)
+            # A repeated hello mid-stream refreshes load and relays (breaker changes).
+            self._hello(message.hello)

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # Every etcd call made through these clients gives up after this many seconds, so no
 # await on etcd can hang a process; callers choose what a timeout means.
 DEFAULT_TIMEOUT_S = 5
+RECEIVE_LIMIT_BYTES = 16 * 1024 * 1024
+"""The client's gRPC receive limit, set explicitly (gRPC's default is 4 MiB). Reads are
+paged well below it (:func:`read_prefix`), so no reply can come near it."""
+PAGE_KEYS = 256
+"""Keys per page of a range read."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +48,12 @@ class Keys:
       CoordinatorInfo JSON. The lowest create revision leads; that revision is its epoch.
     - ``nodes/<node_id>``: a sender node's registration, bound to its lease.
     - ``cordon/<node_id>``: present while an operator has cordoned the node.
-    - ``jobs/<job_id>``: the job spec, written once (content, options, totals).
-    - ``jstate/<job_id>``: the job's state and counts, rewritten as it progresses.
-    - ``idem/<key>``: idempotency key -> job id.
-    - ``batch/<job_id>/<seq>``: a batch's recipients, written once at submit.
-    - ``state/<job_id>/<seq>``: a batch's per-recipient results and attempts.
-    - ``suppress/<tenant>/<email>``: an address the tenant never sends to (email
-      lower-cased; tenant "" for auth off, giving ``suppress//<email>``).
+    - ``handback/<node_id>``: a node that cannot reach the leader hands back its
+      unacknowledged results and released batches here (a ``NodeHandback`` protobuf);
+      the leader applies it and deletes the key.
+
+    Jobs, recipients, outcomes and suppressions live in PostgreSQL, not here: etcd holds
+    coordination only.
     """
 
     prefix: str = "/mailers"
@@ -79,39 +83,11 @@ class Keys:
         return self._k("cordon", node_id)
 
     @property
-    def jobs(self) -> bytes:
-        return self._k("jobs", "")
+    def handbacks(self) -> bytes:
+        return self._k("handback", "")
 
-    def job(self, job_id: str) -> bytes:
-        return self._k("jobs", job_id)
-
-    @property
-    def job_states(self) -> bytes:
-        return self._k("jstate", "")
-
-    def job_state(self, job_id: str) -> bytes:
-        return self._k("jstate", job_id)
-
-    def idempotency(self, key: str) -> bytes:
-        return self._k("idem", key)
-
-    def batches(self, job_id: str) -> bytes:
-        return self._k("batch", job_id, "")
-
-    def batch(self, job_id: str, seq: int) -> bytes:
-        return self._k("batch", job_id, f"{seq:08d}")
-
-    def states(self, job_id: str) -> bytes:
-        return self._k("state", job_id, "")
-
-    def state(self, job_id: str, seq: int) -> bytes:
-        return self._k("state", job_id, f"{seq:08d}")
-
-    def suppressions(self, tenant: str) -> bytes:
-        return self._k("suppress", tenant, "")
-
-    def suppression(self, tenant: str, email: str) -> bytes:
-        return self._k("suppress", tenant, email)
+    def handback(self, node_id: str) -> bytes:
+        return self._k("handback", node_id)
 
     def tail(self, key: bytes, parent: bytes) -> str:
         """The part of key after parent (one of the prefix properties above)."""
@@ -287,7 +263,7 @@ def connect(
     if not endpoints:
         raise ValueError("no etcd endpoints given")
     first_host = endpoints[0].rpartition(":")[0].strip("[]")
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"grpc.max_receive_message_length": RECEIVE_LIMIT_BYTES}
     if len(endpoints) == 1:
         host, _, port = endpoints[0].rpartition(":")
     else:
@@ -295,7 +271,8 @@ def connect(
         last_host, _, port = last.rpartition(":")
         host = "ipv4:" + ",".join([*rest, last_host])
         # Reconnect quickly after a member dies instead of gRPC's default 20 s backoff cap.
-        options = {"grpc.max_reconnect_backoff_ms": 1000, "grpc.initial_reconnect_backoff_ms": 100}
+        options["grpc.max_reconnect_backoff_ms"] = 1000
+        options["grpc.initial_reconnect_backoff_ms"] = 100
     if tls is None:
         return aetcd.Client(host=host, port=int(port), timeout=timeout_s, options=options)
     server_name = tls.server_name or (None if len(endpoints) == 1 else first_host)
@@ -398,6 +375,75 @@ def lease_trusted(last_ok: float, now: float, ttl_s: float, margin_s: float) -> 
     return now - last_ok < ttl_s - margin_s
 
 
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One key of a range read."""
+
+    key: bytes
+    value: bytes
+    create_revision: int
+    mod_revision: int
+
+
+async def _range(client: aetcd.Client, request: Any) -> Any:
+    try:
+        return await client.kvstub.Range(
+            request, timeout=client._timeout, metadata=client.metadata
+        )
+    except grpc.aio.AioRpcError as exc:
+        raise aetcd.ClientError(f"etcd range read failed: {exc.code()} {exc.details()}") from exc
+
+
+async def read_prefix(
+    client: aetcd.Client, prefix: bytes, page: int = PAGE_KEYS
+) -> tuple[list[Item], int]:
+    """Every key under ``prefix`` and the revision they were read at, in pages of
+    ``page`` keys, all at that one revision (so the listing is a consistent snapshot
+    however many pages it takes). No reply can exceed the receive limit.
+
+    Raises:
+        aetcd.ClientError: etcd failed or timed out (the client's deadline per page);
+            a compacted revision mid-listing surfaces here too (call again).
+    """
+    await client.connect()
+    end = aetcd.utils.prefix_range_end(prefix)
+    start = prefix
+    revision = 0
+    items: list[Item] = []
+    while True:
+        request = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
+        reply = await _range(client, request)
+        if not revision:
+            revision = reply.header.revision
+        items.extend(
+            Item(kv.key, kv.value, kv.create_revision, kv.mod_revision) for kv in reply.kvs
+        )
+        if not reply.more or not reply.kvs:
+            return items, revision
+        start = reply.kvs[-1].key + b"\0"
+
+
+async def first_created(
+    client: aetcd.Client, prefix: bytes, *, below: int | None = None
+) -> Item | None:
+    """The key under ``prefix`` with the lowest create revision, or (with ``below``) the
+    one created last before revision ``below``: one key read, however many exist."""
+    await client.connect()
+    request = rpc.RangeRequest(
+        key=prefix,
+        range_end=aetcd.utils.prefix_range_end(prefix),
+        limit=1,
+        sort_target=rpc.RangeRequest.CREATE,
+        sort_order=rpc.RangeRequest.ASCEND if below is None else rpc.RangeRequest.DESCEND,
+        max_create_revision=0 if below is None else below - 1,
+    )
+    reply = await _range(client, request)
+    if not reply.kvs:
+        return None
+    kv = reply.kvs[0]
+    return Item(kv.key, kv.value, kv.create_revision, kv.mod_revision)
+
+
 async def watch_prefix(
     client: aetcd.Client,
     prefix: bytes,
@@ -413,10 +459,9 @@ async def watch_prefix(
     """
     while True:
         try:
-            listing = await client.get_prefix(prefix)
-            await on_snapshot([(kv.key, kv.value) for kv in listing])
-            start = listing.header.revision + 1 if listing.header else None
-            watch = await client.watch_prefix(prefix, start_revision=start)
+            items, revision = await read_prefix(client, prefix)
+            await on_snapshot([(item.key, item.value) for item in items])
+            watch = await client.watch_prefix(prefix, start_revision=revision + 1)
             async for event in watch:
                 await on_change(str(event.kind), event.kv.key, event.kv.value)
         except asyncio.CancelledError:

@@ -56,13 +56,12 @@ ON CONFLICT (tenant, minute) DO UPDATE SET recipients = quota_usage.recipients +
 DELETE FROM quota_usage WHERE minute < $1;
 
 -- name: active_jobs
-SELECT count(*) FROM jobs
-WHERE tenant = $1 AND state IN ('queued', 'running', 'paused');
+SELECT count(*) FROM jobs WHERE tenant = $1 AND finished_at IS NULL;
 
 -- name: unfinished_jobs
 -- What a new leader resumes; the partial index keeps this proportional to open work.
 SELECT * FROM jobs
-WHERE state IN ('queued', 'running', 'paused') AND job_id > $1
+WHERE finished_at IS NULL AND job_id > $1
 ORDER BY job_id
 LIMIT $2;
 
@@ -101,13 +100,17 @@ WHERE j.job_no = u.job_no;
 -- same statement. A result applies to a recipient that is not final when it comes from
 -- the same or a later attempt; a delivery always applies (it is what happened, even
 -- to a recipient already failed, expired or cancelled). A delivery reported again by
--- another node or attempt counts as a duplicate.
+-- another node or attempt counts as a duplicate. Hard bounces join their tenant's
+-- suppression list. Results for jobs that no longer exist are ignored.
 WITH incoming AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::smallint[], $4::smallint[],
-                         $5::smallint[], $6::text[], $7::text[], $8::text[], $9::text[],
-                         $10::bool[], $11::timestamptz[], $12::text[], $13::text[])
-        AS i(job_no, idx, status, attempts, code, enhanced_code, reply, reason, node_id,
-             ambiguous, updated_at, message_id, relay)
+    SELECT j.job_no, j.tenant, i.*
+    FROM unnest($1::text[], $2::int[], $3::smallint[], $4::smallint[],
+                $5::smallint[], $6::text[], $7::text[], $8::text[], $9::text[],
+                $10::bool[], $11::timestamptz[], $12::text[], $13::text[], $14::text[],
+                $15::bool[])
+        AS i(job_id, idx, status, attempts, code, enhanced_code, reply, reason, node_id,
+             ambiguous, updated_at, message_id, relay, email, bounce)
+    JOIN jobs j ON j.job_id = i.job_id
 ), changed AS (
     UPDATE recipients r
     SET status = i.status, attempts = greatest(o.attempts, i.attempts), code = i.code,
@@ -125,6 +128,13 @@ WITH incoming AS (
     WHERE i.status = 1 AND o.status = 1
       AND (i.node_id, i.attempts) IS DISTINCT FROM (o.node_id, o.attempts)
     GROUP BY i.job_no
+), bounced AS (
+    INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
+    SELECT DISTINCT ON (tenant, lower(btrim(email)))
+        tenant, lower(btrim(email)), 'hard_bounce', $16, code, coalesce(enhanced_code, ''),
+        coalesce(reply, '')
+    FROM incoming WHERE bounce AND email <> ''
+    ON CONFLICT (tenant, email) DO NOTHING
 ), deltas AS (
     SELECT job_no,
         sum((new_status = 1)::int - (old_status = 1)::int) AS delivered,
@@ -141,14 +151,14 @@ WITH incoming AS (
         cancelled = j.cancelled + coalesce(d.cancelled, 0),
         suppressed = j.suppressed + coalesce(d.suppressed, 0),
         duplicates = j.duplicates + coalesce(rp.n, 0),
-        updated_at = $14
+        updated_at = $16
     FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
     LEFT JOIN deltas d USING (job_no)
     LEFT JOIN repeated rp USING (job_no)
     WHERE j.job_no = touched.job_no
-    RETURNING j.job_no
+    RETURNING j.job_no, j.delivered, j.failed, j.deferred, j.cancelled, j.suppressed, j.duplicates, j.updated_at
 )
-SELECT (SELECT count(*) FROM changed) AS applied, array(SELECT job_no FROM moved) AS jobs;
+SELECT * FROM moved;
 
 -- name: set_status_range
 -- A decision of the leader over a range of one job's recipients (cancel, expire, fail
@@ -182,8 +192,10 @@ WITH changed AS (
         updated_at = $7
     FROM deltas d
     WHERE j.job_no = $1 AND d.n > 0
+    RETURNING j.job_no, j.delivered, j.failed, j.deferred, j.cancelled, j.suppressed, j.duplicates, j.updated_at
 )
-SELECT (SELECT n FROM deltas) AS n, array(SELECT DISTINCT idx / $9 FROM changed) AS seqs;
+SELECT m.*, (SELECT n FROM deltas) AS n, array(SELECT DISTINCT idx / $9 FROM changed) AS seqs
+FROM (SELECT 1) AS one LEFT JOIN moved m ON true;
 
 -- name: suppress_recipients
 -- Recipients found on their tenant's suppression list at dispatch: final, never sent,
@@ -203,9 +215,9 @@ WITH incoming AS (
     UPDATE jobs j SET suppressed = j.suppressed + d.n, deferred = j.deferred - d.deferred,
         updated_at = $4
     FROM deltas d WHERE j.job_no = d.job_no
-    RETURNING j.job_no
+    RETURNING j.job_no, j.delivered, j.failed, j.deferred, j.cancelled, j.suppressed, j.duplicates, j.updated_at
 )
-SELECT array(SELECT job_no FROM moved) AS jobs;
+SELECT * FROM moved;
 
 -- name: batch_outcomes
 -- How the recipients of released batches stand, to settle each batch.
@@ -231,16 +243,19 @@ RETURNING b.job_no, b.seq, u.node_id, u.attempt, b.lost;
 UPDATE batches SET done = false, retry_at = NULL, lost = 0
 WHERE job_no = $1 AND seq = ANY($2::int[]) AND node_id IS NULL;
 
--- name: add_hard_bounces
-INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::smallint[],
-                     $6::text[], $7::text[])
-ON CONFLICT (tenant, email) DO NOTHING;
-
 -- name: set_job_state
 UPDATE jobs SET state = $2, updated_at = $3, finished_at = $4
 WHERE job_no = $1
 RETURNING *;
+
+-- name: job_by_no
+SELECT * FROM jobs WHERE job_no = $1;
+
+-- name: finish_batches
+-- Batches found with nothing left to send when they were about to be handed out.
+INSERT INTO batches AS b (job_no, seq, done)
+SELECT *, true FROM unnest($1::bigint[], $2::int[])
+ON CONFLICT (job_no, seq) DO UPDATE SET done = true, node_id = NULL, retry_at = NULL;
 
 -- name: list_jobs
 -- Newest first (job ids sort by creation), by keyset.

@@ -249,15 +249,31 @@ class StatusChange:
     """Leave recipients whose last reply was a 5xx (retrying those cannot help)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class JobCounts:
+    """A job's counts as a write left them."""
+
+    job_no: int
+    delivered: int
+    failed: int
+    deferred: int
+    cancelled: int
+    suppressed: int
+    duplicates: int
+    updated_at: float
+
+
 @dataclasses.dataclass
 class WriteOutcome:
     """What one writer transaction changed."""
 
-    jobs: set[int] = dataclasses.field(default_factory=set)
-    """Jobs whose counts moved."""
+    jobs: dict[int, JobCounts] = dataclasses.field(default_factory=dict)
+    """Jobs whose counts moved, with their new counts."""
     settled: list[BatchSettled] = dataclasses.field(default_factory=list)
     reopened: dict[int, list[int]] = dataclasses.field(default_factory=dict)
     """Batches (by job) that have recipients to send again."""
+    changed: list[int] = dataclasses.field(default_factory=list)
+    """Recipients each status change moved, in the order given."""
 
 
 class Store:
@@ -473,20 +489,37 @@ class Store:
         return found
 
     async def assign(
-        self, assignments: Sequence[tuple[int, int, str, int]], cursors: dict[int, int], now: float
+        self,
+        assignments: Sequence[tuple[int, int, str, int]],
+        finished: Sequence[tuple[int, int]],
+        cursors: dict[int, int],
+        now: float,
     ) -> None:
-        """Record that (job_no, seq) goes to node_id as dispatch ``attempt``, and move
-        each job's cursor; fenced. Call before sending the batches."""
+        """Record, fenced, that each (job_no, seq) goes to node_id as dispatch
+        ``attempt`` (call before sending them), that the ``finished`` batches have
+        nothing left to send, and each job's new cursor."""
         async with self._write() as conn:
-            await conn.execute(
-                self._q["assign_batches"],
-                [a[0] for a in assignments], [a[1] for a in assignments],
-                [a[2] for a in assignments], [a[3] for a in assignments],
-            )  # fmt: skip
+            if assignments:
+                await conn.execute(
+                    self._q["assign_batches"],
+                    [a[0] for a in assignments],
+                    [a[1] for a in assignments],
+                    [a[2] for a in assignments],
+                    [a[3] for a in assignments],
+                )
+            if finished:
+                await conn.execute(
+                    self._q["finish_batches"], [f[0] for f in finished], [f[1] for f in finished]
+                )
             if cursors:
                 await conn.execute(
                     self._q["advance_jobs"], list(cursors), list(cursors.values()), ts(now)
                 )
+
+    async def job_by_no(self, job_no: int) -> JobRecord | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["job_by_no"], job_no)
+        return _job(row) if row is not None else None
 
     # ---- the result writer's transaction --------------------------------------------
 
@@ -496,13 +529,12 @@ class Store:
         changes: Sequence[StatusChange],
         suppressed: Sequence[tuple[int, int, str]],
         releases: Sequence[BatchRelease],
-        bounces: Sequence[tuple[str, Suppression]],
         retry_at: Any,
         now: float,
     ) -> WriteOutcome:
-        """Apply, in one fenced transaction and in this order: node outcomes, leader
-        decisions over ranges, suppressions found at dispatch, hard bounces to the
-        suppression lists, and released batches (settled from their recipients' state:
+        """Apply, in one fenced transaction and in this order: node outcomes (with hard
+        bounces added to suppression lists), leader decisions over ranges, suppressions
+        found at dispatch, and released batches (settled from their recipients' state:
         ``retry_at(release, deferred)`` gives the time a batch with deferred recipients
         may go again).
 
@@ -512,32 +544,35 @@ class Store:
         out = WriteOutcome()
         async with self._write() as conn:
             if outcomes:
-                out.jobs.update(await self._apply_outcomes(conn, outcomes, now))
+                await self._apply_outcomes(conn, outcomes, now, out)
             for change in changes:
                 await self._change(conn, change, now, out)
             if suppressed:
-                out.jobs.update(await self._suppress(conn, suppressed, now))
-            if bounces:
-                await self._bounces(conn, bounces)
+                await self._suppress(conn, suppressed, now, out)
             if releases:
                 out.settled = await self._release(conn, releases, retry_at)
         return out
 
     async def _apply_outcomes(
-        self, conn: asyncpg.Connection, outcomes: Sequence[RecipientOutcome], now: float
-    ) -> set[int]:
-        cols: list[list[Any]] = [[] for _ in range(13)]
+        self,
+        conn: asyncpg.Connection,
+        outcomes: Sequence[RecipientOutcome],
+        now: float,
+        out: WriteOutcome,
+    ) -> None:
+        cols: list[list[Any]] = [[] for _ in range(15)]
         for o in _dedupe(outcomes):
             r = o.result
             row = (
-                o.job_no, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
+                o.job_id, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
                 r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
                 r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
+                o.email, o.hard_bounce,
             )  # fmt: skip
             for col, value in zip(cols, row, strict=True):
                 col.append(value)
-        row = await conn.fetchrow(self._q["apply_results"], *cols, ts(now))
-        return set(row["jobs"])
+        for row in await conn.fetch(self._q["apply_results"], *cols, ts(now)):
+            out.jobs[row["job_no"]] = _counts(row)
 
     async def _change(
         self, conn: asyncpg.Connection, c: StatusChange, now: float, out: WriteOutcome
@@ -547,33 +582,30 @@ class Store:
             [STATUS_CODE[s] for s in c.from_statuses], STATUS_CODE[c.to_status], c.reason,
             ts(now), c.skip_permanent, c.batch_size,
         )  # fmt: skip
-        if row["n"]:
-            out.jobs.add(c.job_no)
+        out.changed.append(int(row["n"] or 0))
+        if row["job_no"] is not None:
+            out.jobs[c.job_no] = _counts(row)
             if c.to_status in (Status.QUEUED, Status.DEFERRED):
                 seqs = sorted(int(s) for s in row["seqs"])
                 await conn.execute(self._q["reopen_batches"], c.job_no, seqs)
                 out.reopened.setdefault(c.job_no, []).extend(seqs)
 
     async def _suppress(
-        self, conn: asyncpg.Connection, suppressed: Sequence[tuple[int, int, str]], now: float
-    ) -> set[int]:
-        row = await conn.fetchrow(
-            self._q["suppress_recipients"],
-            [s[0] for s in suppressed], [s[1] for s in suppressed], [s[2] for s in suppressed],
-            ts(now),
-        )  # fmt: skip
-        return set(row["jobs"])
-
-    async def _bounces(
-        self, conn: asyncpg.Connection, bounces: Sequence[tuple[str, Suppression]]
+        self,
+        conn: asyncpg.Connection,
+        suppressed: Sequence[tuple[int, int, str]],
+        now: float,
+        out: WriteOutcome,
     ) -> None:
-        await conn.execute(
-            self._q["add_hard_bounces"],
-            [t for t, _ in bounces], [s.email for _, s in bounces],
-            [s.reason.value for _, s in bounces], [ts(s.created_at) for _, s in bounces],
-            [s.code for _, s in bounces], [s.enhanced_code for _, s in bounces],
-            [s.text for _, s in bounces],
-        )  # fmt: skip
+        rows = await conn.fetch(
+            self._q["suppress_recipients"],
+            [s[0] for s in suppressed],
+            [s[1] for s in suppressed],
+            [s[2] for s in suppressed],
+            ts(now),
+        )
+        for row in rows:
+            out.jobs[row["job_no"]] = _counts(row)
 
     async def _release(
         self, conn: asyncpg.Connection, releases: Sequence[BatchRelease], retry_at: Any
@@ -702,9 +734,9 @@ class Store:
 def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:
     """One outcome per recipient: a delivery wins, then the latest attempt, then the
     latest report (a statement may update a row only once)."""
-    best: dict[tuple[int, int], RecipientOutcome] = {}
+    best: dict[tuple[str, int], RecipientOutcome] = {}
     for o in outcomes:
-        key = (o.job_no, o.index)
+        key = (o.job_id, o.index)
         kept = best.get(key)
         if kept is None or _rank(o.result) >= _rank(kept.result):
             best[key] = o
@@ -751,6 +783,19 @@ def _job(row: Any) -> JobRecord:
         status=status,
         cursor=row["cursor"],
         duplicates=row["duplicates"],
+    )
+
+
+def _counts(row: Any) -> JobCounts:
+    return JobCounts(
+        job_no=row["job_no"],
+        delivered=row["delivered"],
+        failed=row["failed"],
+        deferred=row["deferred"],
+        cancelled=row["cancelled"],
+        suppressed=row["suppressed"],
+        duplicates=row["duplicates"],
+        updated_at=unix(row["updated_at"]) or 0.0,
     )
 
 

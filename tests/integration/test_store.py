@@ -67,13 +67,9 @@ async def leader(database: Database, epoch: int) -> Store:
     return store
 
 
-def delivered(job_no: int, index: int, node: str = "n1", attempts: int = 1) -> RecipientOutcome:
-    return RecipientOutcome(
-        job_no,
-        index,
-        "",
-        Result(Status.DELIVERED, 250, "2.0.0", "ok", attempts=attempts, node_id=node),
-    )
+def delivered(job_id: str, index: int, node: str = "n1", attempts: int = 1) -> RecipientOutcome:
+    result = Result(Status.DELIVERED, 250, "2.0.0", "ok", attempts=attempts, node_id=node)
+    return RecipientOutcome(job_id, index, result)
 
 
 async def write(store: Store, outcomes: Sequence[RecipientOutcome] = (), **kw: object) -> object:
@@ -82,7 +78,6 @@ async def write(store: Store, outcomes: Sequence[RecipientOutcome] = (), **kw: o
         kw.get("changes", ()),  # type: ignore[arg-type]
         kw.get("suppressed", ()),  # type: ignore[arg-type]
         kw.get("releases", ()),  # type: ignore[arg-type]
-        (),
         lambda release, deferred: NOW + 60,
         NOW,
     )
@@ -91,12 +86,12 @@ async def write(store: Store, outcomes: Sequence[RecipientOutcome] = (), **kw: o
 async def test_a_deposed_leaders_writes_fail(database: Database) -> None:
     # Given a leader at epoch 5 that stored a job
     old = await leader(database, 5)
-    job = await old.submit(spec("j1", "k1"), chunks_of(20), QuotaRequest(), NOW)
+    await old.submit(spec("j1", "k1"), chunks_of(20), QuotaRequest(), NOW)
     # When a newer leader (epoch 7) raises the fence
     new = await leader(database, 7)
     # Then every write of the old one is refused, and nothing of it lands
     with pytest.raises(LostLeadership):
-        await write(old, [delivered(job.job_no, 0)])
+        await write(old, [delivered("j1", 0)])
     with pytest.raises(LostLeadership):
         await old.submit(spec("j2", "k2"), chunks_of(5), QuotaRequest(), NOW)
     assert not await new.job_exists("j2")
@@ -105,7 +100,7 @@ async def test_a_deposed_leaders_writes_fail(database: Database) -> None:
     # And an older epoch cannot take the fence back
     with pytest.raises(LostLeadership):
         await leader(database, 6)
-    await write(new, [delivered(job.job_no, 0)])
+    await write(new, [delivered("j1", 0)])
     assert (await new.job("j1")).status.counts.delivered == 1  # type: ignore[union-attr]
 
 
@@ -163,18 +158,22 @@ async def test_results_apply_once_and_deliveries_win(database: Database) -> None
     store = await leader(database, 1)
     job = await store.submit(spec("r", "k"), chunks_of(10), QuotaRequest(), NOW)
     n = job.job_no
-    deferred = RecipientOutcome(n, 1, "", Result(Status.DEFERRED, 451, "4.3.0", "busy", attempts=1))
+    deferred = RecipientOutcome("r", 1, Result(Status.DEFERRED, 451, "4.3.0", "busy", attempts=1))
     failed = RecipientOutcome(
-        n, 2, "", Result(Status.FAILED, 550, "5.1.1", "no such user", attempts=1)
+        "r",
+        2,
+        Result(Status.FAILED, 550, "5.1.1", "no such user", attempts=1),
+        email="User2@Example.org",
+        hard_bounce=True,
     )
     # Given results applied, then the same results replayed
     for _ in range(2):
-        await write(store, [delivered(n, 0), deferred, failed])
+        await write(store, [delivered("r", 0), deferred, failed])
     counts = (await store.job("r")).status.counts  # type: ignore[union-attr]
     # Then they count once
     assert (counts.delivered, counts.deferred, counts.failed, counts.queued) == (1, 1, 1, 7)
     # When an older attempt's deferral arrives after a later delivery of recipient 1
-    await write(store, [delivered(n, 1, attempts=2)])
+    await write(store, [delivered("r", 1, attempts=2)])
     await write(store, [deferred])
     # Then the delivery stands
     results = {i: r for i, _, r in await store.results(n, -1, (), 100)}
@@ -184,33 +183,38 @@ async def test_results_apply_once_and_deliveries_win(database: Database) -> None
         store,
         changes=[StatusChange(n, 3, 4, (Status.QUEUED,), Status.CANCELLED, "job cancelled", 10)],
     )
-    await write(store, [delivered(n, 3)])
+    await write(store, [delivered("r", 3)])
     # Then it is delivered (what happened), and counts follow
     record = await store.job("r")
     assert record is not None
     c = record.status.counts
     assert (c.delivered, c.cancelled, c.deferred) == (3, 0, 0)
     # And another node's delivery of a delivered recipient is counted as a duplicate
-    await write(store, [delivered(n, 0, node="n2")])
+    await write(store, [delivered("r", 0, node="n2")])
     assert (await store.job("r")).duplicates == 1  # type: ignore[union-attr]
+    # And the hard bounce is on the tenant's list, normalised
+    listed = await store.suppressions("acme", "", 10)
+    assert [(s.email, s.code) for s in listed] == [("user2@example.org", 550)]
+    # And results for a job that does not exist are ignored
+    await write(store, [delivered("no-such-job", 0)])
 
 
 async def test_released_batches_settle_from_their_recipients(database: Database) -> None:
     store = await leader(database, 1)
     job = await store.submit(spec("s", "k", batch_size=5), chunks_of(15), QuotaRequest(), NOW)
     n = job.job_no
-    await store.assign([(n, 0, "n1", 1), (n, 1, "n1", 1), (n, 2, "n2", 1)], {n: 3}, NOW)
+    await store.assign([(n, 0, "n1", 1), (n, 1, "n1", 1), (n, 2, "n2", 1)], [], {n: 3}, NOW)
     # Given batch 0 fully delivered, batch 1 with a deferral, batch 2 untouched
-    outcomes = [delivered(n, i) for i in range(5)]
-    outcomes.append(RecipientOutcome(n, 5, "", Result(Status.DEFERRED, 451, attempts=1)))
-    outcomes += [delivered(n, i) for i in range(6, 10)]
+    outcomes = [delivered("s", i) for i in range(5)]
+    outcomes.append(RecipientOutcome("s", 5, Result(Status.DEFERRED, 451, attempts=1)))
+    outcomes += [delivered("s", i) for i in range(6, 10)]
     releases = [
         BatchRelease(n, 0, "n1", 1, 0, 5),
         BatchRelease(n, 1, "n1", 1, 5, 10),
         BatchRelease(n, 2, "n2", 1, 10, 15),
         BatchRelease(n, 2, "n9", 1, 10, 15),  # not the holder: ignored
     ]
-    out = await store.write(outcomes, (), (), releases, (), lambda r, d: NOW + 42, NOW)
+    out = await store.write(outcomes, (), (), releases, lambda r, d: NOW + 42, NOW)
     settled = {s.seq: s for s in out.settled}
     # Then each settles by what its recipients say, once
     assert settled[0].done and settled[0].retry_at is None

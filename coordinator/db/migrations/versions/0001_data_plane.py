@@ -69,7 +69,9 @@ CREATE TABLE jobs (
     UNIQUE (tenant, idempotency_key)
 );
 CREATE INDEX jobs_by_tenant ON jobs (tenant, job_id DESC);
-CREATE INDEX jobs_unfinished ON jobs (job_id) WHERE state IN ('queued', 'running', 'paused');
+-- A job is unfinished until finished_at is set: completed, or cancelled and settled
+-- (a cancelled job whose batches are still held by nodes is not finished yet).
+CREATE INDEX jobs_unfinished ON jobs (job_id) WHERE finished_at IS NULL;
 CREATE INDEX jobs_to_purge ON jobs (finished_at)
     WHERE purged_at IS NULL AND finished_at IS NOT NULL;
 
