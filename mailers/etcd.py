@@ -50,6 +50,8 @@ class Keys:
     - ``state/<job_id>/<seq>``: a batch's per-recipient results and attempts.
     - ``suppress/<tenant>/<email>``: an address the tenant never sends to (email
       lower-cased; tenant "" for auth off, giving ``suppress//<email>``).
+    - ``handback/<node_id>``: a serialized ``NodeHandback`` (protobuf, not JSON) a node
+      writes when it cannot reach the leader; no lease; the leader applies and deletes it.
     """
 
     prefix: str = "/mailers"
@@ -112,6 +114,13 @@ class Keys:
 
     def suppression(self, tenant: str, email: str) -> bytes:
         return self._k("suppress", tenant, email)
+
+    @property
+    def handback_prefix(self) -> bytes:
+        return self._k("handback", "")
+
+    def handback(self, node_id: str) -> bytes:
+        return self._k("handback", node_id)
 
     def tail(self, key: bytes, parent: bytes) -> str:
         """The part of key after parent (one of the prefix properties above)."""
