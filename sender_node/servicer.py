@@ -208,6 +208,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._acked = asyncio.Event()
+        self._handback_left_out = 0
 
     # -- state visible to the process and tests --------------------------------------
 
@@ -253,8 +254,14 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         content = self._outbox.handback()
         if not content.results and not content.released:
             return None
-        if content.left_out:
-            log.warning("hand-back: %d released batches did not fit", content.left_out)
+        if content.left_out != self._handback_left_out:
+            self._handback_left_out = content.left_out
+            if content.left_out:
+                log.warning(
+                    "hand-back: %d released batches did not fit; they stay held until a "
+                    "leader acknowledges results or connects",
+                    content.left_out,
+                )
         return _convert.handback(self._node_id, content).SerializeToString()
 
     def observe_epoch(self, epoch: int) -> None:

@@ -37,7 +37,8 @@ async def test_appends_become_durable_and_are_announced(tmp_path: Path) -> None:
         # Then they are numbered from 1, written at once, and durable after the fsync
         assert seqs == [1, 2, 3]
         assert journal.last_seq == 3 and journal.unacked_results == 6
-        await asyncio.wait_for(journal.wait_durable(3), 10)
+        async with asyncio.timeout(10):
+            await journal.wait_durable(3)
         assert journal.durable_seq == 3 and durable[-1] == 3
         assert [r.payload for r in journal.unacked()] == [b"r1", b"r2", b"r3"]
     finally:
@@ -95,7 +96,8 @@ async def test_acks_truncate_and_full_segments_are_deleted(tmp_path: Path) -> No
     try:
         for _ in range(6):
             journal.append(1, B1.key(), lambda seq: b"p" * 40)
-        await asyncio.wait_for(journal.wait_durable(6), 10)
+        async with asyncio.timeout(10):
+            await journal.wait_durable(6)
         assert len(segments(tmp_path)) == 3
 
         # When records up to 4 are acknowledged
@@ -263,7 +265,8 @@ async def test_a_handback_lists_released_batches_with_all_their_results(
             outbox.hold(ref)
             outbox.record(ref, [result(0), result(1)])
             outbox.release(Release(ref, epoch=3, unattempted=0))
-        await asyncio.wait_for(journal.wait_durable(2), 10)
+        async with asyncio.timeout(10):
+            await journal.wait_durable(2)
         await assert_eventually(lambda: not outbox.held(), timeout_s=10)
 
         # When the hand-back is made with room for everything

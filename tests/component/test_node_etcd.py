@@ -17,9 +17,12 @@ from pathlib import Path
 
 import aetcd
 import grpc
+import pytest
 
 from mailerpb.mailer.v1 import sender_pb2, sender_pb2_grpc
-from mailers.etcd import Keys, connect
+from mailers.certs import make_dev_pki
+from mailers.etcd import EtcdTls, Keys, connect
+from mailers.etcd_auth import bootstrap
 from mailers.procs import EtcdCluster
 from sender_node.__main__ import run
 from sender_node.config import from_env
@@ -250,3 +253,55 @@ async def test_sigterm_drains_then_releases_without_cutting_a_transaction(
         assert len(sink.handler.messages) == 4
         # And its registration is gone at once (the lease revoked)
         assert await etcd.get(node.keys.node(node.node_id)) is None
+
+
+# ---- what the node's etcd role allows -----------------------------------------------------
+
+
+async def test_a_node_role_can_follow_the_election_and_hand_back(tmp_path: Path) -> None:
+    # Given etcd with client-certificate auth and the roles of mailers.etcd_auth
+    pki = tmp_path / "pki"
+    make_dev_pki(pki, ["n1", "n2"])
+    cluster = EtcdCluster(tmp_path / "etcd", size=1, tls=EtcdTls.from_dir(pki, "etcd"))
+    await asyncio.to_thread(cluster.start)
+    keys = Keys("/mailers")
+    coordinator = connect(cluster.endpoints, tls=EtcdTls.from_dir(pki, "coordinator"))
+    node = connect(cluster.endpoints, tls=EtcdTls.from_dir(pki, "node-n1"))
+    seen: list[int] = []
+    watch = LeaderWatch(node, keys, seen.append, poll_s=60)
+    try:
+        root = EtcdTls.from_dir(pki, "etcd-root")
+        await bootstrap(cluster.endpoints, root, "/mailers", ["n1", "n2"], ready_timeout_s=30)
+        await coordinator.connect()
+        await node.connect()
+        _, epoch = await campaign(coordinator, keys, "c1")
+
+        # When node n1 follows the election
+        watch.start()
+
+        # Then its role lets it read the leader (a limited range read) and watch
+        await assert_eventually(lambda: seen == [epoch], timeout_s=10)
+        _, later = await campaign(coordinator, keys, "c2")
+        await coordinator.delete(keys.election_key(await _lease_of(coordinator, keys, "c1")))
+        await assert_eventually(lambda: seen == [epoch, later], timeout_s=10)
+        # And write its own hand-back key, but not another node's
+        await node.put(keys.handback("n1"), b"x")
+        with pytest.raises(aetcd.ClientError):
+            await node.put(keys.handback("n2"), b"x")
+        # And still not enter the election itself
+        with pytest.raises(aetcd.ClientError):
+            await node.put(keys.election_key(1), b"{}")
+    finally:
+        await watch.stop()
+        await node.close()
+        await coordinator.close()
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _lease_of(client: aetcd.Client, keys: Keys, name: str) -> int:
+    """The lease id in the election key of coordinator ``name``."""
+    listing = await client.get_prefix(keys.election)
+    for kv in listing:
+        if json.loads(kv.value)["id"] == name:
+            return int(kv.lease)
+    raise AssertionError(f"{name} has no election key")
