@@ -339,7 +339,7 @@ class Journal:
         if task is not None:
             try:
                 async with asyncio.timeout(timeout_s):
-                    await asyncio.shield(task)
+                    await asyncio.gather(asyncio.shield(task), return_exceptions=True)
             except TimeoutError:
                 log.error("journal %s: the last fsync did not finish in %gs", self._dir, timeout_s)
                 task.cancel()
@@ -356,7 +356,13 @@ class Journal:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._sync_once()
+            try:
+                await self._sync_once()
+            except Exception as exc:
+                # Never let the task die silently: nothing would ever become durable.
+                log.exception("journal %s: the fsync task failed", self._dir)
+                self._fail(OSError(str(exc)))
+                self._wake.set()
             if self._closing:
                 return
             # Group commit: appends during this pause share the next fsync.

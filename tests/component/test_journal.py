@@ -282,3 +282,30 @@ async def test_a_handback_lists_released_batches_with_all_their_results(
         assert [m.ref for m in one.results] == [B2]
     finally:
         await journal.close()
+
+
+async def test_a_disk_error_keeps_results_in_memory_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a journal whose disk fills up
+    journal = Journal.open(tmp_path, sync_interval_s=0.0)
+    journal.start()
+    try:
+
+        def full(fd: int, data: object) -> int:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr("sender_node.journal.os.write", full)
+
+        # When a record is appended
+        record = journal.append(1, B1.key(), lambda seq: b"p")
+
+        # Then the journal reports the failure, keeps the record in memory, and lets it
+        # count as durable (holding it back would only keep it from a leader)
+        assert journal.failed is not None and "No space" in journal.failed
+        async with asyncio.timeout(10):
+            await journal.wait_durable(record.seq)
+        assert [r.seq for r in journal.unacked()] == [record.seq]
+    finally:
+        monkeypatch.undo()
+        await journal.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import grpc
+import pytest
 from aiosmtpd.smtp import SMTP
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -784,3 +785,28 @@ async def test_health_is_serving_while_registered_and_not_draining(
 
 async def _is(status: Awaitable[int], expected: int) -> bool:
     return await status == expected
+
+
+async def test_a_failed_journal_stops_the_node_taking_work(
+    sink: Sink, servers: StartNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a node whose journal disk fails
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+
+    def broken(fd: int, data: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("sender_node.journal.os.write", broken)
+
+    # When a batch is sent, its result still reaches the leader (from memory)
+    await coordinator.send_batch(make_batch("b1", addresses(1)))
+    assert len(results_of(await coordinator.read_until("ack", "b1"))) == 1
+
+    # Then the node takes no more batches and stops reporting SERVING
+    await coordinator.send_batch(make_batch("b2", addresses(1), job_id="job-2"))
+    rejected = (await coordinator.read_until("rejected"))[-1].rejected
+    assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="journal failed")
+    assert not node.servicer.serving()
+    monkeypatch.undo()
