@@ -105,7 +105,7 @@ class Registry:
         return [
             watch_prefix(self._client, self._keys.nodes, self._snapshot, self._change),
             watch_prefix(
-                self._client, self._keys.handbacks, self._handback_snapshot, self._handback
+                self._client, self._keys.handback_prefix, self._handback_snapshot, self._handback
             ),
         ]
 
@@ -198,7 +198,7 @@ class Registry:
     async def _handback(self, kind: str, key: bytes, value: bytes) -> None:
         if kind == "DELETE":
             return
-        node_id = self._keys.tail(key, self._keys.handbacks)
+        node_id = self._keys.tail(key, self._keys.handback_prefix)
         try:
             handback = sender_pb2.NodeHandback.FromString(value)
         except Exception:

@@ -83,7 +83,7 @@ class Keys:
         return self._k("cordon", node_id)
 
     @property
-    def handbacks(self) -> bytes:
+    def handback_prefix(self) -> bytes:
         return self._k("handback", "")
 
     def handback(self, node_id: str) -> bytes:

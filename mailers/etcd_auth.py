@@ -15,14 +15,19 @@ user (certificate CN)      role                          permission
                                                          to change users and roles
 ``mailers-coordinator``    ``mailers-coordinator``       readwrite ``<prefix>/`` and
                                                          every key under it
-``mailers-node-<id>``      ``mailers-node-<id>``         readwrite the single key
-                                                         ``<prefix>/nodes/<id>``
+``mailers-node-<id>``      ``mailers-node-<id>``         readwrite the single keys
+                                                         ``<prefix>/nodes/<id>`` and
+                                                         ``<prefix>/handback/<id>``;
+                                                         read ``<prefix>/election/``
+                                                         and every key under it
 =========================  ============================  ===========================
 
 A sender node touches nothing else in etcd: it grants a lease, puts its registration
 in a transaction comparing that key's create revision and value, refreshes the lease
-and revokes it (``sender_node/registration.py``); batches and results travel over
-gRPC and the coordinator stores them. etcd 3.4 lets any authenticated user grant and
+and revokes it (``sender_node/registration.py``); it reads the election keys to learn
+the leader's epoch (``sender_node/leader_watch.py``), and writes its hand-back key when
+it cannot reach the leader (``sender_node/handback.py``). Batches and results travel
+over gRPC and the coordinator stores them. etcd 3.4 lets any authenticated user grant and
 keep alive a lease; revoking one, or putting a key with one, needs write permission on
 every key attached to that lease. So a node can neither read nor write another node's
 registration, jobs, batches or results, nor revoke a lease that holds them.
@@ -96,8 +101,16 @@ def coordinator_grants(prefix: str) -> frozenset[Grant]:
 
 
 def node_grants(prefix: str, node_id: str) -> frozenset[Grant]:
-    """Readwrite on the node's own registration key and nothing else."""
-    return frozenset({Grant(Keys(prefix).node(node_id), b"", Access.READWRITE)})
+    """Readwrite on the node's own registration and hand-back keys; read on the
+    election keys (the leader's epoch fences deposed leaders off)."""
+    keys = Keys(prefix)
+    return frozenset(
+        {
+            Grant(keys.node(node_id), b"", Access.READWRITE),
+            Grant(keys.handback(node_id), b"", Access.READWRITE),
+            _prefix_grant(keys.election, Access.READ),
+        }
+    )
 
 
 def role_table(prefix: str, node_ids: Sequence[str]) -> dict[str, frozenset[Grant]]:

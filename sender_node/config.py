@@ -21,7 +21,13 @@ Variables (defaults in brackets):
   ``connections=`` option overrides it).
 - ``MAILER_CAPACITY`` [400]: recipients held at once.
 - ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP command.
-- ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may finish.
+- ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may go on
+  starting transactions. Transactions past their final dot are never cut, so the
+  process may exit up to the final-reply timeout (:class:`NodeTimings`) later.
+- ``MAILER_STATE_DIR`` [``/var/lib/mailers/node-<node_id>``]: the result journal; must
+  survive restarts and belong to this node alone (absolute path).
+- ``MAILER_MAX_UNACKED_RESULTS`` [50000]: results no leader has acknowledged yet above
+  which the node rejects new batches ("at capacity").
 - ``MAILER_METRICS_LISTEN`` [empty: off]: ``host:port`` of the Prometheus exporter.
 - ``MAILER_DOMAIN_LIMITS`` [empty: 20 transactions at once per recipient domain, no
   rate limit]: e.g. ``default=concurrency:20;gmail.com=rate:10,burst:5,concurrency:4``
@@ -50,6 +56,7 @@ from mailers.tls import TlsConfig
 from mailers.tls import node_from_env as tls_from_env
 from sender_node.dkim import parse_key_spec
 from sender_node.errors import ConfigError
+from sender_node.relay_breaker import data_timeout_s
 from sender_node.relay_choice import Strategy
 from sender_node.throttle import Limits, parse_domain_limits
 
@@ -379,7 +386,16 @@ class SenderConfig:
     metrics_listen: str = ""
     """host:port of the Prometheus exporter (``MAILER_METRICS_LISTEN``); empty disables it."""
     drain_timeout_s: float = 10.0
-    """On SIGTERM, how long in-flight batches may run before they are dropped."""
+    """On SIGTERM, how long batches under way may go on starting SMTP transactions;
+    then the rest is handed back. A transaction past its final dot is never cut, so the
+    process may exit up to the final-reply timeout (``NodeTimings.final_reply_s``) later."""
+    state_dir: str = ""
+    """Directory of the result journal (``MAILER_STATE_DIR``), absolute; empty means
+    ``/var/lib/mailers/node-<node_id>``. It must outlive the process (a volume, not a
+    container's own layer) and serve one node only (a lock file enforces that)."""
+    max_unacked_results: int = 50_000
+    """Results in the journal that no leader has acknowledged; beyond this the node
+    rejects new batches as "at capacity" until acknowledgements bring it down."""
     log_level: str = "INFO"
     tls: TlsConfig = TlsConfig()
     """TLS of the dispatch server: MAILER_TLS_CA, MAILER_TLS_CERT, MAILER_TLS_KEY, and
@@ -403,8 +419,130 @@ class SenderConfig:
             raise ConfigError("MAILER_CAPACITY must be at least 1")
         if self.drain_timeout_s < 0:
             raise ConfigError("MAILER_DRAIN_TIMEOUT_S must not be negative")
+        if not self.state_dir:
+            # Frozen: __post_init__ is the one place a derived default can be set.
+            object.__setattr__(self, "state_dir", f"/var/lib/mailers/node-{self.node_id}")
+        if not os.path.isabs(self.state_dir):
+            raise ConfigError(f"MAILER_STATE_DIR {self.state_dir!r} must be an absolute path")
+        if self.max_unacked_results < 1:
+            raise ConfigError("MAILER_MAX_UNACKED_RESULTS must be at least 1")
+        # The timeouts and lease margins must agree; fail here rather than at start.
+        timings_of(self)
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"unknown log level {self.log_level!r}")
+
+
+MIN_THROUGHPUT_BYTES_PER_S = 64 * 1024
+"""Slowest message transfer still considered healthy. The node hands it to ``RelayPool``
+(``min_throughput_bytes_per_s``), whose deadline for the final dot's reply grows with
+the message size at this rate; :func:`derive_timings` uses the same formula."""
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest rendered message a node sends; a larger one fails without being sent, so
+that the final-reply bound holds. Submitted content is capped near 1.2 MB; rendering
+(base64, quoted-printable, DKIM) keeps it well below this."""
+
+SETUP_STEPS = 4
+"""SMTP steps before the body a transaction's start budget allows for, one step
+timeout each (connect with TLS and EHLO, AUTH, MAIL with the RCPTs, DATA)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeTimings:
+    """How long a node's SMTP work can take: what the leader is told (``NodeTimeouts``)
+    and what bounds every stop. Build it with :func:`derive_timings`, the one place
+    where these numbers come from the configuration."""
+
+    final_reply_s: float
+    """Longest a transaction can last after its final dot: then it has a verdict or is
+    given up as ambiguous. The SMTP step timeout plus the largest message (dot-stuffed)
+    at :data:`MIN_THROUGHPUT_BYTES_PER_S`."""
+    start_budget_s: float
+    """Longest from a transaction's first wait (domain pacing, a node slot, a relay's
+    rate) to its message body. A transaction not at its body by then is given up before
+    the body and its recipients are deferred without using an attempt."""
+    max_authority_s: float
+    """The most authority one ``open`` or ``heartbeat`` grants; a longer
+    ``authority_ms`` is cut to this."""
+    handback_after_s: float = 2.0
+    """A node holding results or released batches writes its hand-back to etcd once it
+    has had no usable stream to a leader this long."""
+    stop_slack_s: float = 0.5
+    """After a stop, transactions still short of their body when ``final_reply_s`` has
+    passed are cut this much later (none can be past its final dot by then)."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """Largest rendered message sent (see :data:`MAX_MESSAGE_BYTES`)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.final_reply_s <= self.transaction_s:
+            raise ConfigError("final_reply_s must be positive and within transaction_s")
+        if self.start_budget_s <= 0 or self.max_authority_s <= 0:
+            raise ConfigError("start_budget_s and max_authority_s must be positive")
+        if self.handback_after_s < 0 or self.stop_slack_s < 0 or self.max_message_bytes < 1:
+            raise ConfigError("handback_after_s, stop_slack_s, max_message_bytes out of range")
+
+    @property
+    def transaction_s(self) -> float:
+        """Longest one whole transaction can take: its start budget, then its final reply."""
+        return self.start_budget_s + self.final_reply_s
+
+    @property
+    def release_s(self) -> float:
+        """Longest from stopping a batch to its release: transactions past their final
+        dot finish within ``final_reply_s``; the others are cut after the slack."""
+        return self.final_reply_s + self.stop_slack_s
+
+
+def derive_timings(
+    *,
+    smtp_timeout_s: float,
+    lease_ttl_s: float,
+    trust_margin_s: float,
+    pacing_wait_s: float = 30.0,
+    max_message_bytes: int = MAX_MESSAGE_BYTES,
+    min_throughput_bytes_per_s: float = MIN_THROUGHPUT_BYTES_PER_S,
+    handback_after_s: float = 2.0,
+) -> NodeTimings:
+    """The node's time bounds from its settings (pure); checks they are consistent.
+
+    - final reply: the SMTP step timeout plus the largest message at the slowest
+      healthy throughput (``relay_breaker.data_timeout_s``, as the SMTP client does).
+      Dot-stuffing grows CRLF text by at most a third.
+    - start budget: the domain pacing wait plus :data:`SETUP_STEPS` step timeouts.
+    - transaction: start budget plus final reply (``NodeTimeouts.transaction_ms``).
+    - most authority: the lease's trusted span (TTL minus margin), so a node cut off
+      from both leader and etcd stops starting transactions on either count within the
+      same bound, and no heartbeat outlasts what the node's own lease guarantees.
+
+    Raises:
+        ConfigError: a non-positive timeout, or a lease margin that leaves no trusted
+            span for authority.
+    """
+    if smtp_timeout_s <= 0 or pacing_wait_s < 0:
+        raise ConfigError("the SMTP timeout must be positive, the pacing wait not negative")
+    if not 0 <= trust_margin_s < lease_ttl_s:
+        raise ConfigError("the lease trust margin must be below the lease TTL")
+    payload_bytes = max_message_bytes + max_message_bytes // 3 + 3
+    return NodeTimings(
+        final_reply_s=data_timeout_s(smtp_timeout_s, payload_bytes, min_throughput_bytes_per_s),
+        start_budget_s=pacing_wait_s + SETUP_STEPS * smtp_timeout_s,
+        max_authority_s=lease_ttl_s - trust_margin_s,
+        handback_after_s=handback_after_s,
+        max_message_bytes=max_message_bytes,
+    )
+
+
+def timings_of(config: SenderConfig) -> NodeTimings:
+    """:func:`derive_timings` for a node's configuration.
+
+    Raises:
+        ConfigError: the configuration's timeouts are inconsistent.
+    """
+    return derive_timings(
+        smtp_timeout_s=config.smtp.timeout_s,
+        lease_ttl_s=config.etcd.lease_ttl_s,
+        trust_margin_s=config.etcd.trust_margin_s,
+    )
 
 
 def _number(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -503,6 +641,8 @@ def from_env(
         smtp=smtp,
         capacity=_integer(environ, "MAILER_CAPACITY", 400),
         drain_timeout_s=_number(environ, "MAILER_DRAIN_TIMEOUT_S", 10.0),
+        state_dir=environ.get("MAILER_STATE_DIR", "").strip(),
+        max_unacked_results=_integer(environ, "MAILER_MAX_UNACKED_RESULTS", 50_000),
         log_level=environ.get("MAILER_LOG_LEVEL", "").strip().upper() or "INFO",
         tls=tls_from_env(environ),
         domain_limits=domain_limits,

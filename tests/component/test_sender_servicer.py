@@ -1,239 +1,45 @@
-"""The sender's Dispatch stream driven as the coordinator drives it.
-
-Real pieces: a ``grpc.aio`` server on port 0 with ``SenderServicer``, a ``grpc.aio``
-channel playing the coordinator, the real ``RelayPool`` speaking SMTP to an aiosmtpd
-sink on loopback (``tests/smtp_sink.py``). Fake piece: the registration, replaced by
-:class:`FakeRegistration`, which implements the same three members the servicer uses
-(``healthy()``, ``lease_id``, ``done``); the real one is covered against etcd in
-``tests/integration/test_registration.py``.
-"""
+"""The sender's Dispatch stream driven as the coordinator drives it (see
+``node_harness.py`` for what is real): batches, results, releases, the journal's
+replays and acknowledgements, authority, drain and health."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
 
 import dkim  # type: ignore[import-untyped]
 import grpc
 import pytest
+from aiosmtpd.smtp import SMTP
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from mailerpb.mailer.v1 import common_pb2, sender_pb2
 from mailers.procs import free_port
 from sender_node.dkim import DkimKey, DkimSigner
+from sender_node.journal import Journal
 from sender_node.pacing import DomainPacer
-from sender_node.servicer import DispatchTuning, SenderServicer
-from sender_node.smtp_client import RelayPool
 from sender_node.throttle import Limits
+from tests.component.node_harness import (
+    DEFERRED,
+    DELIVERED,
+    FAILED,
+    Coordinator,
+    StartNode,
+    addresses,
+    make_batch,
+    results_of,
+    servers,
+    sink,
+)
 from tests.helpers import assert_eventually
-from tests.smtp_sink import Sink, smtp_sink
+from tests.smtp_sink import Sink, SinkHandler
 
-READ_TIMEOUT_S = 10.0
-DELIVERED = common_pb2.RECIPIENT_STATUS_DELIVERED
-FAILED = common_pb2.RECIPIENT_STATUS_FAILED
-DEFERRED = common_pb2.RECIPIENT_STATUS_DEFERRED
-
-
-class FakeRegistration:
-    """Stands in for ``registration.Registration``: healthy until :meth:`lose`."""
-
-    def __init__(self) -> None:
-        self.lease_id = 0x5EED
-        self.done = asyncio.Event()
-        self.is_healthy = True
-
-    def healthy(self) -> bool:
-        return self.is_healthy
-
-    def lose(self) -> None:
-        self.is_healthy = False
-        self.done.set()
-
-
-@dataclasses.dataclass
-class Node:
-    servicer: SenderServicer
-    registration: FakeRegistration
-    stub: sender_pb2_grpc.SenderServiceAsyncStub
-
-
-class StartNode(Protocol):
-    async def __call__(
-        self,
-        relays: list[str],
-        *,
-        capacity: int = 100,
-        smtp_timeout_s: float = 5.0,
-        pacer: DomainPacer | None = None,
-        pacing_wait_s: float = 30.0,
-        signer: DkimSigner | None = None,
-    ) -> Node: ...
-
-
-class Coordinator:
-    """One Dispatch stream, as the leader coordinator holds it."""
-
-    def __init__(self, stub: sender_pb2_grpc.SenderServiceAsyncStub) -> None:
-        self.call = stub.Dispatch()
-        self.seen: list[sender_pb2.DispatchResponse] = []
-
-    async def open(self, epoch: int) -> sender_pb2.DispatchResponse:
-        await self.call.write(
-            sender_pb2.DispatchRequest(
-                open=sender_pb2.DispatchOpen(coordinator_id="coord-test", epoch=epoch)
-            )
-        )
-        return await self.read()
-
-    async def send_batch(self, batch: sender_pb2.Batch) -> None:
-        await self.call.write(sender_pb2.DispatchRequest(batch=batch))
-
-    async def cancel(self, batch_id: str, epoch: int) -> None:
-        await self.call.write(
-            sender_pb2.DispatchRequest(
-                cancel=sender_pb2.CancelBatch(batch_id=batch_id, epoch=epoch)
-            )
-        )
-
-    async def read(self) -> sender_pb2.DispatchResponse:
-        response = await asyncio.wait_for(self.call.read(), READ_TIMEOUT_S)
-        assert isinstance(response, sender_pb2.DispatchResponse), f"stream ended: {response!r}"
-        self.seen.append(response)
-        return response
-
-    async def read_until(
-        self, kind: str, batch_id: str | None = None
-    ) -> list[sender_pb2.DispatchResponse]:
-        """Read responses up to and including the first of ``kind`` (for ``batch_id``)."""
-        got = []
-        while True:
-            response = await self.read()
-            got.append(response)
-            if response.WhichOneof("kind") == kind:
-                message = getattr(response, kind)
-                if batch_id is None or getattr(message, "batch_id", None) == batch_id:
-                    return got
-
-    async def status(self) -> grpc.StatusCode:
-        """Drain the stream and return its final status code."""
-        try:
-            while await asyncio.wait_for(self.call.read(), READ_TIMEOUT_S) is not grpc.aio.EOF:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
-        return await self.call.code()
-
-
-def results_of(
-    responses: Sequence[sender_pb2.DispatchResponse],
-) -> list[common_pb2.RecipientResult]:
-    return [
-        r
-        for resp in responses
-        if resp.WhichOneof("kind") == "results"
-        for r in resp.results.results
-    ]
-
-
-def make_batch(
-    batch_id: str,
-    emails: Sequence[str],
-    *,
-    epoch: int = 1,
-    job_id: str = "job-1",
-    attempts: int = 0,
-    shared: int = 0,
-) -> sender_pb2.Batch:
-    if shared:
-        content = common_pb2.MessageContent(
-            subject="Notice", text_body="Same for all.", recipients_per_message=shared
-        )
-    else:
-        content = common_pb2.MessageContent(
-            subject="Hello {{ name }}",
-            text_body="Hi {{ name }}, your code is {{ code }}.",
-            html_body="<p>Hi {{ name }}</p>",
-        )
-    getattr(content, "from").CopyFrom(common_pb2.Address(email="news@example.com", name="News"))
-    recipients = [
-        sender_pb2.BatchRecipient(
-            index=i,
-            attempts=attempts,
-            recipient=common_pb2.Recipient(
-                email=address, name=f"User {i}", variables={"code": str(i)}
-            ),
-        )
-        for i, address in enumerate(emails)
-    ]
-    return sender_pb2.Batch(
-        batch_id=batch_id,
-        job_id=job_id,
-        epoch=epoch,
-        attempt=1,
-        content=content,
-        recipients=recipients,
-    )
-
-
-def addresses(n: int) -> list[str]:
-    return [f"user{i}@example.org" for i in range(n)]
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[Sink]:
-    async with smtp_sink() as running:
-        yield running
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[StartNode]:
-    """Factory starting a node (servicer + gRPC server + pool); everything stops at teardown."""
-    cleanups: list[Callable[[], Awaitable[None]]] = []
-
-    async def start(
-        relays: list[str],
-        *,
-        capacity: int = 100,
-        smtp_timeout_s: float = 5.0,
-        pacer: DomainPacer | None = None,
-        pacing_wait_s: float = 30.0,
-        signer: DkimSigner | None = None,
-    ) -> Node:
-        registration = FakeRegistration()
-        pool = RelayPool(relays, connections_per_relay=4, timeout_s=smtp_timeout_s, cooldown_s=60)
-        servicer = SenderServicer(
-            node_id="node-test",
-            registration=registration,
-            mailer=pool,
-            capacity=capacity,
-            concurrency=4,
-            tuning=DispatchTuning(flush_interval_s=0.01, load_interval_s=0.2),
-            pacer=pacer,
-            pacing_wait_s=pacing_wait_s,
-            signer=signer,
-        )
-        server = grpc.aio.server()
-        sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-
-        async def cleanup() -> None:
-            await channel.close()
-            await servicer.close()
-            await server.stop(0)
-            await pool.close()
-
-        cleanups.append(cleanup)
-        return Node(servicer, registration, sender_pb2_grpc.SenderServiceStub(channel))
-
-    yield start
-    for cleanup in reversed(cleanups):
-        await cleanup()
+__all__ = ["servers", "sink"]  # fixtures
 
 
 async def test_batch_is_delivered_reported_and_acked(sink: Sink, servers: StartNode) -> None:
@@ -246,6 +52,11 @@ async def test_batch_is_delivered_reported_and_acked(sink: Sink, servers: StartN
     assert hello.hello.lease_id == 0x5EED
     assert hello.hello.load.capacity == 100
     assert [r.address for r in hello.hello.relays] == [sink.address]
+    # And it owes nothing yet: no replay, no batch held, and it states its timeouts
+    assert not hello.hello.replay and not hello.hello.held
+    assert hello.hello.timeouts == sender_pb2.NodeTimeouts(
+        final_reply_ms=6_000, transaction_ms=66_000
+    )
 
     # When a batch of 20 recipients is dispatched (each already attempted once)
     await coordinator.send_batch(make_batch("b1", addresses(20), attempts=1))
@@ -263,7 +74,12 @@ async def test_batch_is_delivered_reported_and_acked(sink: Sink, servers: StartN
         assert result.email == f"user{result.index}@example.org"
         assert not result.ambiguous
         assert result.updated_at.seconds > 0
-    assert responses[-1].ack == sender_pb2.BatchAck(batch_id="b1", epoch=1)
+    assert responses[-1].ack == sender_pb2.BatchAck(batch_id="b1", epoch=1, attempt=1)
+    # And every results message names the attempt and has a rising seq
+    messages = [r.results for r in responses if r.WhichOneof("kind") == "results"]
+    assert {m.attempt for m in messages} == {1}
+    seqs = [m.seq for m in messages]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > 0
     # And a load report follows the ack
     after_ack = await coordinator.read_until("load")
     assert after_ack[-1].load.capacity == 100
@@ -291,7 +107,9 @@ async def test_open_with_stale_epoch_is_failed_precondition(sink: Sink, servers:
     # When a stream opens with epoch 3
     stale = Coordinator(node.stub)
     await stale.call.write(
-        sender_pb2.DispatchRequest(open=sender_pb2.DispatchOpen(coordinator_id="old", epoch=3))
+        sender_pb2.DispatchRequest(
+            open=sender_pb2.DispatchOpen(coordinator_id="old", epoch=3, authority_ms=5000)
+        )
     )
 
     # Then it is aborted with FAILED_PRECONDITION, and the current stream is untouched
@@ -352,6 +170,7 @@ async def test_batch_over_capacity_is_rejected(sink: Sink, servers: StartNode) -
     # Then it is rejected for capacity
     rejected = (await coordinator.read_until("rejected"))[-1].rejected
     assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="at capacity")
+    sink.handler.hold.set()
 
 
 async def test_refused_recipients_fail_and_the_rest_are_delivered(
@@ -472,10 +291,14 @@ async def test_cancel_stops_the_batch_then_acks(sink: Sink, servers: StartNode) 
     sink.handler.hold.set()
     responses = await coordinator.read_until("ack", "b1")
 
-    # Then only the transactions under way are reported, then the ack; nothing else is sent
+    # Then only the transactions under way are reported, then the ack naming the 8 never
+    # attempted; nothing else is sent
     results = results_of(responses)
     assert len(results) == 4
     assert all(r.status == DELIVERED for r in results)
+    assert responses[-1].ack == sender_pb2.BatchAck(
+        batch_id="b1", epoch=1, attempt=1, unattempted=8
+    )
     assert len(sink.handler.messages) == 4
     assert node.servicer.in_flight == 0
 
@@ -488,7 +311,9 @@ async def test_unhealthy_node_refuses_open(sink: Sink, servers: StartNode) -> No
     # When a coordinator opens a stream
     coordinator = Coordinator(node.stub)
     await coordinator.call.write(
-        sender_pb2.DispatchRequest(open=sender_pb2.DispatchOpen(coordinator_id="c", epoch=1))
+        sender_pb2.DispatchRequest(
+            open=sender_pb2.DispatchOpen(coordinator_id="c", epoch=1, authority_ms=5000)
+        )
     )
 
     # Then it is refused as UNAVAILABLE
@@ -498,42 +323,64 @@ async def test_unhealthy_node_refuses_open(sink: Sink, servers: StartNode) -> No
 async def test_losing_registration_stops_sending_and_closes_stream(
     sink: Sink, servers: StartNode
 ) -> None:
-    # Given a batch with transactions under way
+    # Given a batch with 4 transactions past their final dot (the relay holds its replies)
     sink.handler.hold = asyncio.Event()
     node = await servers([sink.address])
     coordinator = Coordinator(node.stub)
     await coordinator.open(epoch=1)
     await coordinator.send_batch(make_batch("b1", addresses(12)))
-    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=5)
+    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=10)
 
     # When the node loses its registration
     node.registration.lose()
 
-    # Then the stream is closed UNAVAILABLE, the batch is dropped, and no new transaction starts
+    # Then the stream is closed UNAVAILABLE and no new transaction starts
     assert await coordinator.status() == grpc.StatusCode.UNAVAILABLE
-    await assert_eventually(lambda: node.servicer.in_flight == 0, timeout_s=5)
+    # And the transactions past their final dot are not cut: they finish and are journaled
     sink.handler.hold.set()
+    await assert_eventually(lambda: node.servicer.in_flight == 0, timeout_s=10)
     assert sink.handler.data_started == 4
+    assert node.servicer.outbox.unacked_results == 4
+    # And once registered again, the next leader hears of them (and of nothing held)
+    node.registration.regain()
+    hello = (await Coordinator(node.stub).open(epoch=2)).hello
+    assert sorted(r.index for m in hello.replay for r in m.results) == [0, 1, 2, 3]
+    assert all(r.status == DELIVERED for m in hello.replay for r in m.results)
+    assert not hello.held
 
 
-async def test_stream_end_cancels_its_batches(sink: Sink, servers: StartNode) -> None:
-    # Given a batch with transactions under way
+async def test_stream_end_stops_its_batches_without_cutting_transactions(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a batch with 4 transactions past their final dot (the relay holds its replies)
     sink.handler.hold = asyncio.Event()
     node = await servers([sink.address])
     coordinator = Coordinator(node.stub)
     await coordinator.open(epoch=1)
     await coordinator.send_batch(make_batch("b1", addresses(12)))
-    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=5)
+    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=10)
 
-    # When the coordinator goes away
+    # When the coordinator goes away, and a successor connects while the relay still holds
     coordinator.call.cancel()
-
-    # Then the node drops the batch: its id is free again and nothing more is sent
-    await assert_eventually(lambda: node.servicer.in_flight == 0, timeout_s=5)
-    sink.handler.hold.set()
     successor = Coordinator(node.stub)
-    await successor.open(epoch=2)
-    await successor.send_batch(make_batch("b1", addresses(2), epoch=2))
+    hello = (await successor.open(epoch=2)).hello
+
+    # Then the successor hears the batch is still held (finishing past its final dot)
+    assert list(hello.held) == [sender_pb2.HeldBatch(batch_id="b1", attempt=1)]
+    # And when the relay answers, the 4 results and the release (8 never attempted) come
+    # on the successor's stream; no other transaction of the batch started
+    sink.handler.hold.set()
+    responses = await successor.read_until("ack", "b1")
+    assert sorted(r.index for r in results_of(responses)) == [0, 1, 2, 3]
+    assert responses[-1].ack == sender_pb2.BatchAck(
+        batch_id="b1", epoch=1, attempt=1, unattempted=8
+    )
+    assert sink.handler.data_started == 4
+    assert len(sink.handler.messages) == 4
+    # And the batch id is free again for its next attempt
+    retry = make_batch("b1", addresses(12)[4:6], epoch=2)
+    retry.attempt = 2
+    await successor.send_batch(retry)
     assert len(results_of(await successor.read_until("ack", "b1"))) == 2
     assert sink.handler.data_started == 4 + 2
 
@@ -641,3 +488,325 @@ async def test_mail_from_a_domain_with_a_key_leaves_dkim_signed(
     for message in sink.handler.messages:
         assert message.data.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;")
         assert dkim.verify(message.data, dnsfunc=dns)
+
+
+# ---- results are journaled, replayed and acknowledged -----------------------------------
+
+
+def replayed(hello: sender_pb2.NodeHello) -> list[common_pb2.RecipientResult]:
+    return [r for message in hello.replay for r in message.results]
+
+
+async def test_results_are_replayed_to_the_next_leader_until_acknowledged(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a batch delivered and reported on a stream that ends before acknowledging
+    node = await servers([sink.address])
+    first = Coordinator(node.stub)
+    await first.open(epoch=1)
+    await first.send_batch(make_batch("b1", addresses(5)))
+    sent = await first.read_until("ack", "b1")
+    first.call.cancel()
+
+    # When the next leader opens a stream
+    second = Coordinator(node.stub)
+    hello = (await second.open(epoch=2)).hello
+
+    # Then its hello replays every result, with the seqs and attempt they were sent with
+    assert sorted(r.index for r in replayed(hello)) == list(range(5))
+    assert all(r.status == DELIVERED for r in replayed(hello))
+    assert {m.attempt for m in hello.replay} == {1}
+    last_seq = max(r.results.seq for r in sent if r.WhichOneof("kind") == "results")
+    assert hello.replay[-1].seq == last_seq
+    assert not hello.held
+
+    # And once that leader acknowledges them, the node forgets them
+    await second.ack(hello.replay[-1].seq)
+    await assert_eventually(lambda: node.servicer.outbox.unacked_results == 0, timeout_s=10)
+    third = Coordinator(node.stub)
+    assert not (await third.open(epoch=3)).hello.replay
+
+
+class JournalWatchingHandler(SinkHandler):
+    """A sink noting, at each MAIL, how many results the node has journaled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.journal: Journal | None = None
+        self.journaled_at_mail: list[int] = []
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        assert self.journal is not None
+        self.journaled_at_mail.append(self.journal.last_seq)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+
+async def test_a_result_is_journaled_before_its_connection_carries_another_transaction(
+    servers: StartNode,
+) -> None:
+    # Given a node with one relay connection that two transactions at a time compete
+    # for, its relay noting the journal at each MAIL
+    handler = JournalWatchingHandler()
+    loop = asyncio.get_running_loop()
+    relay = await loop.create_server(
+        lambda: SMTP(handler, hostname="sink.test", loop=loop), "127.0.0.1", 0
+    )
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        node = await servers([f"127.0.0.1:{port}"], connections=1, concurrency=2)
+        handler.journal = node.journal
+        coordinator = Coordinator(node.stub)
+        await coordinator.open(epoch=1)
+
+        # When a batch of 4 goes out over that one connection
+        await coordinator.send_batch(make_batch("b1", addresses(4)))
+        await coordinator.read_until("ack", "b1")
+    finally:
+        relay.close()
+
+    # Then each transaction began only after the previous one's result was in the journal
+    assert handler.journaled_at_mail == [0, 1, 2, 3]
+
+
+async def test_results_survive_a_restart_of_the_node(
+    sink: Sink, servers: StartNode, tmp_path: Path
+) -> None:
+    # Given a node that delivered and reported a batch nobody acknowledged, then stopped
+    state = tmp_path / "node-state"
+    node = await servers([sink.address], state_dir=state)
+    leader = Coordinator(node.stub)
+    await leader.open(epoch=1)
+    await leader.send_batch(make_batch("b1", addresses(4)))
+    await leader.read_until("ack", "b1")
+    leader.call.cancel()
+    await node.stop()
+
+    # When a new node process starts over the same state directory
+    restarted = await servers([sink.address], state_dir=state)
+    successor = Coordinator(restarted.stub)
+    hello = (await successor.open(epoch=2)).hello
+
+    # Then its hello replays the results the old process journaled
+    assert sorted(r.index for r in replayed(hello)) == [0, 1, 2, 3]
+    # And its own results continue the sequence
+    await successor.send_batch(make_batch("b2", addresses(1), epoch=2, job_id="job-2"))
+    responses = await successor.read_until("ack", "b2")
+    new_seqs = [r.results.seq for r in responses if r.WhichOneof("kind") == "results"]
+    assert min(new_seqs) > hello.replay[-1].seq
+
+    # And after an acknowledgement of everything and another restart, nothing is replayed
+    await successor.ack(max(new_seqs))
+    await assert_eventually(lambda: restarted.servicer.outbox.unacked_results == 0, timeout_s=10)
+    await restarted.stop()
+    again = await servers([sink.address], state_dir=state)
+    assert not (await Coordinator(again.stub).open(epoch=3)).hello.replay
+
+
+async def test_unacknowledged_results_past_the_bound_reject_new_batches(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a node that holds at most 3 unacknowledged results and already holds 3
+    node = await servers([sink.address], max_unacked_results=3)
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+    await coordinator.send_batch(make_batch("b1", addresses(3)))
+    responses = await coordinator.read_until("ack", "b1")
+
+    # When another batch arrives, it is rejected for capacity
+    await coordinator.send_batch(make_batch("b2", addresses(1), job_id="job-2"))
+    rejected = (await coordinator.read_until("rejected"))[-1].rejected
+    assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="at capacity")
+
+    # And once the leader acknowledges the results, batches are taken again
+    await coordinator.ack(
+        max(m.results.seq for m in responses if m.WhichOneof("kind") == "results")
+    )
+    await assert_eventually(lambda: node.servicer.outbox.unacked_results == 0, timeout_s=10)
+    await coordinator.send_batch(make_batch("b3", addresses(1), job_id="job-3"))
+    assert len(results_of(await coordinator.read_until("ack", "b3"))) == 1
+
+
+# ---- authority ----------------------------------------------------------------------------
+
+
+async def test_heartbeats_keep_a_batch_going(sink: Sink, servers: StartNode) -> None:
+    # Given a stream granting 1.5 s of authority at a time, renewed every 0.3 s
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1, authority_ms=1500)
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(0.3)
+            await coordinator.heartbeat(epoch=1, authority_ms=1500)
+
+    beating = asyncio.create_task(beat())
+    try:
+        # When a batch whose relay answers slowly is sent, taking longer than one grant
+        sink.handler.hold = asyncio.Event()
+        await coordinator.send_batch(make_batch("b1", addresses(8)))
+        await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=10)
+        await asyncio.sleep(2.0)
+        sink.handler.hold.set()
+        responses = await coordinator.read_until("ack", "b1")
+    finally:
+        beating.cancel()
+
+    # Then every recipient is sent: authority never lapsed
+    assert len(results_of(responses)) == 8
+    assert responses[-1].ack.unattempted == 0
+
+
+async def test_lapsed_authority_stops_new_transactions_and_reports_those_past_the_dot(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a stream whose leader grants 3 s of authority and then falls silent, and a
+    # batch of 12 whose first 4 transactions are past their final dot (replies held)
+    sink.handler.hold = asyncio.Event()
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1, authority_ms=3000)
+    await coordinator.send_batch(make_batch("b1", addresses(12)))
+    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=10)
+
+    # When the authority lapses (no heartbeat) and only then the relay answers
+    await assert_eventually(lambda: not node.servicer.usable_stream(), timeout_s=10)
+    sink.handler.hold.set()
+
+    # Then the 4 transactions complete and are reported, the batch is released with the
+    # other 8 never attempted, and no other transaction started
+    responses = await coordinator.read_until("ack", "b1")
+    results = results_of(responses)
+    assert sorted(r.index for r in results) == [0, 1, 2, 3]
+    assert all(r.status == DELIVERED for r in results)
+    assert responses[-1].ack == sender_pb2.BatchAck(
+        batch_id="b1", epoch=1, attempt=1, unattempted=8
+    )
+    assert sink.handler.data_started == 4
+    # And a batch sent while the authority is lapsed is refused
+    await coordinator.send_batch(make_batch("b2", addresses(1), job_id="job-2"))
+    rejected = (await coordinator.read_until("rejected"))[-1].rejected
+    assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="no authority")
+
+
+async def test_an_open_without_authority_or_a_stale_heartbeat_is_refused(
+    sink: Sink, servers: StartNode
+) -> None:
+    node = await servers([sink.address])
+    # An open that grants no authority is invalid
+    coordinator = Coordinator(node.stub)
+    await coordinator.call.write(
+        sender_pb2.DispatchRequest(open=sender_pb2.DispatchOpen(coordinator_id="c", epoch=1))
+    )
+    assert await coordinator.status() == grpc.StatusCode.INVALID_ARGUMENT
+
+    # A heartbeat of an epoch below the highest known ends its stream
+    old = Coordinator(node.stub)
+    await old.open(epoch=2)
+    new = Coordinator(node.stub)
+    await new.open(epoch=3)
+    assert await old.status() == grpc.StatusCode.FAILED_PRECONDITION
+    await new.heartbeat(epoch=2, authority_ms=1000)
+    assert await new.status() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# ---- drain --------------------------------------------------------------------------------
+
+
+async def test_drain_timeout_releases_unstarted_work_without_cutting_a_transaction(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a batch of 12 with 4 transactions past their final dot (replies held)
+    sink.handler.hold = asyncio.Event()
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+    await coordinator.send_batch(make_batch("b1", addresses(12)))
+    await assert_eventually(lambda: sink.handler.data_started == 4, timeout_s=10)
+
+    # When the node drains and the drain time runs out with the replies still held
+    node.servicer.drain()
+    assert not await node.servicer.wait_idle(0.2)
+    node.servicer.stop_all("drain timed out")
+    await asyncio.sleep(0.5)
+    sink.handler.hold.set()
+
+    # Then the 4 transactions finish and are reported (none was cut), the batch is
+    # released with the other 8 never attempted, and nothing else was sent
+    responses = await coordinator.read_until("ack", "b1")
+    assert sorted(r.index for r in results_of(responses)) == [0, 1, 2, 3]
+    assert responses[-1].ack.unattempted == 8
+    assert await node.servicer.wait_idle(10)
+    assert sink.handler.data_started == 4
+    assert len(sink.handler.messages) == 4
+    # And a draining node rejects new batches
+    await coordinator.send_batch(make_batch("b2", addresses(1), job_id="job-2"))
+    rejected = (await coordinator.read_until("rejected"))[-1].rejected
+    assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="draining")
+
+
+# ---- health -------------------------------------------------------------------------------
+
+
+async def test_health_is_serving_while_registered_and_not_draining(
+    sink: Sink, servers: StartNode
+) -> None:
+    # Given a node with the health service on its port
+    node = await servers([sink.address])
+    health = health_pb2_grpc.HealthStub(node.channel)
+
+    async def status() -> int:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        return int(reply.status)
+
+    # Then it serves while registered
+    await assert_eventually(
+        lambda: _is(status(), health_pb2.HealthCheckResponse.SERVING), timeout_s=10
+    )
+    # And not once its lease is lost
+    node.registration.lose()
+    await assert_eventually(
+        lambda: _is(status(), health_pb2.HealthCheckResponse.NOT_SERVING), timeout_s=10
+    )
+    # And serves again when registered again, until it drains
+    node.registration.regain()
+    await assert_eventually(
+        lambda: _is(status(), health_pb2.HealthCheckResponse.SERVING), timeout_s=10
+    )
+    node.servicer.drain()
+    await assert_eventually(
+        lambda: _is(status(), health_pb2.HealthCheckResponse.NOT_SERVING), timeout_s=10
+    )
+
+
+async def _is(status: Awaitable[int], expected: int) -> bool:
+    return await status == expected
+
+
+async def test_a_failed_journal_stops_the_node_taking_work(
+    sink: Sink, servers: StartNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a node whose journal disk fails
+    node = await servers([sink.address])
+    coordinator = Coordinator(node.stub)
+    await coordinator.open(epoch=1)
+
+    def broken(fd: int, data: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("sender_node.journal.os.write", broken)
+
+    # When a batch is sent, its result still reaches the leader (from memory)
+    await coordinator.send_batch(make_batch("b1", addresses(1)))
+    assert len(results_of(await coordinator.read_until("ack", "b1"))) == 1
+
+    # Then the node takes no more batches and stops reporting SERVING
+    await coordinator.send_batch(make_batch("b2", addresses(1), job_id="job-2"))
+    rejected = (await coordinator.read_until("rejected"))[-1].rejected
+    assert rejected == sender_pb2.BatchRejected(batch_id="b2", reason="journal failed")
+    assert not node.servicer.serving()
+    monkeypatch.undo()

@@ -59,6 +59,8 @@ SAMPLES = {
     "MAILER_HEALTH_LISTEN": "0.0.0.0:7702",
     "MAILER_RELAY_STRATEGY": "balance",
     "MAILER_DKIM_KEYS": "example.com:s1:/etc/mailers/dkim/example.com.pem",
+    "MAILER_STATE_DIR": "/srv/mailers/node-x",
+    "MAILER_MAX_UNACKED_RESULTS": "1000",
 }
 
 

@@ -74,9 +74,18 @@ def test_role_table() -> None:
     assert table == {
         # The whole prefix with its trailing slash, so "/mailers2" stays out of reach
         COORDINATOR_USER: {Grant(b"/mailers/", b"/mailers0", Access.READWRITE)},
-        # Exactly one key each: an empty range end means that key alone
-        node_user("n1"): {Grant(b"/mailers/nodes/n1", b"", Access.READWRITE)},
-        node_user("n2"): {Grant(b"/mailers/nodes/n2", b"", Access.READWRITE)},
+        # Its own registration and hand-back keys (an empty range end means that key
+        # alone), and reading the election keys to learn the leader's epoch
+        node_user("n1"): {
+            Grant(b"/mailers/nodes/n1", b"", Access.READWRITE),
+            Grant(b"/mailers/handback/n1", b"", Access.READWRITE),
+            Grant(b"/mailers/election/", b"/mailers/election0", Access.READ),
+        },
+        node_user("n2"): {
+            Grant(b"/mailers/nodes/n2", b"", Access.READWRITE),
+            Grant(b"/mailers/handback/n2", b"", Access.READWRITE),
+            Grant(b"/mailers/election/", b"/mailers/election0", Access.READ),
+        },
     }
 
 
