@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 
 from coordinator.backoff import BackoffPolicy
+from coordinator.db.settings import DatabaseConfig
 from coordinator.quotas import Quotas
 from coordinator.validation import Limits
 from mailers.etcd import EtcdTls, parse_endpoints
@@ -20,6 +21,9 @@ from mailers.tls import coordinator_from_env as tls_from_env
 class CoordinatorConfig:
     etcd_endpoints: tuple[str, ...]
     """etcd client endpoints, host:port (IP addresses)."""
+    database: DatabaseConfig
+    """PostgreSQL, where jobs, recipients, outcomes and suppressions live
+    (MAILER_DATABASE_URL, MAILER_DATABASE_PASSWORD_FILE, MAILER_DATABASE_POOL_SIZE)."""
     listen: str = "127.0.0.1:7701"
     """Address the client and admin gRPC services listen on."""
     advertise: str = ""
@@ -37,8 +41,18 @@ class CoordinatorConfig:
     """Lease TTL of the election key: a dead leader is replaced within about this long."""
     batch_size: int = 50
     """Recipients per batch."""
-    ack_timeout_s: float = 30.0
-    """A node that reports no progress on a batch for this long loses it to another node."""
+    heartbeat_interval_s: float = 1.0
+    """How often the leader tells each node it still leads."""
+    authority_s: float = 3.0
+    """How long a node may start transactions after the leader's last heartbeat; at most
+    the election TTL (a deposed leader's authority must end before a new one is elected)."""
+    max_unsaved_results: int = 20_000
+    """The leader stops handing out batches while this many results wait to be written."""
+    retention_s: float = 30 * 24 * 3600.0
+    """Recipient rows of a job are dropped this long after it finished; the job's
+    summary and the suppression lists stay."""
+    retention_check_s: float = 600.0
+    """How often the leader looks for jobs due for retention."""
     max_attempts: int = 5
     """SMTP attempts per recipient before a transient failure becomes permanent."""
     max_dispatches: int = 10
@@ -54,11 +68,6 @@ class CoordinatorConfig:
     max_job_age_s: float = 3 * 24 * 3600.0
     """Recipients of a job older than this (or past its own expires_at) that are still
     not delivered fail, keeping the last reply they got."""
-    flush_interval_s: float = 0.1
-    """Results are persisted to etcd at most this long after they arrive."""
-    takeover_grace_s: float = 3.0
-    """A new leader waits up to this long for registered nodes to connect and replay
-    results before it hands out batches."""
     breaker_failures: int = 5
     breaker_reset_s: float = 10.0
     limits: Limits = Limits()
@@ -90,8 +99,16 @@ class CoordinatorConfig:
             raise ValueError("etcd_endpoints is required")
         if self.batch_size < 1 or self.batch_size > 1000:
             raise ValueError("batch_size must be within 1..1000")
-        if self.ack_timeout_s <= 0 or self.flush_interval_s <= 0:
-            raise ValueError("ack_timeout_s and flush_interval_s must be positive")
+        if (
+            self.authority_s > self.election_ttl_s
+            or self.heartbeat_interval_s * 2 > self.authority_s
+        ):
+            raise ValueError(
+                "need 2 * heartbeat_interval_s <= authority_s <= election_ttl_s "
+                "(MAILER_HEARTBEAT_INTERVAL_S, MAILER_AUTHORITY_S, MAILER_ELECTION_TTL_S)"
+            )
+        if self.retention_s <= 0 or self.retention_check_s <= 0 or self.max_unsaved_results < 1:
+            raise ValueError("retention and max_unsaved_results must be positive")
         if self.max_attempts < 1 or self.max_dispatches < 1:
             raise ValueError("max_attempts and max_dispatches must be at least 1")
         if self.election_ttl_s < 2:
@@ -108,6 +125,13 @@ class CoordinatorConfig:
         return self.coordinator_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _required(environ: Mapping[str, str], name: str) -> str:
+    value = environ.get(name, "").strip()
+    if not value:
+        raise ValueError(f"{name} is required")
+    return value
+
+
 def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
     """Build the config from MAILER_* variables; unknown values raise ValueError."""
     e = environ
@@ -116,6 +140,11 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
     retry_max = float(e.get("MAILER_RETRY_MAX_S", "300"))
     return CoordinatorConfig(
         etcd_endpoints=tuple(parse_endpoints(e.get("MAILER_ETCD_ENDPOINTS", "127.0.0.1:2379"))),
+        database=DatabaseConfig(
+            url=_required(e, "MAILER_DATABASE_URL"),
+            password_file=e.get("MAILER_DATABASE_PASSWORD_FILE", ""),
+            pool_size=int(e.get("MAILER_DATABASE_POOL_SIZE", "10")),
+        ),
         listen=e.get("MAILER_LISTEN", "127.0.0.1:7701"),
         advertise=e.get("MAILER_ADVERTISE", ""),
         coordinator_id=e.get("MAILER_COORDINATOR_ID", ""),
@@ -124,15 +153,17 @@ def from_env(environ: Mapping[str, str]) -> CoordinatorConfig:
         health_listen=e.get("MAILER_HEALTH_LISTEN", ""),
         election_ttl_s=int(e.get("MAILER_ELECTION_TTL_S", "5")),
         batch_size=int(e.get("MAILER_BATCH_SIZE", "50")),
-        ack_timeout_s=float(e.get("MAILER_ACK_TIMEOUT_S", "30")),
+        heartbeat_interval_s=float(e.get("MAILER_HEARTBEAT_INTERVAL_S", "1")),
+        authority_s=float(e.get("MAILER_AUTHORITY_S", "3")),
+        max_unsaved_results=int(e.get("MAILER_MAX_UNSAVED_RESULTS", "20000")),
+        retention_s=float(e.get("MAILER_RETENTION_DAYS", "30")) * 86400,
+        retention_check_s=float(e.get("MAILER_RETENTION_CHECK_S", "600")),
         max_attempts=int(e.get("MAILER_MAX_ATTEMPTS", "5")),
         max_dispatches=int(e.get("MAILER_MAX_DISPATCHES", "10")),
         retry=BackoffPolicy(
             initial=timedelta(seconds=retry_initial), maximum=timedelta(seconds=retry_max)
         ),
-        flush_interval_s=float(e.get("MAILER_FLUSH_INTERVAL_S", "0.1")),
         max_job_age_s=float(e.get("MAILER_MAX_JOB_AGE_S", str(3 * 24 * 3600))),
-        takeover_grace_s=float(e.get("MAILER_TAKEOVER_GRACE_S", "3")),
         breaker_failures=int(e.get("MAILER_BREAKER_FAILURES", "5")),
         breaker_reset_s=float(e.get("MAILER_BREAKER_RESET_S", "10")),
         limits=Limits(

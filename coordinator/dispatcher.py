@@ -365,7 +365,9 @@ class Dispatcher:
         job_no = job.record.job_no
         r = batch_range(seq, spec.batch_size, spec.total)
         if suppressed:
-            self.writer.suppress([(job_no, p.index, f"suppressed: {p.suppressed}") for p in suppressed])
+            self.writer.suppress(
+                [(job_no, p.index, f"suppressed: {p.suppressed}") for p in suppressed]
+            )
             self.metrics.recipients.labels(Status.SUPPRESSED.value).inc(len(suppressed))
         if not to_send and not suppressed:
             job.plan.settle(seq, done=True, retry_at=None, lost=0)
@@ -427,11 +429,16 @@ class Dispatcher:
         self._store_trouble_until = self.clock() + 1.0
 
     def _retry_at(self, release: BatchRelease, deferred: int) -> float:
-        return self.clock() + backoff.delay(self.config.retry, max(1, release.attempt), self.rng).total_seconds()
+        return (
+            self.clock()
+            + backoff.delay(self.config.retry, max(1, release.attempt), self.rng).total_seconds()
+        )
 
     # ---- releases -------------------------------------------------------------------
 
-    def _release(self, job: JobRun, seq: int, node_id: str, attempt: int, lost: bool = False) -> asyncio.Future[None]:
+    def _release(
+        self, job: JobRun, seq: int, node_id: str, attempt: int, lost: bool = False
+    ) -> asyncio.Future[None]:
         spec = job.record.spec
         r = batch_range(seq, spec.batch_size, spec.total)
         self._resolve(spec.job_id, seq, NodeFault("node lost") if lost else None)
@@ -532,10 +539,13 @@ class Dispatcher:
         outcomes = []
         for pb in results.results:
             index, result = _convert.result_from(pb)
-            bounced = is_hard_bounce(result.status is Status.FAILED, result.code, result.enhanced_code)
+            bounced = is_hard_bounce(
+                result.status is Status.FAILED, result.code, result.enhanced_code
+            )
             if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
+                last = result.reason or result.text
                 result.status = Status.FAILED
-                result.reason = f"gave up after {result.attempts} attempts; last: {result.reason or result.text}"
+                result.reason = f"gave up after {result.attempts} attempts; last: {last}"
             outcomes.append(RecipientOutcome(job_id, index, result, pb.email, bounced))
             self.metrics.recipients.labels(result.status.value).inc()
             if result.code:
@@ -625,7 +635,9 @@ class Dispatcher:
         """Move the batches of nodes gone long enough; ask stalled batches back."""
         now = self.monotonic()
         for node in list(self.nodes.values()):
-            if node.left_at is not None and now >= node.left_at + self.timeouts.move_after_s(node.limits):
+            if node.left_at is not None and now >= node.left_at + self.timeouts.move_after_s(
+                node.limits
+            ):
                 moved = 0
                 for job in self.jobs.values():
                     for seq in job.plan.held_by(node.node_id):
@@ -646,7 +658,12 @@ class Dispatcher:
                     hold = job.plan.held[seq]
                     if not hold.cancel_sent and now - hold.progress_at > stall:
                         hold.cancel_sent = node.link.cancel(batch_id(job.job_id, seq))
-                        log.warning("batch %s/%d: no news from %s; asked it back", job.job_id, seq, node.node_id)
+                        log.warning(
+                            "batch %s/%d: no news from %s; asked it back",
+                            job.job_id,
+                            seq,
+                            node.node_id,
+                        )
 
     # ---- job control ----------------------------------------------------------------
 
@@ -704,7 +721,9 @@ class Dispatcher:
         spec = job.record.spec
         if job.closing:
             status = Status.CANCELLED if job.closing == "cancelled" else Status.FAILED
-            reason = "job cancelled" if job.closing == "cancelled" else "job expired before delivery"
+            reason = (
+                "job cancelled" if job.closing == "cancelled" else "job expired before delivery"
+            )
             for lo in range(0, spec.total, RANGE_SLICE):
                 change = StatusChange(
                     job_no, lo, min(spec.total, lo + RANGE_SLICE), (Status.QUEUED, Status.DEFERRED),
@@ -761,7 +780,9 @@ class Dispatcher:
                 )
             )  # fmt: skip
         if requeued and self.job(job_id) is None:
-            fresh = await self.store.set_job_state(record.job_no, JobState.RUNNING, self.clock(), None)
+            fresh = await self.store.set_job_state(
+                record.job_no, JobState.RUNNING, self.clock(), None
+            )
             if fresh is not None:
                 await self._load_job(fresh)
         elif requeued:

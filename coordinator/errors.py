@@ -5,9 +5,12 @@ from __future__ import annotations
 import aetcd
 import grpc
 
+from coordinator.db.store import LostLeadership, StoreUnavailable
 from coordinator.quotas import QuotaExceeded
-from coordinator.store import LostLeadership
 from coordinator.validation import ValidationError
+
+STORE_RETRY_AFTER_S = 2.0
+"""What clients are told to wait (RetryInfo) when PostgreSQL cannot take a request."""
 
 
 class NotFound(Exception):
@@ -44,6 +47,8 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
     # A lost fence mid-request: the client retries and finds the new leader.
     (LostLeadership, grpc.StatusCode.UNAVAILABLE),
+    # PostgreSQL down, full or read-only: nothing was accepted; RetryInfo says when.
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
     (aetcd.ClientError, grpc.StatusCode.UNAVAILABLE),
     (TimeoutError, grpc.StatusCode.UNAVAILABLE),
 ]
@@ -57,6 +62,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     for kind, code in _TABLE:
         if isinstance(exc, kind):
+            if isinstance(exc, StoreUnavailable):
+                return code, f"database unavailable: {exc}"
             if code is grpc.StatusCode.UNAVAILABLE and not isinstance(exc, LostLeadership):
                 return code, f"etcd unavailable: {exc}"
             return code, str(exc)

@@ -28,9 +28,10 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.auth import AuthConfig, load_auth_file
 from coordinator.config import CoordinatorConfig
-from coordinator.dispatcher import Dispatcher
+from coordinator.db.store import Database, LostLeadership, StoreUnavailable
 from coordinator.edge import AuthInterceptor, add_service
 from coordinator.election import Election, LeadershipUnavailable
+from coordinator.leader import Leader
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.model import Address, Content
 from coordinator.servicer import AdminServicer, MailerServicer, Role
@@ -154,6 +155,29 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+async def open_database(config: CoordinatorConfig, stop: asyncio.Event) -> Database | None:
+    """Connect to PostgreSQL and bring the schema to head, retrying until it works or
+    ``stop`` is set (None then). A coordinator campaigns only with a usable store."""
+    pause_s = 0.5
+    while not stop.is_set():
+        try:
+            db = await Database.open(config.database)
+        except (StoreUnavailable, OSError) as exc:
+            log.warning("PostgreSQL not usable yet (%s); retrying", exc)
+            await _pause(stop, pause_s)
+            pause_s = min(pause_s * 2, 5.0)
+            continue
+        log.info("PostgreSQL at %s, schema current", config.database.redacted())
+        return db
+    return None
+
+
 async def serve(
     config: CoordinatorConfig, stop: asyncio.Event, transport: Transport | None = None
 ) -> None:
@@ -202,30 +226,37 @@ async def serve(
     await server.start()
     log.info("coordinator %s listening on %s, %s", config.name, config.listen, transport.describe())
     stop_task = asyncio.ensure_future(stop.wait())
+    db: Database | None = None
     try:
-        while not stop.is_set():
+        db = await open_database(config, stop)
+        while db is not None and not stop.is_set():
             try:
                 await _term(
-                    config, client, keys, role, health_servicer, stop_task, metrics, transport
+                    config, db, client, keys, role, health_servicer, stop_task, metrics, transport
                 )
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
-                log.warning("etcd trouble (%s); campaigning again shortly", exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                log.warning("etcd trouble (%s); campaigning again shortly", exc or repr(exc))
+                await _pause(stop, 1.0)
+            except (StoreUnavailable, LostLeadership) as exc:
+                log.warning("could not take over (%s); campaigning again shortly", exc)
+                await _pause(stop, 1.0)
     finally:
         stop_task.cancel()
         await _set_health(health_servicer, False)
         await server.stop(grace=2)
         if health_server is not None:
             await health_server.stop(grace=None)
+        if db is not None:
+            await db.close()
         with contextlib.suppress(Exception):
             await client.close()
 
 
 async def _term(
     config: CoordinatorConfig,
+    db: Database,
     client: aetcd.Client,
     keys: Keys,
     role: Role,
@@ -237,7 +268,7 @@ async def _term(
     """One session: campaign, lead until something ends it, then clean up."""
     session = Session(client, config.election_ttl_s)
     await session.open()
-    dispatcher: Dispatcher | None = None
+    reign: Leader | None = None
     done_task = asyncio.ensure_future(session.done.wait())
     try:
         election = Election(client, keys, session, config.name, config.advertised)
@@ -251,13 +282,13 @@ async def _term(
                 await campaign
             return
         fence = campaign.result()
-        dispatcher = Dispatcher(config, client, keys, fence, metrics=metrics, transport=transport)
-        await dispatcher.start()
-        role.dispatcher = dispatcher
+        reign = Leader(config, db, client, keys, fence, session, transport, metrics)
+        await reign.start()
+        role.reign = reign
         await _set_health(health_servicer, True)
         metrics.leader.set(1)
         metrics.leader_changes.labels("elected").inc()
-        lost_task = asyncio.ensure_future(dispatcher.lost.wait())
+        lost_task = asyncio.ensure_future(reign.lost.wait())
         try:
             await _first(lost_task, done_task, stop_task)
         finally:
@@ -271,11 +302,11 @@ async def _term(
             else "fence lost",
         )
     finally:
-        role.dispatcher = None
+        role.reign = None
         await _set_health(health_servicer, False)
-        if dispatcher is not None:
+        if reign is not None:
             metrics.leader.set(0)
             metrics.leader_changes.labels("stepped_down").inc()
-            await dispatcher.stop()
+            await reign.stop()
         done_task.cancel()
         await session.close(revoke=True)

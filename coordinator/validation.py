@@ -75,7 +75,7 @@ TemplateCheck = Callable[[Content], Sequence[str]]
 class Limits:
     """Size limits applied at submit."""
 
-    max_recipients: int = 1_000_000
+    max_recipients: int = 10_000_000
     """Recipients per job."""
     max_body_bytes: int = 1_000_000
     """UTF-8 bytes of the text body, and of the HTML body."""

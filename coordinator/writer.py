@@ -110,6 +110,7 @@ class ResultWriter:
         self._queue: collections.deque[Item] = collections.deque()
         self._queued_outcomes = 0
         self._wake = asyncio.Event()
+        self._written = asyncio.Event()
         self.failing_since: float | None = None
         """Since when (unix s) writes have been failing; None while they succeed."""
 
@@ -147,6 +148,11 @@ class ResultWriter:
     def idle(self) -> bool:
         return not self._queue
 
+    async def drained(self) -> None:
+        """Wait until everything queued now (and after) is written. The caller bounds it."""
+        while self._queue:
+            await self._written.wait()
+
     # ---- the task -------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -175,6 +181,8 @@ class ResultWriter:
             self._queued_outcomes -= sum(
                 len(i.outcomes) for i in items if isinstance(i, NodeResults)
             )
+            self._written.set()
+            self._written = asyncio.Event()
 
     def _take(self) -> list[Item]:
         taken: list[Item] = []

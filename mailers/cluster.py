@@ -1,8 +1,10 @@
-"""A whole Mailers cluster on this machine: etcd, coordinators, sender nodes, a sink.
+"""A whole Mailers cluster on this machine: etcd, PostgreSQL, coordinators, sender
+nodes, a sink.
 
 Each part is a real process (``python -m coordinator``, ``python -m sender_node``,
-``python -m mailers.sink``, Debian's ``etcd``) on loopback ports, so killing one is a
-real failure. Used by ``mailers cluster``/``mailers demo`` and by the integration and
+``python -m mailers.sink``, Debian's ``etcd`` and ``postgres``) on loopback ports, so
+killing one is a real failure. Each node keeps its result journal in
+``<base>/state/node<i>``. Used by ``mailers cluster``/``mailers demo`` and by the integration and
 chaos tests; :meth:`LocalCluster.stop` stops every process it started, by PID.
 
 For fault injection a test can give chosen nodes an SMTP sink of their own (so the sink
@@ -41,7 +43,15 @@ from client_sdk import ClientTls, MailerClient
 from mailers.certs import DEFAULT_HOSTS, CertSpec, DevCA, make_dev_pki
 from mailers.etcd import SERVER_NAME_ENV, TLS_ENV, EtcdTls, connect
 from mailers.etcd_auth import bootstrap
-from mailers.procs import EtcdCluster, Proc, free_port, spawn_python, wait_for_port
+from mailers.procs import (
+    EtcdCluster,
+    PgTls,
+    PostgresServer,
+    Proc,
+    free_port,
+    spawn_python,
+    wait_for_port,
+)
 
 # Every transport variable, so none leaks in from the environment of whoever starts
 # the cluster (spawn() copies os.environ): an empty value means unset.
@@ -83,8 +93,12 @@ class ClusterSpec:
     etcd_prefix: str = "/mailers"
     tls: bool = False
     """Mutual TLS between every process, with a development CA made in ``<base>/pki``,
-    and etcd over TLS with client-certificate users (auth on); False runs plaintext
-    (``MAILER_PLAINTEXT=1``) and etcd without TLS or auth."""
+    etcd over TLS with client-certificate users (auth on), and PostgreSQL over TLS
+    (``sslmode=verify-full``); False runs plaintext (``MAILER_PLAINTEXT=1``) and etcd
+    without TLS or auth."""
+    durable_database: bool = True
+    """PostgreSQL with its default durability; False turns fsync off (commits still
+    reach the OS, so a killed process loses nothing) for tests on slow disks."""
 
 
 @dataclasses.dataclass
@@ -121,6 +135,17 @@ class LocalCluster:
             base_dir / "etcd",
             size=self.spec.etcd_members,
             tls=EtcdTls.from_dir(self.pki_dir, "etcd") if self.spec.tls else None,
+        )
+        self.postgres = PostgresServer(
+            base_dir / "postgres",
+            durable=self.spec.durable_database,
+            tls=PgTls(
+                self.pki_dir / "postgres.crt",
+                self.pki_dir / "postgres.key",
+                self.pki_dir / "ca.crt",
+            )
+            if self.spec.tls
+            else None,
         )
         self.sink_port = free_port()
         ports = list(self.spec.coordinator_ports) or [
@@ -278,7 +303,10 @@ class LocalCluster:
         """
         try:
             self.etcd_tls(ETCD_ROOT)  # makes the PKI, etcd's own certificate included
+            if self.spec.tls:
+                self._pki("postgres", "mailers-postgres")
             self.etcd.start(timeout_s)
+            self.postgres.start(timeout_s)
             # The sink needs no etcd; starting it first lets etcd elect its leader
             # meanwhile, which secure_etcd would otherwise wait for.
             self.start_sink()
@@ -331,6 +359,7 @@ class LocalCluster:
             {
                 "MAILER_LISTEN": f"127.0.0.1:{port}",
                 "MAILER_COORDINATOR_ID": name,
+                **self.postgres.env,
             }
         )
         env.update(self.spec.coordinator_env)
@@ -355,6 +384,7 @@ class LocalCluster:
             {
                 "MAILER_NODE_ID": name,
                 "MAILER_LISTEN": "127.0.0.1:0",
+                "MAILER_STATE_DIR": str(self.state_dir(i)),
                 "MAILER_RELAYS": (
                     self.node_sinks[i].address if i in self.node_sinks else self.relay
                 )
@@ -370,6 +400,10 @@ class LocalCluster:
         proc = spawn_python(name, "sender_node", self.log_dir, env)
         self.nodes[name] = proc
         return proc
+
+    def state_dir(self, i: int) -> Path:
+        """Where node i keeps its result journal (kept across its restarts)."""
+        return (self.base_dir / "state" / f"node{i}").resolve()
 
     def restart_node(self, i: int) -> Proc:
         """Stop node i if it runs (SIGTERM, so it drains and revokes its lease; SIGKILL
@@ -398,6 +432,7 @@ class LocalCluster:
         for sink_proc in [self.sink, *(s.proc for s in self.node_sinks.values())]:
             if sink_proc is not None:
                 sink_proc.stop()
+        self.postgres.stop()
         self.etcd.stop()
 
     def logs(self) -> str:

@@ -387,9 +387,7 @@ class Item:
 
 async def _range(client: aetcd.Client, request: Any) -> Any:
     try:
-        return await client.kvstub.Range(
-            request, timeout=client._timeout, metadata=client.metadata
-        )
+        return await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
     except grpc.aio.AioRpcError as exc:
         raise aetcd.ClientError(f"etcd range read failed: {exc.code()} {exc.details()}") from exc
 

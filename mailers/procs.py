@@ -248,10 +248,12 @@ def pg_bin_dir() -> Path | None:
 
 @dataclasses.dataclass(frozen=True)
 class PgTls:
-    """A server certificate and key for PostgreSQL (signed by the cluster's CA)."""
+    """A server certificate and key for PostgreSQL, and the CA that signed it (which
+    clients verify it against, with ``sslmode=verify-full``)."""
 
     cert_file: Path
     key_file: Path
+    ca_file: Path
 
 
 class PostgresServer:
@@ -298,7 +300,9 @@ class PostgresServer:
 
     def database_url(self, database: str) -> str:
         """The URL of one database of this server."""
-        ssl = "?sslmode=verify-full" if self.tls is not None else ""
+        ssl = ""
+        if self.tls is not None:
+            ssl = f"?sslmode=verify-full&sslrootcert={self.tls.ca_file}"
         return f"postgresql://mailers@127.0.0.1:{self.port}/{database}{ssl}"
 
     @property

@@ -34,6 +34,10 @@ SELECT * FROM jobs WHERE job_id = $1;
 -- name: job_exists
 SELECT job_no FROM jobs WHERE job_id = $1;
 
+-- name: backend_running
+-- Whether a server process (a session whose commit outcome was lost) is still there.
+SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1;
+
 -- name: tenant_lock
 -- Serialises the quota checks of one tenant's submits (held until commit).
 SELECT pg_advisory_xact_lock(hashtext('mailers-quota'), hashtext($1));

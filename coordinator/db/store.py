@@ -19,6 +19,7 @@ timeout on the client).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -85,7 +86,12 @@ class StoreUnavailable(Exception):
 
 class CommitUnknown(StoreUnavailable):
     """The connection failed while committing: the transaction may or may not have
-    applied. Settle it by reading back, never by undoing blindly."""
+    applied. Settle it by reading back (:meth:`Store.settle_commit`), never by undoing
+    blindly. ``server_pid`` is the server process that ran the transaction."""
+
+    def __init__(self, message: str, server_pid: int = 0) -> None:
+        super().__init__(message)
+        self.server_pid = server_pid
 
 
 class Duplicate(Exception):
@@ -312,6 +318,7 @@ class Store:
         if self.epoch is None:
             raise LostLeadership("this store does not lead")
         async with self._conn() as conn:
+            server_pid = conn.get_server_pid()
             tx = conn.transaction()
             await tx.start()
             try:
@@ -327,7 +334,7 @@ class Store:
                 if _fenced(exc):
                     raise
                 if _transient(exc):
-                    raise CommitUnknown(f"commit outcome unknown: {exc}") from exc
+                    raise CommitUnknown(f"commit outcome unknown: {exc}", server_pid) from exc
                 raise
 
     # ---- leadership -----------------------------------------------------------------
@@ -355,6 +362,26 @@ class Store:
         async with self._conn() as conn:
             row = await conn.fetchrow(self._q["job_by_key"], tenant, key)
         return _job(row) if row is not None else None
+
+    async def settle_commit(self, job_id: str, server_pid: int, timeout_s: float) -> bool:
+        """Whether a submit whose commit outcome was lost did store the job.
+
+        The server process that ran it is waited for first (a commit in progress when its
+        client vanished still finishes), so the answer read afterwards is final.
+
+        Raises:
+            CommitUnknown: no definite answer within ``timeout_s``.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            with contextlib.suppress(StoreUnavailable):
+                async with self._conn() as conn:
+                    running = await conn.fetchval(self._q["backend_running"], server_pid)
+                    if not running:
+                        return await conn.fetchval(self._q["job_exists"], job_id) is not None
+            if asyncio.get_running_loop().time() > deadline:
+                raise CommitUnknown(f"cannot tell whether job {job_id} was stored", server_pid)
+            await asyncio.sleep(0.2)
 
     async def job_exists(self, job_id: str) -> bool:
         async with self._conn() as conn:
