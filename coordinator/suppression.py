@@ -1,4 +1,4 @@
-"""Per-tenant suppression lists: which replies suppress an address, and their JSON form. Pure.
+"""Per-tenant suppression lists: which replies suppress an address. Pure.
 
 An address on its tenant's list is never sent to again: at dispatch the leader ends it
 as SUPPRESSED with reason ``"suppressed: <reason>"`` instead of handing it to a node.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 
 BAD_ADDRESS_ENHANCED_CODES = frozenset({"5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10"})
 BAD_ADDRESS_CODES = frozenset({550, 551, 553})
@@ -70,29 +69,3 @@ def is_hard_bounce(reported_failed: bool, code: int, enhanced_code: str) -> bool
     if enhanced_code:
         return enhanced_code in BAD_ADDRESS_ENHANCED_CODES
     return code in BAD_ADDRESS_CODES
-
-
-def dump(s: Suppression) -> bytes:
-    return json.dumps(
-        {
-            "email": s.email,
-            "reason": s.reason.value,
-            "time": s.created_at,
-            "reply": [s.code, s.enhanced_code, s.text] if s.code else None,
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode()
-
-
-def load(raw: bytes) -> Suppression:
-    d = json.loads(raw)
-    code, enhanced, text = d.get("reply") or (0, "", "")
-    return Suppression(
-        email=d["email"],
-        reason=Reason(d["reason"]),
-        created_at=d["time"],
-        code=code,
-        enhanced_code=enhanced,
-        text=text,
-    )

@@ -19,6 +19,7 @@ from client_sdk import AuthError, MailerClient, ResourceExhaustedError
 from client_sdk.client import error_from_rpc
 from coordinator.auth import AuthConfig, hash_token, parse_auth
 from coordinator.config import CoordinatorConfig
+from coordinator.db.settings import DatabaseConfig
 from coordinator.edge import UNDECODABLE_MESSAGE
 from coordinator.quotas import Quotas
 from coordinator.server import build_server
@@ -26,7 +27,11 @@ from coordinator.servicer import Role, retry_info_status
 
 TENANT = "tenant-token-1"
 ADMIN = "admin-token-1"
-CONFIG = CoordinatorConfig(etcd_endpoints=("127.0.0.1:1",), listen="127.0.0.1:0")
+CONFIG = CoordinatorConfig(
+    etcd_endpoints=("127.0.0.1:1",),
+    database=DatabaseConfig(url="postgresql://mailers@127.0.0.1:1/mailers"),
+    listen="127.0.0.1:0",
+)
 
 
 def _auth() -> AuthConfig:

@@ -1,16 +1,47 @@
-"""Election and fencing against a real etcd: one leader, and a deposed one cannot write."""
+"""Election against a real etcd and fencing in a real PostgreSQL: one leader, and a
+deposed one cannot write."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
 
 import aetcd
 import pytest
 
+from coordinator.db.store import Database, LostLeadership, QuotaRequest, Store
 from coordinator.election import Election, LeadershipUnavailable
-from coordinator.model import BatchState, Counts, JobState, JobStatus, Recipient, Result, Status
-from coordinator.store import JobStore, LostLeadership
+from coordinator.model import (
+    Address,
+    Content,
+    JobOptions,
+    JobSpec,
+    Recipient,
+    RecipientOutcome,
+    Result,
+    Status,
+)
 from mailers.etcd import Keys, Session
+
+SPEC = JobSpec(
+    job_id="j1",
+    idempotency_key="k1",
+    content=Content(Address("a@example.com"), None, "s", "t", ""),
+    options=JobOptions(),
+    total=0,
+    batch_size=10,
+    created_at=1.0,
+)
+
+
+async def _one(n: int) -> AsyncIterator[list[Recipient]]:
+    yield [Recipient(f"r{i}@example.com") for i in range(n)]
+
+
+async def _deliver(store: Store, job_id: str, index: int) -> None:
+    outcome = RecipientOutcome(job_id, index, Result(Status.DELIVERED, 250, attempts=1))
+    await store.write([outcome], (), (), (), lambda r, d: 0.0, 1.0)
 
 
 async def _candidate(client: aetcd.Client, keys: Keys, name: str) -> tuple[Session, Election]:
@@ -45,36 +76,37 @@ async def test_lowest_create_revision_leads_and_successor_takes_over(
         await session_b.close()
 
 
-async def test_deposed_leader_cannot_write_and_steps_down(
-    etcd: aetcd.Client, etcd_prefix: str
+async def test_deposed_leader_cannot_write(
+    etcd: aetcd.Client, etcd_prefix: str, database: Database
 ) -> None:
     keys = Keys(etcd_prefix)
     session_a, a = await _candidate(etcd, keys, "a")
     fence_a = await a.campaign()
-    store_a = JobStore(etcd, keys, fence_a)
-    status = JobStatus(JobState.RUNNING, Counts(total=1), updated_at=1.0)
+    store_a = Store(database, fence_a.revision)
+    await store_a.raise_fence("a")
     # While a leads, its fenced writes land
-    await store_a.write_batches("j1", [(0, 0, [Recipient("x@example.com")])])
-    await store_a.save(
-        {("j1", 0): BatchState(1, {0: Result(Status.DELIVERED, 250)})}, {"j1": status}
-    )
-    assert await store_a.load_state("j1", 0) is not None
-    # When a loses its lease and b wins
+    await store_a.submit(SPEC, _one(2), QuotaRequest(), 1.0)
+    await _deliver(store_a, "j1", 0)
+    # When a loses its lease and b wins (and takes the fence)
     await session_a.close(revoke=True)
     session_b, b = await _candidate(etcd, keys, "b")
     fence_b = await b.campaign()
+    store_b = Store(database, fence_b.revision)
+    await store_b.raise_fence("b")
     try:
         # Then every write a attempts is refused, and nothing of it lands
-        stale = {("j1", 0): BatchState(2, {0: Result(Status.FAILED, 550)})}
         with pytest.raises(LostLeadership):
-            await store_a.save(stale, {"j1": status})
+            await _deliver(store_a, "j1", 1)
+        second = dataclasses.replace(SPEC, job_id="j2", idempotency_key="k2")
         with pytest.raises(LostLeadership):
-            await store_a.write_batches("j2", [(0, 0, [Recipient("y@example.com")])])
-        kept = await store_a.load_state("j1", 0)
-        assert kept is not None and kept.results[0].status is Status.DELIVERED
-        assert await etcd.get(keys.batch("j2", 0)) is None
+            await store_a.submit(second, _one(1), QuotaRequest(), 1.0)
+        job = await store_b.job("j1")
+        assert job is not None and job.status.counts.delivered == 1
+        assert await store_b.job("j2") is None
         # And b's writes land
-        await JobStore(etcd, keys, fence_b).save(stale, {"j1": status})
+        await _deliver(store_b, "j1", 1)
+        job = await store_b.job("j1")
+        assert job is not None and job.status.counts.delivered == 2
     finally:
         await session_b.close()
 

@@ -1,11 +1,11 @@
-"""Which SMTP outcomes put an address on the suppression list, and its stored form."""
+"""Which SMTP outcomes put an address on the suppression list."""
 
 from __future__ import annotations
 
 import pytest
 
-from coordinator.model import Counts, JobState, JobStatus, Status, dump_status, load_status
-from coordinator.suppression import Reason, Suppression, dump, is_hard_bounce, load, normalize
+from coordinator.model import Counts, Status
+from coordinator.suppression import is_hard_bounce, normalize
 
 
 @pytest.mark.parametrize(
@@ -40,23 +40,9 @@ def test_addresses_are_normalised() -> None:
     assert normalize("  Ann@Example.COM ") == "ann@example.com"
 
 
-def test_json_round_trip() -> None:
-    bounced = Suppression("a@x.example", Reason.HARD_BOUNCE, 12.5, 550, "5.1.1", "no such user")
-    manual = Suppression("b@x.example", Reason.UNSUBSCRIBE, 13.0)
-    assert load(dump(bounced)) == bounced
-    assert load(dump(manual)) == manual
-
-
 def test_suppressed_is_final_and_counted() -> None:
     counts = Counts(total=3)
     counts.add(Status.SUPPRESSED)
     counts.add(Status.DELIVERED)
     assert Status.SUPPRESSED.final
     assert (counts.suppressed, counts.done, counts.queued) == (1, 2, 1)
-    status = JobStatus(JobState.RUNNING, counts, 1.0)
-    assert load_status(dump_status(status)).counts == counts
-
-
-def test_status_records_from_before_suppression_load() -> None:
-    raw = b'{"state":"completed","counts":[2,1,1,0,0],"updated_at":1.0,"finished_at":2.0}'
-    assert load_status(raw).counts == Counts(2, 1, 1, 0, 0, 0)
