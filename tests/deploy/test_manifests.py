@@ -44,6 +44,19 @@ K8S = DEPLOY / "k8s"
 BIN = Path(sys.executable).parent
 K8S_VERSIONS = ("1.29.0", "1.37.0")
 LEADER_SERVICE = "mailer.v1.MailerService"
+
+# Variables the deployment sets that the processes' from_env does not read yet: other
+# engineers are adding them to the configs right now (the coordinator's PostgreSQL store,
+# the node's result journal and its wait for the relay's reply after the final dot). The
+# checks below accept them by name, for the process named here, and
+# test_not_yet_read_variables_are_still_unread fails as soon as a from_env reads one:
+# then delete its entry.
+NOT_YET_READ_BY_FROM_ENV = {
+    "MAILER_DATABASE_URL": "coordinator",
+    "MAILER_DATABASE_PASSWORD_FILE": "coordinator",
+    "MAILER_STATE_DIR": "node",
+    "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S": "node",
+}
 yaml: Any = importlib.import_module("yaml")
 
 
@@ -318,7 +331,7 @@ def _mount_of(objs: list[dict[str, Any]], deployment: str, secret: str) -> str:
 
 def _known_variables() -> set[str]:
     mapped = {s.variable for p in ref.PROCESSES for v in ref.env_sources(p).values() for s in v}
-    return mapped | set(ref.OTHER_VARIABLES)
+    return mapped | set(ref.OTHER_VARIABLES) | set(NOT_YET_READ_BY_FROM_ENV)
 
 
 def test_deploy_files_use_only_known_variables() -> None:
@@ -435,27 +448,138 @@ def test_hadolint() -> None:
     _run([tool, str(DEPLOY / "Dockerfile")])
 
 
+def _dockerfile_lines() -> list[str]:
+    """Instructions with continuations joined, comments dropped."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    joined = text.replace("\\\n", " ").splitlines()
+    return [" ".join(line.split()) for line in joined if line.strip()]
+
+
+def _stages() -> dict[str, list[str]]:
+    """Stage name -> its instructions (FROM line first)."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in _dockerfile_lines():
+        if line.startswith("FROM "):
+            current = stages.setdefault(line.split()[-1], [])
+        if current is not None:
+            current.append(line)
+    return stages
+
+
+def _ignored(src: str, ignore: list[str]) -> bool:
+    """Whether the ignore file (``*`` then ``!path`` exceptions) leaves src out."""
+    allowed = [p[1:].rstrip("/") for p in ignore if p.startswith("!")]
+    return not any(src.rstrip("/") == a or src.startswith(a + "/") for a in allowed)
+
+
 def test_dockerfile_is_multistage_and_non_root() -> None:
-    lines = [
-        line.strip()
-        for line in (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    stages = [line for line in lines if line.startswith("FROM ")]
-    assert len(stages) >= 2
-    final = lines[lines.index(stages[-1]) :]
+    stages = _stages()
+    assert list(stages) == ["build", "runtime"]
+    final = stages["runtime"]
     users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("0", "root")
-    assert any(line.startswith("COPY --from=build") for line in final)
-    assert not any(line.startswith(("RUN pip", "RUN apt")) for line in final)
+    # The runtime stage takes the installed venv only: not uv, not the sources.
+    copies = [line for line in final if line.startswith("COPY")]
+    assert copies == ["COPY --from=build /opt/mailers /opt/mailers"]
+    assert not any(line.startswith("RUN") and ("pip" in line or "apt" in line) for line in final)
     # Everything COPY'd from the context exists and is not excluded by the ignore file.
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
-    for line in lines:
+    for line in _dockerfile_lines():
         if line.startswith("COPY ") and "--from" not in line:
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
-                assert f"!{src.rstrip('/')}/" in ignore or f"!{src}" in ignore, src
-    assert 'ENTRYPOINT ["python", "-m"]' in lines
+                assert not _ignored(src, ignore), f"{src} is excluded by the .dockerignore"
+    assert 'ENTRYPOINT ["mailers"]' in final
+    assert final[-1] == 'CMD ["coordinator"]'
+
+
+def test_dockerfile_installs_from_the_lock_with_hashes() -> None:
+    build = " ".join(_stages()["build"])
+    # uv itself: pinned with hashes
+    assert "pip install --require-hashes --no-deps -r /tmp/uv-requirements.txt" in build
+    assert "COPY tools/uv-requirements.txt" in build
+    # Runtime dependencies: exported from uv.lock without the dev group or our own
+    # packages, installed with every hash checked
+    assert (
+        "uv export --frozen --no-dev --package mailers-server --no-emit-workspace "
+        "--output-file /tmp/requirements.txt" in build
+    )
+    assert "--no-hashes" not in build and "uv sync" not in build
+    install = r"uv pip install [^&]*--require-hashes --no-deps -r /tmp/requirements.txt"
+    assert re.search(install, build)
+    # Our two distributions: wheels built with the locked build backend, installed
+    # without resolving anything again
+    assert "for package in mailers-sdk mailers-server" in build
+    assert "--build-constraints /tmp/build-constraints.txt --require-hashes" in build
+    assert "--no-deps /tmp/dist/*.whl" in build
+    assert not re.search(r"pip install (?!--)[^-]", build.replace("uv pip", "uv-pip"))
+
+
+def _lock() -> dict[str, Any]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "uv.lock").read_text())
+
+
+def test_build_constraints_are_the_locked_build_backend() -> None:
+    import tomllib
+
+    text = (DEPLOY / "build-constraints.txt").read_text()
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.MULTILINE)
+    hashes = set(re.findall(r"--hash=(sha256:[0-9a-f]{64})", text))
+    # Given the build backend both distributions name
+    for pyproject in (ROOT / "pyproject.toml", ROOT / "sdk" / "pyproject.toml"):
+        requires = tomllib.loads(pyproject.read_text())["build-system"]["requires"]
+        assert requires == [f"{name}=={version}" for name, version in pins], pyproject
+    # Then the constraints carry uv.lock's version and every one of its hashes
+    for name, version in pins:
+        (package,) = [p for p in _lock()["package"] if p["name"] == name]
+        assert package["version"] == version
+        files = [package["sdist"], *package.get("wheels", [])]
+        assert hashes >= {f["hash"] for f in files}, f"{name}: hashes differ from uv.lock"
+
+
+UV = ROOT / ".tools" / "uv" / "bin" / "uv"
+
+
+def test_image_dependencies_hold_no_dev_or_test_tools() -> None:
+    _need(f"{UV} (bash dev.sh check installs it)", UV.exists())
+    import tomllib
+
+    # When the runtime requirements are exported as the Dockerfile exports them
+    out = _run(
+        [str(UV), "export", "--frozen", "--no-dev", "--package", "mailers-server",
+         "--no-emit-workspace"],
+        cwd=ROOT,
+    ).stdout  # fmt: skip
+    names = set(re.findall(r"^([a-z0-9][a-z0-9_.-]*)==", out, re.MULTILINE))
+    # Then every requirement is pinned with a hash, and none is a dev or test tool
+    assert names and out.count("==") == len(names)
+    assert all(
+        "--hash=sha256:" in block for block in re.split(r"\n(?=[a-z])", out) if "==" in block
+    )
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]["dev"]
+    dev_names = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in dev}
+    assert not names & dev_names, names & dev_names
+    assert not names & {"pytest", "hypothesis", "ruff", "mypy", "grpcio-tools"}
+
+
+def test_image_ships_no_test_tools_and_probes_by_role() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    # The SMTP sink and the fault proxy are test tools: not run, exposed or advertised
+    for word in ("sink", "faultproxy", "2525"):
+        assert word not in text, word
+    exposed = {int(p) for line in _stages()["runtime"] if line.startswith("EXPOSE ")
+               for p in line.split()[1:]}  # fmt: skip
+    assert exposed == {7701, 7702, 7800, 9100}
+    # The health check finds the role itself: no fixed address (7701 would be wrong on a
+    # node)
+    (check,) = [line for line in _stages()["runtime"] if line.startswith("HEALTHCHECK ")]
+    command = check.split(" CMD ", 1)[1]
+    assert command.startswith('["python", "-m", "mailers.healthcheck"')
+    assert not re.search(r"\d+\.\d+\.\d+\.\d+|:\d{4}", command)
 
 
 # ---- systemd ----------------------------------------------------------------------------
