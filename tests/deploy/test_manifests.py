@@ -20,18 +20,23 @@ period, every container has requests and runs as non-root, and every configurati
 
 from __future__ import annotations
 
+import functools
 import importlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
+import coordinator.auth
 import coordinator.config
 import sender_node.config
 from scripts import gen_config_reference as ref
@@ -326,7 +331,7 @@ def _mount_of(objs: list[dict[str, Any]], deployment: str, secret: str) -> str:
     return str(path)
 
 
-# ---- configuration in every file names only real variables ---------------------------
+# ---- configuration: real variables, read by the processes, secure ------------------------
 
 
 def _known_variables() -> set[str]:
@@ -337,9 +342,90 @@ def _known_variables() -> set[str]:
 def test_deploy_files_use_only_known_variables() -> None:
     known = _known_variables()
     for path in sorted(DEPLOY.rglob("*")):
-        if path.is_file() and path.suffix in (".yaml", ".env", ".service", ""):
-            used = set(re.findall(r"\bMAILER_[A-Z0-9_]+\b", path.read_text()))
+        if path.is_file() and path.suffix in (".yaml", ".env", ".service", ".py", ""):
+            used = set(re.findall(r"\bMAILER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()))
             assert used <= known, f"{path}: unknown {used - known} (see deploy/CONFIG.md)"
+
+
+PROCESSES = {"coordinator": ref.PROCESSES[0], "node": ref.PROCESSES[1]}
+# Read by both processes outside from_env (mailers.logs.setup).
+READ_OUTSIDE_FROM_ENV = {"MAILER_LOG_LEVEL", "MAILER_LOG_FORMAT"}
+
+
+@functools.cache
+def _reads(process: str, variable: str) -> bool:
+    """Whether process's from_env reads variable: setting it changes the config or fails."""
+    proc = PROCESSES[process]
+    if any(s.variable == variable for v in ref.env_sources(proc).values() for s in v):
+        return True
+    baseline = ref.build(proc, proc.required_samples)
+    for probe in ("1", "none", "not a valid value", "/nonexistent/file"):
+        try:
+            changed = ref.build(proc, {**proc.required_samples, variable: probe})
+        except Exception:
+            return True
+        if changed != baseline:
+            return True
+    return False
+
+
+def test_not_yet_read_variables_are_still_unread() -> None:
+    # When another branch teaches a from_env one of these, its entry must go: the checks
+    # then hold the deployment to what the process really reads.
+    read_now = [v for v, p in NOT_YET_READ_BY_FROM_ENV.items() if _reads(p, v)]
+    assert not read_now, f"from_env reads {read_now}: remove them from NOT_YET_READ_BY_FROM_ENV"
+
+
+def _from_env(process: str, env: Mapping[str, str]) -> Any:
+    """The process's config from env, after checking it reads every MAILER_* set."""
+    pending = {v for v, p in NOT_YET_READ_BY_FROM_ENV.items() if p == process}
+    unread = {
+        v
+        for v in env
+        if v.startswith("MAILER_") and v not in READ_OUTSIDE_FROM_ENV | pending
+        and not _reads(process, v)
+    }  # fmt: skip
+    assert not unread, f"the {process} ignores {sorted(unread)}"
+    module = coordinator.config if process == "coordinator" else sender_node.config
+    return module.from_env(env)
+
+
+def _check_coordinator(env: Mapping[str, str]) -> coordinator.config.CoordinatorConfig:
+    """A coordinator's settings: accepted, and secure (auth, TLS, etcd TLS, PostgreSQL)."""
+    config: coordinator.config.CoordinatorConfig = _from_env("coordinator", env)
+    assert config.tls.enabled and not config.tls.plaintext, "gRPC without TLS"
+    assert config.etcd_tls is not None, "etcd without TLS"
+    assert config.auth_file and Path(config.auth_file).is_file(), "authentication off"
+    assert "MAILER_PLAINTEXT" not in env
+    url = urllib.parse.urlsplit(env["MAILER_DATABASE_URL"])
+    query = urllib.parse.parse_qs(url.query)
+    assert url.scheme == "postgresql" and url.username and url.password is None, url
+    assert url.hostname and url.port and url.path.strip("/"), url
+    assert query["sslmode"] == ["verify-full"], "PostgreSQL without a checked certificate"
+    assert Path(query["sslrootcert"][0]).is_file()
+    password = Path(env["MAILER_DATABASE_PASSWORD_FILE"])
+    assert password.is_file() and password.read_bytes().strip()
+    return config
+
+
+def _check_node(env: Mapping[str, str]) -> sender_node.config.SenderConfig:
+    """A node's settings: accepted, and secure (TLS, etcd TLS, a fixed port, a journal)."""
+    config: sender_node.config.SenderConfig = _from_env("node", env)
+    assert config.tls.enabled and not config.tls.plaintext, "gRPC without TLS"
+    assert config.etcd.tls is not None, "etcd without TLS"
+    assert "MAILER_PLAINTEXT" not in env
+    assert config.listen.rsplit(":", 1)[1] != "0", "a probe needs a fixed port"
+    assert env.get("MAILER_STATE_DIR", "").startswith("/"), "no result journal directory"
+    return config
+
+
+def _final_reply_s(env: Mapping[str, str]) -> float:
+    return float(env.get("MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", "60"))
+
+
+def _make_secrets(out: Path, *args: str) -> Path:
+    _run([sys.executable, str(DEPLOY / "make_secrets.py"), str(out), *args])
+    return out
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -352,17 +438,34 @@ def _env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def test_systemd_env_files_are_accepted() -> None:
-    coord = coordinator.config.from_env(_env_file(DEPLOY / "systemd" / "coordinator.env"))
-    node = sender_node.config.from_env(_env_file(DEPLOY / "systemd" / "node.env"))
-    # Mutual TLS, with the files the unit loads as credentials
-    for tls, unit in ((coord.tls, "mailers-coordinator"), (node.tls, "mailers-node")):
-        assert tls.enabled and not tls.plaintext
-        text = (DEPLOY / "systemd" / f"{unit}.service").read_text()
-        credentials = re.findall(r"^LoadCredential=([^:]+):", text, re.MULTILINE)
-        for path in (tls.ca_file, tls.cert_file, tls.key_file):
-            directory, _, name = path.rpartition("/")
-            assert directory == f"/run/credentials/{unit}.service" and name in credentials
+def test_make_secrets_is_idempotent_and_keeps_keys_private(tmp_path: Path) -> None:
+    # Given the secrets of a compose cluster
+    out = _make_secrets(tmp_path / "s", "--preset", "compose")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # When it runs again, nothing changes
+    _make_secrets(out, "--preset", "compose")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # And every private key, token and password is readable by its owner only
+    for path in before:
+        if path.suffix in (".key", ".token") or "password" in path.name or path.name == "auth.json":
+            assert path.stat().st_mode & 0o077 in (0, 0o040), path
+    # And the auth file holds the digests of the tokens it made, not the tokens
+    auth = json.loads((out / "coordinator" / "auth.json").read_text())
+    admin = (out / "admin" / "admin.token").read_text()
+    assert admin not in json.dumps(auth)
+    assert auth["admins"] == [coordinator.auth.hash_token(admin)]
+    # And both readers of the PostgreSQL password get the same one
+    assert (out / "postgres" / "password").read_bytes() == (
+        out / "coordinator" / "postgres-password"
+    ).read_bytes()
+    # When one certificate is deleted, only it is issued again
+    (out / "node-node2" / "tls.key").unlink()
+    _make_secrets(out, "--preset", "compose")
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {p for p in after if after[p] != before.get(p)} == {
+        out / "node-node2" / "tls.crt",
+        out / "node-node2" / "tls.key",
+    }
 
 
 # ---- compose --------------------------------------------------------------------------
@@ -374,16 +477,34 @@ def compose() -> dict[str, Any]:
     return doc
 
 
+@pytest.fixture(scope="module")
+def compose_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `secrets` volume as the compose `init` service fills it."""
+    return _make_secrets(tmp_path_factory.mktemp("compose") / "secrets", "--preset", "compose")
+
+
 def _interpolate(value: str) -> str:
     return re.sub(r"\$\{\w+:-([^}]*)\}", lambda m: m.group(1), value)
 
 
-def _service_env(compose: dict[str, Any], name: str) -> dict[str, str]:
+def _compose_mounts(svc: dict[str, Any], secrets: Path) -> dict[str, Path]:
+    """Container path -> where the `secrets` volume's files for it are, on this machine."""
+    mounts = {}
+    for v in svc.get("volumes", []):
+        if isinstance(v, dict) and v.get("source") == "secrets":
+            mounts[v["target"]] = secrets / v.get("volume", {}).get("subpath", "")
+    return mounts
+
+
+def _service_env(compose: dict[str, Any], name: str, secrets: Path) -> dict[str, str]:
+    """The container's environment, its secrets paths pointing at compose_secrets."""
     svc = compose["services"][name]
     env: dict[str, str] = {}
     for f in svc.get("env_file", []):
         env.update(_env_file(DEPLOY / f))
     env.update({k: _interpolate(str(v)) for k, v in svc.get("environment", {}).items()})
+    for target, source in _compose_mounts(svc, secrets).items():
+        env = {k: v.replace(target, str(source)) for k, v in env.items()}
     return env
 
 
@@ -405,39 +526,162 @@ def test_docker_compose_config() -> None:
     _run([docker, "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"])
 
 
+def _roles(services: Mapping[str, Any]) -> dict[str, list[str]]:
+    return {
+        role: sorted(n for n in services if re.fullmatch(rf"{role}\d*", n))
+        for role in ("etcd", "coordinator", "node", "postgres", "mailpit", "init", "etcd-auth")
+    }
+
+
 def test_compose_topology(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    by_role = {
-        role: sorted(n for n in services if n.startswith(role))
-        for role in ("etcd", "coordinator", "node", "sink")
-    }
-    assert [len(by_role[r]) for r in ("etcd", "coordinator", "node", "sink")] == [3, 2, 3, 1]
+    by_role = _roles(services)
+    assert {r: len(n) for r, n in by_role.items()} == {
+        "etcd": 3, "coordinator": 2, "node": 3, "postgres": 1, "mailpit": 1, "init": 1,
+        "etcd-auth": 1,
+    }  # fmt: skip
+    assert sum(map(len, by_role.values())) == len(services), "a service of no known role"
     for name, svc in services.items():
-        assert "test" in svc["healthcheck"], f"{name} has no health check"
+        one_shot = svc.get("restart") == "no"
+        # Long-running services report health; one-shots finish instead
+        assert one_shot == (name in ("init", "etcd-auth")), name
+        assert ("test" in svc["healthcheck"]) != one_shot, f"{name}: health check"
         for dep in svc.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown {dep}"
         for f in svc.get("env_file", []):
             assert (DEPLOY / f).is_file(), f
+        # Every image pinned to a version
+        image = _interpolate(svc.get("image", ""))
+        assert re.search(r":v?\d+\.\d+", image), f"{name}: {image} is not pinned"
+    # Everything secret comes from the init service: whatever reads it starts after it
+
+    def after(name: str) -> set[str]:
+        deps = set(services[name].get("depends_on", {}))
+        return deps.union(*(after(d) for d in deps))
+
+    for name, svc in services.items():
+        if _compose_mounts(svc, Path()) and name != "init":
+            assert "init" in after(name), name
+
+
+def test_compose_etcd_requires_client_certificates(
+    compose: dict[str, Any], compose_secrets: Path
+) -> None:
+    services = compose["services"]
+    for name in _roles(services)["etcd"]:
+        env = _service_env(compose, name, compose_secrets)
+        # Given etcd members serving TLS to clients and peers alike
+        assert env["ETCD_CLIENT_CERT_AUTH"] == env["ETCD_PEER_CLIENT_CERT_AUTH"] == "true"
+        urls = [env[k] for k in env if k.endswith("_URLS")]
+        urls += env["ETCD_INITIAL_CLUSTER"].split(",")
+        assert all(u.split("=")[-1].startswith("https://") for u in urls), urls
+        # Then the certificate files exist where the member looks for them
+        for key in ("TRUSTED_CA_FILE", "CERT_FILE", "KEY_FILE"):
+            assert Path(env[f"ETCD_{key}"]).is_file() and Path(env[f"ETCD_PEER_{key}"]).is_file()
+        assert "--cert=" in " ".join(services[name]["healthcheck"]["test"])
+    # And etcd-auth makes a user for exactly the nodes that run, as root, once etcd is up
+    auth = services["etcd-auth"]
+    command = auth["command"]
+    assert command[0] == "etcd-auth"
+    ids = sorted(a for a in command[1:] if not a.startswith("--"))
+    node_ids = [_service_env(compose, n, compose_secrets)["MAILER_NODE_ID"]
+                for n in _roles(services)["node"]]  # fmt: skip
+    assert ids == sorted(node_ids)
+    assert all(auth["depends_on"][m] == {"condition": "service_healthy"}
+               for m in _roles(services)["etcd"])  # fmt: skip
+    root = _compose_mounts(auth, compose_secrets)["/etc/mailers/secrets"]
+    cert = x509.load_pem_x509_certificate((root / "tls.crt").read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=root"
+    for name in _roles(services)["coordinator"] + _roles(services)["node"]:
+        assert services[name]["depends_on"]["etcd-auth"] == {
+            "condition": "service_completed_successfully"
+        }
+
+
+def test_compose_coordinators_are_secure(compose: dict[str, Any], compose_secrets: Path) -> None:
+    services = compose["services"]
     etcd_ips = {
-        f"{services[n]['networks']['mailers']['ipv4_address']}:2379" for n in by_role["etcd"]
+        f"{services[n]['networks']['mailers']['ipv4_address']}:2379"
+        for n in _roles(services)["etcd"]
     }
-    for name in by_role["coordinator"]:
+    for name in _roles(services)["coordinator"]:
         svc = services[name]
-        check = svc["healthcheck"]["test"]
-        assert check[1:4] == ["python", "-m", "mailers.healthcheck"] and "--service" not in check
-        config = coordinator.config.from_env(_service_env(compose, name))
-        assert config.tls.plaintext, "compose runs plaintext, and says so explicitly"
+        config = _check_coordinator(_service_env(compose, name, compose_secrets))
         assert set(config.etcd_endpoints) == etcd_ips
         published = svc["ports"][0].rsplit(":", 1)[0]
         assert config.advertised == published, "clients on the host follow the redirect"
-    for name in by_role["node"]:
-        node = sender_node.config.from_env(_service_env(compose, name))
-        assert set(node.etcd.endpoints) == etcd_ips
-        assert [r.address for r in node.smtp.relays] == ["sink:2525"]
+        # PostgreSQL: the compose service, healthy before coordinators start
+        url = urllib.parse.urlsplit(_service_env(compose, name, compose_secrets)[
+            "MAILER_DATABASE_URL"])  # fmt: skip
+        assert url.hostname == "postgres" and url.port == 5432
+        assert svc["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        # The health check asks the coordinator's own health-only port, not a fixed one
+        check = svc["healthcheck"]["test"]
+        assert check[1:] == ["python", "-m", "mailers.healthcheck", "--role", "coordinator"]
+        assert config.health_listen.startswith("127.0.0.1:")
+
+
+def test_compose_postgres(compose: dict[str, Any], compose_secrets: Path) -> None:
+    svc = compose["services"]["postgres"]
+    env = _service_env(compose, "postgres", compose_secrets)
+    # Given the official image, pinned, with its data on a named volume
+    assert re.fullmatch(r"postgres:\d+\.\d+-\w+", _interpolate(svc["image"]))
+    data = [v for v in svc["volumes"] if isinstance(v, str)]
+    assert data == ["postgres:/var/lib/postgresql/data"]
+    assert "postgres" in compose["volumes"]
+    # And pg_isready as its health check
+    assert svc["healthcheck"]["test"][1] == "pg_isready"
+    # Then its password is the one coordinators read, and it serves TLS only
+    coordinator_env = _service_env(compose, "coordinator1", compose_secrets)
+    assert (
+        Path(env["POSTGRES_PASSWORD_FILE"]).read_bytes()
+        == Path(coordinator_env["MAILER_DATABASE_PASSWORD_FILE"]).read_bytes()
+    )
+    assert env["POSTGRES_USER"] == urllib.parse.urlsplit(
+        coordinator_env["MAILER_DATABASE_URL"]).username  # fmt: skip
+    assert "ssl=on" in svc["command"]
+    hba = (DEPLOY / "postgres" / "pg_hba.conf").read_text()
+    rules = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    assert {r[0] for r in rules} == {"local", "hostssl"}
+    assert all(r[-1] == "scram-sha-256" for r in rules if r[0] == "hostssl")
+
+
+def test_compose_nodes_are_secure_and_keep_their_journal(
+    compose: dict[str, Any], compose_secrets: Path
+) -> None:
+    services = compose["services"]
+    volumes = []
+    for name in _roles(services)["node"]:
+        svc = services[name]
+        env = _service_env(compose, name, compose_secrets)
+        node = _check_node(env)
         assert node.advertise == f"{name}:7800"
-        assert services[name]["healthcheck"]["test"][-1] == "127.0.0.1:7800"
-        grace_s = int(services[name]["stop_grace_period"].rstrip("s"))
-        assert grace_s > node.drain_timeout_s
+        # Mailpit over STARTTLS, its certificate checked against the CA
+        (relay,) = node.smtp.relays
+        assert relay.address == "mailpit:1025" and relay.tls.value == "starttls" and relay.verify
+        # The journal lives on the node's own named volume
+        state = env["MAILER_STATE_DIR"]
+        (volume,) = [v.split(":") for v in svc["volumes"] if isinstance(v, str)]
+        assert state.startswith(volume[1] + "/") and volume[0] in compose["volumes"]
+        volumes.append(volume[0])
+        # The health check asks the node itself over TLS: never the coordinator's port
+        check = svc["healthcheck"]["test"]
+        assert check[1:] == ["python", "-m", "mailers.healthcheck", "--role", "node"]
+        # SIGTERM: drain, then a transaction past its final dot waits for its reply
+        grace_s = int(svc["stop_grace_period"].rstrip("s"))
+        assert grace_s >= node.drain_timeout_s + _final_reply_s(env) + 5
+    assert len(set(volumes)) == len(volumes), "nodes share a journal volume"
+
+
+def test_compose_only_the_init_service_sees_the_ca_key(
+    compose: dict[str, Any], compose_secrets: Path
+) -> None:
+    for name, svc in compose["services"].items():
+        for source in _compose_mounts(svc, compose_secrets).values():
+            if name != "init":
+                assert source != compose_secrets, f"{name} mounts every secret"
+                assert not (source / "ca.key").exists(), name
+                assert source.is_dir(), f"{name}: {source} is not made by make_secrets.py"
 
 
 # ---- Dockerfile -------------------------------------------------------------------------
