@@ -20,6 +20,7 @@ period, every container has requests and runs as non-root, and every configurati
 
 from __future__ import annotations
 
+import base64
 import functools
 import importlib
 import json
@@ -102,33 +103,49 @@ def test_yaml_parses(path: Path) -> None:
 
 # ---- Kubernetes ---------------------------------------------------------------------
 
+# Custom resources: no schema in kubernetes-validate; their own tests check them.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("postgresql.cnpg.io/v1", "Cluster")}
+COMPONENTS = ("external-etcd", "cloudnativepg")
 
-def _kustomize(tmp: Path, *, external_etcd: bool = False) -> list[dict[str, Any]]:
-    """Build the production overlay from a copy of deploy/k8s with dummy secret files."""
+
+@pytest.fixture(scope="module")
+def k8s_secrets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The overlay's secrets/ as the README says to make them."""
+    out = _make_secrets(tmp_path_factory.mktemp("k8s") / "secrets", "--preset", "kubernetes")
+    (out / "smtp-password").write_text("relay password")
+    return out
+
+
+def _kustomize(tmp: Path, secrets: Path, components: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Build the production overlay from a copy of deploy/k8s, with components enabled."""
     kubectl = _tool("kubectl")
     tree = tmp / "k8s"
     shutil.copytree(K8S, tree)
-    secrets = tree / "overlays" / "production" / "secrets"
-    secrets.mkdir(exist_ok=True)
-    for name in ("smtp-username", "smtp-password", "tls.crt", "tls.key"):
-        (secrets / name).write_text(f"dummy {name}\n")
-    (secrets / "grpc").mkdir(exist_ok=True)
-    for name in ("ca.crt", "coordinator.crt", "coordinator.key", "node-pool.crt", "node-pool.key"):
-        (secrets / "grpc" / name).write_text(f"dummy {name}\n")
     overlay = tree / "overlays" / "production"
-    if external_etcd:
-        k = overlay / "kustomization.yaml"
-        text = k.read_text()
-        text = text.replace("# components:\n#   - ", "components:\n  - ")
-        assert "components:\n  - ../../components/external-etcd" in text
-        k.write_text(text)
+    shutil.copytree(secrets, overlay / "secrets")
+    k = overlay / "kustomization.yaml"
+    text = k.read_text()
+    for name in components:
+        line = f"#   - ../../components/{name}\n"
+        assert line in text and "# components:\n" in text, f"{name} is not offered"
+        text = text.replace(line, f"  - ../../components/{name}\n")
+    if components:
+        text = text.replace("# components:\n", "components:\n")
+    k.write_text(text)
     out = _run([kubectl, "kustomize", str(overlay)]).stdout
     return [d for d in yaml.safe_load_all(out) if d]
 
 
 @pytest.fixture(scope="module")
-def production(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return _kustomize(tmp_path_factory.mktemp("kustomize"))
+def production(tmp_path_factory: pytest.TempPathFactory, k8s_secrets: Path) -> list[dict[str, Any]]:
+    return _kustomize(tmp_path_factory.mktemp("kustomize"), k8s_secrets)
+
+
+@pytest.fixture(scope="module")
+def cloudnativepg(
+    tmp_path_factory: pytest.TempPathFactory, k8s_secrets: Path
+) -> list[dict[str, Any]]:
+    return _kustomize(tmp_path_factory.mktemp("cnpg"), k8s_secrets, ("cloudnativepg",))
 
 
 def _by(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -144,10 +161,22 @@ def _one(objs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found
 
 
+def _secret(objs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The generated Secret first named name (kustomize appends a hash)."""
+    (found,) = [o for o in _by(objs, "Secret") if re.fullmatch(rf"{name}-[a-z0-9]{{10}}",
+                                                            o["metadata"]["name"])]  # fmt: skip
+    return found
+
+
 def _workloads(objs: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     for o in objs:
-        if o["kind"] in ("Deployment", "StatefulSet"):
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
             yield o
+
+
+def _container(w: dict[str, Any]) -> dict[str, Any]:
+    (c,) = w["spec"]["template"]["spec"]["containers"]
+    return dict(c)
 
 
 def _matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
@@ -158,53 +187,72 @@ def test_base_builds() -> None:
     kubectl = _tool("kubectl")
     out = _run([kubectl, "kustomize", str(K8S / "base")]).stdout
     kinds = sorted({d["kind"] for d in yaml.safe_load_all(out) if d})
-    assert "StatefulSet" in kinds and "HorizontalPodAutoscaler" in kinds
+    assert {"StatefulSet", "Deployment", "Job", "HorizontalPodAutoscaler"} <= set(kinds)
 
 
 def test_production_objects(production: list[dict[str, Any]]) -> None:
-    kinds = sorted(o["kind"] for o in production)
-    assert kinds.count("Deployment") == 2
+    names = {(o["kind"], o["metadata"]["name"]) for o in production}
+    assert {("Deployment", "mailers-coordinator"), ("StatefulSet", "mailers-node"),
+            ("StatefulSet", "etcd"), ("StatefulSet", "mailers-postgres"),
+            ("Job", "mailers-etcd-auth")} <= names  # fmt: skip
+    assert len(list(_workloads(production))) == 5
+    kinds = [o["kind"] for o in production]
     assert kinds.count("PodDisruptionBudget") == 2
-    assert {"Namespace", "StatefulSet", "HorizontalPodAutoscaler", "ServiceMonitor"} <= set(kinds)
+    assert {"Namespace", "HorizontalPodAutoscaler", "ServiceMonitor"} <= set(kinds)
     for o in production:
         if o["kind"] != "Namespace":
             assert o["metadata"]["namespace"] == "mailers", o["metadata"]
 
 
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_kubernetes_schemas(production: list[dict[str, Any]], version: str) -> None:
+def _validate(objs: list[dict[str, Any]], version: str) -> int:
     try:
         kv: Any = importlib.import_module("kubernetes_validate")
     except ImportError:
         _need("kubernetes-validate (pip)", False)
     checked = 0
-    for o in production:
-        if o["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # a CRD: test_service_monitor_selects_metrics_ports checks it
+    for o in objs:
+        if (o["apiVersion"], o["kind"]) in CRD_KINDS:
+            continue
         kv.validate(o, version, strict=True)
         checked += 1
-    assert checked >= 15
+    return checked
 
 
-def test_external_etcd_component(tmp_path: Path) -> None:
-    objs = _kustomize(tmp_path, external_etcd=True)
-    assert not _by(objs, "StatefulSet") and not _by(objs, "Service", "etcd")
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_schemas(
+    production: list[dict[str, Any]], cloudnativepg: list[dict[str, Any]], version: str
+) -> None:
+    # Every object but the custom resources, named in CRD_KINDS, in both variants
+    assert _validate(production, version) == len(production) - 1
+    assert _validate(cloudnativepg, version) == len(cloudnativepg) - 2
+
+
+def test_external_etcd_component(tmp_path: Path, k8s_secrets: Path) -> None:
+    objs = _kustomize(tmp_path, k8s_secrets, ("external-etcd",))
+    assert not [o for o in objs if o["metadata"]["name"].startswith("etcd")]
+    secrets = [s["metadata"]["name"] for s in _by(objs, "Secret")]
+    assert not [s for s in secrets if re.fullmatch(r"mailers-pki-etcd-[a-z0-9]{10}", s)]
     config = _one(objs, "ConfigMap", "mailers-config")["data"]
     endpoints = config["MAILER_ETCD_ENDPOINTS"].split(",")
     assert len(endpoints) == 3 and all(re.fullmatch(r"[\d.]+:\d+", e) for e in endpoints)
+    assert config["MAILER_ETCD_SERVER_NAME"]
+    # The Job still sets up users, on that etcd, as its root
+    args = _container(_one(objs, "Job", "mailers-etcd-auth"))["args"]
+    assert "--endpoints=$(MAILER_ETCD_ENDPOINTS)" in args
+    assert "--server-name=$(MAILER_ETCD_SERVER_NAME)" in args
 
 
 def test_selectors_and_ports_line_up(production: list[dict[str, Any]]) -> None:
     pods = []
     for w in _workloads(production):
         labels = w["spec"]["template"]["metadata"]["labels"]
-        assert _matches(w["spec"]["selector"]["matchLabels"], labels), w["metadata"]["name"]
-        ports = {
-            p["name"]: p["containerPort"]
-            for c in w["spec"]["template"]["spec"]["containers"]
-            for p in c.get("ports", [])
-        }
+        if w["kind"] != "Job":
+            assert _matches(w["spec"]["selector"]["matchLabels"], labels), w["metadata"]["name"]
+        ports = {p["name"]: p["containerPort"] for p in _container(w).get("ports", [])}
         pods.append((labels, ports))
+        if w["kind"] == "StatefulSet":
+            governing = _one(production, "Service", w["spec"]["serviceName"])
+            assert _matches(governing["spec"]["selector"], labels)
     for svc in _by(production, "Service"):
         selected = [ports for labels, ports in pods if _matches(svc["spec"]["selector"], labels)]
         assert selected, f"service {svc['metadata']['name']} selects no pod"
@@ -228,6 +276,23 @@ def test_every_container_is_bounded_and_unprivileged(production: list[dict[str, 
             assert sc["allowPrivilegeEscalation"] is False
             assert sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"]["drop"] == ["ALL"]
+            # Every image pinned: ours by the overlay, the others by a version tag
+            assert re.search(r":v?\d+\.\d+", c["image"]), c["image"]
+
+
+def _probes(w: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    c = _container(w)
+    return {k: c[k] for k in ("readinessProbe", "livenessProbe", "startupProbe") if k in c}
+
+
+def test_probes_are_native_where_they_can_be(production: list[dict[str, Any]]) -> None:
+    for w in _workloads(production):
+        for kind, probe in _probes(w).items():
+            command = probe.get("exec", {}).get("command", [])
+            # A probe spawns Python only to speak mutual TLS, which no native probe does:
+            # the node's readiness
+            if "python" in command:
+                assert (w["metadata"]["name"], kind) == ("mailers-node", "readinessProbe")
 
 
 def test_coordinator_probes_are_leader_aware(production: list[dict[str, Any]]) -> None:
@@ -235,43 +300,296 @@ def test_coordinator_probes_are_leader_aware(production: list[dict[str, Any]]) -
     assert deployment["spec"]["replicas"] >= 2
     # Only the leader is Ready; old pods must be stoppable before new ones are Ready.
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == "100%"
-    (c,) = deployment["spec"]["template"]["spec"]["containers"]
-    # The kubelet's gRPC probe cannot do TLS: it asks the plaintext health-only port.
+    c = _container(deployment)
+    # The kubelet's gRPC probe cannot do TLS: both ask the plaintext health-only port
     env = {e["name"]: e.get("value") for e in c["env"]}
     health_port = int(env["MAILER_HEALTH_LISTEN"].rsplit(":", 1)[1])
     assert health_port != 7701 and env["MAILER_TLS_CA"]
     assert c["readinessProbe"]["grpc"] == {"port": health_port, "service": LEADER_SERVICE}
-    live = c["livenessProbe"]["exec"]["command"]
-    assert live[:3] == ["python", "-m", "mailers.healthcheck"] and "--service" not in live
-    assert c["livenessProbe"]["timeoutSeconds"] > float(live[live.index("--timeout-s") + 1])
+    # Liveness: the server as a whole (no service named), which standbys pass
+    assert c["livenessProbe"]["grpc"] == {"port": health_port}
+
+
+def test_node_probes_ask_the_node(production: list[dict[str, Any]]) -> None:
+    node = _one(production, "StatefulSet", "mailers-node")
+    c = _container(node)
+    ready = c["readinessProbe"]["exec"]["command"]
+    # Readiness: the node's own health service over mutual TLS (registered, not draining)
+    assert ready[:5] == ["python", "-m", "mailers.healthcheck", "--role", "node"]
+    assert c["readinessProbe"]["timeoutSeconds"] > float(ready[ready.index("--timeout-s") + 1])
+    # Liveness: its gRPC port accepts connections
+    assert c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["grpc"] == 7800
+    # Never a coordinator's port
+    assert not re.search(r"\b770\d\b", json.dumps(_probes(node)))
+
+
+def _node_ids(objs: list[dict[str, Any]]) -> dict[str, set[str]]:
+    """Node identities as each place that must agree lists them."""
+    hpa = _one(objs, "HorizontalPodAutoscaler", "mailers-node")["spec"]
+    job = _container(_one(objs, "Job", "mailers-etcd-auth"))["args"]
+    keys = _secret(objs, "mailers-pki-nodes")["data"]
+    return {
+        "hpa": {f"mailers-node-{n}" for n in range(hpa["maxReplicas"])},
+        "etcd-auth job": {a for a in job[1:] if not a.startswith("--")},
+        "certificates": {k.removesuffix(".crt") for k in keys if k.endswith(".crt")} - {"ca"},
+        "keys": {k.removesuffix(".key") for k in keys if k.endswith(".key")},
+    }
+
+
+def test_every_node_the_hpa_may_start_has_an_identity(production: list[dict[str, Any]]) -> None:
+    ids = _node_ids(production)
+    assert len({frozenset(v) for v in ids.values()}) == 1, ids
+    # Each certificate's CN is its pod's etcd user, and names what coordinators check
+    keys = _secret(production, "mailers-pki-nodes")["data"]
+    for node in ids["hpa"]:
+        cert = x509.load_pem_x509_certificate(base64.b64decode(keys[f"{node}.crt"]))
+        assert cert.subject.rfc4514_string() == f"CN=mailers-node-{node}"
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert "mailers-node" in names.get_values_for_type(x509.DNSName)
 
 
 def test_nodes_drain_within_the_grace_period(production: list[dict[str, Any]]) -> None:
-    deployment = _one(production, "Deployment", "mailers-node")
-    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
-    spec = deployment["spec"]["template"]["spec"]
-    (c,) = spec["containers"]
-    pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
+    node = _one(production, "StatefulSet", "mailers-node")
+    assert "replicas" not in node["spec"], "the HPA owns the replica count"
+    spec = node["spec"]["template"]["spec"]
+    pre_stop = _container(node)["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     config = _one(production, "ConfigMap", "mailers-node-config")["data"]
     drain_s = float(config["MAILER_DRAIN_TIMEOUT_S"])
-    assert spec["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain_s + 5
+    # A transaction past its final dot is never cut: it waits for the relay's reply
+    final_s = _final_reply_s(config)
+    assert spec["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + drain_s + final_s + 5
     hpa = _one(production, "HorizontalPodAutoscaler", "mailers-node")
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "mailers-node"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "mailers-node"
+    }  # fmt: skip
     assert hpa["spec"]["minReplicas"] >= 3
     assert hpa["spec"]["behavior"]["scaleDown"]["policies"] == [
         {"type": "Pods", "value": 1, "periodSeconds": 60}
     ]
-    # The generated Secrets are the ones the pods mount (kustomize adds the hash suffix):
-    # SMTP and relay TLS and gRPC TLS on nodes, gRPC TLS on coordinators.
-    secrets = {s["metadata"]["name"] for s in _by(production, "Secret")}
-    mounted = {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    coordinator = _one(production, "Deployment", "mailers-coordinator")["spec"]["template"]
-    coordinator_mounted = {
-        v["secret"]["secretName"] for v in coordinator["spec"]["volumes"] if "secret" in v
-    }
-    assert mounted | coordinator_mounted == secrets and len(secrets) == 4
-    assert len(mounted) == 3 and len(coordinator_mounted) == 1
+
+
+def test_nodes_keep_their_journal(production: list[dict[str, Any]]) -> None:
+    node = _one(production, "StatefulSet", "mailers-node")
+    (claim,) = node["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in _container(node)["volumeMounts"]}
+    env = {e["name"]: e.get("value", "") for e in _container(node)["env"]}
+    assert env["MAILER_STATE_DIR"].startswith(mounts[claim["metadata"]["name"]] + "/")
+    # Kept when the set scales down or is deleted: results not yet acknowledged survive
+    policy = node["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert policy == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+
+
+def _referenced_secrets(objs: list[dict[str, Any]]) -> set[str]:
+    names = set()
+    for w in _workloads(objs):
+        spec = w["spec"]["template"]["spec"]
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                names.add(v["secret"]["secretName"])
+            for source in v.get("projected", {}).get("sources", []):
+                if "secret" in source:
+                    names.add(source["secret"]["name"])
+        for e in _container(w).get("env", []):
+            if "secretKeyRef" in e.get("valueFrom", {}):
+                names.add(e["valueFrom"]["secretKeyRef"]["name"])
+    for cluster in _by(objs, "Cluster"):
+        names.add(cluster["spec"]["bootstrap"]["initdb"]["secret"]["name"])
+    return names
+
+
+def test_generated_secrets_are_the_mounted_ones(
+    production: list[dict[str, Any]], cloudnativepg: list[dict[str, Any]]
+) -> None:
+    for objs, made_by_operator in ((production, set()), (cloudnativepg, {"mailers-postgres-ca"})):
+        generated = {s["metadata"]["name"] for s in _by(objs, "Secret")}
+        assert _referenced_secrets(objs) == generated | made_by_operator
+
+
+def _materialize(w: dict[str, Any], objs: list[dict[str, Any]], root: Path) -> dict[str, Path]:
+    """Write the Secrets and ConfigMaps w's container mounts under root, as the kubelet
+    would; returns mount path -> where it is here."""
+    volumes = {v["name"]: v for v in w["spec"]["template"]["spec"].get("volumes", [])}
+
+    def files(kind: str, name: str, items: list[dict[str, str]] | None) -> dict[str, bytes]:
+        obj = _one(objs, kind, name)
+        raw = {
+            k: base64.b64decode(v) if kind == "Secret" else v.encode()
+            for k, v in obj.get("data", {}).items()
+        }
+        if items is None:
+            return raw
+        return {i["path"]: raw[i["key"]] for i in items}
+
+    mounts = {}
+    for m in _container(w).get("volumeMounts", []):
+        here = root / m["mountPath"].lstrip("/")
+        here.mkdir(parents=True, exist_ok=True)
+        mounts[m["mountPath"]] = here
+        v = volumes.get(m["name"], {})
+        contents: dict[str, bytes] = {}
+        if "secret" in v:
+            contents = files("Secret", v["secret"]["secretName"], v["secret"].get("items"))
+        for source in v.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                s = source["secret"]
+                contents |= files("Secret", s["name"], s.get("items"))
+        if "configMap" in v:
+            contents = files("ConfigMap", v["configMap"]["name"], v["configMap"].get("items"))
+        for name, data in contents.items():
+            (here / name).write_bytes(data)
+    return mounts
+
+
+def _pod_env(
+    w: dict[str, Any], objs: list[dict[str, Any]], root: Path, pod_name: str
+) -> dict[str, str]:
+    """The MAILER_* environment a pod of w gets, downward-API values filled in and paths
+    pointing at its mounted files, materialized under root."""
+    c = _container(w)
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        env.update(_one(objs, "ConfigMap", src["configMapRef"]["name"])["data"])
+    fields = {"POD_NAME": pod_name, "POD_IP": "10.1.2.3"}
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: fields[m.group(1)], e["value"])
+    mounts = _materialize(w, objs, root)
+    # One pass, longest mount first: a replaced path must not be replaced again.
+    pattern = re.compile("|".join(re.escape(m + "/") for m in sorted(mounts, key=len)[::-1]))
+    return {k: pattern.sub(lambda m: f"{mounts[m.group(0)[:-1]]}/", v) for k, v in env.items()}
+
+
+def test_coordinators_are_secure(production: list[dict[str, Any]], tmp_path: Path) -> None:
+    w = _one(production, "Deployment", "mailers-coordinator")
+    env = _pod_env(w, production, tmp_path, "mailers-coordinator-5d4f-x2")
+    config = _check_coordinator(env)
+    assert config.advertised == "10.1.2.3:7701" and config.listen == "0.0.0.0:7701"
+    # Nodes are dialed by pod IP and checked for the name their certificates share
+    assert config.tls.server_name == "mailers-node"
+    # The same certificate is the etcd user mailers-coordinator
+    cert = x509.load_pem_x509_certificate(Path(env["MAILER_ETCD_CERT"]).read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=mailers-coordinator"
+    # The auth file is the generated one, with an admin
+    auth = json.loads(Path(config.auth_file).read_text())
+    assert auth["admins"] and auth["tenants"]
+    # PostgreSQL: the Service of the StatefulSet, whose server certificate the CA signed
+    url = urllib.parse.urlsplit(env["MAILER_DATABASE_URL"])
+    service = _one(production, "Service", str(url.hostname))
+    assert {"name": "postgres", "port": url.port, "targetPort": "postgres"} in service["spec"][
+        "ports"]  # fmt: skip
+    ca = x509.load_pem_x509_certificate(
+        Path(urllib.parse.parse_qs(url.query)["sslrootcert"][0]).read_bytes()
+    )
+    server = x509.load_pem_x509_certificate(
+        base64.b64decode(_secret(production, "mailers-pki-postgres")["data"]["tls.crt"])
+    )
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert url.hostname in names.get_values_for_type(x509.DNSName)
+
+
+def test_nodes_are_secure(production: list[dict[str, Any]], tmp_path: Path) -> None:
+    w = _one(production, "StatefulSet", "mailers-node")
+    # Given the highest node the HPA may start (its certificate must exist)
+    last = max(_node_ids(production)["hpa"], key=lambda n: int(n.rsplit("-", 1)[1]))
+    env = _pod_env(w, production, tmp_path, last)
+    node = _check_node(env)
+    assert node.node_id == last and node.advertise == "10.1.2.3:7800"
+    assert node.tls.allowed_clients == ("mailers-coordinator",)
+    assert node.etcd.tls is not None
+    cert = x509.load_pem_x509_certificate(node.etcd.tls.cert_file.read_bytes())
+    assert cert.subject.rfc4514_string() == f"CN=mailers-node-{last}"
+    # Every relay authenticates, over TLS, with the password of the mounted Secret
+    for relay in node.smtp.relays:
+        assert relay.user and relay.password is not None and relay.tls.value == "starttls"
+        assert relay.password.reveal() == "relay password"
+
+
+def test_etcd_requires_client_certificates(production: list[dict[str, Any]]) -> None:
+    etcd = _one(production, "StatefulSet", "etcd")
+    flags = dict(a.split("=", 1) if "=" in a else (a, "") for a in _container(etcd)["command"][1:])
+    assert "--client-cert-auth" in flags and "--peer-client-cert-auth" in flags
+    for url in ("listen-client-urls", "advertise-client-urls", "listen-peer-urls",
+                "initial-advertise-peer-urls"):  # fmt: skip
+        assert flags[f"--{url}"].startswith("https://"), url
+    assert all(m.split("=", 1)[1].startswith("https://")
+               for m in flags["--initial-cluster"].split(","))  # fmt: skip
+    mounts = {m["mountPath"]: m["name"] for m in _container(etcd)["volumeMounts"]}
+    keys = _secret(production, "mailers-pki-etcd")["data"]
+    for flag in ("trusted-ca-file", "cert-file", "key-file"):
+        for prefix in ("--", "--peer-"):
+            directory, _, key = flags[f"{prefix}{flag}"].rpartition("/")
+            assert directory in mounts and key in keys
+    # The members' certificate names what clients dial (the Service) and what peers dial
+    cert = x509.load_pem_x509_certificate(base64.b64decode(keys["tls.crt"]))
+    names = set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+                .value.get_values_for_type(x509.DNSName))  # fmt: skip
+    config = _one(production, "ConfigMap", "mailers-config")["data"]
+    assert config["MAILER_ETCD_ENDPOINTS"].split(":")[0] in names
+    peers = [m.split("=", 1)[1] for m in flags["--initial-cluster"].split(",")]
+    assert {urllib.parse.urlsplit(p).hostname for p in peers} <= names
+    # And the Job turns auth on as root
+    job = _one(production, "Job", "mailers-etcd-auth")
+    root = _secret(production, "mailers-pki-etcd-root")["data"]["tls.crt"]
+    assert x509.load_pem_x509_certificate(base64.b64decode(root)).subject.rfc4514_string() == (
+        "CN=root"
+    )
+    assert _container(job)["args"][0] == "etcd-auth"
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+
+
+def _hba_rules(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_postgres(production: list[dict[str, Any]]) -> None:
+    pg = _one(production, "StatefulSet", "mailers-postgres")
+    c = _container(pg)
+    # The official image, pinned, on a volume, ready when pg_isready says so
+    assert re.fullmatch(r"postgres:\d+\.\d+-\w+", c["image"])
+    (claim,) = pg["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PGDATA"].startswith(mounts[claim["metadata"]["name"]] + "/")
+    assert c["readinessProbe"]["exec"]["command"][0] == "pg_isready"
+    # TLS on, and the network may only use it (with SCRAM)
+    assert "ssl=on" in c["args"]
+    hba = _one(production, "ConfigMap", "mailers-postgres-hba")["data"]["pg_hba.conf"]
+    rules = _hba_rules(hba)
+    assert {r[0] for r in rules} == {"local", "hostssl"}
+    assert rules == _hba_rules((DEPLOY / "postgres" / "pg_hba.conf").read_text()), "as compose"
+    # Its password and user are the Secret's the coordinators read
+    secret = _secret(production, "mailers-postgres")
+    assert secret["type"] == "kubernetes.io/basic-auth"
+    directory, _, key = env["POSTGRES_PASSWORD_FILE"].rpartition("/")
+    (volume,) = [n for n, p in mounts.items() if p == directory]
+    volumes = {v["name"]: v for v in pg["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[volume]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert key in secret["data"]
+
+
+def test_cloudnativepg_component(cloudnativepg: list[dict[str, Any]], tmp_path: Path) -> None:
+    assert not [o for o in cloudnativepg if o["metadata"]["name"].startswith("mailers-postgres")
+                and o["kind"] in ("StatefulSet", "Service", "ConfigMap")]  # fmt: skip
+    (cluster,) = _by(cloudnativepg, "Cluster")
+    assert cluster["metadata"]["name"] == "mailers-postgres" and cluster["spec"]["instances"] >= 2
+    initdb = cluster["spec"]["bootstrap"]["initdb"]
+    secret = _secret(cloudnativepg, "mailers-postgres")
+    assert initdb["secret"]["name"] == secret["metadata"]["name"]
+    assert base64.b64decode(secret["data"]["username"]).decode() == initdb["owner"]
+    assert "hostnossl all all all reject" in cluster["spec"]["postgresql"]["pg_hba"]
+    # Coordinators dial the primary's Service and check the operator's CA
+    w = _one(cloudnativepg, "Deployment", "mailers-coordinator")
+    env = {e["name"]: e.get("value", "") for e in _container(w)["env"]}
+    url = urllib.parse.urlsplit(env["MAILER_DATABASE_URL"])
+    assert url.hostname == f"{cluster['metadata']['name']}-rw" and initdb["database"] in url.path
+    assert urllib.parse.parse_qs(url.query)["sslmode"] == ["verify-full"]
+    (volume,) = [v for v in w["spec"]["template"]["spec"]["volumes"] if v["name"] == "postgres"]
+    sources = [s["secret"]["name"] for s in volume["projected"]["sources"]]
+    assert sources == [secret["metadata"]["name"], "mailers-postgres-ca"]
 
 
 def test_service_monitor_selects_metrics_ports(production: list[dict[str, Any]]) -> None:
@@ -288,47 +606,6 @@ def test_service_monitor_selects_metrics_ports(production: list[dict[str, Any]])
         assert {"name": "metrics", "port": 9100, "targetPort": "metrics"} in s["spec"]["ports"]
         assert s["spec"]["publishNotReadyAddresses"] is True  # standbys too
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
-
-
-def _pod_env(w: dict[str, Any], objs: list[dict[str, Any]]) -> dict[str, str]:
-    """The MAILER_* environment a pod of w gets, with downward-API values filled in."""
-    (c,) = w["spec"]["template"]["spec"]["containers"]
-    env: dict[str, str] = {}
-    for src in c.get("envFrom", []):
-        env.update(_one(objs, "ConfigMap", src["configMapRef"]["name"])["data"])
-    fields = {"POD_NAME": "pod-0", "POD_IP": "10.1.2.3"}
-    for e in c.get("env", []):
-        if "value" in e:
-            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: fields[m.group(1)], e["value"])
-    return env
-
-
-def test_pods_configuration_is_accepted(production: list[dict[str, Any]]) -> None:
-    coord = _pod_env(_one(production, "Deployment", "mailers-coordinator"), production)
-    config = coordinator.config.from_env(coord)
-    assert config.advertised == "10.1.2.3:7701" and config.listen == "0.0.0.0:7701"
-    node = _pod_env(_one(production, "Deployment", "mailers-node"), production)
-    node_config = sender_node.config.from_env(node)
-    assert node_config.node_id == "pod-0" and node_config.advertise == "10.1.2.3:7800"
-    # Mutual TLS on both, with the files where the Secrets are mounted
-    for tls, name in ((config.tls, "mailers-coordinator"), (node_config.tls, "mailers-node")):
-        assert tls.enabled and not tls.plaintext
-        assert tls.cert_file.startswith(_mount_of(production, name, "mailers-grpc-"))
-    assert config.tls.server_name == "mailers-node"
-    assert node_config.tls.allowed_clients == ("mailers-coordinator",)
-
-
-def _mount_of(objs: list[dict[str, Any]], deployment: str, secret: str) -> str:
-    """Where deployment's container mounts the Secret whose name starts with secret."""
-    spec = _one(objs, "Deployment", deployment)["spec"]["template"]["spec"]
-    (volume,) = [
-        v["name"]
-        for v in spec["volumes"]
-        if v.get("secret", {}).get("secretName", "").startswith(secret)
-    ]
-    (c,) = spec["containers"]
-    (path,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == volume]
-    return str(path)
 
 
 # ---- configuration: real variables, read by the processes, secure ------------------------
@@ -640,8 +917,7 @@ def test_compose_postgres(compose: dict[str, Any], compose_secrets: Path) -> Non
     assert env["POSTGRES_USER"] == urllib.parse.urlsplit(
         coordinator_env["MAILER_DATABASE_URL"]).username  # fmt: skip
     assert "ssl=on" in svc["command"]
-    hba = (DEPLOY / "postgres" / "pg_hba.conf").read_text()
-    rules = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    rules = _hba_rules((DEPLOY / "postgres" / "pg_hba.conf").read_text())
     assert {r[0] for r in rules} == {"local", "hostssl"}
     assert all(r[-1] == "scram-sha-256" for r in rules if r[0] == "hostssl")
 
