@@ -40,6 +40,7 @@ from cryptography import x509
 import coordinator.auth
 import coordinator.config
 import sender_node.config
+from mailers.certs import DevCA
 from scripts import gen_config_reference as ref
 
 pytestmark = pytest.mark.deploy
@@ -1104,6 +1105,72 @@ def test_image_ships_no_test_tools_and_probes_by_role() -> None:
 
 # ---- systemd ----------------------------------------------------------------------------
 
+UNITS = {"coordinator": "mailers-coordinator", "node": "mailers-node"}
+
+
+def _unit(unit: str) -> dict[str, list[str]]:
+    """Key -> values of a unit file (repeated keys in order)."""
+    out: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / f"{unit}.service").read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def _unit_env(process: str, root: Path) -> dict[str, str]:
+    """The env file of process's unit, its credentials written under root as systemd
+    would copy them (dummy contents; certificates real where from_env reads them)."""
+    unit = UNITS[process]
+    env = _env_file(DEPLOY / "systemd" / f"{process}.env")
+    credentials = root / "run" / "credentials" / f"{unit}.service"
+    credentials.mkdir(parents=True)
+    ca = DevCA.create(root / "pki")
+    for entry in _unit(unit)["LoadCredential"]:
+        name, _, source = entry.partition(":")
+        assert source.startswith("/etc/mailers/"), entry
+        content = ca.cert_path.read_bytes() if name.endswith(".crt") else b"secret\n"
+        if name == "auth.json":
+            content = json.dumps({"admins": [coordinator.auth.hash_token("t")]}).encode()
+        (credentials / name).write_bytes(content)
+    return {k: v.replace("/run/credentials/", f"{root}/run/credentials/") for k, v in env.items()}
+
+
+def _credential_paths(process: str) -> None:
+    """Every secret file the env names is a credential the unit loads."""
+    unit = UNITS[process]
+    env = _env_file(DEPLOY / "systemd" / f"{process}.env")
+    names = {e.partition(":")[0] for e in _unit(unit)["LoadCredential"]}
+    used = re.findall(r"/run/credentials/([^/\s]+)/([^\s&;,]+)", " ".join(env.values()))
+    assert used, process
+    for directory, name in used:
+        assert directory == f"{unit}.service" and name in names, (directory, name)
+
+
+def test_systemd_coordinator_is_secure(tmp_path: Path) -> None:
+    _credential_paths("coordinator")
+    config = _check_coordinator(_unit_env("coordinator", tmp_path))
+    # The health service on loopback only, for a probe on the host
+    assert config.health_listen.startswith("127.0.0.1:")
+    assert _unit("mailers-coordinator")["ExecStart"] == ["/opt/mailers/bin/mailers coordinator"]
+
+
+def test_systemd_node_is_secure_and_keeps_its_journal(tmp_path: Path) -> None:
+    _credential_paths("node")
+    env = _unit_env("node", tmp_path)
+    node = _check_node(env)
+    for relay in node.smtp.relays:
+        assert relay.user and relay.password is not None and relay.tls.value == "starttls"
+    unit = _unit("mailers-node")
+    assert unit["ExecStart"] == ["/opt/mailers/bin/mailers node"]
+    # The journal in the unit's state directory, which systemd keeps and hands to the
+    # dynamic user
+    (state,) = unit["StateDirectory"]
+    assert env["MAILER_STATE_DIR"] == f"/var/lib/{state}"
+    # Stopping covers the drain and a relay's reply after the final dot
+    (stop,) = unit["TimeoutStopSec"]
+    assert float(stop.rstrip("s")) >= node.drain_timeout_s + _final_reply_s(env) + 5
+
 
 @pytest.mark.parametrize("unit", ["mailers-coordinator.service", "mailers-node.service"])
 def test_systemd_unit(unit: str, tmp_path: Path) -> None:
@@ -1111,8 +1178,8 @@ def test_systemd_unit(unit: str, tmp_path: Path) -> None:
     # verify checks that ExecStart's binary and EnvironmentFile exist: point them at
     # this checkout instead of /opt/mailers and /etc/mailers.
     text = (DEPLOY / "systemd" / unit).read_text()
-    assert "ExecStart=/opt/mailers/bin/python -m " in text
-    text = text.replace("/opt/mailers/bin/python", sys.executable)
+    assert "ExecStart=/opt/mailers/bin/mailers " in text
+    text = text.replace("/opt/mailers/bin/mailers", str(BIN / "mailers"))
     text = text.replace("/etc/mailers/", f"{DEPLOY / 'systemd'}/")
     (tmp_path / unit).write_text(text)
     verify = _run([tool, "verify", str(tmp_path / unit)])
