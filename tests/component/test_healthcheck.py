@@ -46,7 +46,7 @@ async def test_standby_is_alive_but_not_ready(
 
 
 async def test_server_without_health_service_is_alive() -> None:
-    # Given a server with no health service (a sender node)
+    # Given a server with no health service (nodes before they served one)
     server = grpc.aio.server()
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()

@@ -28,7 +28,7 @@ def test_liveness_passes_on_any_health_status(status: str) -> None:
 @pytest.mark.parametrize(
     ("code", "ok"),
     [
-        (grpc.StatusCode.UNIMPLEMENTED, True),  # a sender node: no health service, alive
+        (grpc.StatusCode.UNIMPLEMENTED, True),  # no health service (an older node): alive
         (grpc.StatusCode.NOT_FOUND, True),
         (grpc.StatusCode.UNAVAILABLE, False),
         (grpc.StatusCode.DEADLINE_EXCEEDED, False),
