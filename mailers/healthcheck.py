@@ -1,13 +1,29 @@
-"""``python -m mailers.healthcheck ADDR [--service S]``: a probe for containers and units.
+"""``python -m mailers.healthcheck [ADDR] [--service S]``: a probe for containers and units.
 
-Two questions, two modes, exit status 0 (yes) or 1 (no):
+Without ADDR it probes the process of its own container (the image's ``HEALTHCHECK``):
+
+- The role is ``--role coordinator|node``, or else read from the command line of PID 1
+  (``mailers coordinator``, ``mailers node``, ``python -m coordinator``,
+  ``python -m sender_node``), so one image serves both without a setting.
+- The address and TLS come from the process's own ``MAILER_*`` environment, which the
+  probe inherits: a coordinator is asked on its plaintext health port
+  (``MAILER_HEALTH_LISTEN``) when it has one, else on ``MAILER_LISTEN`` over TLS; a node
+  on ``MAILER_LISTEN`` over TLS (a node's port must be fixed, not 0). A wildcard host
+  (``0.0.0.0``, ``::``) is dialed on loopback. A node is never asked on 7701 unless its
+  own ``MAILER_LISTEN`` says so.
+- The overall service ``""`` must be SERVING: a coordinator from its start, leader or
+  standby; a node while it is registered in etcd and not draining. With ``--ready`` a
+  coordinator must also lead (``mailer.v1.MailerService`` SERVING).
+
+With ADDR, two questions, two modes, exit status 0 (yes) or 1 (no):
 
 - Without ``--service`` (liveness): does a gRPC server answer at ADDR? Any reply counts,
-  whatever the status it reports: a standby coordinator answers ``NOT_SERVING`` for every
-  service and a sender node has no health service at all (``UNIMPLEMENTED``), yet both
-  are alive. Only no answer (refused, reset, deadline) fails.
+  whatever the status it reports: a standby coordinator answers ``NOT_SERVING`` for the
+  leader's services, a draining node ``NOT_SERVING``, a server without the health service
+  ``UNIMPLEMENTED``, yet all are alive. Only no answer (refused, reset, deadline) fails.
 - With ``--service S`` (readiness): is S ``SERVING`` at ADDR? Coordinators report
-  ``mailer.v1.MailerService`` SERVING only while they lead, so this selects the leader.
+  ``mailer.v1.MailerService`` SERVING only while they lead, so this selects the leader;
+  ``--service ""`` asks about the server as a whole (a node: registered, not draining).
 
 Every call has a deadline (``--timeout-s``, 3 s by default); the probe never retries, so
 it finishes within that time plus the interpreter's start. It prints one line saying
@@ -25,9 +41,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -48,10 +66,114 @@ _ANSWERED_CODES = frozenset(
 )
 
 
+LEADER_SERVICE = "mailer.v1.MailerService"
+"""SERVING on the coordinator that leads, and nowhere else."""
+COORDINATOR_LISTEN = "127.0.0.1:7701"
+"""A coordinator's ``MAILER_LISTEN`` when unset (``coordinator/config.py``)."""
+PID1_CMDLINE = Path("/proc/1/cmdline")
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]", "*"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Verdict:
     ok: bool
     reason: str
+
+
+class Role(enum.Enum):
+    """The server a container runs."""
+
+    COORDINATOR = "coordinator"
+    NODE = "node"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where and what to ask the local process (see :func:`local_target`)."""
+
+    address: str
+    service: str
+    """The service that must be SERVING; ``""`` is the server as a whole."""
+    plaintext: bool
+    """Dial without TLS (a coordinator's health-only port)."""
+
+
+class TargetError(ValueError):
+    """The environment does not say where the local process listens; the message says why."""
+
+
+def role_from_command(argv: Sequence[str]) -> Role | None:
+    """The role of a process started as argv, or None when argv runs no server. Pure.
+
+    Recognised: ``mailers coordinator``, ``mailers node`` (the program may be a path and
+    follow an interpreter or an init such as ``tini --``), ``python -m coordinator`` and
+    ``python -m sender_node``. ``mailers node drain ID`` (an admin command) is no server.
+    """
+    args = list(argv)
+    for i, arg in enumerate(args):
+        following = args[i + 1 :]
+        if arg == "-m" and following[:1] == ["coordinator"]:
+            return Role.COORDINATOR
+        if arg == "-m" and following[:1] == ["sender_node"]:
+            return Role.NODE
+        if os.path.basename(arg) == "mailers" and following:
+            command, rest = following[0], [a for a in following[1:] if not a.startswith("-")]
+            if command == "coordinator":
+                return Role.COORDINATOR
+            if command == "node" and not rest:
+                return Role.NODE
+    return None
+
+
+def _split_listen(value: str, variable: str) -> tuple[str, int]:
+    host, sep, port = value.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise TargetError(f"{variable}={value!r} is not host:port")
+    return host, int(port)
+
+
+def _loopback(value: str, variable: str) -> str:
+    """The address a probe in the same network namespace dials for a listen address."""
+    host, port = _split_listen(value, variable)
+    if port == 0:
+        raise TargetError(f"{variable}={value!r} picks a free port; a probe needs a fixed one")
+    if host in _WILDCARD_HOSTS:
+        host = "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def local_target(role: Role, environ: Mapping[str, str], *, ready: bool = False) -> Target:
+    """Where the process of role, configured by environ, answers health checks. Pure.
+
+    Args:
+        role: What the process is.
+        environ: Its ``MAILER_*`` environment.
+        ready: For a coordinator, ask whether it leads; a node has one question only.
+
+    Raises:
+        TargetError: the listen address is malformed, or a node's port is 0 or unset.
+    """
+    service = LEADER_SERVICE if ready and role is Role.COORDINATOR else ""
+    if role is Role.COORDINATOR:
+        health = environ.get("MAILER_HEALTH_LISTEN", "").strip()
+        if health:
+            return Target(_loopback(health, "MAILER_HEALTH_LISTEN"), service, plaintext=True)
+        listen = environ.get("MAILER_LISTEN", "").strip() or COORDINATOR_LISTEN
+        return Target(_loopback(listen, "MAILER_LISTEN"), service, plaintext=False)
+    listen = environ.get("MAILER_LISTEN", "").strip()
+    if not listen:
+        raise TargetError("MAILER_LISTEN is unset: a node listens on a free port then")
+    return Target(_loopback(listen, "MAILER_LISTEN"), service, plaintext=False)
+
+
+def _pid1_role(path: Path) -> Role | None:
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    return role_from_command([a.decode(errors="replace") for a in raw.split(b"\0") if a])
 
 
 def judge(service: str | None, status: str | None, code: grpc.StatusCode | None) -> Verdict:
@@ -122,15 +244,30 @@ def probe(
     return judge(service, name, None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, pid1_cmdline: Path = PID1_CMDLINE) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mailers.healthcheck", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("address", help="host:port of the gRPC server")
+    parser.add_argument(
+        "address",
+        nargs="?",
+        help="host:port of the gRPC server; omitted: this container's coordinator or node, "
+        "found from its environment (SERVING required)",
+    )
     parser.add_argument(
         "--service",
         help="require this service to be SERVING (readiness); without it, any answer "
         "from the server passes (liveness)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=[r.value for r in Role],
+        help="without ADDR: what this container runs (default: read from PID 1's command)",
+    )
+    parser.add_argument(
+        "--ready",
+        action="store_true",
+        help="without ADDR: a coordinator must also lead (a node has no other question)",
     )
     parser.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the call")
     parser.add_argument("--tls-ca", help="CA file (default: $MAILER_TLS_CA)")
@@ -146,13 +283,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(ns, flag):
             env[name] = getattr(ns, flag)
             env.pop("MAILER_PLAINTEXT", None)
-    try:
-        tls = tls_from_env(env)
-    except TlsConfigError as exc:
-        print(f"{ns.address}: TLS: {exc}")
-        return 1
-    verdict = probe(ns.address, ns.service, ns.timeout_s, tls=tls, server_name=ns.tls_server_name)
-    print(f"{ns.address}: {verdict.reason}")
+    address: str = ns.address or ""
+    service: str | None = ns.service
+    plaintext = False
+    if not address:
+        if ns.service is not None:
+            parser.error("--service needs ADDR; without it, use --ready")
+        role = Role(ns.role) if ns.role else _pid1_role(pid1_cmdline)
+        if role is None:
+            print("cannot tell whether this runs a coordinator or a node: pass --role or ADDR")
+            return 1
+        try:
+            target = local_target(role, env, ready=ns.ready)
+        except TargetError as exc:
+            print(f"{role.value}: {exc}")
+            return 1
+        address, service, plaintext = target.address, target.service, target.plaintext
+    elif ns.role or ns.ready:
+        parser.error("--role and --ready probe this container's process: drop ADDR")
+    tls: TlsConfig | None = None
+    if not plaintext:
+        try:
+            tls = tls_from_env(env)
+        except TlsConfigError as exc:
+            print(f"{address}: TLS: {exc}")
+            return 1
+    verdict = probe(address, service, ns.timeout_s, tls=tls, server_name=ns.tls_server_name)
+    print(f"{address}: {verdict.reason}")
     return 0 if verdict.ok else 1
 
 

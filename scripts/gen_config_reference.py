@@ -47,7 +47,9 @@ import sender_node.config  # noqa: E402
 
 OUTPUT = ROOT / "deploy" / "CONFIG.md"
 PRODUCT_PACKAGES = ("coordinator", "sender_node", "mailers", "client_sdk")
-_VAR = re.compile(r"\bMAILER_[A-Z0-9_]+\b")
+# A name ends in a letter or digit: ``MAILER_DATABASE_*`` in prose names a family, not a
+# variable ``MAILER_DATABASE_``.
+_VAR = re.compile(r"\bMAILER_[A-Z0-9_]*[A-Z0-9]\b")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +172,20 @@ OTHER_VARIABLES: dict[str, Other] = {
         "Per recipient domain throttles, e.g. `default=concurrency:20;gmail.com=rate:10,"
         "burst:5,concurrency:4` (keys: rate, burst, concurrency, min_rate, decrease, "
         "increase, recovery, cooldown). A 421/451 reply slows a domain down regardless.",
+    ),
+    # The coordinator's PostgreSQL store is being added; until its from_env reads these,
+    # they are described here (mailers.procs already sets them for local clusters).
+    "MAILER_DATABASE_URL": Other(
+        "coordinator (the PostgreSQL store); `mailers.procs` sets it for local clusters",
+        "none",
+        "`postgresql://USER@HOST:PORT/DB`, without the password; `?sslmode=verify-full&"
+        "sslrootcert=/path/ca.crt` checks the server's certificate against that CA.",
+    ),
+    "MAILER_DATABASE_PASSWORD_FILE": Other(
+        "coordinator (the PostgreSQL store); `mailers.procs` sets it for local clusters",
+        "none",
+        "File holding the database user's password, so that it appears in no URL, "
+        "environment or process listing.",
     ),
     "MAILER_ETCD_SERVER_NAME": Other(
         "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
