@@ -68,7 +68,7 @@ PROCESSES = (
         "python -m coordinator",
         coordinator.config,
         coordinator.config.CoordinatorConfig,
-        {},
+        {"MAILER_DATABASE_URL": "postgresql://mailers@127.0.0.1:5432/mailers"},
     ),
     Process(
         "Sender node",
@@ -172,20 +172,6 @@ OTHER_VARIABLES: dict[str, Other] = {
         "Per recipient domain throttles, e.g. `default=concurrency:20;gmail.com=rate:10,"
         "burst:5,concurrency:4` (keys: rate, burst, concurrency, min_rate, decrease, "
         "increase, recovery, cooldown). A 421/451 reply slows a domain down regardless.",
-    ),
-    # The coordinator's PostgreSQL store is being added; until its from_env reads these,
-    # they are described here (mailers.procs already sets them for local clusters).
-    "MAILER_DATABASE_URL": Other(
-        "coordinator (the PostgreSQL store); `mailers.procs` sets it for local clusters",
-        "none",
-        "`postgresql://USER@HOST:PORT/DB`, without the password; `?sslmode=verify-full&"
-        "sslrootcert=/path/ca.crt` checks the server's certificate against that CA.",
-    ),
-    "MAILER_DATABASE_PASSWORD_FILE": Other(
-        "coordinator (the PostgreSQL store); `mailers.procs` sets it for local clusters",
-        "none",
-        "File holding the database user's password, so that it appears in no URL, "
-        "environment or process listing.",
     ),
     "MAILER_ETCD_SERVER_NAME": Other(
         "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
