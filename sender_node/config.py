@@ -20,7 +20,9 @@ Variables (defaults in brackets):
 - ``MAILER_SMTP_CONNECTIONS`` [4]: persistent connections per relay (a relay's
   ``connections=`` option overrides it).
 - ``MAILER_CAPACITY`` [400]: recipients held at once.
-- ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP command.
+- ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP reply before the message body.
+- ``MAILER_SMTP_FINAL_REPLY_TIMEOUT_S`` [60]: deadline of the reply to the final dot (plus
+  the transfer time); at least ``MAILER_SMTP_TIMEOUT_S``. Running out is AMBIGUOUS.
 - ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may finish.
 - ``MAILER_METRICS_LISTEN`` [empty: off]: ``host:port`` of the Prometheus exporter.
 - ``MAILER_DOMAIN_LIMITS`` [empty: 20 transactions at once per recipient domain, no
@@ -340,7 +342,12 @@ class SmtpConfig:
     """Persistent connections kept per relay (unless the relay sets ``connections``);
     also the node's sending concurrency per relay."""
     timeout_s: float = 30.0
-    """Deadline of each SMTP step (connect, MAIL, RCPT, DATA, end of data)."""
+    """Deadline of each SMTP step before the message body (connect, TLS, EHLO, AUTH,
+    MAIL, each RCPT, DATA)."""
+    final_reply_timeout_s: float = 60.0
+    """Deadline of the reply to the final dot, plus the time the message takes at the
+    slowest healthy throughput. At least ``timeout_s``: running out is AMBIGUOUS (the
+    relay may have the message), so it is kept long."""
     helo_name: str = "localhost"
     """Name given in EHLO."""
     strategy: Strategy = Strategy.FAILOVER
@@ -360,6 +367,10 @@ class SmtpConfig:
             raise ConfigError("MAILER_SMTP_CONNECTIONS must be at least 1")
         if self.timeout_s <= 0:
             raise ConfigError("MAILER_SMTP_TIMEOUT_S must be positive")
+        if self.final_reply_timeout_s < self.timeout_s:
+            raise ConfigError(
+                "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S must be at least MAILER_SMTP_TIMEOUT_S"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +502,7 @@ def from_env(
         relays=parse_relays(_required(environ, "MAILER_RELAYS"), environ),
         connections_per_relay=_integer(environ, "MAILER_SMTP_CONNECTIONS", 4),
         timeout_s=_number(environ, "MAILER_SMTP_TIMEOUT_S", 30.0),
+        final_reply_timeout_s=_number(environ, "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", 60.0),
         helo_name=host or "localhost",
         strategy=_strategy(environ, "MAILER_RELAY_STRATEGY"),
     )
