@@ -389,6 +389,9 @@ class SinkStats:
     held_finals: int = 0
     """Final-dot replies held back by ``final_delay_ms``/``delay_ms`` (counted when the
     hold starts, so the whole message has arrived by then)."""
+    pipelined_mails: int = 0
+    """MAIL commands that arrived with the next command already behind them: the client
+    pipelined (RFC 2920) instead of waiting for the reply."""
     dropped_mid_transaction: int = 0
     """Connections that ended while a transaction was open (after MAIL, before the
     reply to the final dot or a RSET): a client that gave up mid-transaction."""
@@ -408,6 +411,13 @@ def _declared_size(mail_options: Sequence[str]) -> int | None:
         if name.upper() == "SIZE" and value.isdigit():
             return int(value)
     return None
+
+
+def _more_input_waiting(server: SMTP) -> bool:
+    """Whether bytes after the command being handled have already arrived."""
+    reader: Any = getattr(server, "_reader", None)
+    buffer = getattr(reader, "_buffer", None)  # StreamReader's; nothing public says this
+    return bool(buffer)
 
 
 def _encrypted(server: SMTP) -> bool:
@@ -579,6 +589,8 @@ class SinkHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if _more_input_waiting(server):
+            self.stats.pipelined_mails += 1
         if self._tempfail.take(self._clock()):
             self.stats.tempfailed += 1
             code = self._plan.tempfail_code
