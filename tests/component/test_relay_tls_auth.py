@@ -3,7 +3,8 @@
 Real pieces: the pool (aiosmtplib), ``mailers.sink.SinkServer`` in-process with
 STARTTLS, implicit TLS, AUTH and SIZE switched on per test, and certificates from
 ``mailers.certs.DevCA``. Rate limits run on a fake monotonic clock whose ``sleep``
-advances it, so the waits are asserted exactly.
+advances it, so the waits are asserted exactly. Every test runs against relays that
+advertise PIPELINING and against relays that do not, with the same assertions.
 """
 
 from __future__ import annotations
@@ -51,13 +52,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 StartSink = Callable[..., Any]
 
 
+@pytest.fixture(params=[True, False], ids=["pipelined", "unpipelined"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Whether the relays advertise PIPELINING (and so whether the pool pipelines)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-async def sinks(tmp_path: Path) -> AsyncIterator[StartSink]:
+async def sinks(tmp_path: Path, pipelining: bool) -> AsyncIterator[StartSink]:
     started: list[SinkServer] = []
 
     async def start(**options: Any) -> SinkServer:
         n = len(started)
-        config = SinkConfig(maildir=tmp_path / f"md{n}", log_path=tmp_path / f"{n}.log", **options)
+        config = SinkConfig(
+            maildir=tmp_path / f"md{n}",
+            log_path=tmp_path / f"{n}.log",
+            pipelining=pipelining,
+            **options,
+        )
         sink = SinkServer(config)
         await sink.start()
         started.append(sink)
@@ -212,6 +224,34 @@ async def test_starttls_required_but_not_offered_is_a_relay_fault(
     assert (alone.phase, alone.failure) == (Phase.CONNECT, Failure.PROTOCOL)
     assert "does not offer STARTTLS" in alone.text
     assert verdict(alone) == (Outcome.TRANSIENT, True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "starttls"])
+@pytest.mark.parametrize("with_tls", [True, False], ids=["tls-capable", "no-tls"])
+async def test_starttls_answered_250_is_a_relay_fault_never_plaintext(
+    sinks: StartSink, pools: Callable[..., RelayPool], pki: Pki, mode: str, with_tls: bool
+) -> None:
+    # Given a preferred relay offering STARTTLS but answering it 250 (no handshake), and
+    # a second relay
+    tls = {"tls_context": server_tls_context(pki.cert, pki.key)} if with_tls else {}
+    a = await sinks(starttls_2xx=True, **tls)
+    b = await sinks()
+    pool = pools([f"{a.address};tls={mode};ca={pki.ca}", b.address])
+
+    # When a message is sent
+    outcome = await pool.send(FROM, "r@example.org", message(1))
+
+    # Then nothing went to the first relay in plaintext; the second delivered
+    assert (outcome.code, outcome.relay) == (250, b.address)
+    assert (a.stats.starttls_2xx, a.stats.messages) == (1, 0)
+    assert pool.relays()[0].consecutive_failures == 1
+
+    # And alone, the 250 is a relay protocol fault at connection time, not a delivery
+    alone = await pools([f"{a.address};tls={mode};ca={pki.ca}"]).send(FROM, "s@x.org", message(2))
+    assert (alone.code, alone.phase) == (250, Phase.CONNECT)
+    assert alone.text.startswith("STARTTLS")
+    assert verdict(alone) == (Outcome.TRANSIENT, True)
+    assert a.stats.messages == 0
 
 
 async def test_tls_none_stays_plaintext_even_when_starttls_is_offered(
