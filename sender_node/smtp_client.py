@@ -87,6 +87,7 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 import aiosmtplib
 import pybreaker
@@ -335,9 +336,10 @@ class _Connection:
 
     def __init__(self, smtp: aiosmtplib.SMTP, pipelining: bool) -> None:
         transport = smtp.transport
-        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        if transport is None or transport.is_closing():
             raise aiosmtplib.SMTPServerDisconnected("connection lost after setup")
-        self.wire = _Wire(transport)
+        # uvloop's transports do not derive from asyncio's classes: no isinstance here.
+        self.wire = _Wire(cast(asyncio.WriteTransport, transport))
         self.pipelining = pipelining and smtp.supports_extension("pipelining")
         """Write the envelope in one go (the relay advertises PIPELINING)."""
         self.declare_size = smtp.supports_extension("size")

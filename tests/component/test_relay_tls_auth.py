@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from mailers.certs import CertSpec, DevCA
 from mailers.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log, server_tls_context
@@ -587,3 +588,38 @@ async def test_balance_waits_for_the_soonest_token_when_every_relay_is_out(
     # Then the pool slept exactly until the faster relay had a token, and used it
     assert time.sleeps == [0.25]
     assert outcome.relay == b.address
+
+
+# ---- on uvloop, the node's event loop -------------------------------------------------
+
+
+def test_on_uvloop_every_kind_of_connection_is_taken_over(tmp_path: Path, pki: Pki) -> None:
+    # The node runs on uvloop (sender_node.__main__), whose transports are not asyncio's
+    # classes: the pool must take over plain, STARTTLS and implicit-TLS connections there.
+    async def scenario() -> list[tuple[int, bool]]:
+        context = server_tls_context(pki.cert, pki.key)
+        configs: list[tuple[dict[str, Any], str]] = [
+            ({"pipelining": True}, ""),
+            ({"pipelining": False}, ""),
+            ({"tls_context": context}, f";tls=starttls;ca={pki.ca}"),
+            ({"tls_context": context, "implicit_tls": True}, f";tls=implicit;ca={pki.ca}"),
+        ]
+        got = []
+        for n, (options, relay_options) in enumerate(configs):
+            config = SinkConfig(
+                maildir=tmp_path / f"m{n}", log_path=tmp_path / f"{n}.log", **options
+            )
+            async with SinkServer(config) as sink:
+                pool = RelayPool([sink.address + relay_options], timeout_s=10.0)
+                try:
+                    outcomes = [await pool.send(FROM, f"r{i}@x.org", message(i)) for i in range(3)]
+                finally:
+                    await pool.close()
+                got.append((outcomes[-1].code, sink.stats.tls_messages == 3))
+        return got
+
+    # When each relay gets three messages over one pooled connection, on uvloop
+    results = uvloop.run(scenario())
+
+    # Then all were delivered, the TLS ones over TLS
+    assert results == [(250, False), (250, False), (250, True), (250, True)]
