@@ -39,7 +39,16 @@ class BreakerState(enum.Enum):
         Raises:
             ValueError: an unknown name.
         """
-        return cls(name.replace("-", "_"))
+        # Asked for every transaction: a dict lookup, not an Enum call.
+        state = _BY_PYBREAKER_NAME.get(name)
+        return state if state is not None else cls(name.replace("-", "_"))
+
+
+_BY_PYBREAKER_NAME = {
+    "closed": BreakerState.CLOSED,
+    "open": BreakerState.OPEN,
+    "half-open": BreakerState.HALF_OPEN,
+}
 
 
 class Admission(enum.Enum):

@@ -31,7 +31,8 @@ def test_bare_codes_and_lf_only_line_endings() -> None:
 
 
 @pytest.mark.parametrize(
-    "line", [b"hello\r\n", b"25 short\r\n", b"2500 nope\r\n", b"250_bad\r\n", b"\r\n"]
+    "line",
+    [b"hello\r\n", b"25 short\r\n", b"2500 nope\r\n", b"250_bad\r\n", b"\r\n", b"250\rx\r\n"],
 )
 def test_anything_else_is_not_smtp(line: bytes) -> None:
     with pytest.raises(ValueError):
