@@ -267,22 +267,28 @@ class _Wire(asyncio.Protocol):
         """False once the connection is lost or closing."""
         return self._broken is None and not self._transport.is_closing()
 
+    @property
+    def idle(self) -> bool:
+        """Alive, with every reply read: fit for the next transaction. A reply nobody
+        asked for (a relay announcing its timeout, say) would put every later reply
+        out of step with its command."""
+        return not self._replies and not self._buffer and self.alive
+
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
-        if b"\n" not in data:
-            if len(buffer) > _MAX_PENDING_REPLY_BYTES:
-                self._break(_Garbled, "reply too long")
-            return
-        try:
-            replies, consumed = parse_replies(buffer)
-        except ValueError as exc:
-            self._break(_Garbled, str(exc))
-            return
-        del buffer[:consumed]
-        if replies:
-            self._replies.extend(replies)
-            self._wake()
+        if b"\n" in data:
+            try:
+                replies, consumed = parse_replies(buffer)
+            except ValueError as exc:
+                self._break(_Garbled, str(exc))
+                return
+            del buffer[:consumed]
+            if replies:
+                self._replies.extend(replies)
+                self._wake()
+        if len(buffer) > _MAX_PENDING_REPLY_BYTES:
+            self._break(_Garbled, "reply too long")
 
     def eof_received(self) -> bool:
         self._break(_Lost, "connection closed by the relay")
@@ -778,8 +784,8 @@ class RelayPool:
             untried = SendOutcome(0, "not attempted", Phase.CONNECT, Failure.REFUSED, relay.address)
             results = [untried] * len(rcpts)
             todo = list(range(len(rcpts)))
-            while relay.idle and not relay.idle[-1].wire.alive:
-                # Closed by the relay while idle: known dead, no need to try it.
+            while relay.idle and not relay.idle[-1].wire.idle:
+                # Closed by the relay while idle (or it spoke unasked): no need to try it.
                 self._release(relay, relay.idle.pop(), keep=False)
             for attempt in range(2):
                 reused = attempt == 0 and bool(relay.idle)
@@ -812,7 +818,7 @@ class RelayPool:
             return results
 
     def _release(self, relay: _Relay, conn: _Connection, keep: bool) -> None:
-        if keep and conn.wire.alive and not self._closed:
+        if keep and conn.wire.idle and not self._closed:
             relay.idle.append(conn)
         else:
             relay.open -= 1
@@ -978,10 +984,16 @@ class RelayPool:
         deadline. If the caller is cancelled meanwhile, this waits for the inner task
         (at most that deadline) and then re-raises the cancellation: the connection is
         never cut between the dot and the relay's verdict. Never raises otherwise: a
-        timeout, disconnect or garbled reply is a verdict with a ``failure``.
+        timeout, disconnect or garbled reply is a verdict with a ``failure``: AMBIGUOUS
+        once the body went out, TRANSIENT (phase DATA) when the connection was gone
+        before any of it could be written.
         """
         deadline_s = data_timeout_s(self._final_reply_timeout_s, len(payload), self._min_throughput)
-        wire.write(payload)
+        try:
+            wire.write(payload)
+        except _Lost as exc:
+            # Gone before the first byte of the body was handed over: nothing to wait for.
+            return Verdict(0, _describe(exc), Phase.DATA, Failure.DISCONNECTED)
         inner = asyncio.create_task(_final_reply(wire, deadline_s))
         try:
             return await asyncio.shield(inner)
