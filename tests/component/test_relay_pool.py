@@ -602,3 +602,36 @@ async def test_same_faults_give_the_same_outcomes_pipelined_or_not(
             )
     # Then every recipient's outcome, and what the relay stored, are the same
     assert results[True] == results[False]
+
+
+async def test_addresses_that_cannot_go_on_the_wire_fail_locally(
+    sinks: StartSink, pools: Callable[..., RelayPool]
+) -> None:
+    # Given a relay, and addresses the renderer should have refused (a safety net)
+    a = await sinks(FaultPlan())
+    pool = pools([a.address])
+
+    # When one recipient of three cannot be encoded, it fails alone with a local 553
+    mixed = await pool.send_group(
+        FROM, ["a@example.org", "bøb@example.org", "c@example.org"], message(1)
+    )
+    assert [(o.code, o.phase) for o in mixed] == [
+        (250, Phase.DATA_END),
+        (553, Phase.RCPT),
+        (250, Phase.DATA_END),
+    ]
+    # And when the sender or every recipient cannot, nothing reaches the relay
+    bad_sender = await pool.send_group("bøb@example.com", ["a@example.org"], message(2))
+    bad_all = await pool.send_group(FROM, ["x y@example.org", "bøb@example.org"], message(3))
+    assert [(o.code, o.phase, verdict(o)) for o in [*bad_sender, *bad_all]] == [
+        (553, Phase.MAIL, Outcome.PERMANENT),
+        (553, Phase.RCPT, Outcome.PERMANENT),
+        (553, Phase.RCPT, Outcome.PERMANENT),
+    ]
+    assert a.stats.messages == 1
+    assert [line["rcpt"] for line in read_log(a.config.log_path)] == [
+        "a@example.org",
+        "c@example.org",
+    ]
+    # And the connection is still in step for the next message
+    assert (await pool.send(FROM, "d@example.org", message(4))).code == 250
