@@ -26,13 +26,29 @@ is announced on stdout as ``mailers-sink faults #N: {...}``.
   dropped. Nothing is stored.
 - ``cut_after_data``: the message is stored and logged, then the connection is dropped
   before the ``250``: the classic lost reply that makes a retry a legitimate duplicate.
-- ``delay_ms``: every DATA reply is held back this long.
+- ``data_2xx``: ``DATA`` is answered ``250`` instead of ``354``; no body is read and
+  nothing is stored (a client that sends the body anyway has it read as commands).
+- ``rcpt_252``: each RCPT is accepted with ``252 2.1.5`` (RFC 5321: "cannot verify, but
+  will accept"): a positive completion, the transaction goes on as with ``250``.
+- ``starttls_2xx``: ``STARTTLS`` is answered ``250`` instead of ``220`` and the session
+  stays in plaintext. While it is armed, EHLO offers STARTTLS even on a sink without TLS.
+- ``rcpt_delay_ms``: each RCPT reply is held back this long (a slow relay).
+- ``final_delay_ms``: the reply to the final dot is held back this long (the body has
+  arrived; the relay is slow to commit it).
+- ``delay_ms``: the older name of ``final_delay_ms``, kept for existing plans; when both
+  are given the reply waits for their sum.
 
-``tempfail``, ``hang_after_data`` and the cuts take a window: ``count`` (the next N
-occurrences) and/or ``for_s`` (seconds from when the plan was applied); neither means
-until the plan changes. Example::
+``tempfail``, ``hang_after_data``, the cuts and the three protocol faults (``data_2xx``,
+``rcpt_252``, ``starttls_2xx``) take a window: ``count`` (the next N occurrences) and/or
+``for_s`` (seconds from when the plan was applied); neither (``{}``) means until the plan
+changes. Example::
 
-    {"tempfail": {"code": 421, "for_s": 8}, "cut_after_data": {"count": 5}}
+    {"tempfail": {"code": 421, "for_s": 8}, "cut_after_data": {"count": 5},
+     "data_2xx": {"count": 1}, "rcpt_delay_ms": 10000, "final_delay_ms": 25000}
+
+ESMTP PIPELINING (RFC 2920) is advertised unless ``SinkConfig.pipelining`` is off
+(``--no-pipelining``); aiosmtpd reads commands one line at a time either way, so a
+client that pipelines without the keyword still works, as with real servers.
 
 Security and limits, all off by default (in-process use through :class:`SinkConfig`):
 ``tls_context`` offers STARTTLS (or, with ``implicit_tls``, speaks TLS from the first
@@ -119,7 +135,18 @@ class FaultPlan:
     cut_after_data: Window | None = None
     """While active, the message is stored and logged, then the connection dropped."""
     delay_ms: int = 0
-    """Held before every DATA reply, to imitate a slow relay."""
+    """Held before every reply to a final dot (the older name of :attr:`final_delay_ms`;
+    both set: their sum)."""
+    data_2xx: Window | None = None
+    """While active, ``DATA`` is answered ``250`` instead of ``354``."""
+    rcpt_252: Window | None = None
+    """While active, each RCPT is accepted with ``252`` instead of ``250``."""
+    starttls_2xx: Window | None = None
+    """While active, ``STARTTLS`` is answered ``250`` and no TLS handshake follows."""
+    rcpt_delay_ms: int = 0
+    """Held before every RCPT reply."""
+    final_delay_ms: int = 0
+    """Held before every reply to a final dot."""
 
     def __post_init__(self) -> None:
         for pattern in (self.reject_pattern, self.tempfail_pattern):
@@ -127,8 +154,8 @@ class FaultPlan:
                 re.compile(pattern)
         if not 400 <= self.tempfail_code <= 599:
             raise ValueError("tempfail code must be a 4xx or 5xx reply")
-        if self.delay_ms < 0:
-            raise ValueError("delay_ms must not be negative")
+        if min(self.delay_ms, self.rcpt_delay_ms, self.final_delay_ms) < 0:
+            raise ValueError("delays must not be negative")
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> FaultPlan:
@@ -145,6 +172,11 @@ class FaultPlan:
             "cut_mid_data",
             "cut_after_data",
             "delay_ms",
+            "data_2xx",
+            "rcpt_252",
+            "starttls_2xx",
+            "rcpt_delay_ms",
+            "final_delay_ms",
         }
         unknown = set(obj) - known
         if unknown:
@@ -175,11 +207,15 @@ class FaultPlan:
         code = tempfail_raw.get("code", 421) if isinstance(tempfail_raw, Mapping) else 421
         hang_raw = obj.get("hang_after_data")
         stores = hang_raw.get("store", False) if isinstance(hang_raw, Mapping) else False
-        delay_ms = obj.get("delay_ms", 0)
         if not isinstance(code, int) or not isinstance(stores, bool):
             raise ValueError("tempfail.code must be an integer, hang_after_data.store a boolean")
-        if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
-            raise ValueError("delay_ms must be an integer")
+
+        def millis(key: str) -> int:
+            value = obj.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{key} must be an integer")
+            return value
+
         try:
             return cls(
                 reject_pattern=text("reject_pattern"),
@@ -190,7 +226,12 @@ class FaultPlan:
                 hang_stores=stores,
                 cut_mid_data=window("cut_mid_data"),
                 cut_after_data=window("cut_after_data"),
-                delay_ms=delay_ms,
+                delay_ms=millis("delay_ms"),
+                data_2xx=window("data_2xx"),
+                rcpt_252=window("rcpt_252"),
+                starttls_2xx=window("starttls_2xx"),
+                rcpt_delay_ms=millis("rcpt_delay_ms"),
+                final_delay_ms=millis("final_delay_ms"),
             )
         except re.error as exc:
             raise ValueError(f"bad pattern: {exc}") from None
@@ -210,8 +251,20 @@ class FaultPlan:
             out["cut_mid_data"] = self.cut_mid_data.to_json()
         if self.cut_after_data is not None:
             out["cut_after_data"] = self.cut_after_data.to_json()
-        if self.delay_ms:
-            out["delay_ms"] = self.delay_ms
+        for key, armed in (
+            ("data_2xx", self.data_2xx),
+            ("rcpt_252", self.rcpt_252),
+            ("starttls_2xx", self.starttls_2xx),
+        ):
+            if armed is not None:
+                out[key] = armed.to_json()
+        for key, millis in (
+            ("delay_ms", self.delay_ms),
+            ("rcpt_delay_ms", self.rcpt_delay_ms),
+            ("final_delay_ms", self.final_delay_ms),
+        ):
+            if millis:
+                out[key] = millis
         return out
 
 
@@ -234,7 +287,17 @@ class SinkConfig:
     port: int = 0
     """0 picks a free port; read it from :attr:`SinkServer.port`."""
     delay: timedelta = timedelta(0)
-    """Held before every DATA reply, to imitate a slow relay."""
+    """Held before every reply to a final dot, to imitate a slow relay."""
+    rcpt_delay: timedelta = timedelta(0)
+    """Held before every RCPT reply."""
+    data_2xx: bool = False
+    """Answer every ``DATA`` with ``250`` instead of ``354`` (see the fault catalogue)."""
+    rcpt_252: bool = False
+    """Accept every RCPT with ``252`` instead of ``250``."""
+    starttls_2xx: bool = False
+    """Answer every ``STARTTLS`` with ``250``, without a TLS handshake."""
+    pipelining: bool = True
+    """Advertise ESMTP PIPELINING (RFC 2920) in EHLO."""
     reject_pattern: str | None = None
     """Recipients matching this regular expression get ``550 5.1.1``."""
     tempfail_pattern: str | None = None
@@ -275,8 +338,8 @@ class SinkConfig:
             raise ValueError("auth_user and auth_password go together")
         if self.data_size_limit < 0:
             raise ValueError("data_size_limit must not be negative")
-        if self.delay < timedelta(0):
-            raise ValueError("delay must not be negative")
+        if min(self.delay, self.rcpt_delay) < timedelta(0):
+            raise ValueError("delays must not be negative")
         if self.control_poll_s <= 0:
             raise ValueError("control_poll_s must be positive")
         self.startup_plan()  # validates patterns and codes
@@ -289,6 +352,10 @@ class SinkConfig:
             tempfail=Window(for_s=self.tempfail_for_s) if self.tempfail_for_s else None,
             tempfail_code=self.tempfail_code,
             delay_ms=int(self.delay.total_seconds() * 1000),
+            rcpt_delay_ms=int(self.rcpt_delay.total_seconds() * 1000),
+            data_2xx=Window() if self.data_2xx else None,
+            rcpt_252=Window() if self.rcpt_252 else None,
+            starttls_2xx=Window() if self.starttls_2xx else None,
         )
 
 
@@ -311,6 +378,23 @@ class SinkStats:
     """Messages stored that came over an encrypted connection."""
     sized_mails: int = 0
     """Stored messages whose MAIL carried a ``SIZE=`` parameter."""
+    data_2xx: int = 0
+    """DATA commands answered ``250`` by the ``data_2xx`` fault."""
+    rcpt_252: int = 0
+    """Recipients accepted with ``252`` by the ``rcpt_252`` fault."""
+    starttls_2xx: int = 0
+    """STARTTLS commands answered ``250`` by the ``starttls_2xx`` fault."""
+    held_rcpts: int = 0
+    """RCPT replies held back by ``rcpt_delay_ms`` (counted when the hold starts)."""
+    held_finals: int = 0
+    """Final-dot replies held back by ``final_delay_ms``/``delay_ms`` (counted when the
+    hold starts, so the whole message has arrived by then)."""
+    pipelined_mails: int = 0
+    """MAIL commands that arrived with the next command already behind them: the client
+    pipelined (RFC 2920) instead of waiting for the reply."""
+    dropped_mid_transaction: int = 0
+    """Connections that ended while a transaction was open (after MAIL, before the
+    reply to the final dot or a RSET): a client that gave up mid-transaction."""
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -329,6 +413,13 @@ def _declared_size(mail_options: Sequence[str]) -> int | None:
     return None
 
 
+def _more_input_waiting(server: SMTP) -> bool:
+    """Whether bytes after the command being handled have already arrived."""
+    reader: Any = getattr(server, "_reader", None)
+    buffer = getattr(reader, "_buffer", None)  # StreamReader's; nothing public says this
+    return bool(buffer)
+
+
 def _encrypted(server: SMTP) -> bool:
     transport: Any = server.transport
     return transport is not None and transport.get_extra_info("sslcontext") is not None
@@ -344,13 +435,17 @@ class _Armed:
         if window is not None and window.for_s == 0:
             self._enabled = False
 
-    def take(self, now: float) -> bool:
-        """True (and one occurrence used) when the fault applies now."""
+    def armed(self, now: float) -> bool:
+        """True when the fault would apply now (nothing used)."""
         if not self._enabled or (self._until is not None and now >= self._until):
             return False
+        return self._remaining is None or self._remaining > 0
+
+    def take(self, now: float) -> bool:
+        """True (and one occurrence used) when the fault applies now."""
+        if not self.armed(now):
+            return False
         if self._remaining is not None:
-            if self._remaining <= 0:
-                return False
             self._remaining -= 1
         return True
 
@@ -403,6 +498,7 @@ class SinkHandler:
         maildir: Where messages are stored.
         log: The recipient log, flushed after each message.
         clock: Monotonic seconds, for fault windows.
+        pipelining: Advertise PIPELINING in EHLO.
     """
 
     def __init__(
@@ -411,10 +507,12 @@ class SinkHandler:
         maildir: MaildirWriter,
         log: IO[str],
         clock: Callable[[], float] = time.monotonic,
+        pipelining: bool = True,
     ) -> None:
         self._maildir = maildir
         self._log = log
         self._clock = clock
+        self._pipelining = pipelining
         self.stats = SinkStats()
         self.applied = 0
         """How many plans were applied (the startup plan is #1)."""
@@ -435,6 +533,9 @@ class SinkHandler:
         self._hang = _Armed(plan.hang_after_data, now)
         self._cut_mid = _Armed(plan.cut_mid_data, now)
         self._cut_after = _Armed(plan.cut_after_data, now)
+        self._data_2xx = _Armed(plan.data_2xx, now)
+        self._rcpt_252 = _Armed(plan.rcpt_252, now)
+        self._starttls_2xx = _Armed(plan.starttls_2xx, now)
         self.applied += 1
 
     def take_cut_mid_data(self) -> bool:
@@ -444,6 +545,42 @@ class SinkHandler:
             return True
         return False
 
+    def take_data_2xx(self) -> bool:
+        """True (one occurrence used) when this DATA is to be answered ``250``."""
+        if self._data_2xx.take(self._clock()):
+            self.stats.data_2xx += 1
+            return True
+        return False
+
+    def take_starttls_2xx(self) -> bool:
+        """True (one occurrence used) when this STARTTLS is to be answered ``250``."""
+        if self._starttls_2xx.take(self._clock()):
+            self.stats.starttls_2xx += 1
+            return True
+        return False
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Add PIPELINING (and STARTTLS while ``starttls_2xx`` is armed) to aiosmtpd's
+        EHLO lines, which end with ``250 HELP``."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handler with the hook
+        extra = []
+        if self._pipelining:
+            extra.append("250-PIPELINING")
+        if (
+            self._starttls_2xx.armed(self._clock())
+            and "250-STARTTLS" not in responses
+            and not _encrypted(server)
+        ):
+            extra.append("250-STARTTLS")
+        return [*responses[:-1], *extra, responses[-1]]
+
     async def handle_MAIL(
         self,
         server: SMTP,
@@ -452,6 +589,8 @@ class SinkHandler:
         address: str,
         mail_options: list[str],
     ) -> str:
+        if _more_input_waiting(server):
+            self.stats.pipelined_mails += 1
         if self._tempfail.take(self._clock()):
             self.stats.tempfailed += 1
             code = self._plan.tempfail_code
@@ -468,6 +607,9 @@ class SinkHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        if self._plan.rcpt_delay_ms > 0:
+            self.stats.held_rcpts += 1
+            await asyncio.sleep(self._plan.rcpt_delay_ms / 1000)
         if self._reject is not None and self._reject.search(address):
             self.stats.rejected += 1
             return f"550 5.1.1 <{address}>: Recipient address rejected"
@@ -476,6 +618,9 @@ class SinkHandler:
             return f"451 4.3.0 <{address}>: Temporary failure, try again later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
+        if self._rcpt_252.take(self._clock()):
+            self.stats.rcpt_252 += 1
+            return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -493,8 +638,10 @@ class SinkHandler:
             if transport is not None:
                 transport.abort()
             await _forever()  # ended by connection_lost, a moment from now
-        if self._plan.delay_ms > 0:
-            await asyncio.sleep(self._plan.delay_ms / 1000)
+        hold_ms = self._plan.delay_ms + self._plan.final_delay_ms
+        if hold_ms > 0:
+            self.stats.held_finals += 1
+            await asyncio.sleep(hold_ms / 1000)
         self._store(envelope, server)
         return "250 2.0.0 OK queued"
 
@@ -553,15 +700,34 @@ async def _forever() -> None:
 
 
 class _FaultySMTP(SMTP):
-    """aiosmtpd's SMTP session plus the one fault a handler hook cannot do: a cut
-    while the message is still arriving (``handle_DATA`` runs after the final dot)."""
+    """aiosmtpd's SMTP session plus the faults a handler hook cannot do: a cut while the
+    message is still arriving (``handle_DATA`` runs after the final dot), ``250`` to
+    DATA or STARTTLS, and counting connections that end mid-transaction."""
 
     def __init__(self, handler: SinkHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._sink = handler
 
+    def connection_lost(self, error: Exception | None) -> None:
+        envelope = self.envelope
+        if envelope is not None and envelope.mail_from is not None:
+            self._sink.stats.dropped_mid_transaction += 1
+        super().connection_lost(error)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self._sink.take_starttls_2xx():
+            # A broken relay (or a man in the middle stripping TLS): "OK", and plaintext.
+            await self.push("250 2.0.0 OK")
+            return
+        await super().smtp_STARTTLS(arg)
+
     async def smtp_DATA(self, arg: str) -> None:
         envelope = self.envelope
+        if envelope is not None and envelope.rcpt_tos and not arg and self._sink.take_data_2xx():
+            # No 354: the relay claims success without having read a body.
+            await self.push("250 2.0.0 OK")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]  # aiosmtpd: untyped
+            return
         if (
             envelope is not None
             and envelope.rcpt_tos
@@ -637,7 +803,9 @@ class SinkServer:
         maildir = MaildirWriter(self.config.maildir)
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.config.log_path.open("a", encoding="utf-8")
-        handler = SinkHandler(self.config.startup_plan(), maildir, self._log)
+        handler = SinkHandler(
+            self.config.startup_plan(), maildir, self._log, pipelining=self.config.pipelining
+        )
         self._handler = handler
         if self.config.control_path is not None:
             self._check_control()
@@ -769,7 +937,24 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
     parser.add_argument("--port", type=int, default=2525, help="0 picks a free port")
     parser.add_argument("--maildir", type=Path, required=True)
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines recipient log")
-    parser.add_argument("--delay-ms", type=int, default=0, help="hold each DATA reply this long")
+    parser.add_argument(
+        "--delay-ms", type=int, default=0, help="hold each reply to a final dot this long"
+    )
+    parser.add_argument(
+        "--final-delay-ms", type=int, default=0, help="same as --delay-ms (they add up)"
+    )
+    parser.add_argument("--rcpt-delay-ms", type=int, default=0, help="hold each RCPT reply")
+    parser.add_argument("--data-2xx", action="store_true", help="answer DATA with 250, not 354")
+    parser.add_argument("--rcpt-252", action="store_true", help="accept each RCPT with 252")
+    parser.add_argument(
+        "--starttls-2xx", action="store_true", help="answer STARTTLS with 250, stay plaintext"
+    )
+    parser.add_argument(
+        "--pipelining",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="advertise ESMTP PIPELINING (default: yes)",
+    )
     parser.add_argument("--reject-pattern", help="regex: matching recipients get 550")
     parser.add_argument("--tempfail-pattern", help="regex: matching recipients get 451")
     parser.add_argument(
@@ -820,7 +1005,12 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
             log_path=ns.log,
             host=ns.host,
             port=ns.port,
-            delay=timedelta(milliseconds=ns.delay_ms),
+            delay=timedelta(milliseconds=ns.delay_ms + ns.final_delay_ms),
+            rcpt_delay=timedelta(milliseconds=ns.rcpt_delay_ms),
+            data_2xx=ns.data_2xx,
+            rcpt_252=ns.rcpt_252,
+            starttls_2xx=ns.starttls_2xx,
+            pipelining=ns.pipelining,
             reject_pattern=ns.reject_pattern,
             tempfail_pattern=ns.tempfail_pattern,
             tempfail_code=ns.tempfail_code,

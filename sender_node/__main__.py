@@ -119,6 +119,7 @@ def _assemble(
         strategy=config.smtp.strategy,
         connections_per_relay=config.smtp.connections_per_relay,
         timeout_s=config.smtp.timeout_s,
+        final_reply_timeout_s=config.smtp.final_reply_timeout_s,
         helo_name=config.smtp.helo_name,
         # The final-reply bound the leader is told assumes this throughput.
         min_throughput_bytes_per_s=MIN_THROUGHPUT_BYTES_PER_S,

@@ -20,7 +20,9 @@ Variables (defaults in brackets):
 - ``MAILER_SMTP_CONNECTIONS`` [4]: persistent connections per relay (a relay's
   ``connections=`` option overrides it).
 - ``MAILER_CAPACITY`` [400]: recipients held at once.
-- ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP command.
+- ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP reply before the message body.
+- ``MAILER_SMTP_FINAL_REPLY_TIMEOUT_S`` [60]: deadline of the reply to the final dot (plus
+  the transfer time); at least ``MAILER_SMTP_TIMEOUT_S``. Running out is AMBIGUOUS.
 - ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may go on
   starting transactions. Transactions past their final dot are never cut, so the
   process may exit up to the final-reply timeout (:class:`NodeTimings`) later.
@@ -347,7 +349,12 @@ class SmtpConfig:
     """Persistent connections kept per relay (unless the relay sets ``connections``);
     also the node's sending concurrency per relay."""
     timeout_s: float = 30.0
-    """Deadline of each SMTP step (connect, MAIL, RCPT, DATA, end of data)."""
+    """Deadline of each SMTP step before the message body (connect, TLS, EHLO, AUTH,
+    MAIL, each RCPT, DATA)."""
+    final_reply_timeout_s: float = 60.0
+    """Deadline of the reply to the final dot, plus the time the message takes at the
+    slowest healthy throughput. At least ``timeout_s``: running out is AMBIGUOUS (the
+    relay may have the message), so it is kept long."""
     helo_name: str = "localhost"
     """Name given in EHLO."""
     strategy: Strategy = Strategy.FAILOVER
@@ -367,6 +374,10 @@ class SmtpConfig:
             raise ConfigError("MAILER_SMTP_CONNECTIONS must be at least 1")
         if self.timeout_s <= 0:
             raise ConfigError("MAILER_SMTP_TIMEOUT_S must be positive")
+        if self.final_reply_timeout_s < self.timeout_s:
+            raise ConfigError(
+                "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S must be at least MAILER_SMTP_TIMEOUT_S"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +508,7 @@ def derive_timings(
     *,
     smtp_timeout_s: float,
     lease_ttl_s: float,
+    final_reply_timeout_s: float | None = None,
     trust_margin_s: float,
     pacing_wait_s: float = 30.0,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
@@ -505,8 +517,9 @@ def derive_timings(
 ) -> NodeTimings:
     """The node's time bounds from its settings (pure); checks they are consistent.
 
-    - final reply: the SMTP step timeout plus the largest message at the slowest
-      healthy throughput (``relay_breaker.data_timeout_s``, as the SMTP client does).
+    - final reply: the final-reply timeout (``MAILER_SMTP_FINAL_REPLY_TIMEOUT_S``; the
+      step timeout when not given) plus the largest message at the slowest healthy
+      throughput (``relay_breaker.data_timeout_s``, as the SMTP client does).
       Dot-stuffing grows CRLF text by at most a third.
     - start budget: the domain pacing wait plus :data:`SETUP_STEPS` step timeouts.
     - transaction: start budget plus final reply (``NodeTimeouts.transaction_ms``).
@@ -524,7 +537,9 @@ def derive_timings(
         raise ConfigError("the lease trust margin must be below the lease TTL")
     payload_bytes = max_message_bytes + max_message_bytes // 3 + 3
     return NodeTimings(
-        final_reply_s=data_timeout_s(smtp_timeout_s, payload_bytes, min_throughput_bytes_per_s),
+        final_reply_s=data_timeout_s(
+            final_reply_timeout_s or smtp_timeout_s, payload_bytes, min_throughput_bytes_per_s
+        ),
         start_budget_s=pacing_wait_s + SETUP_STEPS * smtp_timeout_s,
         max_authority_s=lease_ttl_s - trust_margin_s,
         handback_after_s=handback_after_s,
@@ -540,6 +555,7 @@ def timings_of(config: SenderConfig) -> NodeTimings:
     """
     return derive_timings(
         smtp_timeout_s=config.smtp.timeout_s,
+        final_reply_timeout_s=config.smtp.final_reply_timeout_s,
         lease_ttl_s=config.etcd.lease_ttl_s,
         trust_margin_s=config.etcd.trust_margin_s,
     )
@@ -629,6 +645,7 @@ def from_env(
         relays=parse_relays(_required(environ, "MAILER_RELAYS"), environ),
         connections_per_relay=_integer(environ, "MAILER_SMTP_CONNECTIONS", 4),
         timeout_s=_number(environ, "MAILER_SMTP_TIMEOUT_S", 30.0),
+        final_reply_timeout_s=_number(environ, "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", 60.0),
         helo_name=host or "localhost",
         strategy=_strategy(environ, "MAILER_RELAY_STRATEGY"),
     )

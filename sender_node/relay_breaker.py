@@ -39,7 +39,16 @@ class BreakerState(enum.Enum):
         Raises:
             ValueError: an unknown name.
         """
-        return cls(name.replace("-", "_"))
+        # Asked for every transaction: a dict lookup, not an Enum call.
+        state = _BY_PYBREAKER_NAME.get(name)
+        return state if state is not None else cls(name.replace("-", "_"))
+
+
+_BY_PYBREAKER_NAME = {
+    "closed": BreakerState.CLOSED,
+    "open": BreakerState.OPEN,
+    "half-open": BreakerState.HALF_OPEN,
+}
 
 
 class Admission(enum.Enum):
@@ -112,11 +121,12 @@ def data_timeout_s(base_s: float, size_bytes: int, min_throughput_bytes_per_s: f
 
     A fixed deadline either cuts large messages on slow links (each cut an AMBIGUOUS
     outcome, a possible duplicate) or waits far too long on small ones. So the deadline
-    is the per-step deadline plus the time the message takes at the slowest throughput
-    still considered healthy.
+    is the final-reply deadline plus the time the message takes at the slowest
+    throughput still considered healthy.
 
     Args:
-        base_s: The per-step SMTP deadline.
+        base_s: The deadline of the reply to the final dot
+            (``MAILER_SMTP_FINAL_REPLY_TIMEOUT_S``).
         size_bytes: Bytes written after ``354`` (dot-stuffed, with the final dot).
         min_throughput_bytes_per_s: Slowest acceptable transfer rate.
 

@@ -38,25 +38,49 @@ SIZE (RFC 1870): when a connection's EHLO advertises ``SIZE n``, MAIL carries
 When every relay's advertised limit is too small the recipients fail permanently with a
 local ``552 5.3.4``.
 
-Each transaction is driven step by step (MAIL, each RCPT, DATA, content) rather than
-through ``SMTP.sendmail``, because sendmail cannot tell a timeout waiting for ``354``
-(nothing sent, safe to retry) from a timeout after the final dot (the relay may have the
-message): the difference is the AMBIGUOUS outcome. :meth:`RelayPool.send_group` sends
-one message to several recipients in one transaction: a RCPT refusal is that
-recipient's outcome, the accepted recipients share the outcome of the data.
+Connections: aiosmtplib opens each connection (connect, greeting, EHLO, STARTTLS, AUTH)
+and then hands its transport to :class:`_Wire`, our own small reply reader, which runs
+every transaction on it. aiosmtplib's protocol pairs one reply with one command and
+drops replies that arrive unasked, so it cannot pipeline; and its step-by-step API
+cannot tell a timeout waiting for ``354`` (nothing sent, safe to retry) from one after
+the final dot (the relay may have the message: AMBIGUOUS). A ``STARTTLS`` answered with
+anything but ``220`` is a relay fault, and so is a connection on which TLS did not
+actually start: never a fall back to plaintext.
 
-Every SMTP step has a deadline (``timeout_s``); the message transfer and the reply to the
-final dot get ``relay_breaker.data_timeout_s``, which grows with the message size.
-Cancelling a send closes the connection in use; a cancelled breaker trial gives no
-verdict and leaves the breaker half-open for the next caller. Nothing here logs message
-content, commands or credentials (aiosmtplib has no debug output to switch off), and no
-outcome text ever contains a password: only :class:`config.Secret` holds it, and it is
-revealed solely as the argument of ``login``.
+Transactions: when the relay's EHLO advertises ``PIPELINING`` (RFC 2920) and the pool
+allows it, MAIL, every RCPT and DATA go out in one write (preceded by RSET when the
+previous transaction on the connection left one open: RSET is sent only then), and the
+replies are read in order; otherwise each command waits for the previous reply. The
+pure ``classify.Envelope`` judges the replies the same way in both modes: each RCPT
+refusal is that recipient's own outcome, only ``354`` to DATA lets the body go (a
+``250`` there is a relay protocol fault, never a delivery), and only a 2xx to the final
+dot delivers. :meth:`RelayPool.send_group` sends one message to several recipients in
+one transaction; the accepted recipients share the outcome of the data. CHUNKING/BDAT
+(RFC 3030) is not used: neither Postfix's smtp-sink nor aiosmtpd offers it, so no gain
+could be measured here, and with PIPELINING a message already costs two writes.
+
+Deadlines: every reply before the body must come within ``timeout_s`` of the previous
+one. The body and the reply to its final dot get ``final_reply_timeout_s`` plus the
+message size at ``min_throughput_bytes_per_s`` (``relay_breaker.data_timeout_s``); a
+timeout or disconnect there is AMBIGUOUS.
+
+Cancellation: cancelling a send before the body goes out closes the connection in use,
+so the relay discards the transaction. Once ``may_send`` has said yes and the body is
+written, the transaction runs to its final reply (or its deadline) in a shielded inner
+task even if the caller is cancelled: the caller's cancellation waits for it, then is
+re-raised, and the connection is then closed between transactions, never cut after the
+dot (a cut there is exactly the lost-250 ambiguity). A cancelled breaker trial gives no
+verdict and leaves the breaker half-open for the next caller.
+
+Nothing here logs message content, commands or credentials (aiosmtplib has no debug
+output to switch off), and no outcome text ever contains a password: only
+:class:`config.Secret` holds it, and it is revealed solely as the argument of ``login``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import enum
@@ -65,11 +89,13 @@ import re
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import cast
 
 import aiosmtplib
 import pybreaker
+from aiosmtplib.email import quote_address
 
-from sender_node.classify import Failure, Phase, classify
+from sender_node.classify import After, Envelope, Failure, Phase, Verdict, classify
 from sender_node.config import RelayConfig, RelayTls, parse_relay
 from sender_node.relay_breaker import Admission, BreakerState, TrialGate, data_timeout_s
 from sender_node.relay_choice import Candidate, RelayChooser, Strategy
@@ -80,6 +106,12 @@ log = logging.getLogger(__name__)
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r")
 _FINAL_DOT = b".\r\n"
+# A mailbox that needs no quoting or checking beyond this: the common case, encoded
+# without aiosmtplib's (much slower) parser.
+_PLAIN_MAILBOX = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_PENDING_REPLY_BYTES = 64 * 1024
+"""A reply (with its continuation lines) longer than this is not SMTP."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +183,202 @@ def _prepare_data(data: bytes) -> bytes:
         data += b"\r\n"
     if data.startswith(b"."):
         data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + _FINAL_DOT
+    if b"\n." in data:  # a search costs a tenth of a replace that finds nothing
+        data = data.replace(b"\r\n.", b"\r\n..")
+    return data + _FINAL_DOT
+
+
+def _path(address: str) -> bytes:
+    """``<address>`` as it goes after ``MAIL FROM:`` or ``RCPT TO:``.
+
+    Raises:
+        ValueError: the address is not ASCII, or holds characters that could smuggle
+            parameters or commands onto the line (aiosmtplib's rules).
+    """
+    if _PLAIN_MAILBOX.fullmatch(address):
+        return b"<" + address.encode("ascii") + b">"
+    if _CONTROL.search(address):
+        raise ValueError(f"address {address!r} contains control characters")
+    return quote_address(address).encode("ascii")
+
+
+def parse_replies(buffer: bytes | bytearray) -> tuple[list[tuple[int, str]], int]:
+    """The complete SMTP replies at the start of ``buffer``, and the bytes they span.
+
+    A multi-line reply (``250-...`` lines, then ``250 ...``) is one reply whose text
+    joins its lines with ``\\n``. A reply still arriving is left for the next call.
+
+    Raises:
+        ValueError: a line that is not ``<3 digits>[ -]<text>``.
+    """
+    end = buffer.rfind(b"\n")
+    if end < 0:
+        return [], 0
+    replies: list[tuple[int, str]] = []
+    pending: list[str] = []
+    consumed = 0
+    position = 0
+    # One split of everything complete, then one pass: pipelined replies come in bursts.
+    for line in bytes(buffer[:end]).split(b"\n"):
+        position += len(line) + 1
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        code, separator = line[:3], line[3:4]
+        if len(code) != 3 or not code.isdigit() or separator not in (b" ", b"-", b""):
+            raise ValueError(f"not an SMTP reply: {line[:80]!r}")
+        text = line[4:].strip().decode("utf-8", "surrogateescape")
+        if separator == b"-":
+            pending.append(text)
+            continue
+        if pending:
+            pending.append(text)
+            text = "\n".join(pending)
+            pending = []
+        replies.append((int(code), text))
+        consumed = position
+    return replies, consumed
+
+
+class _Lost(ConnectionError):
+    """The relay closed the connection (or it broke) before the reply came."""
+
+
+class _Garbled(Exception):
+    """The relay sent something that is not an SMTP reply."""
+
+
+class _Wire(asyncio.Protocol):
+    """Reads SMTP replies off a connection that aiosmtplib set up, in order, pipelined
+    or not. Replies are parsed as bytes arrive and queued; :meth:`reply` takes the next.
+
+    Args:
+        transport: The connection's transport (TCP or TLS); this protocol replaces
+            aiosmtplib's on it.
+    """
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        self._buffer = bytearray()
+        self._replies: collections.deque[tuple[int, str]] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._broken: tuple[type[Exception], str] | None = None
+        transport.set_protocol(self)
+
+    @property
+    def alive(self) -> bool:
+        """False once the connection is lost or closing."""
+        return self._broken is None and not self._transport.is_closing()
+
+    @property
+    def idle(self) -> bool:
+        """Alive, with every reply read: fit for the next transaction. A reply nobody
+        asked for (a relay announcing its timeout, say) would put every later reply
+        out of step with its command."""
+        return not self._replies and not self._buffer and self.alive
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        if b"\n" in data:
+            try:
+                replies, consumed = parse_replies(buffer)
+            except ValueError as exc:
+                self._break(_Garbled, str(exc))
+                return
+            del buffer[:consumed]
+            if replies:
+                self._replies.extend(replies)
+                self._wake()
+        if len(buffer) > _MAX_PENDING_REPLY_BYTES:
+            self._break(_Garbled, "reply too long")
+
+    def eof_received(self) -> bool:
+        self._break(_Lost, "connection closed by the relay")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._break(_Lost, f"connection lost: {exc}" if exc else "connection lost")
+
+    def _break(self, kind: type[Exception], text: str) -> None:
+        if self._broken is None:
+            self._broken = (kind, text)
+        if kind is _Garbled:
+            # Nothing after garbage can be trusted to be in step with our commands.
+            self._transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes on the transport (it sends what it can at once).
+
+        Raises:
+            _Lost: the connection is gone.
+        """
+        if not self.alive:
+            raise _Lost(self._broken[1] if self._broken else "connection closing")
+        self._transport.write(data)
+
+    async def reply(self, timeout_s: float) -> tuple[int, str]:
+        """The next reply, waiting at most ``timeout_s`` for it when none is queued.
+        Cancellable; a reply arriving later stays queued for the next call.
+
+        Raises:
+            TimeoutError: no reply within ``timeout_s``.
+            _Lost: the connection ended first.
+            _Garbled: the relay sent something that is not a reply.
+        """
+        if not self._replies:
+            if self._broken is None:
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiter = waiter
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        await waiter
+                finally:
+                    self._waiter = None
+            if not self._replies:
+                kind, text = self._broken or (_Lost, "connection lost")
+                raise kind(text)
+        return self._replies.popleft()
+
+    def close(self) -> None:
+        """Close the connection (buffered bytes are still sent first)."""
+        self._transport.close()
+
+
+class _Connection:
+    """One relay connection after greeting, EHLO, TLS and AUTH, driven by a :class:`_Wire`."""
+
+    __slots__ = ("wire", "pipelining", "declare_size", "size_limit", "reset_due")
+
+    def __init__(self, smtp: aiosmtplib.SMTP, pipelining: bool) -> None:
+        transport = smtp.transport
+        if transport is None or transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("connection lost after setup")
+        # uvloop's transports do not derive from asyncio's classes: no isinstance here.
+        self.wire = _Wire(cast(asyncio.WriteTransport, transport))
+        self.pipelining = pipelining and smtp.supports_extension("pipelining")
+        """Write the envelope in one go (the relay advertises PIPELINING)."""
+        self.declare_size = smtp.supports_extension("size")
+        """MAIL carries ``SIZE=`` (RFC 1870)."""
+        self.size_limit = _size_limit(smtp)
+        """The SIZE limit the relay advertised on this connection, if any."""
+        self.reset_due = False
+        """The last transaction left one open at the relay: RSET before the next MAIL."""
+
+    async def quit(self, timeout_s: float) -> None:
+        """QUIT, wait at most ``timeout_s`` for the reply, and close in any case."""
+        try:
+            self.wire.write(b"QUIT\r\n")
+            await self.wire.reply(timeout_s)
+        except (OSError, TimeoutError, _Garbled):
+            pass
+        finally:
+            self.wire.close()
 
 
 class _RelayFault(Exception):
@@ -208,7 +435,7 @@ class _Relay:
         self.port = config.port
         self.tls_context = _tls_context(config)
         self.slots = asyncio.Semaphore(connections)
-        self.idle: list[aiosmtplib.SMTP] = []
+        self.idle: list[_Connection] = []
         self.open = 0
         self.size_limit: int | None = None
         """SIZE advertised by the relay's most recent EHLO; None: unknown or unlimited."""
@@ -269,15 +496,20 @@ class RelayPool:
         strategy: ``FAILOVER`` (configured order) or ``BALANCE`` (by ``weight``).
         connections_per_relay: Bound on connections (and concurrent sends) of a relay
             that does not set its own ``connections``.
-        timeout_s: Deadline of each SMTP step (connect, TLS handshake, EHLO, AUTH, MAIL,
-            RCPT, DATA); the message transfer gets more, see ``min_throughput_bytes_per_s``.
+        timeout_s: Deadline of each SMTP step before the message body (connect, TLS
+            handshake, EHLO, AUTH, RSET, MAIL, each RCPT, DATA).
+        final_reply_timeout_s: Deadline of the reply to the final dot (plus the transfer
+            time, see ``min_throughput_bytes_per_s``); at least ``timeout_s``. None:
+            ``max(60, timeout_s)``. A timeout there is AMBIGUOUS, so it is kept long.
         helo_name: Name given in EHLO.
         cooldown_s: Reset timeout of each relay's breaker: how long an open breaker
             skips its relay before one trial transaction is let through.
         breaker_failures: Consecutive relay faults that open a relay's breaker.
         min_throughput_bytes_per_s: Slowest transfer rate considered healthy; the
-            deadline of the message transfer and final reply is ``timeout_s`` plus the
-            message size at this rate.
+            deadline of the message transfer and final reply is ``final_reply_timeout_s``
+            plus the message size at this rate.
+        pipelining: Pipeline each transaction's envelope (RFC 2920) on connections whose
+            relay advertises PIPELINING; False always waits for each reply.
         wall_clock: Unix seconds, the clock pybreaker stamps an opening with.
         clock: Monotonic seconds, for the relays' rate limits.
         sleep: Waits the given seconds (for a relay's rate limit); cancellable.
@@ -294,10 +526,12 @@ class RelayPool:
         strategy: Strategy = Strategy.FAILOVER,
         connections_per_relay: int = 4,
         timeout_s: float = 30.0,
+        final_reply_timeout_s: float | None = None,
         helo_name: str = "localhost",
         cooldown_s: float = 5.0,
         breaker_failures: int = 5,
         min_throughput_bytes_per_s: float = 64 * 1024,
+        pipelining: bool = True,
         wall_clock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -308,6 +542,12 @@ class RelayPool:
             raise ValueError("bad breaker or throughput settings")
         if connections_per_relay < 1:
             raise ValueError("connections_per_relay must be at least 1")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if final_reply_timeout_s is None:
+            final_reply_timeout_s = max(60.0, timeout_s)
+        if final_reply_timeout_s < timeout_s:
+            raise ValueError("final_reply_timeout_s must not be below timeout_s")
         configs = [r if isinstance(r, RelayConfig) else parse_relay(r, {}) for r in relays]
         now_s = clock()
         self._relays = [
@@ -327,6 +567,8 @@ class RelayPool:
             r.bucket is None for r in self._relays
         )
         self._timeout_s = timeout_s
+        self._final_reply_timeout_s = final_reply_timeout_s
+        self._pipelining = pipelining
         self._helo_name = helo_name
         self._min_throughput = min_throughput_bytes_per_s
         self._wall_clock = wall_clock
@@ -360,8 +602,7 @@ class RelayPool:
         """Send one message to one recipient: :meth:`send_group` with one recipient.
 
         Never raises for SMTP or network failures: they come back as a
-        :class:`SendOutcome`. Cancelling the call closes the connection in use (its
-        state is unknown) so the pool never reuses a half-finished transaction.
+        :class:`SendOutcome`. Cancellation is as for :meth:`send_group`.
 
         Args:
             mail_from: Envelope sender.
@@ -386,15 +627,26 @@ class RelayPool:
         """Send one message to several recipients in one SMTP transaction per relay.
 
         Returns one outcome per recipient, in order. A recipient refused at RCPT gets
-        that refusal; the accepted ones share the outcome of the data. When every RCPT
-        is refused no data is sent (RSET, and the connection is kept). A relay fault
+        that refusal; the accepted ones share the outcome of the data: delivered only
+        when the relay answers the final dot with 2xx. When every RCPT is refused no
+        data is sent (the connection is kept; RSET goes before its next MAIL). A relay fault
         before the data was handed over moves the recipients not yet decided to the
         next relay in the strategy's order; after the final dot nothing moves (the relay
         may hold the message: AMBIGUOUS). Each transaction takes one token of the
         relay's rate limit, and may sleep for it.
 
-        Never raises for SMTP or network failures. Cancelling the call closes the
-        connection in use.
+        Never raises for SMTP or network failures.
+
+        Timeouts: each reply before the body within ``timeout_s`` (else TRANSIENT);
+        the body and the final reply within ``final_reply_timeout_s`` plus the transfer
+        time (else AMBIGUOUS).
+
+        Cancellation: before ``may_send`` approved the body, cancelling closes the
+        connection in use (the relay discards the transaction) and propagates at once.
+        After it, the body and final reply run on in a shielded inner task; the
+        cancellation waits for that task (bounded by the final-reply deadline), closes
+        the connection between transactions, then propagates. The relay's verdict is
+        then only logged (code, never content): the caller asked not to hear it.
 
         Args:
             mail_from: Envelope sender.
@@ -534,25 +786,27 @@ class RelayPool:
             untried = SendOutcome(0, "not attempted", Phase.CONNECT, Failure.REFUSED, relay.address)
             results = [untried] * len(rcpts)
             todo = list(range(len(rcpts)))
+            while relay.idle and not relay.idle[-1].wire.idle:
+                # Closed by the relay while idle (or it spoke unasked): no need to try it.
+                self._release(relay, relay.idle.pop(), keep=False)
             for attempt in range(2):
                 reused = attempt == 0 and bool(relay.idle)
                 try:
-                    smtp = relay.idle.pop() if reused else await self._connect(relay)
+                    conn = relay.idle.pop() if reused else await self._connect(relay)
                 except _StepFailed as failed:
                     for i in todo:
                         results[i] = failed.outcome
                     return results
-                limit = _size_limit(smtp)
-                if limit is not None and size > limit:
-                    self._release(relay, smtp, keep=True)
-                    raise _TooLarge(f"message size {size} exceeds the relay's limit {limit}")
+                if conn.size_limit is not None and size > conn.size_limit:
+                    self._release(relay, conn, keep=True)
+                    raise _TooLarge(f"message size {size} exceeds the relay's limit")
                 keep = False
                 try:
                     outcomes, keep = await self._transaction(
-                        smtp, relay, mail_from, [rcpts[i] for i in todo], payload, size, may_send
+                        conn, relay, mail_from, [rcpts[i] for i in todo], payload, size, may_send
                     )
                 finally:
-                    self._release(relay, smtp, keep)
+                    self._release(relay, conn, keep)
                 for i, outcome in zip(todo, outcomes, strict=True):
                     results[i] = outcome
                 if not reused:
@@ -565,15 +819,16 @@ class RelayPool:
                     break
             return results
 
-    def _release(self, relay: _Relay, smtp: aiosmtplib.SMTP, keep: bool) -> None:
-        if keep and smtp.is_connected and not self._closed:
-            relay.idle.append(smtp)
+    def _release(self, relay: _Relay, conn: _Connection, keep: bool) -> None:
+        if keep and conn.wire.idle and not self._closed:
+            relay.idle.append(conn)
         else:
             relay.open -= 1
-            smtp.close()
+            conn.wire.close()
 
-    async def _connect(self, relay: _Relay) -> aiosmtplib.SMTP:
-        """Connect, EHLO, TLS as configured, AUTH when configured; each step has a deadline.
+    async def _connect(self, relay: _Relay) -> _Connection:
+        """Connect, EHLO, TLS as configured, AUTH when configured (aiosmtplib, each step
+        with a deadline), then take the connection over for transactions.
 
         Raises:
             _StepFailed: any step failed; its outcome is a relay fault (phase CONNECT).
@@ -601,7 +856,11 @@ class RelayPool:
             if config.tls in (RelayTls.AUTO, RelayTls.STARTTLS):
                 if smtp.supports_extension("starttls"):
                     step = "STARTTLS"
+                    # aiosmtplib raises unless the reply is 220 and the handshake
+                    # completes; a 250 (or any other reply) is a relay fault below.
                     await smtp.starttls(timeout=timeout)
+                    if smtp.get_transport_info("sslcontext") is None:
+                        raise _Refused("STARTTLS: TLS did not start; not sending in plaintext")
                     # RFC 3207: forget what the plaintext EHLO said, ask again.
                     step = "EHLO after STARTTLS"
                     await smtp.ehlo(timeout=timeout)
@@ -616,6 +875,8 @@ class RelayPool:
                     )
                 step = "AUTH"
                 await smtp.login(config.user, config.password.reveal(), timeout=timeout)
+            step = "setup"
+            conn = _Connection(smtp, self._pipelining)
         except _Refused as exc:
             smtp.close()
             raise _StepFailed(
@@ -623,8 +884,13 @@ class RelayPool:
             ) from None
         except aiosmtplib.SMTPResponseException as exc:
             smtp.close()
+            text = exc.message
+            if 200 <= exc.code < 300:
+                # A success where another reply was due (220 to STARTTLS, 235 to AUTH):
+                # say which step, since classify makes it a protocol fault.
+                text = f"{step}: {text}"
             raise _StepFailed(
-                SendOutcome(exc.code, exc.message, Phase.CONNECT, relay=relay.address)
+                SendOutcome(exc.code, text, Phase.CONNECT, relay=relay.address)
             ) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             smtp.close()
@@ -633,12 +899,12 @@ class RelayPool:
                 outcome = dataclasses.replace(outcome, text=f"{step}: {outcome.text}")
             raise _StepFailed(outcome) from None
         relay.open += 1
-        relay.size_limit = _size_limit(smtp)
-        return smtp
+        relay.size_limit = conn.size_limit
+        return conn
 
     async def _transaction(
         self,
-        smtp: aiosmtplib.SMTP,
+        conn: _Connection,
         relay: _Relay,
         mail_from: str,
         rcpts: list[str],
@@ -646,83 +912,107 @@ class RelayPool:
         size: int,
         may_send: Callable[[], bool] | None = None,
     ) -> tuple[list[SendOutcome], bool]:
-        """Run MAIL, RCPT per recipient, DATA on a connected client; returns an outcome per
-        recipient and whether the connection is fit for reuse."""
-        timeout = self._timeout_s
+        """One transaction on a set-up connection: (RSET,) MAIL, a RCPT per recipient,
+        DATA, pipelined when the connection allows it, then the body.
+
+        Returns an outcome per recipient and whether the connection is fit for reuse.
+        Cancellation before the body closes the connection (the caller does); after
+        it, see :meth:`_finish`.
+
+        Raises:
+            SendAborted: ``may_send`` said no before the body.
+        """
         address = relay.address
         outcomes: list[SendOutcome | None] = [None] * len(rcpts)
-
-        def every_undecided(shared: SendOutcome) -> list[SendOutcome]:
-            return [o if o is not None else shared for o in outcomes]
-
-        options = [f"SIZE={size}"] if smtp.supports_extension("size") else []
-        phase = Phase.MAIL
         try:
-            await smtp.mail(mail_from, options=options, timeout=timeout)
-            phase = Phase.RCPT
-            accepted = 0
-            for i, rcpt in enumerate(rcpts):
-                try:
-                    await smtp.rcpt(rcpt, timeout=timeout)
-                except aiosmtplib.SMTPRecipientRefused as exc:
-                    refusal = SendOutcome(exc.code, exc.message, Phase.RCPT, relay=address)
-                    if _is_relay_fault(refusal):
-                        raise  # 421, an auth demand...: the relay's verdict on all of them
-                    outcomes[i] = refusal
-                except ValueError as exc:
-                    # aiosmtplib refuses an address it cannot encode before writing it;
-                    # render.py already rejects such addresses, so this is a safety net.
-                    # Nothing was sent for it; the local 553 fails the recipient.
-                    outcomes[i] = SendOutcome(
-                        553, f"address not sendable: {exc}", Phase.RCPT, relay=address
-                    )
-                else:
-                    accepted += 1
-            if not accepted:
-                # Every recipient refused: no DATA; the connection stays usable.
-                refused = [o for o in outcomes if o is not None]
-                return refused, await self._reset(smtp)
-            phase = Phase.DATA
-            reply = await smtp.execute_command(b"DATA", timeout=timeout)
-            if reply.code != 354:
-                raise aiosmtplib.SMTPResponseException(reply.code, reply.message)
-            protocol = smtp.protocol
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            if may_send is not None and not may_send():
-                # Past 354 the relay waits for the body; dropping the connection (the
-                # caller closes it, keep is False) makes it discard the transaction.
-                raise SendAborted("stopped before the message body")
-            phase = Phase.DATA_END
-            # No await between write and read_response: the reply cannot arrive unseen.
-            # The deadline covers the transfer too (write only buffers), so it grows
-            # with the size.
-            protocol.write(payload)
-            reply = await protocol.read_response(
-                timeout=data_timeout_s(timeout, len(payload), self._min_throughput)
-            )
-        except aiosmtplib.SMTPResponseException as exc:
-            keep = exc.code != 421 and await self._reset(smtp)
-            return every_undecided(SendOutcome(exc.code, exc.message, phase, relay=address)), keep
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            return every_undecided(_no_reply(exc, phase, address)), False
+            mail = b"MAIL FROM:" + _path(mail_from)
         except ValueError as exc:
-            # The sender address could not be encoded (see above): nothing was sent.
-            keep = await self._reset(smtp)
-            shared = SendOutcome(553, f"address not sendable: {exc}", phase, relay=address)
-            return every_undecided(shared), keep
-        verdict = SendOutcome(reply.code, reply.message, Phase.DATA_END, relay=address)
-        return every_undecided(verdict), reply.code != 421
-
-    async def _reset(self, smtp: aiosmtplib.SMTP) -> bool:
-        """RSET after a refused step; False when the connection should be dropped."""
-        if not smtp.is_connected:
-            return False
+            # Nothing was sent; the local 553 fails every recipient.
+            shared = SendOutcome(553, f"address not sendable: {exc}", Phase.MAIL, relay=address)
+            return [shared] * len(rcpts), True
+        if conn.declare_size:
+            mail += b" SIZE=%d" % size
+        commands = [b"RSET\r\n", mail + b"\r\n"]
+        sent: list[int] = []
+        for i, rcpt in enumerate(rcpts):
+            try:
+                commands.append(b"RCPT TO:" + _path(rcpt) + b"\r\n")
+            except ValueError as exc:
+                # render.py already rejects such addresses, so this is a safety net.
+                # Nothing is sent for it; the local 553 fails the recipient.
+                outcomes[i] = SendOutcome(
+                    553, f"address not sendable: {exc}", Phase.RCPT, relay=address
+                )
+            else:
+                sent.append(i)
+        if not sent:
+            return [o for o in outcomes if o is not None], True
+        commands.append(b"DATA\r\n")
+        envelope = Envelope(len(sent), pipelined=conn.pipelining, reset_first=conn.reset_due)
+        conn.reset_due = False
+        wire = conn.wire
+        timeout = self._timeout_s
         try:
-            reply = await smtp.rset(timeout=self._timeout_s)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            return False
-        return reply.code == 250
+            if conn.pipelining:
+                wire.write(b"".join(commands[envelope.position :]))
+            while not envelope.done:
+                if not conn.pipelining:
+                    wire.write(commands[envelope.position])
+                code, text = await wire.reply(timeout)
+                envelope.feed(code, text)
+        except (OSError, TimeoutError, _Garbled) as exc:
+            envelope.fail(_failure(exc), _describe(exc))
+        for i, verdict in zip(sent, envelope.verdicts, strict=True):
+            if verdict is not None:
+                outcomes[i] = _outcome(verdict, address)
+        if not envelope.send_body:
+            conn.reset_due = envelope.after is After.RESET
+            return [o for o in outcomes if o is not None], envelope.after is not After.CLOSE
+        if may_send is not None and not may_send():
+            # Past 354 the relay waits for the body; dropping the connection (the caller
+            # closes it, keep is False) makes it discard the transaction.
+            raise SendAborted("stopped before the message body")
+        verdict = await self._finish(wire, payload, address)
+        shared = _outcome(verdict, address)
+        done = [o if o is not None else shared for o in outcomes]
+        keep = verdict.failure is Failure.NONE and verdict.code != 421 and 200 <= verdict.code < 600
+        return done, keep
+
+    async def _finish(self, wire: _Wire, payload: bytes, address: str) -> Verdict:
+        """Send the body and read the reply to its final dot, to the end.
+
+        The body is written and its reply awaited in an inner task that the caller's
+        cancellation does not reach (``asyncio.shield``), bounded by the final-reply
+        deadline. If the caller is cancelled meanwhile, this waits for the inner task
+        (at most that deadline) and then re-raises the cancellation: the connection is
+        never cut between the dot and the relay's verdict. Never raises otherwise: a
+        timeout, disconnect or garbled reply is a verdict with a ``failure``: AMBIGUOUS
+        once the body went out, TRANSIENT (phase DATA) when the connection was gone
+        before any of it could be written.
+        """
+        deadline_s = data_timeout_s(self._final_reply_timeout_s, len(payload), self._min_throughput)
+        try:
+            wire.write(payload)
+        except _Lost as exc:
+            # Gone before the first byte of the body was handed over: nothing to wait for.
+            return Verdict(0, _describe(exc), Phase.DATA, Failure.DISCONNECTED)
+        inner = asyncio.create_task(_final_reply(wire, deadline_s))
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            while not inner.done():
+                # Cancelled again while waiting: keep waiting; the inner task is bounded.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(inner)
+            if not inner.cancelled():
+                verdict = inner.result()
+                log.warning(
+                    "relay %s: send cancelled after the message body; the relay answered %s %s",
+                    address,
+                    verdict.code or verdict.failure.value,
+                    verdict.text.splitlines()[0] if verdict.text else "",
+                )
+            raise
 
     async def close(self) -> None:
         """QUIT idle connections (each with a deadline) and refuse further sends.
@@ -732,11 +1022,37 @@ class RelayPool:
         self._closed = True
         for relay in self._relays:
             idle, relay.idle = relay.idle, []
-            for smtp in idle:
+            for conn in idle:
                 relay.open -= 1
-                with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                    await smtp.quit(timeout=min(self._timeout_s, 2.0))
-                smtp.close()
+                await conn.quit(min(self._timeout_s, 2.0))
+
+
+async def _final_reply(wire: _Wire, deadline_s: float) -> Verdict:
+    """The reply to the final dot, or why none came (AMBIGUOUS, see ``classify``)."""
+    try:
+        code, text = await wire.reply(deadline_s)
+    except (OSError, TimeoutError, _Garbled) as exc:
+        return Verdict(0, _describe(exc), Phase.DATA_END, _failure(exc))
+    return Verdict(code, text, Phase.DATA_END)
+
+
+def _outcome(verdict: Verdict, relay: str) -> SendOutcome:
+    return SendOutcome(verdict.code, verdict.text, verdict.phase, verdict.failure, relay)
+
+
+def _failure(exc: BaseException) -> Failure:
+    """How a transaction on a set-up connection ended without a reply."""
+    if isinstance(exc, TimeoutError):
+        return Failure.TIMEOUT
+    if isinstance(exc, _Garbled):
+        return Failure.PROTOCOL
+    return Failure.DISCONNECTED
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out waiting for the relay's reply"
+    return str(exc) or type(exc).__name__
 
 
 class SendAborted(Exception):

@@ -22,7 +22,8 @@ import pytest
 
 from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
-from coordinator.db.store import Database, connect as pg_connect
+from coordinator.db.store import Database
+from coordinator.db.store import connect as pg_connect
 from mailers.etcd import connect
 from mailers.procs import EtcdCluster, PostgresServer, pg_bin_dir
 

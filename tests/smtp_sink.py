@@ -6,7 +6,11 @@ attributes set by the test:
 - ``refuse``: recipient → reply line for RCPT (e.g. ``"550 5.1.1 No such user"``).
 - ``data_reply``: a reply to the final dot instead of ``250`` (e.g. ``"451 4.3.0 later"``).
 - ``hold``: when set, the reply to the final dot waits until the event is set (a relay
-  that took the message and went silent); release it to let the reply go.
+  that took the message and went silent); release it to let the reply go. The client
+  has sent the whole message by then, so a cancelled send waits for this reply (see
+  ``RelayPool.send_group``): release it, or use ``hold_rcpt``, to test cancellation.
+- ``hold_rcpt``: when set, each RCPT reply waits until the event is set: a transaction
+  held before any body, which a cancelled send drops at once.
 """
 
 from __future__ import annotations
@@ -45,11 +49,16 @@ class SinkHandler:
         self.refuse: dict[str, str] = {}
         self.data_reply: str | None = None
         self.hold: asyncio.Event | None = None
+        self.hold_rcpt: asyncio.Event | None = None
         self.data_started = 0
+        self.rcpt_started = 0
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
+        self.rcpt_started += 1
+        if self.hold_rcpt is not None:
+            await self.hold_rcpt.wait()
         if address in self.refuse:
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
@@ -85,8 +94,9 @@ async def smtp_sink() -> AsyncIterator[Sink]:
     try:
         yield Sink(handler, f"127.0.0.1:{port}")
     finally:
-        if handler.hold is not None:
-            handler.hold.set()
+        for event in (handler.hold, handler.hold_rcpt):
+            if event is not None:
+                event.set()
         server.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 2.0)

@@ -3,7 +3,8 @@
 Real pieces: the pool (aiosmtplib), ``mailers.sink.SinkServer`` in-process with
 STARTTLS, implicit TLS, AUTH and SIZE switched on per test, and certificates from
 ``mailers.certs.DevCA``. Rate limits run on a fake monotonic clock whose ``sleep``
-advances it, so the waits are asserted exactly.
+advances it, so the waits are asserted exactly. Every test runs against relays that
+advertise PIPELINING and against relays that do not, with the same assertions.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
 from mailers.certs import CertSpec, DevCA
 from mailers.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log, server_tls_context
@@ -51,13 +53,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 StartSink = Callable[..., Any]
 
 
+@pytest.fixture(params=[True, False], ids=["pipelined", "unpipelined"])
+def pipelining(request: pytest.FixtureRequest) -> bool:
+    """Whether the relays advertise PIPELINING (and so whether the pool pipelines)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-async def sinks(tmp_path: Path) -> AsyncIterator[StartSink]:
+async def sinks(tmp_path: Path, pipelining: bool) -> AsyncIterator[StartSink]:
     started: list[SinkServer] = []
 
     async def start(**options: Any) -> SinkServer:
         n = len(started)
-        config = SinkConfig(maildir=tmp_path / f"md{n}", log_path=tmp_path / f"{n}.log", **options)
+        config = SinkConfig(
+            maildir=tmp_path / f"md{n}",
+            log_path=tmp_path / f"{n}.log",
+            pipelining=pipelining,
+            **options,
+        )
         sink = SinkServer(config)
         await sink.start()
         started.append(sink)
@@ -212,6 +225,34 @@ async def test_starttls_required_but_not_offered_is_a_relay_fault(
     assert (alone.phase, alone.failure) == (Phase.CONNECT, Failure.PROTOCOL)
     assert "does not offer STARTTLS" in alone.text
     assert verdict(alone) == (Outcome.TRANSIENT, True)
+
+
+@pytest.mark.parametrize("mode", ["auto", "starttls"])
+@pytest.mark.parametrize("with_tls", [True, False], ids=["tls-capable", "no-tls"])
+async def test_starttls_answered_250_is_a_relay_fault_never_plaintext(
+    sinks: StartSink, pools: Callable[..., RelayPool], pki: Pki, mode: str, with_tls: bool
+) -> None:
+    # Given a preferred relay offering STARTTLS but answering it 250 (no handshake), and
+    # a second relay
+    tls = {"tls_context": server_tls_context(pki.cert, pki.key)} if with_tls else {}
+    a = await sinks(starttls_2xx=True, **tls)
+    b = await sinks()
+    pool = pools([f"{a.address};tls={mode};ca={pki.ca}", b.address])
+
+    # When a message is sent
+    outcome = await pool.send(FROM, "r@example.org", message(1))
+
+    # Then nothing went to the first relay in plaintext; the second delivered
+    assert (outcome.code, outcome.relay) == (250, b.address)
+    assert (a.stats.starttls_2xx, a.stats.messages) == (1, 0)
+    assert pool.relays()[0].consecutive_failures == 1
+
+    # And alone, the 250 is a relay protocol fault at connection time, not a delivery
+    alone = await pools([f"{a.address};tls={mode};ca={pki.ca}"]).send(FROM, "s@x.org", message(2))
+    assert (alone.code, alone.phase) == (250, Phase.CONNECT)
+    assert alone.text.startswith("STARTTLS")
+    assert verdict(alone) == (Outcome.TRANSIENT, True)
+    assert a.stats.messages == 0
 
 
 async def test_tls_none_stays_plaintext_even_when_starttls_is_offered(
@@ -547,3 +588,38 @@ async def test_balance_waits_for_the_soonest_token_when_every_relay_is_out(
     # Then the pool slept exactly until the faster relay had a token, and used it
     assert time.sleeps == [0.25]
     assert outcome.relay == b.address
+
+
+# ---- on uvloop, the node's event loop -------------------------------------------------
+
+
+def test_on_uvloop_every_kind_of_connection_is_taken_over(tmp_path: Path, pki: Pki) -> None:
+    # The node runs on uvloop (sender_node.__main__), whose transports are not asyncio's
+    # classes: the pool must take over plain, STARTTLS and implicit-TLS connections there.
+    async def scenario() -> list[tuple[int, bool]]:
+        context = server_tls_context(pki.cert, pki.key)
+        configs: list[tuple[dict[str, Any], str]] = [
+            ({"pipelining": True}, ""),
+            ({"pipelining": False}, ""),
+            ({"tls_context": context}, f";tls=starttls;ca={pki.ca}"),
+            ({"tls_context": context, "implicit_tls": True}, f";tls=implicit;ca={pki.ca}"),
+        ]
+        got = []
+        for n, (options, relay_options) in enumerate(configs):
+            config = SinkConfig(
+                maildir=tmp_path / f"m{n}", log_path=tmp_path / f"{n}.log", **options
+            )
+            async with SinkServer(config) as sink:
+                pool = RelayPool([sink.address + relay_options], timeout_s=10.0)
+                try:
+                    outcomes = [await pool.send(FROM, f"r{i}@x.org", message(i)) for i in range(3)]
+                finally:
+                    await pool.close()
+                got.append((outcomes[-1].code, sink.stats.tls_messages == 3))
+        return got
+
+    # When each relay gets three messages over one pooled connection, on uvloop
+    results = uvloop.run(scenario())
+
+    # Then all were delivered, the TLS ones over TLS
+    assert results == [(250, False), (250, False), (250, True), (250, True)]

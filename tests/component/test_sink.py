@@ -6,10 +6,12 @@ through the control file of a running process).
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import json
 import smtplib
+import time
 from collections.abc import AsyncIterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -24,6 +26,7 @@ from mailers.sink import (
     SinkConfig,
     SinkServer,
     Window,
+    _parse_args,
     message_id_of,
     read_log,
     write_control,
@@ -253,6 +256,158 @@ async def test_cut_after_data_stores_and_logs_but_withholds_the_250(sink: SinkSe
     assert (sink.stats.cut_after_data, sink.stats.messages) == (1, 2)
 
 
+@pytest.fixture
+async def client(sink: SinkServer) -> AsyncIterator[aiosmtplib.SMTP]:
+    """A connected aiosmtplib client that has said EHLO."""
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=10, start_tls=False)
+    await smtp.connect()
+    await smtp.ehlo()
+    yield smtp
+    smtp.close()
+
+
+RAW = b"From: a@example.com\r\nMessage-ID: <raw@mailers.test>\r\n\r\nHi\r\n"
+
+
+async def test_pipelining_is_advertised_unless_switched_off(tmp_path: Path) -> None:
+    for pipelining in (True, False):
+        config = SinkConfig(
+            maildir=tmp_path / f"md{pipelining}",
+            log_path=tmp_path / f"{pipelining}.log",
+            pipelining=pipelining,
+        )
+        async with SinkServer(config) as sink:
+            smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, start_tls=False)
+            await smtp.connect(timeout=10)
+            await smtp.ehlo(timeout=10)
+            # Then EHLO lists PIPELINING exactly when asked to (the rest unchanged)
+            assert smtp.supports_extension("pipelining") is pipelining
+            assert smtp.supports_extension("size") and smtp.supports_extension("8bitmime")
+            smtp.close()
+
+
+async def test_pipelined_commands_get_their_replies_in_order(sink: SinkServer) -> None:
+    # Given MAIL, two RCPTs and DATA written in one go (RFC 2920), one RCPT refused
+    reader, writer = await asyncio.open_connection("127.0.0.1", sink.port)
+    try:
+        async with asyncio.timeout(10):
+            await reader.readuntil(b"\r\n")
+            writer.write(b"EHLO client\r\n")
+            while not (await reader.readline()).startswith(b"250 "):
+                pass
+            writer.write(
+                b"MAIL FROM:<b@example.com>\r\nRCPT TO:<a@example.com>\r\n"
+                b"RCPT TO:<bounce@example.com>\r\nDATA\r\n"
+            )
+            codes = [(await reader.readline())[:3] for _ in range(4)]
+            writer.write(RAW + b".\r\n")
+            final = await reader.readline()
+    finally:
+        writer.close()
+    # Then each command got its own reply, in order, and the message was stored once
+    assert codes == [b"250", b"250", b"550", b"354"]
+    assert final.startswith(b"250")
+    assert logged_ids(sink) == ["<raw@mailers.test>"]
+
+
+async def test_data_2xx_answers_250_instead_of_354_and_stores_nothing(
+    sink: SinkServer, client: aiosmtplib.SMTP
+) -> None:
+    # Given a sink whose next DATA gets 250
+    sink.set_faults(FaultPlan(data_2xx=Window(count=1)))
+    await client.mail("b@example.com")
+    await client.rcpt("a@example.com")
+    # When DATA is sent
+    reply = await client.execute_command(b"DATA")
+    # Then it is answered 250, no body is awaited, nothing is stored
+    assert reply.code == 250
+    assert (sink.stats.data_2xx, sink.stats.messages) == (1, 0)
+    # And the session is back to its start: the next transaction is normal
+    await client.mail("b@example.com")
+    await client.rcpt("a@example.com")
+    await client.data(RAW)
+    assert logged_ids(sink) == ["<raw@mailers.test>"]
+
+
+async def test_rcpt_252_accepts_the_recipient(sink: SinkServer, client: aiosmtplib.SMTP) -> None:
+    # Given a sink accepting every recipient with 252
+    sink.set_faults(FaultPlan(rcpt_252=Window()))
+    await client.mail("b@example.com")
+    # When a recipient is given
+    reply = await client.execute_command(b"RCPT", b"TO:<a@example.com>")
+    # Then 252 accepts it: the message is delivered to it
+    assert reply.code == 252
+    await client.data(RAW)
+    assert [line["rcpt"] for line in read_log(sink.config.log_path)] == ["a@example.com"]
+    assert sink.stats.rcpt_252 == 1
+
+
+async def test_starttls_2xx_offers_starttls_then_answers_250_in_plaintext(
+    sink: SinkServer, client: aiosmtplib.SMTP
+) -> None:
+    # Given a sink without TLS whose next STARTTLS gets 250
+    sink.set_faults(FaultPlan(starttls_2xx=Window(count=1)))
+    await client.ehlo()
+    # Then EHLO offers STARTTLS while the fault is armed
+    assert client.supports_extension("starttls")
+    # When STARTTLS is asked for, it is answered 250 and nothing else happens
+    reply = await client.execute_command(b"STARTTLS")
+    assert reply.code == 250
+    assert sink.stats.starttls_2xx == 1
+    assert client.get_transport_info("sslcontext") is None
+    # And once the window is used up, the sink (without TLS) no longer offers it
+    await client.ehlo()
+    assert not client.supports_extension("starttls")
+
+
+async def test_rcpt_and_final_delays_hold_those_replies(
+    sink: SinkServer, client: aiosmtplib.SMTP
+) -> None:
+    # Given a slow relay: 0.2 s per RCPT reply, 0.3 s for the final dot's
+    sink.set_faults(FaultPlan(rcpt_delay_ms=200, final_delay_ms=300))
+    await client.mail("b@example.com")
+    # When a recipient and a message are sent
+    started = time.monotonic()
+    await client.rcpt("a@example.com")
+    rcpt_s = time.monotonic() - started
+    started = time.monotonic()
+    await client.data(RAW)
+    data_s = time.monotonic() - started
+    # Then each reply came no earlier than its hold, and the message is stored
+    assert rcpt_s >= 0.2 and data_s >= 0.3
+    assert (sink.stats.held_rcpts, sink.stats.held_finals, sink.stats.messages) == (1, 1, 1)
+
+
+async def test_a_client_leaving_mid_transaction_is_counted(
+    sink: SinkServer, client: aiosmtplib.SMTP
+) -> None:
+    # Given a transaction begun, then the connection dropped
+    await client.mail("b@example.com")
+    client.close()
+    # Then the sink counts it; a session closed between transactions is not counted
+    await assert_eventually(lambda: sink.stats.dropped_mid_transaction == 1, timeout_s=5)
+    await send_one(sink, 1)
+    assert sink.stats.dropped_mid_transaction == 1
+
+
+def test_new_faults_have_flags(tmp_path: Path) -> None:
+    config = _parse_args(
+        [
+            "--maildir", str(tmp_path), "--log", str(tmp_path / "l"), "--no-pipelining",
+            "--rcpt-delay-ms", "10000", "--final-delay-ms", "25000", "--delay-ms", "5",
+            "--data-2xx", "--rcpt-252", "--starttls-2xx",
+        ]
+    )  # fmt: skip
+    assert not config.pipelining
+    assert config.startup_plan() == FaultPlan(
+        delay_ms=25005,
+        rcpt_delay_ms=10000,
+        data_2xx=Window(),
+        rcpt_252=Window(),
+        starttls_2xx=Window(),
+    )
+
+
 async def test_control_file_changes_faults_at_runtime(tmp_path: Path) -> None:
     # Given a sink watching a control file that does not exist yet
     control = tmp_path / "control.json"
@@ -292,8 +447,16 @@ def test_fault_plan_json_round_trip_and_validation() -> None:
         cut_mid_data=Window(count=1, for_s=2.5),
         cut_after_data=Window(),
         delay_ms=5,
+        data_2xx=Window(count=1),
+        rcpt_252=Window(for_s=3.0),
+        starttls_2xx=Window(),
+        rcpt_delay_ms=10_000,
+        final_delay_ms=25_000,
     )
     assert FaultPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    assert FaultPlan.from_json({"data_2xx": {}, "final_delay_ms": 25000}) == FaultPlan(
+        data_2xx=Window(), final_delay_ms=25_000
+    )
     assert FaultPlan.from_json({}) == FaultPlan()
     assert FaultPlan.from_json({"tempfail": {"for_s": 8}}).tempfail_code == 421
     bad_plans: list[dict[str, Any]] = [
@@ -305,6 +468,11 @@ def test_fault_plan_json_round_trip_and_validation() -> None:
         {"hang_after_data": {"store": "yes"}},
         {"reject_pattern": "("},
         {"delay_ms": -5},
+        {"rcpt_delay_ms": -1},
+        {"final_delay_ms": "25"},
+        {"data_2xx": True},
+        {"rcpt_252": {"count": 1, "code": 251}},
+        {"starttls_2xx": {"for_s": "1"}},
     ]
     for bad in bad_plans:
         with pytest.raises(ValueError):

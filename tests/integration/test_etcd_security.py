@@ -28,8 +28,6 @@ import pytest
 from aetcd import rpc
 
 from coordinator.election import Election
-from coordinator.model import Recipient
-from coordinator.store import JobStore, LostLeadership
 from mailers.certs import CertSpec, DevCA, make_dev_pki
 from mailers.etcd import EtcdTls, Keys, Session, connect, permission_denied, watch_prefix
 from mailers.etcd_auth import (
@@ -148,14 +146,11 @@ async def test_coordinator_reads_and_writes_anywhere_under_the_prefix(
     # Given the coordinator's certificate (CN mailers-coordinator)
     coordinator = await as_user("coordinator")
     keys = [
-        KEYS.job("coord-j1"),
-        KEYS.job_state("coord-j1"),
-        KEYS.batch("coord-j1", 0),
-        KEYS.state("coord-j1", 0),
-        KEYS.idempotency("coord-idem"),
+        KEYS.election_key(7),
         KEYS.cordon("coord-node"),
-        KEYS.suppression("coord-tenant", "a@example.com"),
+        KEYS.handback("coord-node"),
         KEYS.node("coord-node"),
+        PREFIX.encode() + b"/anything/else",
     ]
 
     # When it writes, reads, transacts on and deletes keys all over the layout
@@ -164,8 +159,8 @@ async def test_coordinator_reads_and_writes_anywhere_under_the_prefix(
     listing = await coordinator.get_prefix(PREFIX.encode() + b"/")
     tx = coordinator.transactions
     ok, _ = await coordinator.transaction(
-        compare=[tx.value(KEYS.job("coord-j1")) == b"v"],
-        success=[tx.put(KEYS.job_state("coord-j1"), b"w")],
+        compare=[tx.value(KEYS.cordon("coord-node")) == b"v"],
+        success=[tx.put(KEYS.handback("coord-node"), b"w")],
         failure=[],
     )
     deleted = [await coordinator.delete(key) for key in keys]
@@ -195,22 +190,23 @@ async def test_election_and_fenced_store_work_as_the_coordinator(
         fence = await asyncio.wait_for(election.campaign(), 15)
         assert fence.key == KEYS.election_key(session.lease_id)
 
-        # And its fenced writes and reads of batches and cordons go through
-        store = JobStore(client, KEYS, fence)
-        recipients = [Recipient("a@example.com"), Recipient("b@example.com", "B")]
-        await store.write_batches("secure-job", [(0, 0, recipients)])
-        assert await store.load_batch("secure-job", 0) == (0, recipients)
-        await store.set_cordon("secure-node", True)
-        assert "secure-node" in await store.cordoned()
-        await store.set_cordon("secure-node", False)
-        assert "secure-node" not in await store.cordoned()
+        # And its writes fenced by its election key (as cordons are) go through
+        tx = client.transactions
+        fenced = [tx.create(fence.key) == fence.revision]
+        ok, _ = await client.transaction(
+            compare=fenced, success=[tx.put(KEYS.cordon("secure-node"), b"1")], failure=[]
+        )
+        assert ok and await client.get(KEYS.cordon("secure-node")) is not None
     finally:
         # Then closing the session revokes the lease: a permission it has as well
         await session.close(revoke=True)
     assert await client.get(fence.key) is None
-    with pytest.raises(LostLeadership):
-        await store.write_batches("secure-job", [(1, 2, recipients)])
-    await client.delete_prefix(KEYS.batches("secure-job"))
+    # And once its key is gone its fenced writes are refused
+    ok, _ = await client.transaction(
+        compare=fenced, success=[tx.delete(KEYS.cordon("secure-node"))], failure=[]
+    )
+    assert not ok
+    await client.delete(KEYS.cordon("secure-node"))
 
 
 # ---- a node's identity ---------------------------------------------------------------
@@ -250,7 +246,7 @@ async def coordinator_lease(as_user: ClientFactory) -> AsyncIterator[Any]:
     """A lease of the coordinator's holding a key no node may write."""
     coordinator = await as_user("coordinator")
     lease = await coordinator.lease(30)
-    await coordinator.put(KEYS.job_state("held-by-lease"), b"v", lease=lease)
+    await coordinator.put(KEYS.cordon("held-by-lease"), b"v", lease=lease)
     yield lease
     with contextlib.suppress(Exception):
         await asyncio.wait_for(lease.revoke(), 5)
@@ -264,10 +260,9 @@ DENIED: dict[str, Denied] = {
     "delete another node's registration": lambda c, _: c.delete(KEYS.node("n2")),
     "list registrations": lambda c, _: c.get_prefix(KEYS.nodes),
     "put a key extending its own": lambda c, _: c.put(KEYS.node("n1") + b"x", b"{}"),
-    "put a job": lambda c, _: c.put(KEYS.job("node-job"), b"{}"),
-    "read a job": lambda c, _: c.get(KEYS.job("node-job")),
-    "write batch results": lambda c, _: c.put(KEYS.state("node-job", 0), b"{}"),
-    "write job state": lambda c, _: c.put(KEYS.job_state("node-job"), b"{}"),
+    "write another node's hand-back": lambda c, _: c.put(KEYS.handback("n2"), b"{}"),
+    "read another node's hand-back": lambda c, _: c.get(KEYS.handback("n2")),
+    "write anything else under the prefix": lambda c, _: c.put(KEYS.prefix.encode() + b"/x", b""),
     "enter the election": lambda c, _: c.put(KEYS.election_key(1), b"{}"),
     "cordon a node": lambda c, _: c.put(KEYS.cordon("n2"), b"1"),
     "write outside the prefix": lambda c, _: c.put(b"/elsewhere", b"x"),
@@ -302,7 +297,7 @@ async def test_a_ca_signed_certificate_without_an_etcd_user_opens_nothing(
 
     # Then TLS is accepted but every key is refused
     await assert_denied(client.get(KEYS.node("n1")))
-    await assert_denied(client.put(KEYS.job("client-job"), b"{}"))
+    await assert_denied(client.put(KEYS.cordon("client-node"), b"{}"))
 
 
 async def test_registration_runs_with_the_nodes_restricted_identity(
@@ -462,22 +457,22 @@ async def test_setup_auth_is_idempotent_and_converges(as_user: ClientFactory) ->
     assert await role_grants(root, COORDINATOR_USER) == {
         Grant(b"/mailers/", b"/mailers0", Access.READWRITE)
     }
-    assert await role_grants(root, node_user("n3")) == {
-        Grant(b"/mailers/nodes/n3", b"", Access.READWRITE)
-    }
+    assert await role_grants(root, node_user("n3")) == set(node_grants(PREFIX, "n3"))
 
     # Given an extra permission granted by hand to node n3's role
-    stray = rpc.Permission(permType=int(Access.READ), key=KEYS.jobs, range_end=b"/mailers/jobs0")
+    stray = rpc.Permission(
+        permType=int(Access.READ), key=KEYS.cordons, range_end=b"/mailers/cordon0"
+    )
     await rpc.AuthStub(root.channel).RoleGrantPermission(
         rpc.AuthRoleGrantPermissionRequest(name=node_user("n3"), perm=stray), timeout=5
     )
     node = await as_user("node-n3")
-    assert await node.get(KEYS.job("stray-job")) is None  # allowed now
+    assert await node.get(KEYS.cordon("stray-node")) is None  # allowed now
 
     # When the node is set up again, the stray permission is revoked
     await add_node(root, PREFIX, "n3")
     assert await role_grants(root, node_user("n3")) == set(node_grants(PREFIX, "n3"))
-    await assert_denied(node.get(KEYS.job("stray-job")))
+    await assert_denied(node.get(KEYS.cordon("stray-node")))
 
 
 async def test_add_and_remove_a_node_later(secured: Secured, as_user: ClientFactory) -> None:
@@ -516,7 +511,7 @@ async def test_client_fails_over_between_tls_members(tmp_path: Path) -> None:
     secured = await asyncio.to_thread(start_secured, tmp_path)
     client = connect(secured.etcd.endpoints, tls=secured.tls("coordinator"))
     try:
-        await client.put(KEYS.job("failover"), b"before")
+        await client.put(KEYS.cordon("failover"), b"before")
         first = secured.etcd.members[0]
         assert first.proc is not None
 
@@ -527,13 +522,13 @@ async def test_client_fails_over_between_tls_members(tmp_path: Path) -> None:
         # Then the same client carries on through another member
         async def written() -> bool:
             try:
-                await client.put(KEYS.job("failover"), b"after")
+                await client.put(KEYS.cordon("failover"), b"after")
             except aetcd.ClientError:
                 return False
             return True
 
         await assert_eventually(written, timeout_s=30, interval_s=0.2, message="put after kill")
-        got = await client.get(KEYS.job("failover"))
+        got = await client.get(KEYS.cordon("failover"))
         assert got is not None and got.value == b"after"
     finally:
         await client.close()

@@ -85,9 +85,9 @@ async def test_a_job_runs_end_to_end_with_etcd_secured(
     rcpts = {str(line["rcpt"]) for line in cluster.delivered()}
     assert {f"sec{i}@example.org" for i in range(30)} <= rcpts
     # And etcd holds what the coordinator (mailers-coordinator) and the nodes
-    # (mailers-node-node<i>) wrote, as root sees it
+    # (mailers-node-node<i>) wrote, as root sees it: the election and registrations
     async with etcd_as(cluster) as root:
-        assert await root.get(KEYS.job(job.job_id)) is not None
+        assert await root.get_prefix(KEYS.election)
         for node_id in cluster.node_ids:
             assert await root.get(KEYS.node(node_id)) is not None, node_id
     # And each process reached etcd with its own certificate (no other could have
@@ -119,7 +119,7 @@ async def test_etcd_accepts_only_client_certificates_of_the_ca(cluster: LocalClu
     # Given the SDK client's certificate (CN mailers-client, no etcd user): auth is on,
     # so TLS is accepted but every key refused
     async with etcd_as(cluster, "client") as nobody:
-        await assert_denied(nobody.get(KEYS.jobs))
+        await assert_denied(nobody.get(KEYS.election))
 
 
 async def test_a_node_identity_reaches_only_its_own_key(
@@ -130,10 +130,10 @@ async def test_a_node_identity_reaches_only_its_own_key(
         # Then it reads its own registration
         own = await node0.get(KEYS.node("node0"))
         assert own is not None
-        # But not node1's, nor any job, and it cannot write node1's
+        # But not node1's, nor any cordon, and it cannot write node1's
         await assert_denied(node0.get(KEYS.node("node1")))
         await assert_denied(node0.put(KEYS.node("node1"), b"{}"))
-        await assert_denied(node0.get_prefix(KEYS.jobs))
+        await assert_denied(node0.get_prefix(KEYS.cordons))
 
 
 def test_mailers_certs_prints_the_etcd_variables(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sender_node.classify import (
     Classification,
@@ -37,9 +39,22 @@ D, T, P, A = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AM
         (530, Phase.MAIL, Failure.NONE, T, True),
         (535, Phase.MAIL, Failure.NONE, T, True),
         (554, Phase.CONNECT, Failure.NONE, T, True),
-        # Unexpected codes are treated as a misbehaving relay.
-        (354, Phase.DATA_END, Failure.NONE, T, True),
+        # Unexpected codes are treated as a misbehaving relay; after the final dot the
+        # relay had the whole message, so its unreadable verdict is ambiguous.
+        (354, Phase.DATA_END, Failure.NONE, A, True),
+        (-1, Phase.DATA_END, Failure.NONE, A, True),
         (-1, Phase.RCPT, Failure.NONE, T, True),
+        (354, Phase.MAIL, Failure.NONE, T, True),
+        (334, Phase.RCPT, Failure.NONE, T, True),
+        (199, Phase.DATA, Failure.NONE, T, True),
+        # A 2xx delivers only as the reply to the final dot; anywhere else it stood where
+        # another reply was due (354 to DATA, 220 to STARTTLS): a relay protocol fault.
+        (250, Phase.DATA, Failure.NONE, T, True),
+        (251, Phase.DATA, Failure.NONE, T, True),
+        (250, Phase.CONNECT, Failure.NONE, T, True),
+        (250, Phase.MAIL, Failure.NONE, T, True),
+        (252, Phase.RCPT, Failure.NONE, T, True),
+        (252, Phase.DATA_END, Failure.NONE, D, False),
         # No reply: transient before the final dot, ambiguous after it.
         (0, Phase.CONNECT, Failure.REFUSED, T, True),
         (0, Phase.CONNECT, Failure.TIMEOUT, T, True),
@@ -49,7 +64,8 @@ D, T, P, A = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT, Outcome.AM
         (0, Phase.DATA, Failure.DISCONNECTED, T, True),
         (0, Phase.DATA_END, Failure.TIMEOUT, A, True),
         (0, Phase.DATA_END, Failure.DISCONNECTED, A, True),
-        (0, Phase.DATA_END, Failure.PROTOCOL, T, True),
+        (0, Phase.DATA_END, Failure.PROTOCOL, A, True),
+        (0, Phase.MAIL, Failure.PROTOCOL, T, True),
         # A 4xx refusing the whole session (greeting, EHLO) is the relay's fault; a 4xx
         # for one message or recipient is not, nor is any per-recipient 5xx.
         (421, Phase.DATA_END, Failure.NONE, T, True),
@@ -101,8 +117,59 @@ def test_ambiguous_only_when_the_final_dot_went_unanswered() -> None:
     # The same timeout is safe to retry before the dot, ambiguous after it.
     for phase in (Phase.CONNECT, Phase.MAIL, Phase.RCPT, Phase.DATA):
         assert classify(0, "timed out", phase, Failure.TIMEOUT).outcome is Outcome.TRANSIENT
-    for failure in (Failure.TIMEOUT, Failure.DISCONNECTED):
+    for failure in (Failure.TIMEOUT, Failure.DISCONNECTED, Failure.PROTOCOL):
         assert classify(0, "x", Phase.DATA_END, failure).outcome is Outcome.AMBIGUOUS
+
+
+def test_reason_of_a_2xx_before_the_dot_says_protocol_fault_and_where() -> None:
+    verdict = classify(250, "2.0.0 OK", Phase.DATA)
+    assert verdict == Classification(
+        Outcome.TRANSIENT, True, "2.0.0", "relay protocol fault: 250 2.0.0 OK in reply to data"
+    )
+
+
+PHASES = list(Phase)
+REPLIES = st.integers(min_value=-1, max_value=999)
+FAILURES = st.sampled_from([f for f in Failure if f is not Failure.UNAVAILABLE])
+
+
+@given(REPLIES, st.sampled_from(PHASES), FAILURES)
+def test_delivered_only_by_a_2xx_to_the_final_dot(
+    code: int, phase: Phase, failure: Failure
+) -> None:
+    # Given any reply (or none) in any phase
+    verdict = classify(code, "text", phase, failure)
+    # Then it is a delivery exactly when it is a 2xx to the final dot
+    delivered = phase is Phase.DATA_END and failure is Failure.NONE and 200 <= code < 300
+    assert (verdict.outcome is Outcome.DELIVERED) == delivered
+    # And a delivery is never a relay fault
+    assert not (delivered and verdict.relay_fault)
+
+
+@given(REPLIES, st.sampled_from(PHASES), FAILURES)
+def test_ambiguous_only_after_the_final_dot(code: int, phase: Phase, failure: Failure) -> None:
+    # Given any reply (or none) in any phase
+    verdict = classify(code, "text", phase, failure)
+    # Then before the dot nothing is ambiguous (no body was sent)
+    if phase is not Phase.DATA_END:
+        assert verdict.outcome is not Outcome.AMBIGUOUS
+    # And after it, anything but a readable 2xx/4xx/5xx verdict is ambiguous
+    readable = failure is Failure.NONE and 200 <= code < 600 and code // 100 != 3
+    if phase is Phase.DATA_END and not readable:
+        assert verdict.outcome is Outcome.AMBIGUOUS
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("code", [220, 235, 250, 251, 252, 299])
+def test_every_2xx_in_every_phase(code: int, phase: Phase) -> None:
+    # Given a 2xx as the deciding reply of each phase
+    verdict = classify(code, "OK", phase)
+    # Then only the final dot's delivers; the others are relay protocol faults
+    if phase is Phase.DATA_END:
+        assert (verdict.outcome, verdict.relay_fault) == (D, False)
+    else:
+        assert (verdict.outcome, verdict.relay_fault) == (T, True)
+        assert verdict.reason.startswith("relay protocol fault")
 
 
 @pytest.mark.parametrize(
