@@ -631,13 +631,24 @@ class Dispatcher:
             waits.append(self.writer.release(BatchRelease(0, -1, node_id, -1, 0, 0)))
         await asyncio.gather(*waits)
 
+    def _gone(self, node: NodeEntry, now: float) -> bool:
+        """Whether a node whose lease is gone can no longer be sending anything.
+
+        Once its lease is gone it starts no transaction; those past their final dot end
+        within its final-reply bound. A node whose address refuses connections since its
+        lease went is a dead process: nothing of it is in flight any more.
+        """
+        assert node.left_at is not None
+        refused = node.link.refused_at
+        if refused is not None and refused >= node.left_at:
+            return True
+        return now >= node.left_at + self.timeouts.move_after_s(node.limits)
+
     def _sweep_nodes(self) -> None:
         """Move the batches of nodes gone long enough; ask stalled batches back."""
         now = self.monotonic()
         for node in list(self.nodes.values()):
-            if node.left_at is not None and now >= node.left_at + self.timeouts.move_after_s(
-                node.limits
-            ):
+            if node.left_at is not None and self._gone(node, now):
                 moved = 0
                 for job in self.jobs.values():
                     for seq in job.plan.held_by(node.node_id):

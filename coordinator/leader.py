@@ -77,6 +77,10 @@ class Leader:
         self.admission = Admission(self.store, self.dispatcher, config.batch_size, config.limits)
         self.retention = Retention(self.store, config.retention_s, config.retention_check_s)
         self.lost = asyncio.Event()
+        self.why = ""
+        """Why the reign ended, for the log."""
+        self.crashed = False
+        """A task failed (a bug, not a lost fence): pause before campaigning again."""
         self._tasks: list[asyncio.Task[None]] = []
 
     def may_lead(self) -> bool:
@@ -117,9 +121,12 @@ class Leader:
             raise
         except LostLeadership as exc:
             log.error("lost leadership (%s): %s", name, exc)
+            self.why = f"fence lost: {exc}"
             self.lost.set()
-        except Exception:
+        except Exception as exc:
             log.exception("leader task %s crashed; stepping down", name)
+            self.why = f"task {name} failed: {exc!r}"
+            self.crashed = True
             self.lost.set()
 
     async def set_cordon(self, node_id: str, cordoned: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -93,6 +94,9 @@ class NodeLink:
         self.load = common_pb2.NodeLoad()
         self.relays: list[common_pb2.RelayStatus] = []
         self.connects = 0
+        self.refused_at: float | None = None
+        """When the last dial was refused outright (nothing listens at the node's
+        address: its process is gone); None once a dial did not end that way."""
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"link-{self.node_id}")
@@ -156,6 +160,8 @@ class NodeLink:
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
+                refused = "Connection refused" in (exc.details() or "")
+                self.refused_at = time.monotonic() if refused else None
                 log.info("stream to node %s ended: %s %s", self.node_id, exc.code(), exc.details())
             except Exception as exc:
                 log.warning("stream to node %s failed: %r", self.node_id, exc)
@@ -189,6 +195,7 @@ class NodeLink:
                 ):
                     raise ConnectionError(f"node {self.node_id} did not say hello")
                 self._hello(first.hello)
+                self.refused_at = None
                 self.connected = True
                 self.connects += 1
                 # Replayed results and released batches are handled before anything else

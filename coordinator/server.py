@@ -155,6 +155,14 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
+CRASH_PAUSE_S = 5.0
+"""How long a coordinator whose reign ended in a failed task waits before campaigning."""
+
+
+async def _pause_until(stop_task: asyncio.Future[Any], seconds: float) -> None:
+    await asyncio.wait({stop_task}, timeout=seconds)
+
+
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
@@ -299,7 +307,7 @@ async def _term(
             if stop_task.done()
             else "lease lost"
             if session.done.is_set()
-            else "fence lost",
+            else reign.why or "fence lost",
         )
     finally:
         role.reign = None
@@ -310,3 +318,7 @@ async def _term(
             await reign.stop()
         done_task.cancel()
         await session.close(revoke=True)
+    if reign is not None and reign.crashed:
+        # A failing task would fail again at once under a new epoch: give a standby (or
+        # an operator) a moment instead of flapping.
+        await _pause_until(stop_task, CRASH_PAUSE_S)

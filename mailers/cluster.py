@@ -52,6 +52,7 @@ from mailers.procs import (
     spawn_python,
     wait_for_port,
 )
+from mailers.sink import read_ambiguous
 
 # Every transport variable, so none leaks in from the environment of whoever starts
 # the cluster (spawn() copies os.environ): an empty value means unset.
@@ -114,6 +115,10 @@ class Sink:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def ambiguous(self) -> list[dict[str, object]]:
+        """Accepts whose ``250`` the client may not have read (``mailers.sink``)."""
+        return [{**line, "sink": self.name} for line in read_ambiguous(self.log_path)]
 
     def delivered(self) -> list[dict[str, object]]:
         """Every line of the sink's log (one per accepted recipient), tagged ``sink``."""
@@ -424,6 +429,14 @@ class LocalCluster:
         lines = shared.delivered()
         for sink in self.node_sinks.values():
             lines.extend(sink.delivered())
+        return lines
+
+    def ambiguous(self) -> list[dict[str, object]]:
+        """Every accept, in every sink, whose ``250`` the client may not have read."""
+        shared = Sink("sink", self.sink_port, self.maildir, self.sink_log)
+        lines = shared.ambiguous()
+        for sink in self.node_sinks.values():
+            lines.extend(sink.ambiguous())
         return lines
 
     def stop(self) -> None:

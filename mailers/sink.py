@@ -58,6 +58,16 @@ TLS unless ``auth_require_tls`` is off, and ``auth_required`` refuses MAIL witho
 Each log line also says whether the message came over TLS (``tls``) and the ``SIZE=``
 the client declared in MAIL (``declared_size``, null without one).
 
+**Ambiguous accepts.** A message whose ``250`` the client may never have read is logged
+again, with its Message-ID, to ``<log>.ambiguous`` (JSON lines ``{"message_id", "ts",
+"why"}``): the connection ended after the ``250`` without another command from the
+client (``"why": "unconfirmed"``: the client may have died or lost the line before
+reading it), or a fault stored the message and then cut or hung the connection
+(``"cut_after_data"``, ``"hang_after_data"``). Any later command on the same connection
+(RSET, MAIL, NOOP, QUIT, ...) confirms every accept before it: TCP delivers in order, so
+the client had read the reply. A retry of an ambiguous accept is SMTP's own duplicate;
+a duplicate whose earlier copies were all confirmed is the sender's fault.
+
 Nothing is fsynced: the sink is for tests and demos, and must take large volumes
 quickly; a crash can lose the last messages, never corrupt earlier lines.
 """
@@ -395,6 +405,8 @@ class SinkStats:
     dropped_mid_transaction: int = 0
     """Connections that ended while a transaction was open (after MAIL, before the
     reply to the final dot or a RSET): a client that gave up mid-transaction."""
+    ambiguous: int = 0
+    """Accepts whose ``250`` the client may not have read (see the module docstring)."""
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -508,9 +520,11 @@ class SinkHandler:
         log: IO[str],
         clock: Callable[[], float] = time.monotonic,
         pipelining: bool = True,
+        ambiguous_log: IO[str] | None = None,
     ) -> None:
         self._maildir = maildir
         self._log = log
+        self._ambiguous_log = ambiguous_log
         self._clock = clock
         self._pipelining = pipelining
         self.stats = SinkStats()
@@ -628,11 +642,11 @@ class SinkHandler:
         if self._hang.take(now):
             self.stats.hung += 1
             if self._plan.hang_stores:
-                self._store(envelope, server)
+                self.log_ambiguous([self._store(envelope, server)], "hang_after_data")
             await _forever()  # ended by connection_lost (the client gives up)
         if self._cut_after.take(now):
             self.stats.cut_after_data += 1
-            self._store(envelope, server)
+            self.log_ambiguous([self._store(envelope, server)], "cut_after_data")
             # abort(), not close(): no byte written after this point reaches the client.
             transport: Any = server.transport
             if transport is not None:
@@ -642,8 +656,21 @@ class SinkHandler:
         if hold_ms > 0:
             self.stats.held_finals += 1
             await asyncio.sleep(hold_ms / 1000)
-        self._store(envelope, server)
+        message_id = self._store(envelope, server)
+        if isinstance(server, _FaultySMTP):
+            server.unconfirmed.append(message_id)
         return "250 2.0.0 OK queued"
+
+    def log_ambiguous(self, message_ids: Sequence[str], why: str) -> None:
+        """Record accepts whose ``250`` the client may not have seen."""
+        self.stats.ambiguous += len(message_ids)
+        if self._ambiguous_log is None or self._ambiguous_log.closed or not message_ids:
+            return
+        ts = time.time()
+        self._ambiguous_log.write(
+            "".join(json.dumps({"message_id": m, "ts": ts, "why": why}) + "\n" for m in message_ids)
+        )
+        self._ambiguous_log.flush()
 
     def authenticate(self, user: str, password: str, mechanism: str, auth_data: Any) -> AuthResult:
         """aiosmtpd authenticator: accept exactly ``user``/``password`` (PLAIN, LOGIN)."""
@@ -660,7 +687,8 @@ class SinkHandler:
         # handled=False: aiosmtpd answers 535 5.7.8 itself on failure.
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
 
-    def _store(self, envelope: Envelope, server: SMTP) -> None:
+    def _store(self, envelope: Envelope, server: SMTP) -> str:
+        """Store and log the message; returns its Message-ID."""
         data = envelope.original_content
         if data is None:
             raw = envelope.content
@@ -693,6 +721,7 @@ class SinkHandler:
         self.stats.recipients += len(envelope.rcpt_tos)
         self.stats.tls_messages += int(tls)
         self.stats.sized_mails += int(declared is not None)
+        return message_id
 
 
 async def _forever() -> None:
@@ -707,12 +736,44 @@ class _FaultySMTP(SMTP):
     def __init__(self, handler: SinkHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._sink = handler
+        self.unconfirmed: list[str] = []
+        """Message-IDs accepted on this connection with no client command since."""
 
     def connection_lost(self, error: Exception | None) -> None:
         envelope = self.envelope
         if envelope is not None and envelope.mail_from is not None:
             self._sink.stats.dropped_mid_transaction += 1
+        unconfirmed, self.unconfirmed = self.unconfirmed, []
+        self._sink.log_ambiguous(unconfirmed, "unconfirmed")
         super().connection_lost(error)
+
+    def _confirm(self) -> None:
+        # A command after a 250 proves the client read it (TCP keeps the order).
+        self.unconfirmed.clear()
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._confirm()
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self._confirm()
+        await super().smtp_RSET(arg)
+
+    async def smtp_NOOP(self, arg: str) -> None:
+        self._confirm()
+        await super().smtp_NOOP(arg)
+
+    async def smtp_QUIT(self, arg: str) -> None:
+        self._confirm()
+        await super().smtp_QUIT(arg)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._confirm()
+        await super().smtp_EHLO(hostname)
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._confirm()
+        await super().smtp_HELO(hostname)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if not arg and self._sink.take_starttls_2xx():
@@ -745,6 +806,19 @@ class _FaultySMTP(SMTP):
         await super().smtp_DATA(arg)
 
 
+def ambiguous_log_path(log_path: Path) -> Path:
+    """Where the sink records accepts whose ``250`` the client may not have read."""
+    return log_path.with_name(log_path.name + ".ambiguous")
+
+
+def read_ambiguous(log_path: Path) -> list[dict[str, Any]]:
+    """The ambiguous accepts recorded next to ``log_path`` (empty when none)."""
+    path = ambiguous_log_path(log_path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 class SinkServer:
     """The sink on the running event loop; ``start`` binds, ``stop`` closes everything.
 
@@ -762,6 +836,7 @@ class SinkServer:
         self._announce = announce
         self._server: asyncio.Server | None = None
         self._log: IO[str] | None = None
+        self._ambiguous: IO[str] | None = None
         self._handler: SinkHandler | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._watcher: asyncio.Task[None] | None = None
@@ -803,8 +878,13 @@ class SinkServer:
         maildir = MaildirWriter(self.config.maildir)
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.config.log_path.open("a", encoding="utf-8")
+        self._ambiguous = ambiguous_log_path(self.config.log_path).open("a", encoding="utf-8")
         handler = SinkHandler(
-            self.config.startup_plan(), maildir, self._log, pipelining=self.config.pipelining
+            self.config.startup_plan(),
+            maildir,
+            self._log,
+            pipelining=self.config.pipelining,
+            ambiguous_log=self._ambiguous,
         )
         self._handler = handler
         if self.config.control_path is not None:
@@ -908,6 +988,9 @@ class SinkServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        if self._ambiguous is not None:
+            self._ambiguous.close()
+            self._ambiguous = None
 
     async def __aenter__(self) -> SinkServer:
         await self.start()

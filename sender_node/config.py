@@ -355,6 +355,11 @@ class SmtpConfig:
     """Deadline of the reply to the final dot, plus the time the message takes at the
     slowest healthy throughput. At least ``timeout_s``: running out is AMBIGUOUS (the
     relay may have the message), so it is kept long."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest rendered message sent; a larger one fails without being sent. It also
+    bounds how long a transaction can take after its body started (at the slowest
+    healthy throughput), which is what the leader waits before moving the batches of a
+    node that vanished: a smaller limit moves them sooner."""
     helo_name: str = "localhost"
     """Name given in EHLO."""
     strategy: Strategy = Strategy.FAILOVER
@@ -378,6 +383,8 @@ class SmtpConfig:
             raise ConfigError(
                 "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S must be at least MAILER_SMTP_TIMEOUT_S"
             )
+        if self.max_message_bytes < 16 * 1024:
+            raise ConfigError("MAILER_SMTP_MAX_MESSAGE_BYTES must be at least 16384")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +563,7 @@ def timings_of(config: SenderConfig) -> NodeTimings:
     return derive_timings(
         smtp_timeout_s=config.smtp.timeout_s,
         final_reply_timeout_s=config.smtp.final_reply_timeout_s,
+        max_message_bytes=config.smtp.max_message_bytes,
         lease_ttl_s=config.etcd.lease_ttl_s,
         trust_margin_s=config.etcd.trust_margin_s,
     )
@@ -646,6 +654,7 @@ def from_env(
         connections_per_relay=_integer(environ, "MAILER_SMTP_CONNECTIONS", 4),
         timeout_s=_number(environ, "MAILER_SMTP_TIMEOUT_S", 30.0),
         final_reply_timeout_s=_number(environ, "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", 60.0),
+        max_message_bytes=_integer(environ, "MAILER_SMTP_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
         helo_name=host or "localhost",
         strategy=_strategy(environ, "MAILER_RELAY_STRATEGY"),
     )

@@ -167,10 +167,12 @@ SELECT * FROM moved;
 -- name: set_status_range
 -- A decision of the leader over a range of one job's recipients (cancel, expire, fail
 -- a lost batch, retry failures): recipients of the given statuses move to $5, keeping
--- their last reply; counts move with them.
+-- their last reply; counts move with them. Queued again (a retry), a recipient gets its
+-- attempts afresh.
 WITH changed AS (
     UPDATE recipients r
-    SET status = $5, reason = $6, updated_at = $7
+    SET status = $5::smallint, reason = $6, updated_at = $7,
+        attempts = CASE WHEN $5::smallint = 0 THEN 0 ELSE r.attempts END
     FROM recipients o
     WHERE r.job_no = $1 AND r.idx >= $2 AND r.idx < $3 AND r.status = ANY($4::smallint[])
       AND o.job_no = r.job_no AND o.idx = r.idx

@@ -779,7 +779,8 @@ def _quota_retry_after(rows: Sequence[Any], need: int, now: float) -> float:
     for row in rows:
         freed += int(row["recipients"])
         if freed >= need:
-            return max(1.0, float(row["minute"].timestamp()) + 3600 + 60 - now)
+            # A minute's count stops counting once the window no longer covers it.
+            return max(1.0, float(row["minute"].timestamp()) + 3600 - now)
     return 3600.0
 
 

@@ -13,7 +13,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client_sdk import Address, MailerClient, MessageContent, NodeState, Recipient
-from mailers.procs import EtcdCluster, Proc, free_port, spawn_python, wait_for_port
+from mailers.procs import (
+    EtcdCluster,
+    PostgresServer,
+    Proc,
+    free_port,
+    spawn_python,
+    wait_for_port,
+)
 from tests.helpers import assert_eventually
 from tests.integration.conftest import _require_etcd
 
@@ -23,6 +30,7 @@ pytestmark = pytest.mark.integration
 class Setup:
     def __init__(self, base: Path) -> None:
         self.etcd = EtcdCluster(base / "etcd", 1)
+        self.postgres = PostgresServer(base / "postgres", durable=False)
         self.procs: list[Proc] = []
         self.coord_ports = [free_port(), free_port()]
         self.coord_metrics = [free_port(), free_port()]
@@ -33,6 +41,7 @@ class Setup:
 
     def start(self) -> None:
         self.etcd.start()
+        self.postgres.start()
         env = {
             "MAILER_ETCD_ENDPOINTS": ",".join(self.etcd.endpoints),
             "MAILER_LOG_FORMAT": "json",
@@ -57,6 +66,7 @@ class Setup:
                         "MAILER_LISTEN": f"127.0.0.1:{port}",
                         "MAILER_COORDINATOR_ID": f"c{i}",
                         "MAILER_METRICS_LISTEN": f"127.0.0.1:{metrics}",
+                        **self.postgres.env,
                     },
                 )  # fmt: skip
             )
@@ -68,6 +78,7 @@ class Setup:
                 {
                     **env,
                     "MAILER_NODE_ID": "node0",
+                    "MAILER_STATE_DIR": str((self.base / "state").resolve()),
                     "MAILER_RELAYS": f"127.0.0.1:{self.sink_port}",
                     "MAILER_METRICS_LISTEN": f"127.0.0.1:{self.node_metrics}",
                 },
@@ -79,6 +90,7 @@ class Setup:
     def stop(self) -> None:
         for proc in self.procs:
             proc.stop()
+        self.postgres.stop()
         self.etcd.stop()
 
 

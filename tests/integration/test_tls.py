@@ -293,6 +293,9 @@ def token_only_coordinator(cluster: LocalCluster, tmp_path: Path) -> Iterator[st
         "MAILER_ETCD_PREFIX": "/token-only",
         "MAILER_LISTEN": f"127.0.0.1:{port}",
         "MAILER_COORDINATOR_ID": "token-only",
+        # A database of its own: it leads another prefix, so another fence.
+        "MAILER_DATABASE_URL": cluster.postgres.create_database(f"token_only_{port}"),
+        "MAILER_DATABASE_PASSWORD_FILE": str(cluster.postgres.password_file),
     }
     proc = spawn_python("token-only", "coordinator", tmp_path, env)
     try:
@@ -325,6 +328,9 @@ async def test_client_auth_none_lets_clients_in_with_server_tls_only(
 
 def _run_module(module: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     scrubbed = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    if module == "coordinator":
+        # Never reached: the process must refuse to start before it connects anywhere.
+        scrubbed["MAILER_DATABASE_URL"] = "postgresql://mailers@127.0.0.1:1/mailers"
     return subprocess.run(
         [sys.executable, "-m", module],
         env={**scrubbed, **env},
