@@ -254,3 +254,31 @@ async def test_quotas_are_checked_in_the_submit_transaction(database: Database) 
     # A third unfinished job is refused
     with pytest.raises(QuotaRefused):
         await store.submit(spec("q4", "k4"), chunks_of(1), QuotaRequest(max_active_jobs=2), NOW)
+
+
+async def test_retrying_failures_queues_them_again_with_fresh_attempts(
+    database: Database,
+) -> None:
+    store = await leader(database, 1)
+    job = await store.submit(spec("rf", "k", batch_size=5), chunks_of(10), QuotaRequest(), NOW)
+    n = job.job_no
+    await store.assign([(n, 0, "n1", 1), (n, 1, "n1", 1)], [], {n: 2}, NOW)
+    # Given recipients that failed on a 4xx (out of attempts) and one refused with a 5xx
+    gave_up = Result(Status.FAILED, 451, "4.3.0", "busy", attempts=3, reason="gave up")
+    refused = Result(Status.FAILED, 550, "5.1.1", "no such user", attempts=1)
+    outcomes = [RecipientOutcome("rf", i, gave_up) for i in (1, 7)]
+    outcomes.append(RecipientOutcome("rf", 2, refused))
+    outcomes += [delivered("rf", i) for i in range(10) if i not in (1, 2, 7)]
+    releases = [BatchRelease(n, 0, "n1", 1, 0, 5), BatchRelease(n, 1, "n1", 1, 5, 10)]
+    out = await store.write(outcomes, (), (), releases, lambda r, d: NOW, NOW)
+    assert all(s.done for s in out.settled)
+    # When the failures are retried
+    change = StatusChange(n, 0, 10, (Status.FAILED,), Status.QUEUED, "", 5, skip_permanent=True)
+    out = await store.write((), [change], (), (), lambda r, d: NOW, NOW)
+    # Then only the 4xx failures are queued, with no attempts yet, their batches reopened
+    assert out.changed == [2]
+    assert sorted(out.reopened[n]) == [0, 1]
+    assert out.jobs[n].failed == 1
+    results = {i: r for i, _, r in await store.results(n, -1, (Status.QUEUED,), 10)}
+    assert sorted(results) == [1, 7] and all(r.attempts == 0 for r in results.values())
+    assert [b.seq async for b in store.open_batches(n)] == [0, 1]
