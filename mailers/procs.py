@@ -40,8 +40,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Block until 127.0.0.1:port accepts connections.
+def wait_for_port(
+    port: int,
+    timeout_s: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    """Block until host:port accepts connections.
 
     Raises:
         TimeoutError: nothing listened within timeout_s.
@@ -51,10 +56,10 @@ def wait_for_port(port: int, timeout_s: float, proc: subprocess.Popen[bytes] | N
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
 
 
 @dataclasses.dataclass
@@ -272,7 +277,14 @@ class PostgresServer:
         tls: Serve TLS with this certificate (clients then use ``sslmode=verify-full``).
     """
 
-    def __init__(self, base_dir: Path, *, durable: bool = True, tls: PgTls | None = None) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        *,
+        durable: bool = True,
+        tls: PgTls | None = None,
+        listen: str = "127.0.0.1",
+    ) -> None:
         bindir = pg_bin_dir()
         if bindir is None:
             raise FileNotFoundError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -280,6 +292,7 @@ class PostgresServer:
         self.base_dir = base_dir
         self.durable = durable
         self.tls = tls
+        self.listen = listen
         self.port = free_port()
         self.proc: Proc | None = None
         self._user: str | None = None
@@ -303,7 +316,7 @@ class PostgresServer:
         ssl = ""
         if self.tls is not None:
             ssl = f"?sslmode=verify-full&sslrootcert={self.tls.ca_file}"
-        return f"postgresql://mailers@127.0.0.1:{self.port}/{database}{ssl}"
+        return f"postgresql://mailers@{self.listen}:{self.port}/{database}{ssl}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -337,7 +350,7 @@ class PostgresServer:
         ])  # fmt: skip
         pwfile.unlink()
         settings = [
-            "listen_addresses = '127.0.0.1'",
+            f"listen_addresses = '{self.listen}'",
             f"port = {self.port}",
             f"unix_socket_directories = '{self.data_root}'",
             "max_connections = 200",
@@ -358,6 +371,9 @@ class PostgresServer:
             settings += ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n# mailers.procs.PostgresServer\n" + "\n".join(settings) + "\n")
+        # initdb allows TCP from 127.0.0.1 only; let in the subnet we listen on as well.
+        with (self.data_dir / "pg_hba.conf").open("a") as hba:
+            hba.write("host all mailers samenet scram-sha-256\n")
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the server (initialising it first if needed) and create the database."""
@@ -365,7 +381,7 @@ class PostgresServer:
             self.init()
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
         self.proc = spawn("postgres", argv, self.base_dir / "logs", user=self._user)
-        wait_for_port(self.port, timeout_s, self.proc.popen)
+        wait_for_port(self.port, timeout_s, self.proc.popen, host=self.listen)
         self._wait_ready(timeout_s)
         self._createdb()
 
