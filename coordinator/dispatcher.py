@@ -451,7 +451,7 @@ class Dispatcher:
         now = self.clock()
         for b in batches:
             job = self.jobs.get(b.job_no)
-            if job is None:
+            if job is None or b.seq not in job.plan.held:
                 continue
             retry_at = b.retry_at
             if b.lost >= self.config.max_dispatches and not b.done:

@@ -133,8 +133,10 @@ class JobPlan:
 
     def settle(self, seq: int, done: bool, retry_at: float | None, lost: int) -> None:
         """A released batch as the store settled it: done, waiting until retry_at, or
-        ready (unattempted recipients left)."""
-        self.held.pop(seq, None)
+        ready (unattempted recipients left). A batch no longer held is left alone: a
+        release reported twice (a hello and a hand-back) settles it once."""
+        if self.held.pop(seq, None) is None:
+            return
         if lost:
             self.lost[seq] = lost
         else:

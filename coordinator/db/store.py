@@ -637,6 +637,8 @@ class Store:
     async def _release(
         self, conn: asyncpg.Connection, releases: Sequence[BatchRelease], retry_at: Any
     ) -> list[BatchSettled]:
+        # The same release can arrive twice (a hello and a hand-back): settle it once.
+        releases = list({(r.job_no, r.seq, r.node_id, r.attempt): r for r in releases}.values())
         ranges = sorted({(r.job_no, r.seq, r.lo, r.hi) for r in releases})
         rows = await conn.fetch(
             self._q["batch_outcomes"],
