@@ -348,9 +348,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         helpers = [
             asyncio.create_task(self._read(stream, request_iterator), name="dispatch-read"),
             asyncio.create_task(self._load_loop(stream), name="dispatch-load"),
-            asyncio.create_task(
-                self._watch_lease(stream, self._registration.done), name="dispatch-lease"
-            ),
+            asyncio.create_task(self._watch_lease(stream), name="dispatch-lease"),
             asyncio.create_task(self._watch_authority(stream), name="dispatch-authority"),
         ]
         try:
@@ -395,8 +393,8 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self.observe_epoch(epoch)
         if self._closed:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "node is shutting down")
-        if not self._registration.healthy():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is not registered")
+        # A node without a trusted lease still takes streams: it sends what it holds
+        # (results, released batches) and refuses every batch ("not registered").
         for older in list(self._streams):
             self._close_stream(
                 older,
@@ -635,10 +633,22 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 breakers = now
                 stream.send(Hello(None, tuple(self._outbox.held())))
 
-    async def _watch_lease(self, stream: Stream, done: asyncio.Event) -> None:
-        await done.wait()
-        log.warning("registration lost: closing the dispatch stream of epoch %d", stream.epoch)
-        self._close_stream(stream, grpc.StatusCode.UNAVAILABLE, "node lost its registration")
+    async def _watch_lease(self, stream: Stream) -> None:
+        """Stop the stream's batches whenever the node's registration is lost. The stream
+        stays open: the batches are released on it once what is past its final dot has
+        finished, and the leader moves them at once instead of waiting for the lease."""
+        while not stream.ended:
+            done = self._registration.done
+            await done.wait()
+            if stream.batches:
+                log.warning(
+                    "registration lost: stopping %d batches of the stream of epoch %d",
+                    len(stream.batches),
+                    stream.epoch,
+                )
+                self._stop_batches(stream, "node lost its registration")
+            while self._registration.done is done and not stream.ended:
+                await asyncio.sleep(0.2)
 
     async def _watch_authority(self, stream: Stream) -> None:
         """Stop the stream's batches when its authority lapses (the permit already

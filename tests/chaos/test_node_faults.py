@@ -51,6 +51,10 @@ SMTP_CONNECTIONS = 2
 # A result is flushed to the leader within ~50 ms of its SMTP reply; anything the node
 # accepted earlier than this before the fault was reported and cannot be resent.
 UNREPORTED_WINDOW_S = 1.0
+MOVE_AFTER_S = 3 + (2 + (65536 + 65536 // 3 + 3) / 65536) + 2
+"""How long after a node's lease is gone the leader moves its batches: the authority a
+heartbeat grants, the node's final-reply bound (its timeout plus its largest message
+at the slowest healthy rate) and the leader's margin (coordinator.timeouts)."""
 
 
 def node_spec() -> ClusterSpec:
@@ -61,6 +65,11 @@ def node_spec() -> ClusterSpec:
         node_env={
             "MAILER_LEASE_TTL_S": str(TTL_S),
             "MAILER_SMTP_CONNECTIONS": str(SMTP_CONNECTIONS),
+            # Short SMTP bounds: the leader waits them out before moving the batches of
+            # a node whose lease is gone (it may still be finishing a transaction).
+            "MAILER_SMTP_TIMEOUT_S": "2",
+            "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S": "2",
+            "MAILER_SMTP_MAX_MESSAGE_BYTES": "65536",
         },
         own_sink_nodes=(0,),
     )
@@ -155,7 +164,7 @@ async def freeze_node0_past_its_lease(
             # Frozen for longer than its lease TTL, by a second.
             return len(times) == 2 and fault.elapsed() > TTL_S + 1
 
-        await until(moved_and_expired, 30, "node0's batches moved and its key expired")
+        await until(moved_and_expired, 60, "node0's batches moved and its key expired")
         stopped_s = fault.elapsed()
         cluster.nodes["node0"].signal(signal.SIGCONT)
         resumed = Stopwatch()
@@ -202,7 +211,7 @@ async def test_node_stopped_past_its_lease_starts_nothing_after_sigcont(tmp_path
     print(frozen.report.line("node SIGSTOP past its lease"))
     print(
         f"node SIGSTOP: held {frozen.held} batches; moved after {frozen.times['moved']:.2f}s "
-        f"(target <= TTL+1 = {TTL_S + 1}s), key expired after "
+        f"(target <= TTL + move bound + 2 = {TTL_S + MOVE_AFTER_S + 2:.1f}s), key expired after "
         f"{frozen.times['expired']:.2f}s, frozen {frozen.stopped_s:.1f}s; re-registered "
         f"{frozen.rejoin_s:.2f}s after SIGCONT; node0 sent {len(mine) - len(after)} before, "
         f"{len(after)} after SIGCONT (picked before the freeze: "
@@ -216,7 +225,10 @@ async def test_node_stopped_past_its_lease_starts_nothing_after_sigcont(tmp_path
     assert after == [], after
     assert moved, "no recipient of node0's batches was sent by another node"
     assert_duplicates_only_from(lines, cluster, frozen.fault.wall - UNREPORTED_WINDOW_S)
-    assert frozen.times["moved"] <= TTL_S + 1, frozen.times
+    # (a frozen process is not a dead one: its batches wait until nothing of it can still
+    # be on the wire, but no longer)
+    assert frozen.times["moved"] >= MOVE_AFTER_S, frozen.times
+    assert frozen.times["moved"] <= TTL_S + MOVE_AFTER_S + 2, frozen.times
 
 
 class SentAfterResume(AssertionError):
@@ -322,7 +334,7 @@ async def test_node_cut_off_from_etcd_fences_itself_and_its_batches_move(
     # Then node0 stopped starting SMTP transactions within the TTL
     assert last_sent_s <= TTL_S, last_sent_s
     assert fenced_logs >= 1
-    # And its batches moved in time, duplicates only from what it had not reported
+    # And it released its batches on its stream at once (it still reached the leader),
+    # so they moved within the TTL and nothing was sent twice
     assert times["moved"] <= TTL_S + 1, times
-    last_wall = fault.wall + last_sent_s
-    assert_duplicates_only_from(lines, cluster, last_wall - UNREPORTED_WINDOW_S)
+    report.assert_exactly_once()

@@ -303,24 +303,26 @@ async def test_cancel_stops_the_batch_then_acks(sink: Sink, servers: StartNode) 
     assert node.servicer.in_flight == 0
 
 
-async def test_unhealthy_node_refuses_open(sink: Sink, servers: StartNode) -> None:
+async def test_unregistered_node_takes_a_stream_but_refuses_batches(
+    sink: Sink, servers: StartNode
+) -> None:
     # Given a node without a trustworthy registration
     node = await servers([sink.address])
     node.registration.is_healthy = False
 
-    # When a coordinator opens a stream
+    # When a coordinator opens a stream and sends a batch
     coordinator = Coordinator(node.stub)
-    await coordinator.call.write(
-        sender_pb2.DispatchRequest(
-            open=sender_pb2.DispatchOpen(coordinator_id="c", epoch=1, authority_ms=5000)
-        )
-    )
+    hello = (await coordinator.open(epoch=1)).hello
+    await coordinator.send_batch(make_batch("b1", addresses(2)))
 
-    # Then it is refused as UNAVAILABLE
-    assert await coordinator.status() == grpc.StatusCode.UNAVAILABLE
+    # Then the node says hello (so what it holds can reach the leader) and refuses it
+    assert hello.node_id
+    (rejected,) = [r for r in await coordinator.read_until("rejected") if r.HasField("rejected")]
+    assert rejected.rejected.batch_id == "b1"
+    assert len(sink.handler.messages) == 0
 
 
-async def test_losing_registration_stops_sending_and_closes_stream(
+async def test_losing_registration_stops_sending_and_releases_on_the_stream(
     sink: Sink, servers: StartNode
 ) -> None:
     # Given a batch with 4 transactions past their final dot (the relay holds its replies)
@@ -334,12 +336,14 @@ async def test_losing_registration_stops_sending_and_closes_stream(
     # When the node loses its registration
     node.registration.lose()
 
-    # Then the stream is closed UNAVAILABLE and no new transaction starts
-    assert await coordinator.status() == grpc.StatusCode.UNAVAILABLE
-    # And the transactions past their final dot are not cut: they finish and are journaled
+    # Then no new transaction starts, and the transactions past their final dot are not
+    # cut: they finish, are reported and the batch is released on the same stream (the
+    # leader can move the rest at once)
     sink.handler.hold.set()
-    await assert_eventually(lambda: node.servicer.in_flight == 0, timeout_s=10)
+    responses = await coordinator.read_until("ack", "b1")
     assert sink.handler.data_started == 4
+    assert sorted(r.index for r in results_of(responses)) == [0, 1, 2, 3]
+    assert responses[-1].ack.unattempted == 8
     assert node.servicer.outbox.unacked_results == 4
     # And once registered again, the next leader hears of them (and of nothing held)
     node.registration.regain()
