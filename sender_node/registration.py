@@ -138,6 +138,7 @@ class Registration:
         self._done = asyncio.Event()
         self._done.set()
         self._registered = asyncio.Event()
+        self._renewed = asyncio.Event()
 
     @property
     def key(self) -> bytes:
@@ -175,6 +176,12 @@ class Registration:
         self._address = address
         self._task = asyncio.create_task(self._run(), name=f"registration-{self._node_id}")
 
+    async def next_registration(self, after: asyncio.Event) -> None:
+        """Wait until the node is registered under a newer lease than the one whose
+        :attr:`done` is ``after``. Cancellation: safe at any point."""
+        while self._done is after:
+            await self._renewed.wait()
+
     async def wait_registered(self, timeout_s: float) -> None:
         """Wait until the node is registered.
 
@@ -208,6 +215,8 @@ class Registration:
             self._session = session
             self._done = session.done
             self._registered.set()
+            self._renewed.set()
+            self._renewed = asyncio.Event()
             self._metrics.registrations.inc()
             log.info("registered %s under lease %x", self._key.decode(), session.lease.id)
             reason = await self._keep_alive(session)

@@ -97,6 +97,8 @@ class RegistrationView(Protocol):
 
     def healthy(self) -> bool: ...
 
+    async def next_registration(self, after: asyncio.Event) -> None: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class DispatchTuning:
@@ -647,8 +649,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                     stream.epoch,
                 )
                 self._stop_batches(stream, "node lost its registration")
-            while self._registration.done is done and not stream.ended:
-                await asyncio.sleep(0.2)
+            await self._registration.next_registration(done)
 
     async def _watch_authority(self, stream: Stream) -> None:
         """Stop the stream's batches when its authority lapses (the permit already

@@ -48,6 +48,7 @@ class FakeRegistration:
         self.lease_id = 0x5EED
         self.done = asyncio.Event()
         self.is_healthy = True
+        self._renewed = asyncio.Event()
 
     def healthy(self) -> bool:
         return self.is_healthy
@@ -60,6 +61,12 @@ class FakeRegistration:
         self.lease_id += 1
         self.done = asyncio.Event()
         self.is_healthy = True
+        self._renewed.set()
+        self._renewed = asyncio.Event()
+
+    async def next_registration(self, after: asyncio.Event) -> None:
+        while self.done is after:
+            await self._renewed.wait()
 
 
 def timings(smtp_timeout_s: float = 5.0) -> NodeTimings:
