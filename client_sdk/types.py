@@ -201,7 +201,11 @@ class JobProgress:
 
     @property
     def is_final(self) -> bool:
-        """True once the job is completed or cancelled."""
+        """True once the job is completed, or cancelled and settled: every node that
+        held part of it has stopped, and its unsent recipients are counted as cancelled
+        (``finished_at`` is set then)."""
+        if self.state is JobState.CANCELLED:
+            return self.finished_at is not None
         return self.state.is_final
 
 

@@ -131,6 +131,7 @@ class Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
         self._to_finish: set[int] = set()
         self._store_trouble_until = 0.0
+        self._handed_out = False
 
     @property
     def nodes(self) -> dict[str, NodeEntry]:
@@ -404,6 +405,9 @@ class Dispatcher:
             return
         self.metrics.batches_dispatched.labels(node_id).inc()
         self._track(node, bid, attempt)
+        if not self._handed_out:
+            self._handed_out = True
+            log.info("first batch of this reign handed out (%s to %s)", bid, node_id)
 
     def _verify_hold(self, job: JobRun, seq: int, attempt: int) -> None:
         """The holds' commit outcome is unknown: release them through the writer (a no-op

@@ -410,13 +410,21 @@ class LocalCluster:
         """Where node i keeps its result journal (kept across its restarts)."""
         return (self.base_dir / "state" / f"node{i}").resolve()
 
-    def restart_node(self, i: int) -> Proc:
+    def restart_node(self, i: int, grace_s: float = 5.0) -> Proc:
         """Stop node i if it runs (SIGTERM, so it drains and revokes its lease; SIGKILL
-        after the grace period) and start it again with the same id and environment."""
+        after ``grace_s``) and start it again with the same id and environment."""
         old = self.nodes.get(f"node{i}")
         if old is not None:
-            old.stop()
+            old.stop(grace_s)
         return self.start_node(i)
+
+    def restart_coordinator(self, i: int, grace_s: float = 5.0) -> Proc:
+        """Stop coordinator i if it runs (SIGTERM: it resigns; SIGKILL after ``grace_s``)
+        and start it again on the same port."""
+        old = self.coordinators.get(f"coordinator{i}")
+        if old is not None:
+            old.stop(grace_s)
+        return self.start_coordinator(i, self.coordinator_ports[i])
 
     def coordinator_at(self, address: str) -> Proc:
         port = int(address.rpartition(":")[2])

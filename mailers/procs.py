@@ -416,12 +416,18 @@ class PostgresServer:
         self.sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return self.database_url(name)
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown) and, when it lived under /tmp, remove it."""
+    def halt(self) -> None:
+        """Stop the server (fast shutdown), keeping its data: :meth:`start` resumes it
+        on the same port."""
         if self.proc is not None:
             # SIGINT is PostgreSQL's "fast" shutdown: abort sessions, checkpoint, exit.
             self.proc.signal(signal.SIGINT)
             self.proc.stop(grace_s=30)
+            self.proc = None
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown) and, when it lived under /tmp, remove it."""
+        self.halt()
         if self._user is not None:
             shutil.rmtree(self.data_root, ignore_errors=True)
 

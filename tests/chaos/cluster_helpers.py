@@ -219,7 +219,7 @@ async def wait_final(client: MailerClient, job_id: str, timeout_s: float = 60) -
             job = await client.get(job_id, timeout=timedelta(seconds=3))
         except Exception:
             return False
-        return job.state.is_final
+        return job.progress.is_final
 
     await until(final, timeout_s, f"job {job_id} final")
     return time.monotonic()

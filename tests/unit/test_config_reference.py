@@ -67,6 +67,7 @@ SAMPLES = {
     "MAILER_DKIM_KEYS": "example.com:s1:/etc/mailers/dkim/example.com.pem",
     "MAILER_STATE_DIR": "/srv/mailers/node-x",
     "MAILER_MAX_UNACKED_RESULTS": "1000",
+    "MAILER_SMTP_MAX_MESSAGE_BYTES": "1048576",
 }
 
 
