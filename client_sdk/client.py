@@ -274,15 +274,16 @@ def route_after_failure(router: LeaderRouter, address: str, error: MailerError) 
     """Move ``router`` after ``error`` at ``address`` (shared by both clients).
 
     A standby naming another address redirects there; a standby knowing no
-    leader, or an unreachable address, moves on to the next address; any other
-    error leaves the route alone.
+    leader, an unreachable address, or one that let the deadline pass (a frozen
+    process accepts connections and never answers) moves on to the next address;
+    any other error leaves the route alone.
     """
     if isinstance(error, FailedPreconditionError) and error.leader is not None:
         if error.leader and error.leader != address:
             router.redirect(error.leader)
         else:
             router.failed(address)
-    elif isinstance(error, UnavailableError):
+    elif isinstance(error, UnavailableError | DeadlineExceededError):
         router.failed(address)
 
 

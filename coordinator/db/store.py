@@ -120,8 +120,15 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         state = str(getattr(exc, "sqlstate", "") or "")
         return state[:2] in _TRANSIENT_CLASSES or state in _TRANSIENT_CODES
+    # InternalClientError: the connection broke under an operation in progress (the
+    # server went away mid-statement); its state is lost, the operation was not done.
     return isinstance(
-        exc, OSError | TimeoutError | asyncpg.InterfaceError | asyncpg.PostgresConnectionError
+        exc,
+        OSError
+        | TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.exceptions.InternalClientError,
     )
 
 
