@@ -270,6 +270,10 @@ def error_from_rpc(
     return error_for_status(code, details or "", metadata, retry_after)
 
 
+_DEADLINE_MASKS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED})
+"""Codes gRPC's core reports for a call whose deadline ran out mid-stream."""
+
+
 def route_after_failure(router: LeaderRouter, address: str, error: MailerError) -> None:
     """Move ``router`` after ``error`` at ``address`` (shared by both clients).
 
@@ -493,6 +497,14 @@ class MailerClient:
                 result = await invoke(self._stubs_for(address), remaining_s)
             except aio.AioRpcError as exc:
                 error = error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata())
+                if time.monotonic() >= deadline_s and exc.code() in _DEADLINE_MASKS:
+                    # A deadline that runs out while a stream is being written can
+                    # surface from gRPC's core as INTERNAL or CANCELLED: it is the
+                    # caller's deadline all the same.
+                    raise DeadlineExceededError(
+                        f"deadline passed during the call ({exc.details()})",
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                    ) from exc
             else:
                 self._router.succeeded(address)
                 return result

@@ -224,7 +224,8 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             return
         if self._is_connecting:
             # Another task is opening the channel; wait for it as aetcd does.
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            async with asyncio.timeout(self._connect_wait_timeout):
+                await self._connected.wait()
             return
         try:
             self._is_connecting = True
@@ -324,7 +325,8 @@ class Session:
 
     async def open(self) -> None:
         """Grant the lease and start keeping it alive. Raises on etcd errors."""
-        self.lease = await asyncio.wait_for(self.client.lease(self.ttl_s), self.ttl_s)
+        async with asyncio.timeout(self.ttl_s):
+            self.lease = await self.client.lease(self.ttl_s)
         self.last_ok = time.monotonic()
         self._task = asyncio.create_task(self._keepalive(), name=f"lease-{self.lease_id:x}")
 
@@ -343,7 +345,8 @@ class Session:
             await asyncio.sleep(wait_s)
             sent = time.monotonic()
             try:
-                reply = await asyncio.wait_for(self.lease.refresh(), interval)
+                async with asyncio.timeout(interval):
+                    reply = await self.lease.refresh()
             except Exception as exc:  # any failure: retry until the lease can't be trusted
                 log.warning("lease %x keepalive failed: %r", self.lease_id, exc)
                 if not lease_trusted(self.last_ok, time.monotonic(), self.ttl_s, self.margin_s):
@@ -367,7 +370,8 @@ class Session:
                 await self._task
         if revoke and self.lease is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.lease.revoke(), 2)
+                async with asyncio.timeout(2):
+                    await self.lease.revoke()
 
 
 def lease_trusted(last_ok: float, now: float, ttl_s: float, margin_s: float) -> bool:

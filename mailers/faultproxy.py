@@ -478,7 +478,8 @@ class FaultProxy:
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 # Woken early by a fault switch, to re-check for a blackhole.
-                await asyncio.wait_for(changed.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await changed.wait()
 
 
 async def _run_cli(proxy: FaultProxy) -> None:

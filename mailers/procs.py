@@ -376,7 +376,10 @@ class PostgresServer:
             hba.write("host all mailers samenet scram-sha-256\n")
 
     def start(self, timeout_s: float = 60.0) -> None:
-        """Start the server (initialising it first if needed) and create the database."""
+        """Start the server (initialising it first if needed) and create the database;
+        nothing when it already runs."""
+        if self.proc is not None and self.proc.alive():
+            return
         if not (self.data_dir / "PG_VERSION").exists():
             self.init()
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]

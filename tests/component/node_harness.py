@@ -304,7 +304,12 @@ async def servers(tmp_path: Path) -> AsyncIterator[StartNode]:
         journal = Journal.open(state_dir or tmp_path / f"state-{len(cleanups)}")
         journal.start()
         pool = RelayPool(
-            relays, connections_per_relay=connections, timeout_s=smtp_timeout_s, cooldown_s=60
+            relays,
+            connections_per_relay=connections,
+            timeout_s=smtp_timeout_s,
+            # The final reply waits as long as each step: a relay holding it is seen soon.
+            final_reply_timeout_s=smtp_timeout_s,
+            cooldown_s=60,
         )
         servicer = SenderServicer(
             node_id="node-test",
