@@ -107,6 +107,7 @@ class _Node:
     handback: HandbackWriter
     health: NodeHealth
     server: grpc.aio.Server
+    health_server: grpc.aio.Server | None = None
 
 
 def _assemble(
@@ -163,9 +164,15 @@ def _assemble(
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     leader = LeaderWatch(etcd, keys, servicer.observe_epoch)
+    health_server = None
+    if config.health_listen:
+        # Plaintext, health only: for probes without a client certificate.
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
+        health_server.add_insecure_port(config.health_listen)
     return _Node(
         config, timings, journal, etcd, pool, registration, servicer, leader, handback, health,
-        server,
+        server, health_server,
     )  # fmt: skip
 
 
@@ -209,6 +216,9 @@ async def _serve(node: _Node, transport: Transport, stop: asyncio.Event) -> None
     config = node.config
     port = transport.add_port(node.server, config.listen)
     await node.server.start()
+    if node.health_server is not None:
+        await node.health_server.start()
+        log.info("health service (plaintext) on %s", config.health_listen)
     node.health.start()
     address = _advertise_address(config, port)
     node.registration.start(address)
@@ -249,6 +259,8 @@ async def _shut_down(node: _Node) -> None:
             log.warning("no hand-back at shutdown: %s", exc or type(exc).__name__)
     await node.leader.stop()
     await node.health.stop()
+    if node.health_server is not None:
+        await node.health_server.stop(None)
     await node.server.stop(_SERVER_STOP_GRACE_S)
     await node.registration.stop(revoke=True)
     await node.pool.close()

@@ -403,6 +403,11 @@ class SenderConfig:
     """Recipients the node holds at once; batches beyond it are rejected."""
     metrics_listen: str = ""
     """host:port of the Prometheus exporter (``MAILER_METRICS_LISTEN``); empty disables it."""
+    health_listen: str = ""
+    """host:port of a plaintext gRPC server with only the health service
+    (``MAILER_HEALTH_LISTEN``), for probes that cannot present a client certificate
+    (Kubernetes' native gRPC probes); empty disables it. It tells whether the node takes
+    work, nothing else."""
     drain_timeout_s: float = 10.0
     """On SIGTERM, how long batches under way may go on starting SMTP transactions;
     then the rest is handed back. A transaction past its final dot is never cut, so the
@@ -662,6 +667,7 @@ def from_env(
         node_id=environ.get("MAILER_NODE_ID", "").strip() or f"node-{host}-{process_id}",
         listen=environ.get("MAILER_LISTEN", "").strip() or "127.0.0.1:0",
         metrics_listen=environ.get("MAILER_METRICS_LISTEN", "").strip(),
+        health_listen=environ.get("MAILER_HEALTH_LISTEN", "").strip(),
         advertise=environ.get("MAILER_ADVERTISE", "").strip() or None,
         etcd=etcd,
         smtp=smtp,

@@ -298,10 +298,9 @@ def test_probes_are_native_where_they_can_be(production: list[dict[str, Any]]) -
     for w in _workloads(production):
         for kind, probe in _probes(w).items():
             command = probe.get("exec", {}).get("command", [])
-            # A probe spawns Python only to speak mutual TLS, which no native probe does:
-            # the node's readiness
-            if "python" in command:
-                assert (w["metadata"]["name"], kind) == ("mailers-node", "readinessProbe")
+            # No probe spawns Python: coordinators and nodes both serve their health on
+            # a plaintext health-only port the kubelet's native gRPC probe can reach
+            assert "python" not in command, (w["metadata"]["name"], kind)
 
 
 def test_coordinator_probes_are_leader_aware(production: list[dict[str, Any]]) -> None:
@@ -322,10 +321,12 @@ def test_coordinator_probes_are_leader_aware(production: list[dict[str, Any]]) -
 def test_node_probes_ask_the_node(production: list[dict[str, Any]]) -> None:
     node = _one(production, "StatefulSet", "mailers-node")
     c = _container(node)
-    ready = c["readinessProbe"]["exec"]["command"]
-    # Readiness: the node's own health service over mutual TLS (registered, not draining)
-    assert ready[:5] == ["python", "-m", "mailers.healthcheck", "--role", "node"]
-    assert c["readinessProbe"]["timeoutSeconds"] > float(ready[ready.index("--timeout-s") + 1])
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    health_port = int(env["MAILER_HEALTH_LISTEN"].rsplit(":", 1)[1])
+    # Readiness: the node's own health service (registered, not draining), native gRPC on
+    # its plaintext health-only port, never the mutual-TLS dispatch port
+    assert c["readinessProbe"]["grpc"] == {"port": health_port}
+    assert health_port != 7800
     # Liveness: its gRPC port accepts connections
     assert c["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
