@@ -43,6 +43,25 @@ from client_sdk import MailerClient, Recipient
 from mailers.cluster import LocalCluster
 
 
+def read_seconds(path: Path, needle: str, after: float) -> float:
+    """The ``in X.XXXs`` figure of the first line with ``needle`` after ``after``."""
+    import re
+
+    when = log_time(path, needle, after)
+    for line in path.read_text(errors="replace").splitlines():
+        if needle in line and when is not None and line.startswith(_stamp(when)):
+            match = re.search(r"in ([0-9.]+)s", line)
+            if match:
+                return float(match.group(1))
+    return -1.0
+
+
+def _stamp(unix_s: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(unix_s).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def log_time(path: Path, needle: str, after: float) -> float | None:
     """Unix time of the first line of a process log with ``needle`` logged after
     ``after`` (lines start with ``YYYY-MM-DD HH:MM:SS,mmm``)."""
@@ -224,6 +243,7 @@ async def run(args: argparse.Namespace, c: LocalCluster, deadline: float) -> dic
         took = log_time(new_log, "took over in", killed)
         first = log_time(new_log, "first batch of this reign", killed)
         out["takeover_s"] = (took - killed) if took else -1
+        out["read_unfinished_s"] = read_seconds(new_log, "took over in", killed)
         out["first_dispatch_s"] = (first - killed) if first else -1
         out["etcd_after"] = await etcd_db_bytes(client)
 
@@ -303,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{out['big_msg_s'] / out['baseline_msg_s']:.0%} of the baseline, "
           f"{out['big_msg_s'] / rate_c:.1%} of smtp-source -> smtp-sink)")  # fmt: skip
     print(f"leader kill -9 at 80%: new leader took over {out['takeover_s']:.2f} s and "
-          f"handed out its first batch {out['first_dispatch_s']:.2f} s after the kill")  # fmt: skip
+          f"handed out its first batch {out['first_dispatch_s']:.2f} s after the kill; "
+          f"raising the fence and reading all unfinished work took it "
+          f"{out['read_unfinished_s'] * 1000:.0f} ms")  # fmt: skip
     print(f"leader peak RSS: {out['rss_small_kib'] / 1024:.0f} MiB after {args.small:,}, "
           f"{out['rss_big_kib'] / 1024:.0f} MiB at 80% of {args.recipients:,} "
           f"({out['rss_big_kib'] / max(out['rss_small_kib'], 1) - 1:+.0%})")  # fmt: skip

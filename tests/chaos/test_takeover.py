@@ -7,8 +7,9 @@ send.
 2. The leader is frozen (SIGSTOP) past its lease while node0 cannot be reached; once
    resumed it steps down and is a standby again within 10 s; the new leader is then
    SIGKILLed and the old one leads again. Every process exits within 10 s of SIGTERM.
-3. PostgreSQL is stopped for 30 s mid-job: submits are refused (never half accepted),
-   sending pauses, nodes stay, and the job completes afterwards.
+3. PostgreSQL is stopped for 30 s mid-job, or refuses every write for a while (as with a
+   full disk): submits are refused (never half accepted), sending pauses, nodes stay,
+   and the job completes afterwards with nothing lost or sent twice.
 """
 
 from __future__ import annotations
@@ -194,3 +195,37 @@ async def test_postgres_stopped_for_30_seconds(
     assert report.delivered == 3000
     report.assert_exactly_once()
     assert found == []
+
+
+async def test_postgres_refusing_writes_pauses_and_forgets_nothing(
+    tmp_path: Path, clusters: list[LocalCluster]
+) -> None:
+    cluster = LocalCluster(tmp_path / "c", spec())
+    client = await started(clusters, cluster)
+    async with client:
+        job = await client.submit(CONTENT, recipients(2000, "read-only.example"))
+        await delivered_at_least(client, job.job_id, 400)
+        # When PostgreSQL refuses every write for 10 s (as with a full disk: reads work,
+        # every write fails)
+        cluster.postgres.sql("ALTER SYSTEM SET default_transaction_read_only = on")
+        cluster.postgres.sql("SELECT pg_reload_conf()")
+        try:
+            with pytest.raises(MailerError):
+                await client.submit(
+                    CONTENT,
+                    recipients(10, "during-read-only.example"),
+                    idempotency_key="during-read-only",
+                    timeout=timedelta(seconds=5),
+                )
+            await wait_nodes_active(client, cluster.spec.nodes, timeout_s=10)
+            await asyncio.sleep(5)
+        finally:
+            cluster.postgres.sql("ALTER SYSTEM RESET default_transaction_read_only")
+            cluster.postgres.sql("SELECT pg_reload_conf()")
+        report = await finish(client, cluster, job.job_id, "PostgreSQL refusing writes")
+        found = [j async for j in client.list_jobs() if j.idempotency_key == "during-read-only"]
+    # Then the submit was refused whole, and afterwards the job completed: what nodes
+    # delivered meanwhile stayed in their journals until it could be written
+    assert found == []
+    assert report.delivered == 2000
+    report.assert_exactly_once()
