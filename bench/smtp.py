@@ -31,20 +31,18 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import uvloop
 
-from bench.e2e import find_tool, free_port, wait_for_port
+from bench.e2e import find_tool, free_port, smtp_sink
 from sender_node.smtp_client import RelayPool
 
 SOURCE_BODY_BYTES = 2048
@@ -152,24 +150,6 @@ def child(variant: str, port: int, connections: int, messages: int) -> None:
 
 
 # ---- the driver ---------------------------------------------------------------------
-
-
-@contextmanager
-def smtp_sink(binary: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Postfix's smtp-sink on 127.0.0.1:port (PIPELINING advertised), stopped by PID."""
-    argv = [binary, *(["-u", "postfix"] if os.geteuid() == 0 else []), f"127.0.0.1:{port}"]
-    proc = subprocess.Popen([*argv, "1024"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_port(port, 10)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def measure(

@@ -125,6 +125,18 @@ async def test_every_coordinator_and_node_sigkilled_at_once(
     report.assert_exactly_once()
 
 
+async def partitioned_node0(
+    tmp_path: Path, clusters: list[LocalCluster]
+) -> tuple[LocalCluster, FaultProxy, MailerClient]:
+    """A cluster whose leader reaches node0 only through a proxy (see test 3)."""
+    port = free_port()
+    proxy = FaultProxy(f"127.0.0.1:{port}")
+    await proxy.start()
+    node0 = {"MAILER_LISTEN": f"127.0.0.1:{port}", "MAILER_ADVERTISE": proxy.address}
+    cluster = LocalCluster(tmp_path / "c", spec(per_node_env={0: node0}))
+    return cluster, proxy, await started(clusters, cluster)
+
+
 # ---- 3. a node cut off from the leader only -------------------------------------------
 
 
@@ -132,13 +144,8 @@ async def test_node_cut_off_from_the_leader_only(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
     # node0's dispatch port is reached only through a proxy; its etcd and SMTP are direct
-    port = free_port()
-    proxy = FaultProxy(f"127.0.0.1:{port}")
-    await proxy.start()
-    node0 = {"MAILER_LISTEN": f"127.0.0.1:{port}", "MAILER_ADVERTISE": proxy.address}
-    cluster = LocalCluster(tmp_path / "c", spec(per_node_env={0: node0}))
+    cluster, proxy, client = await partitioned_node0(tmp_path, clusters)
     try:
-        client = await started(clusters, cluster)
         async with client:
             job = await client.submit(CONTENT, recipients(3000, "leader-cut.example"))
             await delivered_at_least(client, job.job_id, 500)
@@ -278,18 +285,6 @@ async def test_relay_answering_starttls_with_250_gets_nothing(
 # ---- 8. cancel and pause while batches move -------------------------------------------
 
 
-async def _partitioned_node0(
-    tmp_path: Path, clusters: list[LocalCluster]
-) -> tuple[LocalCluster, FaultProxy, MailerClient]:
-    """A cluster whose leader reaches node0 only through a proxy (see test 3)."""
-    port = free_port()
-    proxy = FaultProxy(f"127.0.0.1:{port}")
-    await proxy.start()
-    node0 = {"MAILER_LISTEN": f"127.0.0.1:{port}", "MAILER_ADVERTISE": proxy.address}
-    cluster = LocalCluster(tmp_path / "c", spec(per_node_env={0: node0}))
-    return cluster, proxy, await started(clusters, cluster)
-
-
 async def _cut_node0_when_busy(client: MailerClient, proxy: FaultProxy, job_id: str) -> None:
     """Cut node0 off from the leader while it holds batches: it stops them and hands
     them back through etcd, and the leader moves them."""
@@ -324,7 +319,7 @@ def _sent(cluster: LocalCluster, job_id: str) -> int:
 async def test_cancel_while_batches_move_counts_what_the_sink_got(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
-    cluster, proxy, client = await _partitioned_node0(tmp_path, clusters)
+    cluster, proxy, client = await partitioned_node0(tmp_path, clusters)
     try:
         async with client:
             job = await client.submit(CONTENT, recipients(3000, "cancel-move.example"))
@@ -349,7 +344,7 @@ async def test_cancel_while_batches_move_counts_what_the_sink_got(
 async def test_pause_while_batches_move_then_resume(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
-    cluster, proxy, client = await _partitioned_node0(tmp_path, clusters)
+    cluster, proxy, client = await partitioned_node0(tmp_path, clusters)
     try:
         async with client:
             job = await client.submit(CONTENT, recipients(2000, "pause-move.example"))

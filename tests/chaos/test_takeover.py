@@ -25,8 +25,7 @@ import pytest
 
 from client_sdk import MailerError, Recipient
 from mailers.cluster import LocalCluster
-from mailers.faultproxy import FaultProxy
-from mailers.procs import Proc, free_port
+from mailers.procs import Proc
 from tests.chaos.cluster_helpers import CONTENT, Stopwatch, log_times, recipients, until
 from tests.chaos.test_exactly_once import (
     COORDINATOR_ENV,
@@ -34,6 +33,7 @@ from tests.chaos.test_exactly_once import (
     TTL_S,
     delivered_at_least,
     finish,
+    partitioned_node0,
     spec,
     started,
 )
@@ -105,13 +105,8 @@ async def test_frozen_leader_steps_down_and_leads_again_later(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
     # node0's dispatch port is reached only through a proxy
-    port = free_port()
-    proxy = FaultProxy(f"127.0.0.1:{port}")
-    await proxy.start()
-    node0 = {"MAILER_LISTEN": f"127.0.0.1:{port}", "MAILER_ADVERTISE": proxy.address}
-    cluster = LocalCluster(tmp_path / "c", spec(per_node_env={0: node0}))
+    cluster, proxy, client = await partitioned_node0(tmp_path, clusters)
     try:
-        client = await started(clusters, cluster)
         async with client:
             job = await client.submit(CONTENT, recipients(4000, "frozen-leader.example"))
             await delivered_at_least(client, job.job_id, 500)
