@@ -212,6 +212,9 @@ class NodeLink:
                     heartbeats.cancel()
                 was_connected = self.connected
                 self.connected = False
+                # End the request generator too, so gRPC's task reading it finishes
+                # instead of being destroyed while it waits.
+                self._queue.put_nowait(None)
                 call.cancel()
                 if was_connected:
                     self._events.on_disconnected(self)

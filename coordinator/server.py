@@ -57,6 +57,9 @@ def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", config.max_message_bytes),
+        # gRPC shares a port with any other process that binds it too (SO_REUSEPORT); a
+        # port taken by another server must fail the start instead of splitting calls.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -225,7 +228,7 @@ async def serve(
         metrics.serve(config.metrics_listen)
     health_server: grpc.aio.Server | None = None
     if config.health_listen:
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
         health_server.add_insecure_port(config.health_listen)
         await health_server.start()

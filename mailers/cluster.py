@@ -318,10 +318,12 @@ class LocalCluster:
             self.secure_etcd(timeout_s)
             for i, port in enumerate(self.coordinator_ports):
                 self.start_coordinator(i, port)
-            for i in range(self.spec.nodes):
-                self.start_node(i)
+            # Nodes bind port 0 only once the coordinators hold theirs: the kernel could
+            # otherwise hand a node a port reserved (free_port) but not yet bound.
             for i, port in enumerate(self.coordinator_ports):
                 wait_for_port(port, timeout_s, self.coordinators[f"coordinator{i}"].popen)
+            for i in range(self.spec.nodes):
+                self.start_node(i)
         except BaseException:
             self.stop()
             raise

@@ -75,6 +75,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # gRPC shares a port with any other process that binds it too (SO_REUSEPORT); a
+    # port taken by another server must fail the start instead of splitting its calls.
+    ("grpc.so_reuseport", 0),
 ]
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
@@ -167,7 +170,7 @@ def _assemble(
     health_server = None
     if config.health_listen:
         # Plaintext, health only: for probes without a client certificate.
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
         health_server.add_insecure_port(config.health_listen)
     return _Node(
