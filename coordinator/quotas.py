@@ -1,14 +1,14 @@
-"""Per-tenant quotas and the hourly message window. Pure: the caller passes ``now``.
+"""Per-tenant quotas. Pure: the caller passes ``now``.
 
-The leader keeps the window in memory. A new leader starts with an empty window, so
-right after a failover a tenant may send up to one more hour's quota; the concurrent
-job count, taken from the jobs themselves, is exact.
+What a tenant used in the last hour, and its unfinished jobs, are counted in PostgreSQL
+inside each submit's transaction (``coordinator.db.store``), so a failover forgets
+nothing; this module holds the limits and the arithmetic.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
+from collections.abc import Sequence
 
 WINDOW_S = 3600.0
 ACTIVE_JOBS_RETRY_S = 30.0
@@ -51,66 +51,19 @@ def check_job_size(quotas: Quotas, recipients: int) -> None:
         raise QuotaExceeded(f"quota: more than {hourly} recipients per hour in one job", None)
 
 
-def check_active_jobs(quotas: Quotas, active: int) -> None:
-    """Raises QuotaExceeded when a tenant already has its maximum of unfinished jobs."""
-    limit = quotas.max_active_jobs
-    if limit and active >= limit:
-        raise QuotaExceeded(f"quota: {limit} unfinished jobs already", ACTIVE_JOBS_RETRY_S)
+def window_retry_after(minutes: Sequence[tuple[float, int]], need: int, now: float) -> float:
+    """How long until ``need`` recipients of a tenant's hourly window have left it.
 
-
-class HourlyWindow:
-    """Recipients accepted per tenant in the last hour (a sliding log of submits).
-
-    One entry per accepted job, so memory is bounded by jobs per hour, not recipients.
+    Args:
+        minutes: (start of the minute, recipients accepted in it), oldest first, for the
+            minutes still inside the window (a minute counts while it began less than
+            :data:`WINDOW_S` ago).
+        need: How many must leave for the new job to fit.
+        now: The current time.
     """
-
-    def __init__(self, window_s: float = WINDOW_S) -> None:
-        self._window_s = window_s
-        self._log: dict[str, collections.deque[tuple[float, int]]] = {}
-
-    def used(self, tenant: str, now: float) -> int:
-        """Recipients accepted for tenant in the window ending at now."""
-        return sum(n for _, n in self._trim(tenant, now))
-
-    def _trim(self, tenant: str, now: float) -> collections.deque[tuple[float, int]]:
-        log = self._log.setdefault(tenant, collections.deque())
-        while log and log[0][0] <= now - self._window_s:
-            log.popleft()
-        return log
-
-    def reserve(self, tenant: str, quotas: Quotas, recipients: int, now: float) -> None:
-        """Count ``recipients`` for tenant at now, or raise QuotaExceeded.
-
-        Raises:
-            QuotaExceeded: with the time until enough of the window has expired.
-        """
-        limit = quotas.messages_per_hour
-        log = self._trim(tenant, now)
-        if limit:
-            if recipients > limit:
-                raise QuotaExceeded(
-                    f"quota: more than {limit} recipients per hour in one job", None
-                )
-            used = sum(n for _, n in log)
-            if used + recipients > limit:
-                # Wait until the oldest entries free enough room.
-                need = used + recipients - limit
-                freed = 0
-                at = now
-                for t, n in log:
-                    freed += n
-                    at = t
-                    if freed >= need:
-                        break
-                retry_after_s = max(0.0, at + self._window_s - now)
-                raise QuotaExceeded(
-                    f"quota: {limit} recipients per hour; {used} used in the last hour",
-                    retry_after_s,
-                )
-        log.append((now, recipients))
-
-    def release(self, tenant: str, recipients: int, at: float) -> None:
-        """Undo a reservation made at ``at`` (the job was not committed after all)."""
-        log = self._log.get(tenant)
-        if log is not None and (at, recipients) in log:
-            log.remove((at, recipients))
+    freed = 0
+    for start, recipients in minutes:
+        freed += recipients
+        if freed >= need:
+            return max(1.0, start + WINDOW_S - now)
+    return WINDOW_S

@@ -49,6 +49,7 @@ from coordinator.model import (
     dump_spec,
     load_spec,
 )
+from coordinator.quotas import ACTIVE_JOBS_RETRY_S, window_retry_after
 from coordinator.suppression import Reason, Suppression
 
 log = logging.getLogger(__name__)
@@ -449,7 +450,9 @@ class Store:
             # Our own job is already inserted (and counted) in this transaction.
             active = int(await conn.fetchval(self._q["active_jobs"], tenant))
             if active > quota.max_active_jobs:
-                raise QuotaRefused(f"quota: {quota.max_active_jobs} unfinished jobs already", 30.0)
+                raise QuotaRefused(
+                    f"quota: {quota.max_active_jobs} unfinished jobs already", ACTIVE_JOBS_RETRY_S
+                )
         if quota.messages_per_hour:
             minute = ts(now - now % 60)
             since = ts(now - 3600)
@@ -457,9 +460,10 @@ class Store:
             limit = quota.messages_per_hour
             if used + n > limit:
                 rows = await conn.fetch(self._q["quota_oldest"], tenant, since)
+                minutes = [(float(r["minute"].timestamp()), int(r["recipients"])) for r in rows]
                 raise QuotaRefused(
                     f"quota: {limit} recipients per hour; {used} used in the last hour",
-                    _quota_retry_after(rows, used + n - limit, now),
+                    window_retry_after(minutes, used + n - limit, now),
                 )
             await conn.execute(self._q["quota_add"], tenant, minute, n)
             await conn.execute(self._q["quota_trim"], ts(now - 7200))
@@ -781,16 +785,6 @@ def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:
 
 def _rank(r: Result) -> tuple[bool, int, bool]:
     return (r.status is Status.DELIVERED, r.attempts, r.status.final)
-
-
-def _quota_retry_after(rows: Sequence[Any], need: int, now: float) -> float:
-    freed = 0
-    for row in rows:
-        freed += int(row["recipients"])
-        if freed >= need:
-            # A minute's count stops counting once the window no longer covers it.
-            return max(1.0, float(row["minute"].timestamp()) + 3600 - now)
-    return 3600.0
 
 
 def _spec_json(spec: JobSpec) -> str:

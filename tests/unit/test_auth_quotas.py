@@ -18,14 +18,7 @@ from coordinator.auth import (
     parse_auth,
     token_matches,
 )
-from coordinator.quotas import (
-    ACTIVE_JOBS_RETRY_S,
-    HourlyWindow,
-    QuotaExceeded,
-    Quotas,
-    check_active_jobs,
-    check_job_size,
-)
+from coordinator.quotas import QuotaExceeded, Quotas, check_job_size, window_retry_after
 
 DEFAULT = Quotas(max_active_jobs=3)
 
@@ -136,7 +129,7 @@ def test_hash_command_prints_a_token_and_its_line(capsys: pytest.CaptureFixture[
 # ---- quotas ------------------------------------------------------------------------------
 
 
-def test_job_size_and_active_jobs() -> None:
+def test_job_size() -> None:
     q = Quotas(max_recipients_per_job=5, messages_per_hour=100, max_active_jobs=2)
     check_job_size(q, 5)
     with pytest.raises(QuotaExceeded) as info:
@@ -145,46 +138,16 @@ def test_job_size_and_active_jobs() -> None:
         "quota: more than 5 recipients in one job",
         None,
     )
-    check_active_jobs(q, 1)
-    with pytest.raises(QuotaExceeded) as info:
-        check_active_jobs(q, 2)
-    assert info.value.retry_after_s == ACTIVE_JOBS_RETRY_S
     # 0 is unlimited
     check_job_size(Quotas(), 10**9)
-    check_active_jobs(Quotas(), 10**6)
 
 
-def test_hourly_window_slides_with_a_fake_clock() -> None:
-    # Given a tenant allowed 100 messages an hour
-    q = Quotas(messages_per_hour=100)
-    w = HourlyWindow()
-    # When it sends 60 at t=0 and 40 at t=600
-    w.reserve("a", q, 60, now=0.0)
-    w.reserve("a", q, 40, now=600.0)
-    # Then one more at t=1000 is refused until the first 60 leave the window (t=3600)
-    with pytest.raises(QuotaExceeded) as info:
-        w.reserve("a", q, 1, now=1000.0)
-    assert info.value.retry_after_s == pytest.approx(2600.0)
-    assert str(info.value) == "quota: 100 recipients per hour; 100 used in the last hour"
-    # And other tenants are not affected
-    w.reserve("b", q, 100, now=1000.0)
-    # And once the window has slid, it fits again
-    w.reserve("a", q, 60, now=3600.0)
-    assert w.used("a", 3600.0) == 100
-    # And a reservation can be released (a commit that did not happen)
-    w.release("a", 60, at=3600.0)
-    assert w.used("a", 3600.0) == 40
-
-
-def test_hourly_retry_waits_for_enough_room() -> None:
-    q = Quotas(messages_per_hour=10)
-    w = HourlyWindow()
-    for t in (0.0, 100.0, 200.0):
-        w.reserve("a", q, 3, now=t)
-    # 9 used; 5 more need 4 freed: the entries of t=0 and t=100 must leave
-    with pytest.raises(QuotaExceeded) as info:
-        w.reserve("a", q, 5, now=300.0)
-    assert info.value.retry_after_s == pytest.approx(3600.0 + 100.0 - 300.0)
-    with pytest.raises(QuotaExceeded) as info:
-        w.reserve("a", q, 11, now=300.0)
-    assert info.value.retry_after_s is None
+def test_window_retry_waits_for_enough_room() -> None:
+    # Given 3 recipients accepted in each of the minutes starting at 0, 60 and 120
+    minutes = [(0.0, 3), (60.0, 3), (120.0, 3)]
+    # When 4 must leave the window at t=300: the minutes of 0 and 60 must have left it
+    assert window_retry_after(minutes, 4, now=300.0) == pytest.approx(3600.0 + 60.0 - 300.0)
+    # And when nothing leaves soon enough, a whole window
+    assert window_retry_after(minutes, 10, now=300.0) == 3600.0
+    # And never less than a second
+    assert window_retry_after(minutes, 1, now=3600.0) == 1.0
