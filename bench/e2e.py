@@ -3,7 +3,9 @@
 1. Starts ``smtp-sink`` (Debian package ``postfix``) on a free loopback port and measures
    the machine's C ceiling with ``smtp-source -> smtp-sink`` (reused connections,
    ~2 KB messages).
-2. Starts etcd, one coordinator and two sender nodes (``mailers.cluster.LocalCluster``)
+2. Starts etcd, PostgreSQL, one coordinator and two sender nodes
+   (``mailers.cluster.LocalCluster``; ``--tls`` for mutual TLS everywhere, ``--defaults``
+   for the project's own batch size, connections and capacity)
    whose relay is that smtp-sink, submits a personalised HTML+text campaign
    (``bench.campaign``, ~2 KB per message) through the SDK (streamed upload), and waits
    until every recipient has an outcome.
@@ -39,6 +41,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench import campaign
+from client_sdk import ClientTls
 
 SOURCE_MESSAGE_BYTES = 2048
 TARGET_MSG_S = 1500
@@ -127,7 +130,11 @@ def ceiling(binary: str, port: int, messages: int, sessions: int, timeout_s: flo
 
 
 async def run_campaign(
-    addresses: Sequence[str], count: int, nodes: int, timeout_s: float
+    addresses: Sequence[str],
+    count: int,
+    nodes: int,
+    timeout_s: float,
+    tls: ClientTls | None = None,
 ) -> tuple[float, float, int, int]:
     """Submit the campaign and wait for it; (submit seconds, total seconds, delivered,
     failed)."""
@@ -142,7 +149,10 @@ async def run_campaign(
         unsubscribe_url=campaign.UNSUBSCRIBE_URL,
     )
     config = ClientConfig(submit_timeout=timedelta(seconds=timeout_s))
-    async with asyncio.timeout(timeout_s), MailerClient(list(addresses), config) as client:
+    async with (
+        asyncio.timeout(timeout_s),
+        MailerClient(list(addresses), config, tls=tls) as client,
+    ):
         # Both nodes must be registered, or the first batches all go to one.
         for _ in range(int(timeout_s / 0.2)):
             if len(await client.list_nodes()) >= nodes:
@@ -185,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=200, help="MAILER_BATCH_SIZE")
     parser.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the nodes (repeatable)")  # fmt: skip
+    parser.add_argument("--tls", action="store_true",
+                        help="mutual TLS between all processes, as mailers cluster")  # fmt: skip
+    parser.add_argument("--defaults", action="store_true",
+                        help="the project's own batch size, connections and capacity")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=900, help="bound of the whole run")
     parser.add_argument("--workdir", type=Path, help="logs and etcd data (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -202,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.timeout_s
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailers-bench-"))
     port = free_port()
-    node_env = {
-        "MAILER_RELAYS": f"127.0.0.1:{port}",
-        "MAILER_SMTP_CONNECTIONS": str(args.connections),
-        "MAILER_CAPACITY": str(args.capacity),
-        "MAILER_LOG_LEVEL": "WARNING",
-    }
+    node_env = {"MAILER_RELAYS": f"127.0.0.1:{port}", "MAILER_LOG_LEVEL": "WARNING"}
+    coordinator_env = {"MAILER_LOG_LEVEL": "WARNING"}
+    if not args.defaults:
+        node_env["MAILER_SMTP_CONNECTIONS"] = str(args.connections)
+        node_env["MAILER_CAPACITY"] = str(args.capacity)
+        coordinator_env["MAILER_BATCH_SIZE"] = str(args.batch_size)
     for item in args.node_env:
         key, _, value = item.partition("=")
         node_env[key] = value
@@ -215,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         coordinators=1,
         nodes=2,
         node_env=node_env,
-        coordinator_env={"MAILER_BATCH_SIZE": str(args.batch_size), "MAILER_LOG_LEVEL": "WARNING"},
+        coordinator_env=coordinator_env,
+        tls=args.tls,
     )
     print(f"workdir {workdir}; {os.cpu_count()} CPUs; campaign of {args.recipients:,} "
           f"personalised HTML+text messages")  # fmt: skip
@@ -236,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
             client_before = self_usage()
             remaining = max(1.0, deadline - time.monotonic())
             submit_s, total_s, delivered, failed = asyncio.run(
-                run_campaign(cluster.coordinator_addresses, args.recipients, 2, remaining)
+                run_campaign(
+                    cluster.coordinator_addresses, args.recipients, 2, remaining, cluster.client_tls
+                )
             )
             after = {name: proc_usage(pid) for name, pid in pids.items()}
             client_after = self_usage()
@@ -249,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.recipients / total_s
     send_rate = args.recipients / max(total_s - submit_s, 1e-9)
     print(f"delivered {delivered:,}, failed {failed:,} of {args.recipients:,}")
-    print(f"submit (streamed upload, durable in etcd): {submit_s:.1f} s "
+    print(f"submit (streamed upload, one PostgreSQL transaction): {submit_s:.1f} s "
           f"({args.recipients / submit_s:,.0f} recipients/s)")  # fmt: skip
     print(f"end to end: {total_s:.1f} s -> {rate:,.0f} msg/s "
           f"(sending phase alone: {send_rate:,.0f} msg/s)")  # fmt: skip
