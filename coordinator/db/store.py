@@ -55,6 +55,11 @@ from coordinator.suppression import Reason, Suppression
 log = logging.getLogger(__name__)
 
 QUERIES_FILE = Path(__file__).resolve().parent / "queries.sql"
+COPY_ROWS = 50_000
+"""Recipients per COPY statement of a submit. A statement's time is then bounded by the
+server's speed (a fraction of a second), not by how fast the caller streams, so an
+upload of 10,000,000 recipients never meets ``statement_timeout``; the transaction
+around them stays one, and a buffer of this many rows is all a submit holds."""
 FENCED = "ML001"
 """SQLSTATE of mailers_check_fence's refusal."""
 
@@ -415,20 +420,13 @@ class Store:
         total = 0
         async with self._write() as conn:
             job_no = int(await conn.fetchval(self._q["next_job_no"]))
-
-            async def records() -> AsyncIterator[tuple[Any, ...]]:
-                nonlocal total
-                async for chunk in chunks:
-                    for r in chunk:
-                        variables = json.dumps(dict(r.variables)) if r.variables else None
-                        yield (job_no, total, r.email, r.name, variables)
-                        total += 1
-
-            await conn.copy_records_to_table(
-                "recipients",
-                records=records(),
-                columns=("job_no", "idx", "email", "name", "variables"),
-            )
+            async for rows in _row_slices(chunks, job_no, COPY_ROWS):
+                await conn.copy_records_to_table(
+                    "recipients",
+                    records=rows,
+                    columns=("job_no", "idx", "email", "name", "variables"),
+                )
+                total += len(rows)
             spec = dataclasses.replace(spec, total=total)
             inserted = await conn.fetchval(
                 self._q["insert_job"], job_no, spec.job_id, spec.tenant, spec.idempotency_key,
@@ -855,3 +853,21 @@ def _suppression(row: Any) -> Suppression:
         enhanced_code=row["enhanced_code"],
         text=row["reply"],
     )
+
+
+async def _row_slices(
+    chunks: AsyncIterator[Sequence[Recipient]], job_no: int, size: int
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """The recipients as COPY rows, ``size`` at a time (the last slice may be shorter)."""
+    rows: list[tuple[Any, ...]] = []
+    index = 0
+    async for chunk in chunks:
+        for r in chunk:
+            variables = json.dumps(dict(r.variables)) if r.variables else None
+            rows.append((job_no, index, r.email, r.name, variables))
+            index += 1
+            if len(rows) == size:
+                yield rows
+                rows = []
+    if rows:
+        yield rows

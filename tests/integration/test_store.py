@@ -4,10 +4,13 @@ results, batch settlement, keyset listings and quotas."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
+from coordinator.db import store as store_module
+from coordinator.db.settings import DatabaseConfig
 from coordinator.db.store import (
     BatchRelease,
     Database,
@@ -152,6 +155,33 @@ async def test_a_submit_is_whole_or_absent(database: Database) -> None:
     # And keys are per tenant
     other = await store.submit(spec("d", "same", tenant="beta"), chunks_of(1), QuotaRequest(), NOW)
     assert other.spec.job_id == "d"
+
+
+async def test_an_upload_longer_than_the_statement_timeout_is_stored_whole(
+    database_config: DatabaseConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given a store whose statements may run 1 s, and COPY statements of 500 rows
+    config = dataclasses.replace(database_config, statement_timeout_s=1.0)
+    database = await Database.open(config, migrate_schema=False)
+    monkeypatch.setattr(store_module, "COPY_ROWS", 500)
+    store = await leader(database, 1)
+
+    async def slow_client() -> AsyncIterator[Sequence[Recipient]]:
+        # A caller streaming 5,000 recipients over about 2.5 s (a slow network)
+        async for chunk in chunks_of(5000, size=500):
+            await asyncio.sleep(0.25)
+            yield chunk
+
+    try:
+        # When the upload takes longer than any one statement may
+        record = await store.submit(spec("slow", "slow"), slow_client(), QuotaRequest(), NOW)
+        # Then it is stored whole, every recipient at its own index
+        assert record.spec.total == 5000
+        async with database.pool.acquire() as conn:
+            count, top = await conn.fetchrow("SELECT count(*), max(idx) FROM recipients")
+        assert (count, top) == (5000, 4999)
+    finally:
+        await database.close()
 
 
 async def test_results_apply_once_and_deliveries_win(database: Database) -> None:
