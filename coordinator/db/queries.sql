@@ -226,13 +226,16 @@ WITH incoming AS (
 SELECT * FROM moved;
 
 -- name: batch_outcomes
--- How the recipients of released batches stand, to settle each batch.
+-- How the recipients of released batches stand, to settle each batch. One count per
+-- status, so each is a bounded scan of recipients_by_status (job_no, status, idx): a
+-- join on the range alone let the planner walk every index entry of the job per batch
+-- (0.36 s a batch at 10,000,000 recipients).
 SELECT b.job_no, b.seq,
-    count(*) FILTER (WHERE r.status = 0) AS queued,
-    count(*) FILTER (WHERE r.status = 3) AS deferred
-FROM unnest($1::bigint[], $2::int[], $3::int[], $4::int[]) AS b(job_no, seq, lo, hi)
-JOIN recipients r ON r.job_no = b.job_no AND r.idx >= b.lo AND r.idx < b.hi
-GROUP BY b.job_no, b.seq;
+    (SELECT count(*) FROM recipients r
+     WHERE r.job_no = b.job_no AND r.status = 0 AND r.idx >= b.lo AND r.idx < b.hi) AS queued,
+    (SELECT count(*) FROM recipients r
+     WHERE r.job_no = b.job_no AND r.status = 3 AND r.idx >= b.lo AND r.idx < b.hi) AS deferred
+FROM unnest($1::bigint[], $2::int[], $3::int[], $4::int[]) AS b(job_no, seq, lo, hi);
 
 -- name: release_batches
 -- Settle released batches: only while the releasing node and attempt still hold them.
