@@ -3,13 +3,9 @@
 Public names are re-exported here; import from ``client_sdk``, not its modules.
 """
 
-from client_sdk.client import (
-    ClientConfig,
-    ClientTls,
-    MailerClient,
-    RecipientSource,
-    parse_addresses,
-)
+from client_sdk._recipients import RecipientSource
+from client_sdk.client import MailerClient
+from client_sdk.config import ClientConfig, ClientTls, parse_addresses
 from client_sdk.errors import (
     AlreadyExistsError,
     AuthError,

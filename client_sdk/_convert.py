@@ -1,6 +1,7 @@
 """Translation between the SDK's dataclasses and the ``mailer.v1`` protobuf messages.
 
-The only SDK module besides the two clients that imports ``mailerpb``. Pure
+One of the SDK's two modules that import ``mailerpb``, with
+:mod:`client_sdk._operations`, which declares the calls these messages travel in. Pure
 functions; values a newer server may add (unknown enum numbers) map to
 ``UNSPECIFIED`` instead of failing.
 """
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
-from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from client_sdk.types import (
     Address,
@@ -380,31 +379,3 @@ def upload_chunk(recipients: Iterable[common_pb2.Recipient]) -> coordinator_pb2.
     return coordinator_pb2.UploadJobRequest(
         recipients=coordinator_pb2.RecipientChunk(recipients=recipients)
     )
-
-
-def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
-    """The ``RetryInfo.retry_delay`` inside a serialized ``google.rpc.Status``, if any."""
-    if not data:
-        return None
-    try:
-        status = status_pb2.Status.FromString(data)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                delay: timedelta = info.retry_delay.ToTimedelta()
-                return delay
-    except DecodeError:
-        return None
-    return None
-
-
-def status_details_with_retry_info(code: int, message: str, retry_after: timedelta) -> bytes:
-    """A serialized ``google.rpc.Status`` carrying ``RetryInfo`` (for tests and fakes)."""
-    detail = any_pb2.Any()
-    info = error_details_pb2.RetryInfo()
-    info.retry_delay.FromTimedelta(retry_after)
-    detail.Pack(info)
-    status = status_pb2.Status(code=code, message=message, details=[detail])
-    data: bytes = status.SerializeToString()
-    return data

@@ -4,6 +4,12 @@ Every error derives from :class:`MailerError`. :class:`TransientError` means the
 same call may succeed later (``retry_after`` says when, if the server said);
 :class:`PermanentError` means repeating the call unchanged will fail again.
 Codes without a specific meaning surface as :class:`RpcError`.
+
+:class:`UnavailableError` is also a :class:`ConnectionError` and
+:class:`DeadlineExceededError` a :class:`TimeoutError`, so code written against
+the standard library's network errors handles them too.
+
+Both clients turn a failed call into one of these through :func:`error_of`.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ from collections.abc import Iterable, Mapping
 from datetime import timedelta
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc import aio
 
 LEADER_METADATA_KEY = "mailers-leader"
 """Trailing metadata key in which a standby names the leader's ``host:port``."""
@@ -101,19 +111,23 @@ class AuthError(PermanentError):
     """The caller is not authenticated or not allowed."""
 
 
-class UnavailableError(TransientError):
-    """No coordinator could serve the call right now (down, or no leader elected)."""
+class UnavailableError(TransientError, ConnectionError):
+    """No coordinator could serve the call right now (down, or no leader elected).
+
+    Also a :class:`ConnectionError` (an ``OSError``): ``errno`` and ``strerror`` are None.
+    """
 
 
 class ResourceExhaustedError(TransientError):
     """The cluster is at capacity; wait ``retry_after`` before trying again."""
 
 
-class DeadlineExceededError(TransientError):
+class DeadlineExceededError(TransientError, TimeoutError):
     """The call's deadline passed before an answer arrived.
 
     The call may or may not have taken effect; repeating it is safe only for
-    reads and for submits with the same idempotency key.
+    reads and for submits with the same idempotency key. Also a
+    :class:`TimeoutError` (an ``OSError``): ``errno`` and ``strerror`` are None.
     """
 
 
@@ -172,3 +186,52 @@ def status_details_bin(trailing_metadata: Iterable[tuple[str, str | bytes]]) -> 
         if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
             return value
     return None
+
+
+def error_from_rpc(
+    code: grpc.StatusCode, details: str | None, trailing: Iterable[tuple[str, str | bytes]] | None
+) -> MailerError:
+    """The typed error of a failed RPC, its ``RetryInfo`` decoded into ``retry_after``."""
+    metadata = list(trailing or ())
+    retry_after = retry_after_from_status_details(status_details_bin(metadata))
+    return error_for_status(code, details or "", metadata, retry_after)
+
+
+def error_of(exc: grpc.RpcError) -> MailerError:
+    """The typed error of a failed call of either client.
+
+    A blocking call's exception is also a ``grpc.Call``, an async call's an
+    ``AioRpcError``; an ``RpcError`` that is neither carries no status and
+    surfaces as UNKNOWN.
+    """
+    if isinstance(exc, grpc.Call | aio.AioRpcError):
+        return error_from_rpc(exc.code(), exc.details(), exc.trailing_metadata())
+    return error_from_rpc(grpc.StatusCode.UNKNOWN, str(exc), ())
+
+
+def retry_after_from_status_details(data: bytes | None) -> timedelta | None:
+    """The ``RetryInfo.retry_delay`` inside a serialized ``google.rpc.Status``, if any."""
+    if not data:
+        return None
+    try:
+        status = status_pb2.Status.FromString(data)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                delay: timedelta = info.retry_delay.ToTimedelta()
+                return delay
+    except DecodeError:
+        return None
+    return None
+
+
+def status_details_with_retry_info(code: int, message: str, retry_after: timedelta) -> bytes:
+    """A serialized ``google.rpc.Status`` carrying ``RetryInfo`` (for tests and fakes)."""
+    detail = any_pb2.Any()
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromTimedelta(retry_after)
+    detail.Pack(info)
+    status = status_pb2.Status(code=code, message=message, details=[detail])
+    data: bytes = status.SerializeToString()
+    return data

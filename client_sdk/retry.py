@@ -9,19 +9,33 @@ A coordinator call fails in one of three ways that matter here:
 * anything else: raise.
 
 UNAVAILABLE from the address believed to be the leader is retried only for
-idempotent calls (reads, and submits, which always carry an idempotency key):
-the leader may have acted before the connection broke.
+idempotent calls (reads, and submits, which always carry an idempotency key; the
+table is :mod:`client_sdk._operations`): the leader may have acted before the
+connection broke.
+
+:class:`CallAttempts` is the retry loop of both clients, which only add the I/O:
+sending an attempt and sleeping between them. The router is shared by a client's
+concurrent calls (tasks or threads) and guards itself with a lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import random
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
-from client_sdk.errors import FailedPreconditionError, MailerError, UnavailableError
+import grpc
+
+from client_sdk.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    MailerError,
+    UnavailableError,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +113,9 @@ class LeaderRouter:
     Starts at the first address. A standby's redirect moves to the leader it
     names (added to the list if new); a failure at the current address moves to
     the next one. Failures reported for an address that is no longer current
-    are ignored, so concurrent calls failing together advance only once.
+    are ignored, so concurrent calls failing together advance only once. Safe
+    for the tasks of the async client and the threads of the blocking one: a
+    lock, never held across I/O, guards every change.
     """
 
     def __init__(self, addresses: Sequence[str]) -> None:
@@ -109,38 +125,116 @@ class LeaderRouter:
         self._addresses = unique
         self._index = 0
         self._believed = False
+        self._lock = threading.Lock()
 
     @property
     def addresses(self) -> Sequence[str]:
         """Every address known, configured ones first."""
-        return tuple(self._addresses)
+        with self._lock:
+            return tuple(self._addresses)
 
     @property
     def current(self) -> str:
         """The address the next call goes to."""
-        return self._addresses[self._index]
+        with self._lock:
+            return self._addresses[self._index]
 
     def is_believed_leader(self, address: str) -> bool:
         """Whether ``address`` is current and was confirmed or named as leader."""
-        return self._believed and address == self.current
+        with self._lock:
+            return self._is_believed(address)
 
     def succeeded(self, address: str) -> None:
         """A call succeeded at ``address``: it is the leader."""
-        if address == self.current:
-            self._believed = True
+        with self._lock:
+            if address == self._addresses[self._index]:
+                self._believed = True
 
     def redirect(self, leader: str) -> None:
         """A standby named ``leader``."""
+        with self._lock:
+            self._redirect(leader)
+
+    def failed(self, address: str) -> None:
+        """``address`` could not serve a call; move on to the next address."""
+        with self._lock:
+            self._failed(address)
+
+    def route_after(self, address: str, error: MailerError) -> None:
+        """Move after ``error`` at ``address``.
+
+        A standby naming another address redirects there; a standby knowing no
+        leader, an unreachable address, or one that let the deadline pass (a frozen
+        process accepts connections and never answers) moves on to the next address;
+        any other error leaves the route alone.
+        """
+        with self._lock:
+            self._route_after(address, error)
+
+    def after_failure(self, address: str, error: MailerError, *, idempotent: bool) -> Step:
+        """Decide the next step after ``error`` at ``address`` and move the route.
+
+        One step under the lock, so that a concurrent success cannot change
+        whether ``address`` counted as the leader between the two.
+        """
+        with self._lock:
+            step = next_step(
+                error, idempotent=idempotent, believed_leader=self._is_believed(address)
+            )
+            self._route_after(address, error)
+            return step
+
+    def _is_believed(self, address: str) -> bool:
+        return self._believed and address == self._addresses[self._index]
+
+    def _redirect(self, leader: str) -> None:
         if leader not in self._addresses:
             self._addresses.append(leader)
         self._index = self._addresses.index(leader)
         self._believed = True
 
-    def failed(self, address: str) -> None:
-        """``address`` could not serve a call; move on to the next address."""
-        if address == self.current:
+    def _failed(self, address: str) -> None:
+        if address == self._addresses[self._index]:
             self._index = (self._index + 1) % len(self._addresses)
             self._believed = False
+
+    def _route_after(self, address: str, error: MailerError) -> None:
+        if isinstance(error, FailedPreconditionError) and error.leader is not None:
+            if error.leader and error.leader != address:
+                self._redirect(error.leader)
+            else:
+                self._failed(address)
+        elif isinstance(error, UnavailableError | DeadlineExceededError):
+            self._failed(address)
+
+
+def give_up_error(
+    step: Step, error: MailerError, addresses: Sequence[str], attempts: int
+) -> MailerError:
+    """The error to raise when no retry is left.
+
+    Running out of redirects and failovers means no leader could be reached,
+    which is transient whatever the last coordinator said.
+    """
+    if step is Step.RAISE:
+        return error
+    return UnavailableError(
+        f"no leader reachable among {', '.join(addresses)} after {attempts} attempts; "
+        f"last: {error}",
+        grpc.StatusCode.UNAVAILABLE,
+    )
+
+
+def timeout_s(timeout: timedelta | None, default: timedelta) -> float:
+    """Seconds of a call's deadline: ``timeout``, or ``default`` when None.
+
+    Raises:
+        ValueError: The deadline is not positive.
+    """
+    value = (timeout if timeout is not None else default).total_seconds()
+    if value <= 0:
+        raise ValueError("timeout must be positive")
+    return value
 
 
 @dataclasses.dataclass
@@ -189,3 +283,137 @@ class RetryBudget:
         self.backoffs = 0
         self.redirects_in_row = 0
         self.retry_deadline_s = now_s + self.policy.max_elapsed.total_seconds()
+
+
+@dataclasses.dataclass
+class CallAttempts:
+    """The attempts of one call, as both clients loop over them; the clock is passed in.
+
+    A unary or client-streaming call::
+
+        attempts = CallAttempts.start(router, policy, rng, now_s=now(), timeout_s=t, idempotent=i)
+        while True:
+            address, remaining_s = attempts.next(now())  # raises once the deadline passed
+            try:
+                result = invoke(address, remaining_s)
+            except RpcError as exc:
+                error = error_of(exc)
+            else:
+                attempts.succeeded(address)
+                return result
+            sleep(attempts.failed(address, error, now()))  # raises when no retry is left
+
+    A watch uses :meth:`progressed` and :meth:`stream_ended` instead, without
+    an overall deadline.
+
+    Attributes:
+        router: The client's leader router (shared with its other calls).
+        budget: Attempts and time left for retries.
+        deadline_s: Monotonic time the whole call must end by (``inf`` for a watch).
+        idempotent: Whether repeating the call cannot do harm (reads, and
+            calls that carry an idempotency key).
+        rng: Randomness for backoff jitter.
+    """
+
+    router: LeaderRouter
+    budget: RetryBudget
+    deadline_s: float
+    idempotent: bool
+    rng: random.Random
+
+    @classmethod
+    def start(
+        cls,
+        router: LeaderRouter,
+        policy: RetryPolicy,
+        rng: random.Random,
+        *,
+        now_s: float,
+        timeout_s: float,
+        idempotent: bool,
+    ) -> CallAttempts:
+        """The attempts of a call beginning at ``now_s`` that may take ``timeout_s``."""
+        deadline_s = now_s + timeout_s
+        budget = RetryBudget.start(policy, now_s, deadline_s)
+        return cls(router, budget, deadline_s, idempotent, rng)
+
+    @classmethod
+    def watch(
+        cls, router: LeaderRouter, policy: RetryPolicy, rng: random.Random, now_s: float
+    ) -> CallAttempts:
+        """The attempts of a watch: no overall deadline, idempotent (it only reads)."""
+        return cls.start(router, policy, rng, now_s=now_s, timeout_s=math.inf, idempotent=True)
+
+    def next(self, now_s: float) -> tuple[str, float]:
+        """The address of the next attempt and the seconds left for it.
+
+        Raises:
+            DeadlineExceededError: The call's deadline has passed.
+        """
+        address = self.router.current
+        remaining_s = self.deadline_s - now_s
+        if remaining_s <= 0:
+            raise DeadlineExceededError(
+                "deadline passed while looking for the leader", grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+        return address, remaining_s
+
+    def deadline_passed(self, now_s: float) -> bool:
+        """Whether the call's deadline has passed."""
+        return now_s >= self.deadline_s
+
+    def succeeded(self, address: str) -> None:
+        """The attempt at ``address`` succeeded: it is the leader."""
+        self.router.succeeded(address)
+
+    def failed(self, address: str, error: MailerError, now_s: float) -> float:
+        """Route after the attempt at ``address`` failed with ``error``.
+
+        Returns:
+            Seconds to wait before the next attempt.
+
+        Raises:
+            MailerError: ``error`` when it is not retried, or an
+                :class:`UnavailableError` when redirects and failovers ran out.
+        """
+        step = self.router.after_failure(address, error, idempotent=self.idempotent)
+        return self._delay_s(step, error, now_s)
+
+    def progressed(self, address: str, now_s: float) -> None:
+        """A stream at ``address`` delivered a message: its retries start over."""
+        self.router.succeeded(address)
+        self.budget.progressed(now_s)
+
+    def stream_ended(
+        self, address: str, error: MailerError | None, received: int, now_s: float
+    ) -> float:
+        """Decide how a watch goes on after its stream at ``address`` ended.
+
+        A stream that ended cleanly, or hit its own deadline after delivering
+        events (the re-open timer, or a leader stepping down), is re-opened
+        after a backoff against a loop. One that delivered nothing within its
+        deadline is a hung coordinator, treated as unavailable. Any other error
+        is routed like a failed call.
+
+        Returns:
+            Seconds to wait before re-opening the stream.
+
+        Raises:
+            MailerError: As :meth:`failed`; a stream that kept ending without an
+                error gives up with :class:`UnavailableError`.
+        """
+        if error is None or (isinstance(error, DeadlineExceededError) and received):
+            step = Step.NEXT_ADDRESS
+        else:
+            if isinstance(error, DeadlineExceededError):
+                error = UnavailableError(error.details, error.code)
+            step = self.router.after_failure(address, error, idempotent=self.idempotent)
+        if error is None:
+            error = UnavailableError("watch stream kept ending", grpc.StatusCode.UNAVAILABLE)
+        return self._delay_s(step, error, now_s)
+
+    def _delay_s(self, step: Step, error: MailerError, now_s: float) -> float:
+        delay_s = self.budget.delay_s(step, now_s, self.rng)
+        if delay_s is None:
+            raise give_up_error(step, error, self.router.addresses, self.budget.attempts) from error
+        return delay_s

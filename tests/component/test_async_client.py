@@ -39,7 +39,7 @@ from client_sdk import (
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from mailers.campaign import SendArgs, run_send
-from mailers.procs import free_port
+from mailers_dev.procs import free_port
 from tests.helpers import assert_eventually
 
 Ctx = aio.ServicerContext[Any, Any]

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from client_sdk import _convert
-from client_sdk.client import ClientConfig, recipient_chunks, route_after_failure
+from client_sdk._recipients import recipient_chunks
+from client_sdk.config import ClientConfig
 from client_sdk.errors import (
     AlreadyExistsError,
     AuthError,
@@ -25,6 +26,8 @@ from client_sdk.errors import (
     TransientError,
     UnavailableError,
     error_for_status,
+    retry_after_from_status_details,
+    status_details_with_retry_info,
 )
 from client_sdk.retry import LeaderRouter, RetryBudget, RetryPolicy, Step, next_step
 from client_sdk.types import (
@@ -199,10 +202,10 @@ def test_node_and_cluster_status_from_pb() -> None:
 
 
 def test_retry_info_round_trips_through_status_details() -> None:
-    data = _convert.status_details_with_retry_info(8, "busy", timedelta(milliseconds=1500))
-    assert _convert.retry_after_from_status_details(data) == timedelta(milliseconds=1500)
-    assert _convert.retry_after_from_status_details(None) is None
-    assert _convert.retry_after_from_status_details(b"\xff\xff garbage") is None
+    data = status_details_with_retry_info(8, "busy", timedelta(milliseconds=1500))
+    assert retry_after_from_status_details(data) == timedelta(milliseconds=1500)
+    assert retry_after_from_status_details(None) is None
+    assert retry_after_from_status_details(b"\xff\xff garbage") is None
 
 
 def test_recipient_chunks_respect_count_and_size() -> None:
@@ -343,17 +346,17 @@ def test_router_follows_redirects_and_skips_failed_addresses() -> None:
     router = LeaderRouter(["a:1", " b:2 ", "a:1", ""])
     assert router.addresses == ("a:1", "b:2") and router.current == "a:1"
     # When a standby at a:1 names an address we did not know
-    route_after_failure(router, "a:1", _standby("c:3"))
+    router.route_after("a:1", _standby("c:3"))
     # Then it is added, current, and believed
     assert router.current == "c:3" and router.is_believed_leader("c:3")
     # When it becomes unreachable, the next address (wrapping) is tried
-    route_after_failure(router, "c:3", error_for_status(grpc.StatusCode.UNAVAILABLE, "x"))
+    router.route_after("c:3", error_for_status(grpc.StatusCode.UNAVAILABLE, "x"))
     assert router.current == "a:1" and not router.is_believed_leader("a:1")
     # A stale failure for an address no longer current moves nothing
-    route_after_failure(router, "c:3", error_for_status(grpc.StatusCode.UNAVAILABLE, "x"))
+    router.route_after("c:3", error_for_status(grpc.StatusCode.UNAVAILABLE, "x"))
     assert router.current == "a:1"
     # A domain error leaves the route alone; a success confirms the leader
-    route_after_failure(router, "a:1", error_for_status(grpc.StatusCode.NOT_FOUND, "x"))
+    router.route_after("a:1", error_for_status(grpc.StatusCode.NOT_FOUND, "x"))
     router.succeeded("a:1")
     assert router.is_believed_leader("a:1")
     with pytest.raises(ValueError):
