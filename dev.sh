@@ -59,7 +59,7 @@ install_buf() {
 
 lint() {
   echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
-  echo "== mypy --strict"; .venv/bin/mypy coordinator sender_node client_sdk mailers tests bench
+  echo "== mypy --strict"; .venv/bin/mypy coordinator sender_node mailers_runtime client_sdk mailers mailers_dev tests bench
   echo "== buf lint"; tools/node_modules/.bin/buf lint
   # The API as released is kept in tools/api-baseline.binpb (`bash dev.sh api-baseline`
   # refreshes it on a release); a change that breaks it fails here.

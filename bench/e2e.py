@@ -4,7 +4,7 @@
    the machine's C ceiling with ``smtp-source -> smtp-sink`` (reused connections,
    ~2 KB messages).
 2. Starts etcd, PostgreSQL, one coordinator and two sender nodes
-   (``mailers.cluster.LocalCluster``; ``--tls`` for mutual TLS everywhere, ``--defaults``
+   (``mailers_dev.cluster.LocalCluster``; ``--tls`` for mutual TLS everywhere, ``--defaults``
    for the project's own batch size, connections and capacity)
    whose relay is that smtp-sink, submits a personalised HTML+text campaign
    (``bench.campaign``, ~2 KB per message) through the SDK (streamed upload), and waits
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("etcd") is None:
         print("etcd not found: apt-get install -y etcd-server", file=sys.stderr)
         return 2
-    from mailers.cluster import ClusterSpec, LocalCluster
+    from mailers_dev.cluster import ClusterSpec, LocalCluster
 
     deadline = time.monotonic() + args.timeout_s
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailers-bench-"))

@@ -2,7 +2,7 @@
 
 Compares, for the same ~2 KB HTML+text campaign (``bench.campaign``):
 
-- ``mailers``: :class:`sender_node.render.CompiledMessage` (compiled once, spliced per
+- ``mailers``: :class:`mailers_runtime.message.CompiledMessage` (compiled once, spliced per
   recipient), with templates made only of ``{{ name }}`` holes;
 - ``mailers-jinja``: the same with one Jinja filter per field (``{{ name | title }}``),
   which sends every field through Jinja's compiled code instead of the splice path;
@@ -30,7 +30,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 from bench import campaign
-from sender_node.render import CompiledMessage, Content, Mailbox, MessageSigner
+from mailers_runtime.message import CompiledMessage, Content, Header, Mailbox, MessageSigner
 
 TARGET_PER_S = 20_000
 
@@ -46,7 +46,7 @@ def content(jinja: bool = False) -> Content:
         subject=adapt(campaign.SUBJECT),
         text_body=adapt(campaign.TEXT),
         html_body=adapt(campaign.HTML),
-        headers=campaign.HEADERS,
+        headers=tuple(Header(name, value) for name, value in campaign.HEADERS),
         unsubscribe_url=campaign.UNSUBSCRIBE_URL,
     )
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from bench import campaign
 from bench.e2e import ceiling, find_tool, free_port, proc_usage, smtp_sink
 from client_sdk import MailerClient, Recipient
-from mailers.cluster import LocalCluster
+from mailers_dev.cluster import LocalCluster
 
 
 def read_seconds(path: Path, needle: str, after: float) -> float:
@@ -101,7 +101,7 @@ async def seed_history(database_env: dict[str, str], jobs: int, size: int) -> fl
     )
     db = await Database.open(config)
     store = Store(db, 0)
-    content = Content(Address(campaign.SENDER), None, campaign.SUBJECT, campaign.TEXT, "")
+    content = Content(Address(campaign.SENDER), subject=campaign.SUBJECT, text_body=campaign.TEXT)
     started = time.perf_counter()
     try:
         for j in range(jobs):
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     if sink_bin is None or source_bin is None:
         print("smtp-sink/smtp-source not found: apt-get install -y postfix", file=sys.stderr)
         return 2
-    from mailers.cluster import ClusterSpec
+    from mailers_dev.cluster import ClusterSpec
 
     deadline = time.monotonic() + args.timeout_s
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailers-scale-"))

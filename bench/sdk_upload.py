@@ -30,7 +30,7 @@ import grpc
 from client_sdk import Address, MailerClient, MessageContent, Recipient
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from mailers.campaign import iter_recipients
-from mailers.cli import write_demo_csv
+from mailers_dev.commands import write_demo_csv
 
 
 def rss_mib() -> float:

@@ -14,8 +14,9 @@ import sys
 
 from coordinator.config import CoordinatorConfig, from_env
 from coordinator.server import serve
-from mailers import logs
-from mailers.tls import Transport
+from mailers_runtime import logs
+from mailers_runtime.errors import ConfigError
+from mailers_runtime.tls import Transport
 
 
 async def _main(config: CoordinatorConfig, transport: Transport) -> None:
@@ -31,12 +32,10 @@ def main() -> int:
         config = from_env(os.environ)
         # TLS files are read once, here, so a bad one stops the process before it starts.
         transport = Transport.load(config.tls)
-    except ValueError as exc:  # ConfigError-like: TlsConfigError and malformed numbers
+    except ConfigError as exc:  # TlsConfigError too
         print(f"coordinator: {exc}", file=sys.stderr)
         return 2
-    logs.setup(
-        "coordinator", os.environ.get("MAILER_COORDINATOR_ID") or str(os.getpid()), os.environ
-    )
+    logs.setup("coordinator", config.coordinator_id or str(os.getpid()), os.environ)
     try:
         import uvloop
 

@@ -1,5 +1,5 @@
 """Protobuf <-> coordinator model. The coordinator's only bridge to mailerpb besides its
-gRPC shells (servicer.py, node_link.py)."""
+gRPC shells (servicer.py, server.py, node_link.py)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,18 @@ from coordinator.model import (
     Result,
     Status,
 )
+from coordinator.node_messages import (
+    AckMessage,
+    HandbackMessage,
+    HelloMessage,
+    OutboundBatch,
+    RejectedMessage,
+    ReportedResult,
+    ResultsMessage,
+)
 from coordinator.suppression import Reason, Suppression
-from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
+from coordinator.timeouts import NodeLimits
+from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, sender_pb2
 
 _JOB_STATE = {
     JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
@@ -229,3 +239,86 @@ def suppression_to(tenant: str, s: Suppression) -> coordinator_pb2.Suppression:
         created_at=timestamp(s.created_at),
         tenant=tenant,
     )
+
+
+# ---- the leader's stream to a node --------------------------------------------------
+
+
+def _reported(pb: common_pb2.RecipientResult) -> ReportedResult:
+    index, result = result_from(pb)
+    return index, result, pb.email
+
+
+def results_from(pb: sender_pb2.BatchResults) -> ResultsMessage:
+    return ResultsMessage(pb.batch_id, pb.seq, tuple(_reported(r) for r in pb.results))
+
+
+def hello_from(pb: sender_pb2.NodeHello) -> HelloMessage:
+    t = pb.timeouts
+    return HelloMessage(
+        node_id=pb.node_id,
+        limits=NodeLimits.from_ms(t.final_reply_ms, t.transaction_ms),
+        replay=tuple(results_from(r) for r in pb.replay),
+        held=frozenset((b.batch_id, b.attempt) for b in pb.held),
+    )
+
+
+def ack_from(pb: sender_pb2.BatchAck) -> AckMessage:
+    return AckMessage(pb.batch_id, pb.attempt)
+
+
+def rejected_from(pb: sender_pb2.BatchRejected) -> RejectedMessage:
+    return RejectedMessage(pb.batch_id, pb.reason)
+
+
+def handback_from(pb: sender_pb2.NodeHandback) -> HandbackMessage:
+    return HandbackMessage(
+        results=tuple(results_from(r) for r in pb.results),
+        released=tuple((b.batch_id, b.attempt) for b in pb.released),
+    )
+
+
+def parse_handback(raw: bytes) -> HandbackMessage:
+    """A hand-back as a node serialized it (raises on malformed bytes)."""
+    return handback_from(sender_pb2.NodeHandback.FromString(raw))
+
+
+class BatchEncoder:
+    """Outbound batches to protobuf, shared by the links of one reign.
+
+    A job's content is encoded once for all its batches: it is kept until
+    :meth:`forget` (the job finished), or until the least recently sent of more than
+    ``max_jobs`` jobs makes room.
+    """
+
+    def __init__(self, max_jobs: int = 1024) -> None:
+        self._max_jobs = max_jobs
+        self._contents: dict[str, tuple[Content, common_pb2.MessageContent]] = {}
+
+    def encode(self, batch: OutboundBatch) -> sender_pb2.Batch:
+        return sender_pb2.Batch(
+            batch_id=batch.batch_id,
+            job_id=batch.job_id,
+            epoch=batch.epoch,
+            attempt=batch.attempt,
+            content=self._content(batch.job_id, batch.content),
+            recipients=[
+                sender_pb2.BatchRecipient(
+                    index=p.index, recipient=recipient_to(p.recipient), attempts=p.attempts
+                )
+                for p in batch.recipients
+            ],
+            priority=batch.priority,
+        )
+
+    def forget(self, job_id: str) -> None:
+        self._contents.pop(job_id, None)
+
+    def _content(self, job_id: str, content: Content) -> common_pb2.MessageContent:
+        cached = self._contents.pop(job_id, None)
+        if cached is None or cached[0] is not content:
+            cached = (content, content_to(content))
+            while len(self._contents) >= self._max_jobs:
+                del self._contents[next(iter(self._contents))]
+        self._contents[job_id] = cached  # the most recently sent last
+        return cached[1]

@@ -8,23 +8,23 @@ disconnect, a missed deadline or a refusal is a failure. ``asyncio.CancelledErro
 a pause) are excluded from the count.
 
 pybreaker lets every concurrent caller through once an open breaker's timeout has
-passed; :func:`admits` is the gate that lets exactly one trial batch through half-open.
+passed; ``mailers_runtime.breaker.admits`` is the gate that lets exactly one trial batch
+through half-open. The state enum and the pybreaker adapter are shared with the sender
+node's relay breakers (``mailers_runtime.breaker``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
-from collections.abc import Awaitable
-from datetime import UTC, datetime, timedelta
+import time
+from collections.abc import Awaitable, Callable
 
 import pybreaker
 
+from mailers_runtime.breaker import Breaker, BreakerState, admits
 
-class State(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
+State = BreakerState
+"""The coordinator's name for the shared breaker state."""
 
 
 class NodeFault(Exception):
@@ -35,50 +35,36 @@ class Released(Exception):
     """A batch left the node for a reason that is not the node's fault."""
 
 
-def admits(state: State, trial_in_flight: bool) -> bool:
-    """Whether a new batch may go to a node whose breaker is in state. Pure."""
-    return state is State.CLOSED or (state is State.HALF_OPEN and not trial_in_flight)
-
-
-def effective_state(
-    raw: str, opened_at: datetime | None, reset_timeout_s: float, now: datetime
-) -> State:
-    """pybreaker's state name as of now: an open breaker whose timeout has passed is
-    half-open (pybreaker only moves it there on the next call). Pure."""
-    if raw == pybreaker.STATE_CLOSED:
-        return State.CLOSED
-    if raw == pybreaker.STATE_HALF_OPEN:
-        return State.HALF_OPEN
-    if opened_at is None or now >= opened_at + timedelta(seconds=reset_timeout_s):
-        return State.HALF_OPEN
-    return State.OPEN
-
-
 def _excluded(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError | Released)
 
 
 class NodeBreaker:
-    """One node's breaker. Not thread-safe; used from the dispatcher's event loop."""
+    """One node's breaker. Not thread-safe; used from the dispatcher's event loop.
 
-    def __init__(self, name: str, fail_max: int, reset_timeout_s: float) -> None:
-        self._breaker = pybreaker.CircuitBreaker(
-            fail_max=fail_max,
-            reset_timeout=reset_timeout_s,
-            exclude=[_excluded],
-            name=name,
+    Args:
+        name: The node's id.
+        fail_max: Consecutive lost batches that open the breaker.
+        reset_timeout_s: How long an open breaker refuses before one trial batch.
+        wall_clock: Unix seconds (pybreaker stamps an opening with the wall clock).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fail_max: int,
+        reset_timeout_s: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._breaker = Breaker(
+            name, fail_max=fail_max, reset_timeout_s=reset_timeout_s, exclude=[_excluded]
         )
-        self._reset_timeout_s = reset_timeout_s
+        self._wall_clock = wall_clock
         self._trial_in_flight = False
 
     def state(self) -> State:
-        storage = self._breaker._state_storage
-        return effective_state(
-            self._breaker.current_state,
-            storage.opened_at,
-            self._reset_timeout_s,
-            datetime.now(UTC),
-        )
+        """The state as of now: open past its reset timeout reads half-open."""
+        return self._breaker.effective_state(self._wall_clock())
 
     def admits(self) -> bool:
         return admits(self.state(), self._trial_in_flight)
@@ -93,7 +79,7 @@ class NodeBreaker:
         if trial:
             self._trial_in_flight = True
         try:
-            with self._breaker.calling():
+            with self._breaker.circuit.calling():
                 await outcome
         except (NodeFault, Released, pybreaker.CircuitBreakerError):
             pass
@@ -103,5 +89,5 @@ class NodeBreaker:
 
     def reset(self) -> None:
         """An operator's reset: closed, counters cleared."""
-        self._breaker.close()
+        self._breaker.circuit.close()
         self._trial_in_flight = False

@@ -30,7 +30,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
-from coordinator import _convert, backoff
+from coordinator import backoff
 from coordinator.balancer import Balancer, Candidate
 from coordinator.batching import batch_id, batch_range, parse_batch_id
 from coordinator.breaker import NodeFault, Released
@@ -55,12 +55,19 @@ from coordinator.model import (
     RecipientOutcome,
     Status,
 )
+from coordinator.node_messages import (
+    AckMessage,
+    HandbackMessage,
+    HelloMessage,
+    OutboundBatch,
+    RejectedMessage,
+    ResultsMessage,
+)
 from coordinator.plan import JobPlan
 from coordinator.registry import NodeEntry, Registry
 from coordinator.suppression import is_hard_bounce
-from coordinator.timeouts import LeaderTimeouts, NodeLimits
+from coordinator.timeouts import LeaderTimeouts
 from coordinator.writer import NodeResults, ResultWriter
-from mailerpb.mailer.v1 import common_pb2, sender_pb2
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +87,6 @@ class JobRun:
     closed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     """Set once a closing job's last holds came back and its recipients were settled."""
     finished: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    content_pb: common_pb2.MessageContent | None = None
 
     @property
     def job_id(self) -> str:
@@ -381,21 +387,14 @@ class Dispatcher:
         if job.status.state is JobState.QUEUED:
             job.status.state = JobState.RUNNING
             job.notify()
-        if job.content_pb is None:
-            job.content_pb = _convert.content_to(spec.content)
         bid = batch_id(spec.job_id, seq)
-        batch = sender_pb2.Batch(
+        batch = OutboundBatch(
             batch_id=bid,
             job_id=spec.job_id,
             epoch=self.store.epoch or 0,
             attempt=attempt,
-            content=job.content_pb,
-            recipients=[
-                sender_pb2.BatchRecipient(
-                    index=p.index, recipient=_convert.recipient_to(p.recipient), attempts=p.attempts
-                )
-                for p in to_send
-            ],
+            content=spec.content,
+            recipients=tuple(to_send),
             priority=spec.options.priority,
         )
         node = self.nodes.get(node_id)
@@ -507,15 +506,14 @@ class Dispatcher:
 
     # ---- node events (from links) ---------------------------------------------------
 
-    def on_hello(self, link: object, hello: sender_pb2.NodeHello) -> None:
+    def on_hello(self, link: object, hello: HelloMessage) -> None:
         node_id = hello.node_id or getattr(link, "node_id", "")
         node = self.nodes.get(node_id)
         if node is not None:
-            t = hello.timeouts
-            node.limits = NodeLimits.from_ms(t.final_reply_ms, t.transaction_ms)
+            node.limits = hello.limits
         for replayed in hello.replay:
             self._results(node_id, replayed)
-        held = {(b.batch_id, b.attempt) for b in hello.held}
+        held = hello.held
         for job in self.jobs.values():
             for seq in job.plan.held_by(node_id):
                 attempt = job.plan.held[seq].attempt
@@ -530,10 +528,10 @@ class Dispatcher:
     def on_disconnected(self, link: object) -> None:
         log.info("stream to node %s closed; its batches stay with it", getattr(link, "node_id", ""))
 
-    def on_results(self, link: object, results: sender_pb2.BatchResults) -> None:
+    def on_results(self, link: object, results: ResultsMessage) -> None:
         self._results(getattr(link, "node_id", ""), results)
 
-    def _results(self, node_id: str, results: sender_pb2.BatchResults, ack: bool = True) -> None:
+    def _results(self, node_id: str, results: ResultsMessage, ack: bool = True) -> None:
         try:
             job_id, seq = parse_batch_id(results.batch_id)
         except ValueError:
@@ -541,16 +539,18 @@ class Dispatcher:
         job = self.job(job_id)
         tenant_known = job is not None
         outcomes = []
-        for pb in results.results:
-            index, result = _convert.result_from(pb)
+        for index, result, email in results.results:
             bounced = is_hard_bounce(
                 result.status is Status.FAILED, result.code, result.enhanced_code
             )
             if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
                 last = result.reason or result.text
-                result.status = Status.FAILED
-                result.reason = f"gave up after {result.attempts} attempts; last: {last}"
-            outcomes.append(RecipientOutcome(job_id, index, result, pb.email, bounced))
+                result = dataclasses.replace(
+                    result,
+                    status=Status.FAILED,
+                    reason=f"gave up after {result.attempts} attempts; last: {last}",
+                )
+            outcomes.append(RecipientOutcome(job_id, index, result, email, bounced))
             self.metrics.recipients.labels(result.status.value).inc()
             if result.code:
                 self.metrics.smtp_replies.labels(str(result.code)).inc()
@@ -563,7 +563,7 @@ class Dispatcher:
             node.recipients_done += sum(1 for o in outcomes if o.result.status.final)
         self.writer.results(NodeResults(node_id, results.seq if ack else 0, outcomes))
 
-    def on_ack(self, link: object, ack: sender_pb2.BatchAck) -> None:
+    def on_ack(self, link: object, ack: AckMessage) -> None:
         node_id = getattr(link, "node_id", "")
         try:
             job_id, seq = parse_batch_id(ack.batch_id)
@@ -579,7 +579,7 @@ class Dispatcher:
             self.metrics.batch_ack_seconds.observe(max(0.0, self.monotonic() - hold.since))
             self._release(job, seq, node_id, attempt)
 
-    def on_rejected(self, link: object, rejected: sender_pb2.BatchRejected) -> None:
+    def on_rejected(self, link: object, rejected: RejectedMessage) -> None:
         node_id = getattr(link, "node_id", "")
         log.info("node %s rejected %s: %s", node_id, rejected.batch_id, rejected.reason)
         node = self.nodes.get(node_id)
@@ -617,20 +617,20 @@ class Dispatcher:
     def node_back(self, node: NodeEntry) -> None:
         self._wake.set()
 
-    async def handback(self, node_id: str, handback: sender_pb2.NodeHandback) -> None:
+    async def handback(self, node_id: str, handback: HandbackMessage) -> None:
         """A node that cannot reach us left its results and released batches in etcd:
         apply them (returns once they are written)."""
         for results in handback.results:
             self._results(node_id, results, ack=False)
         waits: list[asyncio.Future[None]] = []
-        for released in handback.released:
+        for released_id, attempt in handback.released:
             try:
-                job_id, seq = parse_batch_id(released.batch_id)
+                job_id, seq = parse_batch_id(released_id)
             except ValueError:
                 continue
             job = self.job(job_id)
-            if job is not None and job.plan.holds(seq, node_id, released.attempt):
-                waits.append(self._release(job, seq, node_id, released.attempt))
+            if job is not None and job.plan.holds(seq, node_id, attempt):
+                waits.append(self._release(job, seq, node_id, attempt))
         if not waits:
             waits.append(self.writer.release(BatchRelease(0, -1, node_id, -1, 0, 0)))
         await asyncio.gather(*waits)
@@ -764,6 +764,7 @@ class Dispatcher:
         job.notify()
         del self.jobs[job_no]
         self.by_id.pop(spec.job_id, None)
+        self.registry.job_finished(spec.job_id)
 
     async def _set_state(self, job: JobRun, state: JobState) -> None:
         record = await self.store.set_job_state(job.record.job_no, state, self.clock(), None)

@@ -8,16 +8,17 @@ import grpc
 from coordinator.db.store import LostLeadership, StoreUnavailable
 from coordinator.quotas import QuotaExceeded
 from coordinator.validation import ValidationError
+from mailers_runtime.errors import MailersError, PermanentError
 
 STORE_RETRY_AFTER_S = 2.0
 """What clients are told to wait (RetryInfo) when PostgreSQL cannot take a request."""
 
 
-class NotFound(Exception):
+class NotFound(PermanentError, LookupError):
     """The job or node does not exist."""
 
 
-class NotLeader(Exception):
+class NotLeader(MailersError):
     """This coordinator does not lead; ``leader`` is where to go, if known."""
 
     def __init__(self, leader: str) -> None:
@@ -25,15 +26,15 @@ class NotLeader(Exception):
         super().__init__(f"not the leader; the leader is {leader}" if leader else "no leader yet")
 
 
-class Unauthenticated(Exception):
+class Unauthenticated(PermanentError):
     """The call carries no valid token (normally refused earlier, by the interceptor)."""
 
 
-class PermissionDenied(Exception):
+class PermissionDenied(PermanentError):
     """The caller is known but may not make this call."""
 
 
-class Conflict(Exception):
+class Conflict(PermanentError):
     """The request cannot apply in the current state (e.g. resuming a finished job)."""
 
 

@@ -28,8 +28,8 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import LinkSettings, Registry
 from coordinator.retention import Retention
 from coordinator.timeouts import LeaderTimeouts
-from mailers.etcd import Keys, Session
-from mailers.tls import Transport
+from mailers_runtime.etcd import Keys, Session
+from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class Leader:
 
     def may_lead(self) -> bool:
         """Whether our election lease surely still exists (so we may send work)."""
-        return not self.lost.is_set() and self.session.trusted(time.monotonic())
+        return not self.lost.is_set() and self.session.trusted()
 
     async def start(self) -> None:
         """Take the fence, read the unfinished work, start the tasks.

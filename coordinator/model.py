@@ -13,6 +13,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+# A job's content is the message model the sender node compiles (one owner).
+from mailers_runtime.message.model import Attachment as Attachment
+from mailers_runtime.message.model import Content as Content
+from mailers_runtime.message.model import Header as Header
+from mailers_runtime.message.model import Mailbox
+
+Address = Mailbox
+"""A sender, reply-to or recipient mailbox: the message model's :class:`Mailbox`."""
+
 
 class JobState(enum.StrEnum):
     QUEUED = "queued"
@@ -43,43 +52,10 @@ class Status(enum.StrEnum):
 
 
 @dataclasses.dataclass(frozen=True)
-class Address:
-    email: str
-    name: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class Header:
-    name: str
-    value: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Recipient:
     email: str
     name: str = ""
     variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Content:
-    sender: Address
-    reply_to: Address | None
-    subject: str
-    text_body: str
-    html_body: str
-    headers: tuple[Header, ...] = ()
-    unsubscribe_url: str = ""
-    attachments: tuple[Attachment, ...] = ()
-    recipients_per_message: int = 1
-    """Above 1: recipients share one message, this many per SMTP transaction."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content_type: str
-    content: bytes
 
 
 @dataclasses.dataclass(frozen=True)

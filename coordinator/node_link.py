@@ -1,12 +1,13 @@
 """The leader's dispatch stream to one sender node (the gRPC shell of dispatching).
 
-A link dials the node (over the coordinator's :class:`mailers.tls.Transport`), opens
-``SenderService.Dispatch`` with the leader's epoch and the authority a heartbeat grants,
-waits for the node's hello, and then forwards what the node sends to a
-:class:`LinkEvents` sink. While the stream is open it sends a heartbeat every
-``heartbeat_interval_s``, but only while ``may_lead()`` says the leader's election
-lease is still trusted: a leader that may have lost its lease stops granting authority,
-and the node stops starting transactions within ``authority_s``.
+A link dials the node (over the coordinator's :class:`mailers_runtime.tls.Transport`),
+opens ``SenderService.Dispatch`` with the leader's epoch and the authority a heartbeat
+grants, waits for the node's hello, and then forwards what the node sends to a
+:class:`LinkEvents` sink as :mod:`coordinator.node_messages` (the batches it is given
+are encoded by a :class:`_convert.BatchEncoder`). While the stream is open it sends a
+heartbeat every ``heartbeat_interval_s``, but only while ``may_lead()`` says the
+leader's election lease is still trusted: a leader that may have lost its lease stops
+granting authority, and the node stops starting transactions within ``authority_s``.
 
 A stream that fails is dialled again with a growing pause until :meth:`close`. Losing a
 stream moves nothing: the node keeps its batches until it releases them (in a later
@@ -24,8 +25,16 @@ from typing import Protocol
 
 import grpc
 
+from coordinator import _convert
+from coordinator.node_messages import (
+    AckMessage,
+    HelloMessage,
+    OutboundBatch,
+    RejectedMessage,
+    ResultsMessage,
+)
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
-from mailers.tls import Transport
+from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +53,11 @@ CHANNEL_OPTIONS = [
 
 
 class LinkEvents(Protocol):
-    def on_hello(self, link: NodeLink, hello: sender_pb2.NodeHello) -> None: ...
+    def on_hello(self, link: NodeLink, hello: HelloMessage) -> None: ...
     def on_disconnected(self, link: NodeLink) -> None: ...
-    def on_results(self, link: NodeLink, results: sender_pb2.BatchResults) -> None: ...
-    def on_ack(self, link: NodeLink, ack: sender_pb2.BatchAck) -> None: ...
-    def on_rejected(self, link: NodeLink, rejected: sender_pb2.BatchRejected) -> None: ...
+    def on_results(self, link: NodeLink, results: ResultsMessage) -> None: ...
+    def on_ack(self, link: NodeLink, ack: AckMessage) -> None: ...
+    def on_rejected(self, link: NodeLink, rejected: RejectedMessage) -> None: ...
     def on_load(self, link: NodeLink) -> None: ...
 
 
@@ -60,6 +69,8 @@ class NodeLink:
             leader's election lease may have lapsed.
         authority_s: How long one heartbeat lets the node start transactions.
         heartbeat_interval_s: Period of heartbeats.
+        encoder: Encodes the batches; the registry shares one among its links, so a
+            job's content is encoded once.
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class NodeLink:
         authority_s: float = 3.0,
         heartbeat_interval_s: float = 1.0,
         hello_timeout_s: float = 10.0,
+        encoder: _convert.BatchEncoder | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -86,6 +98,7 @@ class NodeLink:
         self._authority_ms = int(authority_s * 1000)
         self._heartbeat_interval_s = heartbeat_interval_s
         self._hello_timeout_s = hello_timeout_s
+        self._encoder = encoder or _convert.BatchEncoder()
         self._queue: asyncio.Queue[sender_pb2.DispatchRequest | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -117,11 +130,11 @@ class NodeLink:
         self._queue.put_nowait(request)
         return True
 
-    def send_batch(self, batch: sender_pb2.Batch) -> bool:
+    def send_batch(self, batch: OutboundBatch) -> bool:
         """Queue a batch, if the stream is open and the leader may still lead."""
-        if not self._may_lead():
+        if not self._may_lead() or not self.connected:
             return False
-        return self.send(sender_pb2.DispatchRequest(batch=batch))
+        return self.send(sender_pb2.DispatchRequest(batch=self._encoder.encode(batch)))
 
     def cancel(self, batch_id: str) -> bool:
         return self.send(
@@ -200,7 +213,7 @@ class NodeLink:
                 self.connects += 1
                 # Replayed results and released batches are handled before anything else
                 # this node sends, and before it can get a batch.
-                self._events.on_hello(self, first.hello)
+                self._events.on_hello(self, _convert.hello_from(first.hello))
                 heartbeats = asyncio.create_task(self._heartbeats(), name=f"hb-{self.node_id}")
                 while True:
                     message = await call.read()
@@ -227,14 +240,14 @@ class NodeLink:
     def _handle(self, message: sender_pb2.DispatchResponse) -> None:
         kind = message.WhichOneof("kind")
         if kind == "results":
-            self._events.on_results(self, message.results)
+            self._events.on_results(self, _convert.results_from(message.results))
         elif kind == "ack":
-            self._events.on_ack(self, message.ack)
+            self._events.on_ack(self, _convert.ack_from(message.ack))
         elif kind == "load":
             self.load = message.load
             self._events.on_load(self)
         elif kind == "rejected":
-            self._events.on_rejected(self, message.rejected)
+            self._events.on_rejected(self, _convert.rejected_from(message.rejected))
         elif kind == "hello":
             # A repeated hello mid-stream refreshes load and relays (breaker changes).
             self._hello(message.hello)

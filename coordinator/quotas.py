@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from mailers_runtime.errors import MailersError
+
 WINDOW_S = 3600.0
 ACTIVE_JOBS_RETRY_S = 30.0
 """Suggested wait when a tenant has too many unfinished jobs (nothing tells when one ends)."""
@@ -32,7 +34,7 @@ class Quotas:
                 raise ValueError(f"{field.name} must not be negative")
 
 
-class QuotaExceeded(Exception):
+class QuotaExceeded(MailersError):
     """A tenant is over a quota; ``retry_after_s`` is when trying again may work
     (None when waiting cannot help, e.g. a job larger than the per-job limit)."""
 

@@ -17,19 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import aetcd
 
+from coordinator import _convert
 from coordinator.breaker import NodeBreaker
 from coordinator.node_link import LinkEvents, NodeLink
+from coordinator.node_messages import HandbackMessage
 from coordinator.timeouts import NodeLimits
-from mailerpb.mailer.v1 import sender_pb2
-from mailers.etcd import Keys, read_prefix, watch_prefix
-from mailers.tls import Transport
+from mailers_runtime.etcd import Keys, read_prefix, watch_prefix
+from mailers_runtime.records import NodeRecord
+from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class NodeEntry:
 class RegistryEvents(Protocol):
     def node_left(self, node: NodeEntry) -> None: ...
     def node_back(self, node: NodeEntry) -> None: ...
-    async def handback(self, node_id: str, handback: sender_pb2.NodeHandback) -> None: ...
+    async def handback(self, node_id: str, handback: HandbackMessage) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Registry:
         self.cordoned: set[str] = set()
         self.listed = asyncio.Event()
         """Set once the first listing of registrations has been applied."""
+        self._encoder = _convert.BatchEncoder()
+        """Shared by the links: a job's content is encoded once for all nodes."""
 
     # ---- tasks ----------------------------------------------------------------------
 
@@ -138,13 +141,11 @@ class Registry:
 
     def _upsert(self, node_id: str, value: bytes) -> None:
         try:
-            info = json.loads(value)
-            address = str(info["address"])
-            capacity = int(info.get("capacity", 0))
-            lease_id = int(info.get("lease_id", 0))
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring malformed registration of node %s", node_id)
+            record = NodeRecord.decode(value, node_id)
+        except ValueError as exc:
+            log.warning("ignoring the registration of node %s: %s", node_id, exc)
             return
+        address, capacity, lease_id = record.address, record.capacity, record.lease_id
         node = self.nodes.get(node_id)
         if node is not None and node.address == address:
             node.capacity = capacity
@@ -164,7 +165,7 @@ class Registry:
         link = NodeLink(
             node_id, address, s.coordinator_id, s.epoch, self._links,
             transport=s.transport, may_lead=s.may_lead, authority_s=s.authority_s,
-            heartbeat_interval_s=s.heartbeat_interval_s,
+            heartbeat_interval_s=s.heartbeat_interval_s, encoder=self._encoder,
         )  # fmt: skip
         entry = NodeEntry(
             node_id=node_id,
@@ -181,6 +182,10 @@ class Registry:
         link.start()
         if node is not None and not node.registered:
             self._events.node_back(entry)
+
+    def job_finished(self, job_id: str) -> None:
+        """Drop what the links keep for a job that sends nothing more (its content)."""
+        self._encoder.forget(job_id)
 
     async def forget(self, node_id: str) -> None:
         """Drop a node that left and holds nothing any more."""
@@ -200,7 +205,7 @@ class Registry:
             return
         node_id = self._keys.tail(key, self._keys.handback_prefix)
         try:
-            handback = sender_pb2.NodeHandback.FromString(value)
+            handback = _convert.parse_handback(value)
         except Exception:
             log.warning("ignoring a malformed hand-back of node %s", node_id)
             return

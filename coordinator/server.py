@@ -6,7 +6,7 @@ starts a dispatcher and marks the health service SERVING; when the session ends 
 fenced write fails it stops the dispatcher at once and campaigns again under a new
 lease. ``stop`` (SIGTERM) resigns: the lease is revoked so a standby leads at once.
 
-The client API listens with the coordinator's :class:`mailers.tls.Transport` (TLS,
+The client API listens with the coordinator's :class:`mailers_runtime.tls.Transport` (TLS,
 client certificates required unless ``MAILER_TLS_CLIENT_AUTH=none``; plaintext only
 with ``MAILER_PLAINTEXT=1``), and node links dial with it. ``MAILER_HEALTH_LISTEN``
 adds a plaintext port with the health service alone, for probes that cannot do TLS.
@@ -33,13 +33,12 @@ from coordinator.edge import AuthInterceptor, add_service
 from coordinator.election import Election, LeadershipUnavailable
 from coordinator.leader import Leader
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.model import Address, Content
 from coordinator.servicer import AdminServicer, MailerServicer, Role
 from coordinator.validation import TemplateCheck
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
-from mailers.etcd import Keys, Session, connect
-from mailers.tls import Transport
-from sender_node import render
+from mailers_runtime import message
+from mailers_runtime.etcd import Keys, Session, connect
+from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
 
@@ -118,30 +117,9 @@ def build_server(
 
 
 def template_check() -> TemplateCheck:
-    """The renderer's own compile check (sandbox policy, syntax, filters), run at submit."""
-
-    def check(content: Content) -> list[str]:
-        def mailbox(a: Address) -> render.Mailbox:
-            return render.Mailbox(email=a.email, name=a.name)
-
-        return render.check_templates(
-            render.Content(
-                sender=mailbox(content.sender),
-                subject=content.subject,
-                text_body=content.text_body,
-                html_body=content.html_body,
-                reply_to=mailbox(content.reply_to) if content.reply_to is not None else None,
-                headers=tuple((h.name, h.value) for h in content.headers),
-                unsubscribe_url=content.unsubscribe_url,
-                attachments=tuple(
-                    render.Attachment(a.filename, a.content_type, a.content)
-                    for a in content.attachments
-                ),
-                recipients_per_message=content.recipients_per_message,
-            )
-        )
-
-    return check
+    """The sender node's own compile check (sandbox policy, syntax, filters), run at
+    submit: the job's content is the message model the node compiles."""
+    return message.check_templates
 
 
 async def _set_health(servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -209,30 +187,11 @@ async def serve(
     keys = Keys(config.etcd_prefix)
     role = Role(config.name, config.advertised, list(config.etcd_endpoints), config.etcd_tls)
     server = build_server(config, role, load_auth(config), transport.interceptors())
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    # Reflection lets grpcurl-style tools discover the API without the protos.
-    reflection.enable_server_reflection(
-        [
-            coordinator_pb2.DESCRIPTOR.services_by_name["MailerService"].full_name,
-            coordinator_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ],
-        server,
-    )
-    await _set_health(health_servicer, False)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer = await _health_and_reflection(server)
     metrics = CoordinatorMetrics()
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
-    health_server: grpc.aio.Server | None = None
-    if config.health_listen:
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_server.add_insecure_port(config.health_listen)
-        await health_server.start()
-        log.info("health service (plaintext) on %s", config.health_listen)
+    health_server = await _health_port(config.health_listen, health_servicer)
     transport.add_port(server, config.listen)
     await server.start()
     log.info("coordinator %s listening on %s, %s", config.name, config.listen, transport.describe())
@@ -263,6 +222,39 @@ async def serve(
             await db.close()
         with contextlib.suppress(Exception):
             await client.close()
+
+
+async def _health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    """Add the health service (overall SERVING, the API services not yet) and reflection,
+    which lets grpcurl-style tools discover the API without the protos."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [
+            coordinator_pb2.DESCRIPTOR.services_by_name["MailerService"].full_name,
+            coordinator_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    await _set_health(health_servicer, False)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return health_servicer
+
+
+async def _health_port(
+    listen: str, health_servicer: health.aio.HealthServicer
+) -> grpc.aio.Server | None:
+    """The plaintext health-only port (``MAILER_HEALTH_LISTEN``), started; None when off."""
+    if not listen:
+        return None
+    health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_server.add_insecure_port(listen)
+    await health_server.start()
+    log.info("health service (plaintext) on %s", listen)
+    return health_server
 
 
 async def _term(

@@ -52,7 +52,7 @@ from coordinator.validation import (
     check_job,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from mailers.etcd import EtcdTls, connect
+from mailers_runtime.etcd import EtcdTls, connect
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +602,18 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
             recipients_done=node.recipients_done,
         )
 
+    async def _cordon(
+        self, node_id: str, cordoned: bool, *, drain: bool = False
+    ) -> coordinator_pb2.NodeInfo:
+        """Cordon (or uncordon) a registered node, wait for its batches if draining,
+        and return how it stands. Raises NotFound for an unknown node."""
+        reign = await self._role.leader()
+        await self._node_info(reign, node_id)
+        await reign.set_cordon(node_id, cordoned)
+        if drain:
+            await reign.dispatcher.wait_idle(node_id)
+        return await self._node_info(reign, node_id)
+
     async def ListNodes(
         self, request: coordinator_pb2.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.ListNodesResponse:
@@ -618,12 +630,8 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.CordonNodeResponse:
         async def call() -> coordinator_pb2.CordonNodeResponse:
-            reign = await self._role.leader()
-            await self._node_info(reign, request.node_id)
-            await reign.set_cordon(request.node_id, True)
-            return coordinator_pb2.CordonNodeResponse(
-                node=await self._node_info(reign, request.node_id)
-            )
+            node = await self._cordon(request.node_id, True)
+            return coordinator_pb2.CordonNodeResponse(node=node)
 
         return await _handle(context, call)
 
@@ -633,12 +641,8 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.UncordonNodeResponse:
         async def call() -> coordinator_pb2.UncordonNodeResponse:
-            reign = await self._role.leader()
-            await self._node_info(reign, request.node_id)
-            await reign.set_cordon(request.node_id, False)
-            return coordinator_pb2.UncordonNodeResponse(
-                node=await self._node_info(reign, request.node_id)
-            )
+            node = await self._cordon(request.node_id, False)
+            return coordinator_pb2.UncordonNodeResponse(node=node)
 
         return await _handle(context, call)
 
@@ -646,14 +650,9 @@ class AdminServicer(coordinator_pb2_grpc.AdminServiceServicer):
         self, request: coordinator_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> coordinator_pb2.DrainNodeResponse:
         async def call() -> coordinator_pb2.DrainNodeResponse:
-            reign = await self._role.leader()
-            await self._node_info(reign, request.node_id)
-            await reign.set_cordon(request.node_id, True)
             # The client's deadline bounds the wait; batches finish or move meanwhile.
-            await reign.dispatcher.wait_idle(request.node_id)
-            return coordinator_pb2.DrainNodeResponse(
-                node=await self._node_info(reign, request.node_id)
-            )
+            node = await self._cordon(request.node_id, True, drain=True)
+            return coordinator_pb2.DrainNodeResponse(node=node)
 
         return await _handle(context, call)
 

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 import email_validator
 
 from coordinator.model import Address, Content, Header, Recipient
+from mailers_runtime.errors import PermanentError
 
 MAX_REPORTED = 20
 MAX_RECIPIENTS_PER_MESSAGE = 100
@@ -97,7 +98,7 @@ class Limits:
                 raise ValueError(f"{field.name} must be at least 1")
 
 
-class ValidationError(ValueError):
+class ValidationError(PermanentError, ValueError):
     """A submitted job is invalid. ``problems`` are (field, message) pairs."""
 
     def __init__(self, problems: list[tuple[str, str]]) -> None:

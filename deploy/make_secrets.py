@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator.auth import hash_token, new_token
-from mailers.certs import CertSpec, DevCA
+from mailers_dev.certs import CertSpec, DevCA
 
 MAILERS_UID = 10001
 POSTGRES_GID = 999
@@ -151,6 +151,66 @@ def _issue(ca: DevCA, spec: CertSpec, target: Path, writer: Writer, owner: Owner
     paths.key.unlink()
 
 
+def _certificate_authority(root: Path, writer: Writer, owner: Owner) -> DevCA:
+    """The deployment's CA: loaded, or made afresh (then every certificate is reissued)."""
+    ca_dir = writer.directory("ca", owner)
+    if (ca_dir / "ca.key").exists():
+        return DevCA.load(ca_dir)
+    # A new CA makes every certificate signed by the old one useless: issue them all.
+    for name in ("coordinator", "etcd", "etcd-root", "postgres", "relay", "admin"):
+        for stale in ("tls.crt", "tls.key", "client.crt", "client.key", "ca.crt"):
+            (root / name / stale).unlink(missing_ok=True)
+    for node_dir in root.glob("node-*"):
+        shutil.rmtree(node_dir)
+    ca = DevCA.create(ca_dir, name="Mailers deployment CA (development)")
+    writer.written.append(ca.cert_path)
+    return ca
+
+
+def _admin_client_certificate(ca: DevCA, writer: Writer, admin: Path, owner: Owner) -> None:
+    """The operators' client certificate (CN mailers-client), unless it exists."""
+    if (admin / "client.crt").exists() and (admin / "client.key").exists():
+        return
+    paths = ca.issue(CertSpec("client", "mailers-client", server=False))
+    for path, secret in ((paths.cert, False), (paths.key, True)):
+        (admin / path.name).unlink(missing_ok=True)
+        writer.put(admin / path.name, path.read_bytes(), owner, secret=secret)
+        path.unlink()
+
+
+def _auth_file(writer: Writer, coordinator: Path, admin: Path, tenant: str, mailers: Owner) -> None:
+    # The auth file and its tokens are made together: a token whose digest is not in
+    # the file opens nothing.
+    if not (coordinator / "auth.json").exists():
+        admin_token, tenant_token = new_token(), new_token()
+        auth = {
+            "tenants": {tenant: {"tokens": [hash_token(tenant_token)]}},
+            "admins": [hash_token(admin_token)],
+        }
+        for name, token in (("admin", admin_token), (tenant, tenant_token)):
+            (admin / f"{name}.token").unlink(missing_ok=True)
+            writer.put(admin / f"{name}.token", token.encode(), mailers, secret=True)
+        writer.put(
+            coordinator / "auth.json",
+            (json.dumps(auth, indent=2) + "\n").encode(),
+            mailers,
+            secret=True,
+        )
+
+
+def _database_password(
+    writer: Writer, coordinator: Path, pg: Path, mailers: Owner, postgres: Owner
+) -> None:
+    # One password, two readers: the server (POSTGRES_PASSWORD_FILE) and coordinators
+    # (MAILER_DATABASE_PASSWORD_FILE). No trailing newline: both read the file as it is.
+    if not (pg / "password").exists():
+        password = secrets.token_urlsafe(24).encode()
+        writer.put(pg / "password", password, postgres, secret=True)
+        (coordinator / "postgres-password").unlink(missing_ok=True)
+    writer.put(coordinator / "postgres-password", (pg / "password").read_bytes(), mailers,
+               secret=True)  # fmt: skip
+
+
 def make(root: Path, preset: Preset, tenant: str) -> list[Path]:
     """Write everything missing under root; returns the files written.
 
@@ -161,19 +221,7 @@ def make(root: Path, preset: Preset, tenant: str) -> list[Path]:
     root_owner = Owner(0, 0)
     mailers = Owner(MAILERS_UID, MAILERS_UID) if writer.chown else Owner(os.getuid(), os.getgid())
     postgres = Owner(0, POSTGRES_GID, 0o640) if writer.chown else mailers
-    ca_dir = writer.directory("ca", root_owner if writer.chown else mailers)
-    fresh_ca = not (ca_dir / "ca.key").exists()
-    if fresh_ca:
-        # A new CA makes every certificate signed by the old one useless: issue them all.
-        for name in ("coordinator", "etcd", "etcd-root", "postgres", "relay", "admin"):
-            for stale in ("tls.crt", "tls.key", "client.crt", "client.key", "ca.crt"):
-                (root / name / stale).unlink(missing_ok=True)
-        for node_dir in root.glob("node-*"):
-            shutil.rmtree(node_dir)
-        ca = DevCA.create(ca_dir, name="Mailers deployment CA (development)")
-        writer.written.append(ca.cert_path)
-    else:
-        ca = DevCA.load(ca_dir)
+    ca = _certificate_authority(root, writer, root_owner if writer.chown else mailers)
     ca_pem = ca.cert_path.read_bytes()
 
     def consumer(name: str, owner: Owner, spec: CertSpec | None, *, ca_file: bool = True) -> Path:
@@ -202,39 +250,10 @@ def make(root: Path, preset: Preset, tenant: str) -> list[Path]:
         relay_spec = CertSpec("tls", "relay", preset.relay_hosts, client=False)
         consumer("relay", runs_as_root, relay_spec, ca_file=False)
     admin = consumer("admin", mailers, None)
-    if not (admin / "client.crt").exists() or not (admin / "client.key").exists():
-        paths = ca.issue(CertSpec("client", "mailers-client", server=False))
-        for path, secret in ((paths.cert, False), (paths.key, True)):
-            (admin / path.name).unlink(missing_ok=True)
-            writer.put(admin / path.name, path.read_bytes(), mailers, secret=secret)
-            path.unlink()
+    _admin_client_certificate(ca, writer, admin, mailers)
 
-    # The auth file and its tokens are made together: a token whose digest is not in
-    # the file opens nothing.
-    if not (coordinator / "auth.json").exists():
-        admin_token, tenant_token = new_token(), new_token()
-        auth = {
-            "tenants": {tenant: {"tokens": [hash_token(tenant_token)]}},
-            "admins": [hash_token(admin_token)],
-        }
-        for name, token in (("admin", admin_token), (tenant, tenant_token)):
-            (admin / f"{name}.token").unlink(missing_ok=True)
-            writer.put(admin / f"{name}.token", token.encode(), mailers, secret=True)
-        writer.put(
-            coordinator / "auth.json",
-            (json.dumps(auth, indent=2) + "\n").encode(),
-            mailers,
-            secret=True,
-        )
-
-    # One password, two readers: the server (POSTGRES_PASSWORD_FILE) and coordinators
-    # (MAILER_DATABASE_PASSWORD_FILE). No trailing newline: both read the file as it is.
-    if not (pg / "password").exists():
-        password = secrets.token_urlsafe(24).encode()
-        writer.put(pg / "password", password, postgres, secret=True)
-        (coordinator / "postgres-password").unlink(missing_ok=True)
-    writer.put(coordinator / "postgres-password", (pg / "password").read_bytes(), mailers,
-               secret=True)  # fmt: skip
+    _auth_file(writer, coordinator, admin, tenant, mailers)
+    _database_password(writer, coordinator, pg, mailers, postgres)
     return writer.written
 
 

@@ -33,6 +33,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -452,6 +453,36 @@ def _counts(p: JobProgress) -> str:
     )
 
 
+def _scan(args: SendArgs, console: Console) -> CsvScan:
+    """Scan the CSV before sending; warn of template variables no column fills.
+
+    Raises:
+        CampaignInputError: The CSV is invalid or holds no recipient.
+    """
+    scan = scan_csv(args.csv_path)
+    if scan.recipients == 0:
+        raise CampaignInputError(f"{args.csv_path}: no recipients")
+    c = args.content
+    missing = template_variables(c.subject, c.text_body, c.html_body) - scan.variables
+    missing -= {"email", "name"}
+    if missing:
+        console.print(
+            f"[yellow]warning:[/] template variables without a CSV column: {sorted(missing)}"
+        )
+    return scan
+
+
+async def _watch(
+    client: MailerClient, job_id: str, first: JobProgress, progress: Progress, task: TaskID
+) -> JobProgress:
+    """Follow the job to its end on the progress bar; its last progress."""
+    final = first
+    async for p in client.watch(job_id):
+        final = p
+        progress.update(task, completed=p.done, total=p.total or None, counts=_counts(p))
+    return final
+
+
 async def run_send(
     args: SendArgs, console: Console, *, client: MailerClient | None = None
 ) -> Summary | None:
@@ -470,16 +501,7 @@ async def run_send(
         CampaignInputError: The CSV is invalid (nothing was sent).
         MailerError: The cluster refused or could not be reached.
     """
-    scan = scan_csv(args.csv_path)
-    if scan.recipients == 0:
-        raise CampaignInputError(f"{args.csv_path}: no recipients")
-    c = args.content
-    missing = template_variables(c.subject, c.text_body, c.html_body) - scan.variables
-    missing -= {"email", "name"}
-    if missing:
-        console.print(
-            f"[yellow]warning:[/] template variables without a CSV column: {sorted(missing)}"
-        )
+    scan = _scan(args, console)
     own_client = client is None
     if client is None:
         client = MailerClient(list(args.coordinators), token=args.token, tls=args.tls)
@@ -507,15 +529,7 @@ async def run_send(
                 total=job.progress.total or scan.recipients,
                 counts=_counts(job.progress),
             )
-            final = job.progress
-            async for p in client.watch(job.job_id):
-                final = p
-                progress.update(
-                    sending,
-                    completed=p.done,
-                    total=p.total or None,
-                    counts=_counts(p),
-                )
+            final = await _watch(client, job.job_id, job.progress, progress, sending)
         elapsed_s = time.monotonic() - started
         builder = SummaryBuilder()
         async for result in client.results(job.job_id):

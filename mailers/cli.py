@@ -17,34 +17,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import dataclasses
 import importlib.metadata
-import random
-import shutil
-import signal
-import socket
 import sys
-import time
 from collections.abc import Sequence
-from datetime import timedelta
 from pathlib import Path
 
 import aetcd
 from rich.console import Console
 
-from client_sdk import Address, MailerError, MessageContent
 from mailers.admin import add_admin_parsers
-from mailers.campaign import (
-    SendArgs,
-    add_send_parser,
-    main_send,
-    run_send,
-)
-from mailers.certs import DEFAULT_HOSTS, make_dev_pki
-from mailers.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
-from mailers.etcd import EtcdTls, connect, parse_endpoints, permission_denied
+from mailers.campaign import add_send_parser, main_send
 from mailers.etcd_auth import ROOT as ETCD_ROOT_USER
+from mailers.etcd_auth import ROOT_CERT as ETCD_ROOT
 from mailers.etcd_auth import (
     Grant,
     add_node,
@@ -53,176 +38,7 @@ from mailers.etcd_auth import (
     remove_node,
     role_table,
 )
-from mailers.procs import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO_TEMPLATES = ROOT / "deploy" / "demo"
-DEFAULT_PORTS = (7701, 7702)
-_CITIES = ("Lisbon", "Zürich", "Kraków", "Osaka", "Montréal", "Nairobi", "Reykjavík")
-
-
-def write_demo_csv(path: Path, count: int, seed: int = 7) -> None:
-    """A CSV of count fictitious recipients (example.org addresses) with variables."""
-    rng = random.Random(seed)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["email", "name", "code", "city"])
-        for i in range(count):
-            writer.writerow(
-                [f"reader{i}@example.org", f"Reader {i}", f"M-{i:06d}", rng.choice(_CITIES)]
-            )
-
-
-def _start_cluster(
-    workdir: Path, ports: Sequence[int], console: Console, *, tls: bool = True
-) -> LocalCluster:
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    cluster = LocalCluster(workdir, ClusterSpec(coordinator_ports=tuple(ports), tls=tls))
-    with console.status("starting etcd, 2 coordinators, 3 sender nodes and an SMTP sink"):
-        cluster.start()
-        asyncio.run(_wait_nodes(cluster, 3))
-    security = (
-        f"mutual TLS and etcd with client-certificate users (dev CA in {cluster.pki_dir})"
-        if tls
-        else "[yellow]plaintext[/] (MAILER_PLAINTEXT=1)"
-    )
-    console.print(
-        f"[green]cluster up[/]: coordinators {', '.join(cluster.coordinator_addresses)}; "
-        f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}; {security}"
-    )
-    console.print(f"messages are stored as files in {cluster.maildir / 'new'}")
-    return cluster
-
-
-async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with cluster.client() as client:
-        while True:
-            try:
-                nodes = await client.list_nodes(timeout=timedelta(seconds=5))
-                if sum(1 for n in nodes if n.state.name == "ACTIVE") >= count:
-                    return
-            except MailerError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} sender nodes did not connect within {timeout_s}s")
-            await asyncio.sleep(0.2)
-
-
-def cmd_demo(ns: argparse.Namespace) -> int:
-    console = Console()
-    workdir = Path(ns.workdir).resolve()
-    cluster = _start_cluster(
-        workdir, _free_or_default(DEFAULT_PORTS), console, tls=not ns.plaintext
-    )
-    try:
-        csv_path = workdir / "recipients.csv"
-        write_demo_csv(csv_path, ns.recipients)
-        console.print(f"sending a campaign to {ns.recipients} recipients from {csv_path}")
-        args = SendArgs(
-            csv_path=csv_path,
-            content=MessageContent(
-                sender=Address("news@example.com", "Example News"),
-                subject="Your digest, {{ name }}",
-                text_body=(DEMO_TEMPLATES / "campaign.txt").read_text(),
-                html_body=(DEMO_TEMPLATES / "campaign.html").read_text(),
-                unsubscribe_url="https://example.com/unsubscribe",
-            ),
-            coordinators=tuple(cluster.coordinator_addresses),
-            tls=cluster.client_tls,
-        )
-        summary = asyncio.run(run_send(args, console))
-        stored = len(list((cluster.maildir / "new").iterdir()))
-        console.print(f"the sink stored {stored} messages in {cluster.maildir / 'new'}")
-        if summary is None or summary.delivered != ns.recipients:
-            return 1
-        return 0
-    finally:
-        with console.status("stopping the cluster"):
-            cluster.stop()
-
-
-def cmd_cluster(ns: argparse.Namespace) -> int:
-    console = Console()
-    cluster = _start_cluster(
-        Path(ns.workdir).resolve(), DEFAULT_PORTS, console, tls=not ns.plaintext
-    )
-    exports = ""
-    root = cluster.etcd_tls(ETCD_ROOT)
-    if root is not None:
-        exports = "".join(f"  export {k}={v}\n" for k, v in cluster.tls_env("client").items())
-        console.print(
-            "etcd as root: etcdctl --endpoints "
-            f"{','.join(cluster.etcd.client_urls)} --cacert {root.ca_file} "
-            f"--cert {root.cert_file} --key {root.key_file} get / --prefix --keys-only",
-            highlight=False,
-            soft_wrap=True,
-        )
-    console.print(
-        "send a campaign from another terminal, e.g.\n"
-        f"{exports}"
-        "  .venv/bin/mailers send --csv recipients.csv --from news@example.com "
-        "--subject 'Hi {{ name }}' --html deploy/demo/campaign.html\n"
-        "Ctrl-C stops the cluster.",
-        highlight=False,
-        soft_wrap=True,
-    )
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
-    return 0
-
-
-def cmd_certs(ns: argparse.Namespace) -> int:
-    """Write a development CA and a cluster's certificates, and say how to use them."""
-    console = Console(highlight=False, soft_wrap=True)
-    directory = Path(ns.directory).resolve()
-    if (directory / "ca.key").exists() and not ns.force:
-        console.print(f"[red]error:[/] {directory} already holds a CA (--force replaces it)")
-        return 2
-    written = make_dev_pki(directory, ns.node or [], ns.host or DEFAULT_HOSTS)
-    for name, paths in written.items():
-        console.print(f"{name:>16}  {paths.cert}  {paths.key} (mode 0600)")
-    ca = written["ca"].cert
-
-    def env(name: str, kind: str = "TLS") -> str:
-        p = written[name]
-        return f"MAILER_{kind}_CA={ca} MAILER_{kind}_CERT={p.cert} MAILER_{kind}_KEY={p.key}"
-
-    indent = " " * 18
-    console.print("\nenvironment of each process (see deploy/README.md, TLS):")
-    console.print(f"  coordinators:   {env('coordinator')}")
-    console.print(f"{indent}{env('coordinator', 'ETCD')}")
-    for node in ns.node or []:
-        console.print(f"  node {node}:{' ' * max(1, 10 - len(node))}{env(f'node-{node}')}")
-        console.print(f"{indent}{env(f'node-{node}', 'ETCD')}")
-    console.print(f"  mailers CLI:    {env('client')}")
-    console.print(
-        "  SDK:            ClientTls.from_files("
-        f"'{ca}', '{written['client'].cert}', '{written['client'].key}')"
-    )
-    etcd, root = written["etcd"], written[ETCD_ROOT]
-    console.print(
-        f"  etcd members:   --trusted-ca-file {ca} --cert-file {etcd.cert} "
-        f"--key-file {etcd.key} --client-cert-auth,"
-        f"\n{indent}the same files as --peer-trusted-ca-file, --peer-cert-file, "
-        "--peer-key-file, and --peer-client-cert-auth"
-    )
-    nodes = " ".join(ns.node or [])
-    console.print(
-        f"  then, once:     mailers etcd-auth --endpoints HOST:PORT --pki {directory} {nodes}"
-    )
-    console.print(f"  etcdctl (root): --cacert {ca} --cert {root.cert} --key {root.key}")
-    console.print(
-        "development only: ca.key can issue certificates every process trusts; "
-        "keep production keys in your own PKI"
-    )
-    return 0
+from mailers_runtime.etcd import EtcdTls, connect, parse_endpoints, permission_denied
 
 
 class _UsageError(ValueError):
@@ -340,22 +156,9 @@ def cmd_etcd_auth(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _free_or_default(ports: Sequence[int]) -> list[int]:
-    """The default ports when free (so `mailers status` finds the demo), else any."""
-    result = []
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                result.append(port)
-            except OSError:
-                result.append(free_port())
-    return result
-
-
 def _version() -> str:
     try:
-        return importlib.metadata.version("mailers-server")
+        return importlib.metadata.version("mailers-cli")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
         return "unknown"
 
@@ -372,6 +175,26 @@ def run_node() -> int:
     return node_main()
 
 
+def _add_dev_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``demo``, ``cluster`` and ``certs`` come with the mailers-dev distribution."""
+    try:
+        from mailers_dev.commands import add_dev_parsers
+    except ImportError as exc:
+        missing = str(exc)
+
+        def unavailable(ns: argparse.Namespace) -> int:
+            print(
+                f"mailers {ns.command}: needs the mailers-dev distribution ({missing})",
+                file=sys.stderr,
+            )
+            return 2
+
+        for name in ("demo", "cluster", "certs"):
+            sub.add_parser(name, help="(needs mailers-dev)").set_defaults(func=unavailable)
+        return
+    add_dev_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -384,34 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`mailers node` with no action runs a sender node the same way.",
     )
     server.set_defaults(func=cmd_coordinator)
-    demo = sub.add_parser("demo", help="start a local cluster and send a demo campaign")
-    demo.add_argument("--recipients", type=int, default=1000)
-    demo.add_argument("--workdir", default="var/demo", help="cluster data, logs and maildir")
-    demo.add_argument("--plaintext", action="store_true", help="no TLS between processes")
-    demo.set_defaults(func=cmd_demo)
-    cluster = sub.add_parser("cluster", help="run a local cluster until Ctrl-C")
-    cluster.add_argument("--workdir", default="var/cluster")
-    cluster.add_argument("--plaintext", action="store_true", help="no TLS between processes")
-    cluster.set_defaults(func=cmd_cluster)
-    certs = sub.add_parser(
-        "certs",
-        help="make a development CA and the certificates of a cluster",
-        description="Write ca.crt/ca.key and coordinator, client, etcd, etcd-root and "
-        "node-<ID> certificates (ECDSA P-256, keys mode 0600) into DIR.",
-    )
-    certs.add_argument("directory", metavar="DIR")
-    certs.add_argument(
-        "--node", action="append", metavar="ID", help="a node certificate (repeatable)"
-    )
-    certs.add_argument(
-        "--host",
-        action="append",
-        metavar="NAME",
-        help="DNS name or IP of server certificates (repeatable; default: "
-        f"{', '.join(DEFAULT_HOSTS)})",
-    )
-    certs.add_argument("--force", action="store_true", help="replace a CA already in DIR")
-    certs.set_defaults(func=cmd_certs)
+    _add_dev_parsers(sub)
     add_etcd_auth_parser(sub)
     add_send_parser(sub)
     add_admin_parsers(sub, run_node)

@@ -2,7 +2,7 @@
 
 etcd started with ``--client-cert-auth`` takes a client certificate's common name as
 the user name once auth is enabled, so each process acts as the user named by its
-certificate (``mailers.certs.cluster_specs`` issues them with these CNs) and no
+certificate (``mailers_dev.certs.cluster_specs`` issues them with these CNs) and no
 passwords exist: users are created with ``no_password``.
 
 The permission table (keys relative to the cluster prefix, ``/mailers`` by default):
@@ -58,10 +58,13 @@ import aetcd
 import grpc
 from aetcd import rpc, utils
 
-from mailers.etcd import DEFAULT_TIMEOUT_S, EtcdTls, Keys, connect
+from mailers_runtime.etcd import DEFAULT_TIMEOUT_S, EtcdTls, Keys, connect
 
 ROOT = "root"
 """etcd's superuser and role; auth cannot be enabled without them."""
+
+ROOT_CERT = "etcd-root"
+"""The file stem of root's certificate (CN ``root``) in a PKI directory (``--pki``)."""
 
 COORDINATOR_USER = "mailers-coordinator"
 """User and role of every coordinator (the CN of ``coordinator.crt``)."""
@@ -247,7 +250,7 @@ async def setup_auth(
 
     Raises:
         aetcd.ClientError: etcd refused or failed a call (e.g. PERMISSION_DENIED when
-            auth is on and the client is not root); see ``mailers.etcd.permission_denied``.
+            auth is on and the client is not root); see ``mailers_runtime.etcd.permission_denied``.
         ValueError: a node id is empty or holds '/'.
     """
     await _apply(client, role_table(prefix, node_ids), enable=True, timeout_s=timeout_s)

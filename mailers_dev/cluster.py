@@ -2,19 +2,19 @@
 nodes, a sink.
 
 Each part is a real process (``python -m coordinator``, ``python -m sender_node``,
-``python -m mailers.sink``, Debian's ``etcd`` and ``postgres``) on loopback ports, so
+``python -m mailers_dev.sink``, Debian's ``etcd`` and ``postgres``) on loopback ports, so
 killing one is a real failure. Each node keeps its result journal in
 ``<base>/state/node<i>``. Used by ``mailers cluster``/``mailers demo`` and by the integration and
 chaos tests; :meth:`LocalCluster.stop` stops every process it started, by PID.
 
 For fault injection a test can give chosen nodes an SMTP sink of their own (so the sink
 logs tell which node sent what), route a node's or a coordinator's etcd traffic, or a
-node's SMTP traffic, elsewhere (e.g. through ``mailers.faultproxy``) with
+node's SMTP traffic, elsewhere (e.g. through ``mailers_dev.faultproxy``) with
 :attr:`LocalCluster.node_etcd_endpoints`, :attr:`LocalCluster.coordinator_etcd_endpoints`
 and :attr:`LocalCluster.node_relays`, and restart a node or the shared sink.
 
 With ``ClusterSpec(tls=True)`` the cluster makes a development PKI in ``<base>/pki``
-(``mailers.certs.make_dev_pki``) and runs every gRPC hop over mutual TLS: coordinators
+(``mailers_dev.certs.make_dev_pki``) and runs every gRPC hop over mutual TLS: coordinators
 with ``coordinator.crt``, node i with ``node-node<i>.crt``, and :meth:`LocalCluster.client`
 with ``client.crt``. etcd is secured as well: its members serve clients and peers over
 TLS only with ``etcd.crt`` and require client certificates, and right after etcd starts
@@ -40,10 +40,9 @@ from typing import Any
 import aetcd
 
 from client_sdk import ClientTls, MailerClient
-from mailers.certs import DEFAULT_HOSTS, CertSpec, DevCA, make_dev_pki
-from mailers.etcd import SERVER_NAME_ENV, TLS_ENV, EtcdTls, connect
-from mailers.etcd_auth import bootstrap
-from mailers.procs import (
+from mailers.etcd_auth import ROOT_CERT, bootstrap
+from mailers_dev.certs import DEFAULT_HOSTS, CertSpec, DevCA, make_dev_pki
+from mailers_dev.procs import (
     EtcdCluster,
     PgTls,
     PostgresServer,
@@ -52,7 +51,8 @@ from mailers.procs import (
     spawn_python,
     wait_for_port,
 )
-from mailers.sink import read_ambiguous
+from mailers_dev.sink import read_ambiguous
+from mailers_runtime.etcd import SERVER_NAME_ENV, TLS_ENV, EtcdTls, connect
 
 # Every transport variable, so none leaks in from the environment of whoever starts
 # the cluster (spawn() copies os.environ): an empty value means unset.
@@ -68,7 +68,7 @@ _TRANSPORT_VARIABLES = (
     SERVER_NAME_ENV,
 )
 
-ETCD_ROOT = "etcd-root"
+ETCD_ROOT = ROOT_CERT
 """The certificate (CN ``root``) of etcd's superuser in the cluster's PKI."""
 
 
@@ -117,7 +117,7 @@ class Sink:
         return f"127.0.0.1:{self.port}"
 
     def ambiguous(self) -> list[dict[str, object]]:
-        """Accepts whose ``250`` the client may not have read (``mailers.sink``)."""
+        """Accepts whose ``250`` the client may not have read (``mailers_dev.sink``)."""
         return [{**line, "sink": self.name} for line in read_ambiguous(self.log_path)]
 
     def delivered(self) -> list[dict[str, object]]:
@@ -345,7 +345,7 @@ class LocalCluster:
     def _spawn_sink(self, name: str, port: int, maildir: Path, log: Path) -> Proc:
         proc = spawn_python(
             name,
-            "mailers.sink",
+            "mailers_dev.sink",
             self.log_dir,
             {"PYTHONUNBUFFERED": "1"},
             [

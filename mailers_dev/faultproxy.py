@@ -21,7 +21,7 @@ A fault can also be armed to strike at a precise point of a protocol:
 (e.g. blackhole right after a client's ``DATA`` command, so the server's ``354`` reply
 is held).
 
-Run as ``python -m mailers.faultproxy --target HOST:PORT [--listen HOST:PORT]
+Run as ``python -m mailers_dev.faultproxy --target HOST:PORT [--listen HOST:PORT]
 [--fault 'latency 0.2']``: it prints ``listening on HOST:PORT`` and reads faults from
 stdin, one per line, until SIGINT or SIGTERM.
 
@@ -514,7 +514,7 @@ async def _run_cli(proxy: FaultProxy) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mailers.faultproxy", description="TCP fault proxy for tests."
+        prog="python -m mailers_dev.faultproxy", description="TCP fault proxy for tests."
     )
     parser.add_argument("--target", required=True, help="host:port to forward to")
     parser.add_argument("--listen", default="127.0.0.1:0", help="host:port to listen on")

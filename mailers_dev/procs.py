@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mailers.etcd import EtcdTls
+from mailers_runtime.etcd import EtcdTls
 
 ETCD_BINARY = "etcd"
 
@@ -168,7 +168,7 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        """``host:port`` of each member, as ``mailers.etcd.connect`` takes them."""
+        """``host:port`` of each member, as ``mailers_runtime.etcd.connect`` takes them."""
         return [m.endpoint for m in self.members]
 
     @property
@@ -370,7 +370,7 @@ class PostgresServer:
                     shutil.chown(target, self._user)
             settings += ["ssl = on", "ssl_cert_file = 'server.crt'", "ssl_key_file = 'server.key'"]
         with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n# mailers.procs.PostgresServer\n" + "\n".join(settings) + "\n")
+            conf.write("\n# mailers_dev.procs.PostgresServer\n" + "\n".join(settings) + "\n")
         # initdb allows TCP from 127.0.0.1 only; let in the subnet we listen on as well.
         with (self.data_dir / "pg_hba.conf").open("a") as hba:
             hba.write("host all mailers samenet scram-sha-256\n")

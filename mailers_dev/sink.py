@@ -1,6 +1,6 @@
 """A local SMTP sink: accepts mail, stores it as Maildir files, logs every recipient as JSON.
 
-Run it as ``python -m mailers.sink --host 127.0.0.1 --port 2525 --maildir DIR --log FILE``,
+Run it as ``python -m mailers_dev.sink --host 127.0.0.1 --port 2525 --maildir DIR --log FILE``,
 or in-process with :class:`SinkServer` (``port=0`` picks a free port).
 
 * Every accepted message is written once to ``DIR/new/<unique>.eml`` (written in
@@ -125,6 +125,37 @@ class Window:
         return {k: v for k, v in (("count", self.count), ("for_s", self.for_s)) if v is not None}
 
 
+def _json_window(
+    obj: Mapping[str, Any], key: str, extra: frozenset[str] = frozenset()
+) -> Window | None:
+    """A control file's ``{"count": N, "for_s": S}`` window, or None when absent."""
+    raw = obj.get(key)
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - {"count", "for_s", *extra}:
+        raise ValueError(f"{key} must be an object with count and/or for_s")
+    count, for_s = raw.get("count"), raw.get("for_s")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+        raise ValueError(f"{key}.count must be an integer")
+    if for_s is not None and (isinstance(for_s, bool) or not isinstance(for_s, int | float)):
+        raise ValueError(f"{key}.for_s must be a number")
+    return Window(count, None if for_s is None else float(for_s))
+
+
+def _json_text(obj: Mapping[str, Any], key: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{key} must be a string")
+    return value
+
+
+def _json_millis(obj: Mapping[str, Any], key: str) -> int:
+    value = obj.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class FaultPlan:
     """Faults the sink injects (see the module docstring). The default injects none."""
@@ -191,28 +222,6 @@ class FaultPlan:
         unknown = set(obj) - known
         if unknown:
             raise ValueError(f"unknown fault(s): {', '.join(sorted(unknown))}")
-
-        def window(key: str, extra: frozenset[str] = frozenset()) -> Window | None:
-            raw = obj.get(key)
-            if raw is None:
-                return None
-            if not isinstance(raw, Mapping) or set(raw) - {"count", "for_s", *extra}:
-                raise ValueError(f"{key} must be an object with count and/or for_s")
-            count, for_s = raw.get("count"), raw.get("for_s")
-            if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
-                raise ValueError(f"{key}.count must be an integer")
-            if for_s is not None and (
-                isinstance(for_s, bool) or not isinstance(for_s, int | float)
-            ):
-                raise ValueError(f"{key}.for_s must be a number")
-            return Window(count, None if for_s is None else float(for_s))
-
-        def text(key: str) -> str | None:
-            value = obj.get(key)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"{key} must be a string")
-            return value
-
         tempfail_raw = obj.get("tempfail")
         code = tempfail_raw.get("code", 421) if isinstance(tempfail_raw, Mapping) else 421
         hang_raw = obj.get("hang_after_data")
@@ -220,11 +229,14 @@ class FaultPlan:
         if not isinstance(code, int) or not isinstance(stores, bool):
             raise ValueError("tempfail.code must be an integer, hang_after_data.store a boolean")
 
+        def window(key: str, extra: frozenset[str] = frozenset()) -> Window | None:
+            return _json_window(obj, key, extra)
+
+        def text(key: str) -> str | None:
+            return _json_text(obj, key)
+
         def millis(key: str) -> int:
-            value = obj.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{key} must be an integer")
-            return value
+            return _json_millis(obj, key)
 
         try:
             return cls(
@@ -819,6 +831,28 @@ def read_ambiguous(log_path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _smtp_options(config: SinkConfig, handler: SinkHandler) -> dict[str, Any]:
+    """aiosmtpd's keyword arguments for TLS and AUTH as configured."""
+    options: dict[str, Any] = {}
+    if config.tls_context is not None and not config.implicit_tls:
+        options["tls_context"] = config.tls_context
+    if config.auth_user is not None and config.auth_password is not None:
+        user, password = config.auth_user, config.auth_password
+
+        def authenticator(
+            server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+        ) -> AuthResult:
+            return handler.authenticate(user, password, mechanism, data)
+
+        options["authenticator"] = authenticator
+    if config.auth_required:
+        options["auth_required"] = True
+    if not config.auth_require_tls or config.implicit_tls:
+        # aiosmtpd only counts STARTTLS as TLS; an implicit-TLS connection is one too.
+        options["auth_require_tls"] = False
+    return options
+
+
 class SinkServer:
     """The sink on the running event loop; ``start`` binds, ``stop`` closes everything.
 
@@ -828,7 +862,7 @@ class SinkServer:
     Args:
         config: Where to listen and store, and the startup faults.
         announce: Called with a line for each applied plan or control-file error
-            (``python -m mailers.sink`` prints them).
+            (``python -m mailers_dev.sink`` prints them).
     """
 
     def __init__(self, config: SinkConfig, announce: Callable[[str], None] | None = None) -> None:
@@ -891,23 +925,7 @@ class SinkServer:
             self._check_control()
 
         config = self.config
-        options: dict[str, Any] = {}
-        if config.tls_context is not None and not config.implicit_tls:
-            options["tls_context"] = config.tls_context
-        if config.auth_user is not None and config.auth_password is not None:
-            user, password = config.auth_user, config.auth_password
-
-            def authenticator(
-                server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
-            ) -> AuthResult:
-                return handler.authenticate(user, password, mechanism, data)
-
-            options["authenticator"] = authenticator
-        if config.auth_required:
-            options["auth_required"] = True
-        if not config.auth_require_tls or config.implicit_tls:
-            # aiosmtpd only counts STARTTLS as TLS; an implicit-TLS connection is one too.
-            options["auth_require_tls"] = False
+        options = _smtp_options(config, handler)
 
         def factory() -> SMTP:
             with warnings.catch_warnings():
@@ -1012,10 +1030,30 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mailers.sink", description="Local SMTP sink for tests and demos."
+        prog="python -m mailers_dev.sink", description="Local SMTP sink for tests and demos."
     )
+    _add_fault_arguments(parser)
+    parser.add_argument(
+        "--control", type=Path, help="JSON fault plan, re-read when it changes (see the docs)"
+    )
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: offer STARTTLS")
+    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
+    parser.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte")
+    parser.add_argument("--auth-user", help="accept AUTH for this user")
+    parser.add_argument(
+        "--auth-password-file", type=Path, help="file holding the AUTH password (one line)"
+    )
+    parser.add_argument(
+        "--auth-required", action="store_true", help="answer MAIL with 530 until AUTH succeeded"
+    )
+    parser.add_argument("--size-limit", type=int, help="advertised SIZE in bytes; 0: none")
+    return parser
+
+
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where it listens and stores, and the startup faults."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=2525, help="0 picks a free port")
     parser.add_argument("--maildir", type=Path, required=True)
@@ -1046,20 +1084,10 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
     parser.add_argument(
         "--tempfail-for-s", type=float, help="answer every MAIL with --tempfail-code this long"
     )
-    parser.add_argument(
-        "--control", type=Path, help="JSON fault plan, re-read when it changes (see the docs)"
-    )
-    parser.add_argument("--tls-cert", type=Path, help="PEM certificate: offer STARTTLS")
-    parser.add_argument("--tls-key", type=Path, help="PEM key of --tls-cert")
-    parser.add_argument("--implicit-tls", action="store_true", help="TLS from the first byte")
-    parser.add_argument("--auth-user", help="accept AUTH for this user")
-    parser.add_argument(
-        "--auth-password-file", type=Path, help="file holding the AUTH password (one line)"
-    )
-    parser.add_argument(
-        "--auth-required", action="store_true", help="answer MAIL with 530 until AUTH succeeded"
-    )
-    parser.add_argument("--size-limit", type=int, help="advertised SIZE in bytes; 0: none")
+
+
+def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
+    parser = _parser()
     ns = parser.parse_args(argv)
     if (ns.tls_cert is None) != (ns.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -1120,7 +1148,7 @@ async def _serve(config: SinkConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m mailers.sink``; runs until SIGTERM or SIGINT."""
+    """Entry point of ``python -m mailers_dev.sink``; runs until SIGTERM or SIGINT."""
     config = _parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_serve(config))

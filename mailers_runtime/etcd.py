@@ -5,10 +5,11 @@ addresses, and its default pick-first policy moves to the next address when the
 current one fails, so a client built by :func:`connect` survives the loss of one member
 of an etcd cluster without any code of ours choosing endpoints.
 
-With an :class:`EtcdTls` the client speaks TLS and presents a client certificate. An
-etcd started with ``--client-cert-auth`` and auth enabled takes the certificate's
-common name as the etcd user (no password, no token), so which keys a process may
-touch follows from the certificate it is given (see ``mailers.etcd_auth``).
+Given :class:`~mailers_runtime.tls.TlsFiles` (``EtcdTls``), the client speaks TLS and
+presents a client certificate. An etcd started with ``--client-cert-auth`` and auth
+enabled takes the certificate's common name as the etcd user (no password, no token), so
+which keys a process may touch follows from the certificate it is given (see
+``mailers.etcd_auth``).
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aetcd
 import grpc
 from aetcd import rpc, watcher
+
+from mailers_runtime import settings
+from mailers_runtime.lease import LeaseTrust, Refresh, classify_reply
+from mailers_runtime.tls import ETCD_TLS_VARIABLES, FILE_FIELDS, TlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,7 @@ def parse_endpoints(spec: str) -> list[str]:
     Raises:
         ValueError: an entry has no port or a non-numeric port.
     """
-    endpoints = [part.strip() for part in spec.split(",") if part.strip()]
+    endpoints = list(settings.listed(spec))
     if not endpoints:
         raise ValueError("no etcd endpoints given")
     for endpoint in endpoints:
@@ -110,99 +114,40 @@ def parse_endpoints(spec: str) -> list[str]:
     return endpoints
 
 
-TLS_ENV = ("MAILER_ETCD_CA", "MAILER_ETCD_CERT", "MAILER_ETCD_KEY")
-"""The variables of :meth:`EtcdTls.from_env`: all three or none."""
+def endpoints(spec: str) -> tuple[str, ...]:
+    """:func:`parse_endpoints` as the parser of ``MAILER_ETCD_ENDPOINTS``."""
+    return tuple(parse_endpoints(spec))
 
-SERVER_NAME_ENV = "MAILER_ETCD_SERVER_NAME"
+
+EtcdTls = TlsFiles
+"""The files of a TLS client of etcd: the type every TLS hop uses (kept as a name for
+its callers)."""
+
+TLS_ENV = tuple(ETCD_TLS_VARIABLES[field] for field in FILE_FIELDS)
+"""``MAILER_ETCD_CA``, ``MAILER_ETCD_CERT``, ``MAILER_ETCD_KEY``: all three or none."""
+
+SERVER_NAME_ENV = ETCD_TLS_VARIABLES["server_name"]
 """Optional with :data:`TLS_ENV`: the name every etcd member's certificate carries."""
 
 
-@dataclasses.dataclass(frozen=True)
-class EtcdTls:
-    """TLS towards etcd: the CA to trust and the certificate to present.
-
-    The certificate's common name is the etcd user the client acts as once etcd runs
-    with ``--client-cert-auth`` and auth enabled. The same triple describes an etcd
-    member's side (``mailers.procs.EtcdCluster``): the CA its clients and peers must be
-    signed by, and the member's own certificate.
+def tls_setting() -> Any:
+    """The declaration of a config field holding etcd's :class:`TlsFiles` (None for
+    plaintext etcd): :data:`TLS_ENV` all three or none, each naming an existing file,
+    and the optional :data:`SERVER_NAME_ENV`, which alone is an error.
 
     The files are read when a client is built (:func:`connect`), so a process picks up
     renewed certificates when it next connects.
     """
-
-    ca_file: Path
-    """PEM CA certificate(s) the server must be signed by (``MAILER_ETCD_CA``)."""
-    cert_file: Path
-    """PEM client certificate, whose CN is the etcd user (``MAILER_ETCD_CERT``)."""
-    key_file: Path
-    """PEM private key of ``cert_file``, unencrypted (``MAILER_ETCD_KEY``)."""
-    server_name: str | None = None
-    """Host name to verify the members' certificates against (``MAILER_ETCD_SERVER_NAME``).
-
-    None: the host of the first endpoint. A cluster spread over several hosts needs a
-    name every member's certificate carries (a shared DNS SAN), because a client with
-    several endpoints checks every member against one name."""
-
-    def __post_init__(self) -> None:
-        for field in ("ca_file", "cert_file", "key_file"):
-            if not str(getattr(self, field)):
-                raise ValueError(f"EtcdTls.{field} is empty")
-        if self.server_name is not None and not self.server_name.strip():
-            raise ValueError("EtcdTls.server_name is empty; use None for the default")
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> EtcdTls | None:
-        """TLS settings from ``MAILER_ETCD_CA``, ``MAILER_ETCD_CERT``, ``MAILER_ETCD_KEY``
-        (and the optional ``MAILER_ETCD_SERVER_NAME``); None when none of the three is set.
-
-        Raises:
-            ValueError: only some of the three are set (the message names the missing
-                ones), or a named file does not exist.
-        """
-        values = {name: environ.get(name, "").strip() for name in TLS_ENV}
-        missing = [name for name, value in values.items() if not value]
-        server_name = environ.get(SERVER_NAME_ENV, "").strip() or None
-        if len(missing) == len(TLS_ENV):
-            if server_name is not None:
-                raise ValueError(f"{SERVER_NAME_ENV} is set but {', '.join(TLS_ENV)} are not")
-            return None
-        if missing:
-            raise ValueError(
-                f"etcd TLS needs {', '.join(TLS_ENV)} together; missing: {', '.join(missing)}"
-            )
-        for name, value in values.items():
-            if not Path(value).is_file():
-                raise ValueError(f"{name}: no file at {value}")
-        ca, cert, key = (Path(values[name]) for name in TLS_ENV)
-        return cls(ca_file=ca, cert_file=cert, key_file=key, server_name=server_name)
-
-    @classmethod
-    def from_dir(cls, directory: Path, name: str) -> EtcdTls:
-        """``ca.crt`` and ``<name>.crt``/``<name>.key`` in ``directory``: the layout of
-        ``mailers.certs.make_dev_pki`` (e.g. name ``node-n1``, ``coordinator``, ``etcd-root``).
-        """
-        return cls(directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key")
-
-    def env(self) -> dict[str, str]:
-        """The variables :meth:`from_env` reads back into an equal EtcdTls."""
-        env = dict(
-            zip(TLS_ENV, map(str, (self.ca_file, self.cert_file, self.key_file)), strict=True)
-        )
-        if self.server_name is not None:
-            env[SERVER_NAME_ENV] = self.server_name
-        return env
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """gRPC channel credentials from the files (read now).
-
-        Raises:
-            OSError: a file cannot be read.
-        """
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca_file.read_bytes(),
-            private_key=self.key_file.read_bytes(),
-            certificate_chain=self.cert_file.read_bytes(),
-        )
+    ca, cert, key = (settings.Variable(name, settings.existing_file) for name in TLS_ENV)
+    return settings.nested(
+        TlsFiles,
+        default=None,
+        optional=True,
+        ca_file=ca,
+        cert_file=cert,
+        key_file=key,
+        server_name=settings.Variable(SERVER_NAME_ENV),
+    )
 
 
 class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
@@ -259,7 +204,7 @@ def connect(
 
     Raises:
         ValueError: no endpoints.
-        OSError: a TLS file cannot be read.
+        TlsConfigError: a TLS file cannot be read or is unusable.
     """
     if not endpoints:
         raise ValueError("no etcd endpoints given")
@@ -281,9 +226,9 @@ def connect(
         # An ipv4: target's default authority is the whole address list, which no
         # certificate names; verify the members against one name instead.
         options["grpc.ssl_target_name_override"] = server_name
-    return _TlsClient(
-        tls.credentials(), host=host, port=int(port), timeout=timeout_s, options=options
-    )
+    labels = dict(zip(FILE_FIELDS, TLS_ENV, strict=True))
+    credentials = TlsMaterial.load(tls, labels).channel_credentials()
+    return _TlsClient(credentials, host=host, port=int(port), timeout=timeout_s, options=options)
 
 
 def permission_denied(exc: BaseException) -> bool:
@@ -298,85 +243,177 @@ def permission_denied(exc: BaseException) -> bool:
     )
 
 
-class Session:
-    """A lease kept alive in the background, after etcd's concurrency.Session.
+def endpoint_of(client: aetcd.Client) -> str:
+    """The target a client dials (``host:port``, or an ``ipv4:`` list), for log lines."""
+    return f"{getattr(client, '_host', '?')}:{getattr(client, '_port', '?')}"
 
-    ``done`` is set once the lease can no longer be trusted: a keepalive answered TTL 0
-    (the lease expired; aetcd reports that instead of raising), or no keepalive has
-    succeeded for longer than ttl minus ``margin_s``. After ``done`` the holder must act as
-    if its keys are gone. The owner must call :meth:`close`, which cancels the keepalive
-    task and, when ``revoke`` is true, revokes the lease so its keys vanish at once.
+
+def describe_error(exc: BaseException, deadline_s: float) -> str:
+    """An error as a log phrase that is never empty: a deadline's TimeoutError has no
+    text, so it reads "no reply within ``deadline_s``"."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no reply within {deadline_s:.2f} s"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class Session:
+    """A lease kept alive in the background, after etcd's ``concurrency.Session``.
+
+    The one lease session of both servers: the coordinator campaigns under it
+    (``coordinator.election``) and a sender node registers under it
+    (``sender_node.registration``). The rules (trust, refresh timing, what a reply means)
+    are :mod:`mailers_runtime.lease`, with the clock injected; this class sends the calls.
+
+    ``done`` is set once the lease is lost, and :attr:`why` says how: a refresh answered
+    TTL 0 or ended without a reply, or no refresh succeeded within TTL minus
+    ``margin_s``. From then on the holder must act as if its keys are gone; a session is
+    never reused. :meth:`trusted` turns false as soon as the deadline passes, even
+    before the keepalive task notices.
+
+    Deadlines: the grant, each refresh and the revoke give up after ``call_timeout_s``
+    (a refresh also at the trust deadline). Ownership: :meth:`open` starts the keepalive
+    task, and the owner must call :meth:`close`, which cancels it and (by default)
+    revokes the lease so its keys go at once. Failed calls are logged naming the call,
+    the lease and the endpoint.
+
+    Args:
+        client: The etcd client.
+        ttl_s: The TTL to ask for (etcd may grant more; the granted TTL counts).
+        margin_s: Trust ends this long before the lease could expire.
+        call_timeout_s: Deadline of each etcd call.
+        retry_s: Longest pause before retrying a failed refresh.
+        clock: Monotonic seconds.
+        on_refresh: Called with each refresh's result (to count them).
+
+    Raises:
+        ValueError: ``ttl_s`` below 2, ``margin_s`` not within [0, ttl_s), or a
+            non-positive timeout or retry pause.
     """
 
-    def __init__(self, client: aetcd.Client, ttl_s: int, margin_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        ttl_s: int,
+        margin_s: float = 1.0,
+        *,
+        call_timeout_s: float = 2.0,
+        retry_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        on_refresh: Callable[[Refresh], None] | None = None,
+    ) -> None:
         if ttl_s < 2:
             raise ValueError("ttl_s must be at least 2")
+        if not 0 <= margin_s < ttl_s:
+            raise ValueError("margin_s must be at least 0 and below ttl_s")
+        if call_timeout_s <= 0 or retry_s <= 0:
+            raise ValueError("call_timeout_s and retry_s must be positive")
         self.client = client
         self.ttl_s = ttl_s
         self.margin_s = margin_s
-        self.lease: Any = None
+        self.call_timeout_s = call_timeout_s
+        self.endpoint = endpoint_of(client)
+        self.lease: Any = None  # aetcd.leases.Lease (untyped)
         self.done = asyncio.Event()
-        self.last_ok = 0.0
+        self._retry_s = retry_s
+        self._clock = clock
+        self._on_refresh = on_refresh
+        self._trust: LeaseTrust | None = None
         self._task: asyncio.Task[None] | None = None
+        self._revoked = False
 
     @property
     def lease_id(self) -> int:
+        """The lease's id; 0 before it is granted."""
         return int(self.lease.id) if self.lease is not None else 0
 
+    @property
+    def why(self) -> str:
+        """Why the session ended; empty while it lasts."""
+        return (self._trust.lost if self._trust is not None else None) or ""
+
+    def trusted(self) -> bool:
+        """Whether the lease surely still exists now (by the injected clock)."""
+        trust = self._trust
+        return trust is not None and not self.done.is_set() and trust.trusted(self._clock())
+
     async def open(self) -> None:
-        """Grant the lease and start keeping it alive. Raises on etcd errors."""
-        async with asyncio.timeout(self.ttl_s):
+        """Grant the lease and start keeping it alive. Call once.
+
+        Cancellation: safe; nothing is left running (a lease granted while the call was
+        cancelled expires on its own).
+
+        Raises:
+            aetcd.ClientError, OSError: etcd failed or refused the grant.
+            TimeoutError: no grant within ``call_timeout_s``.
+        """
+        if self.lease is not None or self.done.is_set():
+            raise RuntimeError("a session is opened once")
+        sent_s = self._clock()
+        async with asyncio.timeout(self.call_timeout_s):
             self.lease = await self.client.lease(self.ttl_s)
-        self.last_ok = time.monotonic()
-        self._task = asyncio.create_task(self._keepalive(), name=f"lease-{self.lease_id:x}")
+        trust = LeaseTrust(float(self.lease.ttl), self.margin_s, sent_s, self._retry_s)
+        self._trust = trust
+        self._task = asyncio.create_task(self._keepalive(trust), name=f"lease-{self.lease_id:x}")
 
-    def trusted(self, now: float) -> bool:
-        return (
-            lease_trusted(self.last_ok, now, self.ttl_s, self.margin_s) and not self.done.is_set()
-        )
+    async def _keepalive(self, trust: LeaseTrust) -> None:
+        """Refresh the lease when :class:`LeaseTrust` says so until it is lost, then set
+        ``done``. Runs until then or until :meth:`close` cancels it."""
+        try:
+            while (wait_s := trust.poll(self._clock())) is not None:
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                    continue
+                sent_s = self._clock()
+                result, ttl_s = await self._refresh(trust.deadline_s - sent_s)
+                trust.record(result, sent_s, self._clock(), ttl_s)
+                if self._on_refresh is not None:
+                    self._on_refresh(result)
+            log.warning("lease %x at %s lost: %s", self.lease_id, self.endpoint, trust.lost)
+        finally:
+            self.done.set()
 
-    async def _keepalive(self) -> None:
-        interval = self.ttl_s / 3
-        # After a failed refresh (an etcd leader election takes 1-2 s) try again soon,
-        # not a whole interval later: one miss must not cost the lease.
-        retry_s = min(0.5, interval)
-        wait_s = interval
-        while True:
-            await asyncio.sleep(wait_s)
-            sent = time.monotonic()
-            try:
-                async with asyncio.timeout(interval):
-                    reply = await self.lease.refresh()
-            except Exception as exc:  # any failure: retry until the lease can't be trusted
-                log.warning("lease %x keepalive failed: %r", self.lease_id, exc)
-                if not lease_trusted(self.last_ok, time.monotonic(), self.ttl_s, self.margin_s):
-                    self.done.set()
-                    return
-                wait_s = retry_s
-                continue
-            if reply is None or reply.TTL <= 0:
-                log.warning("lease %x expired", self.lease_id)
-                self.done.set()
-                return
-            # etcd restarts the TTL no earlier than when the refresh was sent.
-            self.last_ok = sent
-            wait_s = interval
+    async def _refresh(self, budget_s: float) -> tuple[Refresh, int | None]:
+        """One refresh, within ``budget_s`` (the trust left) and ``call_timeout_s``."""
+        deadline_s = max(0.0, min(self.call_timeout_s, budget_s))
+        try:
+            async with asyncio.timeout(deadline_s):
+                reply = await self.lease.refresh()
+        except Exception as exc:  # any failure: LeaseTrust retries until its deadline
+            log.warning(
+                "etcd LeaseKeepAlive for lease %x at %s failed: %s",
+                self.lease_id, self.endpoint, describe_error(exc, deadline_s),
+            )  # fmt: skip
+            return Refresh.FAILED, None
+        # aetcd returns None when the stream ends without a reply.
+        ttl_s = None if reply is None else int(reply.TTL)
+        return classify_reply(ttl_s), ttl_s
 
     async def close(self, revoke: bool = True) -> None:
+        """End the session: set ``done``, stop the keepalive task and, if ``revoke``,
+        revoke the lease so its keys go at once. Idempotent.
+
+        The revoke has a deadline (``call_timeout_s``); its failure is logged, not
+        raised: the lease then expires on its own after its TTL.
+        """
+        if self._trust is not None:
+            self._trust.lose("closed by its owner")
         self.done.set()
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if revoke and self.lease is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(2):
-                    await self.lease.revoke()
-
-
-def lease_trusted(last_ok: float, now: float, ttl_s: float, margin_s: float) -> bool:
-    """Whether a lease last refreshed at last_ok is surely still alive at now."""
-    return now - last_ok < ttl_s - margin_s
+                await task
+        if not revoke or self.lease is None or self._revoked:
+            return
+        self._revoked = True
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                await self.lease.revoke()
+        except Exception as exc:  # the lease expires by itself; nothing more to do
+            log.warning(
+                "etcd LeaseRevoke for lease %x at %s failed: %s",
+                self.lease_id, self.endpoint, describe_error(exc, self.call_timeout_s),
+            )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

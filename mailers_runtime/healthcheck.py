@@ -1,4 +1,4 @@
-"""``python -m mailers.healthcheck [ADDR] [--service S]``: a probe for containers and units.
+"""``python -m mailers_runtime.healthcheck [ADDR] [--service S]``: a probe for containers and units.
 
 Without ADDR it probes the process of its own container (the image's ``HEALTHCHECK``):
 
@@ -29,9 +29,10 @@ Every call has a deadline (``--timeout-s``, 3 s by default); the probe never ret
 it finishes within that time plus the interpreter's start. It prints one line saying
 why, for ``docker inspect`` and ``kubectl describe``.
 
-TLS: with ``MAILER_TLS_CA``/``MAILER_TLS_CERT``/``MAILER_TLS_KEY`` in the environment
-(the probed process's own, when run inside its container) or ``--tls-ca``/``--tls-cert``/
-``--tls-key``, the probe dials over TLS and presents that certificate, which servers
+TLS: with the TLS files in the environment (the probed process's own
+``MAILER_TLS_CA``/``_CERT``/``_KEY``, read through its ``TlsConfig`` declarations, when
+run inside its container) or ``--tls-ca``/``--tls-cert``/``--tls-key`` (each replaces
+its variable), the probe dials over TLS and presents that certificate, which servers
 requiring client certificates accept. The server's certificate is checked for the host
 of ADDR (``127.0.0.1``: the certificate must name it) or for ``--tls-server-name``.
 Otherwise it dials in plaintext.
@@ -50,8 +51,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mailers.tls import TlsConfig, TlsConfigError, TlsMaterial
-from mailers.tls import from_env as tls_from_env
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
+from mailers_runtime.tls import TlsConfig, TlsFiles, TlsMaterial, name_override
 
 # Codes that prove a server read our request and answered: it is alive, even when it
 # does not implement the health service or does not know the service asked about.
@@ -194,17 +196,34 @@ def judge(service: str | None, status: str | None, code: grpc.StatusCode | None)
     return Verdict(False, f"no usable answer: {code.name}")
 
 
-def _channel(address: str, tls: TlsConfig | None, server_name: str) -> grpc.Channel:
-    if tls is None or not tls.enabled:
+def _channel(address: str, tls: TlsFiles | None) -> grpc.Channel:
+    if tls is None:
         return grpc.insecure_channel(address)
-    material = TlsMaterial.load(tls)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=material.ca,
-        private_key=material.key,
-        certificate_chain=material.cert_chain,
-    )
-    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(address, credentials, options=options)
+    material = TlsMaterial.load(tls, settings.variable_names(TlsConfig, "files"))
+    options = name_override(tls.server_name)
+    return grpc.secure_channel(address, material.channel_credentials(), options=options)
+
+
+def tls_files(
+    environ: Mapping[str, str], overrides: Mapping[str, str | None], server_name: str | None
+) -> TlsFiles | None:
+    """The files to dial with: the process's own TLS settings from ``environ``, with
+    each file in ``overrides`` (by field: ``ca_file``...) replacing its variable (and
+    plaintext then off); None for plaintext. The server name checked is
+    ``server_name`` (the host dialed when None), never the process's own, which names
+    the servers that process dials.
+
+    Raises:
+        ConfigError: the TLS settings are malformed or contradictory.
+    """
+    variables = settings.variable_names(TlsConfig)
+    env = dict(environ)
+    for field, value in overrides.items():
+        if value:
+            env[variables[f"files.{field}"]] = value
+            env.pop(variables["plaintext"], None)
+    files = settings.load(TlsConfig, env).files
+    return None if files is None else dataclasses.replace(files, server_name=server_name)
 
 
 def probe(
@@ -212,8 +231,7 @@ def probe(
     service: str | None,
     timeout_s: float,
     *,
-    tls: TlsConfig | None = None,
-    server_name: str = "",
+    tls: TlsFiles | None = None,
 ) -> Verdict:
     """Ask the health service at address once, within timeout_s.
 
@@ -224,15 +242,14 @@ def probe(
         address: ``host:port``.
         service: The service that must be SERVING; None for liveness.
         timeout_s: Deadline of the call.
-        tls: Dial over TLS with these files (also the client certificate); None or
-            no files: plaintext.
-        server_name: The name the server's certificate must carry; the host of
-            address when empty.
+        tls: Dial over TLS with these files (also the client certificate), checking
+            their ``server_name`` in the server's certificate (the host of address when
+            None); None: plaintext.
     """
     request = health_pb2.HealthCheckRequest(service=service or "")
     try:
-        channel = _channel(address, tls, server_name)
-    except TlsConfigError as exc:
+        channel = _channel(address, tls)
+    except ConfigError as exc:
         return Verdict(False, f"TLS: {exc}")
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -244,9 +261,9 @@ def probe(
     return judge(service, name, None)
 
 
-def main(argv: Sequence[str] | None = None, *, pid1_cmdline: Path = PID1_CMDLINE) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m mailers.healthcheck", description=__doc__.split("\n\n")[0]
+        prog="python -m mailers_runtime.healthcheck", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "address",
@@ -276,13 +293,13 @@ def main(argv: Sequence[str] | None = None, *, pid1_cmdline: Path = PID1_CMDLINE
     parser.add_argument(
         "--tls-server-name", default="", help="name in the server's certificate (default: host)"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, pid1_cmdline: Path = PID1_CMDLINE) -> int:
+    parser = _parser()
     ns = parser.parse_args(argv)
     env = dict(os.environ)
-    for flag, name in (("tls_ca", "MAILER_TLS_CA"), ("tls_cert", "MAILER_TLS_CERT"),
-                       ("tls_key", "MAILER_TLS_KEY")):  # fmt: skip
-        if getattr(ns, flag):
-            env[name] = getattr(ns, flag)
-            env.pop("MAILER_PLAINTEXT", None)
     address: str = ns.address or ""
     service: str | None = ns.service
     plaintext = False
@@ -301,14 +318,15 @@ def main(argv: Sequence[str] | None = None, *, pid1_cmdline: Path = PID1_CMDLINE
         address, service, plaintext = target.address, target.service, target.plaintext
     elif ns.role or ns.ready:
         parser.error("--role and --ready probe this container's process: drop ADDR")
-    tls: TlsConfig | None = None
+    tls: TlsFiles | None = None
     if not plaintext:
+        files = {"ca_file": ns.tls_ca, "cert_file": ns.tls_cert, "key_file": ns.tls_key}
         try:
-            tls = tls_from_env(env)
-        except TlsConfigError as exc:
+            tls = tls_files(env, files, ns.tls_server_name or None)
+        except ConfigError as exc:
             print(f"{address}: TLS: {exc}")
             return 1
-    verdict = probe(address, service, ns.timeout_s, tls=tls, server_name=ns.tls_server_name)
+    verdict = probe(address, service, ns.timeout_s, tls=tls)
     print(f"{address}: {verdict.reason}")
     return 0 if verdict.ok else 1
 

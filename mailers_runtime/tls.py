@@ -1,4 +1,4 @@
-"""TLS on every gRPC hop between Mailers processes: settings, loading, credentials.
+"""TLS on every hop between Mailers processes and to etcd: files, settings, credentials.
 
 - SDK/CLI → coordinator: TLS with the coordinator's certificate, and a client
   certificate signed by the CA unless the coordinator sets ``MAILER_TLS_CLIENT_AUTH=none``
@@ -7,27 +7,18 @@
   its certificate as a client certificate and checks the node's against the CA; the
   node requires a client certificate from the CA naming an allowed peer
   (``mailers-coordinator`` by default), so only coordinators can stream batches to it.
+- every process → etcd: the same kind of files (``MAILER_ETCD_*``, see
+  ``mailers_runtime.etcd``); the certificate's CN is the etcd user.
+
+One type names the files, :class:`TlsFiles`, for gRPC and etcd alike; one type reads
+them and builds every gRPC credential, :class:`TlsMaterial`. :class:`TlsConfig` is a
+process's gRPC transport setting (its variables are declared on its fields; see
+``deploy/CONFIG.md``), :class:`Transport` the transport it chose, loaded.
 
 Plaintext is never a default: a coordinator or node given neither the three TLS files
-(``MAILER_TLS_CA``, ``_CERT``, ``_KEY``) nor ``MAILER_PLAINTEXT=1`` refuses to start
-(:meth:`Transport.load` raises :class:`TlsConfigError`).
-
-Variables (read by :func:`from_env`, for both processes):
-
-- ``MAILER_TLS_CA``, ``MAILER_TLS_CERT``, ``MAILER_TLS_KEY``: PEM files of the CA
-  bundle trusted for peers, this process's certificate (chain) and its private key. The
-  certificate serves both as server certificate and, when dialing, client certificate.
-- ``MAILER_TLS_CLIENT_AUTH`` [``require``]: coordinators only; ``none`` serves TLS
-  without asking clients for a certificate. Nodes always require one.
-- ``MAILER_TLS_ALLOWED_CLIENTS`` [nodes: ``mailers-coordinator``; coordinators: any]:
-  comma-separated names; a client certificate must carry one as its CN or a DNS SAN
-  (``*``: any certificate from the CA).
-- ``MAILER_TLS_SERVER_NAME`` [the host of the address dialed]: the name checked in the
-  certificates of the servers this process dials (a coordinator: the nodes), for peers
-  dialed by IP address whose certificates name a service (e.g. Kubernetes pod IPs).
-- ``MAILER_PLAINTEXT`` [off]: ``1`` runs without TLS (local development only).
-
-Files are read once, at start; errors name the file and never show its contents.
+nor ``MAILER_PLAINTEXT=1`` refuses to start (:meth:`Transport.load` raises
+:class:`TlsConfigError`). Files are read once, at start; errors name the file and never
+show its contents.
 """
 
 from __future__ import annotations
@@ -46,6 +37,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 COORDINATOR_NAME = "mailers-coordinator"
@@ -59,6 +53,16 @@ PLAINTEXT_HINT = (
     "(`mailers certs DIR` makes a development CA and certificates), "
     "or MAILER_PLAINTEXT=1 for local development"
 )
+FILE_FIELDS = ("ca_file", "cert_file", "key_file")
+"""The fields of :class:`TlsFiles` that name files: all three or none."""
+ETCD_TLS_VARIABLES: Mapping[str, str] = {
+    "ca_file": "MAILER_ETCD_CA",
+    "cert_file": "MAILER_ETCD_CERT",
+    "key_file": "MAILER_ETCD_KEY",
+    "server_name": "MAILER_ETCD_SERVER_NAME",
+}
+"""The variables of etcd's :class:`TlsFiles`, by field (declared by
+``mailers_runtime.etcd.tls_setting``)."""
 
 if TYPE_CHECKING:
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
@@ -68,7 +72,7 @@ _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(ConfigError):
     """A TLS setting is missing, contradictory or unusable (a file cannot be read)."""
 
 
@@ -82,47 +86,91 @@ class ClientAuth(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files of one TLS identity, for gRPC and etcd alike (nothing read yet).
+
+    The certificate serves as server certificate and, when dialing, as client
+    certificate; towards an etcd with ``--client-cert-auth`` its common name is the etcd
+    user. Read them with :meth:`TlsMaterial.load`.
+    """
+
+    ca_file: Path
+    """CA certificate(s) (PEM) the peers' certificates must chain to."""
+    cert_file: Path
+    """This process's certificate (chain, PEM): served, and presented when dialing; for
+    etcd its CN is the etcd user."""
+    key_file: Path
+    """The private key of the certificate (PEM, unencrypted); never logged."""
+    server_name: str | None = None
+    """The name checked in the certificates of the servers dialed, when it is not the
+    host dialed (peers dialed by IP address: Kubernetes pods, etcd members sharing a DNS
+    SAN); None checks the host (for etcd, the first endpoint's)."""
+
+    def __post_init__(self) -> None:
+        for field in FILE_FIELDS:
+            if not str(getattr(self, field)):
+                raise TlsConfigError(f"TlsFiles.{field} is empty")
+        if self.server_name is not None and not self.server_name.strip():
+            raise TlsConfigError("TlsFiles.server_name is empty; use None for the default")
+
+    @classmethod
+    def from_dir(cls, directory: Path, name: str) -> TlsFiles:
+        """``ca.crt`` and ``<name>.crt``/``<name>.key`` in ``directory``: the layout of
+        ``mailers_dev.certs.make_dev_pki`` (e.g. name ``node-n1``, ``coordinator``,
+        ``etcd-root``)."""
+        return cls(directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key")
+
+    def env(self, variables: Mapping[str, str] = ETCD_TLS_VARIABLES) -> dict[str, str]:
+        """The variables (etcd's by default) that a process reads back into equal files."""
+        values = {field: getattr(self, field) for field in variables}
+        return {variables[field]: str(v) for field, v in values.items() if v is not None}
+
+
+def _client_names(raw: str) -> tuple[str, ...]:
+    return () if raw == "*" else settings.listed(raw)
+
+
+@settings.config
 class TlsConfig:
-    """TLS settings of a process (file paths and policy; nothing read yet).
+    """A process's gRPC transport setting (file paths and policy; nothing read yet).
 
     The default (no files, ``plaintext`` False) is valid as a value but not as a choice:
     :meth:`Transport.load` refuses it.
     """
 
-    ca_file: str = ""
-    """PEM CA certificate(s) peers' certificates must chain to (MAILER_TLS_CA)."""
-    cert_file: str = ""
-    """PEM certificate (chain) of this process, server and client (MAILER_TLS_CERT)."""
-    key_file: str = ""
-    """PEM private key of cert_file, unencrypted (MAILER_TLS_KEY)."""
-    client_auth: ClientAuth = ClientAuth.REQUIRE
-    """``require``: clients need a certificate from the CA; ``none``: TLS without one
-    (MAILER_TLS_CLIENT_AUTH)."""
-    allowed_clients: tuple[str, ...] = ()
-    """Names a client certificate must carry (CN or DNS SAN), one of them; empty
-    accepts any certificate from the CA (MAILER_TLS_ALLOWED_CLIENTS)."""
-    server_name: str = ""
-    """Name checked in the certificates of servers this process dials; empty checks the
-    host of the dialed address (MAILER_TLS_SERVER_NAME)."""
-    plaintext: bool = False
-    """Run without TLS, explicitly (MAILER_PLAINTEXT=1); local development only."""
+    files: TlsFiles | None = settings.nested(
+        TlsFiles,
+        default=None,
+        optional=True,
+        # The name only matters for dialing over TLS; alone (plaintext) it is ignored.
+        alone_ignored=("server_name",),
+        ca_file=settings.Variable("MAILER_TLS_CA", settings.path),
+        cert_file=settings.Variable("MAILER_TLS_CERT", settings.path),
+        key_file=settings.Variable("MAILER_TLS_KEY", settings.path),
+        server_name=settings.Variable("MAILER_TLS_SERVER_NAME"),
+    )
+    """The CA, certificate and key of the gRPC servers and channels (all three or none);
+    the server name is checked in the certificates of the servers this process dials (a
+    coordinator: the nodes'), for peers dialed by IP address."""
+    client_auth: ClientAuth = settings.setting(
+        "MAILER_TLS_CLIENT_AUTH", default=ClientAuth.REQUIRE, parse=settings.choice(ClientAuth)
+    )
+    """``require``: clients need a certificate from the CA (mutual TLS); ``none``: TLS
+    without one, tenant tokens only (coordinators only: nodes always require one)."""
+    allowed_clients: tuple[str, ...] = settings.setting(
+        "MAILER_TLS_ALLOWED_CLIENTS", default=(), parse=_client_names
+    )
+    """Names a client certificate must carry (CN or DNS SAN), one of them; empty (or
+    ``*``) accepts any certificate from the CA."""
+    plaintext: bool = settings.setting("MAILER_PLAINTEXT", default=False, parse=settings.boolean)
+    """Run gRPC without TLS, explicitly; local development only. With neither this nor
+    the TLS files a coordinator or node refuses to start."""
 
     def __post_init__(self) -> None:
-        files = {
-            "MAILER_TLS_CA": self.ca_file,
-            "MAILER_TLS_CERT": self.cert_file,
-            "MAILER_TLS_KEY": self.key_file,
-        }
-        given = [name for name, value in files.items() if value]
-        if self.plaintext and given:
+        if self.plaintext and self.files is not None:
             raise TlsConfigError(
-                f"MAILER_PLAINTEXT=1 and {', '.join(given)} are both set: choose TLS or plaintext"
-            )
-        if given and len(given) < len(files):
-            missing = [name for name in files if name not in given]
-            raise TlsConfigError(
-                f"{', '.join(given)} set but {', '.join(missing)} missing: "
-                "TLS needs all of MAILER_TLS_CA, MAILER_TLS_CERT and MAILER_TLS_KEY"
+                "MAILER_PLAINTEXT=1 and MAILER_TLS_CA, MAILER_TLS_CERT, MAILER_TLS_KEY are "
+                "both set: choose TLS or plaintext"
             )
         if any(not name or "," in name or name != name.strip() for name in self.allowed_clients):
             raise TlsConfigError(f"MAILER_TLS_ALLOWED_CLIENTS: bad name in {self.allowed_clients}")
@@ -130,83 +178,22 @@ class TlsConfig:
     @property
     def enabled(self) -> bool:
         """True when the TLS files are given."""
-        return bool(self.ca_file)
+        return self.files is not None
 
-
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    raw = environ.get(name, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    raise TlsConfigError(f"{name}={raw!r}: expected 1 or 0")
-
-
-def from_env(
-    environ: Mapping[str, str],
-    *,
-    default_allowed_clients: tuple[str, ...] = (),
-    require_client_cert: bool = False,
-) -> TlsConfig:
-    """The TLS settings in ``MAILER_TLS_CA``... and ``MAILER_PLAINTEXT`` (see the module doc).
-
-    Args:
-        environ: Usually ``os.environ``.
-        default_allowed_clients: Names accepted when MAILER_TLS_ALLOWED_CLIENTS is unset.
-        require_client_cert: The process always requires client certificates
-            (nodes); MAILER_TLS_CLIENT_AUTH=none is then an error.
-
-    Raises:
-        TlsConfigError: a malformed or contradictory value. Giving neither TLS nor
-            plaintext is not an error here (it is when the process starts).
-    """
-    raw_auth = environ.get("MAILER_TLS_CLIENT_AUTH", "").strip().lower() or "require"
-    try:
-        client_auth = ClientAuth(raw_auth)
-    except ValueError:
-        raise TlsConfigError(
-            f"MAILER_TLS_CLIENT_AUTH={raw_auth!r}: expected require or none"
-        ) from None
-    if require_client_cert and client_auth is not ClientAuth.REQUIRE:
-        raise TlsConfigError(
-            "MAILER_TLS_CLIENT_AUTH=none: sender nodes always require client certificates"
-        )
-    raw_allowed = environ.get("MAILER_TLS_ALLOWED_CLIENTS", "").strip()
-    if not raw_allowed:
-        allowed = default_allowed_clients
-    elif raw_allowed == "*":
-        allowed = ()
-    else:
-        allowed = tuple(name.strip() for name in raw_allowed.split(",") if name.strip())
-    return TlsConfig(
-        ca_file=environ.get("MAILER_TLS_CA", "").strip(),
-        cert_file=environ.get("MAILER_TLS_CERT", "").strip(),
-        key_file=environ.get("MAILER_TLS_KEY", "").strip(),
-        client_auth=client_auth,
-        allowed_clients=allowed,
-        server_name=environ.get("MAILER_TLS_SERVER_NAME", "").strip(),
-        plaintext=_flag(environ, "MAILER_PLAINTEXT"),
-    )
-
-
-def coordinator_from_env(environ: Mapping[str, str]) -> TlsConfig:
-    """A coordinator's TLS settings: any client certificate from the CA by default."""
-    return from_env(environ)
-
-
-def node_from_env(environ: Mapping[str, str]) -> TlsConfig:
-    """A sender node's TLS settings: client certificates required, coordinators' only."""
-    return from_env(environ, default_allowed_clients=(COORDINATOR_NAME,), require_client_cert=True)
+    @property
+    def server_name(self) -> str:
+        """The name checked in dialed servers' certificates; "" for the host dialed."""
+        return (self.files.server_name or "") if self.files is not None else ""
 
 
 # ---- loading ---------------------------------------------------------------------------
 
 
-def _read(path: str, variable: str) -> bytes:
+def _read(path: Path, label: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        return path.read_bytes()
     except OSError as exc:
-        raise TlsConfigError(f"{variable}={path}: cannot read: {exc.strerror or exc}") from None
+        raise TlsConfigError(f"{label}={path}: cannot read: {exc.strerror or exc}") from None
 
 
 def _public(key: Any) -> bytes:
@@ -223,7 +210,8 @@ def _common_name(cert: x509.Certificate) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class TlsMaterial:
-    """The PEM bytes of a process's TLS files, read and checked once."""
+    """The PEM bytes of a :class:`TlsFiles`, read and checked once; the one place gRPC
+    credentials are built from (servers, channels and etcd clients alike)."""
 
     ca: bytes = dataclasses.field(repr=False)
     cert_chain: bytes = dataclasses.field(repr=False)
@@ -232,42 +220,69 @@ class TlsMaterial:
     """CN of the process's own certificate (for logs)."""
 
     @classmethod
-    def load(cls, config: TlsConfig) -> TlsMaterial:
-        """Read and check the three files of ``config``.
+    def load(cls, files: TlsFiles, labels: Mapping[str, str] | None = None) -> TlsMaterial:
+        """Read and check the three files.
+
+        Args:
+            files: What to read.
+            labels: How error messages name each file field (its variable, e.g.
+                ``MAILER_TLS_CERT``); the field name when omitted.
 
         Raises:
             TlsConfigError: a file cannot be read or holds no usable PEM data, or the
                 key does not belong to the certificate. The message names the file and
                 never includes its contents.
         """
-        ca = _read(config.ca_file, "MAILER_TLS_CA")
-        chain = _read(config.cert_file, "MAILER_TLS_CERT")
-        key_pem = _read(config.key_file, "MAILER_TLS_KEY")
+        ca_label, cert_label, key_label = (
+            (labels or {}).get(field, field) for field in FILE_FIELDS
+        )
+        ca = _read(files.ca_file, ca_label)
+        chain = _read(files.cert_file, cert_label)
+        key_pem = _read(files.key_file, key_label)
         try:
             x509.load_pem_x509_certificates(ca)
         except ValueError:
-            raise TlsConfigError(
-                f"MAILER_TLS_CA={config.ca_file}: no PEM certificate in it"
-            ) from None
+            raise TlsConfigError(f"{ca_label}={files.ca_file}: no PEM certificate in it") from None
         try:
             cert = x509.load_pem_x509_certificates(chain)[0]
         except ValueError:
             raise TlsConfigError(
-                f"MAILER_TLS_CERT={config.cert_file}: no PEM certificate in it"
+                f"{cert_label}={files.cert_file}: no PEM certificate in it"
             ) from None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError):
             # Never chain the parser's error: it could quote the file.
             raise TlsConfigError(
-                f"MAILER_TLS_KEY={config.key_file}: not an unencrypted PEM private key"
+                f"{key_label}={files.key_file}: not an unencrypted PEM private key"
             ) from None
         if _public(key.public_key()) != _public(cert.public_key()):
             raise TlsConfigError(
-                f"MAILER_TLS_KEY={config.key_file} is not the key of the certificate in "
-                f"MAILER_TLS_CERT={config.cert_file}"
+                f"{key_label}={files.key_file} is not the key of the certificate in "
+                f"{cert_label}={files.cert_file}"
             )
         return cls(ca=ca, cert_chain=chain, key=key_pem, common_name=_common_name(cert))
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Credentials of a channel: trust the CA, present this certificate."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert_chain
+        )
+
+    def server_credentials(self, *, require_client_cert: bool) -> grpc.ServerCredentials:
+        """Credentials of a server port: serve this certificate; with
+        ``require_client_cert``, accept only clients with a certificate from the CA."""
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert_chain)],
+            root_certificates=self.ca,
+            require_client_auth=require_client_cert,
+        )
+
+
+def name_override(server_name: str | None) -> list[tuple[str, Any]]:
+    """The channel argument that checks ``server_name`` in the server's certificate
+    instead of the host dialed (none for None or "")."""
+    return [("grpc.ssl_target_name_override", server_name)] if server_name else []
 
 
 # ---- the transport of a process ----------------------------------------------------------
@@ -297,15 +312,11 @@ class Transport:
         """
         if config.plaintext:
             return cls(config, None)
-        if not config.enabled:
+        if config.files is None:
             raise TlsConfigError(f"no transport security chosen: {PLAINTEXT_HINT}")
-        material = TlsMaterial.load(config)
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=material.ca,
-            private_key=material.key,
-            certificate_chain=material.cert_chain,
-        )
-        return cls(config, material, credentials)
+        labels = settings.variable_names(TlsConfig, "files")
+        material = TlsMaterial.load(config.files, labels)
+        return cls(config, material, material.channel_credentials())
 
     @property
     def plaintext(self) -> bool:
@@ -322,15 +333,6 @@ class Transport:
             clients = f"client certificates required ({allowed})"
         return f"TLS as {self.material.common_name or '?'}; {clients}"
 
-    def server_credentials(self, *, require_client_cert: bool) -> grpc.ServerCredentials:
-        """Credentials of a TLS server port (not for plaintext)."""
-        assert self.material is not None, "plaintext has no server credentials"
-        return grpc.ssl_server_credentials(
-            [(self.material.key, self.material.cert_chain)],
-            root_certificates=self.material.ca,
-            require_client_auth=require_client_cert,
-        )
-
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """Bind ``address`` on ``server`` with this transport; returns the bound port.
 
@@ -339,7 +341,9 @@ class Transport:
         if self.material is None:
             return server.add_insecure_port(address)
         require = self.config.client_auth is ClientAuth.REQUIRE
-        return server.add_secure_port(address, self.server_credentials(require_client_cert=require))
+        return server.add_secure_port(
+            address, self.material.server_credentials(require_client_cert=require)
+        )
 
     def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """The client-certificate name check, when TLS requires certificates and names."""
@@ -353,9 +357,9 @@ class Transport:
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """Channel arguments this transport adds (the server-name override)."""
-        if self.material is None or not self.config.server_name:
+        if self.material is None:
             return []
-        return [("grpc.ssl_target_name_override", self.config.server_name)]
+        return name_override(self.config.server_name)
 
     def aio_channel(
         self, address: str, options: Sequence[tuple[str, Any]] = ()

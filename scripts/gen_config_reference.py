@@ -1,23 +1,23 @@
-"""Generate deploy/CONFIG.md, the configuration reference, from the configuration code.
+"""Generate deploy/CONFIG.md, the configuration reference, from the settings declarations.
 
 Usage: python scripts/gen_config_reference.py [--check]
 
-For each process (coordinator, sender node) it walks the config dataclass and its
-nested dataclasses, and for every field writes:
+For each process (coordinator, sender node) it imports the config class and walks the
+declarations of its fields (``mailers_runtime.settings.declarations``): every
+``MAILER_*`` variable with the field it sets, and for each
 
-- the ``MAILER_*`` variable(s) it comes from, found by parsing ``from_env`` with
-  :mod:`ast`: each keyword argument of a config-class call, the ``MAILER_*`` string
-  literals in its expression, following local names to their assignments;
-- the default: what ``from_env`` yields with no variable set (so the defaults
-  ``from_env`` applies win over the dataclass's), or "required" when ``from_env``
-  fails without the variable;
-- the description: the attribute docstring (the string literal after the field).
+- the default: what ``from_env`` yields with no variable set (so computed defaults,
+  such as the node id, show as templates), shown as the variable spells it, or
+  "required" when ``from_env`` fails without the variable;
+- the description: the attribute docstring of the field (the string literal after it
+  in its class).
 
-Variables read outside ``from_env`` (logging, the CLI) come from :data:`OTHER_VARIABLES`;
+Fields no variable sets are listed too. Variables read outside the declarations
+(logging, the CLI) come from :data:`OTHER_VARIABLES`;
 ``tests/unit/test_config_reference.py`` checks that every ``MAILER_*`` name in the
-product code is in one or the other, and that every mapped variable really changes its
-field when set. With --check nothing is written; the exit status is 1 when the file
-differs from what the code produces.
+product code is declared or listed there, and that every declared variable really
+changes its field when set. With --check nothing is written; the exit status is 1 when
+the file differs from what the code produces.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import enum
 import inspect
 import re
 import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ if str(ROOT) not in sys.path:
 import coordinator.config  # noqa: E402
 import mailers.campaign  # noqa: E402
 import sender_node.config  # noqa: E402
+from mailers_runtime import settings  # noqa: E402
 
 OUTPUT = ROOT / "deploy" / "CONFIG.md"
-PRODUCT_PACKAGES = ("coordinator", "sender_node", "mailers", "client_sdk")
+PRODUCT_PACKAGES = ("coordinator", "sender_node", "mailers_runtime", "mailers", "client_sdk")
 # A name ends in a letter or digit: ``MAILER_DATABASE_*`` in prose names a family, not a
 # variable ``MAILER_DATABASE_``.
 _VAR = re.compile(r"\bMAILER_[A-Z0-9_]*[A-Z0-9]\b")
@@ -89,12 +91,12 @@ class Other:
 
 OTHER_VARIABLES: dict[str, Other] = {
     "MAILER_LOG_LEVEL": Other(
-        "every process (`mailers.logs.setup`; the sender node also in `from_env`)",
+        "every process (`mailers_runtime.logs.setup`; the sender node also declares it)",
         "`INFO`",
         "Log level: `DEBUG`, `INFO`, `WARNING`, `ERROR`.",
     ),
     "MAILER_LOG_FORMAT": Other(
-        "every process (`mailers.logs.setup`)",
+        "every process (`mailers_runtime.logs.setup`)",
         "`text`",
         "`json` writes one JSON object per line (time, level, logger, message, "
         "component, instance, and job/batch/node context).",
@@ -109,74 +111,6 @@ OTHER_VARIABLES: dict[str, Other] = {
         "none (auth off)",
         "API token sent as `authorization: Bearer` on every call; a tenant token for "
         "`send` and job commands, an admin token for `status`, `nodes`, `node`.",
-    ),
-    "MAILER_PLAINTEXT": Other(
-        "coordinator and sender node (`mailers.tls.from_env`), the `mailers` command",
-        "off",
-        "`1` runs gRPC without TLS, for local development only. With neither this nor "
-        "the `MAILER_TLS_*` files a coordinator or node refuses to start.",
-    ),
-    "MAILER_TLS_CA": Other(
-        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
-        "none",
-        "CA bundle (PEM) every gRPC peer's certificate must chain to.",
-    ),
-    "MAILER_TLS_CERT": Other(
-        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
-        "none",
-        "This process's certificate (PEM), served and presented as client certificate.",
-    ),
-    "MAILER_TLS_KEY": Other(
-        "coordinator, sender node, the `mailers` command, `mailers.healthcheck`",
-        "none",
-        "The private key of `MAILER_TLS_CERT` (PEM); never logged.",
-    ),
-    "MAILER_TLS_CLIENT_AUTH": Other(
-        "coordinator (`mailers.tls.from_env`)",
-        "`require`",
-        "`require`: clients must present a certificate from the CA (mutual TLS); `none`: "
-        "server-authenticated TLS, tenant tokens only. Nodes always require one.",
-    ),
-    "MAILER_TLS_ALLOWED_CLIENTS": Other(
-        "coordinator and sender node (`mailers.tls.from_env`)",
-        "nodes: `mailers-coordinator`; coordinators: any name",
-        "Comma list of certificate names (CN or DNS SAN) a client certificate must carry; "
-        "`*` accepts any certificate from the CA.",
-    ),
-    "MAILER_TLS_SERVER_NAME": Other(
-        "coordinator, the `mailers` command",
-        "the host of the address dialled",
-        "Name checked in the certificate of the servers this process dials (nodes for a "
-        "coordinator, coordinators for the command).",
-    ),
-    "MAILER_ETCD_CA": Other(
-        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
-        "none (plaintext etcd)",
-        "CA of the etcd members' certificates; with `MAILER_ETCD_CERT` and "
-        "`MAILER_ETCD_KEY` (all three or none) etcd is reached over TLS.",
-    ),
-    "MAILER_ETCD_CERT": Other(
-        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
-        "none",
-        "Client certificate for etcd; its CN is the etcd user (`mailers-coordinator`, "
-        "`mailers-node-<id>`, see `mailers etcd-auth`).",
-    ),
-    "MAILER_ETCD_KEY": Other(
-        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
-        "none",
-        "The private key of `MAILER_ETCD_CERT`.",
-    ),
-    "MAILER_DOMAIN_LIMITS": Other(
-        "sender node (`throttle.parse_domain_limits`, sets `domain_limits` and `domain_overrides`)",
-        "20 transactions at once per recipient domain, no rate limit",
-        "Per recipient domain throttles, e.g. `default=concurrency:20;gmail.com=rate:10,"
-        "burst:5,concurrency:4` (keys: rate, burst, concurrency, min_rate, decrease, "
-        "increase, recovery, cooldown). A 421/451 reply slows a domain down regardless.",
-    ),
-    "MAILER_ETCD_SERVER_NAME": Other(
-        "coordinator and sender node (`mailers.etcd.EtcdTls.from_env`)",
-        "the first endpoint's host",
-        "Name checked in the etcd members' certificates when several endpoints are given.",
     ),
 }
 
@@ -205,75 +139,13 @@ def attribute_docs(cls: type[Any]) -> dict[str, str]:
 @dataclasses.dataclass(frozen=True)
 class Source:
     variable: str
-    derived: bool
-    """True when the field is computed from the variable (e.g. a share of it), not read
-    as it is."""
 
 
 def env_sources(process: Process) -> dict[str, list[Source]]:
-    """Field path (``etcd.lease_ttl_s``) -> the variables from_env builds it from."""
-    func = process.module.from_env
-    tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
-    fdef = tree.body[0]
-    assert isinstance(fdef, ast.FunctionDef)
-    assigned: dict[str, ast.expr] = {}
-    for node in ast.walk(fdef):
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target = node.targets[0]
-            if isinstance(target, ast.Name):
-                assigned[target.id] = node.value
-
-    def is_config_call(expr: ast.expr) -> bool:
-        if not (isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name)):
-            return False
-        obj = getattr(process.module, expr.func.id, None)
-        return isinstance(obj, type) and dataclasses.is_dataclass(obj)
-
-    def variables(expr: ast.AST, derived: bool, seen: frozenset[str]) -> Iterator[Source]:
-        if isinstance(expr, ast.Constant) and isinstance(expr.value, str):
-            if _VAR.fullmatch(expr.value):
-                yield Source(expr.value, derived)
-            return
-        if isinstance(expr, ast.Name) and expr.id in assigned and expr.id not in seen:
-            yield from variables(assigned[expr.id], derived, seen | {expr.id})
-            return
-        through = (
-            derived
-            or isinstance(expr, ast.BinOp)
-            or (
-                isinstance(expr, ast.Call)
-                and isinstance(expr.func, ast.Name)
-                and expr.func.id in {"min", "max"}
-            )
-        )
-        for child in ast.iter_child_nodes(expr):
-            yield from variables(child, through, seen)
-
+    """Field path (``etcd.lease_ttl_s``) -> the variables declared for it."""
     out: dict[str, list[Source]] = {}
-
-    def walk_call(call: ast.Call, prefix: str) -> None:
-        for kw in call.keywords:
-            assert kw.arg is not None
-            value = kw.value
-            if isinstance(value, ast.Name) and value.id in assigned:
-                if is_config_call(assigned[value.id]):
-                    value = assigned[value.id]
-            path = f"{prefix}{kw.arg}"
-            if is_config_call(value):
-                assert isinstance(value, ast.Call)
-                walk_call(value, f"{path}.")
-                continue
-            found: dict[str, Source] = {}
-            for source in variables(value, False, frozenset()):
-                found.setdefault(source.variable, source)
-            if found:
-                out[path] = list(found.values())
-
-    returns = [n for n in ast.walk(fdef) if isinstance(n, ast.Return) and n.value is not None]
-    assert len(returns) == 1, "from_env must have exactly one return"
-    result = returns[0].value
-    assert isinstance(result, ast.Call)
-    walk_call(result, "")
+    for declared in settings.declarations(process.config_class):
+        out.setdefault(declared.path, []).append(Source(declared.variable.name))
     return out
 
 
@@ -300,8 +172,11 @@ def build(process: Process, environ: Mapping[str, str]) -> Any:
 
 
 def field_value(config: Any, path: str) -> Any:
+    """The value at a dotted path; None below an absent (None) value."""
     value = config
     for part in path.split("."):
+        if value is None:
+            return None
         value = getattr(value, part)
     return value
 
@@ -336,13 +211,28 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+def _unset_instance(value: Any) -> bool:
+    """A dataclass value equal to its class's own defaults (what "unset" gives)."""
+    if not dataclasses.is_dataclass(value) or isinstance(value, type):
+        return False
+    try:
+        return bool(value == type(value)())
+    except TypeError:  # the class has required fields
+        return False
+
+
 def _show(value: Any) -> str:
+    """A value as its variable spells it."""
     if isinstance(value, timedelta):
         return f"`{value.total_seconds():g}` s"
     if isinstance(value, tuple):
         return "`" + ",".join(str(v) for v in value) + "`" if value else "empty"
-    if value is None or value == "":
+    if value is None or value == "" or value == {} or _unset_instance(value):
         return "empty"
+    if isinstance(value, bool):
+        return f"`{int(value)}`"
+    if isinstance(value, enum.Enum):
+        return f"`{value.value}`"
     if isinstance(value, float) and value.is_integer():
         return f"`{value:g}`"
     return f"`{value}`"
@@ -357,8 +247,14 @@ class Row:
     description: str
 
 
+def _default(value: Any, declared: settings.Declared | None) -> str:
+    show = declared.variable.show if declared is not None else None
+    return f"`{show(value)}`" if show is not None else _show(value)
+
+
 def rows(process: Process) -> list[Row]:
-    sources = env_sources(process)
+    """One row per field, declared or not, in field order."""
+    declared = {d.path: d for d in settings.declarations(process.config_class)}
     required = required_variables(process)
     defaults = build(process, process.required_samples)
     out: list[Row] = []
@@ -369,15 +265,17 @@ def rows(process: Process) -> list[Row]:
         for f in dataclasses.fields(cls):
             path = f"{prefix}{f.name}"
             tp = hints[f.name]
-            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-                walk(tp, f"{path}.")
+            inner = settings.nested_class(f)
+            if path not in declared and (inner or dataclasses.is_dataclass(tp)):
+                walk(inner or tp, f"{path}.")
                 continue
-            srcs = sources.get(path, [])
-            if any(s.variable in required for s in srcs):
+            here = declared.get(path)
+            sources = [Source(here.variable.name)] if here is not None else []
+            if here is not None and here.variable.name in required:
                 default = "**required**"
             else:
-                default = _show(field_value(defaults, path))
-            out.append(Row(path, _type_name(tp), srcs, default, docs.get(f.name, "")))
+                default = _default(field_value(defaults, path), here)
+            out.append(Row(path, _type_name(tp), sources, default, docs.get(f.name, "")))
 
     walk(process.config_class, "")
     return out
@@ -387,56 +285,58 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render() -> str:
+def _process_section(process: Process) -> list[str]:
+    table = rows(process)
     lines = [
-        "# Configuration reference",
         "",
-        "<!-- Generated by scripts/gen_config_reference.py from coordinator/config.py and",
-        "     sender_node/config.py. Do not edit: run `python scripts/gen_config_reference.py`.",
-        "     tests/unit/test_config_reference.py fails when this file is stale. -->",
+        f"## {process.title} (`{process.command}`)",
         "",
-        "Every process reads its configuration from `MAILER_*` environment variables, in one",
-        "place (`from_env` in its `config.py`). Defaults are what the process uses when the",
-        "variable is unset or empty. Durations ending in `_S` are seconds.",
-        "Fields no variable sets are listed too, so every option is here.",
+        f"Read by `{process.module.__name__}.from_env` into `{process.config_class.__name__}`.",
+        "",
+        "| Variable | Default | Field | Description |",
+        "| --- | --- | --- | --- |",
     ]
-    for process in PROCESSES:
-        table = rows(process)
-        module = process.module.__name__
-        lines += [
-            "",
-            f"## {process.title} (`{process.command}`)",
-            "",
-            f"Read by `{module}.from_env` into `{process.config_class.__name__}`.",
-            "",
-            "| Variable | Default | Field | Description |",
-            "| --- | --- | --- | --- |",
-        ]
-        fixed = []
-        for row in table:
-            if not row.sources:
-                fixed.append(row)
-                continue
-            names = ", ".join(
-                f"`{s.variable}`" + (" (derived)" if s.derived else "") for s in row.sources
-            )
+    for row in table:
+        if row.sources:
+            names = ", ".join(f"`{s.variable}`" for s in row.sources)
             lines.append(
                 f"| {names} | {row.default} | `{row.path}`: {_escape(row.type_name)} "
                 f"| {_escape(row.description) or '—'} |"
             )
-        if fixed:
-            lines += [
-                "",
-                "Not set by any variable:",
-                "",
-                "| Field | Value | Description |",
-                "| --- | --- | --- |",
-            ]
-            for row in fixed:
-                lines.append(
-                    f"| `{row.path}`: {_escape(row.type_name)} | {row.default} "
-                    f"| {_escape(row.description) or '—'} |"
-                )
+    fixed = [row for row in table if not row.sources]
+    if fixed:
+        lines += [
+            "",
+            "Not set by any variable:",
+            "",
+            "| Field | Value | Description |",
+            "| --- | --- | --- |",
+        ]
+        for row in fixed:
+            lines.append(
+                f"| `{row.path}`: {_escape(row.type_name)} | {row.default} "
+                f"| {_escape(row.description) or '—'} |"
+            )
+    return lines
+
+
+def render() -> str:
+    lines = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by scripts/gen_config_reference.py from the settings declarations",
+        "     of coordinator/config.py and sender_node/config.py (and the classes they nest).",
+        "     Do not edit: run `python scripts/gen_config_reference.py`.",
+        "     tests/unit/test_config_reference.py fails when this file is stale. -->",
+        "",
+        "Every process reads its configuration from `MAILER_*` environment variables, in one",
+        "place (`from_env` in its `config.py`), each declared once on the field it sets",
+        "(`mailers_runtime.settings`). Defaults are what the process uses when the variable",
+        "is unset or empty. Durations ending in `_S` are seconds.",
+        "Fields no variable sets are listed too, so every option is here.",
+    ]
+    for process in PROCESSES:
+        lines += _process_section(process)
     lines += [
         "",
         "## Other variables",

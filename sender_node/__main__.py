@@ -1,7 +1,7 @@
 """``python -m sender_node``: run one sender node until SIGTERM or SIGINT.
 
 Startup: read ``MAILER_*`` (see ``config.py``; inconsistent timeouts exit 2) and the TLS
-files (``mailers/tls.py``: without TLS files or ``MAILER_PLAINTEXT=1`` the node exits
+files (``mailers_runtime/tls.py``: without TLS files or ``MAILER_PLAINTEXT=1`` the node exits
 2), open the result journal in ``MAILER_STATE_DIR`` (exit 2 if it cannot be used or
 another process holds it), connect to etcd, start the gRPC server with the dispatch and
 health services (binding a free port when the listen port is 0; with TLS it requires a
@@ -40,9 +40,9 @@ import uvloop
 from grpc_health.v1 import health_pb2_grpc
 
 from mailerpb.mailer.v1 import sender_pb2_grpc
-from mailers import logs
-from mailers.etcd import Keys, connect
-from mailers.tls import TlsConfigError, Transport
+from mailers_runtime import logs
+from mailers_runtime.etcd import Keys, connect
+from mailers_runtime.tls import Transport
 from sender_node.config import (
     MIN_THROUGHPUT_BYTES_PER_S,
     NodeTimings,
@@ -118,16 +118,7 @@ def _assemble(
 ) -> _Node:
     timings = timings_of(config)
     keys = Keys(config.etcd.prefix)
-    pool = RelayPool(
-        config.smtp.relays,
-        strategy=config.smtp.strategy,
-        connections_per_relay=config.smtp.connections_per_relay,
-        timeout_s=config.smtp.timeout_s,
-        final_reply_timeout_s=config.smtp.final_reply_timeout_s,
-        helo_name=config.smtp.helo_name,
-        # The final-reply bound the leader is told assumes this throughput.
-        min_throughput_bytes_per_s=MIN_THROUGHPUT_BYTES_PER_S,
-    )
+    pool = _relay_pool(config)
     metrics = NodeMetrics()
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
@@ -151,7 +142,7 @@ def _assemble(
         max_unacked_results=config.max_unacked_results,
         metrics=metrics,
         signer=DkimSigner.from_files(config.dkim_keys) if config.dkim_keys else None,
-        pacer=DomainPacer(config.domain_limits, config.domain_overrides),
+        pacer=DomainPacer(config.domain_limits.default, config.domain_limits.overrides),
     )
     handback = HandbackWriter(
         etcd,
@@ -167,16 +158,34 @@ def _assemble(
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
     leader = LeaderWatch(etcd, keys, servicer.observe_epoch)
-    health_server = None
-    if config.health_listen:
-        # Plaintext, health only: for probes without a client certificate.
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health.servicer, health_server)
-        health_server.add_insecure_port(config.health_listen)
     return _Node(
         config, timings, journal, etcd, pool, registration, servicer, leader, handback, health,
-        server, health_server,
+        server, _health_server(config, health),
     )  # fmt: skip
+
+
+def _relay_pool(config: SenderConfig) -> RelayPool:
+    return RelayPool(
+        config.smtp.relays,
+        strategy=config.smtp.strategy,
+        connections_per_relay=config.smtp.connections_per_relay,
+        timeout_s=config.smtp.timeout_s,
+        final_reply_timeout_s=config.smtp.final_reply_timeout_s,
+        helo_name=config.smtp.helo_name,
+        # The final-reply bound the leader is told assumes this throughput.
+        min_throughput_bytes_per_s=MIN_THROUGHPUT_BYTES_PER_S,
+    )
+
+
+def _health_server(config: SenderConfig, health: NodeHealth) -> grpc.aio.Server | None:
+    """Plaintext, health only: for probes without a client certificate (none unless
+    ``config.health_listen``)."""
+    if not config.health_listen:
+        return None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health.servicer, server)
+    server.add_insecure_port(config.health_listen)
+    return server
 
 
 async def run(
@@ -283,7 +292,7 @@ def main() -> int:
         config = from_env(os.environ)
         # TLS files are read once, here, so a bad one stops the node before it starts.
         transport = Transport.load(config.tls)
-    except (ConfigError, TlsConfigError) as exc:
+    except ConfigError as exc:  # TlsConfigError too
         print(f"sender_node: {exc}", file=sys.stderr)
         return 2
     logs.setup("node", config.node_id, os.environ)

@@ -12,12 +12,12 @@ import math
 from collections.abc import Sequence
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
+from mailers_runtime.breaker import BreakerState
+from mailers_runtime.message import Attachment, Content, Header, Mailbox
 from sender_node.classify import LoadSnapshot
 from sender_node.config import NodeTimings
 from sender_node.model import BatchRef, Recipient, Release, Result, Status, Work
 from sender_node.outbox import Handback, ResultsMessage
-from sender_node.relay_breaker import BreakerState
-from sender_node.render import Attachment, Content, Mailbox
 from sender_node.smtp_client import RelayInfo
 
 _STATUS = {
@@ -45,7 +45,7 @@ def content_from_proto(content: common_pb2.MessageContent) -> Content:
         text_body=content.text_body,
         html_body=content.html_body,
         reply_to=reply_to,
-        headers=tuple((h.name, h.value) for h in content.headers),
+        headers=tuple(Header(h.name, h.value) for h in content.headers),
         unsubscribe_url=content.unsubscribe_url,
         attachments=tuple(
             Attachment(a.filename, a.content_type, a.content) for a in content.attachments

@@ -1,45 +1,14 @@
-"""Configuration of a sender node: frozen dataclasses read from ``MAILER_*`` variables.
+"""Configuration of a sender node: frozen dataclasses whose fields declare their variables.
 
-The environment is read in exactly one place, :func:`from_env`, called only from
-``__main__``; everything else receives a :class:`SenderConfig`.
+A field the environment can set names its ``MAILER_*`` variable, parser and default in
+one declaration (``mailers_runtime.settings``); ``deploy/CONFIG.md`` lists them all,
+generated from these declarations. The environment is read in exactly one place,
+:func:`from_env`, called only from ``__main__``; everything else receives a
+:class:`SenderConfig`.
 
-Variables (defaults in brackets):
-
-- ``MAILER_NODE_ID`` [``node-<hostname>-<pid>``]
-- ``MAILER_LISTEN`` [``127.0.0.1:0``]: gRPC listen address; port 0 picks a free port.
-- ``MAILER_ADVERTISE`` [the bound listen address]: what the coordinator dials.
-- ``MAILER_ETCD_ENDPOINTS`` (required): ``host:port,host:port``.
-- ``MAILER_ETCD_PREFIX`` [``/mailers``]
-- ``MAILER_RELAYS`` (required): ``host:port,...`` SMTP relays, preferred first; each may
-  carry ``;key=value`` options (see :func:`parse_relays`): ``tls=auto|starttls|implicit|none``,
-  ``verify=false``, ``ca=/path.pem``, ``user=NAME`` with ``password_env=VAR`` or
-  ``password_file=/path``, ``weight=N``, ``connections=N``, ``rate=R`` (messages/s).
-- ``MAILER_RELAY_STRATEGY`` [``failover``]: ``failover`` (priority order) or ``balance``
-  (smooth weighted round-robin by relay ``weight``).
-- ``MAILER_LEASE_TTL_S`` [5]
-- ``MAILER_SMTP_CONNECTIONS`` [4]: persistent connections per relay (a relay's
-  ``connections=`` option overrides it).
-- ``MAILER_CAPACITY`` [400]: recipients held at once.
-- ``MAILER_SMTP_TIMEOUT_S`` [30]: deadline of every SMTP reply before the message body.
-- ``MAILER_SMTP_FINAL_REPLY_TIMEOUT_S`` [60]: deadline of the reply to the final dot (plus
-  the transfer time); at least ``MAILER_SMTP_TIMEOUT_S``. Running out is AMBIGUOUS.
-- ``MAILER_DRAIN_TIMEOUT_S`` [10]: on SIGTERM, how long in-flight batches may go on
-  starting transactions. Transactions past their final dot are never cut, so the
-  process may exit up to the final-reply timeout (:class:`NodeTimings`) later.
-- ``MAILER_STATE_DIR`` [``/var/lib/mailers/node-<node_id>``]: the result journal; must
-  survive restarts and belong to this node alone (absolute path).
-- ``MAILER_MAX_UNACKED_RESULTS`` [50000]: results no leader has acknowledged yet above
-  which the node rejects new batches ("at capacity").
-- ``MAILER_METRICS_LISTEN`` [empty: off]: ``host:port`` of the Prometheus exporter.
-- ``MAILER_DOMAIN_LIMITS`` [empty: 20 transactions at once per recipient domain, no
-  rate limit]: e.g. ``default=concurrency:20;gmail.com=rate:10,burst:5,concurrency:4``
-  (keys: rate, burst, concurrency, min_rate, decrease, increase, recovery, cooldown; see
-  ``throttle.parse_domain_limits``). A 421/451 reply always slows the domain down.
-- ``MAILER_DKIM_KEYS`` [empty: no signing]: ``domain:selector:/path/key.pem,...``; mail
-  whose From domain has a key is DKIM-signed (RSA or Ed25519 PEM).
-- ``MAILER_ETCD_CA``, ``MAILER_ETCD_CERT``, ``MAILER_ETCD_KEY`` [empty: plaintext etcd]:
-  TLS to etcd with this client certificate (its CN is the node's etcd user).
-- ``MAILER_LOG_LEVEL`` [``INFO``]; ``MAILER_LOG_FORMAT`` [``text``] or ``json``.
+``MAILER_RELAYS`` is a list of relays, each ``host:port`` with optional ``;key=value``
+options (see :func:`parse_relay`); its passwords come from other variables or files
+that the relay names, read once at start.
 """
 
 from __future__ import annotations
@@ -51,11 +20,13 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
-from mailers.etcd import EtcdTls, parse_endpoints
-from mailers.tls import TlsConfig
-from mailers.tls import node_from_env as tls_from_env
+from mailers_runtime import settings
+from mailers_runtime.etcd import endpoints
+from mailers_runtime.etcd import tls_setting as etcd_tls_setting
+from mailers_runtime.tls import COORDINATOR_NAME, ClientAuth, TlsConfig, TlsFiles
 from sender_node.dkim import parse_key_spec
 from sender_node.errors import ConfigError
 from sender_node.relay_breaker import data_timeout_s
@@ -179,25 +150,10 @@ _RELAY_KEYS = (
     "connections",
     "rate",
 )
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
 
 
-def parse_relay(entry: str, environ: Mapping[str, str]) -> RelayConfig:
-    """Parse one relay: ``host:port`` then optional ``;key=value`` options.
-
-    Keys: ``tls`` (``auto``, ``starttls``, ``implicit``, ``none``), ``verify`` (a boolean),
-    ``ca`` (a PEM file), ``user``, ``password_env`` (a variable in ``environ``) or
-    ``password_file`` (a file; one trailing newline is stripped), ``weight`` (integer >= 1),
-    ``connections`` (integer >= 1), ``rate`` (messages per second). Files are read here,
-    once; error messages name the relay and the key, never a password.
-
-    Raises:
-        ConfigError: an unknown or repeated key, a bad value, an unset ``password_env``
-            variable, or an unreadable ``password_file`` or ``ca``.
-    """
-    address, *options = (part.strip() for part in entry.split(";"))
-    _split_hostport(address, "relay")
+def _relay_options(address: str, options: Iterable[str]) -> dict[str, str]:
+    """The ``key=value`` options of one relay: known keys, each once, with a value."""
     values: dict[str, str] = {}
     for n, option in enumerate(options, 1):
         if not option:
@@ -218,38 +174,30 @@ def parse_relay(entry: str, environ: Mapping[str, str]) -> RelayConfig:
         if key in values:
             raise ConfigError(f"{where} given twice")
         values[key] = value
+    return values
 
-    def number(key: str, kind: type[int] | type[float]) -> int | float | None:
-        raw = values.get(key)
-        if raw is None:
-            return None
-        try:
-            return kind(raw)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise ConfigError(f"relay {address}: {key}={raw!r} is not {what}") from None
 
-    tls = RelayTls.AUTO
-    if "tls" in values:
-        try:
-            tls = RelayTls(values["tls"].lower())
-        except ValueError:
-            known = ", ".join(m.value for m in RelayTls)
-            raise ConfigError(
-                f"relay {address}: tls={values['tls']!r} is not one of {known}"
-            ) from None
-    verify = True
-    if "verify" in values:
-        flag = values["verify"].lower()
-        if flag not in _TRUE | _FALSE:
-            raise ConfigError(f"relay {address}: verify={values['verify']!r} is not a boolean")
-        verify = flag in _TRUE
-    ca_file = values.get("ca")
-    if ca_file is not None and not os.access(ca_file, os.R_OK):
-        raise ConfigError(f"relay {address}: ca file {ca_file!r} is not readable")
+def _relay_option(
+    address: str, values: Mapping[str, str], key: str, parse: Callable[[str], Any], what: str
+) -> Any:
+    """Option ``key`` parsed, or None when absent; a refused value names the relay, the
+    key and what was expected (these options hold no secret)."""
+    raw = values.get(key)
+    if raw is None:
+        return None
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ConfigError(f"relay {address}: {key}={raw!r} is not {what}") from None
+
+
+def _relay_password(
+    address: str, values: Mapping[str, str], environ: Mapping[str, str]
+) -> Secret | None:
+    """The password ``password_env`` or ``password_file`` names, read now; error
+    messages never show it."""
     if "password_env" in values and "password_file" in values:
         raise ConfigError(f"relay {address}: password_env and password_file are exclusive")
-    password: Secret | None = None
     if "password_env" in values:
         name = values["password_env"]
         raw = environ.get(name)
@@ -257,35 +205,60 @@ def parse_relay(entry: str, environ: Mapping[str, str]) -> RelayConfig:
             raise ConfigError(
                 f"relay {address}: password_env names {name}, which is unset or empty"
             )
-        password = Secret(raw)
-    elif "password_file" in values:
-        path = values["password_file"]
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = f.read()
-        except (OSError, UnicodeDecodeError) as exc:
-            # The reason only (strerror), never the file's content.
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-            raise ConfigError(
-                f"relay {address}: password_file {path!r} is not readable: {reason}"
-            ) from None
-        raw = raw.removesuffix("\n").removesuffix("\r")
-        if not raw:
-            raise ConfigError(f"relay {address}: password_file {path!r} is empty")
-        password = Secret(raw)
-    weight = number("weight", int)
-    connections = number("connections", int)
-    rate = number("rate", float)
+        return Secret(raw)
+    if "password_file" not in values:
+        return None
+    path = values["password_file"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        # The reason only (strerror), never the file's content.
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(
+            f"relay {address}: password_file {path!r} is not readable: {reason}"
+        ) from None
+    raw = raw.removesuffix("\n").removesuffix("\r")
+    if not raw:
+        raise ConfigError(f"relay {address}: password_file {path!r} is empty")
+    return Secret(raw)
+
+
+def parse_relay(entry: str, environ: Mapping[str, str]) -> RelayConfig:
+    """Parse one relay: ``host:port`` then optional ``;key=value`` options.
+
+    Keys: ``tls`` (``auto``, ``starttls``, ``implicit``, ``none``), ``verify`` (a boolean),
+    ``ca`` (a PEM file), ``user``, ``password_env`` (a variable in ``environ``) or
+    ``password_file`` (a file; one trailing newline is stripped), ``weight`` (integer >= 1),
+    ``connections`` (integer >= 1), ``rate`` (messages per second). Files are read here,
+    once; error messages name the relay and the key, never a password.
+
+    Raises:
+        ConfigError: an unknown or repeated key, a bad value, an unset ``password_env``
+            variable, or an unreadable ``password_file`` or ``ca``.
+    """
+    address, *options = (part.strip() for part in entry.split(";"))
+    _split_hostport(address, "relay")
+    values = _relay_options(address, options)
+    known = ", ".join(m.value for m in RelayTls)
+    tls = _relay_option(address, values, "tls", settings.choice(RelayTls), f"one of {known}")
+    verify = _relay_option(address, values, "verify", settings.boolean, "a boolean")
+    ca_file = values.get("ca")
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        raise ConfigError(f"relay {address}: ca file {ca_file!r} is not readable")
+    password = _relay_password(address, values, environ)
+    weight = _relay_option(address, values, "weight", settings.integer, "an integer")
+    connections = _relay_option(address, values, "connections", settings.integer, "an integer")
     return RelayConfig(
         address=address,
-        tls=tls,
-        verify=verify,
+        tls=RelayTls.AUTO if tls is None else tls,
+        verify=True if verify is None else verify,
         ca_file=ca_file,
         user=values.get("user"),
         password=password,
-        weight=1 if weight is None else int(weight),
-        connections=None if connections is None else int(connections),
-        rate_per_s=rate,
+        weight=1 if weight is None else weight,
+        connections=connections,
+        rate_per_s=_relay_option(address, values, "rate", settings.number, "a number"),
     )
 
 
@@ -311,58 +284,84 @@ def parse_relays(spec: str, environ: Mapping[str, str] | None = None) -> tuple[R
     return tuple(parse_relay(entry, environ or {}) for entry in entries)
 
 
-@dataclasses.dataclass(frozen=True)
+@settings.config
 class EtcdConfig:
     """Where and how the node registers."""
 
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str, ...] = settings.setting(
+        "MAILER_ETCD_ENDPOINTS", parse=endpoints, quote=False
+    )
     """etcd client endpoints, ``host:port``; the client fails over across them."""
-    prefix: str = "/mailers"
-    """Key prefix shared by the cluster (see ``mailers.etcd.Keys``)."""
-    lease_ttl_s: int = 5
-    """TTL of the registration lease; the node is considered gone this long after it stops."""
-    trust_margin_s: float = 1.0
-    """The node stops sending this long before its lease could have expired."""
-    tls: EtcdTls | None = None
-    """Client certificate and CA for etcd over TLS; None for plaintext."""
+    prefix: str = settings.setting("MAILER_ETCD_PREFIX", default="/mailers")
+    """Key prefix shared by the cluster (see ``mailers_runtime.etcd.Keys``)."""
+    lease_ttl_s: int = settings.setting("MAILER_LEASE_TTL_S", default=5, parse=settings.integer)
+    """TTL of the registration lease; the node is considered gone this long after it
+    stops, and stops sending ``trust_margin_s`` before its lease could expire (a quarter
+    of the TTL, at most 1 s)."""
+    tls: TlsFiles | None = etcd_tls_setting()
+    """Client certificate and CA for etcd over TLS (the certificate's CN is the node's
+    etcd user); None for plaintext."""
 
     def __post_init__(self) -> None:
         if not self.endpoints:
-            raise ConfigError("no etcd endpoints")
+            raise ConfigError("MAILER_ETCD_ENDPOINTS: no etcd endpoints")
         if self.lease_ttl_s < 2:
-            raise ConfigError("lease TTL must be at least 2 s")
-        if not 0 <= self.trust_margin_s < self.lease_ttl_s / 2:
-            raise ConfigError("trust margin must be below half the lease TTL")
+            raise ConfigError("MAILER_LEASE_TTL_S must be at least 2")
         if not self.prefix.startswith("/"):
-            raise ConfigError("etcd prefix must start with '/'")
+            raise ConfigError("MAILER_ETCD_PREFIX must start with '/'")
+
+    @property
+    def trust_margin_s(self) -> float:
+        """The node stops sending this long before its lease could have expired: a
+        quarter of the TTL, at most 1 s (short TTLs, in tests and demos, get a
+        proportionally shorter margin; it stays below half the TTL)."""
+        return min(1.0, self.lease_ttl_s / 4)
 
 
-@dataclasses.dataclass(frozen=True)
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""Largest rendered message a node sends; a larger one fails without being sent, so
+that the final-reply bound holds. Submitted content is capped near 1.2 MB; rendering
+(base64, quoted-printable, DKIM) keeps it well below this."""
+
+
+@settings.config
 class SmtpConfig:
     """The relays a node sends through."""
 
-    relays: tuple[RelayConfig, ...]
+    relays: tuple[RelayConfig, ...] = settings.setting(
+        "MAILER_RELAYS", parse=parse_relays, quote=False, with_environ=True
+    )
     """Each relay, ``host:port`` plus optional ``;key=value`` options (``tls``, ``verify``,
     ``ca``, ``user``, ``password_env``/``password_file``, ``weight``, ``connections``,
     ``rate``); comma-separated, the first preferred under ``failover``."""
-    connections_per_relay: int = 4
+    connections_per_relay: int = settings.setting(
+        "MAILER_SMTP_CONNECTIONS", default=4, parse=settings.integer
+    )
     """Persistent connections kept per relay (unless the relay sets ``connections``);
     also the node's sending concurrency per relay."""
-    timeout_s: float = 30.0
+    timeout_s: float = settings.setting(
+        "MAILER_SMTP_TIMEOUT_S", default=30.0, parse=settings.number
+    )
     """Deadline of each SMTP step before the message body (connect, TLS, EHLO, AUTH,
     MAIL, each RCPT, DATA)."""
-    final_reply_timeout_s: float = 60.0
+    final_reply_timeout_s: float = settings.setting(
+        "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", default=60.0, parse=settings.number
+    )
     """Deadline of the reply to the final dot, plus the time the message takes at the
     slowest healthy throughput. At least ``timeout_s``: running out is AMBIGUOUS (the
     relay may have the message), so it is kept long."""
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = settings.setting(
+        "MAILER_SMTP_MAX_MESSAGE_BYTES", default=MAX_MESSAGE_BYTES, parse=settings.integer
+    )
     """Largest rendered message sent; a larger one fails without being sent. It also
     bounds how long a transaction can take after its body started (at the slowest
     healthy throughput), which is what the leader waits before moving the batches of a
     node that vanished: a smaller limit moves them sooner."""
     helo_name: str = "localhost"
-    """Name given in EHLO."""
-    strategy: Strategy = Strategy.FAILOVER
+    """Name given in EHLO (``from_env`` gives the host name)."""
+    strategy: Strategy = settings.setting(
+        "MAILER_RELAY_STRATEGY", default=Strategy.FAILOVER, parse=Strategy.parse, quote=False
+    )
     """How transactions are spread over the relays: ``failover`` (priority order) or
     ``balance`` (smooth weighted round-robin by ``weight``)."""
 
@@ -388,49 +387,77 @@ class SmtpConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DomainLimits:
+    """Throttles by recipient domain: the default and the overrides."""
+
+    default: Limits = Limits()
+    """Throttles of a recipient domain without an override."""
+    overrides: Mapping[str, Limits] = dataclasses.field(default_factory=dict)
+    """Throttles by recipient domain (lower case)."""
+
+
+def _domain_limits(spec: str) -> DomainLimits:
+    default, overrides = parse_domain_limits(spec)
+    return DomainLimits(default, overrides)
+
+
+@settings.config
 class SenderConfig:
     """Everything a sender node process needs."""
 
-    node_id: str
-    """Stable name of the node; its registration key is ``nodes/<node_id>``."""
-    listen: str
+    node_id: str = settings.setting("MAILER_NODE_ID")
+    """Stable name of the node; its registration key is ``nodes/<node_id>``
+    (``from_env`` defaults it to ``node-<hostname>-<pid>``)."""
+    etcd: EtcdConfig = settings.nested(EtcdConfig)
+    smtp: SmtpConfig = settings.nested(SmtpConfig)
+    listen: str = settings.setting("MAILER_LISTEN", default="127.0.0.1:0")
     """gRPC listen address ``host:port``; port 0 binds a free port."""
-    etcd: EtcdConfig
-    smtp: SmtpConfig
-    advertise: str | None = None
+    advertise: str | None = settings.setting("MAILER_ADVERTISE", default=None)
     """Address the coordinator dials; ``None`` means the bound listen address."""
-    capacity: int = 400
+    capacity: int = settings.setting("MAILER_CAPACITY", default=400, parse=settings.integer)
     """Recipients the node holds at once; batches beyond it are rejected."""
-    metrics_listen: str = ""
-    """host:port of the Prometheus exporter (``MAILER_METRICS_LISTEN``); empty disables it."""
-    health_listen: str = ""
-    """host:port of a plaintext gRPC server with only the health service
-    (``MAILER_HEALTH_LISTEN``), for probes that cannot present a client certificate
-    (Kubernetes' native gRPC probes); empty disables it. It tells whether the node takes
-    work, nothing else."""
-    drain_timeout_s: float = 10.0
+    metrics_listen: str = settings.setting("MAILER_METRICS_LISTEN", default="")
+    """host:port of the Prometheus exporter; empty disables it."""
+    health_listen: str = settings.setting("MAILER_HEALTH_LISTEN", default="")
+    """host:port of a plaintext gRPC server with only the health service, for probes
+    that cannot present a client certificate (Kubernetes' native gRPC probes); empty
+    disables it. It tells whether the node takes work, nothing else."""
+    drain_timeout_s: float = settings.setting(
+        "MAILER_DRAIN_TIMEOUT_S", default=10.0, parse=settings.number
+    )
     """On SIGTERM, how long batches under way may go on starting SMTP transactions;
     then the rest is handed back. A transaction past its final dot is never cut, so the
     process may exit up to the final-reply timeout (``NodeTimings.final_reply_s``) later."""
-    state_dir: str = ""
-    """Directory of the result journal (``MAILER_STATE_DIR``), absolute; empty means
+    state_dir: str = settings.setting("MAILER_STATE_DIR", default="")
+    """Directory of the result journal, absolute; empty means
     ``/var/lib/mailers/node-<node_id>``. It must outlive the process (a volume, not a
     container's own layer) and serve one node only (a lock file enforces that)."""
-    max_unacked_results: int = 50_000
+    max_unacked_results: int = settings.setting(
+        "MAILER_MAX_UNACKED_RESULTS", default=50_000, parse=settings.integer
+    )
     """Results in the journal that no leader has acknowledged; beyond this the node
     rejects new batches as "at capacity" until acknowledgements bring it down."""
-    log_level: str = "INFO"
-    tls: TlsConfig = TlsConfig()
-    """TLS of the dispatch server: MAILER_TLS_CA, MAILER_TLS_CERT, MAILER_TLS_KEY, and
-    MAILER_TLS_ALLOWED_CLIENTS (client certificate names accepted, by default
-    ``mailers-coordinator``), or MAILER_PLAINTEXT=1; the node refuses to start with
-    neither (see mailers/tls.py)."""
-    domain_limits: Limits = Limits()
-    """Throttles of a recipient domain without an override."""
-    domain_overrides: Mapping[str, Limits] = dataclasses.field(default_factory=dict)
-    """Throttles by recipient domain (lower case)."""
-    dkim_keys: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
-    """DKIM ``{domain: (selector, key file)}``; the keys are read at startup."""
+    log_level: str = settings.setting("MAILER_LOG_LEVEL", default="INFO", parse=str.upper)
+    """Log level: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``."""
+    tls: TlsConfig = settings.nested(
+        TlsConfig, default=TlsConfig(allowed_clients=(COORDINATOR_NAME,))
+    )
+    """TLS of the dispatch server (client certificates always required; by default
+    only coordinators' are accepted), or plaintext; the node refuses to start with
+    neither (see mailers_runtime/tls.py)."""
+    domain_limits: DomainLimits = settings.setting(
+        "MAILER_DOMAIN_LIMITS", default=DomainLimits(), parse=_domain_limits, quote=False
+    )
+    """Throttles by recipient domain, e.g.
+    ``default=concurrency:20;gmail.com=rate:10,burst:5,concurrency:4`` (keys: rate, burst,
+    concurrency, min_rate, decrease, increase, recovery, cooldown; see
+    ``throttle.parse_domain_limits``); by default 20 transactions at once per domain, no
+    rate. A 421/451 reply slows a domain down regardless."""
+    dkim_keys: Mapping[str, tuple[str, str]] = settings.setting(
+        "MAILER_DKIM_KEYS", default_factory=dict, parse=parse_key_spec, quote=False
+    )
+    """DKIM ``{domain: (selector, key file)}`` from ``domain:selector:/path/key.pem,...``;
+    mail whose From domain has a key is signed. The keys are read at startup."""
 
     def __post_init__(self) -> None:
         if not self.node_id or "/" in self.node_id:
@@ -453,17 +480,16 @@ class SenderConfig:
         timings_of(self)
         if self.log_level.upper() not in logging.getLevelNamesMapping():
             raise ConfigError(f"unknown log level {self.log_level!r}")
+        if self.tls.client_auth is not ClientAuth.REQUIRE:
+            raise ConfigError(
+                "MAILER_TLS_CLIENT_AUTH=none: sender nodes always require client certificates"
+            )
 
 
 MIN_THROUGHPUT_BYTES_PER_S = 64 * 1024
 """Slowest message transfer still considered healthy. The node hands it to ``RelayPool``
 (``min_throughput_bytes_per_s``), whose deadline for the final dot's reply grows with
 the message size at this rate; :func:`derive_timings` uses the same formula."""
-
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-"""Largest rendered message a node sends; a larger one fails without being sent, so
-that the final-reply bound holds. Submitted content is capped near 1.2 MB; rendering
-(base64, quoted-printable, DKIM) keeps it well below this."""
 
 SETUP_STEPS = 4
 """SMTP steps before the body a transaction's start budget allows for, one step
@@ -574,110 +600,26 @@ def timings_of(config: SenderConfig) -> NodeTimings:
     )
 
 
-def _number(environ: Mapping[str, str], name: str, default: float) -> float:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-
-
-def _integer(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-
-
-def _strategy(environ: Mapping[str, str], name: str) -> Strategy:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return Strategy.FAILOVER
-    try:
-        return Strategy.parse(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
-
-
-def _required(environ: Mapping[str, str], name: str) -> str:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        raise ConfigError(f"{name} is required")
-    return raw
-
-
 def from_env(
     environ: Mapping[str, str],
     *,
     hostname: str | None = None,
     pid: int | None = None,
 ) -> SenderConfig:
-    """Build the node's configuration from ``MAILER_*`` variables.
+    """Build the node's configuration from its ``MAILER_*`` variables (the declarations
+    above; ``deploy/CONFIG.md`` lists them).
 
     Args:
         environ: Usually ``os.environ``.
-        hostname: For the default node id; the machine's host name when omitted.
+        hostname: For the default node id and the EHLO name; the machine's host name
+            when omitted.
         pid: For the default node id; this process's id when omitted.
 
     Raises:
-        ConfigError: a required variable is missing or a value is malformed.
+        ConfigError: a required variable is missing or a value is malformed; the
+            message names the variable.
     """
     host = hostname if hostname is not None else socket.gethostname()
     process_id = pid if pid is not None else os.getpid()
-    try:
-        etcd_endpoints = tuple(parse_endpoints(_required(environ, "MAILER_ETCD_ENDPOINTS")))
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"MAILER_ETCD_ENDPOINTS: {exc}") from None
-    lease_ttl_s = _integer(environ, "MAILER_LEASE_TTL_S", 5)
-    try:
-        etcd_tls = EtcdTls.from_env(environ)
-    except ValueError as exc:
-        raise ConfigError(f"etcd TLS: {exc}") from None
-    try:
-        domain_limits, domain_overrides = parse_domain_limits(
-            environ.get("MAILER_DOMAIN_LIMITS", "")
-        )
-    except ValueError as exc:
-        raise ConfigError(f"MAILER_DOMAIN_LIMITS: {exc}") from None
-    etcd = EtcdConfig(
-        tls=etcd_tls,
-        endpoints=etcd_endpoints,
-        prefix=environ.get("MAILER_ETCD_PREFIX", "").strip() or "/mailers",
-        lease_ttl_s=lease_ttl_s,
-        # Short TTLs (tests, demos) get a proportionally shorter margin.
-        trust_margin_s=min(1.0, lease_ttl_s / 4),
-    )
-    smtp = SmtpConfig(
-        relays=parse_relays(_required(environ, "MAILER_RELAYS"), environ),
-        connections_per_relay=_integer(environ, "MAILER_SMTP_CONNECTIONS", 4),
-        timeout_s=_number(environ, "MAILER_SMTP_TIMEOUT_S", 30.0),
-        final_reply_timeout_s=_number(environ, "MAILER_SMTP_FINAL_REPLY_TIMEOUT_S", 60.0),
-        max_message_bytes=_integer(environ, "MAILER_SMTP_MAX_MESSAGE_BYTES", MAX_MESSAGE_BYTES),
-        helo_name=host or "localhost",
-        strategy=_strategy(environ, "MAILER_RELAY_STRATEGY"),
-    )
-    return SenderConfig(
-        node_id=environ.get("MAILER_NODE_ID", "").strip() or f"node-{host}-{process_id}",
-        listen=environ.get("MAILER_LISTEN", "").strip() or "127.0.0.1:0",
-        metrics_listen=environ.get("MAILER_METRICS_LISTEN", "").strip(),
-        health_listen=environ.get("MAILER_HEALTH_LISTEN", "").strip(),
-        advertise=environ.get("MAILER_ADVERTISE", "").strip() or None,
-        etcd=etcd,
-        smtp=smtp,
-        capacity=_integer(environ, "MAILER_CAPACITY", 400),
-        drain_timeout_s=_number(environ, "MAILER_DRAIN_TIMEOUT_S", 10.0),
-        state_dir=environ.get("MAILER_STATE_DIR", "").strip(),
-        max_unacked_results=_integer(environ, "MAILER_MAX_UNACKED_RESULTS", 50_000),
-        log_level=environ.get("MAILER_LOG_LEVEL", "").strip().upper() or "INFO",
-        tls=tls_from_env(environ),
-        domain_limits=domain_limits,
-        domain_overrides=domain_overrides,
-        dkim_keys=parse_key_spec(environ.get("MAILER_DKIM_KEYS", "")),
-    )
+    computed = {"node_id": f"node-{host}-{process_id}", "smtp.helo_name": host or "localhost"}
+    return settings.load(SenderConfig, environ, computed)

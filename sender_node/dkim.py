@@ -40,7 +40,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from sender_node.errors import ConfigError, RenderError
+from mailers_runtime.message import RenderError
+from sender_node.errors import ConfigError
 
 SIGNED_HEADERS: tuple[str, ...] = (
     "From",

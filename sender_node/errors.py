@@ -2,46 +2,18 @@
 
 One root, :class:`MailerError`, with a transient and a permanent branch, after
 ``ApplicationError(non_retryable=, next_retry_delay=)`` in temporalio. Outcomes of
-SMTP transactions are not exceptions: they are values (see ``classify.py``).
+SMTP transactions are not exceptions: they are values (see ``classify.py``). A message
+that cannot be rendered raises :class:`mailers_runtime.message.RenderError`, which the
+coordinator shares and so lives outside this package.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
+from mailers_runtime.errors import ConfigError, PermanentError, TransientError
+from mailers_runtime.errors import MailersError as MailerError
+
+__all__ = ["ConfigError", "MailerError", "PermanentError", "RegistrationError", "TransientError"]
 
 
-class MailerError(Exception):
-    """Root of every error this package raises on purpose."""
-
-
-class TransientError(MailerError):
-    """Trying again later may succeed.
-
-    Args:
-        message: What went wrong.
-        retry_after: How long to wait first, when known.
-    """
-
-    def __init__(self, message: str, retry_after: timedelta | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PermanentError(MailerError):
-    """Trying again with the same input fails the same way."""
-
-
-class ConfigError(PermanentError, ValueError):
-    """A MAILER_* setting is missing or malformed."""
-
-
-class RenderError(PermanentError):
-    """A message cannot be rendered: a bad header, address, or template.
-
-    Raised per job (bad content) or per recipient (bad address); either way the
-    affected recipients fail permanently, since retrying renders the same bytes.
-    """
-
-
-class RegistrationError(TransientError):
+class RegistrationError(TransientError, ConnectionError):
     """The node could not register in etcd (etcd unreachable or the key is taken)."""

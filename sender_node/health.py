@@ -2,7 +2,7 @@
 
 The overall status (service ``""``) is SERVING while the node is registered under a
 trusted lease, not draining, and its journal works; NOT_SERVING otherwise (also before
-the first registration). Kubernetes' native gRPC probes and ``mailers.healthcheck
+the first registration). Kubernetes' native gRPC probes and ``mailers_runtime.healthcheck
 --service ""`` read it. The status is re-checked every ``interval_s``; a change shows
 within that time.
 """

@@ -26,7 +26,7 @@ from typing import Any
 import aetcd
 from aetcd import rpc, utils
 
-from mailers.etcd import Keys
+from mailers_runtime.etcd import Keys
 
 log = logging.getLogger(__name__)
 

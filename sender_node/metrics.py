@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from mailers_runtime.breaker import BreakerState
+
+_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
 
 class NodeMetrics:
     def __init__(self) -> None:
@@ -50,6 +54,10 @@ class NodeMetrics:
             "mailers_node_relay_breaker_state",
             "Per-relay breaker: 0 closed, 1 half-open, 2 open", ["relay"], registry=r,
         )  # fmt: skip
+
+    def set_relay_breaker(self, relay: str, state: BreakerState) -> None:
+        """Set the relay's breaker gauge (0 closed, 1 half-open, 2 open)."""
+        self.relay_breaker_state.labels(relay).set(_BREAKER_GAUGE[state])
 
     def serve(self, listen: str) -> None:
         """Start the HTTP exporter (a daemon thread) on host:port."""

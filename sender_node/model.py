@@ -11,7 +11,7 @@ import dataclasses
 import enum
 from collections.abc import Mapping
 
-from sender_node.render import Content
+from mailers_runtime.message import Content
 
 
 class Status(enum.Enum):

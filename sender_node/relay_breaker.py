@@ -1,10 +1,12 @@
-"""Relay policy: which relay a transaction may use now, and how long it may take. Pure.
+"""A relay's circuit breaker: which relay a transaction may use now, and how long it may take.
 
-``smtp_client`` pairs one ``pybreaker.CircuitBreaker`` with one :class:`TrialGate` per
-relay. pybreaker counts consecutive relay faults and moves closed → open → half-open →
-closed; it reads the wall clock itself and, in half-open, lets *every* concurrent caller
-through (it has no notion of an asyncio call in progress). The gate supplies what is
-missing, as a small state machine that takes ``now_s`` and reads no clock:
+Each relay has one :class:`RelayBreaker`: a pybreaker breaker (read through
+``mailers_runtime.breaker.Breaker``, whose :class:`~mailers_runtime.breaker.BreakerState`
+the coordinator's node breakers share) paired with one :class:`TrialGate`. pybreaker
+counts consecutive relay faults and moves closed → open → half-open → closed; it reads
+the wall clock itself and, in half-open, lets *every* concurrent caller through (it has
+no notion of an asyncio call in progress). The gate supplies what is missing, as a small
+state machine that takes ``now_s`` and reads no clock:
 
 - closed: every transaction passes.
 - open, reset timeout not elapsed: the relay is skipped without calling pybreaker, so
@@ -15,40 +17,24 @@ missing, as a small state machine that takes ``now_s`` and reads no clock:
 
 Which outcomes are relay faults is decided in one place, ``classify.classify``
 (``relay_fault``): connection errors, timeouts, 421, auth failures (530/534/535/538).
-A per-recipient refusal such as 550 is not one.
+A per-recipient refusal such as 550 is not one. Every state change is logged
+(``relay <address>: circuit breaker closed -> open``).
 
-:func:`data_timeout_s` scales the deadline of the message transfer with its size.
+:class:`TrialGate` and :func:`data_timeout_s` (which scales the deadline of the message
+transfer with its size) are pure.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+from collections.abc import Sequence
 
+import pybreaker
 
-class BreakerState(enum.Enum):
-    """State of one relay's breaker, as reported in ``RelayStatus.breaker_state``."""
+from mailers_runtime.breaker import Breaker, BreakerState, Exclusion, admits, effective_state
 
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-    @classmethod
-    def parse(cls, name: str) -> BreakerState:
-        """Map a pybreaker state name (``closed``, ``open``, ``half-open``) to the enum.
-
-        Raises:
-            ValueError: an unknown name.
-        """
-        # Asked for every transaction: a dict lookup, not an Enum call.
-        state = _BY_PYBREAKER_NAME.get(name)
-        return state if state is not None else cls(name.replace("-", "_"))
-
-
-_BY_PYBREAKER_NAME = {
-    "closed": BreakerState.CLOSED,
-    "open": BreakerState.OPEN,
-    "half-open": BreakerState.HALF_OPEN,
-}
+log = logging.getLogger(__name__)
 
 
 class Admission(enum.Enum):
@@ -90,6 +76,17 @@ class TrialGate:
         """When the trial under way was admitted, or None."""
         return self._trial_since_s
 
+    def admits(self, state: BreakerState, opened_at_s: float | None, now_s: float) -> bool:
+        """Whether :meth:`admit` would let a transaction in now (without taking a trial).
+
+        Args:
+            state: The breaker's current state.
+            opened_at_s: When the breaker last opened (same clock as ``now_s``), or None.
+            now_s: The current time.
+        """
+        effective = effective_state(state, opened_at_s, self._reset_timeout_s, now_s)
+        return admits(effective, self.trial_in_flight)
+
     def admit(self, state: BreakerState, opened_at_s: float | None, now_s: float) -> Admission:
         """Decide for one transaction, and take the trial slot when answering TRIAL.
 
@@ -100,13 +97,7 @@ class TrialGate:
         """
         if state is BreakerState.CLOSED:
             return Admission.PASS
-        if self._trial_since_s is not None:
-            return Admission.SKIP
-        if (
-            state is BreakerState.OPEN
-            and opened_at_s is not None
-            and now_s < opened_at_s + self._reset_timeout_s
-        ):
+        if not self.admits(state, opened_at_s, now_s):
             return Admission.SKIP
         self._trial_since_s = now_s
         return Admission.TRIAL
@@ -114,6 +105,77 @@ class TrialGate:
     def release(self) -> None:
         """End the trial under way (no-op when there is none)."""
         self._trial_since_s = None
+
+
+class _LogTransitions(pybreaker.CircuitBreakerListener):
+    def state_change(
+        self,
+        cb: pybreaker.CircuitBreaker,
+        old_state: pybreaker.CircuitBreakerState | None,
+        new_state: pybreaker.CircuitBreakerState,
+    ) -> None:
+        old = old_state.name if old_state is not None else "none"
+        if old != new_state.name:
+            log.warning("relay %s: circuit breaker %s -> %s", cb.name, old, new_state.name)
+
+
+class RelayBreaker:
+    """One relay's breaker: pybreaker counts its faults, a :class:`TrialGate` admits.
+
+    Count a transaction with ``with breaker.circuit.calling():`` around it, after
+    :meth:`admit`; a TRIAL admission is ended with :meth:`release_trial`.
+
+    Args:
+        address: The relay (in logs).
+        fail_max: Consecutive relay faults that open the breaker.
+        reset_timeout_s: How long an open breaker skips its relay before one trial.
+        exclude: Exceptions that say nothing about the relay (not counted).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        fail_max: int,
+        reset_timeout_s: float,
+        exclude: Sequence[Exclusion],
+    ) -> None:
+        self._counter = Breaker(
+            address,
+            fail_max=fail_max,
+            reset_timeout_s=reset_timeout_s,
+            exclude=exclude,
+            listeners=[_LogTransitions()],
+            # Re-raise the fault that tripped the breaker, so its outcome is reported.
+            throw_new_error_on_trip=False,
+        )
+        self._storage = self._counter.storage
+        self.circuit = self._counter.circuit
+        """The pybreaker breaker (``calling()``, ``half_open()``, ``fail_counter``)."""
+        self.gate = TrialGate(reset_timeout_s)
+
+    def state(self) -> BreakerState:
+        """pybreaker's state (as reported in ``RelayStatus.breaker_state``)."""
+        return BreakerState.parse(self._storage.state)
+
+    def admissible(self, now_s: float) -> bool:
+        """Whether :meth:`admit` would let a transaction in at ``now_s`` (Unix seconds),
+        without taking a trial."""
+        state = BreakerState.parse(self._storage.state)  # not self.state(): per transaction
+        if state is BreakerState.CLOSED:
+            return True
+        return self.gate.admits(state, self._counter.opened_at_s(), now_s)
+
+    def admit(self, now_s: float) -> Admission:
+        """Admit one transaction at ``now_s`` (Unix seconds); see :meth:`TrialGate.admit`."""
+        state = BreakerState.parse(self._storage.state)
+        if state is BreakerState.CLOSED:
+            return Admission.PASS  # the common case, without reading the opening time
+        return self.gate.admit(state, self._counter.opened_at_s(), now_s)
+
+    def release_trial(self) -> None:
+        """End the trial under way (see :meth:`TrialGate.release`)."""
+        self.gate.release()
 
 
 def data_timeout_s(base_s: float, size_bytes: int, min_throughput_bytes_per_s: float) -> float:

@@ -18,9 +18,9 @@ A leader opens one long-lived stream per node. What a leader can count on:
   out, every batch of the stream stops as if the stream had ended (a later heartbeat
   only lets new batches start). A heartbeat of a lower epoch than known ends the stream
   (FAILED_PRECONDITION); one of another epoch than the stream's is INVALID_ARGUMENT.
-- **batch.** ``rejected`` (:data:`REJECT_INVALID`, :data:`REJECT_STALE`,
-  :data:`REJECT_DRAINING`, :data:`REJECT_UNHEALTHY`, :data:`REJECT_JOURNAL`,
-  :data:`REJECT_NO_AUTHORITY`, :data:`REJECT_DUPLICATE`, :data:`REJECT_CAPACITY`: too
+- **batch.** ``rejected`` (``worker.REJECT_INVALID``, ``REJECT_STALE``,
+  ``REJECT_DRAINING``, ``REJECT_UNHEALTHY``, ``REJECT_JOURNAL``,
+  ``REJECT_NO_AUTHORITY``, ``REJECT_DUPLICATE``, ``REJECT_CAPACITY``: too
   many recipients held, or too many results unacknowledged) or run: results come as
   ``results`` (each journaled and fsynced first, with its ``seq`` and ``attempt``), then
   ``ack`` (``BatchAck`` with ``unattempted``, the recipients never tried) once the
@@ -39,9 +39,11 @@ A leader opens one long-lived stream per node. What a leader can count on:
   hand-back through etcd lists it (``handback.py``). After EOF the node ends the
   stream (OK) once the batches that came on it are released.
 
-Protobuf is converted at this edge only (``_convert.py``); the batch worker
-(``worker.py``), the result bookkeeping (``outbox.py``), the journal and the stream
-state (``stream.py``) see plain values.
+This module is the protocol: streams, their authority and their messages. Protobuf is
+converted at this edge only (``_convert.py``); the worker (``worker.py``: taking,
+running and releasing batches; ``transaction.py``: one SMTP transaction), the result
+bookkeeping (``outbox.py``), the journal, the epoch and authority fences
+(``fencing.py``) and the stream state (``stream.py``) see plain values.
 """
 
 from __future__ import annotations
@@ -51,37 +53,26 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
+from mailers_runtime.message import MessageSigner
 from sender_node import _convert
 from sender_node.config import NodeTimings, derive_timings
 from sender_node.fencing import EpochFence, start_refusal
 from sender_node.journal import Journal
 from sender_node.metrics import NodeMetrics
-from sender_node.model import BatchRef, Result
+from sender_node.model import BatchRef
 from sender_node.outbox import DEFAULT_MAX_MERGE_RESULTS, Outbox
 from sender_node.pacing import DomainPacer
-from sender_node.relay_breaker import BreakerState
-from sender_node.render import MessageSigner
 from sender_node.stream import Ack, End, Hello, Load, Outgoing, Rejected, Results, Stream
-from sender_node.worker import BatchRun, Mailer, SendEngine
+from sender_node.transaction import Mailer, SendEngine
+from sender_node.worker import REJECT_INVALID, Worker
 
 log = logging.getLogger(__name__)
-
-REJECT_STALE = "stale epoch"
-REJECT_DRAINING = "draining"
-REJECT_UNHEALTHY = "not registered"
-REJECT_JOURNAL = "journal failed"
-REJECT_NO_AUTHORITY = "no authority"
-REJECT_DUPLICATE = "duplicate"
-REJECT_CAPACITY = "at capacity"
-REJECT_INVALID = "invalid batch"
-
-_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 Context = grpc.aio.ServicerContext[sender_pb2.DispatchRequest, sender_pb2.DispatchResponse]
 
@@ -112,18 +103,12 @@ class DispatchTuning:
     """Bound on the results of one ``BatchResults`` message."""
 
 
-@dataclasses.dataclass(eq=False)
-class _Held:
-    run: BatchRun
-    stream: Stream
-    task: asyncio.Task[None] | None = None
-
-
 class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     """Serves ``Dispatch`` for one node (see the module docstring).
 
-    Owns every batch task and per-stream task. :meth:`drain` refuses new batches,
-    :meth:`stop_all` stops the batches under way, :meth:`close` ends everything.
+    Owns every per-stream task, and the node's :class:`~sender_node.worker.Worker`,
+    which owns every batch task. :meth:`drain` refuses new batches, :meth:`stop_all`
+    stops the batches under way, :meth:`close` ends everything.
 
     Args:
         node_id: This node's id (in hello and every result).
@@ -166,50 +151,51 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     ) -> None:
         self._node_id = node_id
         self._metrics = metrics or NodeMetrics()
-        self._metrics.in_flight.set_function(lambda: self._in_flight)
         self._registration = registration
         self._mailer = mailer
-        self._journal = journal
         self._capacity = capacity
-        self._max_unacked = max_unacked_results
         self._timings = timings or derive_timings(
             smtp_timeout_s=30.0, lease_ttl_s=5, trust_margin_s=1.0
         )
         self._tuning = tuning or DispatchTuning()
         self._clock = clock
-        self._engine = SendEngine(
-            node_id=node_id,
-            mailer=mailer,
-            concurrency=concurrency,
-            timings=self._timings,
-            metrics=self._metrics,
-            pacer=pacer if pacer is not None else DomainPacer(clock=clock),
-            pacing_wait_s=pacing_wait_s,
-            signer=signer,
-            template_cache_jobs=template_cache_jobs,
-            clock=clock,
-            wall_clock=wall_clock,
-        )
-        self._init_state(journal)
-
-    def _init_state(self, journal: Journal) -> None:
         self._outbox = Outbox(
             journal,
             _convert.results_payload,
             on_released=self._on_released,
             max_merge_results=self._tuning.max_merge_results,
         )
+        engine = SendEngine(
+            node_id=node_id,
+            mailer=mailer,
+            concurrency=concurrency,
+            timings=self._timings,
+            metrics=self._metrics,
+            pacer=pacer,
+            pacing_wait_s=pacing_wait_s,
+            signer=signer,
+            template_cache_jobs=template_cache_jobs,
+            clock=clock,
+            wall_clock=wall_clock,
+        )
+        self._worker: Worker[Stream] = Worker(
+            engine=engine,
+            outbox=self._outbox,
+            journal=journal,
+            lease_trusted=registration.healthy,
+            capacity=capacity,
+            max_unacked_results=max_unacked_results,
+        )
+        self._init_streams()
+
+    def _init_streams(self) -> None:
+        """The protocol's own state: epochs seen, streams open, the current one."""
         self._fence = EpochFence()
         self._streams: set[Stream] = set()
         self._current: Stream | None = None
-        self._held: dict[str, _Held] = {}
-        self._in_flight = 0
-        self._draining = False
-        self._stopping: str | None = None
         self._closed = False
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._acked = asyncio.Event()
+        """Set by every ``results_ack``."""
         self._handback_left_out = 0
 
     # -- state visible to the process and tests --------------------------------------
@@ -222,7 +208,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     @property
     def in_flight(self) -> int:
         """Recipients accepted and not yet reported."""
-        return self._in_flight
+        return self._worker.in_flight
 
     @property
     def outbox(self) -> Outbox:
@@ -230,20 +216,18 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self._worker.draining
 
     def load(self) -> common_pb2.NodeLoad:
         """The node's current load report (also refreshes the relay breaker gauges)."""
         for relay in self._mailer.relays():
-            self._metrics.relay_breaker_state.labels(relay.address).set(
-                _BREAKER_GAUGE[relay.breaker_state]
-            )
-        snapshot = self._engine.load.snapshot(self._clock())
-        return _convert.node_load(self._in_flight, self._capacity, snapshot)
+            self._metrics.set_relay_breaker(relay.address, relay.breaker_state)
+        snapshot = self._worker.engine.load.snapshot(self._clock())
+        return _convert.node_load(self._worker.in_flight, self._capacity, snapshot)
 
     def serving(self) -> bool:
         """Whether the node takes work: registered, not draining, its journal intact."""
-        return not self._draining and self._journal.failed is None and self._registration.healthy()
+        return self._worker.serving()
 
     def usable_stream(self) -> bool:
         """Whether a leader's stream is current and its authority has not lapsed."""
@@ -279,23 +263,15 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
 
     def drain(self) -> None:
         """Refuse new batches from now on; batches under way continue."""
-        self._draining = True
+        self._worker.drain()
 
     def stop_all(self, reason: str) -> None:
         """Stop every batch (no new transactions; those past their final dot finish)."""
-        self._draining = True
-        self._stopping = reason
-        for held in list(self._held.values()):
-            held.run.stop(reason)
+        self._worker.stop_all(reason)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until every batch is released; False if ``timeout_s`` passed first."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await self._worker.wait_idle(timeout_s)
 
     async def release_all(self, grace_s: float | None = None, ack_wait_s: float = 2.0) -> bool:
         """Stop every batch and wait for their release (up to ``grace_s``, by default
@@ -306,19 +282,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         Returns:
             Whether a usable stream took the releases (else a hand-back should).
         """
-        self.stop_all(self._stopping or "node is shutting down")
-        grace = self._timings.release_s + 1.0 if grace_s is None else grace_s
-        if not await self.wait_idle(grace):
-            tasks = [h.task for h in self._held.values() if h.task is not None]
-            log.error("%d batches did not end within %.1fs; cancelling them", len(tasks), grace)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            async with asyncio.timeout(grace):
-                await self._journal.wait_durable(self._journal.last_seq)
-        except TimeoutError:
-            log.error("the journal's last fsync did not finish within %.1fs", grace)
+        await self._worker.release_all(grace_s)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ack_wait_s):
                 while self._outbox.unacked_results and self.usable_stream():
@@ -494,9 +458,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     def _on_cancel(self, cancel: sender_pb2.CancelBatch) -> None:
         if not self._fence.admits(cancel.epoch):
             return  # a stale leader's stream is ended anyway
-        held = self._held.get(cancel.batch_id)
-        if held is not None:
-            held.run.stop("cancelled")
+        self._worker.cancel(cancel.batch_id)
 
     def _on_batch(self, stream: Stream, batch: sender_pb2.Batch) -> None:
         reason = self._refusal(stream, batch)
@@ -505,44 +467,20 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             stream.send(Rejected(batch.batch_id, reason))
             return
         work = _convert.work_from_proto(batch)
-        ref = work.ref
-        run = BatchRun(
-            work,
-            self._engine,
-            permit=lambda: self._permit(stream),
-            record=lambda results: self._record(ref, results),
-        )
-        held = _Held(run, stream)
-        self._held[ref.batch_id] = held
-        stream.batches[ref.batch_id] = ref
-        self._outbox.hold(ref)
-        self._in_flight += len(work.recipients)
-        self._idle.clear()
-        held.task = asyncio.create_task(self._run_batch(held), name=f"batch-{ref.batch_id}")
+        self._worker.take(work, stream, permit=lambda: self._permit(stream))
+        stream.batches[work.batch_id] = work.ref
 
     def _refusal(self, stream: Stream, batch: sender_pb2.Batch) -> str | None:
         """Why ``batch`` cannot be taken now; None when it can."""
-        size = len(batch.recipients)
-        unacked = self._outbox.unacked_results
         if not batch.batch_id or not batch.job_id:
             return REJECT_INVALID
-        if not self._fence.admits(batch.epoch) or not self._fence.admits(stream.epoch):
-            return REJECT_STALE
-        if self._draining or self._stopping is not None:
-            return REJECT_DRAINING
-        if not self._registration.healthy():
-            return REJECT_UNHEALTHY
-        if self._journal.failed is not None:
-            return REJECT_JOURNAL
-        if stream.half_closed or not stream.authorized(self._clock()):
-            return REJECT_NO_AUTHORITY
-        if batch.batch_id in self._held:
-            return REJECT_DUPLICATE
-        if self._in_flight > 0 and self._in_flight + size > self._capacity:
-            return REJECT_CAPACITY
-        if unacked > 0 and unacked + size > self._max_unacked:
-            return REJECT_CAPACITY
-        return None
+        fence = self._fence
+        return self._worker.refusal(
+            batch.batch_id,
+            len(batch.recipients),
+            stale=not fence.admits(batch.epoch) or not fence.admits(stream.epoch),
+            authorized=not stream.half_closed and stream.authorized(self._clock()),
+        )
 
     # -- batches -----------------------------------------------------------------------
 
@@ -553,55 +491,22 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             now_s=self._clock(),
             highest_epoch=self._fence.highest,
             lease_trusted=self._registration.healthy(),
-            stopping=self._stopping
-            or (f"journal failed: {self._journal.failed}" if self._journal.failed else None),
+            stopping=self._worker.halted(),
         )
-
-    def _record(self, ref: BatchRef, results: Sequence[Result]) -> None:
-        self._outbox.record(ref, results)
-        self._in_flight -= len(results)
-
-    async def _run_batch(self, held: _Held) -> None:
-        run = held.run
-        try:
-            await run.run()
-        except Exception:
-            log.exception("batch %s failed", run.work.batch_id)
-        finally:
-            self._in_flight -= run.unreported
-            outcome = "completed" if not run.unreported else "stopped"
-            if run.stopped == "cancelled":
-                outcome = "cancelled"
-            self._metrics.batches.labels(outcome).inc()
-            if run.unreported:
-                log.info(
-                    "batch %s released with %d unattempted: %s",
-                    run.work.batch_id,
-                    run.unreported,
-                    run.stopped,
-                )
-            self._outbox.release(run.release())
 
     def _on_released(self, ref: BatchRef) -> None:
         """The outbox released ``ref`` (its ack is queued if a stream is current)."""
-        held = self._held.get(ref.batch_id)
-        if held is None or held.run.work.ref != ref:
+        stream = self._worker.forget(ref)
+        if stream is None:
             return
-        del self._held[ref.batch_id]
-        stream = held.stream
         stream.batches.pop(ref.batch_id, None)
         current = self._current
         if current is not None and not current.ended:
             current.send(Load())
-        if not self._held:
-            self._idle.set()
         self._end_if_done(stream)
 
     def _stop_batches(self, stream: Stream, reason: str) -> None:
-        for batch_id in list(stream.batches):
-            held = self._held.get(batch_id)
-            if held is not None:
-                held.run.stop(reason)
+        self._worker.stop(list(stream.batches), reason)
 
     def _end_if_done(self, stream: Stream) -> None:
         if stream.half_closed and not stream.batches:

@@ -14,8 +14,8 @@ until its preferred relay has one, and ``balance`` prefers a relay that has a to
 only sleeps (until the soonest one has) when none does. Sleeping goes through the
 injected ``sleep``, time through the injected monotonic ``clock``.
 
-Failover and circuit breakers: each relay has one ``pybreaker.CircuitBreaker`` (shared by
-every message of the node) and one ``relay_breaker.TrialGate``. A relay fault before the
+Failover and circuit breakers: each relay has one ``relay_breaker.RelayBreaker`` (shared
+by every message of the node: pybreaker plus a one-trial gate). A relay fault before the
 message was handed over (refused, timeout, 421, a TLS or certificate failure, an auth
 failure such as 535, ...) sends the still-undecided recipients on to the next relay in
 the strategy's order. Only relay faults (``classify``'s ``relay_fault``) count against a
@@ -95,9 +95,10 @@ import aiosmtplib
 import pybreaker
 from aiosmtplib.email import quote_address
 
+from mailers_runtime.breaker import BreakerState
 from sender_node.classify import After, Envelope, Failure, Phase, Verdict, classify
 from sender_node.config import RelayConfig, RelayTls, parse_relay
-from sender_node.relay_breaker import Admission, BreakerState, TrialGate, data_timeout_s
+from sender_node.relay_breaker import Admission, RelayBreaker, data_timeout_s
 from sender_node.relay_choice import Candidate, RelayChooser, Strategy
 from sender_node.throttle import TokenBucket
 
@@ -112,6 +113,9 @@ _PLAIN_MAILBOX = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_PENDING_REPLY_BYTES = 64 * 1024
 """A reply (with its continuation lines) longer than this is not SMTP."""
+
+MaySend = Callable[[], bool]
+"""Asked right before a message body goes out: False abandons the transaction."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,24 +385,104 @@ class _Connection:
             self.wire.close()
 
 
+class _Setup:
+    """Sets one relay connection up with aiosmtplib, step by step, each step with a
+    deadline; ``step`` names the step under way, for the text of a failure.
+
+    Args:
+        relay: The relay to connect to (address, TLS mode and context, credentials).
+        timeout_s: Deadline of each step.
+        helo_name: Name given in EHLO.
+    """
+
+    def __init__(self, relay: _Relay, timeout_s: float, helo_name: str) -> None:
+        self._config = relay.config
+        self._timeout_s = timeout_s
+        self.smtp = aiosmtplib.SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            timeout=timeout_s,
+            local_hostname=helo_name,
+            use_tls=relay.config.tls is RelayTls.IMPLICIT,
+            # STARTTLS is ours to decide (aiosmtplib's default would upgrade silently).
+            start_tls=False,
+            tls_context=relay.tls_context,
+        )
+        self.step = "connect"
+
+    async def run(self) -> None:
+        """Connect, EHLO, STARTTLS (as configured), AUTH (when configured).
+
+        Raises:
+            _Refused: the connection cannot be used safely (no TLS where required).
+            aiosmtplib.SMTPException | OSError | TimeoutError: a step failed.
+        """
+        smtp, timeout = self.smtp, self._timeout_s
+        await smtp.connect(timeout=timeout)
+        # EHLO now, so a relay refusing it is a connection failure, not a recipient's.
+        self.step = "EHLO"
+        if smtp.is_ehlo_or_helo_needed:
+            await smtp.ehlo(timeout=timeout)
+        encrypted = self._config.tls is RelayTls.IMPLICIT
+        if self._config.tls in (RelayTls.AUTO, RelayTls.STARTTLS):
+            encrypted = await self._starttls()
+        config = self._config
+        if config.user is not None and config.password is not None:
+            if not encrypted:
+                raise _Refused(
+                    "refusing AUTH over an unencrypted connection"
+                    " (the relay does not offer STARTTLS)"
+                )
+            self.step = "AUTH"
+            await smtp.login(config.user, config.password.reveal(), timeout=timeout)
+
+    async def _starttls(self) -> bool:
+        """STARTTLS if the relay offers it, then EHLO again; whether TLS started.
+
+        Raises:
+            _Refused: ``tls=starttls`` and the relay does not offer it, or TLS did not
+                actually start.
+        """
+        smtp, timeout = self.smtp, self._timeout_s
+        if not smtp.supports_extension("starttls"):
+            if self._config.tls is RelayTls.STARTTLS:
+                raise _Refused("the relay does not offer STARTTLS (tls=starttls)")
+            return False
+        self.step = "STARTTLS"
+        # aiosmtplib raises unless the reply is 220 and the handshake completes; a 250
+        # (or any other reply) is a relay fault (see _setup_failure).
+        await smtp.starttls(timeout=timeout)
+        if smtp.get_transport_info("sslcontext") is None:
+            raise _Refused("STARTTLS: TLS did not start; not sending in plaintext")
+        # RFC 3207: forget what the plaintext EHLO said, ask again.
+        self.step = "EHLO after STARTTLS"
+        await smtp.ehlo(timeout=timeout)
+        return True
+
+
+def _setup_failure(exc: Exception, step: str, relay: str) -> SendOutcome:
+    """The outcome (a relay fault, phase CONNECT) of a connection that failed at ``step``."""
+    if isinstance(exc, _Refused):
+        return SendOutcome(0, str(exc), Phase.CONNECT, Failure.PROTOCOL, relay)
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        text = exc.message
+        if 200 <= exc.code < 300:
+            # A success where another reply was due (220 to STARTTLS, 235 to AUTH):
+            # say which step, since classify makes it a protocol fault.
+            text = f"{step}: {text}"
+        return SendOutcome(exc.code, text, Phase.CONNECT, relay=relay)
+    outcome = _no_reply(exc, Phase.CONNECT, relay)
+    if step != "connect":
+        outcome = dataclasses.replace(outcome, text=f"{step}: {outcome.text}")
+    return outcome
+
+
 class _RelayFault(Exception):
     """Raised inside ``breaker.calling()`` so pybreaker counts the outcome as a failure."""
 
     def __init__(self, outcomes: list[SendOutcome], fault: SendOutcome) -> None:
         super().__init__(fault.text)
         self.outcomes = outcomes
-
-
-class _LogTransitions(pybreaker.CircuitBreakerListener):
-    def state_change(
-        self,
-        cb: pybreaker.CircuitBreaker,
-        old_state: pybreaker.CircuitBreakerState | None,
-        new_state: pybreaker.CircuitBreakerState,
-    ) -> None:
-        old = old_state.name if old_state is not None else "none"
-        if old != new_state.name:
-            log.warning("relay %s: circuit breaker %s -> %s", cb.name, old, new_state.name)
 
 
 def _tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -443,43 +527,13 @@ class _Relay:
         if config.rate_per_s is not None:
             rate = config.rate_per_s
             self.bucket = TokenBucket.full(rate, max(1.0, rate), now_s)
-        self.reset_timeout_s = reset_timeout_s
-        # Our own storage object, so the state and opened-at time are read through a
-        # public API rather than the breaker's private attribute.
-        self.storage = pybreaker.CircuitMemoryStorage(pybreaker.STATE_CLOSED)
-        self.breaker = pybreaker.CircuitBreaker(
+        self.breaker = RelayBreaker(
+            config.address,
             fail_max=breaker_failures,
-            reset_timeout=reset_timeout_s,
+            reset_timeout_s=reset_timeout_s,
             # A cancelled transaction says nothing about the relay; one too large for it
             # says the relay answered.
             exclude=[asyncio.CancelledError, SendAborted, _TooLarge],
-            state_storage=self.storage,
-            listeners=[_LogTransitions()],
-            name=config.address,
-            # Re-raise the fault that tripped the breaker, so its outcome is reported.
-            throw_new_error_on_trip=False,
-        )
-        self.gate = TrialGate(reset_timeout_s)
-
-    def state(self) -> BreakerState:
-        return BreakerState.parse(self.storage.state)
-
-    def opened_at_s(self) -> float | None:
-        opened_at = self.storage.opened_at
-        return opened_at.timestamp() if opened_at is not None else None
-
-    def admissible(self, now_s: float) -> bool:
-        """Whether ``gate.admit`` would let a transaction in now (without taking a trial)."""
-        state = self.state()
-        if state is BreakerState.CLOSED:
-            return True
-        if self.gate.trial_in_flight:
-            return False
-        opened_at = self.opened_at_s()
-        return not (
-            state is BreakerState.OPEN
-            and opened_at is not None
-            and now_s < opened_at + self.reset_timeout_s
         )
 
     def too_small_for(self, size: int) -> bool:
@@ -580,14 +634,14 @@ class RelayPool:
         """Current state of every relay, in configured order."""
         infos = []
         for r in self._relays:
-            state = r.state()
+            state = r.breaker.state()
             infos.append(
                 RelayInfo(
                     r.address,
                     r.open,
                     state is not BreakerState.CLOSED,
                     state,
-                    r.breaker.fail_counter,
+                    r.breaker.circuit.fail_counter,
                 )
             )
         return infos
@@ -597,7 +651,7 @@ class RelayPool:
         mail_from: str,
         rcpt: str,
         data: bytes,
-        may_send: Callable[[], bool] | None = None,
+        may_send: MaySend | None = None,
     ) -> SendOutcome:
         """Send one message to one recipient: :meth:`send_group` with one recipient.
 
@@ -618,11 +672,7 @@ class RelayPool:
         return (await self.send_group(mail_from, [rcpt], data, may_send))[0]
 
     async def send_group(
-        self,
-        mail_from: str,
-        rcpts: Sequence[str],
-        data: bytes,
-        may_send: Callable[[], bool] | None = None,
+        self, mail_from: str, rcpts: Sequence[str], data: bytes, may_send: MaySend | None = None
     ) -> list[SendOutcome]:
         """Send one message to several recipients in one SMTP transaction per relay.
 
@@ -665,31 +715,29 @@ class RelayPool:
         payload = _prepare_data(data)
         # What the relay counts against its SIZE limit: the content as transmitted.
         size = len(payload) - len(_FINAL_DOT)
-        results: list[SendOutcome | None] = [None] * len(rcpts)
-        last: dict[int, SendOutcome] = {}
+        # Each recipient's latest outcome; final once it is no longer pending.
+        outcomes: list[SendOutcome | None] = [None] * len(rcpts)
         pending = list(range(len(rcpts)))
         tried: set[int] = set()
         while pending:
             relay = await self._next_relay(tried, size)
             if relay is None:
                 break
-            tried.add(relay.index)
             got = await self._send_guarded(
                 relay, mail_from, [rcpts[i] for i in pending], payload, size, may_send
             )
-            if isinstance(got, _Declined):
-                continue  # breaker open or on trial, or too small: fail over without a fault
-            undecided = []
-            for i, outcome in zip(pending, got, strict=True):
-                if _try_next_relay(outcome):
-                    last[i] = outcome
-                    undecided.append(i)
-                else:
-                    results[i] = outcome
-            pending = undecided
+            if not isinstance(got, _Declined):  # declined: skipped or too small, no fault
+                pending = _fail_over_undecided(pending, got, outcomes)
+        return self._final_outcomes(outcomes, pending, size)
+
+    def _final_outcomes(
+        self, outcomes: list[SendOutcome | None], pending: list[int], size: int
+    ) -> list[SendOutcome]:
+        """Every recipient's final outcome: those still pending when no relay was left
+        keep their last relay's outcome, or get :meth:`_nobody_took_it`."""
         for i in pending:
-            results[i] = last.get(i) or self._nobody_took_it(size)
-        return [r for r in results if r is not None]
+            outcomes[i] = outcomes[i] or self._nobody_took_it(size)
+        return [o for o in outcomes if o is not None]
 
     def _nobody_took_it(self, size: int) -> SendOutcome:
         if all(r.too_small_for(size) for r in self._relays):
@@ -704,12 +752,18 @@ class RelayPool:
         )
 
     async def _next_relay(self, tried: set[int], size: int) -> _Relay | None:
-        """The relay for the next attempt, with one rate-limit token taken; None when no
-        relay is left. May sleep (exactly the computed wait) for a token."""
+        """The relay for the next attempt (added to ``tried``), with one rate-limit token
+        taken; None when no relay is left. May sleep (exactly the computed wait) for a
+        token."""
         if self._in_order:
             wall_s = self._wall_clock()
             for r in self._relays:
-                if r.index not in tried and not r.too_small_for(size) and r.admissible(wall_s):
+                if (
+                    r.index not in tried
+                    and not r.too_small_for(size)
+                    and r.breaker.admissible(wall_s)
+                ):
+                    tried.add(r.index)
                     return r
             return None
         while True:
@@ -718,7 +772,9 @@ class RelayPool:
             candidates = [
                 Candidate(r.index, r.bucket.wait_s(now_s) if r.bucket is not None else 0.0)
                 for r in self._relays
-                if r.index not in tried and not r.too_small_for(size) and r.admissible(wall_s)
+                if r.index not in tried
+                and not r.too_small_for(size)
+                and r.breaker.admissible(wall_s)
             ]
             choice = self._chooser.choose(candidates)
             if choice is None:
@@ -728,6 +784,7 @@ class RelayPool:
                 continue
             relay = self._relays[choice.index]
             if relay.bucket is None or relay.bucket.try_take(now_s):
+                tried.add(relay.index)
                 return relay
 
     async def _send_guarded(
@@ -737,10 +794,10 @@ class RelayPool:
         rcpts: list[str],
         payload: bytes,
         size: int,
-        may_send: Callable[[], bool] | None,
+        may_send: MaySend | None,
     ) -> list[SendOutcome] | _Declined:
         """One transaction through ``relay``'s breaker, or why the relay did not take it."""
-        admission = relay.gate.admit(relay.state(), relay.opened_at_s(), self._wall_clock())
+        admission = relay.breaker.admit(self._wall_clock())
         if admission is Admission.SKIP:
             return _Declined.SKIPPED
         try:
@@ -748,7 +805,7 @@ class RelayPool:
             # (breaker.call(async_fn) would record success on creating the coroutine).
             # pybreaker counts an excluded exception (cancellation) as a success: outside
             # a trial that only resets the run of consecutive faults.
-            with relay.breaker.calling():
+            with relay.breaker.circuit.calling():
                 outcomes = await self._send_via(relay, mail_from, rcpts, payload, size, may_send)
                 fault = next((o for o in outcomes if _is_relay_fault(o)), None)
                 if fault is not None:
@@ -764,11 +821,11 @@ class RelayPool:
             if admission is Admission.TRIAL:
                 # pybreaker took the (excluded) cancellation as a success and closed the
                 # breaker; the trial gave no verdict, so let the next caller be the trial.
-                relay.breaker.half_open()
+                relay.breaker.circuit.half_open()
             raise
         finally:
             if admission is Admission.TRIAL:
-                relay.gate.release()
+                relay.breaker.release_trial()
 
     async def _send_via(
         self,
@@ -777,7 +834,7 @@ class RelayPool:
         rcpts: list[str],
         payload: bytes,
         size: int,
-        may_send: Callable[[], bool] | None,
+        may_send: MaySend | None,
     ) -> list[SendOutcome]:
         async with relay.slots:
             # The wait for a slot may have been long (or the process frozen meanwhile).
@@ -833,71 +890,14 @@ class RelayPool:
         Raises:
             _StepFailed: any step failed; its outcome is a relay fault (phase CONNECT).
         """
-        config = relay.config
-        timeout = self._timeout_s
-        smtp = aiosmtplib.SMTP(
-            hostname=relay.host,
-            port=relay.port,
-            timeout=timeout,
-            local_hostname=self._helo_name,
-            use_tls=config.tls is RelayTls.IMPLICIT,
-            # STARTTLS is ours to decide (aiosmtplib's default would upgrade silently).
-            start_tls=False,
-            tls_context=relay.tls_context,
-        )
-        step = "connect"
+        setup = _Setup(relay, self._timeout_s, self._helo_name)
         try:
-            await smtp.connect(timeout=timeout)
-            # EHLO now, so a relay refusing it is a connection failure, not a recipient's.
-            step = "EHLO"
-            if smtp.is_ehlo_or_helo_needed:
-                await smtp.ehlo(timeout=timeout)
-            encrypted = config.tls is RelayTls.IMPLICIT
-            if config.tls in (RelayTls.AUTO, RelayTls.STARTTLS):
-                if smtp.supports_extension("starttls"):
-                    step = "STARTTLS"
-                    # aiosmtplib raises unless the reply is 220 and the handshake
-                    # completes; a 250 (or any other reply) is a relay fault below.
-                    await smtp.starttls(timeout=timeout)
-                    if smtp.get_transport_info("sslcontext") is None:
-                        raise _Refused("STARTTLS: TLS did not start; not sending in plaintext")
-                    # RFC 3207: forget what the plaintext EHLO said, ask again.
-                    step = "EHLO after STARTTLS"
-                    await smtp.ehlo(timeout=timeout)
-                    encrypted = True
-                elif config.tls is RelayTls.STARTTLS:
-                    raise _Refused("the relay does not offer STARTTLS (tls=starttls)")
-            if config.user is not None and config.password is not None:
-                if not encrypted:
-                    raise _Refused(
-                        "refusing AUTH over an unencrypted connection"
-                        " (the relay does not offer STARTTLS)"
-                    )
-                step = "AUTH"
-                await smtp.login(config.user, config.password.reveal(), timeout=timeout)
-            step = "setup"
-            conn = _Connection(smtp, self._pipelining)
-        except _Refused as exc:
-            smtp.close()
-            raise _StepFailed(
-                SendOutcome(0, str(exc), Phase.CONNECT, Failure.PROTOCOL, relay.address)
-            ) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            smtp.close()
-            text = exc.message
-            if 200 <= exc.code < 300:
-                # A success where another reply was due (220 to STARTTLS, 235 to AUTH):
-                # say which step, since classify makes it a protocol fault.
-                text = f"{step}: {text}"
-            raise _StepFailed(
-                SendOutcome(exc.code, text, Phase.CONNECT, relay=relay.address)
-            ) from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            outcome = _no_reply(exc, Phase.CONNECT, relay.address)
-            if step != "connect":
-                outcome = dataclasses.replace(outcome, text=f"{step}: {outcome.text}")
-            raise _StepFailed(outcome) from None
+            await setup.run()
+            setup.step = "setup"
+            conn = _Connection(setup.smtp, self._pipelining)
+        except (_Refused, aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            setup.smtp.close()
+            raise _StepFailed(_setup_failure(exc, setup.step, relay.address)) from None
         relay.open += 1
         relay.size_limit = conn.size_limit
         return conn
@@ -910,7 +910,7 @@ class RelayPool:
         rcpts: list[str],
         payload: bytes,
         size: int,
-        may_send: Callable[[], bool] | None = None,
+        may_send: MaySend | None = None,
     ) -> tuple[list[SendOutcome], bool]:
         """One transaction on a set-up connection: (RSET,) MAIL, a RCPT per recipient,
         DATA, pipelined when the connection allows it, then the body.
@@ -924,30 +924,11 @@ class RelayPool:
         """
         address = relay.address
         outcomes: list[SendOutcome | None] = [None] * len(rcpts)
-        try:
-            mail = b"MAIL FROM:" + _path(mail_from)
-        except ValueError as exc:
-            # Nothing was sent; the local 553 fails every recipient.
-            shared = SendOutcome(553, f"address not sendable: {exc}", Phase.MAIL, relay=address)
-            return [shared] * len(rcpts), True
-        if conn.declare_size:
-            mail += b" SIZE=%d" % size
-        commands = [b"RSET\r\n", mail + b"\r\n"]
-        sent: list[int] = []
-        for i, rcpt in enumerate(rcpts):
-            try:
-                commands.append(b"RCPT TO:" + _path(rcpt) + b"\r\n")
-            except ValueError as exc:
-                # render.py already rejects such addresses, so this is a safety net.
-                # Nothing is sent for it; the local 553 fails the recipient.
-                outcomes[i] = SendOutcome(
-                    553, f"address not sendable: {exc}", Phase.RCPT, relay=address
-                )
-            else:
-                sent.append(i)
+        commands = [b"RSET\r\n"]
+        declared = size if conn.declare_size else None
+        sent = _envelope_commands(commands, outcomes, mail_from, rcpts, declared, address)
         if not sent:
             return [o for o in outcomes if o is not None], True
-        commands.append(b"DATA\r\n")
         envelope = Envelope(len(sent), pipelined=conn.pipelining, reset_first=conn.reset_due)
         conn.reset_due = False
         wire = conn.wire
@@ -963,7 +944,7 @@ class RelayPool:
         except (OSError, TimeoutError, _Garbled) as exc:
             envelope.fail(_failure(exc), _describe(exc))
         for i, verdict in zip(sent, envelope.verdicts, strict=True):
-            if verdict is not None:
+            if verdict is not None:  # a RCPT refusal, or a failure before the body
                 outcomes[i] = _outcome(verdict, address)
         if not envelope.send_body:
             conn.reset_due = envelope.after is After.RESET
@@ -973,10 +954,7 @@ class RelayPool:
             # closes it, keep is False) makes it discard the transaction.
             raise SendAborted("stopped before the message body")
         verdict = await self._finish(wire, payload, address)
-        shared = _outcome(verdict, address)
-        done = [o if o is not None else shared for o in outcomes]
-        keep = verdict.failure is Failure.NONE and verdict.code != 421 and 200 <= verdict.code < 600
-        return done, keep
+        return _data_outcomes(outcomes, verdict, address)
 
     async def _finish(self, wire: _Wire, payload: bytes, address: str) -> Verdict:
         """Send the body and read the reply to its final dot, to the end.
@@ -1027,6 +1005,56 @@ class RelayPool:
                 await conn.quit(min(self._timeout_s, 2.0))
 
 
+def _envelope_commands(
+    commands: list[bytes],
+    outcomes: list[SendOutcome | None],
+    mail_from: str,
+    rcpts: list[str],
+    declared_size: int | None,
+    relay: str,
+) -> list[int]:
+    """Append MAIL (with ``SIZE=`` when ``declared_size`` is given), a RCPT per sendable
+    recipient and DATA to ``commands``; return the indexes of the recipients with a RCPT.
+
+    An address that cannot be sent gets a local 553 in ``outcomes`` and no command;
+    when it is the sender's, every recipient gets it and nothing is appended.
+    """
+    try:
+        mail = b"MAIL FROM:" + _path(mail_from)
+    except ValueError as exc:
+        # Nothing is sent; the local 553 fails every recipient.
+        shared = SendOutcome(553, f"address not sendable: {exc}", Phase.MAIL, relay=relay)
+        outcomes[:] = [shared] * len(outcomes)
+        return []
+    if declared_size is not None:
+        mail += b" SIZE=%d" % declared_size
+    commands.append(mail + b"\r\n")
+    sent: list[int] = []
+    for i, rcpt in enumerate(rcpts):
+        try:
+            commands.append(b"RCPT TO:" + _path(rcpt) + b"\r\n")
+        except ValueError as exc:
+            # mailers_runtime.message already rejects such addresses, so this is a safety
+            # net. Nothing is sent for it; the local 553 fails the recipient.
+            outcomes[i] = SendOutcome(553, f"address not sendable: {exc}", Phase.RCPT, relay=relay)
+        else:
+            sent.append(i)
+    if sent:
+        commands.append(b"DATA\r\n")
+    return sent
+
+
+def _data_outcomes(
+    outcomes: list[SendOutcome | None], verdict: Verdict, relay: str
+) -> tuple[list[SendOutcome], bool]:
+    """Every recipient's outcome once the relay answered the final dot (or did not),
+    and whether the connection is fit for another transaction."""
+    shared = _outcome(verdict, relay)
+    done = [o if o is not None else shared for o in outcomes]
+    keep = verdict.failure is Failure.NONE and verdict.code != 421 and 200 <= verdict.code < 600
+    return done, keep
+
+
 async def _final_reply(wire: _Wire, deadline_s: float) -> Verdict:
     """The reply to the final dot, or why none came (AMBIGUOUS, see ``classify``)."""
     try:
@@ -1067,6 +1095,19 @@ def _size_limit(smtp: aiosmtplib.SMTP) -> int | None:
         return None
     head = raw.split()[0] if raw.split() else ""
     return int(head) if head.isdigit() and int(head) > 0 else None
+
+
+def _fail_over_undecided(
+    pending: list[int], got: list[SendOutcome], outcomes: list[SendOutcome | None]
+) -> list[int]:
+    """Record one relay's outcomes for the ``pending`` recipients; return those that go
+    on to the next relay (see :func:`_try_next_relay`)."""
+    undecided = []
+    for i, outcome in zip(pending, got, strict=True):
+        outcomes[i] = outcome
+        if _try_next_relay(outcome):
+            undecided.append(i)
+    return undecided
 
 
 def _stale(outcome: SendOutcome) -> bool:

@@ -1,10 +1,11 @@
-"""One batch's SMTP work: recipients through transactions, each result journaled at once.
+"""The node's worker: it takes batches, runs their SMTP transactions, and releases them.
 
-:class:`BatchRun` sends a batch with up to ``concurrency`` transactions at a time
-(workers taking the next recipients in order; a job sharing its message puts up to
-``recipients_per_message`` recipients of one domain in one transaction).
-:class:`SendEngine` is what the runs share: the SMTP pool, node-wide priority slots,
-per-domain pacing, compiled templates, load statistics.
+:class:`Worker` takes a batch (or says why not: the ``REJECT_*`` reasons), holds it
+until the outbox releases it, and runs it in a task of its own; it counts the
+recipients in flight and owns every batch task. :class:`BatchRun` sends one batch with
+up to ``concurrency`` transactions at a time (workers taking the next recipients in
+order; a job sharing its message puts up to ``recipients_per_message`` recipients of one
+domain in one transaction). Each transaction is ``transaction.SendEngine``'s.
 
 Starting and stopping, the promise this module keeps:
 
@@ -22,9 +23,9 @@ Starting and stopping, the promise this module keeps:
   final-reply bound), so one still running has not sent its body, and closing its
   connection makes the relay discard it.
 - Nothing else cancels a run (except :meth:`BatchRun.run`'s own cancellation, which
-  the servicer does only after that bound, at shutdown).
+  :meth:`Worker.release_all` does only after that bound, at shutdown).
 
-No protobuf here: results are ``model.Result`` values.
+No protobuf here: batches are ``model.Work`` values, results ``model.Result`` values.
 """
 
 from __future__ import annotations
@@ -32,305 +33,248 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
 
-from sender_node.classify import Failure, LoadStats, Outcome, Phase, classify
-from sender_node.config import NodeTimings
-from sender_node.errors import RenderError
-from sender_node.metrics import NodeMetrics
-from sender_node.model import Recipient, Release, Reply, Result, Status, Work
-from sender_node.pacing import DomainPacer, PacingTimeout, Slot
-from sender_node.render import CompiledMessage, MessageSigner, TemplateCache
-from sender_node.slots import PrioritySlots
-from sender_node.smtp_client import RelayInfo, SendAborted, SendOutcome
+from mailers_runtime.message import CompiledMessage, RenderError
+from sender_node.journal import Journal
+from sender_node.model import BatchRef, Recipient, Release, Result, Work
+from sender_node.outbox import Outbox
 from sender_node.throttle import recipient_domain
+from sender_node.transaction import Guard, Record, SendEngine
 
 log = logging.getLogger(__name__)
 
-_STATUS = {
-    Outcome.DELIVERED: Status.DELIVERED,
-    Outcome.PERMANENT: Status.FAILED,
-    Outcome.TRANSIENT: Status.DEFERRED,
-    Outcome.AMBIGUOUS: Status.DEFERRED,
-}
+REJECT_INVALID = "invalid batch"
+REJECT_STALE = "stale epoch"
+REJECT_DRAINING = "draining"
+REJECT_UNHEALTHY = "not registered"
+REJECT_JOURNAL = "journal failed"
+REJECT_NO_AUTHORITY = "no authority"
+REJECT_DUPLICATE = "duplicate"
+REJECT_CAPACITY = "at capacity"
 
-Record = Callable[[Sequence[Result]], None]
-"""Journals the results of one transaction (synchronously)."""
+CANCELLED = "cancelled"
+"""Why a batch the leader cancelled stopped."""
 
-
-class Mailer(Protocol):
-    """What the node needs from ``smtp_client.RelayPool``."""
-
-    async def send_group(
-        self,
-        mail_from: str,
-        rcpts: Sequence[str],
-        data: bytes,
-        may_send: Callable[[], bool] | None = None,
-    ) -> list[SendOutcome]: ...
-
-    def relays(self) -> list[RelayInfo]: ...
+_Owner = TypeVar("_Owner")
 
 
-@dataclasses.dataclass
-class _Guard:
-    """Whether a worker is inside the SMTP client (then it must not be cancelled)."""
+@dataclasses.dataclass(eq=False)
+class _Held(Generic[_Owner]):
+    run: BatchRun
+    owner: _Owner
+    task: asyncio.Task[None] | None = None
 
-    sending: bool = False
 
+class Worker(Generic[_Owner]):
+    """Takes batches, runs each in a task of its own, and releases them through the outbox.
 
-class SendEngine:
-    """Sends one group of recipients in one transaction and builds their results.
+    A batch is taken for an *owner* (the stream it came on), which :meth:`forget` hands
+    back once the outbox has released the batch. :meth:`drain` refuses new batches,
+    :meth:`stop_all` stops those under way, :meth:`release_all` waits for their release
+    and cancels what outlasts its bound.
 
     Args:
-        node_id: Goes into every result.
-        mailer: The SMTP pool.
-        concurrency: Node-wide transactions at once (slots by batch priority).
-        timings: Start budget and largest message.
-        metrics: Counters of transactions, replies, throttling.
-        pacer: Per-recipient-domain concurrency and rate.
-        pacing_wait_s: Longest wait for a domain's turn; then the group is deferred
-            (without using up an attempt).
-        signer: DKIM signer for compiled messages.
-        template_cache_jobs: Jobs whose compiled content is kept.
-        clock: Monotonic seconds.
-        wall_clock: Unix seconds (results, the Date header).
+        engine: What the batches' transactions share (SMTP pool, slots, pacing, metrics).
+        outbox: Journals results and releases batches; its ``on_released`` must call
+            :meth:`forget`.
+        journal: The outbox's journal (no batch is taken once it has failed).
+        lease_trusted: Whether the node's registration lease is trusted now.
+        capacity: Recipients held at once. A batch is rejected when it would exceed
+            it, unless the node holds nothing (so an oversized batch cannot starve).
+        max_unacked_results: Unacknowledged results beyond which batches are rejected.
     """
 
     def __init__(
         self,
         *,
-        node_id: str,
-        mailer: Mailer,
-        concurrency: int,
-        timings: NodeTimings,
-        metrics: NodeMetrics,
-        pacer: DomainPacer,
-        pacing_wait_s: float,
-        signer: MessageSigner | None = None,
-        template_cache_jobs: int = 64,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        engine: SendEngine,
+        outbox: Outbox,
+        journal: Journal,
+        lease_trusted: Callable[[], bool],
+        capacity: int,
+        max_unacked_results: int,
     ) -> None:
-        self.node_id = node_id
-        self.mailer = mailer
-        self.concurrency = max(1, concurrency)
-        self.timings = timings
-        self.metrics = metrics
-        self.load = LoadStats()
-        self._slots = PrioritySlots(self.concurrency)
-        self._pacer = pacer
-        self._pacing_wait_s = pacing_wait_s
-        self._cache = TemplateCache(template_cache_jobs, signer=signer)
-        self._clock = clock
-        self._wall_clock = wall_clock
+        self.engine = engine
+        self._outbox = outbox
+        self._journal = journal
+        self._lease_trusted = lease_trusted
+        self._capacity = capacity
+        self._max_unacked = max_unacked_results
+        self._metrics = engine.metrics
+        self._held: dict[str, _Held[_Owner]] = {}
+        self._in_flight = 0
+        self._draining = False
+        self._stopping: str | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._metrics.in_flight.set_function(lambda: self._in_flight)
 
-    def compile(self, work: Work) -> CompiledMessage:
-        """The job's compiled message (cached by job).
+    @property
+    def in_flight(self) -> int:
+        """Recipients accepted and not yet reported."""
+        return self._in_flight
 
-        Raises:
-            RenderError: the content cannot be rendered.
+    @property
+    def draining(self) -> bool:
+        """New batches are refused (:meth:`drain` or :meth:`stop_all`)."""
+        return self._draining
+
+    @property
+    def stopping(self) -> str | None:
+        """Why :meth:`stop_all` stopped every batch; None until it did."""
+        return self._stopping
+
+    def halted(self) -> str | None:
+        """Why no transaction may start at all (every batch stopped, or the journal
+        failed); None when transactions may start."""
+        failed = self._journal.failed
+        return self._stopping or (f"journal failed: {failed}" if failed else None)
+
+    def serving(self) -> bool:
+        """Whether batches are taken: registered, not draining, the journal intact."""
+        return not self._draining and self._journal.failed is None and self._lease_trusted()
+
+    def refusal(self, batch_id: str, size: int, *, stale: bool, authorized: bool) -> str | None:
+        """Why a valid batch cannot be taken now; None when it can.
+
+        Args:
+            batch_id: The batch.
+            size: Its recipients.
+            stale: The batch, or the stream it came on, is of an epoch below the
+                highest known.
+            authorized: The stream it came on is open and its authority has not lapsed.
         """
-        return self._cache.get(work.job_id, work.content)
+        unacked = self._outbox.unacked_results
+        if stale:
+            return REJECT_STALE
+        if self._draining or self._stopping is not None:
+            return REJECT_DRAINING
+        if not self._lease_trusted():
+            return REJECT_UNHEALTHY
+        if self._journal.failed is not None:
+            return REJECT_JOURNAL
+        if not authorized:
+            return REJECT_NO_AUTHORITY
+        if batch_id in self._held:
+            return REJECT_DUPLICATE
+        if self._in_flight > 0 and self._in_flight + size > self._capacity:
+            return REJECT_CAPACITY
+        if unacked > 0 and unacked + size > self._max_unacked:
+            return REJECT_CAPACITY
+        return None
 
-    async def transact(
-        self,
-        compiled: CompiledMessage,
-        group: Sequence[Recipient],
-        priority: int,
-        may_start: Callable[[], bool],
-        record: Record,
-        guard: _Guard,
-    ) -> bool:
-        """One transaction for ``group``; its results go to ``record`` at once.
+    def take(self, work: Work, owner: _Owner, permit: Callable[[], str | None]) -> None:
+        """Hold ``work`` and start running it (once :meth:`refusal` said None).
 
-        Returns:
-            True when the group's results were recorded; False when ``may_start``
-            turned false before the message body went out (nothing was sent).
+        Args:
+            work: The batch.
+            owner: Handed back by :meth:`forget` when the batch is released.
+            permit: Why a transaction of the batch may not start now, or None (the
+                stream's authority, epoch, lease; see ``fencing.start_refusal``).
         """
-        started = self._clock()
-        try:
-            data = self._render(compiled, group)
-        except RenderError as exc:
-            record([self.failed(item, f"render error: {exc}") for item in group])
-            return True
-        if len(data) > self.timings.max_message_bytes:
-            reason = f"message of {len(data)} bytes exceeds {self.timings.max_message_bytes}"
-            record([self.failed(item, reason) for item in group])
-            return True
-        deadline = started + self.timings.start_budget_s
+        ref = work.ref
+        run = BatchRun(
+            work,
+            self.engine,
+            permit=permit,
+            record=lambda results: self._record(ref, results),
+        )
+        held = _Held(run, owner)
+        self._held[ref.batch_id] = held
+        self._outbox.hold(ref)
+        self._in_flight += len(work.recipients)
+        self._idle.clear()
+        held.task = asyncio.create_task(self._run(held), name=f"batch-{ref.batch_id}")
 
-        def may_send() -> bool:
-            return may_start() and self._clock() < deadline
+    def stop(self, batch_ids: Iterable[str], reason: str) -> None:
+        """Stop these batches (no new transactions; those past their final dot finish)."""
+        for batch_id in batch_ids:
+            held = self._held.get(batch_id)
+            if held is not None:
+                held.run.stop(reason)
 
-        rcpts = [item.email for item in group]
-        domain = recipient_domain(rcpts[0])
+    def cancel(self, batch_id: str) -> None:
+        """The leader cancelled the batch: stop it (see :meth:`stop`)."""
+        self.stop((batch_id,), CANCELLED)
+
+    def drain(self) -> None:
+        """Refuse new batches from now on; batches under way continue."""
+        self._draining = True
+
+    def stop_all(self, reason: str) -> None:
+        """Refuse new batches and stop every batch (see :meth:`stop`)."""
+        self._draining = True
+        self._stopping = reason
+        for held in list(self._held.values()):
+            held.run.stop(reason)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until every batch is released; False if ``timeout_s`` passed first."""
         try:
-            send = _Send(compiled, group, rcpts, data, may_send, record, guard)
-            sent = await self._paced(send, priority)
-        except PacingTimeout:
-            self.metrics.throttled.labels(domain).inc()
-            wait = f"no turn for its domain within {self._pacing_wait_s:g}s"
-            record([self.held_back(item, f"throttled: {wait}") for item in group])
-            return True
-        if sent or not may_start():
-            return sent
-        # Still allowed, yet not at its body within the start budget: held back here.
-        budget = f"not started within {self.timings.start_budget_s:g}s"
-        record([self.held_back(item, f"throttled: {budget}") for item in group])
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
         return True
 
-    async def _paced(self, send: _Send, priority: int) -> bool:
-        """The transaction in a node-wide slot and a slot of the recipients' domain.
+    async def release_all(self, grace_s: float | None = None) -> None:
+        """Stop every batch, wait for their release, then for the journal's last fsync.
 
-        Raises:
-            PacingTimeout: the domain gave no slot within ``pacing_wait_s``.
+        Args:
+            grace_s: Bound of each wait; by default ``NodeTimings.release_s`` plus a
+                second. Batches not released by then are cancelled (and awaited).
         """
-        domain = recipient_domain(send.rcpts[0])
-        # Usually the domain has a slot free: take it, without waiting, inside a node slot.
-        async with self._slots.slot(priority):
-            paced = self._pacer.try_take(domain)
-            if paced is not None:
-                try:
-                    return await self._send(send, paced)
-                finally:
-                    self._pacer.give_back(paced)
-        # The domain is busy or throttled: wait for its turn without holding a node slot
-        # that transactions to other domains could use.
-        deadline_s = self._clock() + self._pacing_wait_s
-        async with self._pacer.slot(domain, deadline_s=deadline_s) as paced:
-            async with self._slots.slot(priority):
-                return await self._send(send, paced)
-
-    async def _send(self, send: _Send, paced: Slot) -> bool:
-        # Waiting for slots can take long (or the process was frozen): ask again.
-        if not send.may_send():
-            return False
-        started = self._clock()
-        send.guard.sending = True
+        self.stop_all(self._stopping or "node is shutting down")
+        grace = self.engine.timings.release_s + 1.0 if grace_s is None else grace_s
+        if not await self.wait_idle(grace):
+            tasks = [h.task for h in self._held.values() if h.task is not None]
+            log.error("%d batches did not end within %.1fs; cancelling them", len(tasks), grace)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
-            try:
-                outcomes = await self.mailer.send_group(
-                    send.compiled.envelope_from, send.rcpts, send.data, send.may_send
-                )
-            except SendAborted:
-                return False
-            # No await from here to record(): the connection carries nothing else first.
-            finished = self._clock()
-            send.record(self._results(send.group, outcomes, started, finished, paced))
-            return True
+            async with asyncio.timeout(grace):
+                await self._journal.wait_durable(self._journal.last_seq)
+        except TimeoutError:
+            log.error("the journal's last fsync did not finish within %.1fs", grace)
+
+    def forget(self, ref: BatchRef) -> _Owner | None:
+        """The outbox released ``ref``: forget the batch and return its owner (None when
+        the batch is not, or no longer, held here)."""
+        held = self._held.get(ref.batch_id)
+        if held is None or held.run.work.ref != ref:
+            return None
+        del self._held[ref.batch_id]
+        if not self._held:
+            self._idle.set()
+        return held.owner
+
+    def _record(self, ref: BatchRef, results: Sequence[Result]) -> None:
+        self._outbox.record(ref, results)
+        self._in_flight -= len(results)
+
+    async def _run(self, held: _Held[_Owner]) -> None:
+        run = held.run
+        try:
+            await run.run()
+        except Exception:
+            log.exception("batch %s failed", run.work.batch_id)
         finally:
-            send.guard.sending = False
-
-    def _results(
-        self,
-        group: Sequence[Recipient],
-        outcomes: Sequence[SendOutcome],
-        started: float,
-        finished: float,
-        paced: Slot,
-    ) -> list[Result]:
-        for outcome in outcomes:
-            if outcome.phase is not Phase.CONNECT and outcome.code > 0:
-                # A 421/451 from the transaction slows the domain down; one at connect
-                # time is about the relay, not the destination.
-                if paced.reply(outcome.code):
-                    self.metrics.domain_slowdowns.labels(paced.domain).inc()
-        self.metrics.transaction_seconds.observe(finished - started)
-        relay_fault = False
-        results = []
-        for item, outcome in zip(group, outcomes, strict=True):
-            result, fault = self.outcome_result(item, outcome)
-            relay_fault = relay_fault or fault
-            results.append(result)
-        self.load.record(finished, finished - started, relay_fault)
-        return results
-
-    def _render(self, compiled: CompiledMessage, group: Sequence[Recipient]) -> bytes:
-        date = datetime.fromtimestamp(self._wall_clock(), UTC)
-        if compiled.recipients_per_message > 1:
-            return compiled.render_shared(first_index=group[0].index, date=date)
-        recipient = group[0]
-        return compiled.render(
-            index=recipient.index,
-            email=recipient.email,
-            name=recipient.name,
-            variables=recipient.variables,
-            date=date,
-        )
-
-    # -- results ---------------------------------------------------------------------
-
-    def outcome_result(self, item: Recipient, outcome: SendOutcome) -> tuple[Result, bool]:
-        """The result reported for one recipient, and whether the relay was at fault."""
-        verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
-        domain = recipient_domain(item.email)
-        self.metrics.messages.labels(outcome.relay, domain, verdict.outcome.name.lower()).inc()
-        if outcome.code > 0:
-            self.metrics.smtp_replies.labels(str(outcome.code)).inc()
-        attempts = item.attempts + 1
-        if outcome.failure is Failure.UNAVAILABLE or (
-            verdict.relay_fault and verdict.outcome is not Outcome.AMBIGUOUS
-        ):
-            # No relay was tried (every breaker open), or the relay failed before the
-            # message could have reached it (refused connection, 421, auth): the relay's
-            # fault, not the recipient's, so it does not use up the recipient's attempts
-            # while relays are down. The job's maximum age bounds such an outage.
-            attempts = item.attempts
-        reply = None
-        if outcome.code > 0:
-            reply = Reply(outcome.code, verdict.enhanced_code, outcome.text)
-        result = Result(
-            index=item.index,
-            email=item.email,
-            status=_STATUS[verdict.outcome],
-            reason=verdict.reason,
-            attempts=attempts,
-            node_id=self.node_id,
-            updated_at_ns=self._now_ns(),
-            ambiguous=verdict.outcome is Outcome.AMBIGUOUS,
-            reply=reply,
-            relay=outcome.relay,
-        )
-        return result, verdict.relay_fault
-
-    def failed(self, item: Recipient, reason: str) -> Result:
-        """A permanent failure decided here (the recipient's attempt is used up)."""
-        return self._result(item, Status.FAILED, reason, item.attempts + 1)
-
-    def held_back(self, item: Recipient, reason: str) -> Result:
-        """Deferred by the node itself: no attempt was made, so none is used up."""
-        return self._result(item, Status.DEFERRED, reason, item.attempts)
-
-    def _result(self, item: Recipient, status: Status, reason: str, attempts: int) -> Result:
-        return Result(
-            index=item.index,
-            email=item.email,
-            status=status,
-            reason=reason,
-            attempts=attempts,
-            node_id=self.node_id,
-            updated_at_ns=self._now_ns(),
-        )
-
-    def _now_ns(self) -> int:
-        return int(self._wall_clock() * 1e9)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Send:
-    """One transaction's inputs, passed down the slot layers."""
-
-    compiled: CompiledMessage
-    group: Sequence[Recipient]
-    rcpts: list[str]
-    data: bytes
-    may_send: Callable[[], bool]
-    record: Record
-    guard: _Guard
+            self._in_flight -= run.unreported
+            outcome = "completed" if not run.unreported else "stopped"
+            if run.stopped == CANCELLED:
+                outcome = "cancelled"
+            self._metrics.batches.labels(outcome).inc()
+            if run.unreported:
+                log.info(
+                    "batch %s released with %d unattempted: %s",
+                    run.work.batch_id,
+                    run.unreported,
+                    run.stopped,
+                )
+            self._outbox.release(run.release())
 
 
 class BatchRun:
@@ -361,7 +305,7 @@ class BatchRun:
         """Recipients with a recorded result."""
         self.stopped: str | None = None
         """Why the run stopped starting transactions; None while it may."""
-        self._workers: dict[asyncio.Task[None], _Guard] = {}
+        self._workers: dict[asyncio.Task[None], Guard] = {}
         self._cut: asyncio.TimerHandle | None = None
 
     @property
@@ -416,7 +360,7 @@ class BatchRun:
             return self.release()
         count = min(self._engine.concurrency, len(self.work.recipients))
         for _ in range(count):
-            guard = _Guard()
+            guard = Guard()
             name = f"batch-{self.work.batch_id}"
             task = asyncio.create_task(self._work(compiled, guard), name=name)
             self._workers[task] = guard
@@ -434,7 +378,7 @@ class BatchRun:
         self.reported += len(results)
         self._record(results)
 
-    async def _work(self, compiled: CompiledMessage, guard: _Guard) -> None:
+    async def _work(self, compiled: CompiledMessage, guard: Guard) -> None:
         while self.stopped is None:
             why = self._permit()
             if why is not None:

@@ -24,8 +24,8 @@ from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
 from coordinator.db.store import Database
 from coordinator.db.store import connect as pg_connect
-from mailers.etcd import connect
-from mailers.procs import EtcdCluster, PostgresServer, pg_bin_dir
+from mailers_dev.procs import EtcdCluster, PostgresServer, pg_bin_dir
+from mailers_runtime.etcd import connect
 
 PG_TEMPLATE = "mailers_template"
 _databases = itertools.count()

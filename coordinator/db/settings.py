@@ -9,18 +9,22 @@ a rotated password is picked up without a restart.
 
 from __future__ import annotations
 
-import dataclasses
 import urllib.parse
 from pathlib import Path
 
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
 
-@dataclasses.dataclass(frozen=True)
+
+@settings.config
 class DatabaseConfig:
-    url: str
+    url: str = settings.setting("MAILER_DATABASE_URL")
     """``postgresql://user@host:port/database[?sslmode=verify-full&sslrootcert=...]``."""
-    password_file: str = ""
+    password_file: str = settings.setting("MAILER_DATABASE_PASSWORD_FILE", default="")
     """File holding the password (one line); empty: no password (trust or peer auth)."""
-    pool_size: int = 10
+    pool_size: int = settings.setting(
+        "MAILER_DATABASE_POOL_SIZE", default=10, parse=settings.integer
+    )
     """Connections the leader keeps open."""
     connect_timeout_s: float = 5.0
     """Deadline of one connection attempt."""
@@ -30,17 +34,17 @@ class DatabaseConfig:
     def __post_init__(self) -> None:
         parsed = urllib.parse.urlsplit(self.url)
         if parsed.scheme not in ("postgresql", "postgres"):
-            raise ValueError("MAILER_DATABASE_URL must start with postgresql://")
+            raise ConfigError("MAILER_DATABASE_URL must start with postgresql://")
         if parsed.password:
-            raise ValueError(
+            raise ConfigError(
                 "MAILER_DATABASE_URL must not hold a password: use MAILER_DATABASE_PASSWORD_FILE"
             )
         if not parsed.hostname or not parsed.path.strip("/"):
-            raise ValueError("MAILER_DATABASE_URL needs a host and a database name")
+            raise ConfigError("MAILER_DATABASE_URL needs a host and a database name")
         if self.pool_size < 2:
-            raise ValueError("MAILER_DATABASE_POOL_SIZE must be at least 2")
+            raise ConfigError("MAILER_DATABASE_POOL_SIZE must be at least 2")
         if self.connect_timeout_s <= 0 or self.statement_timeout_s <= 0:
-            raise ValueError("database timeouts must be positive")
+            raise ConfigError("database timeouts must be positive")
 
     def password(self) -> str | None:
         """The password, read now from :attr:`password_file` (None without one).

@@ -51,6 +51,7 @@ from coordinator.model import (
 )
 from coordinator.quotas import ACTIVE_JOBS_RETRY_S, window_retry_after
 from coordinator.suppression import Reason, Suppression
+from mailers_runtime.errors import MailersError, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,11 @@ _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 _TRANSIENT_CODES = frozenset({"25006"})
 
 
-class LostLeadership(Exception):
+class LostLeadership(MailersError):
     """The fence no longer holds: a newer leader exists. Stop acting as leader at once."""
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(TransientError, ConnectionError):
     """PostgreSQL cannot do it now (unreachable, full, read-only, too slow); nothing
     was written unless this is a :class:`CommitUnknown`."""
 
@@ -100,7 +101,7 @@ class CommitUnknown(StoreUnavailable):
         self.server_pid = server_pid
 
 
-class Duplicate(Exception):
+class Duplicate(PermanentError):
     """A job with the same tenant and idempotency key already exists."""
 
 
@@ -221,7 +222,7 @@ class QuotaRequest:
     max_active_jobs: int = 0
 
 
-class QuotaRefused(Exception):
+class QuotaRefused(MailersError):
     """A quota would be exceeded; ``retry_after_s`` is when it may fit (None: never)."""
 
     def __init__(self, message: str, retry_after_s: float | None) -> None:

@@ -23,8 +23,8 @@ import aetcd
 import pytest
 
 from client_sdk import Address, MailerClient, MessageContent, Recipient
-from mailers.cluster import LocalCluster
-from mailers.etcd import Keys, connect
+from mailers_dev.cluster import LocalCluster
+from mailers_runtime.etcd import Keys, connect
 from tests.helpers import assert_eventually
 
 CONTENT = MessageContent(

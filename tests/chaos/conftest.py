@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 
 ClusterFactory = Callable[[ClusterSpec], Awaitable[LocalCluster]]
 

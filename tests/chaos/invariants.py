@@ -15,7 +15,7 @@ import collections
 import dataclasses
 
 from client_sdk import JobState, MailerClient, RecipientStatus
-from mailers.cluster import LocalCluster
+from mailers_dev.cluster import LocalCluster
 
 
 @dataclasses.dataclass

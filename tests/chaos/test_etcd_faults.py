@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from client_sdk import MailerClient
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.faultproxy import FaultProxy
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.faultproxy import FaultProxy
 from tests.chaos.cluster_helpers import (
     CONTENT,
     Stopwatch,

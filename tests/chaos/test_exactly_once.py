@@ -3,7 +3,7 @@
 Each test runs a real cluster (etcd, PostgreSQL, two coordinators, three nodes, an SMTP
 sink), strikes while a job is sending, and checks at the sink: nothing lost, and every
 extra copy of a message follows an accept whose ``250`` the sender could not have read
-(the sink records those, see ``mailers.sink``). Nodes run short SMTP deadlines and a
+(the sink records those, see ``mailers_dev.sink``). Nodes run short SMTP deadlines and a
 64 KiB message cap, so the leader's wait before moving the batches of a node that
 vanished (``coordinator.timeouts``) stays short.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from client_sdk import DeadlineExceededError, JobOptions, JobState, MailerClient, MailerError
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.faultproxy import FaultProxy
-from mailers.procs import free_port
-from mailers.sink import FaultPlan, Window, write_control
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.faultproxy import FaultProxy
+from mailers_dev.procs import free_port
+from mailers_dev.sink import FaultPlan, Window, write_control
 from tests.chaos.cluster_helpers import (
     CONTENT,
     Stopwatch,

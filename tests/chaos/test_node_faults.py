@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from client_sdk import MailerClient
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.faultproxy import Fault, FaultProxy
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.faultproxy import Fault, FaultProxy
 from tests.chaos.cluster_helpers import (
     CONTENT,
     Stopwatch,

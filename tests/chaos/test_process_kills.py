@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from client_sdk import Address, MailerClient, MessageContent, Recipient
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 from tests.chaos.invariants import check_job
 from tests.helpers import assert_eventually, wait_new_leader, wait_nodes_active
 from tests.integration.conftest import start_cluster

@@ -15,7 +15,7 @@ duplicates counted) plus the scenario's own expectations:
 8. Every relay down for a while: nobody fails, the nodes' relay breakers open, and
    delivery resumes once the relay is back.
 
-Faults come from the sink's control file (``mailers.sink``), written before the cluster
+Faults come from the sink's control file (``mailers_dev.sink``), written before the cluster
 starts or changed at runtime without restarting the sink; scenario 8 stops the sink
 process and starts it again on the same port. Each test prints a one-line figure.
 """
@@ -42,8 +42,8 @@ from client_sdk import (
     RecipientResult,
     RecipientStatus,
 )
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.sink import FaultPlan, Window, write_control
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.sink import FaultPlan, Window, write_control
 from tests.chaos.conftest import ClusterFactory
 from tests.chaos.invariants import check_job
 from tests.helpers import assert_eventually, wait_nodes_active

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from client_sdk import MailerError, Recipient
-from mailers.cluster import LocalCluster
-from mailers.procs import Proc
+from mailers_dev.cluster import LocalCluster
+from mailers_dev.procs import Proc
 from tests.chaos.cluster_helpers import CONTENT, Stopwatch, log_times, recipients, until
 from tests.chaos.test_exactly_once import (
     COORDINATOR_ENV,

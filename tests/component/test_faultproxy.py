@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mailers.faultproxy import Direction, Fault, FaultKind, FaultProxy, take_budget
+from mailers_dev.faultproxy import Direction, Fault, FaultKind, FaultProxy, take_budget
 from tests.helpers import assert_eventually
 
 # Long enough for loopback to deliver anything that is going to arrive.
@@ -255,7 +255,7 @@ async def test_cli_forwards_and_switches_faults_from_stdin(echo: EchoServer) -> 
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mailers.faultproxy",
+        "mailers_dev.faultproxy",
         "--target",
         f"127.0.0.1:{echo.port}",
         stdin=asyncio.subprocess.PIPE,

@@ -22,12 +22,12 @@ from coordinator.model import (
     Result,
     Status,
 )
-from mailers.etcd import Keys, Session
+from mailers_runtime.etcd import Keys, Session
 
 SPEC = JobSpec(
     job_id="j1",
     idempotency_key="k1",
-    content=Content(Address("a@example.com"), None, "s", "t", ""),
+    content=Content(Address("a@example.com"), subject="s", text_body="t"),
     options=JobOptions(),
     total=0,
     batch_size=10,

@@ -1,4 +1,4 @@
-"""``mailers.healthcheck`` against real gRPC servers on port 0."""
+"""``mailers_runtime.healthcheck`` against real gRPC servers on port 0."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mailers.certs import DevCA, cluster_specs
-from mailers.healthcheck import main, probe
-from mailers.procs import free_port
-from mailers.tls import Transport, node_from_env
+from mailers_dev.certs import DevCA, cluster_specs
+from mailers_dev.procs import free_port
+from mailers_runtime import settings
+from mailers_runtime.healthcheck import main, probe
+from mailers_runtime.tls import COORDINATOR_NAME, TlsConfig, Transport
 
 SERVICE = "mailer.v1.MailerService"
 
@@ -105,7 +106,9 @@ async def test_container_probe_of_a_node_over_mutual_tls(
         "MAILER_TLS_CERT": str(cert.cert),
         "MAILER_TLS_KEY": str(cert.key),
     }
-    transport = Transport.load(node_from_env(env))
+    transport = Transport.load(
+        settings.load(TlsConfig, env, {"allowed_clients": (COORDINATOR_NAME,)})
+    )
     server = grpc.aio.server(interceptors=transport.interceptors())
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)

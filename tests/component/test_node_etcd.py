@@ -20,10 +20,10 @@ import grpc
 import pytest
 
 from mailerpb.mailer.v1 import sender_pb2, sender_pb2_grpc
-from mailers.certs import make_dev_pki
-from mailers.etcd import EtcdTls, Keys, connect
 from mailers.etcd_auth import bootstrap
-from mailers.procs import EtcdCluster
+from mailers_dev.certs import make_dev_pki
+from mailers_dev.procs import EtcdCluster
+from mailers_runtime.etcd import EtcdTls, Keys, connect
 from sender_node.__main__ import run
 from sender_node.config import from_env
 from sender_node.leader_watch import LeaderWatch

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from mailers.procs import free_port, wait_for_port
+from mailers_dev.procs import free_port, wait_for_port
 from sender_node.classify import Failure, Outcome, Phase, classify
 from sender_node.smtp_client import RelayPool, SendOutcome
 from tests.helpers import assert_eventually

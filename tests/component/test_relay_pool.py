@@ -2,7 +2,7 @@
 protocol faults, and cancellation around the final dot.
 
 Real pieces: the pool (aiosmtplib for connection setup, our wire for transactions, one
-pybreaker breaker and one trial gate per relay) and ``mailers.sink.SinkServer``
+pybreaker breaker and one trial gate per relay) and ``mailers_dev.sink.SinkServer``
 in-process, whose fault plan each test changes at runtime. Every test runs twice: with
 relays advertising PIPELINING (the pool pipelines each envelope) and with relays that do
 not (one command per reply); the assertions are the same, so the same faults give the
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from mailers.procs import free_port
-from mailers.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log
+from mailers_dev.procs import free_port
+from mailers_dev.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log
+from mailers_runtime.breaker import BreakerState
 from sender_node.classify import Failure, Outcome, Phase, classify
-from sender_node.relay_breaker import BreakerState
 from sender_node.smtp_client import RelayPool, SendAborted, SendOutcome
 from tests.helpers import assert_eventually
 

@@ -1,8 +1,8 @@
 """``RelayPool`` per-relay security and limits against real sinks on loopback.
 
-Real pieces: the pool (aiosmtplib), ``mailers.sink.SinkServer`` in-process with
+Real pieces: the pool (aiosmtplib), ``mailers_dev.sink.SinkServer`` in-process with
 STARTTLS, implicit TLS, AUTH and SIZE switched on per test, and certificates from
-``mailers.certs.DevCA``. Rate limits run on a fake monotonic clock whose ``sleep``
+``mailers_dev.certs.DevCA``. Rate limits run on a fake monotonic clock whose ``sleep``
 advances it, so the waits are asserted exactly. Every test runs against relays that
 advertise PIPELINING and against relays that do not, with the same assertions.
 """
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from mailers.certs import CertSpec, DevCA
-from mailers.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log, server_tls_context
+from mailers_dev.certs import CertSpec, DevCA
+from mailers_dev.sink import FaultPlan, SinkConfig, SinkServer, Window, read_log, server_tls_context
 from sender_node.classify import Failure, Outcome, Phase, classify
 from sender_node.config import RelayConfig, RelayTls, Secret
 from sender_node.relay_choice import Strategy

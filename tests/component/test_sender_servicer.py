@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
-from mailers.procs import free_port
+from mailers_dev.procs import free_port
 from sender_node.dkim import DkimKey, DkimSigner
 from sender_node.journal import Journal
 from sender_node.pacing import DomainPacer

@@ -1,4 +1,4 @@
-"""The SMTP sink, in-process and as ``python -m mailers.sink``, fed by aiosmtplib.
+"""The SMTP sink, in-process and as ``python -m mailers_dev.sink``, fed by aiosmtplib.
 
 Includes each fault of the catalogue, and fault plans changed at runtime (in-process and
 through the control file of a running process).
@@ -20,8 +20,8 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from mailers.procs import free_port, spawn_python, wait_for_port
-from mailers.sink import (
+from mailers_dev.procs import free_port, spawn_python, wait_for_port
+from mailers_dev.sink import (
     FaultPlan,
     SinkConfig,
     SinkServer,
@@ -142,7 +142,7 @@ def test_sink_runs_as_a_module(tmp_path: Path) -> None:
     log = tmp_path / "sink.jsonl"
     proc = spawn_python(
         "sink",
-        "mailers.sink",
+        "mailers_dev.sink",
         tmp_path / "logs",
         {},
         ["--port", str(port), "--maildir", str(tmp_path / "md"), "--log", str(log)],
@@ -486,7 +486,7 @@ def test_sink_process_applies_a_control_file_without_restart(tmp_path: Path) -> 
     write_control(control, FaultPlan(reject_pattern=r"^a@"))
     proc = spawn_python(
         "sink",
-        "mailers.sink",
+        "mailers_dev.sink",
         tmp_path / "logs",
         {},
         [

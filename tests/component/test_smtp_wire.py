@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-from mailers.sink import SinkConfig, SinkServer
+from mailers_dev.sink import SinkConfig, SinkServer
 from sender_node.classify import Failure, Phase
 from sender_node.smtp_client import RelayPool, _Garbled, _Lost, _Wire
 

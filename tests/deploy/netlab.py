@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mailers.procs import Proc, spawn
+from mailers_dev.procs import Proc, spawn
 
 _PREFIX = "mlh"
 

@@ -1,10 +1,12 @@
-"""The two distributions built from this repository, installed the way users install them.
+"""The distributions built from this repository, installed the way users install them.
 
 ``mailers-sdk`` (sdk/) is what a service installs to talk to a cluster: it must bring
 no etcd, SMTP, template or CLI package, import on its own, and carry its types
 (``py.typed``) so that a user's ``mypy --strict`` checks calls into it. ``mailers-server``
-(the repository root) holds the coordinator, the sender node and the CLI, and depends on
-the SDK for the generated messages.
+(the repository root) holds the coordinator, the sender node and their runtime library,
+and depends on the SDK for the generated messages; ``mailers-cli`` (cli/) is the
+``mailers`` command; ``mailers-dev`` (devtools/) the local cluster and test tools, which
+no server depends on.
 
 Wheels are built with the pinned uv (``.tools/uv``, installed by dev.sh) and installed
 from versions taken from uv.lock, into an empty virtualenv of the test's own.
@@ -13,6 +15,7 @@ from versions taken from uv.lock, into an empty virtualenv of the test's own.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,10 +76,31 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             pytest.fail(f"{UV} is missing: dev.sh installs it")
         pytest.skip("uv is not installed (bash dev.sh test installs it)")
     out = tmp_path_factory.mktemp("dist")
-    for package in ("mailers-sdk", "mailers-server"):
+    for package in ("mailers-sdk", "mailers-server", "mailers-cli", "mailers-dev"):
         _run(UV, "build", "--wheel", "--package", package, "--out-dir", out, cwd=ROOT)
     built = {p.name.split("-")[0]: p for p in out.glob("*.whl")}
-    return {"sdk": built["mailers_sdk"], "server": built["mailers_server"]}
+    return {
+        "sdk": built["mailers_sdk"],
+        "server": built["mailers_server"],
+        "cli": built["mailers_cli"],
+        "dev": built["mailers_dev"],
+    }
+
+
+def _contents(wheel_path: Path) -> tuple[set[str], list[str], str]:
+    """A wheel's top-level names (not its metadata), Requires-Dist lines, entry points."""
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = wheel.namelist()
+        tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+        metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        requires = [
+            line.removeprefix("Requires-Dist: ")
+            for line in wheel.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+        entry = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        entry_points = wheel.read(entry[0]).decode() if entry else ""
+    return tops, requires, entry_points
 
 
 @pytest.fixture(scope="module")
@@ -138,17 +162,36 @@ def test_sdk_types_reach_a_users_mypy(sdk_venv: Path, tmp_path: Path) -> None:
 
 
 def test_server_wheel_leaves_the_sdk_to_its_own_distribution(wheels: dict[str, Path]) -> None:
-    with zipfile.ZipFile(wheels["server"]) as wheel:
-        tops = {name.split("/")[0] for name in wheel.namelist()}
-        metadata = next(n for n in wheel.namelist() if n.endswith("METADATA"))
-        requires = [
-            line for line in wheel.read(metadata).decode().splitlines()
-            if line.startswith("Requires-Dist:")
-        ]  # fmt: skip
-    assert {"coordinator", "sender_node", "mailers"} <= tops
-    assert not tops & {"client_sdk", "mailerpb", "tests", "bench", "scripts"}
-    assert "Requires-Dist: mailers-sdk==0.2.0" in requires
+    tops, requires, _ = _contents(wheels["server"])
+    assert tops == {"coordinator", "sender_node", "mailers_runtime"}
+    assert "mailers-sdk==0.2.0" in requires
     with zipfile.ZipFile(wheels["sdk"]) as wheel:
         names = set(wheel.namelist())
     assert {"client_sdk/py.typed", "mailerpb/py.typed", "client_sdk/client.py"} <= names
     assert "mailerpb/mailer/v1/coordinator_pb2.pyi" in names
+
+
+def test_server_processes_need_neither_the_cli_nor_the_dev_tools(
+    wheels: dict[str, Path],
+) -> None:
+    # Given the server distribution's requirements
+    _, requires, entry_points = _contents(wheels["server"])
+    names = {re.split(r"[<>=~!;\[ ]", r, maxsplit=1)[0].lower() for r in requires}
+    # Then neither the CLI's table library nor the test sink's SMTP server is among them,
+    # and neither are our CLI or dev distributions
+    assert not names & {"rich", "aiosmtpd", "mailers-cli", "mailers-dev"}, names
+    assert "mailers" not in entry_points
+
+
+def test_cli_and_dev_tools_are_their_own_distributions(wheels: dict[str, Path]) -> None:
+    # The CLI: the `mailers` package and command, on top of the servers and the SDK
+    tops, requires, entry_points = _contents(wheels["cli"])
+    assert tops == {"mailers"}
+    assert {"mailers-sdk==0.2.0", "mailers-server==0.2.0"} <= set(requires)
+    assert any(r.startswith("rich") for r in requires)
+    assert "mailers = mailers.cli:main" in entry_points
+    # The development tools: the local cluster, PKI, sink and fault proxy
+    tops, requires, _ = _contents(wheels["dev"])
+    assert tops == {"mailers_dev"}
+    assert "mailers-cli==0.2.0" in requires
+    assert any(r.startswith("aiosmtpd") for r in requires)

@@ -53,7 +53,7 @@ from cryptography import x509
 import coordinator.auth
 import coordinator.config
 import sender_node.config
-from mailers.certs import DevCA
+from mailers_dev.certs import DevCA
 from scripts import gen_config_reference as ref
 
 pytestmark = pytest.mark.deploy
@@ -635,7 +635,7 @@ def test_deploy_files_use_only_known_variables() -> None:
 
 
 PROCESSES = {"coordinator": ref.PROCESSES[0], "node": ref.PROCESSES[1]}
-# Read by both processes outside from_env (mailers.logs.setup).
+# Read by both processes outside from_env (mailers_runtime.logs.setup).
 READ_OUTSIDE_FROM_ENV = {"MAILER_LOG_LEVEL", "MAILER_LOG_FORMAT"}
 
 
@@ -904,7 +904,7 @@ def test_compose_coordinators_are_secure(compose: dict[str, Any], compose_secret
         assert svc["depends_on"]["postgres"] == {"condition": "service_healthy"}
         # The health check asks the coordinator's own health-only port, not a fixed one
         check = svc["healthcheck"]["test"]
-        assert check[1:] == ["python", "-m", "mailers.healthcheck", "--role", "coordinator"]
+        assert check[1:] == ["python", "-m", "mailers_runtime.healthcheck", "--role", "coordinator"]
         assert config.health_listen.startswith("127.0.0.1:")
 
 
@@ -952,7 +952,7 @@ def test_compose_nodes_are_secure_and_keep_their_journal(
         volumes.append(volume[0])
         # The health check asks the node itself over TLS: never the coordinator's port
         check = svc["healthcheck"]["test"]
-        assert check[1:] == ["python", "-m", "mailers.healthcheck", "--role", "node"]
+        assert check[1:] == ["python", "-m", "mailers_runtime.healthcheck", "--role", "node"]
         # SIGTERM: drain, then a transaction past its final dot waits for its reply
         grace_s = int(svc["stop_grace_period"].rstrip("s"))
         assert grace_s >= node.drain_timeout_s + _final_reply_s(env) + 5
@@ -1033,15 +1033,16 @@ def test_dockerfile_installs_from_the_lock_with_hashes() -> None:
     # Runtime dependencies: exported from uv.lock without the dev group or our own
     # packages, installed with every hash checked
     assert (
-        "uv export --frozen --no-dev --package mailers-server --no-emit-workspace "
+        "uv export --frozen --no-dev --package mailers-cli --no-emit-workspace "
         "--output-file /tmp/requirements.txt" in build
     )
     assert "--no-hashes" not in build and "uv sync" not in build
     install = r"uv pip install [^&]*--require-hashes --no-deps -r /tmp/requirements.txt"
     assert re.search(install, build)
-    # Our two distributions: wheels built with the locked build backend, installed
-    # without resolving anything again
-    assert "for package in mailers-sdk mailers-server" in build
+    # Our three distributions (not mailers-dev): wheels built with the locked build
+    # backend, installed without resolving anything again
+    assert "for package in mailers-sdk mailers-server mailers-cli;" in build
+    assert "mailers-dev" not in build and "mailers_dev" not in build
     assert "--build-constraints /tmp/build-constraints.txt --require-hashes" in build
     assert "--no-deps /tmp/dist/*.whl" in build
     assert not re.search(r"pip install (?!--)[^-]", build.replace("uv pip", "uv-pip"))
@@ -1060,7 +1061,7 @@ def test_build_constraints_are_the_locked_build_backend() -> None:
     pins = re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", text, re.MULTILINE)
     hashes = set(re.findall(r"--hash=(sha256:[0-9a-f]{64})", text))
     # Given the build backend both distributions name
-    for pyproject in (ROOT / "pyproject.toml", ROOT / "sdk" / "pyproject.toml"):
+    for pyproject in [ROOT / "pyproject.toml", *ROOT.glob("*/pyproject.toml")]:
         requires = tomllib.loads(pyproject.read_text())["build-system"]["requires"]
         assert requires == [f"{name}=={version}" for name, version in pins], pyproject
     # Then the constraints carry uv.lock's version and every one of its hashes
@@ -1080,7 +1081,7 @@ def test_image_dependencies_hold_no_dev_or_test_tools() -> None:
 
     # When the runtime requirements are exported as the Dockerfile exports them
     out = _run(
-        [str(UV), "export", "--frozen", "--no-dev", "--package", "mailers-server",
+        [str(UV), "export", "--frozen", "--no-dev", "--package", "mailers-cli",
          "--no-emit-workspace"],
         cwd=ROOT,
     ).stdout  # fmt: skip
@@ -1094,6 +1095,8 @@ def test_image_dependencies_hold_no_dev_or_test_tools() -> None:
     dev_names = {re.split(r"[<>=\[ ]", d, maxsplit=1)[0].lower() for d in dev}
     assert not names & dev_names, names & dev_names
     assert not names & {"pytest", "hypothesis", "ruff", "mypy", "grpcio-tools"}
+    # And the SMTP server library of the test sink is not among them
+    assert "aiosmtpd" not in names
 
 
 def test_image_ships_no_test_tools_and_probes_by_role() -> None:
@@ -1108,7 +1111,7 @@ def test_image_ships_no_test_tools_and_probes_by_role() -> None:
     # node)
     (check,) = [line for line in _stages()["runtime"] if line.startswith("HEALTHCHECK ")]
     command = check.split(" CMD ", 1)[1]
-    assert command.startswith('["python", "-m", "mailers.healthcheck"')
+    assert command.startswith('["python", "-m", "mailers_runtime.healthcheck"')
     assert not re.search(r"\d+\.\d+\.\d+\.\d+|:\d{4}", command)
 
 

@@ -5,7 +5,7 @@ Topology (see ``tests/deploy/netlab.py``), all on one bridge in a private /24:
     etcd0 .11  etcd1 .12  etcd2 .13      one etcd member each, a 3-member cluster
     coord0 .21 coord1 .22                coordinators (one leads, one stands by)
     node0 .31  node1 .32  node2 .33      sender nodes
-    relay .41                            the SMTP sink (``python -m mailers.sink``)
+    relay .41                            the SMTP sink (``python -m mailers_dev.sink``)
 
 The test process is the client (SDK from the root namespace, through the bridge). It
 checks the deployment the way an operator would: the leader-aware health check selects
@@ -45,8 +45,8 @@ from client_sdk import (
     Recipient,
     RecipientStatus,
 )
-from mailers.healthcheck import probe
-from mailers.procs import PostgresServer, Proc
+from mailers_dev.procs import PostgresServer, Proc
+from mailers_runtime.healthcheck import probe
 from tests.deploy.netlab import Host, NetLab, unavailable_reason, wait_for_tcp
 from tests.helpers import assert_eventually
 
@@ -134,7 +134,7 @@ def _start(lab: NetLab, base: Path, postgres: PostgresServer) -> Deployment:
         relay,
         "sink",
         [
-            sys.executable, "-m", "mailers.sink", "--host", relay.address, "--port", "2525",
+            sys.executable, "-m", "mailers_dev.sink", "--host", relay.address, "--port", "2525",
             "--maildir", str(base / "maildir"), "--log", str(sink_log), "--delay-ms", "20",
         ],
         env,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 
 
 def _require_etcd() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailers.cli import main
-from mailers.cluster import LocalCluster
+from mailers_dev.cluster import LocalCluster
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.integration

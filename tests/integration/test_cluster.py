@@ -25,8 +25,8 @@ from client_sdk import (
     RecipientStatus,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.etcd import connect
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_runtime.etcd import connect
 from tests.helpers import assert_eventually, wait_new_leader, wait_nodes_active
 from tests.integration.conftest import start_cluster
 

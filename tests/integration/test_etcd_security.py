@@ -28,8 +28,6 @@ import pytest
 from aetcd import rpc
 
 from coordinator.election import Election
-from mailers.certs import CertSpec, DevCA, make_dev_pki
-from mailers.etcd import EtcdTls, Keys, Session, connect, permission_denied, watch_prefix
 from mailers.etcd_auth import (
     COORDINATOR_USER,
     Access,
@@ -42,7 +40,9 @@ from mailers.etcd_auth import (
     role_table,
     setup_auth,
 )
-from mailers.procs import EtcdCluster
+from mailers_dev.certs import CertSpec, DevCA, make_dev_pki
+from mailers_dev.procs import EtcdCluster
+from mailers_runtime.etcd import EtcdTls, Keys, Session, connect, permission_denied, watch_prefix
 from sender_node.registration import Registration
 from tests.helpers import assert_eventually
 

@@ -22,7 +22,7 @@ from client_sdk import (
     Recipient,
     RecipientStatus,
 )
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 from tests.helpers import assert_eventually, assert_stays, wait_nodes_active
 from tests.integration.conftest import start_cluster
 

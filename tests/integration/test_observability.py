@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client_sdk import Address, MailerClient, MessageContent, NodeState, Recipient
-from mailers.procs import (
+from mailers_dev.procs import (
     EtcdCluster,
     PostgresServer,
     Proc,
@@ -49,7 +49,7 @@ class Setup:
             "MAILER_PLAINTEXT": "1",
         }
         sink = spawn_python(
-            "sink", "mailers.sink", self.logs, {},
+            "sink", "mailers_dev.sink", self.logs, {},
             ["--host", "127.0.0.1", "--port", str(self.sink_port),
              "--maildir", str(self.base / "md"), "--log", str(self.base / "sink.jsonl")],
         )  # fmt: skip

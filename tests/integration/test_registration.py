@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aetcd
 import pytest
 
-from mailers.etcd import Keys
+from mailers_runtime.etcd import Keys
 from sender_node.registration import Registration
 from tests.helpers import assert_eventually
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from client_sdk import JobState, MailerClient
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 from tests.chaos.cluster_helpers import CONTENT, recipients
 from tests.helpers import assert_eventually, wait_nodes_active
 from tests.integration.conftest import start_cluster

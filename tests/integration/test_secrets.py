@@ -35,9 +35,9 @@ from client_sdk import (
     ResourceExhaustedError,
 )
 from coordinator.auth import hash_token, new_token
-from mailers.certs import CertSpec, DevCA
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.etcd import connect
+from mailers_dev.certs import CertSpec, DevCA
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_runtime.etcd import connect
 from tests.helpers import wait_nodes_active
 from tests.integration.conftest import start_cluster
 

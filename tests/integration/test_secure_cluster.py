@@ -21,11 +21,11 @@ import pytest
 from aetcd import rpc
 
 from client_sdk import Address, JobState, MailerClient, MessageContent, Recipient
-from mailers.certs import make_dev_pki
 from mailers.cli import main as cli_main
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.etcd import EtcdTls, Keys, connect
-from mailers.procs import EtcdCluster
+from mailers_dev.certs import make_dev_pki
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.procs import EtcdCluster
+from mailers_runtime.etcd import EtcdTls, Keys, connect
 from tests.helpers import wait_nodes_active
 from tests.integration.conftest import _require_etcd, start_cluster
 from tests.integration.test_etcd_security import assert_denied, assert_refused

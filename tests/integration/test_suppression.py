@@ -21,7 +21,7 @@ from client_sdk import (
     SuppressionReason,
 )
 from mailers.cli import main
-from mailers.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import ClusterSpec, LocalCluster
 from tests.helpers import wait_nodes_active
 from tests.integration.conftest import start_cluster
 

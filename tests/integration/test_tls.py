@@ -36,12 +36,12 @@ from client_sdk import (
     UnavailableError,
 )
 from mailerpb.mailer.v1 import sender_pb2, sender_pb2_grpc
-from mailers.certs import make_dev_pki
 from mailers.cli import main as cli_main
-from mailers.cluster import ClusterSpec, LocalCluster
-from mailers.healthcheck import probe
-from mailers.procs import free_port, spawn_python, wait_for_port
-from mailers.tls import TlsConfig
+from mailers_dev.certs import make_dev_pki
+from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.procs import free_port, spawn_python, wait_for_port
+from mailers_runtime.healthcheck import probe
+from mailers_runtime.tls import TlsFiles
 from tests.helpers import assert_eventually, wait_nodes_active
 from tests.integration.conftest import start_cluster
 
@@ -253,7 +253,9 @@ async def test_a_node_takes_dispatch_streams_only_from_coordinators(
 
 def test_the_healthcheck_probes_tls_servers(cluster: LocalCluster) -> None:
     env = cluster.tls_env("coordinator")
-    tls = TlsConfig(env["MAILER_TLS_CA"], env["MAILER_TLS_CERT"], env["MAILER_TLS_KEY"])
+    tls = TlsFiles(
+        Path(env["MAILER_TLS_CA"]), Path(env["MAILER_TLS_CERT"]), Path(env["MAILER_TLS_KEY"])
+    )
     verdicts = [probe(a, None, CALL_TIMEOUT_S, tls=tls) for a in cluster.coordinator_addresses]
     # Every coordinator is alive, over TLS with the coordinator's own certificate
     assert all(v.ok for v in verdicts), verdicts
@@ -267,7 +269,7 @@ def test_the_healthcheck_probes_tls_servers(cluster: LocalCluster) -> None:
     assert not plain.ok and plain.reason == "no usable answer: UNAVAILABLE"
     # The command reads MAILER_TLS_CA, _CERT, _KEY from its environment, as in a container
     done = subprocess.run(
-        [sys.executable, "-m", "mailers.healthcheck", cluster.coordinator_addresses[0]],
+        [sys.executable, "-m", "mailers_runtime.healthcheck", cluster.coordinator_addresses[0]],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -1,18 +1,22 @@
-"""Per-node breakers: pybreaker counts, our gate admits one trial in half-open."""
+"""Per-node breakers: pybreaker counts, our gate admits one trial in half-open.
+
+The gate and the effective state are ``mailers_runtime.breaker``'s, shared with the
+sender node's relay breakers.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-import pybreaker
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.breaker import NodeBreaker, NodeFault, Released, State, admits, effective_state
+from coordinator.breaker import NodeBreaker, NodeFault, Released, State
+from mailers_runtime.breaker import BreakerState, admits, effective_state
 
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T0 = 1_767_225_600.0  # 2026-01-01, Unix seconds
 
 
 @pytest.mark.parametrize(
@@ -29,19 +33,22 @@ def test_gate(state: State, trial: bool, expected: bool) -> None:
     assert admits(state, trial) is expected
 
 
+def test_the_coordinator_state_is_the_shared_enum() -> None:
+    assert State is BreakerState
+    assert [s.value for s in State] == ["closed", "open", "half_open"]
+
+
 def test_open_reads_half_open_once_the_timeout_passed() -> None:
-    assert effective_state(pybreaker.STATE_OPEN, T0, 10, T0 + timedelta(seconds=9.9)) is State.OPEN
-    assert effective_state(pybreaker.STATE_OPEN, T0, 10, T0 + timedelta(seconds=10)) is (
-        State.HALF_OPEN
-    )
-    assert effective_state(pybreaker.STATE_CLOSED, T0, 10, T0) is State.CLOSED
-    assert effective_state(pybreaker.STATE_HALF_OPEN, T0, 10, T0) is State.HALF_OPEN
+    assert effective_state(State.OPEN, T0, 10, T0 + 9.9) is State.OPEN
+    assert effective_state(State.OPEN, T0, 10, T0 + 10) is State.HALF_OPEN
+    assert effective_state(State.OPEN, None, 10, T0) is State.HALF_OPEN
+    assert effective_state(State.CLOSED, T0, 10, T0) is State.CLOSED
+    assert effective_state(State.HALF_OPEN, T0, 10, T0) is State.HALF_OPEN
 
 
 @given(st.floats(0, 100), st.floats(0.1, 50))
 def test_open_never_reads_closed(elapsed: float, timeout: float) -> None:
-    state = effective_state(pybreaker.STATE_OPEN, T0, timeout, T0 + timedelta(seconds=elapsed))
-    assert state is not State.CLOSED
+    assert effective_state(State.OPEN, T0, timeout, T0 + elapsed) is not State.CLOSED
 
 
 async def _settle(breaker: NodeBreaker, error: Exception | None) -> None:
@@ -57,7 +64,7 @@ async def _settle(breaker: NodeBreaker, error: Exception | None) -> None:
 
 def _age(breaker: NodeBreaker, seconds: float) -> None:
     """Pretend the breaker opened `seconds` ago (pybreaker reads the wall clock)."""
-    storage = breaker._breaker._state_storage
+    storage = breaker._breaker.storage
     assert storage.opened_at is not None
     storage.opened_at = storage.opened_at - timedelta(seconds=seconds)
 

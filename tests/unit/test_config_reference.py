@@ -1,21 +1,25 @@
-"""deploy/CONFIG.md is generated from the config code and cannot drift from it.
+"""deploy/CONFIG.md is generated from the settings declarations and cannot drift from them.
 
 - The file is what ``scripts/gen_config_reference.py`` produces now (``--check``).
-- Every ``MAILER_*`` name in the product code is in the reference, and the
-  reference lists no variable the code no longer reads.
-- The mapping parsed from ``from_env`` is true: setting each variable changes the
-  field the reference says it sets.
+- Every declared variable is in the reference; every ``MAILER_*`` name in the product
+  code is declared (or listed as read elsewhere), and the reference lists no variable
+  the code no longer reads.
+- The declarations are true: setting each variable changes the field it is declared
+  on (or the process refuses the value, naming the variable).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
 from scripts import gen_config_reference as ref
 
-# A valid value, different from the default, for every variable from_env reads. A new
+# A valid value, different from the default, for every declared variable. A new
 # variable fails test_each_variable_sets_its_field until it gets a sample here.
 SAMPLES = {
     "MAILER_ETCD_ENDPOINTS": "10.0.0.1:2379,10.0.0.2:2379",
@@ -68,7 +72,28 @@ SAMPLES = {
     "MAILER_STATE_DIR": "/srv/mailers/node-x",
     "MAILER_MAX_UNACKED_RESULTS": "1000",
     "MAILER_SMTP_MAX_MESSAGE_BYTES": "1048576",
+    "MAILER_DOMAIN_LIMITS": "default=concurrency:8;gmail.com=rate:10",
+    "MAILER_PLAINTEXT": "1",
+    "MAILER_TLS_CA": "/etc/mailers/tls/ca.crt",
+    "MAILER_TLS_CERT": "/etc/mailers/tls/tls.crt",
+    "MAILER_TLS_KEY": "/etc/mailers/tls/tls.key",
+    "MAILER_TLS_SERVER_NAME": "mailers-node",
+    "MAILER_TLS_CLIENT_AUTH": "none",
+    "MAILER_TLS_ALLOWED_CLIENTS": "a,b",
+    "MAILER_ETCD_SERVER_NAME": "etcd.internal",
 }
+ETCD_FILES = ("MAILER_ETCD_CA", "MAILER_ETCD_CERT", "MAILER_ETCD_KEY")
+"""Declared as existing files: their samples are made per test."""
+
+
+@pytest.fixture
+def samples(tmp_path: Path) -> dict[str, str]:
+    files = {}
+    for name in ETCD_FILES:
+        path = tmp_path / name.lower()
+        path.write_text("pem")
+        files[name] = str(path)
+    return SAMPLES | files
 
 
 def test_reference_is_current() -> None:
@@ -76,33 +101,54 @@ def test_reference_is_current() -> None:
     assert ref.main(["--check"]) == 0, "run: python scripts/gen_config_reference.py"
 
 
-def test_every_variable_in_the_code_is_in_the_reference() -> None:
+def test_every_variable_is_declared_and_in_the_reference() -> None:
     text = ref.OUTPUT.read_text()
-    mapped = {
-        s.variable for p in ref.PROCESSES for srcs in ref.env_sources(p).values() for s in srcs
+    declared = {
+        d.variable.name for p in ref.PROCESSES for d in settings.declarations(p.config_class)
     }
+    # Every declared variable is in the reference
+    absent = {name for name in declared if f"`{name}`" not in text}
+    assert not absent, f"declared variables not in deploy/CONFIG.md: {absent}"
+    # Every MAILER_* name in the product code is in it, and declared or read elsewhere
     in_code = ref.product_variables()
     missing = {name: files for name, files in in_code.items() if f"`{name}`" not in text}
     assert not missing, f"MAILER_* variables not in deploy/CONFIG.md: {missing}"
-    unknown = set(in_code) - mapped - set(ref.OTHER_VARIABLES)
-    assert not unknown, f"read outside from_env: describe them in OTHER_VARIABLES: {unknown}"
+    unknown = set(in_code) - declared - set(ref.OTHER_VARIABLES)
+    assert not unknown, (
+        f"not declared: declare them, or describe them in OTHER_VARIABLES: {unknown}"
+    )
     stale = set(ref.OTHER_VARIABLES) - set(in_code)
     assert not stale, f"OTHER_VARIABLES lists names the code no longer uses: {stale}"
 
 
 @pytest.mark.parametrize("process", ref.PROCESSES, ids=lambda p: p.title)
-def test_each_variable_sets_its_field(process: ref.Process) -> None:
+def test_each_variable_sets_its_field(process: ref.Process, samples: dict[str, str]) -> None:
     baseline = ref.build(process, process.required_samples)
-    for path, sources in ref.env_sources(process).items():
-        for source in sources:
-            assert source.variable in SAMPLES, f"add a sample value for {source.variable}"
-            # When only this variable is set (besides the required ones)
-            env = {**process.required_samples, source.variable: SAMPLES[source.variable]}
+    for declared in settings.declarations(process.config_class):
+        name = declared.variable.name
+        assert name in samples, f"add a sample value for {name}"
+        # When only this variable is set (with those it needs, and the required ones)
+        env = {**process.required_samples, **{v: samples[v] for v in declared.together}}
+        try:
             changed = ref.build(process, env)
-            # Then the field the reference names for it changes
-            before = ref.field_value(baseline, path)
-            after = ref.field_value(changed, path)
-            assert before != after, f"{source.variable} did not change {path}"
+        except ConfigError as exc:
+            # Then the process refuses the value, naming the variable (a node accepts
+            # only client_auth=require, say)...
+            assert name in str(exc), f"{name}: {exc}"
+            continue
+        # ...or the field it is declared on changes
+        before = ref.field_value(baseline, declared.path)
+        after = ref.field_value(changed, declared.path)
+        assert before != after, f"{name} did not change {declared.path}"
+
+
+def test_a_missing_declaration_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a product file mentioning a variable that nothing declares
+    found = ref.product_variables()
+    monkeypatch.setattr(ref, "product_variables", lambda: found | {"MAILER_NOWHERE": {"x.py"}})
+    # Then the check fails, naming it
+    with pytest.raises(AssertionError, match="MAILER_NOWHERE"):
+        test_every_variable_is_declared_and_in_the_reference()
 
 
 @pytest.mark.parametrize("process", ref.PROCESSES, ids=lambda p: p.title)

@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mailers_runtime.message import Attachment, CompiledMessage, Content, Mailbox, RenderError
 from sender_node.dkim import DkimKey, DkimSigner, parse_key_spec
-from sender_node.errors import ConfigError, RenderError
-from sender_node.render import Attachment, CompiledMessage, Content, Mailbox
+from sender_node.errors import ConfigError
 
 DATE = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
 NOW_S = 1_741_064_767.5

@@ -6,8 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from mailers.etcd import TLS_ENV, EtcdTls
 from mailers.etcd_auth import COORDINATOR_USER, Access, Grant, node_user, role_table
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
+from mailers_runtime.etcd import TLS_ENV, EtcdTls
+from mailers_runtime.etcd import tls_setting as etcd_tls_setting
+from mailers_runtime.tls import TlsFiles
+
+
+@settings.config
+class _WithEtcd:
+    """A config holding etcd TLS as the processes' configs do."""
+
+    tls: TlsFiles | None = etcd_tls_setting()
+
+
+def from_env(environ: dict[str, str]) -> TlsFiles | None:
+    return settings.load(_WithEtcd, environ).tls
 
 
 @pytest.fixture
@@ -22,42 +37,42 @@ def files(tmp_path: Path) -> dict[str, str]:
 
 
 def test_no_variables_means_plaintext() -> None:
-    assert EtcdTls.from_env({}) is None
-    assert EtcdTls.from_env({"MAILER_ETCD_CA": " "}) is None
+    assert from_env({}) is None
+    assert from_env({"MAILER_ETCD_CA": " "}) is None
 
 
 def test_all_three_variables(files: dict[str, str]) -> None:
-    tls = EtcdTls.from_env(files)
+    tls = from_env(files)
     assert tls == EtcdTls(
         Path(files["MAILER_ETCD_CA"]),
         Path(files["MAILER_ETCD_CERT"]),
         Path(files["MAILER_ETCD_KEY"]),
     )
     assert tls.server_name is None
-    assert EtcdTls.from_env(tls.env()) == tls
+    assert from_env(tls.env()) == tls
 
 
 def test_server_name_is_optional(files: dict[str, str]) -> None:
-    tls = EtcdTls.from_env({**files, "MAILER_ETCD_SERVER_NAME": "etcd.internal"})
+    tls = from_env({**files, "MAILER_ETCD_SERVER_NAME": "etcd.internal"})
     assert tls is not None and tls.server_name == "etcd.internal"
-    assert EtcdTls.from_env(tls.env()) == tls
+    assert from_env(tls.env()) == tls
 
 
 @pytest.mark.parametrize("unset", [(n,) for n in TLS_ENV] + [TLS_ENV[:2], TLS_ENV[1:]])
 def test_a_partial_set_names_what_is_missing(files: dict[str, str], unset: tuple[str, ...]) -> None:
     env = {k: v for k, v in files.items() if k not in unset}
-    with pytest.raises(ValueError, match="missing: " + ", ".join(unset) + "$"):
-        EtcdTls.from_env(env)
+    with pytest.raises(ConfigError, match="missing: " + ", ".join(unset) + "$"):
+        from_env(env)
 
 
 def test_a_missing_file_is_named(files: dict[str, str], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="MAILER_ETCD_KEY: no file at"):
-        EtcdTls.from_env({**files, "MAILER_ETCD_KEY": str(tmp_path / "absent.key")})
+    with pytest.raises(ConfigError, match="MAILER_ETCD_KEY='.*absent.key': no such file"):
+        from_env({**files, "MAILER_ETCD_KEY": str(tmp_path / "absent.key")})
 
 
 def test_server_name_without_certificates_is_an_error() -> None:
-    with pytest.raises(ValueError, match="MAILER_ETCD_SERVER_NAME"):
-        EtcdTls.from_env({"MAILER_ETCD_SERVER_NAME": "etcd.internal"})
+    with pytest.raises(ConfigError, match="MAILER_ETCD_SERVER_NAME"):
+        from_env({"MAILER_ETCD_SERVER_NAME": "etcd.internal"})
 
 
 def test_from_dir_follows_the_dev_pki_layout(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from mailers.healthcheck import (
+from mailers_runtime.healthcheck import (
     LEADER_SERVICE,
     Role,
     Target,
@@ -57,7 +57,7 @@ def test_readiness_needs_serving() -> None:
         (["/usr/bin/python3", "-m", "sender_node"], Role.NODE),
         (["mailers", "node", "drain", "node-1"], None),  # an admin command, no server
         (["mailers", "status"], None),
-        (["python", "-m", "mailers.sink"], None),
+        (["python", "-m", "mailers_dev.sink"], None),
         (["etcd", "--name", "node"], None),
         ([], None),
     ],

@@ -1,4 +1,5 @@
-"""The sender's pure lease-trust rule and its registration record (no etcd involved)."""
+"""The pure lease-trust rule (``mailers_runtime.lease``) and the sender's registration
+record and config (no etcd involved). The rest of the lease rules: ``test_lease_rules.py``."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 
 import pytest
 
+from mailers_runtime.lease import lease_trusted, trust_deadline
+from mailers_runtime.records import NodeRecord
 from sender_node.config import EtcdConfig, RelayConfig, SmtpConfig, from_env
 from sender_node.errors import ConfigError
-from sender_node.registration import lease_trusted, node_record, trust_deadline
 
 
 @pytest.mark.parametrize(
@@ -33,7 +35,7 @@ def test_trust_deadline_matches_lease_trusted() -> None:
 
 
 def test_node_record_fields() -> None:
-    record = json.loads(node_record("n1", "127.0.0.1:5000", 0xABC, 400, 1700000000.5))
+    record = json.loads(NodeRecord("n1", "127.0.0.1:5000", 0xABC, 400, 1700000000.5).encode())
     assert record == {
         "node_id": "n1",
         "address": "127.0.0.1:5000",

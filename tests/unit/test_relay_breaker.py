@@ -10,12 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sender_node.relay_breaker import (
-    Admission,
-    BreakerState,
-    TrialGate,
-    data_timeout_s,
-)
+from mailers_runtime.breaker import BreakerState
+from sender_node.relay_breaker import Admission, TrialGate, data_timeout_s
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 

@@ -202,15 +202,18 @@ def test_from_env_reads_domain_limits_dkim_keys_and_etcd_tls(tmp_path: Path) -> 
     config = from_env(environ, hostname="h", pid=1)
 
     # Then each lands in its field
-    assert config.domain_limits.max_concurrency == 8 and config.domain_limits.rate_per_s is None
-    gmail = config.domain_overrides["gmail.com"]
+    default = config.domain_limits.default
+    assert default.max_concurrency == 8 and default.rate_per_s is None
+    gmail = config.domain_limits.overrides["gmail.com"]
     assert (gmail.rate_per_s, gmail.max_concurrency) == (10.0, 2)
     assert config.dkim_keys == {"example.com": ("s1", "/keys/example.pem")}
     assert config.etcd.tls is not None and config.etcd.tls.cert_file == tmp_path / "node.crt"
     # And the defaults limit nothing but concurrency, sign nothing, and use plaintext etcd
     plain = from_env(BASE | {"MAILER_RELAYS": "a:25"}, hostname="h", pid=1)
-    assert (plain.domain_limits.max_concurrency, plain.domain_limits.rate_per_s) == (20, None)
-    assert plain.domain_overrides == {} and plain.dkim_keys == {} and plain.etcd.tls is None
+    limits = plain.domain_limits
+    assert (limits.default.max_concurrency, limits.default.rate_per_s) == (20, None)
+    assert limits.overrides == {} and plain.dkim_keys == {}
+    assert plain.etcd.tls is None
 
 
 @pytest.mark.parametrize(
@@ -218,7 +221,7 @@ def test_from_env_reads_domain_limits_dkim_keys_and_etcd_tls(tmp_path: Path) -> 
     [
         ("MAILER_DOMAIN_LIMITS", "gmail.com=rate:x", "MAILER_DOMAIN_LIMITS: "),
         ("MAILER_DKIM_KEYS", "example.com:s1", "is not domain:selector:path"),
-        ("MAILER_ETCD_CA", "/nonexistent/ca.crt", "etcd TLS: "),
+        ("MAILER_ETCD_CA", "/nonexistent/ca.crt", "MAILER_ETCD_CA='/nonexistent/ca.crt': "),
     ],
 )
 def test_bad_throttle_dkim_or_etcd_settings_are_config_errors(

@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 
 import pytest
 
-from sender_node.errors import RenderError
-from sender_node.render import (
+from mailers_runtime.message import (
     Attachment,
     CompiledMessage,
     Content,
     Mailbox,
+    RenderError,
     RenderLimits,
     TemplateCache,
     check_templates,

@@ -15,9 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jinja2.sandbox import SandboxedEnvironment
 
-from sender_node.render import (
+from mailers_runtime.message import (
     CompiledMessage,
     Content,
+    Header,
     Mailbox,
     clean_header_value,
     encode_words,
@@ -75,7 +76,7 @@ def test_no_value_can_inject_a_header_line(
         subject="S {{ subject }}",
         text_body="{{ body }}|",
         html_body="<p>{{ body }}</p>",
-        headers=(("X-Value", "{{ header }}"), ("X-Static", "fixed")),
+        headers=(Header("X-Value", "{{ header }}"), Header("X-Static", "fixed")),
         unsubscribe_url="https://example.com/u?t={{ token }}",
     )
     variables = {"subject": subject, "header": header_value, "body": body_value, "token": token}

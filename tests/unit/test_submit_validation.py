@@ -27,7 +27,7 @@ CONTROL_NAMES = {"CR": "\r", "LF": "\n", "NUL": "\x00", "VT": "\x0b", "FF": "\x0
 
 
 def _content(**kw: object) -> Content:
-    base = Content(Address("news@example.com", "News"), None, "Hello", "Hi", "")
+    base = Content(Address("news@example.com", "News"), subject="Hello", text_body="Hi")
     return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
 
 

@@ -10,20 +10,33 @@ from pathlib import Path
 import pytest
 
 from client_sdk import ClientTls
-from mailers.certs import make_dev_pki
-from mailers.tls import (
+from mailers_dev.certs import make_dev_pki
+from mailers_runtime import settings
+from mailers_runtime.errors import ConfigError
+from mailers_runtime.tls import (
     ClientAuth,
     TlsConfig,
     TlsConfigError,
+    TlsFiles,
     TlsMaterial,
     Transport,
-    coordinator_from_env,
-    node_from_env,
     peer_names,
     refusal,
 )
+from sender_node.config import from_env as node_config
 
 FILES = {"MAILER_TLS_CA": "ca.crt", "MAILER_TLS_CERT": "c.crt", "MAILER_TLS_KEY": "c.key"}
+NODE = {"MAILER_ETCD_ENDPOINTS": "127.0.0.1:2379", "MAILER_RELAYS": "127.0.0.1:25"}
+
+
+def coordinator_from_env(environ: dict[str, str]) -> TlsConfig:
+    """A coordinator's TLS settings: the TlsConfig declarations with their defaults."""
+    return settings.load(TlsConfig, environ)
+
+
+def node_from_env(environ: dict[str, str]) -> TlsConfig:
+    """A node's TLS settings, as its configuration reads them."""
+    return node_config(NODE | environ, hostname="h", pid=1).tls
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +70,29 @@ def test_plaintext_is_an_explicit_choice(value: str) -> None:
 def test_contradictions_and_half_settings_are_refused() -> None:
     with pytest.raises(TlsConfigError, match="choose TLS or plaintext"):
         coordinator_from_env({**FILES, "MAILER_PLAINTEXT": "1"})
-    with pytest.raises(TlsConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         coordinator_from_env({"MAILER_TLS_CA": "ca.crt"})
-    assert "MAILER_TLS_CERT, MAILER_TLS_KEY missing" in str(info.value)
-    with pytest.raises(TlsConfigError, match="MAILER_PLAINTEXT='maybe'"):
+    assert str(info.value) == (
+        "MAILER_TLS_CA, MAILER_TLS_CERT, MAILER_TLS_KEY go together; "
+        "missing: MAILER_TLS_CERT, MAILER_TLS_KEY"
+    )
+    with pytest.raises(ConfigError, match="MAILER_PLAINTEXT='maybe'"):
         coordinator_from_env({"MAILER_PLAINTEXT": "maybe"})
-    with pytest.raises(TlsConfigError, match="expected require or none"):
+    with pytest.raises(ConfigError, match="expected require or none"):
         coordinator_from_env({**FILES, "MAILER_TLS_CLIENT_AUTH": "optional"})
+
+
+def test_a_server_name_alone_is_ignored() -> None:
+    # Given plaintext and a server name (which only matters when dialing over TLS)
+    config = coordinator_from_env({"MAILER_PLAINTEXT": "1", "MAILER_TLS_SERVER_NAME": "n"})
+    # Then it is accepted, and there are no files to check it with
+    assert config.plaintext and config.files is None and config.server_name == ""
 
 
 def test_coordinators_may_skip_client_certificates_nodes_may_not() -> None:
     env = {**FILES, "MAILER_TLS_CLIENT_AUTH": "none"}
     assert coordinator_from_env(env).client_auth is ClientAuth.NONE
-    with pytest.raises(TlsConfigError, match="always require client certificates"):
+    with pytest.raises(ConfigError, match="always require client certificates"):
         node_from_env(env)
 
 
@@ -81,7 +104,9 @@ def test_allowed_client_names_default_per_process() -> None:
     assert node_from_env({**FILES, "MAILER_TLS_ALLOWED_CLIENTS": "*"}).allowed_clients == ()
     listed = {**FILES, "MAILER_TLS_ALLOWED_CLIENTS": " a , b,"}
     assert node_from_env(listed).allowed_clients == ("a", "b")
-    assert coordinator_from_env({**FILES, "MAILER_TLS_SERVER_NAME": "n"}).server_name == "n"
+    named = coordinator_from_env({**FILES, "MAILER_TLS_SERVER_NAME": "n"})
+    assert named.files == TlsFiles(Path("ca.crt"), Path("c.crt"), Path("c.key"), "n")
+    assert named.server_name == "n"
 
 
 def test_peer_names_are_the_cn_and_dns_sans_never_ips() -> None:
@@ -118,13 +143,16 @@ def test_tls_material_is_read_once_and_checked(pki: Path, tmp_path: Path) -> Non
     # A key that is not the certificate's
     mismatched = {**_env(pki, "node-n1"), "MAILER_TLS_KEY": str(pki / "client.key")}
     with pytest.raises(TlsConfigError, match="is not the key of the certificate"):
-        TlsMaterial.load(node_from_env(mismatched))
+        Transport.load(node_from_env(mismatched))
     # A file that is not PEM: the message names it and does not quote it
     junk = tmp_path / "junk.crt"
     junk.write_text("SECRET-LOOKING CONTENT")
     with pytest.raises(TlsConfigError) as info:
-        TlsMaterial.load(node_from_env({**_env(pki, "node-n1"), "MAILER_TLS_CERT": str(junk)}))
+        Transport.load(node_from_env({**_env(pki, "node-n1"), "MAILER_TLS_CERT": str(junk)}))
     assert str(info.value) == f"MAILER_TLS_CERT={junk}: no PEM certificate in it"
+    # Without labels (files not from variables) the message names the field
+    with pytest.raises(TlsConfigError, match=f"^cert_file={junk}: no PEM"):
+        TlsMaterial.load(TlsFiles(pki / "ca.crt", junk, pki / "node-n1.key"))
 
 
 def test_client_tls_reads_files_and_names_the_bad_one(pki: Path, tmp_path: Path) -> None:

@@ -1,0 +1,242 @@
+"""``mailers demo``, ``mailers cluster`` and ``mailers certs``: development commands.
+
+They start a local cluster (etcd, PostgreSQL, coordinators, sender nodes and an SMTP
+sink, all on loopback) or write a development PKI. The ``mailers`` command adds them
+when this package is installed (the mailers-dev distribution).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import random
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from rich.console import Console
+
+from client_sdk import Address, MailerError, MessageContent
+from mailers.campaign import SendArgs, run_send
+from mailers_dev.certs import DEFAULT_HOSTS, make_dev_pki
+from mailers_dev.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
+from mailers_dev.procs import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_TEMPLATES = ROOT / "deploy" / "demo"
+DEFAULT_PORTS = (7701, 7702)
+_CITIES = ("Lisbon", "Zürich", "Kraków", "Osaka", "Montréal", "Nairobi", "Reykjavík")
+
+
+def write_demo_csv(path: Path, count: int, seed: int = 7) -> None:
+    """A CSV of count fictitious recipients (example.org addresses) with variables."""
+    rng = random.Random(seed)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["email", "name", "code", "city"])
+        for i in range(count):
+            writer.writerow(
+                [f"reader{i}@example.org", f"Reader {i}", f"M-{i:06d}", rng.choice(_CITIES)]
+            )
+
+
+def _start_cluster(
+    workdir: Path, ports: Sequence[int], console: Console, *, tls: bool = True
+) -> LocalCluster:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    cluster = LocalCluster(workdir, ClusterSpec(coordinator_ports=tuple(ports), tls=tls))
+    with console.status("starting etcd, 2 coordinators, 3 sender nodes and an SMTP sink"):
+        cluster.start()
+        asyncio.run(_wait_nodes(cluster, 3))
+    security = (
+        f"mutual TLS and etcd with client-certificate users (dev CA in {cluster.pki_dir})"
+        if tls
+        else "[yellow]plaintext[/] (MAILER_PLAINTEXT=1)"
+    )
+    console.print(
+        f"[green]cluster up[/]: coordinators {', '.join(cluster.coordinator_addresses)}; "
+        f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}; {security}"
+    )
+    console.print(f"messages are stored as files in {cluster.maildir / 'new'}")
+    return cluster
+
+
+async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with cluster.client() as client:
+        while True:
+            try:
+                nodes = await client.list_nodes(timeout=timedelta(seconds=5))
+                if sum(1 for n in nodes if n.state.name == "ACTIVE") >= count:
+                    return
+            except MailerError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{count} sender nodes did not connect within {timeout_s}s")
+            await asyncio.sleep(0.2)
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    console = Console()
+    workdir = Path(ns.workdir).resolve()
+    cluster = _start_cluster(
+        workdir, _free_or_default(DEFAULT_PORTS), console, tls=not ns.plaintext
+    )
+    try:
+        csv_path = workdir / "recipients.csv"
+        write_demo_csv(csv_path, ns.recipients)
+        console.print(f"sending a campaign to {ns.recipients} recipients from {csv_path}")
+        args = SendArgs(
+            csv_path=csv_path,
+            content=MessageContent(
+                sender=Address("news@example.com", "Example News"),
+                subject="Your digest, {{ name }}",
+                text_body=(DEMO_TEMPLATES / "campaign.txt").read_text(),
+                html_body=(DEMO_TEMPLATES / "campaign.html").read_text(),
+                unsubscribe_url="https://example.com/unsubscribe",
+            ),
+            coordinators=tuple(cluster.coordinator_addresses),
+            tls=cluster.client_tls,
+        )
+        summary = asyncio.run(run_send(args, console))
+        stored = len(list((cluster.maildir / "new").iterdir()))
+        console.print(f"the sink stored {stored} messages in {cluster.maildir / 'new'}")
+        if summary is None or summary.delivered != ns.recipients:
+            return 1
+        return 0
+    finally:
+        with console.status("stopping the cluster"):
+            cluster.stop()
+
+
+def cmd_cluster(ns: argparse.Namespace) -> int:
+    console = Console()
+    cluster = _start_cluster(
+        Path(ns.workdir).resolve(), DEFAULT_PORTS, console, tls=not ns.plaintext
+    )
+    exports = ""
+    root = cluster.etcd_tls(ETCD_ROOT)
+    if root is not None:
+        exports = "".join(f"  export {k}={v}\n" for k, v in cluster.tls_env("client").items())
+        console.print(
+            "etcd as root: etcdctl --endpoints "
+            f"{','.join(cluster.etcd.client_urls)} --cacert {root.ca_file} "
+            f"--cert {root.cert_file} --key {root.key_file} get / --prefix --keys-only",
+            highlight=False,
+            soft_wrap=True,
+        )
+    console.print(
+        "send a campaign from another terminal, e.g.\n"
+        f"{exports}"
+        "  .venv/bin/mailers send --csv recipients.csv --from news@example.com "
+        "--subject 'Hi {{ name }}' --html deploy/demo/campaign.html\n"
+        "Ctrl-C stops the cluster.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_certs(ns: argparse.Namespace) -> int:
+    """Write a development CA and a cluster's certificates, and say how to use them."""
+    console = Console(highlight=False, soft_wrap=True)
+    directory = Path(ns.directory).resolve()
+    if (directory / "ca.key").exists() and not ns.force:
+        console.print(f"[red]error:[/] {directory} already holds a CA (--force replaces it)")
+        return 2
+    written = make_dev_pki(directory, ns.node or [], ns.host or DEFAULT_HOSTS)
+    for name, paths in written.items():
+        console.print(f"{name:>16}  {paths.cert}  {paths.key} (mode 0600)")
+    ca = written["ca"].cert
+
+    def env(name: str, kind: str = "TLS") -> str:
+        p = written[name]
+        return f"MAILER_{kind}_CA={ca} MAILER_{kind}_CERT={p.cert} MAILER_{kind}_KEY={p.key}"
+
+    indent = " " * 18
+    console.print("\nenvironment of each process (see deploy/README.md, TLS):")
+    console.print(f"  coordinators:   {env('coordinator')}")
+    console.print(f"{indent}{env('coordinator', 'ETCD')}")
+    for node in ns.node or []:
+        console.print(f"  node {node}:{' ' * max(1, 10 - len(node))}{env(f'node-{node}')}")
+        console.print(f"{indent}{env(f'node-{node}', 'ETCD')}")
+    console.print(f"  mailers CLI:    {env('client')}")
+    console.print(
+        "  SDK:            ClientTls.from_files("
+        f"'{ca}', '{written['client'].cert}', '{written['client'].key}')"
+    )
+    etcd, root = written["etcd"], written[ETCD_ROOT]
+    console.print(
+        f"  etcd members:   --trusted-ca-file {ca} --cert-file {etcd.cert} "
+        f"--key-file {etcd.key} --client-cert-auth,"
+        f"\n{indent}the same files as --peer-trusted-ca-file, --peer-cert-file, "
+        "--peer-key-file, and --peer-client-cert-auth"
+    )
+    nodes = " ".join(ns.node or [])
+    console.print(
+        f"  then, once:     mailers etcd-auth --endpoints HOST:PORT --pki {directory} {nodes}"
+    )
+    console.print(f"  etcdctl (root): --cacert {ca} --cert {root.cert} --key {root.key}")
+    console.print(
+        "development only: ca.key can issue certificates every process trusts; "
+        "keep production keys in your own PKI"
+    )
+    return 0
+
+
+def _free_or_default(ports: Sequence[int]) -> list[int]:
+    """The default ports when free (so `mailers status` finds the demo), else any."""
+    result = []
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                result.append(port)
+            except OSError:
+                result.append(free_port())
+    return result
+
+
+def add_dev_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``demo``, ``cluster`` and ``certs`` to the ``mailers`` command."""
+    demo = sub.add_parser("demo", help="start a local cluster and send a demo campaign")
+    demo.add_argument("--recipients", type=int, default=1000)
+    demo.add_argument("--workdir", default="var/demo", help="cluster data, logs and maildir")
+    demo.add_argument("--plaintext", action="store_true", help="no TLS between processes")
+    demo.set_defaults(func=cmd_demo)
+    cluster = sub.add_parser("cluster", help="run a local cluster until Ctrl-C")
+    cluster.add_argument("--workdir", default="var/cluster")
+    cluster.add_argument("--plaintext", action="store_true", help="no TLS between processes")
+    cluster.set_defaults(func=cmd_cluster)
+    certs = sub.add_parser(
+        "certs",
+        help="make a development CA and the certificates of a cluster",
+        description="Write ca.crt/ca.key and coordinator, client, etcd, etcd-root and "
+        "node-<ID> certificates (ECDSA P-256, keys mode 0600) into DIR.",
+    )
+    certs.add_argument("directory", metavar="DIR")
+    certs.add_argument(
+        "--node", action="append", metavar="ID", help="a node certificate (repeatable)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME",
+        help="DNS name or IP of server certificates (repeatable; default: "
+        f"{', '.join(DEFAULT_HOSTS)})",
+    )
+    certs.add_argument("--force", action="store_true", help="replace a CA already in DIR")
+    certs.set_defaults(func=cmd_certs)
