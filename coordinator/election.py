@@ -21,6 +21,7 @@ import logging
 
 import aetcd
 
+from mailers_runtime.errors import TransientError
 from mailers_runtime.etcd import Item, Keys, Session, describe_error, first_created, read_prefix
 
 log = logging.getLogger(__name__)
@@ -145,5 +146,5 @@ class Election:
             await asyncio.sleep(self._poll_s)
 
 
-class LeadershipUnavailable(Exception):
+class LeadershipUnavailable(TransientError):
     """The campaign cannot go on under this session."""

@@ -42,6 +42,7 @@ import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
+from mailers_runtime.errors import PermanentError
 from sender_node.journal_format import (
     ACKED_FILE,
     LOCK_FILE,
@@ -63,7 +64,7 @@ DEFAULT_SEGMENT_BYTES = 4 * 1024 * 1024
 DEFAULT_SYNC_INTERVAL_S = 0.02
 
 
-class JournalError(Exception):
+class JournalError(PermanentError):
     """The journal cannot be opened or used (its directory, its lock)."""
 
 

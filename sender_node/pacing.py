@@ -30,7 +30,7 @@ from sender_node.errors import TransientError
 from sender_node.throttle import Limits, Throttles
 
 
-class PacingTimeout(TransientError):
+class PacingTimeout(TransientError, TimeoutError):
     """No slot for the domain before the deadline; nothing was taken.
 
     ``retry_after`` is when a token is due, if that was what was missing; None when
