@@ -175,24 +175,23 @@ def run_node() -> int:
     return node_main()
 
 
-def _add_dev_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``demo``, ``cluster`` and ``certs`` come with the mailers-dev distribution."""
-    try:
-        from mailers_dev.commands import add_dev_parsers
-    except ImportError as exc:
-        missing = str(exc)
+PLUGIN_GROUP = "mailers.cli"
+"""Entry points that add subcommands: ``mailers-dev`` adds demo, cluster and certs. The
+CLI never imports the development tools; they register themselves when installed."""
 
-        def unavailable(ns: argparse.Namespace) -> int:
-            print(
-                f"mailers {ns.command}: needs the mailers-dev distribution ({missing})",
-                file=sys.stderr,
-            )
-            return 2
 
-        for name in ("demo", "cluster", "certs"):
-            sub.add_parser(name, help="(needs mailers-dev)").set_defaults(func=unavailable)
-        return
-    add_dev_parsers(sub)
+def _add_plugin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Subcommands of installed plugins; without mailers-dev its commands explain."""
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        entry.load()(sub)
+    for name in ("demo", "cluster", "certs"):
+        if name not in sub.choices:
+            sub.add_parser(name, help="(needs mailers-dev)").set_defaults(func=_needs_dev)
+
+
+def _needs_dev(ns: argparse.Namespace) -> int:
+    print(f"mailers {ns.command}: install the mailers-dev distribution", file=sys.stderr)
+    return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`mailers node` with no action runs a sender node the same way.",
     )
     server.set_defaults(func=cmd_coordinator)
-    _add_dev_parsers(sub)
+    _add_plugin_parsers(sub)
     add_etcd_auth_parser(sub)
     add_send_parser(sub)
     add_admin_parsers(sub, run_node)

@@ -191,7 +191,8 @@ def test_cli_and_dev_tools_are_their_own_distributions(wheels: dict[str, Path]) 
     assert any(r.startswith("rich") for r in requires)
     assert "mailers = mailers.cli:main" in entry_points
     # The development tools: the local cluster, PKI, sink and fault proxy
-    tops, requires, _ = _contents(wheels["dev"])
+    tops, requires, entry_points = _contents(wheels["dev"])
     assert tops == {"mailers_dev"}
+    assert "[mailers.cli]" in entry_points  # demo, cluster, certs join the CLI
     assert "mailers-cli==0.2.0" in requires
     assert any(r.startswith("aiosmtpd") for r in requires)

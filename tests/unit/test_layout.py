@@ -5,7 +5,8 @@
   (``mailers_dev``), tests or benchmarks, nor the CLI's and the test sink's third-party
   libraries: a server process carries none of them.
 - The coordinator and the sender node never import each other; what both need lives in
-  ``mailers_runtime``, which imports neither.
+  ``mailers_runtime``, which imports neither. The CLI does not import the development
+  tools: they add their commands through the ``mailers.cli`` entry point.
 - The SDK imports only itself, the generated messages and gRPC/protobuf.
 - Generated protobuf code (``mailerpb``) is imported only by the edge modules, where
   messages become model objects and back.
@@ -79,6 +80,8 @@ def test_servers_import_neither_the_cli_nor_the_dev_tools() -> None:
         ("coordinator", {"sender_node"}),
         ("sender_node", {"coordinator"}),
         ("mailers_runtime", {"coordinator", "sender_node"}),
+        # The dev tools add their commands to the CLI through an entry point.
+        ("mailers", {"mailers_dev"}),
     ],
 )
 def test_the_servers_share_only_the_runtime_library(package: str, forbidden: set[str]) -> None:
