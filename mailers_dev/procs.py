@@ -33,11 +33,27 @@ from mailers_runtime.etcd import EtcdTls
 ETCD_BINARY = "etcd"
 
 
+_HANDED_OUT: set[int] = set()
+"""Ports :func:`free_port` gave this process. The kernel offers a port again as soon as
+the probing socket closes, so two callers (a test reserving a node's port, then the
+cluster choosing its coordinators') could get the same one before either binds it."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process
+    was not given before.
+
+    Raises:
+        RuntimeError: no such port in 1,000 tries.
+    """
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free loopback port that was not handed out already")
 
 
 def wait_for_port(
