@@ -7,6 +7,10 @@ both measure the same message.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from client_sdk import MessageContent
 
 SENDER = "news@example.com"
 SENDER_NAME = "Example News"
@@ -51,3 +55,17 @@ def recipient(i: int) -> tuple[str, str, dict[str, str]]:
 def recipients(count: int) -> Iterator[tuple[str, str, dict[str, str]]]:
     """The first ``count`` recipients."""
     return (recipient(i) for i in range(count))
+
+
+def message_content() -> MessageContent:
+    """The campaign as the SDK submits it (``bench.e2e``, ``bench.scale``)."""
+    from client_sdk import Address, Header, MessageContent
+
+    return MessageContent(
+        sender=Address(SENDER, SENDER_NAME),
+        subject=SUBJECT,
+        text_body=TEXT,
+        html_body=HTML,
+        headers=tuple(Header(name, value) for name, value in HEADERS),
+        unsubscribe_url=UNSUBSCRIBE_URL,
+    )

@@ -138,16 +138,9 @@ async def run_campaign(
 ) -> tuple[float, float, int, int]:
     """Submit the campaign and wait for it; (submit seconds, total seconds, delivered,
     failed)."""
-    from client_sdk import Address, ClientConfig, Header, MailerClient, MessageContent, Recipient
+    from client_sdk import ClientConfig, MailerClient, Recipient
 
-    content = MessageContent(
-        sender=Address(campaign.SENDER, campaign.SENDER_NAME),
-        subject=campaign.SUBJECT,
-        text_body=campaign.TEXT,
-        html_body=campaign.HTML,
-        headers=tuple(Header(name, value) for name, value in campaign.HEADERS),
-        unsubscribe_url=campaign.UNSUBSCRIBE_URL,
-    )
+    content = campaign.message_content()
     config = ClientConfig(submit_timeout=timedelta(seconds=timeout_s))
     async with (
         asyncio.timeout(timeout_s),

@@ -176,17 +176,10 @@ async def delivered_reaches(client: MailerClient, job_id: str, count: int) -> No
 
 
 async def run(args: argparse.Namespace, c: LocalCluster, deadline: float) -> dict[str, float]:
-    from client_sdk import Address, ClientConfig, Header, MessageContent
+    from client_sdk import ClientConfig
 
     out: dict[str, float] = {}
-    content = MessageContent(
-        sender=Address(campaign.SENDER, campaign.SENDER_NAME),
-        subject=campaign.SUBJECT,
-        text_body=campaign.TEXT,
-        html_body=campaign.HTML,
-        headers=tuple(Header(name, value) for name, value in campaign.HEADERS),
-        unsubscribe_url=campaign.UNSUBSCRIBE_URL,
-    )
+    content = campaign.message_content()
     config = ClientConfig(submit_timeout=timedelta(seconds=args.timeout_s))
     async with (
         asyncio.timeout(deadline - time.monotonic()),

@@ -229,31 +229,22 @@ class FaultPlan:
         if not isinstance(code, int) or not isinstance(stores, bool):
             raise ValueError("tempfail.code must be an integer, hang_after_data.store a boolean")
 
-        def window(key: str, extra: frozenset[str] = frozenset()) -> Window | None:
-            return _json_window(obj, key, extra)
-
-        def text(key: str) -> str | None:
-            return _json_text(obj, key)
-
-        def millis(key: str) -> int:
-            return _json_millis(obj, key)
-
         try:
             return cls(
-                reject_pattern=text("reject_pattern"),
-                tempfail_pattern=text("tempfail_pattern"),
-                tempfail=window("tempfail", frozenset({"code"})),
+                reject_pattern=_json_text(obj, "reject_pattern"),
+                tempfail_pattern=_json_text(obj, "tempfail_pattern"),
+                tempfail=_json_window(obj, "tempfail", frozenset({"code"})),
                 tempfail_code=code,
-                hang_after_data=window("hang_after_data", frozenset({"store"})),
+                hang_after_data=_json_window(obj, "hang_after_data", frozenset({"store"})),
                 hang_stores=stores,
-                cut_mid_data=window("cut_mid_data"),
-                cut_after_data=window("cut_after_data"),
-                delay_ms=millis("delay_ms"),
-                data_2xx=window("data_2xx"),
-                rcpt_252=window("rcpt_252"),
-                starttls_2xx=window("starttls_2xx"),
-                rcpt_delay_ms=millis("rcpt_delay_ms"),
-                final_delay_ms=millis("final_delay_ms"),
+                cut_mid_data=_json_window(obj, "cut_mid_data"),
+                cut_after_data=_json_window(obj, "cut_after_data"),
+                delay_ms=_json_millis(obj, "delay_ms"),
+                data_2xx=_json_window(obj, "data_2xx"),
+                rcpt_252=_json_window(obj, "rcpt_252"),
+                starttls_2xx=_json_window(obj, "starttls_2xx"),
+                rcpt_delay_ms=_json_millis(obj, "rcpt_delay_ms"),
+                final_delay_ms=_json_millis(obj, "final_delay_ms"),
             )
         except re.error as exc:
             raise ValueError(f"bad pattern: {exc}") from None

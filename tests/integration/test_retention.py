@@ -49,7 +49,8 @@ async def test_retention_drops_old_rows_while_a_job_sends(
             return not page.items
 
         await assert_eventually(old_rows_gone, timeout_s=60, interval_s=0.2, message="purged")
-        final = await asyncio.wait_for(client.wait(new.job_id), 120)
+        async with asyncio.timeout(120):
+            final = await client.wait(new.job_id)
         summary = await client.get(old.job_id)
     # Then the old job's rows are gone but its summary stays, with its counts
     assert summary.state is JobState.CANCELLED
