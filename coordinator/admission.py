@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from coordinator.batching import job_batch_size
 from coordinator.db.store import (
     CommitUnknown,
     Duplicate,
@@ -88,7 +89,7 @@ class Admission:
             content=request.content,
             options=request.options,
             total=0,
-            batch_size=self._batch_size,
+            batch_size=job_batch_size(self._batch_size, request.content.recipients_per_message),
             created_at=now,
             tenant=request.tenant,
         )

@@ -1,7 +1,9 @@
 """Splitting a job's recipients into batches. Pure.
 
 A batch is identified by (job_id, seq); recipient i of a job is in batch
-i // batch_size, so any recipient's batch is known without an index.
+i // batch_size, so any recipient's batch is known without an index. Recipients are
+numbered in send order: submitted order, or by domain for a job sharing its messages
+(``Store.submit``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,21 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+SHARED_BATCHES_PER_MESSAGE = 2
+"""A job sharing its messages gets batches of at least this many full messages: the
+recipients of a domain rarely start at a batch's edge, and one batch should still fill
+messages."""
+
+
+def job_batch_size(batch_size: int, recipients_per_message: int) -> int:
+    """The batch size of a job: the configured one, raised for a job whose recipients
+    share messages so that each batch can fill them (capped at 1,000, the configured
+    size's own bound)."""
+    if recipients_per_message <= 1:
+        return batch_size
+    return max(batch_size, min(SHARED_BATCHES_PER_MESSAGE * recipients_per_message, 1000))
 
 
 def batch_of(index: int, batch_size: int) -> int:

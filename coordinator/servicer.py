@@ -469,7 +469,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             page = rows[:page_size]
             next_token = str(page[-1][0]) if len(rows) > page_size else ""
             return coordinator_pb2.ListJobResultsResponse(
-                results=[_convert.result_to(i, email, r) for i, email, r in page],
+                results=[_convert.result_to(i, email, r) for _, i, email, r in page],
                 next_page_token=next_token,
             )
 

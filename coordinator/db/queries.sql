@@ -85,6 +85,19 @@ LEFT JOIN suppressions s ON s.tenant = b.tenant AND s.email = lower(btrim(r.emai
 WHERE r.status IN (0, 3)
 ORDER BY r.job_no, r.idx;
 
+-- name: create_upload
+-- Where a job stored in send order is uploaded first (idx: the submitted place).
+CREATE TEMPORARY TABLE upload (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DROP;
+
+-- name: insert_by_domain
+-- The uploaded job in send order: by domain (the text after the last '@', as a node's
+-- per-domain throttles read it), then submitted place, which pos keeps.
+INSERT INTO recipients (job_no, idx, pos, email, name, variables)
+SELECT job_no,
+       (row_number() OVER (ORDER BY lower(substring(email FROM '[^@]*$')), idx) - 1)::integer,
+       idx, email, name, variables
+FROM upload;
+
 -- name: assign_batches
 -- Ownership of dispatched batches, written (fenced) before they are sent.
 INSERT INTO batches AS b (job_no, seq, node_id, attempt)
@@ -276,7 +289,7 @@ ORDER BY job_id DESC
 LIMIT $4;
 
 -- name: list_results
-SELECT idx, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
+SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
        updated_at, message_id, relay
 FROM recipients
 WHERE job_no = $1 AND idx > $2
@@ -284,7 +297,7 @@ ORDER BY idx
 LIMIT $3;
 
 -- name: list_results_by_status
-SELECT idx, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
+SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code, enhanced_code, reply, reason, node_id, ambiguous,
        updated_at, message_id, relay
 FROM recipients
 WHERE job_no = $1 AND status = ANY($2::smallint[]) AND idx > $3

@@ -422,15 +422,22 @@ class Store:
             LostLeadership, StoreUnavailable, CommitUnknown: see the module docstring.
         """
         total = 0
+        # A shared message takes recipients of one domain: store such a job in send
+        # order, by domain, so that its batches (index ranges) hold few domains.
+        by_domain = spec.content.recipients_per_message > 1
         async with self._write() as conn:
             job_no = int(await conn.fetchval(self._q["next_job_no"]))
+            table = "recipients"
+            if by_domain:
+                await conn.execute(self._q["create_upload"])
+                table = "upload"
             async for rows in _row_slices(chunks, job_no, COPY_ROWS):
                 await conn.copy_records_to_table(
-                    "recipients",
-                    records=rows,
-                    columns=("job_no", "idx", "email", "name", "variables"),
+                    table, records=rows, columns=("job_no", "idx", "email", "name", "variables")
                 )
                 total += len(rows)
+            if by_domain:
+                await conn.execute(self._q["insert_by_domain"])
             spec = dataclasses.replace(spec, total=total)
             inserted = await conn.fetchval(
                 self._q["insert_job"], job_no, spec.job_id, spec.tenant, spec.idempotency_key,
@@ -714,8 +721,11 @@ class Store:
 
     async def results(
         self, job_no: int, after: int, statuses: Iterable[Status], limit: int
-    ) -> list[tuple[int, str, Result]]:
-        """(index, email, result) of a job's recipients with index above ``after``."""
+    ) -> list[tuple[int, int, str, Result]]:
+        """(cursor, index, email, result) of a job's recipients in send order, from
+        cursor ``after`` on (-1: the first). The index is the recipient's place in the
+        submitted list; the cursor, its place in send order (the same unless the job
+        shares messages)."""
         wanted = [STATUS_CODE[s] for s in statuses]
         async with self._conn() as conn:
             if wanted:
@@ -724,7 +734,7 @@ class Store:
                 )
             else:
                 rows = await conn.fetch(self._q["list_results"], job_no, after, limit)
-        return [(row["idx"], row["email"], _result(row)) for row in rows]
+        return [(row["idx"], row["position"], row["email"], _result(row)) for row in rows]
 
     async def suppressions(self, tenant: str, after: str, limit: int) -> list[Suppression]:
         async with self._conn() as conn:

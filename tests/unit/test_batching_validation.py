@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.batching import batch_id, batch_of, batch_range, chunks, parse_batch_id
+from coordinator.batching import (
+    batch_id,
+    batch_of,
+    batch_range,
+    chunks,
+    job_batch_size,
+    parse_batch_id,
+)
 from coordinator.model import (
     Address,
     Content,
@@ -29,6 +36,16 @@ def test_every_recipient_lands_in_exactly_one_batch(total: int, size: int) -> No
     for seq, batch in enumerate(batches):
         assert list(batch_range(seq, size, total)) == batch
         assert all(batch_of(i, size) == seq for i in batch)
+
+
+def test_a_job_sharing_its_messages_gets_batches_that_fill_them() -> None:
+    # One message per recipient: the configured size
+    assert job_batch_size(50, 1) == 50
+    # Shared messages: two full messages per batch, never below the configured size,
+    # never above 1,000
+    assert job_batch_size(50, 100) == 200
+    assert job_batch_size(500, 100) == 500
+    assert job_batch_size(50, 1000) == 1000
 
 
 def test_batch_ids_round_trip() -> None:
