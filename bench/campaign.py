@@ -57,6 +57,34 @@ def recipients(count: int) -> Iterator[tuple[str, str, dict[str, str]]]:
     return (recipient(i) for i in range(count))
 
 
+def mixed_recipient(i: int, domains: int) -> str:
+    """Recipient ``i`` of a list whose domains mix like a real one: 40% at one big
+    provider, the rest spread evenly over ``domains`` others (0: all at the provider)."""
+    if domains == 0 or i % 5 < 2:
+        return f"user{i}@example.org"
+    return f"user{i}@d{i % domains}.example.net"
+
+
+SHARED_TEXT = (
+    "Hello,\n\nThe service is down for maintenance tonight from 22:00 to 23:00 UTC.\n\n"
+    + "".join(f"- {_LOREM}\n" for _ in range(8))
+    + "\nYou are receiving this because you have an account at example.com.\n"
+)
+
+
+def shared_content(recipients_per_message: int) -> MessageContent:
+    """The same ~1 KB notice for everyone, ``recipients_per_message`` per transaction."""
+    from client_sdk import Address, Header, MessageContent
+
+    return MessageContent(
+        sender=Address(SENDER, SENDER_NAME),
+        subject="Maintenance tonight",
+        text_body=SHARED_TEXT,
+        headers=tuple(Header(name, value) for name, value in HEADERS),
+        recipients_per_message=recipients_per_message,
+    )
+
+
 def message_content() -> MessageContent:
     """The campaign as the SDK submits it (``bench.e2e``, ``bench.scale``)."""
     from client_sdk import Address, Header, MessageContent

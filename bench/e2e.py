@@ -4,14 +4,16 @@
    the machine's C ceiling with ``smtp-source -> smtp-sink`` (reused connections,
    ~2 KB messages).
 2. Starts etcd, PostgreSQL, one coordinator and two sender nodes
-   (``mailers_dev.cluster.LocalCluster``; ``--tls`` for mutual TLS everywhere, ``--defaults``
-   for the project's own batch size, connections and capacity)
-   whose relay is that smtp-sink, submits a personalised HTML+text campaign
-   (``bench.campaign``, ~2 KB per message) through the SDK (streamed upload), and waits
-   until every recipient has an outcome.
-3. Prints msg/s end to end (submit start to the last outcome) and for the sending phase
-   alone, CPU seconds and peak RSS (VmHWM) of every process, and the ratio against the
-   ceiling measured in the same run.
+   (``mailers_dev.cluster.LocalCluster``) as ``mailers cluster`` runs them: mutual TLS
+   between every process and the project's default settings (``--plaintext``,
+   ``--connections``, ``--capacity`` and ``--batch-size`` change that), their relay that
+   smtp-sink. Submits a personalised HTML+text campaign (``bench.campaign``, ~2 KB per
+   message) through the SDK (streamed upload) and waits until every recipient has an
+   outcome. With ``--recipients-per-message``, an identical-body notice instead, its
+   recipients at one domain or (``--domains``) 40% at one and the rest spread over many.
+3. Prints msg/s (recipients/s for the notice) end to end (submit start to the last
+   outcome) and for the sending phase alone, CPU seconds, CPU per message and peak RSS
+   (VmHWM) of every process, and the ratio against the ceiling measured in the same run.
 
 Installs nothing: it exits with a hint when smtp-sink/smtp-source or etcd are missing
 (``DEBIAN_FRONTEND=noninteractive apt-get install -y postfix etcd-server``). Every
@@ -44,7 +46,10 @@ from bench import campaign
 from client_sdk import ClientTls
 
 SOURCE_MESSAGE_BYTES = 2048
-TARGET_MSG_S = 1500
+TARGET_MSG_S = 4000
+"""What two cores should reach end to end with the defaults and mutual TLS."""
+TARGET_RCPT_S = 20_000
+"""The same for an identical-body job, 100 recipients per message."""
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -71,6 +76,27 @@ def proc_usage(pid: int) -> Usage | None:
         if line.startswith("VmHWM:"):
             hwm = int(line.split()[1])
     return Usage(cpu_s, hwm)
+
+
+def tree_usage(pid: int) -> Usage | None:
+    """:func:`proc_usage` of ``pid`` and every process under it, summed (peak RSS: the
+    largest): PostgreSQL's work is done by the server's children."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier += children
+    usages = [u for u in map(proc_usage, sorted(tree)) if u is not None]
+    if not usages:
+        return None
+    return Usage(sum(u.cpu_s for u in usages), max(u.peak_rss_kib for u in usages))
 
 
 def self_usage() -> Usage:
@@ -135,12 +161,21 @@ async def run_campaign(
     nodes: int,
     timeout_s: float,
     tls: ClientTls | None = None,
+    shared: int = 0,
+    domains: int = 0,
 ) -> tuple[float, float, int, int]:
     """Submit the campaign and wait for it; (submit seconds, total seconds, delivered,
-    failed)."""
+    failed). ``shared`` > 0: the identical-body notice instead, that many recipients per
+    message, addressed as ``campaign.mixed_recipient`` with ``domains``."""
     from client_sdk import ClientConfig, MailerClient, Recipient
 
-    content = campaign.message_content()
+    content = campaign.shared_content(shared) if shared else campaign.message_content()
+
+    def recipients() -> Iterator[Recipient]:
+        if shared:
+            return (Recipient(campaign.mixed_recipient(i, domains)) for i in range(count))
+        return (Recipient(e, n, v) for e, n, v in campaign.recipients(count))
+
     config = ClientConfig(submit_timeout=timedelta(seconds=timeout_s))
     async with (
         asyncio.timeout(timeout_s),
@@ -156,7 +191,7 @@ async def run_campaign(
             content,
             # A factory, not an iterator: the SDK re-reads it on a retry instead of
             # keeping every recipient in memory.
-            lambda: (Recipient(e, n, v) for e, n, v in campaign.recipients(count)),
+            recipients,
             idempotency_key=f"bench-{os.getpid()}-{time.time_ns()}",
         )
         submitted = time.perf_counter() - start
@@ -165,10 +200,10 @@ async def run_campaign(
     return submitted, total, final.delivered, final.failed
 
 
-def row(name: str, pid: int, cpu_s: float, wall_s: float, rss_kib: int) -> str:
+def row(name: str, pid: int, cpu_s: float, wall_s: float, rss_kib: int, ms: float) -> str:
     """One line of the per-process table."""
     share = 100 * cpu_s / wall_s
-    return f"{name:14} {pid:7d} {cpu_s:7.1f} {share:6.0f} {rss_kib / 1024:13.1f}"
+    return f"{name:14} {pid:7d} {cpu_s:7.1f} {share:6.0f} {rss_kib / 1024:13.1f} {ms:11.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,17 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source-messages", type=int, default=20_000,
                         help="messages for the smtp-source ceiling")  # fmt: skip
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
-    parser.add_argument("--connections", type=int, default=8,
-                        help="SMTP connections per node (MAILER_SMTP_CONNECTIONS)")  # fmt: skip
-    parser.add_argument("--capacity", type=int, default=2000,
-                        help="recipients a node holds (MAILER_CAPACITY)")  # fmt: skip
-    parser.add_argument("--batch-size", type=int, default=200, help="MAILER_BATCH_SIZE")
+    parser.add_argument("--connections", type=int,
+                        help="SMTP connections per node (MAILER_SMTP_CONNECTIONS; "
+                        "default: the project's)")  # fmt: skip
+    parser.add_argument("--capacity", type=int,
+                        help="recipients a node holds (MAILER_CAPACITY; default: the "
+                        "project's)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int,
+                        help="MAILER_BATCH_SIZE (default: the project's)")  # fmt: skip
     parser.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment of the nodes (repeatable)")  # fmt: skip
-    parser.add_argument("--tls", action="store_true",
-                        help="mutual TLS between all processes, as mailers cluster")  # fmt: skip
-    parser.add_argument("--defaults", action="store_true",
-                        help="the project's own batch size, connections and capacity")  # fmt: skip
+    parser.add_argument("--plaintext", action="store_true",
+                        help="no TLS between the processes (mailers cluster uses mutual "
+                        "TLS)")  # fmt: skip
+    parser.add_argument("--recipients-per-message", type=int, default=0, metavar="N",
+                        help="send the identical-body notice, N recipients per message "
+                        "(prints recipients/s)")  # fmt: skip
+    parser.add_argument("--domains", type=int, default=0, metavar="N",
+                        help="with --recipients-per-message: 40%% of recipients at one "
+                        "domain, the rest over N others (default: all at one)")  # fmt: skip
     parser.add_argument("--timeout-s", type=float, default=900, help="bound of the whole run")
     parser.add_argument("--workdir", type=Path, help="logs and etcd data (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -211,9 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     node_env = {"MAILER_RELAYS": f"127.0.0.1:{port}", "MAILER_LOG_LEVEL": "WARNING"}
     coordinator_env = {"MAILER_LOG_LEVEL": "WARNING"}
-    if not args.defaults:
+    if args.connections is not None:
         node_env["MAILER_SMTP_CONNECTIONS"] = str(args.connections)
+    if args.capacity is not None:
         node_env["MAILER_CAPACITY"] = str(args.capacity)
+    if args.batch_size is not None:
         coordinator_env["MAILER_BATCH_SIZE"] = str(args.batch_size)
     for item in args.node_env:
         key, _, value = item.partition("=")
@@ -223,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         nodes=2,
         node_env=node_env,
         coordinator_env=coordinator_env,
-        tls=args.tls,
+        tls=not args.plaintext,
     )
-    print(f"workdir {workdir}; {os.cpu_count()} CPUs; campaign of {args.recipients:,} "
-          f"personalised HTML+text messages")  # fmt: skip
+    if args.recipients_per_message:
+        mix = f"40% at one domain, 60% over {args.domains:,}" if args.domains else "one domain"
+        what = (f"identical-body notice to {args.recipients:,} recipients, "
+                f"{args.recipients_per_message} per message, {mix}")  # fmt: skip
+    else:
+        what = f"campaign of {args.recipients:,} personalised HTML+text messages"
+    print(f"workdir {workdir}; {os.cpu_count()} CPUs; {what}")
     with smtp_sink(sink_bin, port) as sink:
         rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, args.timeout_s)
         print(f"ceiling: smtp-source -> smtp-sink, {args.sessions} reused sessions, "
@@ -240,15 +290,23 @@ def main(argv: list[str] | None = None) -> int:
                 if member.proc is not None:
                     pids[member.name] = member.proc.pid
             pids["smtp-sink"] = sink.pid
-            before = {name: proc_usage(pid) for name, pid in pids.items()}
+            if cluster.postgres.proc is not None:
+                pids["postgresql"] = cluster.postgres.proc.pid
+            before = {name: tree_usage(pid) for name, pid in pids.items()}
             client_before = self_usage()
             remaining = max(1.0, deadline - time.monotonic())
             submit_s, total_s, delivered, failed = asyncio.run(
                 run_campaign(
-                    cluster.coordinator_addresses, args.recipients, 2, remaining, cluster.client_tls
-                )
+                    cluster.coordinator_addresses,
+                    args.recipients,
+                    2,
+                    remaining,
+                    cluster.client_tls,
+                    args.recipients_per_message,
+                    args.domains,
+                )  # fmt: skip
             )
-            after = {name: proc_usage(pid) for name, pid in pids.items()}
+            after = {name: tree_usage(pid) for name, pid in pids.items()}
             client_after = self_usage()
         except BaseException:
             print(cluster.logs()[-4000:], file=sys.stderr)
@@ -261,25 +319,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"delivered {delivered:,}, failed {failed:,} of {args.recipients:,}")
     print(f"submit (streamed upload, one PostgreSQL transaction): {submit_s:.1f} s "
           f"({args.recipients / submit_s:,.0f} recipients/s)")  # fmt: skip
-    print(f"end to end: {total_s:.1f} s -> {rate:,.0f} msg/s "
-          f"(sending phase alone: {send_rate:,.0f} msg/s)")  # fmt: skip
-    print(f"ratio to smtp-source -> smtp-sink: {rate / rate_c:.1%} end to end, "
-          f"{send_rate / rate_c:.1%} sending phase; target {TARGET_MSG_S:,} msg/s")  # fmt: skip
-    print(f"{'process':14} {'pid':>7} {'cpu s':>7} {'cpu %':>6} {'peak RSS MiB':>13}")
+    if args.recipients_per_message:
+        print(f"end to end: {total_s:.1f} s -> {rate:,.0f} recipients/s "
+              f"(sending phase alone: {send_rate:,.0f} recipients/s); "
+              f"target {TARGET_RCPT_S:,} recipients/s")  # fmt: skip
+    else:
+        print(f"end to end: {total_s:.1f} s -> {rate:,.0f} msg/s "
+              f"(sending phase alone: {send_rate:,.0f} msg/s)")  # fmt: skip
+        print(f"ratio to smtp-source -> smtp-sink: {rate / rate_c:.1%} end to end, "
+              f"{send_rate / rate_c:.1%} sending phase; target {TARGET_MSG_S:,} msg/s")  # fmt: skip
+    print(f"{'process':14} {'pid':>7} {'cpu s':>7} {'cpu %':>6} {'peak RSS MiB':>13} "
+          f"{'ms/recipient':>11}")  # fmt: skip
     rows = [(name, pids[name], before[name], after[name]) for name in pids]
-    total_cpu = 0.0
+    total_cpu = node_cpu = coordinator_cpu = 0.0
     for name, pid, b, a in rows:
         if a is None or b is None:
             print(f"{name:14} {pid:7d}  (exited)")
             continue
         cpu = a.cpu_s - b.cpu_s
         total_cpu += cpu
-        print(row(name, pid, cpu, total_s, a.peak_rss_kib))
+        node_cpu += cpu if name in cluster.nodes else 0.0
+        coordinator_cpu += cpu if name in cluster.coordinators else 0.0
+        print(row(name, pid, cpu, total_s, a.peak_rss_kib, 1000 * cpu / args.recipients))
     client_cpu = client_after.cpu_s - client_before.cpu_s
     total_cpu += client_cpu
-    print(row("client (SDK)", os.getpid(), client_cpu, total_s, client_after.peak_rss_kib))
+    print(row("client (SDK)", os.getpid(), client_cpu, total_s, client_after.peak_rss_kib,
+              1000 * client_cpu / args.recipients))  # fmt: skip
     print(f"{'all':14} {'':7} {total_cpu:7.1f} {100 * total_cpu / total_s:6.0f}   "
           f"(cpu % of one core over the {total_s:.1f} s run)")  # fmt: skip
+    unit = "recipient" if args.recipients_per_message else "message"
+    print(f"CPU per {unit}: nodes {1000 * node_cpu / args.recipients:.3f} ms, coordinator "
+          f"{1000 * coordinator_cpu / args.recipients:.3f} ms")  # fmt: skip
     return 0 if delivered + failed == args.recipients else 1
 
 
