@@ -335,7 +335,7 @@ class SmtpConfig:
     ``ca``, ``user``, ``password_env``/``password_file``, ``weight``, ``connections``,
     ``rate``); comma-separated, the first preferred under ``failover``."""
     connections_per_relay: int = settings.setting(
-        "MAILER_SMTP_CONNECTIONS", default=4, parse=settings.integer
+        "MAILER_SMTP_CONNECTIONS", default=8, parse=settings.integer
     )
     """Persistent connections kept per relay (unless the relay sets ``connections``);
     also the node's sending concurrency per relay."""
@@ -414,8 +414,10 @@ class SenderConfig:
     """gRPC listen address ``host:port``; port 0 binds a free port."""
     advertise: str | None = settings.setting("MAILER_ADVERTISE", default=None)
     """Address the coordinator dials; ``None`` means the bound listen address."""
-    capacity: int = settings.setting("MAILER_CAPACITY", default=400, parse=settings.integer)
-    """Recipients the node holds at once; batches beyond it are rejected."""
+    capacity: int = settings.setting("MAILER_CAPACITY", default=2000, parse=settings.integer)
+    """Recipients the node holds at once; batches beyond it are rejected. Enough for
+    about a second of sending, so the node's connections never wait for the next batch
+    (bench/e2e.py: 400 left them idle between batches)."""
     metrics_listen: str = settings.setting("MAILER_METRICS_LISTEN", default="")
     """host:port of the Prometheus exporter; empty disables it."""
     health_listen: str = settings.setting("MAILER_HEALTH_LISTEN", default="")

@@ -220,9 +220,11 @@ async def test_sigterm_drains_then_releases_without_cutting_a_transaction(
     sink: Sink, etcd: aetcd.Client, etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
 ) -> None:
     env = node_env(sink, etcd_cluster, etcd_prefix, tmp_path / "state")
+    env["MAILER_SMTP_CONNECTIONS"] = "4"
     sink.handler.hold = asyncio.Event()
     async with running_node(etcd, env) as node:
-        # Given a batch of 12 with 4 transactions past their final dot (replies held)
+        # Given a batch of 12 with 4 transactions (one per connection) past their final
+        # dot (replies held)
         leader = Coordinator(node.stub)
         await leader.open(epoch=1, authority_ms=4000)
 

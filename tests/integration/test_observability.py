@@ -66,6 +66,8 @@ class Setup:
                         "MAILER_LISTEN": f"127.0.0.1:{port}",
                         "MAILER_COORDINATOR_ID": f"c{i}",
                         "MAILER_METRICS_LISTEN": f"127.0.0.1:{metrics}",
+                        # 120 recipients make 3 batches
+                        "MAILER_BATCH_SIZE": "40",
                         **self.postgres.env,
                     },
                 )  # fmt: skip
