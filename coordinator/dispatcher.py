@@ -23,6 +23,7 @@ while PostgreSQL refuses writes, and while the lease may have lapsed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -551,9 +552,12 @@ class Dispatcher:
                     reason=f"gave up after {result.attempts} attempts; last: {last}",
                 )
             outcomes.append(RecipientOutcome(job_id, index, result, email, bounced))
-            self.metrics.recipients.labels(result.status.value).inc()
-            if result.code:
-                self.metrics.smtp_replies.labels(str(result.code)).inc()
+        # One increment per label, not per result: a labelled child costs a lookup.
+        for status, n in collections.Counter(o.result.status for o in outcomes).items():
+            self.metrics.recipients.labels(status.value).inc(n)
+        for code, n in collections.Counter(o.result.code for o in outcomes).items():
+            if code:
+                self.metrics.smtp_replies.labels(str(code)).inc(n)
         if job is not None:
             hold = job.plan.held.get(seq)
             if hold is not None and hold.node_id == node_id:
