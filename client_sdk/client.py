@@ -88,6 +88,28 @@ __all__ = [
 T = TypeVar("T")
 
 _DEADLINE_MASKS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED})
+_CORE_INTERNAL = "Internal error from Core"
+"""What gRPC's core reports when a write fails because the call already ended; the
+status the server sent may then be lost."""
+
+
+def _lost_status(exc: aio.AioRpcError) -> bool:
+    return exc.code() is grpc.StatusCode.INTERNAL and exc.details() == _CORE_INTERNAL
+
+
+def _ended_early(exc: aio.AioRpcError) -> aio.AioRpcError:
+    """A stream the server ended while we wrote, whose status gRPC lost: most often a
+    standby refusing at once. UNAVAILABLE, so that an idempotent call tries the next
+    address (the upload is keyed: a job already created is returned, not made twice)."""
+    return aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE,
+        exc.initial_metadata(),
+        exc.trailing_metadata(),
+        details="the coordinator ended the upload while it was being written, and "
+        f"gRPC kept no status but {_CORE_INTERNAL!r}",
+    )
+
+
 """Codes gRPC's core reports for a call whose deadline ran out mid-stream."""
 
 
@@ -277,6 +299,7 @@ class MailerClient:
         rpc, cfg = ops.UPLOAD_JOB, self._config
         call = stubs.method(rpc)(metadata=self._metadata, timeout=remaining_s)
         sent = 0
+        ended_early = False
         try:
             await call.write(rpc.header(submission))
             async for chunk in arecipient_chunks(
@@ -290,13 +313,18 @@ class MailerClient:
             # The server ended the call while we wrote (a standby refuses at
             # once). The write reports that as INTERNAL or an invalid state;
             # awaiting the call raises the status the server really sent.
-            pass
+            ended_early = True
         except BaseException:
             # The recipients source failed or we were cancelled: cancelling the
             # call makes the server discard the partial upload.
             call.cancel()
             raise
-        return rpc.convert(await call)
+        try:
+            return rpc.convert(await call)
+        except aio.AioRpcError as exc:
+            if ended_early and _lost_status(exc):
+                raise _ended_early(exc) from exc
+            raise
 
     async def get(self, job_id: str, *, timeout: timedelta | None = None) -> Job:  # noqa: ASYNC109
         """The job with its content and current progress.

@@ -323,6 +323,69 @@ async def test_large_submit_uploads_in_chunks_with_one_key(cluster: Cluster) -> 
     assert sent[-1] == 1234
 
 
+class _RacedUpload:
+    """An upload call that loses gRPC's race between a failed write and the server's
+    status: every write fails, and the call ends with INTERNAL "Internal error from
+    Core" instead of what the server sent (it happens under load with a standby)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def _lost(self) -> aio.AioRpcError:
+        self._real.cancel()
+        return aio.AioRpcError(
+            grpc.StatusCode.INTERNAL, aio.Metadata(), aio.Metadata(), "Internal error from Core"
+        )
+
+    async def write(self, message: object) -> None:
+        raise self._lost()
+
+    async def done_writing(self) -> None:
+        raise self._lost()
+
+    def cancel(self) -> None:
+        self._real.cancel()
+
+    def __await__(self) -> Any:
+        async def ended() -> None:
+            raise self._lost()
+
+        return ended().__await__()
+
+
+async def test_an_upload_whose_status_grpc_lost_moves_to_the_next_address(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (standby, standby_addr), (leader, leader_addr) = cluster
+    async with MailerClient([standby_addr, leader_addr], FAST) as client:
+        # Given a standby whose refusal of an upload reaches the client only as gRPC's
+        # "Internal error from Core"
+        real_stubs = client._channels.stubs
+
+        def stubs(address: str) -> Any:
+            found = real_stubs(address)
+            if address != standby_addr:
+                return found
+
+            class Raced:
+                def method(self, rpc: Any) -> Any:
+                    real = found.method(rpc)
+                    if rpc.method != "UploadJob":
+                        return real
+                    return lambda **kw: _RacedUpload(real(**kw))
+
+            return Raced()
+
+        monkeypatch.setattr(client._channels, "stubs", stubs)
+        # When a large job is submitted
+        people = [Recipient(f"r{i}@example.com") for i in range(1234)]
+        job = await client.submit(CONTENT, people, timeout=timedelta(seconds=10))
+        # Then the client tried the next address, and the leader took the whole upload
+        assert job.created is True and job.progress.total == 1234
+        assert client.leader == leader_addr
+        assert sum(leader.upload_chunks) == 1234
+
+
 async def test_upload_redirected_by_a_standby_resends_a_one_shot_stream_whole(
     cluster: Cluster,
 ) -> None:
