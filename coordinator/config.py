@@ -65,7 +65,7 @@ class CoordinatorConfig:
     )
     """Lease TTL of the election key: a dead leader is replaced within about this long."""
     batch_size: int = settings.setting("MAILER_BATCH_SIZE", default=100, parse=settings.integer)
-    """Recipients per batch (a job sharing its messages gets at least two messages'
+    """Recipients per batch (a job sharing its messages gets at least five messages'
     worth). Larger batches cost fewer round trips and database writes per message; a
     node that dies takes more recipients back to the queue (bench/e2e.py measured 50,
     100 and 200: 100 was fastest)."""

@@ -41,11 +41,11 @@ def test_every_recipient_lands_in_exactly_one_batch(total: int, size: int) -> No
 def test_a_job_sharing_its_messages_gets_batches_that_fill_them() -> None:
     # One message per recipient: the configured size
     assert job_batch_size(50, 1) == 50
-    # Shared messages: two full messages per batch, never below the configured size,
+    # Shared messages: five full messages per batch, never below the configured size,
     # never above 1,000
-    assert job_batch_size(50, 100) == 200
-    assert job_batch_size(500, 100) == 500
-    assert job_batch_size(50, 1000) == 1000
+    assert job_batch_size(50, 100) == 500
+    assert job_batch_size(800, 100) == 800
+    assert job_batch_size(50, 300) == 1000
 
 
 def test_batch_ids_round_trip() -> None:
