@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import resource
 import shutil
@@ -153,6 +154,25 @@ def ceiling(binary: str, port: int, messages: int, sessions: int, timeout_s: flo
     start = time.perf_counter()
     subprocess.run(argv, stdout=subprocess.DEVNULL, check=True, timeout=timeout_s)
     return messages / (time.perf_counter() - start)
+
+
+def default_connections() -> int:
+    """MAILER_SMTP_CONNECTIONS' default, as the node declares it."""
+    from sender_node.config import SmtpConfig
+
+    field = next(f for f in dataclasses.fields(SmtpConfig) if f.name == "connections_per_relay")
+    assert isinstance(field.default, int)
+    return field.default
+
+
+def raw_aiosmtplib(port: int, connections: int, messages: int, timeout_s: float) -> float:
+    """msg/s of aiosmtplib alone sending pre-built bytes on uvloop (``bench.smtp``'s
+    child, in its own process)."""
+    argv = [sys.executable, "-m", "bench.smtp", "--child", "aiosmtplib", "--port", str(port)]
+    argv += ["--connections", str(connections), "--messages", str(messages)]
+    done = subprocess.run(argv, capture_output=True, check=True, timeout=timeout_s)
+    report = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return float(report["sent"]) / float(report["wall_s"])
 
 
 async def run_campaign(
@@ -281,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, args.timeout_s)
         print(f"ceiling: smtp-source -> smtp-sink, {args.sessions} reused sessions, "
               f"{SOURCE_MESSAGE_BYTES} B: {rate_c:,.0f} msg/s")  # fmt: skip
+        connections = 2 * (args.connections or default_connections())
+        rate_a = raw_aiosmtplib(port, connections, args.source_messages, args.timeout_s)
+        print(f"aiosmtplib alone (pre-built bytes, uvloop, one process, {connections} "
+              f"connections as the two nodes hold): {rate_a:,.0f} msg/s, "
+              f"{rate_a / rate_c:.1%} of the ceiling")  # fmt: skip
         cluster = LocalCluster(workdir, spec)
         try:
             cluster.start()
@@ -327,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"end to end: {total_s:.1f} s -> {rate:,.0f} msg/s "
               f"(sending phase alone: {send_rate:,.0f} msg/s)")  # fmt: skip
         print(f"ratio to smtp-source -> smtp-sink: {rate / rate_c:.1%} end to end, "
-              f"{send_rate / rate_c:.1%} sending phase; target {TARGET_MSG_S:,} msg/s")  # fmt: skip
+              f"{send_rate / rate_c:.1%} sending phase; to aiosmtplib alone: "
+              f"{rate / rate_a:.1%} end to end; target {TARGET_MSG_S:,} msg/s")  # fmt: skip
     print(f"{'process':14} {'pid':>7} {'cpu s':>7} {'cpu %':>6} {'peak RSS MiB':>13} "
           f"{'ms/recipient':>11}")  # fmt: skip
     rows = [(name, pids[name], before[name], after[name]) for name in pids]
