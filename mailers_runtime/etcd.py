@@ -1,9 +1,9 @@
 """Connecting to etcd and the key layout every process shares.
 
-aetcd dials a single ``host:port``. gRPC's ``ipv4:`` resolver accepts a list of
-addresses, and its default pick-first policy moves to the next address when the
-current one fails, so a client built by :func:`connect` survives the loss of one member
-of an etcd cluster without any code of ours choosing endpoints.
+A client built by :func:`connect` talks to one member at a time, asks every call to be
+refused by a member without a raft leader, and moves to the next member when one fails
+a call (:class:`EtcdClient`), so it survives a member that is dead, frozen, or cut off
+from its peers.
 
 Given :class:`~mailers_runtime.tls.TlsFiles` (``EtcdTls``), the client speaks TLS and
 presents a client certificate. An etcd started with ``--client-cert-auth`` and auth
@@ -19,12 +19,14 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import aetcd
 import grpc
 from aetcd import rpc, watcher
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mailers_runtime import settings
 from mailers_runtime.lease import LeaseTrust, Refresh, classify_reply
@@ -150,19 +152,114 @@ def tls_setting() -> Any:
     )
 
 
-class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
-    """An aetcd client whose channel is ``grpc.aio.secure_channel``.
+REQUIRE_LEADER = (("hasleader", "true"),)
+"""Metadata of every call: a member that has lost its raft leader refuses the call at
+once ("etcdserver: no leader", UNAVAILABLE) instead of letting it time out, as etcd's
+own Go client asks (``clientv3.WithRequireLeader``)."""
+SILENT_CALL_S = 0.5
+"""A call cancelled by its caller after this long without an answer counts as a member
+that does not answer (a caller's deadline cancels the call, gRPC then says CANCELLED).
+Every call here is a small one that a healthy member answers in milliseconds; the
+callers' deadlines are 1-5 s."""
+_KEEPALIVE_METHOD = "/etcdserverpb.Lease/LeaseKeepAlive"
 
-    aetcd 1.0.0 hard-codes ``insecure_channel`` in ``Client.connect``; this is that method
-    with the channel swapped (and without aetcd's user/password login, which a
-    certificate replaces). Everything else (stubs, watcher, error mapping) is aetcd's.
+
+def _unfit(code: grpc.StatusCode | None, cancelled_after_s: float | None) -> str | None:
+    """Why a finished call says its member is unfit for the next call, or None. Pure."""
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return "unavailable"
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no reply before the call's deadline"
+    if cancelled_after_s is not None and cancelled_after_s >= SILENT_CALL_S:
+        return f"no reply within {cancelled_after_s:.1f} s"
+    return None
+
+
+class _Observer(grpc.aio.UnaryUnaryClientInterceptor):
+    """Tells the client how each unary call on one member's channel ended (the one
+    streaming call that matters, LeaseKeepAlive, reports itself: :func:`keepalive_once`)."""
+
+    def __init__(self, client: EtcdClient, endpoint: str) -> None:
+        self._client = client
+        self._endpoint = endpoint
+
+    def _watch(self, call: Any, method: str, started: float) -> None:
+
+        def done(finished: Any) -> None:
+            elapsed = time.monotonic() - started
+            if finished.cancelled():
+                self._client.call_ended(self._endpoint, method, None, "", elapsed)
+                return
+            # The call is over: its status is there, awaiting it does not wait.
+            task = asyncio.ensure_future(self._report(finished, method))
+            self._client.keep(task)
+
+        call.add_done_callback(done)
+
+    async def _report(self, call: Any, method: str) -> None:
+        code, details = await call.code(), await call.details()
+        self._client.call_ended(self._endpoint, method, code, details or "", None)
+
+    @staticmethod
+    def _method(details: grpc.aio.ClientCallDetails) -> str:
+        method = details.method
+        return method.decode() if isinstance(method, bytes) else str(method)
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        started = time.monotonic()
+        call = await continuation(client_call_details, request)
+        self._watch(call, self._method(client_call_details), started)
+        return call
+
+
+class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
+    """An aetcd client that talks to one etcd member at a time and moves to the next
+    when that member fails a call.
+
+    gRPC's pick-first over several addresses moves only when a connection breaks, and a
+    member cut off from its peers still accepts connections: every call to it timed
+    out. Here each member gets a channel of its own (so endpoints may be DNS names, and
+    TLS verifies each member by its own name), every call carries
+    :data:`REQUIRE_LEADER`, and a call that ends UNAVAILABLE, past its deadline, or
+    cancelled after :data:`SILENT_CALL_S` without an answer moves the client to the next
+    member: the channel is closed (calls and watches on it end, and their owners retry)
+    and the next call opens one to the next endpoint. ``member`` is the endpoint in use,
+    ``failovers`` counts the moves and ``refusals`` the "no leader" answers.
+
+    aetcd 1.0.0 builds an insecure channel to one target in ``Client.connect``; this is
+    that method with our channel, and without aetcd's user/password login (a client
+    certificate or no auth replaces it). Stubs, watcher and error mapping are aetcd's.
     """
 
     _is_connecting: bool  # set by aetcd.Client.__init__
 
-    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        credentials: grpc.ChannelCredentials | None,
+        timeout_s: int,
+        options: dict[str, Any],
+    ) -> None:
+        host, _, port = endpoints[0].rpartition(":")
+        super().__init__(host=host, port=int(port), timeout=timeout_s, options=options)
+        self.endpoints = tuple(endpoints)
         self._credentials = credentials
+        self._index = 0
+        self.failovers = 0
+        self.refusals = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def member(self) -> str:
+        """The endpoint calls go to now."""
+        return self.endpoints[self._index]
+
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a reference to a background task until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -174,31 +271,99 @@ class _TlsClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
             return
         try:
             self._is_connecting = True
-            self.channel = grpc.aio.secure_channel(
-                f"{self._host}:{self._port}", self._credentials, options=list(self._options.items())
-            )
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            member = self.member
+            observer = [_Observer(self, member)]
+            options = list(self._options.items())
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(member, options, interceptors=observer)
+            else:
+                channel = grpc.aio.secure_channel(
+                    member, self._credentials, options, interceptors=observer
+                )
+            self.channel = channel
+            self.metadata = REQUIRE_LEADER
+            self.kvstub = rpc.KVStub(channel)
+            self.clusterstub = rpc.ClusterStub(channel)
+            self.leasestub = rpc.LeaseStub(channel)
+            self.maintenancestub = rpc.MaintenanceStub(channel)
+            self.auth_stub = rpc.AuthStub(channel)
             self._watcher = watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+                rpc.WatchStub(channel), timeout=self._timeout, metadata=self.metadata
             )
             self._connected.set()
         finally:
             self._is_connecting = False
 
+    def call_ended(
+        self,
+        endpoint: str,
+        method: str,
+        code: grpc.StatusCode | None,
+        details: str,
+        cancelled_after_s: float | None,
+    ) -> None:
+        """A call to ``endpoint`` ended: move to the next member if it says this one is
+        unfit (only once per member: calls failing together move the client once)."""
+        if "no leader" in details:
+            self.refusals += 1
+        why = _unfit(code, cancelled_after_s)
+        if why is None or endpoint != self.member or len(self.endpoints) == 1:
+            return
+        if not self._connected.is_set():
+            return
+        self._index = (self._index + 1) % len(self.endpoints)
+        self.failovers += 1
+        log.warning(
+            "etcd member %s failed %s (%s%s); moving to %s",
+            endpoint, method, why, f": {details}" if details else "", self.member,
+        )  # fmt: skip
+        channel, old_watcher = self.channel, self._watcher
+        self._init_channel_attrs()
+        self._connected.clear()
+        self.keep(asyncio.ensure_future(_retire(channel, old_watcher)))
+
+
+class EtcdClientMetrics(Collector):
+    """Prometheus view of an :class:`EtcdClient`, read at scrape time: the member in
+    use, the moves to another member, and the "no leader" refusals."""
+
+    def __init__(self, client: EtcdClient) -> None:
+        self._client = client
+
+    def collect(self) -> Iterator[Metric]:
+        client = self._client
+        member = GaugeMetricFamily(
+            "mailers_etcd_member", "1 for the etcd member this process talks to", labels=["member"]
+        )
+        member.add_metric([client.member], 1)
+        yield member
+        yield CounterMetricFamily(
+            "mailers_etcd_failovers", "Moves to another etcd member", value=client.failovers
+        )
+        yield CounterMetricFamily(
+            "mailers_etcd_no_leader_refusals",
+            "Calls an etcd member refused for having no raft leader",
+            value=client.refusals,
+        )
+
+
+async def _retire(channel: grpc.aio.Channel | None, old_watcher: Any) -> None:
+    """Close a member's channel (and its watcher) that the client has moved away from."""
+    with contextlib.suppress(Exception):
+        if old_watcher is not None:
+            await old_watcher.shutdown()
+    if channel is not None:
+        with contextlib.suppress(Exception):
+            await channel.close(grace=None)
+
 
 def connect(
     endpoints: Sequence[str], timeout_s: int = DEFAULT_TIMEOUT_S, tls: EtcdTls | None = None
-) -> aetcd.Client:
-    """A client (not yet connected) that fails over across endpoints.
-
-    aetcd builds its target as f"{host}:{port}"; handing it the head of an ``ipv4:``
-    address list as host and the last port as port yields "ipv4:a:1,b:2,c:3".
+) -> EtcdClient:
+    """A client (not yet connected) that fails over across endpoints (:class:`EtcdClient`).
 
     Args:
-        endpoints: ``host:port`` of each member; several must be IP addresses.
+        endpoints: ``host:port`` of each member (names or addresses).
         timeout_s: Deadline of every etcd call made through the client.
         tls: Speak TLS and present this certificate; None for plaintext.
 
@@ -208,27 +373,20 @@ def connect(
     """
     if not endpoints:
         raise ValueError("no etcd endpoints given")
-    first_host = endpoints[0].rpartition(":")[0].strip("[]")
-    options: dict[str, Any] = {"grpc.max_receive_message_length": RECEIVE_LIMIT_BYTES}
-    if len(endpoints) == 1:
-        host, _, port = endpoints[0].rpartition(":")
-    else:
-        *rest, last = endpoints
-        last_host, _, port = last.rpartition(":")
-        host = "ipv4:" + ",".join([*rest, last_host])
-        # Reconnect quickly after a member dies instead of gRPC's default 20 s backoff cap.
-        options["grpc.max_reconnect_backoff_ms"] = 1000
-        options["grpc.initial_reconnect_backoff_ms"] = 100
+    options: dict[str, Any] = {
+        "grpc.max_receive_message_length": RECEIVE_LIMIT_BYTES,
+        # Reconnect quickly after a member restarts instead of gRPC's 20 s backoff cap.
+        "grpc.max_reconnect_backoff_ms": 1000,
+        "grpc.initial_reconnect_backoff_ms": 100,
+    }
     if tls is None:
-        return aetcd.Client(host=host, port=int(port), timeout=timeout_s, options=options)
-    server_name = tls.server_name or (None if len(endpoints) == 1 else first_host)
-    if server_name is not None:
-        # An ipv4: target's default authority is the whole address list, which no
-        # certificate names; verify the members against one name instead.
-        options["grpc.ssl_target_name_override"] = server_name
+        return EtcdClient(endpoints, None, timeout_s, options)
+    if tls.server_name is not None:
+        # Every member's certificate carries this one name.
+        options["grpc.ssl_target_name_override"] = tls.server_name
     labels = dict(zip(FILE_FIELDS, TLS_ENV, strict=True))
     credentials = TlsMaterial.load(tls, labels).channel_credentials()
-    return _TlsClient(credentials, host=host, port=int(port), timeout=timeout_s, options=options)
+    return EtcdClient(endpoints, credentials, timeout_s, options)
 
 
 def permission_denied(exc: BaseException) -> bool:
@@ -244,7 +402,10 @@ def permission_denied(exc: BaseException) -> bool:
 
 
 def endpoint_of(client: aetcd.Client) -> str:
-    """The target a client dials (``host:port``, or an ``ipv4:`` list), for log lines."""
+    """The member a client talks to now (``host:port``), for log lines."""
+    member = getattr(client, "member", None)
+    if isinstance(member, str):
+        return member
     return f"{getattr(client, '_host', '?')}:{getattr(client, '_port', '?')}"
 
 
@@ -311,7 +472,6 @@ class Session:
         self.ttl_s = ttl_s
         self.margin_s = margin_s
         self.call_timeout_s = call_timeout_s
-        self.endpoint = endpoint_of(client)
         self.lease: Any = None  # aetcd.leases.Lease (untyped)
         self.done = asyncio.Event()
         self._retry_s = retry_s
@@ -320,6 +480,11 @@ class Session:
         self._trust: LeaseTrust | None = None
         self._task: asyncio.Task[None] | None = None
         self._revoked = False
+
+    @property
+    def endpoint(self) -> str:
+        """The etcd member the client talks to now, for log lines."""
+        return endpoint_of(self.client)
 
     @property
     def lease_id(self) -> int:
@@ -377,14 +542,14 @@ class Session:
         deadline_s = max(0.0, min(self.call_timeout_s, budget_s))
         try:
             async with asyncio.timeout(deadline_s):
-                reply = await self.lease.refresh()
+                reply = await keepalive_once(self.client, self.lease_id, deadline_s)
         except Exception as exc:  # any failure: LeaseTrust retries until its deadline
             log.warning(
                 "etcd LeaseKeepAlive for lease %x at %s failed: %s",
                 self.lease_id, self.endpoint, describe_error(exc, deadline_s),
             )  # fmt: skip
             return Refresh.FAILED, None
-        # aetcd returns None when the stream ends without a reply.
+        # None: the stream ended without a reply.
         ttl_s = None if reply is None else int(reply.TTL)
         return classify_reply(ttl_s), ttl_s
 
@@ -416,6 +581,40 @@ class Session:
             )  # fmt: skip
 
 
+async def keepalive_once(client: aetcd.Client, lease_id: int, deadline_s: float) -> Any:
+    """One LeaseKeepAlive round trip: etcd's reply (``TTL`` 0: the lease is gone), or
+    None when the stream ended without one. Unlike aetcd's ``refresh_lease``, the call
+    carries ``deadline_s`` to gRPC and is cancelled however this ends, so a member that
+    does not answer is seen as one (:class:`EtcdClient` moves on).
+
+    Raises:
+        grpc.aio.AioRpcError: the call failed or its deadline passed.
+    """
+    await client.connect()
+    member, started = endpoint_of(client), time.monotonic()
+    call = client.leasestub.LeaseKeepAlive(
+        iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]),
+        timeout=max(deadline_s, 0.001),
+        metadata=client.metadata,
+    )
+    code: grpc.StatusCode | None = None
+    details = ""
+    try:
+        async for reply in call:
+            code = grpc.StatusCode.OK
+            return reply
+        code = grpc.StatusCode.OK
+        return None
+    except grpc.aio.AioRpcError as exc:
+        code, details = exc.code(), exc.details() or ""
+        raise
+    finally:
+        call.cancel()
+        if isinstance(client, EtcdClient):
+            silent_s = time.monotonic() - started if code is None else None
+            client.call_ended(member, _KEEPALIVE_METHOD, code, details, silent_s)
+
+
 @dataclasses.dataclass(frozen=True)
 class Item:
     """One key of a range read."""
@@ -427,6 +626,8 @@ class Item:
 
 
 async def _range(client: aetcd.Client, request: Any) -> Any:
+    # The client may have moved to another member since the last page.
+    await client.connect()
     try:
         return await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
     except grpc.aio.AioRpcError as exc:

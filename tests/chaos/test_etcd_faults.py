@@ -1,8 +1,8 @@
 """Chaos: etcd faults under load. One member of a 3-member etcd cluster SIGKILLed, and
 the leader coordinator cut off from etcd (but not from clients and nodes).
 
-Every coordinator and node gets all three endpoints; gRPC's pick-first policy connects
-each of them to the first member (etcd0). So the member killed is always etcd0, which
+Every coordinator and node gets all three endpoints and starts with the first one
+(etcd0). So the member killed is always etcd0, which
 forces every client to fail over: once as a follower (the leadership is moved away
 first, so raft keeps its leader) and once as the etcd leader (moved to it first, so raft
 must also elect a new one). The job must complete with 0 lost; figures: how long the

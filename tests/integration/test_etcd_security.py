@@ -511,7 +511,7 @@ async def test_add_and_remove_a_node_later(secured: Secured, as_user: ClientFact
 
 async def test_client_fails_over_between_tls_members(tmp_path: Path) -> None:
     # Given a secured cluster of its own and the coordinator connected to all three
-    # members (pick-first: to etcd0), verifying each against one name
+    # members (it starts with etcd0), verifying each against one name
     secured = await asyncio.to_thread(start_secured, tmp_path)
     client = connect(secured.etcd.endpoints, tls=secured.tls("coordinator"))
     try:
