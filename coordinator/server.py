@@ -37,7 +37,7 @@ from coordinator.servicer import AdminServicer, MailerServicer, Role
 from coordinator.validation import TemplateCheck
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers_runtime import message
-from mailers_runtime.etcd import Keys, Session, connect
+from mailers_runtime.etcd import EtcdClientMetrics, Keys, Session, connect
 from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ async def serve(
     server = build_server(config, role, load_auth(config), transport.interceptors())
     health_servicer = await _health_and_reflection(server)
     metrics = CoordinatorMetrics()
+    metrics.registry.register(EtcdClientMetrics(client))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     health_server = await _health_port(config.health_listen, health_servicer)

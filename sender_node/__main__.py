@@ -41,7 +41,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from mailerpb.mailer.v1 import sender_pb2_grpc
 from mailers_runtime import logs
-from mailers_runtime.etcd import Keys, connect
+from mailers_runtime.etcd import EtcdClient, EtcdClientMetrics, Keys, connect
 from mailers_runtime.tls import Transport
 from sender_node.config import (
     MIN_THROUGHPUT_BYTES_PER_S,
@@ -114,12 +114,13 @@ class _Node:
 
 
 def _assemble(
-    config: SenderConfig, journal: Journal, etcd: aetcd.Client, transport: Transport
+    config: SenderConfig, journal: Journal, etcd: EtcdClient, transport: Transport
 ) -> _Node:
     timings = timings_of(config)
     keys = Keys(config.etcd.prefix)
     pool = _relay_pool(config)
     metrics = NodeMetrics()
+    metrics.registry.register(EtcdClientMetrics(etcd))
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
     registration = Registration(

@@ -190,6 +190,13 @@ async def test_metrics_health_reflection_and_json_logs(setup: Setup) -> None:
     assert coord["mailers_nodes_connected"] == 1
     assert total(coord, 'mailers_node_breaker_state{node="node0"}') == 0
     assert coord["mailers_duplicate_deliveries_total"] == 0
+    # Each process says which etcd member it talks to (the only one here), and that it
+    # never had to leave it
+    etcd_member = f'mailers_etcd_member{{member="{setup.etcd.endpoints[0]}"}}'
+    for sample in (coord, node):
+        assert sample[etcd_member] == 1
+        assert sample["mailers_etcd_failovers_total"] == 0
+        assert sample["mailers_etcd_no_leader_refusals_total"] == 0
     # Every family is exported, including those no event has touched yet
     coord_families = families(setup.coord_metrics[lead])
     assert {
