@@ -297,6 +297,7 @@ class MailerClient:
     ) -> Job:
         """Stream the submit with UploadJob: a header, then ``head`` and ``rest`` in chunks."""
         rpc, cfg = ops.UPLOAD_JOB, self._config
+        deadline_s = time.monotonic() + remaining_s
         call = stubs.method(rpc)(metadata=self._metadata, timeout=remaining_s)
         sent = 0
         ended_early = False
@@ -322,7 +323,8 @@ class MailerClient:
         try:
             return rpc.convert(await call)
         except aio.AioRpcError as exc:
-            if ended_early and _lost_status(exc):
+            # Past the deadline, the lost status was the deadline's (see _call).
+            if ended_early and _lost_status(exc) and time.monotonic() < deadline_s:
                 raise _ended_early(exc) from exc
             raise
 

@@ -328,8 +328,9 @@ class _RacedUpload:
     status: every write fails, and the call ends with INTERNAL "Internal error from
     Core" instead of what the server sent (it happens under load with a standby)."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, ends_after_s: float = 0.0) -> None:
         self._real = real
+        self._ends_after_s = ends_after_s
 
     def _lost(self) -> aio.AioRpcError:
         self._real.cancel()
@@ -348,9 +349,47 @@ class _RacedUpload:
 
     def __await__(self) -> Any:
         async def ended() -> None:
+            await asyncio.sleep(self._ends_after_s)
             raise self._lost()
 
         return ended().__await__()
+
+
+def race_uploads_at(
+    client: MailerClient, address: str, monkeypatch: pytest.MonkeyPatch, ends_after_s: float
+) -> None:
+    """Uploads to ``address`` lose gRPC's race (see :class:`_RacedUpload`)."""
+    real_stubs = client._channels.stubs
+
+    def stubs(at: str) -> Any:
+        found = real_stubs(at)
+        if at != address:
+            return found
+
+        class Raced:
+            def method(self, rpc: Any) -> Any:
+                real = found.method(rpc)
+                if rpc.method != "UploadJob":
+                    return real
+                return lambda **kw: _RacedUpload(real(**kw), ends_after_s)
+
+        return Raced()
+
+    monkeypatch.setattr(client._channels, "stubs", stubs)
+
+
+async def test_an_upload_whose_status_grpc_lost_after_its_deadline_is_a_deadline(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (_, standby_addr), (_, leader_addr) = cluster
+    async with MailerClient([standby_addr, leader_addr], FAST) as client:
+        # Given uploads whose status gRPC loses, reported only after their deadline
+        race_uploads_at(client, standby_addr, monkeypatch, ends_after_s=0.5)
+        # When a large job is submitted with 0.3 s to go, Then the caller hears that
+        # its deadline passed (the key may be tried again), not that no leader exists
+        people = [Recipient(f"r{i}@example.com") for i in range(1234)]
+        with pytest.raises(DeadlineExceededError):
+            await client.submit(CONTENT, people, timeout=timedelta(seconds=0.3))
 
 
 async def test_an_upload_whose_status_grpc_lost_moves_to_the_next_address(
@@ -360,23 +399,7 @@ async def test_an_upload_whose_status_grpc_lost_moves_to_the_next_address(
     async with MailerClient([standby_addr, leader_addr], FAST) as client:
         # Given a standby whose refusal of an upload reaches the client only as gRPC's
         # "Internal error from Core"
-        real_stubs = client._channels.stubs
-
-        def stubs(address: str) -> Any:
-            found = real_stubs(address)
-            if address != standby_addr:
-                return found
-
-            class Raced:
-                def method(self, rpc: Any) -> Any:
-                    real = found.method(rpc)
-                    if rpc.method != "UploadJob":
-                        return real
-                    return lambda **kw: _RacedUpload(real(**kw))
-
-            return Raced()
-
-        monkeypatch.setattr(client._channels, "stubs", stubs)
+        race_uploads_at(client, standby_addr, monkeypatch, ends_after_s=0.0)
         # When a large job is submitted
         people = [Recipient(f"r{i}@example.com") for i in range(1234)]
         job = await client.submit(CONTENT, people, timeout=timedelta(seconds=10))
