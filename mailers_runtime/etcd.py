@@ -261,6 +261,14 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def close(self) -> None:
+        """Close the channel in use and any being retired."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close()
+
     async def connect(self) -> None:
         if self._connected.is_set():
             return
@@ -320,7 +328,8 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
         channel, old_watcher = self.channel, self._watcher
         self._init_channel_attrs()
         self._connected.clear()
-        self.keep(asyncio.ensure_future(_retire(channel, old_watcher)))
+        grace_s = float(self._timeout or DEFAULT_TIMEOUT_S) + 1.0
+        self.keep(asyncio.ensure_future(_retire(channel, old_watcher, grace_s)))
 
 
 class EtcdClientMetrics(Collector):
@@ -347,14 +356,21 @@ class EtcdClientMetrics(Collector):
         )
 
 
-async def _retire(channel: grpc.aio.Channel | None, old_watcher: Any) -> None:
-    """Close a member's channel (and its watcher) that the client has moved away from."""
+async def _retire(channel: grpc.aio.Channel | None, old_watcher: Any, grace_s: float) -> None:
+    """Retire a member's channel the client has moved away from: its watches end now
+    (their owners re-list and watch on the next member); the channel closes after
+    ``grace_s``, once every call on it has ended by itself. Closing it at once would
+    cancel those calls, and gRPC raises CancelledError in their callers, which reads
+    as their own cancellation."""
     with contextlib.suppress(Exception):
         if old_watcher is not None:
             await old_watcher.shutdown()
-    if channel is not None:
-        with contextlib.suppress(Exception):
-            await channel.close(grace=None)
+    try:
+        await asyncio.sleep(grace_s)
+    finally:
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                await channel.close(grace=None)
 
 
 def connect(
