@@ -329,10 +329,12 @@ async def test_8_all_relays_down_then_back(tmp_path: Path, cluster_factory: Clus
         during = await client.get(job.job_id)
         assert (during.progress.delivered, during.progress.failed) == (0, 0)
 
-        # When the relay comes back on the same port
-        await asyncio.to_thread(cluster.start_sink)
+        # When the relay comes back on the same port (the clock read first: the sink may
+        # take a message before start_sink returns)
         up_at = time.time()
-        await asyncio.wait_for(client.wait(job.job_id), JOB_TIMEOUT_S)
+        await asyncio.to_thread(cluster.start_sink)
+        async with asyncio.timeout(JOB_TIMEOUT_S):
+            await client.wait(job.job_id)
         report = await check_job(client, cluster, job.job_id)
         results = [r async for r in client.results(job.job_id)]
 
