@@ -184,7 +184,6 @@ class _Observer(grpc.aio.UnaryUnaryClientInterceptor):
         self._endpoint = endpoint
 
     def _watch(self, call: Any, method: str, started: float) -> None:
-
         def done(finished: Any) -> None:
             elapsed = time.monotonic() - started
             if finished.cancelled():
@@ -224,8 +223,9 @@ class EtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd is untyped
     TLS verifies each member by its own name), every call carries
     :data:`REQUIRE_LEADER`, and a call that ends UNAVAILABLE, past its deadline, or
     cancelled after :data:`SILENT_CALL_S` without an answer moves the client to the next
-    member: the channel is closed (calls and watches on it end, and their owners retry)
-    and the next call opens one to the next endpoint. ``member`` is the endpoint in use,
+    member: the next call opens a channel to the next endpoint, the watches on the old
+    one end at once (their owners re-list), and the old channel closes once the calls on
+    it have ended by themselves (:func:`_retire`). ``member`` is the endpoint in use,
     ``failovers`` counts the moves and ``refusals`` the "no leader" answers.
 
     aetcd 1.0.0 builds an insecure channel to one target in ``Client.connect``; this is
