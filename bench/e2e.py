@@ -34,7 +34,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from pathlib import Path
 
 from bench import campaign
 from client_sdk import ClientTls
+from mailers_dev.procs import free_port, wait_for_port
 
 SOURCE_MESSAGE_BYTES = 2048
 TARGET_MSG_S = 4000
@@ -62,15 +62,23 @@ class Usage:
     peak_rss_kib: int
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the parenthesised command name (state,
+    ppid, ...; utime and stime are [11] and [12]).
+
+    Raises:
+        OSError: the process is gone.
+    """
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def proc_usage(pid: int) -> Usage | None:
     """CPU (user + system) and VmHWM of ``pid`` from /proc; None when it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(pid)
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    fields = stat.rsplit(")", 1)[1].split()
     cpu_s = (int(fields[11]) + int(fields[12])) / _CLK_TCK
     hwm = 0
     for line in status.splitlines():
@@ -79,45 +87,36 @@ def proc_usage(pid: int) -> Usage | None:
     return Usage(cpu_s, hwm)
 
 
-def tree_usage(pid: int) -> Usage | None:
-    """:func:`proc_usage` of ``pid`` and every process under it, summed (peak RSS: the
-    largest): PostgreSQL's work is done by the server's children."""
-    parents: dict[int, int] = {}
+def tree_usages(pids: dict[str, int]) -> dict[str, Usage | None]:
+    """For each named pid, :func:`proc_usage` of it and every process under it, summed
+    (peak RSS: the largest): PostgreSQL's work is done by the server's children. One
+    scan of /proc for them all."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             with contextlib.suppress(OSError, IndexError):
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent]
-        tree.update(children)
-        frontier += children
-    usages = [u for u in map(proc_usage, sorted(tree)) if u is not None]
-    if not usages:
-        return None
-    return Usage(sum(u.cpu_s for u in usages), max(u.peak_rss_kib for u in usages))
+                children.setdefault(int(_stat_fields(int(entry.name))[1]), []).append(
+                    int(entry.name)
+                )
+    out: dict[str, Usage | None] = {}
+    for name, pid in pids.items():
+        tree, frontier = [pid], [pid]
+        while frontier:
+            below = children.get(frontier.pop(), [])
+            tree += below
+            frontier += below
+        usages = [u for u in map(proc_usage, tree) if u is not None]
+        out[name] = (
+            Usage(sum(u.cpu_s for u in usages), max(u.peak_rss_kib for u in usages))
+            if usages
+            else None
+        )
+    return out
 
 
 def self_usage() -> Usage:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return Usage(usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
 def find_tool(name: str) -> str | None:
@@ -317,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             pids["smtp-sink"] = sink.pid
             if cluster.postgres.proc is not None:
                 pids["postgresql"] = cluster.postgres.proc.pid
-            before = {name: tree_usage(pid) for name, pid in pids.items()}
+            before = tree_usages(pids)
             client_before = self_usage()
             remaining = max(1.0, deadline - time.monotonic())
             submit_s, total_s, delivered, failed = asyncio.run(
@@ -331,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.domains,
                 )  # fmt: skip
             )
-            after = {name: tree_usage(pid) for name, pid in pids.items()}
+            after = tree_usages(pids)
             client_after = self_usage()
         except BaseException:
             print(cluster.logs()[-4000:], file=sys.stderr)

@@ -38,9 +38,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from bench import campaign
-from bench.e2e import ceiling, find_tool, free_port, proc_usage, smtp_sink
+from bench.e2e import ceiling, find_tool, proc_usage, smtp_sink
 from client_sdk import MailerClient, Recipient
 from mailers_dev.cluster import LocalCluster
+from mailers_dev.procs import free_port
 
 
 def read_seconds(path: Path, needle: str, after: float) -> float:

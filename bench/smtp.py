@@ -42,7 +42,8 @@ from typing import Any
 import aiosmtplib
 import uvloop
 
-from bench.e2e import find_tool, free_port, smtp_sink
+from bench.e2e import find_tool, smtp_sink
+from mailers_dev.procs import free_port
 from sender_node.smtp_client import RelayPool
 
 SOURCE_BODY_BYTES = 2048
