@@ -88,29 +88,32 @@ __all__ = [
 T = TypeVar("T")
 
 _DEADLINE_MASKS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED})
+"""Codes gRPC's core reports for a call whose deadline ran out mid-stream."""
 _CORE_INTERNAL = "Internal error from Core"
 """What gRPC's core reports when a write fails because the call already ended; the
 status the server sent may then be lost."""
 
 
-def _lost_status(exc: aio.AioRpcError) -> bool:
-    return exc.code() is grpc.StatusCode.INTERNAL and exc.details() == _CORE_INTERNAL
+class _EndedEarly(aio.AioRpcError):
+    """A stream the server ended while we wrote, whose status gRPC lost (INTERNAL
+    :data:`_CORE_INTERNAL`): most often a standby refusing at once. UNAVAILABLE, so that
+    an idempotent call tries the next address (the upload is keyed: a job already
+    created is returned, not made twice); past the call's deadline :meth:`_call` takes
+    it, like the codes in :data:`_DEADLINE_MASKS`, for the deadline it may have been."""
 
+    def __init__(self, lost: aio.AioRpcError) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE,
+            lost.initial_metadata(),
+            lost.trailing_metadata(),
+            details="the coordinator ended the upload while it was being written, and "
+            f"gRPC kept no status but {_CORE_INTERNAL!r}",
+        )
 
-def _ended_early(exc: aio.AioRpcError) -> aio.AioRpcError:
-    """A stream the server ended while we wrote, whose status gRPC lost: most often a
-    standby refusing at once. UNAVAILABLE, so that an idempotent call tries the next
-    address (the upload is keyed: a job already created is returned, not made twice)."""
-    return aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE,
-        exc.initial_metadata(),
-        exc.trailing_metadata(),
-        details="the coordinator ended the upload while it was being written, and "
-        f"gRPC kept no status but {_CORE_INTERNAL!r}",
-    )
-
-
-"""Codes gRPC's core reports for a call whose deadline ran out mid-stream."""
+    @staticmethod
+    def lost(exc: aio.AioRpcError) -> bool:
+        """Whether ``exc`` is gRPC's lost status."""
+        return exc.code() is grpc.StatusCode.INTERNAL and exc.details() == _CORE_INTERNAL
 
 
 class MailerClient:
@@ -206,7 +209,8 @@ class MailerClient:
             try:
                 result = await invoke(self._channels.stubs(address), remaining_s)
             except aio.AioRpcError as exc:
-                if exc.code() in _DEADLINE_MASKS and attempts.deadline_passed(time.monotonic()):
+                masked = exc.code() in _DEADLINE_MASKS or isinstance(exc, _EndedEarly)
+                if masked and attempts.deadline_passed(time.monotonic()):
                     # A deadline that runs out while a stream is being written can
                     # surface from gRPC's core as INTERNAL or CANCELLED: it is the
                     # caller's deadline all the same.
@@ -297,7 +301,6 @@ class MailerClient:
     ) -> Job:
         """Stream the submit with UploadJob: a header, then ``head`` and ``rest`` in chunks."""
         rpc, cfg = ops.UPLOAD_JOB, self._config
-        deadline_s = time.monotonic() + remaining_s
         call = stubs.method(rpc)(metadata=self._metadata, timeout=remaining_s)
         sent = 0
         ended_early = False
@@ -323,9 +326,8 @@ class MailerClient:
         try:
             return rpc.convert(await call)
         except aio.AioRpcError as exc:
-            # Past the deadline, the lost status was the deadline's (see _call).
-            if ended_early and _lost_status(exc) and time.monotonic() < deadline_s:
-                raise _ended_early(exc) from exc
+            if ended_early and _EndedEarly.lost(exc):
+                raise _EndedEarly(exc) from exc
             raise
 
     async def get(self, job_id: str, *, timeout: timedelta | None = None) -> Job:  # noqa: ASYNC109
