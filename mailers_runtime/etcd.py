@@ -616,11 +616,9 @@ async def keepalive_once(client: aetcd.Client, lease_id: int, deadline_s: float)
     code: grpc.StatusCode | None = None
     details = ""
     try:
-        async for reply in call:
-            code = grpc.StatusCode.OK
-            return reply
+        reply = await call.read()
         code = grpc.StatusCode.OK
-        return None
+        return None if reply is grpc.aio.EOF else reply
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code(), exc.details() or ""
         raise
