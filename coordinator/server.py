@@ -37,7 +37,15 @@ from coordinator.servicer import AdminServicer, MailerServicer, Role
 from coordinator.validation import TemplateCheck
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers_runtime import message
-from mailers_runtime.etcd import EtcdClientMetrics, Keys, Session, connect
+from mailers_runtime.etcd import (
+    DEFAULT_TIMEOUT_S,
+    EtcdClientMetrics,
+    Keys,
+    Session,
+    connect,
+    describe_error,
+    endpoint_of,
+)
 from mailers_runtime.tls import Transport
 
 log = logging.getLogger(__name__)
@@ -208,7 +216,10 @@ async def serve(
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
-                log.warning("etcd trouble (%s); campaigning again shortly", exc or repr(exc))
+                log.warning(
+                    "etcd trouble at %s (%s); campaigning again shortly",
+                    endpoint_of(client), describe_error(exc, DEFAULT_TIMEOUT_S),
+                )  # fmt: skip
                 await _pause(stop, 1.0)
             except (StoreUnavailable, LostLeadership) as exc:
                 log.warning("could not take over (%s); campaigning again shortly", exc)

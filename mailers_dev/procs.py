@@ -149,14 +149,20 @@ def spawn_python(
 
 @dataclasses.dataclass
 class EtcdMember:
+    """One member. ``host`` and ``netns`` may be changed before it starts: the member
+    then runs in that network namespace (``ip netns exec``, which execs etcd, so the PID
+    kept is etcd's) and listens on that address, which its peers and clients reach."""
+
     name: str
     client_port: int
     peer_port: int
     proc: Proc | None = None
+    host: str = "127.0.0.1"
+    netns: str | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
 
 class EtcdCluster:
@@ -197,7 +203,7 @@ class EtcdCluster:
         return [f"{self.scheme}://{m.endpoint}" for m in self.members]
 
     def _initial_cluster(self) -> str:
-        return ",".join(f"{m.name}={self.scheme}://127.0.0.1:{m.peer_port}" for m in self.members)
+        return ",".join(f"{m.name}={self.scheme}://{m.host}:{m.peer_port}" for m in self.members)
 
     def _tls_args(self) -> list[str]:
         if self.tls is None:
@@ -212,9 +218,11 @@ class EtcdCluster:
 
     def start_member(self, member: EtcdMember, state: str = "new") -> None:
         data_dir = self.base_dir / member.name
-        client_url = f"{self.scheme}://127.0.0.1:{member.client_port}"
-        peer_url = f"{self.scheme}://127.0.0.1:{member.peer_port}"
+        client_url = f"{self.scheme}://{member.host}:{member.client_port}"
+        peer_url = f"{self.scheme}://{member.host}:{member.peer_port}"
+        in_netns = ["ip", "netns", "exec", member.netns] if member.netns else []
         argv = [
+            *in_netns,
             ETCD_BINARY,
             "--name", member.name,
             "--data-dir", str(data_dir),
@@ -231,6 +239,9 @@ class EtcdCluster:
             # sooner (it is the wait before a secured cluster can set up its users).
             "--heartbeat-interval", "100" if len(self.members) > 1 else "50",
             "--election-timeout", "1000" if len(self.members) > 1 else "500",
+            # A member cut off from its peers rejoins without forcing an election
+            # (etcd 3.4 leaves pre-vote off; 3.5 turns it on).
+            "--pre-vote",
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
@@ -241,12 +252,12 @@ class EtcdCluster:
             self.start_member(member)
         for member in self.members:
             assert member.proc is not None
-            wait_for_port(member.client_port, timeout_s, member.proc.popen)
+            wait_for_port(member.client_port, timeout_s, member.proc.popen, member.host)
 
     def restart_member(self, member: EtcdMember, timeout_s: float = 30.0) -> None:
         self.start_member(member, state="existing")
         assert member.proc is not None
-        wait_for_port(member.client_port, timeout_s, member.proc.popen)
+        wait_for_port(member.client_port, timeout_s, member.proc.popen, member.host)
 
     def stop(self) -> None:
         for member in self.members:

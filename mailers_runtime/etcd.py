@@ -29,7 +29,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from mailers_runtime import settings
-from mailers_runtime.lease import LeaseTrust, Refresh, classify_reply
+from mailers_runtime.lease import LeaseTrust, Refresh, attempt_deadline, classify_reply
 from mailers_runtime.tls import ETCD_TLS_VARIABLES, FILE_FIELDS, TlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
@@ -427,9 +427,14 @@ def endpoint_of(client: aetcd.Client) -> str:
 
 def describe_error(exc: BaseException, deadline_s: float) -> str:
     """An error as a log phrase that is never empty: a deadline's TimeoutError has no
-    text, so it reads "no reply within ``deadline_s``"."""
+    text, so it reads "no reply within ``deadline_s``"; an error without text that wraps
+    another (aetcd's, around gRPC's) is told by the one it wraps."""
     if isinstance(exc, TimeoutError) and not str(exc):
         return f"no reply within {deadline_s:.2f} s"
+    if not str(exc) and exc.__cause__ is not None:
+        return f"{type(exc).__name__}: {describe_error(exc.__cause__, deadline_s)}"
+    if isinstance(exc, grpc.aio.AioRpcError):  # its str() is a multi-line dump
+        return f"{exc.code().name}: {exc.details() or 'no details'}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
@@ -554,8 +559,8 @@ class Session:
             self.done.set()
 
     async def _refresh(self, budget_s: float) -> tuple[Refresh, int | None]:
-        """One refresh, within ``budget_s`` (the trust left) and ``call_timeout_s``."""
-        deadline_s = max(0.0, min(self.call_timeout_s, budget_s))
+        """One refresh, within :func:`attempt_deadline` of ``budget_s`` (the trust left)."""
+        deadline_s = attempt_deadline(budget_s, self.call_timeout_s)
         try:
             async with asyncio.timeout(deadline_s):
                 reply = await keepalive_once(self.client, self.lease_id, deadline_s)

@@ -13,6 +13,9 @@ registration, through ``mailers_runtime.etcd.Session``):
   reports that as a reply, not an error. A keepalive stream that ends without any reply
   is treated the same way: nothing confirmed the lease, and the holder starts over under
   a new one rather than keep acting on a lease it cannot vouch for.
+- Each refresh may take half the trust left (:func:`attempt_deadline`): one sent to a
+  member that never answers (it lost its peers, and its forward to the raft leader hangs)
+  fails in time for the next to reach another member before trust ends.
 - Once the trust deadline passes without a successful refresh, the lease is lost.
 
 A lost lease stays lost: its holder must act as if its keys are gone and start a new
@@ -64,6 +67,18 @@ def lease_trusted(last_ok_s: float, now_s: float, ttl_s: float, margin_s: float)
 def trust_deadline(last_ok_s: float, ttl_s: float, margin_s: float) -> float:
     """The time at which :func:`lease_trusted` turns false."""
     return last_ok_s + ttl_s - margin_s
+
+
+MIN_ATTEMPT_S = 0.5
+"""The shortest deadline :func:`attempt_deadline` gives while the trust left allows it: a
+healthy member answers in milliseconds, a busy process may need some slack."""
+
+
+def attempt_deadline(budget_s: float, call_timeout_s: float) -> float:
+    """The deadline of one refresh with ``budget_s`` of trust left: half of it, so that a
+    member which never answers leaves time for another attempt, but at least
+    :data:`MIN_ATTEMPT_S`, and never more than the budget or ``call_timeout_s``."""
+    return max(0.0, min(call_timeout_s, budget_s, max(budget_s / 2, MIN_ATTEMPT_S)))
 
 
 class LeaseTrust:

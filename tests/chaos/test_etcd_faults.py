@@ -1,13 +1,14 @@
 """Chaos: etcd faults under load. One member of a 3-member etcd cluster SIGKILLed, and
 the leader coordinator cut off from etcd (but not from clients and nodes).
 
-Every coordinator and node gets all three endpoints and starts with the first one
-(etcd0). So the member killed is always etcd0, which
-forces every client to fail over: once as a follower (the leadership is moved away
-first, so raft keeps its leader) and once as the etcd leader (moved to it first, so raft
-must also elect a new one). The job must complete with 0 lost; figures: how long the
-survivors took to agree on a leader, how long until the cluster accepted a new job,
-and whether any lease (node registration, coordinator leadership) was lost on the way.
+Every coordinator and node gets all three endpoints, as host names (``localhost:port``),
+and starts with the first one (etcd0). So the member killed is always etcd0, which
+refuses connections from then on and forces every client to fail over: once as a
+follower (the leadership is moved away first, so raft keeps its leader) and once as the
+etcd leader (moved to it first, so raft must also elect a new one). The job must
+complete with 0 lost; figures: how long the survivors took to agree on a leader, how
+long until the cluster accepted a new job, and whether any lease (node registration,
+coordinator leadership) was lost on the way.
 
 The leader coordinator reaches etcd through a fault proxy in the second scenario; when
 the proxy blackholes, the leader must step down within its election TTL, the standby
@@ -65,6 +66,12 @@ def etcd_spec(ttl_s: int, etcd_members: int = 3) -> ClusterSpec:
 async def test_etcd_member_killed_under_load(tmp_path: Path, role: str, ttl_s: int) -> None:
     """ttl_s: lease TTL of the nodes and of the coordinators' election keys."""
     cluster = LocalCluster(tmp_path / "c", etcd_spec(ttl_s))
+    # Every process gets the members by host name (resolved locally), etcd0 first.
+    names = [f"localhost:{m.client_port}" for m in cluster.etcd.members]
+    for i in range(len(cluster.coordinator_ports)):
+        cluster.coordinator_etcd_endpoints[i] = names
+    for i in range(cluster.spec.nodes):
+        cluster.node_etcd_endpoints[i] = names
     async with running_cluster(cluster), MailerClient(cluster.coordinator_addresses) as client:
         await wait_nodes_active(client, 3)
         endpoints = cluster.etcd.endpoints

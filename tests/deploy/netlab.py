@@ -176,12 +176,27 @@ class NetLab:
     def cut_off(self, host: Host) -> None:
         """Drop every packet into and out of host's eth0 (loopback keeps working)."""
         for rule in (["INPUT", "-i", "eth0"], ["OUTPUT", "-o", "eth0"]):
-            subprocess.run(
-                ["ip", "netns", "exec", host.netns, "iptables", "-I", *rule, "-j", "DROP"],
-                check=True,
-                capture_output=True,
-                timeout=10,
-            )
+            self._iptables(host, "-I", *rule, "-j", "DROP")
+
+    def isolate(self, host: Host, peers: Sequence[Host]) -> None:
+        """Drop every packet between host and peers, in both directions; host still
+        reaches, and is reached from, everything else (the root namespace included)."""
+        for peer in peers:
+            for rule in (["INPUT", "-s", peer.address], ["OUTPUT", "-d", peer.address]):
+                self._iptables(host, "-I", *rule, "-j", "DROP")
+
+    def heal(self, host: Host) -> None:
+        """Remove every rule :meth:`cut_off` or :meth:`isolate` put in host."""
+        self._iptables(host, "-F")
+
+    @staticmethod
+    def _iptables(host: Host, *args: str) -> None:
+        subprocess.run(
+            ["ip", "netns", "exec", host.netns, "iptables", *args],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
 
     def close(self) -> None:
         """Stop every process (SIGTERM to all, then wait; SIGKILL stragglers), then remove

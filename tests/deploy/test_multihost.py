@@ -125,7 +125,7 @@ def _start(lab: NetLab, base: Path, postgres: PostgresServer) -> Deployment:
             "--initial-advertise-peer-urls", f"http://{h.address}:2380",
             "--initial-cluster", cluster, "--initial-cluster-state", "new",
             "--initial-cluster-token", lab.tag,
-            "--heartbeat-interval", "100", "--election-timeout", "1000",
+            "--heartbeat-interval", "100", "--election-timeout", "1000", "--pre-vote",
             "--logger", "zap", "--log-level", "warn",
         ]  # fmt: skip
         etcd_procs.append(lab.spawn(h, h.name, argv))

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from mailers_runtime.lease import (
     EMPTY,
     EXPIRED,
+    MIN_ATTEMPT_S,
     NO_REFRESH,
     LeaseTrust,
     Refresh,
+    attempt_deadline,
     classify_reply,
 )
 
@@ -104,6 +106,22 @@ def test_the_retry_pause_shrinks_with_a_short_ttl() -> None:
     trust = LeaseTrust(ttl_s=2.0, margin_s=0.5, granted_s=0.0, retry_s=5.0)
     trust.record(Refresh.FAILED, sent_s=0.7, now_s=0.8)
     assert trust.poll(0.8) == pytest.approx(2.0 / 6)
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "deadline_s"),
+    [(10.0, 2.0), (2.4, 1.2), (0.8, MIN_ATTEMPT_S), (0.3, 0.3), (0.0, 0.0), (-1.0, 0.0)],
+)
+def test_a_refresh_may_take_half_the_trust_left(budget_s: float, deadline_s: float) -> None:
+    # Half, so that a member which never answers leaves time for one more attempt; but
+    # never over the call's own deadline (2 s here) nor past the trust left.
+    assert attempt_deadline(budget_s, call_timeout_s=2.0) == pytest.approx(deadline_s)
+
+
+@given(st.floats(-5, 60), st.floats(0.01, 10))
+def test_a_refresh_never_outlives_trust_or_its_call_deadline(budget: float, call: float) -> None:
+    deadline = attempt_deadline(budget, call)
+    assert 0 <= deadline <= max(0.0, min(budget, call))
 
 
 def test_no_successful_refresh_before_the_deadline_loses_the_lease() -> None:
