@@ -449,6 +449,14 @@ class LocalCluster:
             lines.extend(sink.ambiguous())
         return lines
 
+    def processes(self) -> list[Proc]:
+        """Every process started and not yet stopped: etcd members, PostgreSQL, sinks,
+        coordinators and nodes (each by the PID :meth:`stop` stops)."""
+        procs = [m.proc for m in self.etcd.members]
+        procs += [self.postgres.proc, self.sink, *(s.proc for s in self.node_sinks.values())]
+        procs += [*self.coordinators.values(), *self.nodes.values()]
+        return [p for p in procs if p is not None and p.alive()]
+
     def stop(self) -> None:
         for proc in [*self.nodes.values(), *self.coordinators.values()]:
             proc.stop()

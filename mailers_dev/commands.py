@@ -15,7 +15,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from mailers.campaign import SendArgs, run_send
 from mailers_dev.certs import DEFAULT_HOSTS, make_dev_pki
 from mailers_dev.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
 from mailers_dev.procs import free_port
+from mailers_dev.runstate import RUN_FILE, StillRunning, find_stale, record_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_TEMPLATES = ROOT / "deploy" / "demo"
@@ -45,19 +46,17 @@ def write_demo_csv(path: Path, count: int, seed: int = 7) -> None:
             )
 
 
-def _start_cluster(
-    workdir: Path, ports: Sequence[int], console: Console, *, tls: bool = True
-) -> LocalCluster:
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    cluster = LocalCluster(workdir, ClusterSpec(coordinator_ports=tuple(ports), tls=tls))
+def _start_cluster(cluster: LocalCluster, console: Console) -> None:
+    """Start the cluster in a fresh work directory and wait for its nodes."""
+    if cluster.base_dir.exists():
+        shutil.rmtree(cluster.base_dir)
+    cluster.base_dir.mkdir(parents=True)
     with console.status("starting etcd, 2 coordinators, 3 sender nodes and an SMTP sink"):
         cluster.start()
         asyncio.run(_wait_nodes(cluster, 3))
     security = (
         f"mutual TLS and etcd with client-certificate users (dev CA in {cluster.pki_dir})"
-        if tls
+        if cluster.spec.tls
         else "[yellow]plaintext[/] (MAILER_PLAINTEXT=1)"
     )
     console.print(
@@ -65,7 +64,77 @@ def _start_cluster(
         f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}; {security}"
     )
     console.print(f"messages are stored as files in {cluster.maildir / 'new'}")
-    return cluster
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Each stops ``cluster`` and ``demo`` the same way: Ctrl-C, ``kill``/``timeout``/systemd/a
+container runtime, and a closed terminal."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _run_cluster(
+    ns: argparse.Namespace,
+    ports: Sequence[int],
+    console: Console,
+    body: Callable[[LocalCluster], int],
+) -> int:
+    """Start a local cluster in ``ns.workdir``, run ``body`` with it, and stop every
+    process it started however this ends: ``body`` returning or failing, or any of
+    :data:`STOP_SIGNALS` (which return 130 unless ``body`` is merely waiting for one).
+
+    Before starting, an earlier run in the same directory is found
+    (:func:`mailers_dev.runstate.find_stale`): one still running is reported (exit 1);
+    processes an earlier, killed run left behind are stopped and listed.
+    """
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    workdir = Path(ns.workdir).resolve()
+    try:
+        left = find_stale(workdir)
+    except StillRunning as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        return 1
+    if left:
+        errors.print(
+            f"stopped {len(left)} processes an earlier run in {workdir} left running: "
+            + ", ".join(f"{p.name} (pid {p.pid})" for p in left)
+        )
+    taken = [port for port in ports if not _port_free(port)]
+    if taken:
+        errors.print(
+            f"[red]error:[/] 127.0.0.1:{taken[0]} is in use by another program (not a "
+            f"cluster of {workdir}); stop it first"
+        )
+        return 1
+    cluster = LocalCluster(
+        workdir, ClusterSpec(coordinator_ports=tuple(ports), tls=not ns.plaintext)
+    )
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        _start_cluster(cluster, console)
+        record_run(
+            workdir,
+            ns.command,
+            [(p.name, p.pid) for p in cluster.processes()],
+            cluster.coordinator_addresses,
+        )
+        return body(cluster)
+    except KeyboardInterrupt as exc:
+        errors.print(f"[yellow]stopping[/] ({exc or 'SIGINT'})")
+        return 0 if ns.command == "cluster" else 130
+    finally:
+        # A second signal must not cut the clean-up short and leave processes behind.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            with console.status("stopping the cluster"):
+                cluster.stop()
+            (workdir / RUN_FILE).unlink(missing_ok=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) -> None:
@@ -85,42 +154,40 @@ async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
     console = Console()
-    workdir = Path(ns.workdir).resolve()
-    cluster = _start_cluster(
-        workdir, _free_or_default(DEFAULT_PORTS), console, tls=not ns.plaintext
+    return _run_cluster(
+        ns, _free_or_default(DEFAULT_PORTS), console, lambda c: _demo(c, ns.recipients, console)
     )
-    try:
-        csv_path = workdir / "recipients.csv"
-        write_demo_csv(csv_path, ns.recipients)
-        console.print(f"sending a campaign to {ns.recipients} recipients from {csv_path}")
-        args = SendArgs(
-            csv_path=csv_path,
-            content=MessageContent(
-                sender=Address("news@example.com", "Example News"),
-                subject="Your digest, {{ name }}",
-                text_body=(DEMO_TEMPLATES / "campaign.txt").read_text(),
-                html_body=(DEMO_TEMPLATES / "campaign.html").read_text(),
-                unsubscribe_url="https://example.com/unsubscribe",
-            ),
-            coordinators=tuple(cluster.coordinator_addresses),
-            tls=cluster.client_tls,
-        )
-        summary = asyncio.run(run_send(args, console))
-        stored = len(list((cluster.maildir / "new").iterdir()))
-        console.print(f"the sink stored {stored} messages in {cluster.maildir / 'new'}")
-        if summary is None or summary.delivered != ns.recipients:
-            return 1
-        return 0
-    finally:
-        with console.status("stopping the cluster"):
-            cluster.stop()
+
+
+def _demo(cluster: LocalCluster, recipients: int, console: Console) -> int:
+    csv_path = cluster.base_dir / "recipients.csv"
+    write_demo_csv(csv_path, recipients)
+    console.print(f"sending a campaign to {recipients} recipients from {csv_path}")
+    args = SendArgs(
+        csv_path=csv_path,
+        content=MessageContent(
+            sender=Address("news@example.com", "Example News"),
+            subject="Your digest, {{ name }}",
+            text_body=(DEMO_TEMPLATES / "campaign.txt").read_text(),
+            html_body=(DEMO_TEMPLATES / "campaign.html").read_text(),
+            unsubscribe_url="https://example.com/unsubscribe",
+        ),
+        coordinators=tuple(cluster.coordinator_addresses),
+        tls=cluster.client_tls,
+    )
+    summary = asyncio.run(run_send(args, console))
+    stored = len(list((cluster.maildir / "new").iterdir()))
+    console.print(f"the sink stored {stored} messages in {cluster.maildir / 'new'}")
+    return 0 if summary is not None and summary.delivered == recipients else 1
 
 
 def cmd_cluster(ns: argparse.Namespace) -> int:
     console = Console()
-    cluster = _start_cluster(
-        Path(ns.workdir).resolve(), DEFAULT_PORTS, console, tls=not ns.plaintext
-    )
+    return _run_cluster(ns, ns.ports, console, lambda c: _serve(c, console))
+
+
+def _serve(cluster: LocalCluster, console: Console) -> int:
+    """Say how to use the cluster, then wait for a signal (see :data:`STOP_SIGNALS`)."""
     exports = ""
     root = cluster.etcd_tls(ETCD_ROOT)
     if root is not None:
@@ -137,17 +204,12 @@ def cmd_cluster(ns: argparse.Namespace) -> int:
         f"{exports}"
         "  .venv/bin/mailers send --csv recipients.csv --from news@example.com "
         "--subject 'Hi {{ name }}' --html deploy/demo/campaign.html\n"
-        "Ctrl-C stops the cluster.",
+        "Ctrl-C (or SIGTERM, SIGHUP) stops the cluster.",
         highlight=False,
         soft_wrap=True,
     )
-    try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
-        pass
-    finally:
-        cluster.stop()
-    return 0
+    while True:
+        signal.pause()
 
 
 def cmd_certs(ns: argparse.Namespace) -> int:
@@ -197,17 +259,29 @@ def cmd_certs(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _ports(text: str) -> tuple[int, ...]:
+    """``--ports``: two distinct TCP ports."""
+    try:
+        ports = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of ports: {text!r}") from None
+    if len(ports) != 2 or len(set(ports)) != 2 or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError(f"two distinct ports from 1 to 65535: {text!r}")
+    return ports
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _free_or_default(ports: Sequence[int]) -> list[int]:
     """The default ports when free (so `mailers status` finds the demo), else any."""
-    result = []
-    for port in ports:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                result.append(port)
-            except OSError:
-                result.append(free_port())
-    return result
+    return [port if _port_free(port) else free_port() for port in ports]
 
 
 def add_dev_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -217,8 +291,22 @@ def add_dev_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--workdir", default="var/demo", help="cluster data, logs and maildir")
     demo.add_argument("--plaintext", action="store_true", help="no TLS between processes")
     demo.set_defaults(func=cmd_demo)
-    cluster = sub.add_parser("cluster", help="run a local cluster until Ctrl-C")
+    cluster = sub.add_parser(
+        "cluster",
+        help="run a local cluster until Ctrl-C",
+        description="Run etcd, PostgreSQL, 2 coordinators (127.0.0.1:7701 and 7702), 3 "
+        "sender nodes and an SMTP sink until Ctrl-C, SIGTERM or SIGHUP, which stop every "
+        "one of them. A run finds an earlier one in the same --workdir: it refuses while "
+        "that one runs, and stops what a killed one left behind.",
+    )
     cluster.add_argument("--workdir", default="var/cluster")
+    cluster.add_argument(
+        "--ports",
+        type=_ports,
+        default=DEFAULT_PORTS,
+        metavar="PORT,PORT",
+        help="the coordinators' ports on 127.0.0.1 (default 7701,7702)",
+    )
     cluster.add_argument("--plaintext", action="store_true", help="no TLS between processes")
     cluster.set_defaults(func=cmd_cluster)
     certs = sub.add_parser(
