@@ -1,7 +1,9 @@
-"""Operator commands of ``mailers``: cluster, nodes and jobs, as tables or ``--json``.
+"""Operator commands of ``mailers``: cluster, nodes, jobs, results and suppressions.
 
 Every command talks to the leader through the SDK (any coordinator address will do;
-the client follows redirects). ``--json`` prints one JSON document for scripts.
+the client follows redirects) and prints in the format ``-o`` chooses
+(:mod:`mailers.output`): tables, or one JSON or YAML document for scripts, on stdout;
+progress and errors on stderr.
 """
 
 from __future__ import annotations
@@ -9,16 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import enum
-import json
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from client_sdk import (
     Job,
@@ -31,45 +31,55 @@ from client_sdk import (
     Suppression,
     SuppressionReason,
 )
-from mailers.campaign import (
-    DEFAULT_COORDINATORS,
-    CampaignInputError,
-    add_tls_arguments,
-    resolve_tls,
+from mailers.campaign import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from mailers.config import ConfigError, add_connection_arguments, resolve
+from mailers.output import (
+    Column,
+    add_output_arguments,
+    dump,
+    output_format,
+    plain,
+    print_table,
+    stderr,
+    stdout,
+    table,
 )
 
-Handler = Callable[[MailerClient, argparse.Namespace, Console], Awaitable[Any]]
+Handler = Callable[[MailerClient, argparse.Namespace, Console], Awaitable["Shown | None"]]
 
 
-def plain(value: Any) -> Any:
-    """A JSON-ready copy of SDK values (dataclasses, enums, datetimes, sequences)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, tuple | list):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    return value
+@dataclasses.dataclass
+class Shown:
+    """What a command prints: ``data`` for ``-o json|yaml``; for ``-o table|wide``, its
+    tables and then lines of text, on stdout."""
 
+    data: Any
+    tables: list[tuple[Sequence[Column], list[list[str]]]] = dataclasses.field(default_factory=list)
+    lines: list[str] = dataclasses.field(default_factory=list)
 
-def coordinators(ns: argparse.Namespace) -> list[str]:
-    value = ns.coordinators or os.environ.get("MAILER_COORDINATORS") or DEFAULT_COORDINATORS
-    return [a.strip() for a in value.split(",") if a.strip()]
+    def print(self, fmt: str) -> None:
+        if fmt in ("json", "yaml"):
+            sys.stdout.write(dump(self.data, fmt))
+            return
+        for columns, rows in self.tables:
+            print_table(table(columns, rows, fmt == "wide"))
+        for line in self.lines:
+            stdout().print(line)
 
 
 # ---- tables -----------------------------------------------------------------------------
 
+NODE_COLUMNS = (
+    Column("node"), Column("address"), Column("state"), Column("in flight", right=True),
+    Column("capacity", right=True), Column("batches", right=True),
+    Column("done", right=True, wide=True), Column("err %", right=True, wide=True),
+    Column("lease ttl", right=True), Column("breaker"), Column("relays", text=True, wide=True),
+)  # fmt: skip
 
-def nodes_table(nodes: Sequence[NodeInfo]) -> Table:
-    table = Table("node", "address", "state", "in flight", "capacity", "batches", "done",
-                  "err %", "lease ttl", "breaker", "relays")  # fmt: skip
-    for n in nodes:
-        relays = ", ".join(f"{r.address} ({r.breaker_state.value})" for r in n.relays)
-        table.add_row(
+
+def node_rows(nodes: Sequence[NodeInfo]) -> list[list[str]]:
+    return [
+        [
             n.node_id,
             n.address,
             n.state.value,
@@ -80,67 +90,111 @@ def nodes_table(nodes: Sequence[NodeInfo]) -> Table:
             f"{100 * n.load.recent_error_rate:.0f}",
             f"{n.lease_ttl_remaining_s}s",
             n.breaker_state.value,
-            relays,
-        )
-    return table
+            ", ".join(f"{r.address} ({r.breaker_state.value})" for r in n.relays),
+        ]
+        for n in nodes
+    ]
 
 
-def _progress_cells(p: JobProgress) -> list[str]:
-    return [p.state.value, str(p.total), str(p.delivered), str(p.failed), str(p.deferred),
-            str(p.cancelled), str(p.suppressed), str(p.queued)]  # fmt: skip
+def nodes_shown(nodes: Sequence[NodeInfo]) -> Shown:
+    return Shown(plain(list(nodes)), [(NODE_COLUMNS, node_rows(nodes))])
 
 
-def jobs_table(jobs: Sequence[Job]) -> Table:
-    table = Table("job", "name", "state", "total", "delivered", "failed", "deferred",
-                  "cancelled", "suppressed", "queued", "created")  # fmt: skip
+JOB_COLUMNS = (
+    Column("job"), Column("name", text=True), Column("state"), Column("total", right=True),
+    Column("delivered", right=True), Column("failed", right=True),
+    Column("deferred", right=True, wide=True), Column("cancelled", right=True, wide=True),
+    Column("suppressed", right=True, wide=True), Column("queued", right=True),
+    Column("created", wide=True),
+)  # fmt: skip
+
+
+def job_rows(jobs: Sequence[Job]) -> list[list[str]]:
+    rows = []
     for j in jobs:
-        cells = _progress_cells(j.progress)
-        created = (
-            j.progress.created_at.strftime("%Y-%m-%d %H:%M:%S") if j.progress.created_at else ""
-        )
-        table.add_row(j.job_id, j.options.name, *cells, created)
-    return table
+        p = j.progress
+        created = p.created_at.strftime("%Y-%m-%d %H:%M:%S") if p.created_at else ""
+        rows.append([j.job_id, j.options.name, p.state.value, str(p.total), str(p.delivered),
+                     str(p.failed), str(p.deferred), str(p.cancelled), str(p.suppressed),
+                     str(p.queued), created])  # fmt: skip
+    return rows
+
+
+def jobs_shown(jobs: Sequence[Job], data: Any = None) -> Shown:
+    return Shown(plain(list(jobs)) if data is None else data, [(JOB_COLUMNS, job_rows(jobs))])
+
+
+SUPPRESSION_COLUMNS = (
+    Column("email"),
+    Column("reason"),
+    Column("added"),
+    Column("reply", text=True, wide=True),
+)
+
+
+def suppressions_shown(items: Sequence[Suppression], data: Any = None) -> Shown:
+    rows = [
+        [
+            s.email,
+            s.reason.value,
+            s.created_at.strftime("%Y-%m-%d %H:%M:%S") if s.created_at else "",
+            str(s.reply or ""),
+        ]
+        for s in items
+    ]
+    return Shown(plain(list(items)) if data is None else data, [(SUPPRESSION_COLUMNS, rows)])
 
 
 # ---- handlers ---------------------------------------------------------------------------
 
+COORDINATOR_COLUMNS = (
+    Column("role"), Column("coordinator"), Column("address"), Column("epoch", right=True),
+    Column("in line since", right=True),
+)  # fmt: skip
+ETCD_COLUMNS = (
+    Column("etcd endpoint"), Column("health"), Column("raft leader"),
+    Column("db size", right=True), Column("revision", right=True),
+    Column("error", text=True, wide=True),
+)  # fmt: skip
 
-async def cmd_status(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+
+async def cmd_status(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     status = await client.cluster_status()
-    if ns.json:
-        return plain(status)
-    table = Table("role", "coordinator", "address", "epoch")
+    # The leader leads in its epoch (the revision of its election key); a standby's key
+    # is newer, so its revision only says where it waits in line, not a newer epoch.
+    roles = []
     if status.leader is not None:
         leader = status.leader
-        table.add_row("leader", leader.coordinator_id, leader.address, str(leader.epoch))
+        roles.append(["leader", leader.coordinator_id, leader.address, str(leader.epoch), ""])
     for s in status.standbys:
-        table.add_row("standby", s.coordinator_id, s.address, str(s.epoch))
-    console.print(table)
-    etcd = Table("etcd endpoint", "health", "raft leader", "db size", "revision")
-    for m in status.etcd_members:
-        health = "[green]healthy[/]" if m.healthy else f"[red]unhealthy[/] {m.error}"
-        etcd.add_row(m.endpoint, health, "yes" if m.is_leader else "",
-                     f"{m.db_size_bytes / 1e6:.1f} MB" if m.healthy else "",
-                     str(m.revision) if m.healthy else "")  # fmt: skip
-    if status.etcd_members:
-        console.print(etcd)
+        roles.append(["standby", s.coordinator_id, s.address, "", f"rev {s.epoch}"])
+    members = [
+        [
+            m.endpoint,
+            "[green]healthy[/]" if m.healthy else "[red]unhealthy[/]",
+            "yes" if m.is_leader else "",
+            f"{m.db_size_bytes / 1e6:.1f} MB" if m.healthy else "",
+            str(m.revision) if m.healthy else "",
+            m.error,
+        ]
+        for m in status.etcd_members
+    ]
+    shown = Shown(plain(status), [(COORDINATOR_COLUMNS, roles)])
+    if members:
+        shown.tables.append((ETCD_COLUMNS, members))
     else:
-        console.print(f"etcd: {', '.join(status.etcd_endpoints)}")
-    console.print(f"active jobs: {status.active_jobs}")
-    return None
+        shown.lines.append(f"etcd: {', '.join(status.etcd_endpoints)}")
+    shown.lines.append(f"active jobs: {status.active_jobs}")
+    return shown
 
 
-async def cmd_nodes(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
-    nodes = await client.list_nodes()
-    if ns.json:
-        return plain(nodes)
-    console.print(nodes_table(nodes))
-    return None
+async def cmd_nodes(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
+    return nodes_shown(await client.list_nodes())
 
 
-async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     if ns.action == "drain":
-        node = await _drain_with_progress(client, ns.node_id, ns.timeout, console, ns.json)
+        node = await _drain_with_progress(client, ns.node_id, ns.timeout, console)
     else:
         action = {
             "cordon": client.cordon,
@@ -148,19 +202,14 @@ async def cmd_node_action(client: MailerClient, ns: argparse.Namespace, console:
             "reset-breaker": client.reset_breaker,
         }[ns.action]
         node = await action(ns.node_id)
-    if ns.json:
-        return plain(node)
-    console.print(nodes_table([node]))
-    return None
+    return Shown(plain(node), [(NODE_COLUMNS, node_rows([node]))])
 
 
 async def _drain_with_progress(
-    client: MailerClient, node_id: str, timeout_s: float, console: Console, quiet: bool
+    client: MailerClient, node_id: str, timeout_s: float, console: Console
 ) -> NodeInfo:
-    """Drain node_id, showing its batches still in flight go down to zero."""
+    """Drain node_id, showing (on stderr) its batches in flight go down to zero."""
     drain = asyncio.ensure_future(client.drain(node_id, timeout=timedelta(seconds=timeout_s)))
-    if quiet:
-        return await drain
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[left]}"),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
@@ -181,47 +230,38 @@ async def _drain_with_progress(
     return node
 
 
-async def cmd_jobs(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+async def cmd_jobs(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     states = [JobState(s) for s in ns.state or []]
     jobs: list[Job] = []
     async for job in client.list_jobs(states=states):
         jobs.append(job)
         if len(jobs) >= ns.limit:
             break
-    if ns.json:
-        return plain(jobs)
-    console.print(jobs_table(jobs))
-    return None
+    return jobs_shown(jobs)
 
 
-async def cmd_job_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+async def cmd_job_action(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     if ns.action == "watch":
-        return await _watch(client, ns.job_id, console, ns.json)
+        last = await _watch(client, ns.job_id, console)
+        return Shown(plain(last), lines=[f"job {ns.job_id}: {last.state.value}"] if last else [])
     if ns.action == "retry-failed":
         job, queued = await client.retry_failed(ns.job_id)
-        if ns.json:
-            return {"job": plain(job), "requeued": queued}
-        console.print(f"queued {queued} recipients again")
-    else:
-        action = {
-            "show": client.get,
-            "pause": client.pause,
-            "resume": client.resume,
-            "cancel": client.cancel,
-        }[ns.action]
-        job = await action(ns.job_id)
-        if ns.json:
-            return plain(job)
-    console.print(jobs_table([job]))
-    return None
+        shown = jobs_shown([job], {"job": plain(job), "requeued": queued})
+        shown.lines.append(f"queued {queued} recipients again")
+        return shown
+    action = {
+        "show": client.get,
+        "pause": client.pause,
+        "resume": client.resume,
+        "cancel": client.cancel,
+    }[ns.action]
+    job = await action(ns.job_id)
+    return jobs_shown([job], plain(job))
 
 
-async def _watch(client: MailerClient, job_id: str, console: Console, as_json: bool) -> Any:
+async def _watch(client: MailerClient, job_id: str, console: Console) -> JobProgress | None:
+    """Follow the job to its end with a progress bar on stderr; its last progress."""
     last: JobProgress | None = None
-    if as_json:
-        async for p in client.watch(job_id):
-            last = p
-        return plain(last)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
@@ -230,88 +270,95 @@ async def _watch(client: MailerClient, job_id: str, console: Console, as_json: b
             last = p
             counts = f"{p.delivered} delivered, {p.failed} failed, {p.deferred} deferred"
             progress.update(task, total=p.total or None, completed=p.done, counts=counts)
-    if last is not None:
-        console.print(f"job {job_id}: {last.state.value}")
-    return None
+    return last
 
 
-async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+RESULT_COLUMNS = (
+    Column("#", right=True), Column("email"), Column("status"), Column("reply", text=True),
+    Column("reason", text=True, wide=True), Column("attempts", right=True, wide=True),
+    Column("node", wide=True),
+)  # fmt: skip
+
+
+async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     statuses = [RecipientStatus(s) for s in ns.status or []]
     results = []
     async for r in client.results(ns.job_id, statuses=statuses):
         results.append(r)
         if len(results) >= ns.limit:
             break
-    if ns.json:
-        return plain(results)
-    table = Table("#", "email", "status", "reply", "reason", "attempts", "node")
-    for r in results:
-        table.add_row(str(r.index), r.email, r.status.value, str(r.reply or ""), r.reason,
-                      str(r.attempts), r.node_id)  # fmt: skip
-    console.print(table)
-    return None
+    rows = [
+        [
+            str(r.index),
+            r.email,
+            r.status.value,
+            str(r.reply or ""),
+            r.reason,
+            str(r.attempts),
+            r.node_id,
+        ]  # fmt: skip
+        for r in results
+    ]
+    return Shown(plain(results), [(RESULT_COLUMNS, rows)])
 
 
-def suppressions_table(items: Sequence[Suppression]) -> Table:
-    table = Table("email", "reason", "reply", "added")
-    for s in items:
-        added = s.created_at.strftime("%Y-%m-%d %H:%M:%S") if s.created_at else ""
-        table.add_row(s.email, s.reason.value, str(s.reply or ""), added)
-    return table
-
-
-async def cmd_suppression(client: MailerClient, ns: argparse.Namespace, console: Console) -> Any:
+async def cmd_suppression(client: MailerClient, ns: argparse.Namespace, console: Console) -> Shown:
     if ns.action == "list":
         items: list[Suppression] = []
         async for s in client.suppressions(tenant=ns.tenant):
             items.append(s)
             if len(items) >= ns.limit:
                 break
-        if ns.json:
-            return plain(items)
-        console.print(suppressions_table(items))
-        return None
+        return suppressions_shown(items)
     if not ns.email:
-        raise SystemExit(f"mailers suppression {ns.action}: an EMAIL is required")
+        raise UsageError(f"mailers suppression {ns.action}: an EMAIL is required")
     if ns.action == "add":
         added = await client.suppress(ns.email, SuppressionReason(ns.reason), tenant=ns.tenant)
-        if ns.json:
-            return plain(added)
-        console.print(suppressions_table([added]))
-        return None
+        return suppressions_shown([added], plain(added))
     removed = await client.unsuppress(ns.email, tenant=ns.tenant)
-    if ns.json:
-        return {"email": ns.email, "removed": removed}
-    console.print(f"{ns.email}: {'removed' if removed else 'was not on the list'}")
-    return None
+    return Shown(
+        {"email": ns.email, "removed": removed},
+        lines=[f"{ns.email}: {'removed' if removed else 'was not on the list'}"],
+    )
 
 
 # ---- wiring -----------------------------------------------------------------------------
 
 
+class UsageError(ValueError):
+    """Arguments the command cannot use; exit status 2."""
+
+
 def _run(handler: Handler, ns: argparse.Namespace) -> int:
-    console = Console()
+    """Connect, run the handler, print what it shows; the exit status (see
+    :data:`mailers.cli.EXIT_CODES`)."""
+    errors = stderr()
+    try:
+        connection = resolve(ns, os.environ)
+    except ConfigError as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        return EXIT_USAGE
+
+    async def go() -> Shown | None:
+        async with MailerClient(
+            list(connection.coordinators), token=connection.token, tls=connection.tls
+        ) as client:
+            return await handler(client, ns, errors)
 
     try:
-        tls = resolve_tls(ns, os.environ)
-    except CampaignInputError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 2
-
-    async def go() -> Any:
-        # The token comes from the environment only: flags show in ``ps``.
-        token = os.environ.get("MAILER_TOKEN") or None
-        async with MailerClient(coordinators(ns), token=token, tls=tls) as client:
-            return await handler(client, ns, console)
-
-    try:
-        out = asyncio.run(go())
+        shown = asyncio.run(go())
+    except UsageError as exc:
+        errors.print(f"[red]error:[/] {exc}")
+        return EXIT_USAGE
     except MailerError as exc:
-        console.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
-        return 1
-    if ns.json:
-        print(json.dumps(out, indent=2, ensure_ascii=False))
-    return 0
+        errors.print(f"[red]error:[/] {type(exc).__name__}: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        errors.print("[yellow]interrupted[/]")
+        return EXIT_INTERRUPTED
+    if shown is not None:
+        shown.print(output_format(ns))
+    return EXIT_OK
 
 
 def add_admin_parsers(
@@ -322,9 +369,8 @@ def add_admin_parsers(
 
     def parser(name: str, handler: Handler, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--coordinators", help="host:port,... (env MAILER_COORDINATORS)")
-        p.add_argument("--json", action="store_true", help="print JSON for scripts")
-        add_tls_arguments(p)
+        add_connection_arguments(p, on_subcommand=True)
+        add_output_arguments(p, on_subcommand=True)
         p.set_defaults(func=lambda ns: _run(handler, ns))
         return p
 

@@ -3,7 +3,11 @@
 The CSV needs an ``email`` column; ``name`` is optional and every other column
 becomes a template variable (``{{ column }}``). The file is checked in one pass
 before anything is sent, then streamed to the cluster in chunks (read again on
-a retried attempt, never held whole in one request). Progress is a rich
+a retried attempt, never held whole in one request). A row the cluster would refuse
+(an address the coordinator does not accept, more fields than the header) is skipped
+and listed, with its line and the reason, in ``<name>.rejects.csv`` next to the CSV;
+``--strict`` refuses the whole file instead. Progress and errors go to stderr, the
+summary (``--json``: one JSON object) to stdout. Progress is a rich
 progress bar over delivered + failed + cancelled; the summary gives the counts,
 the most frequent failure replies, each node's share and the throughput.
 
@@ -21,8 +25,9 @@ import dataclasses
 import email.utils
 import os
 import re
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TextIO
@@ -54,9 +59,12 @@ from client_sdk import (
     RecipientResult,
     RecipientStatus,
 )
-
-DEFAULT_COORDINATORS = "127.0.0.1:7701,127.0.0.1:7702"
-COORDINATORS_ENV = "MAILER_COORDINATORS"
+from coordinator.validation import address_problem
+from mailers.config import ConfigError, add_connection_arguments, resolve
+from mailers.output import add_output_arguments, dump, output_format, stderr
+from mailers_runtime.message.compiler import CompiledMessage
+from mailers_runtime.message.model import Content, Mailbox, RenderError
+from mailers_runtime.message.model import Header as RuntimeHeader
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -74,6 +82,23 @@ class CampaignInputError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Reject:
+    """A row skipped because the cluster would refuse it."""
+
+    line: int
+    address: str
+    reason: str
+
+
+REJECT_COLUMNS = ("line", "email", "reason")
+
+
+def reject_path(csv_path: Path) -> Path:
+    """Where the rejected rows of ``csv_path`` are listed: ``<stem>.rejects.csv`` beside it."""
+    return csv_path.with_name(f"{csv_path.stem}.rejects.csv")
+
+
+@dataclasses.dataclass(frozen=True)
 class CsvScan:
     """What a checking pass over the CSV found."""
 
@@ -83,6 +108,10 @@ class CsvScan:
     """Rows skipped because their address (case-insensitive) came earlier."""
     variables: frozenset[str]
     """Column names that become template variables."""
+    rejected: int = 0
+    """Rows skipped as invalid (listed in :attr:`reject_file`)."""
+    reject_file: Path | None = None
+    """Where the rejected rows are listed; None when there are none."""
 
 
 @dataclasses.dataclass
@@ -93,7 +122,10 @@ class DuplicateCount:
 
 
 def read_recipients(
-    f: TextIO, source: str = "<csv>", duplicates: DuplicateCount | None = None
+    f: TextIO,
+    source: str = "<csv>",
+    duplicates: DuplicateCount | None = None,
+    rejects: Callable[[Reject], None] | None = None,
 ) -> Iterator[Recipient]:
     """Yield the recipients of a CSV, skipping repeated addresses (case-insensitive).
 
@@ -101,10 +133,13 @@ def read_recipients(
         f: The CSV text (a header row first).
         source: Name used in error messages.
         duplicates: Counts the rows skipped as repeats, when given.
+        rejects: When given, an invalid row (an address the coordinator would refuse,
+            or more fields than the header) is passed to it and skipped; otherwise it
+            ends the reading with an error.
 
     Raises:
-        CampaignInputError: No ``email`` column, an invalid address, or a row
-            with more fields than the header; the message gives the line.
+        CampaignInputError: No ``email`` column; without ``rejects`` also an invalid
+            row; the message gives the line.
     """
     reader = csv.reader(f)
     try:
@@ -123,14 +158,14 @@ def read_recipients(
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) > len(columns):
-            raise CampaignInputError(
-                f"{source}:{line}: {len(row)} fields, the header has {len(columns)}"
-            )
         row = row + [""] * (len(columns) - len(row))
         address = row[email_i].strip()
-        if not _EMAIL_RE.match(address):
-            raise CampaignInputError(f"{source}:{line}: invalid email {address!r}")
+        problem = _row_problem(row, len(columns), address)
+        if problem is not None:
+            if rejects is None:
+                raise CampaignInputError(f"{source}:{line}: {problem}")
+            rejects(Reject(line, address, problem))
+            continue
         key = address.lower()
         if key in seen:
             if duplicates is not None:
@@ -144,6 +179,17 @@ def read_recipients(
         )
 
 
+def _row_problem(row: Sequence[str], columns: int, address: str) -> str | None:
+    """Why the cluster would refuse a row (padded to the header), or None."""
+    if len(row) > columns:
+        return f"{len(row)} fields, the header has {columns}"
+    if not address:
+        return "no email address"
+    if not _EMAIL_RE.match(address):
+        return f"invalid email {address!r}"
+    return address_problem(address)  # the coordinator's own rule; it names the address
+
+
 def csv_variables(f: TextIO) -> frozenset[str]:
     """The columns of a CSV that become template variables."""
     header = next(csv.reader(f), [])
@@ -152,29 +198,56 @@ def csv_variables(f: TextIO) -> frozenset[str]:
     )
 
 
-def scan_csv(path: Path) -> CsvScan:
-    """Check the whole CSV without keeping it.
+def scan_csv(path: Path, strict: bool = False) -> CsvScan:
+    """Check the whole CSV without keeping it. Unless ``strict``, invalid rows are
+    listed in :func:`reject_path` (written only when there are some; an older list is
+    removed when there are none).
 
     Raises:
-        CampaignInputError: The file is missing or invalid.
+        CampaignInputError: The file is missing or unreadable, has no ``email`` column,
+            or (``strict``) holds an invalid row; the reject list cannot be written.
     """
     duplicates = DuplicateCount()
+    rejected: list[Reject] = []
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
             variables = csv_variables(f)
             f.seek(0)
-            sent = sum(1 for _ in read_recipients(f, str(path), duplicates))
+            found = read_recipients(f, str(path), duplicates, None if strict else rejected.append)
+            sent = sum(1 for _ in found)
     except OSError as exc:
         raise CampaignInputError(f"{path}: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise CampaignInputError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    return CsvScan(recipients=sent, duplicates=duplicates.value, variables=variables)
+    target = reject_path(path)
+    try:
+        if rejected:
+            with target.open("w", encoding="utf-8", newline="") as out:
+                writer = csv.writer(out)
+                writer.writerow(REJECT_COLUMNS)
+                writer.writerows((r.line, r.address, r.reason) for r in rejected)
+        else:
+            target.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CampaignInputError(f"{target}: {exc.strerror or exc}") from exc
+    return CsvScan(
+        recipients=sent,
+        duplicates=duplicates.value,
+        variables=variables,
+        rejected=len(rejected),
+        reject_file=target if rejected else None,
+    )
 
 
-def iter_recipients(path: Path) -> Iterator[Recipient]:
-    """The recipients of the CSV at ``path``, read lazily (one factory call per attempt)."""
+def iter_recipients(path: Path, strict: bool = False) -> Iterator[Recipient]:
+    """The recipients of the CSV at ``path``, read lazily (one factory call per attempt);
+    invalid rows are skipped unless ``strict`` (:func:`scan_csv` listed them)."""
     with path.open(encoding="utf-8-sig", newline="") as f:
-        yield from read_recipients(f, str(path))
+        yield from read_recipients(f, str(path), rejects=None if strict else _ignore)
+
+
+def _ignore(reject: Reject) -> None:
+    pass
 
 
 def template_variables(*templates: str) -> set[str]:
@@ -222,67 +295,6 @@ def parse_time(value: str, what: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.astimezone()
 
 
-TOKEN_ENV = "MAILER_TOKEN"
-"""Environment variable holding the API token of the CLI commands."""
-
-
-TLS_ENV = {
-    "tls_ca": "MAILER_TLS_CA",
-    "tls_cert": "MAILER_TLS_CERT",
-    "tls_key": "MAILER_TLS_KEY",
-    "tls_server_name": "MAILER_TLS_SERVER_NAME",
-}
-"""The ``--tls-*`` flags of the CLI and the variables they default to."""
-
-
-def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tls-ca``, ``--tls-cert``, ``--tls-key`` and ``--tls-server-name`` (see
-    :func:`resolve_tls`)."""
-    parser.add_argument("--tls-ca", help="CA of the coordinators' certificates ($MAILER_TLS_CA)")
-    parser.add_argument("--tls-cert", help="client certificate ($MAILER_TLS_CERT)")
-    parser.add_argument("--tls-key", help="its private key ($MAILER_TLS_KEY)")
-    parser.add_argument(
-        "--tls-server-name",
-        help="name in the coordinators' certificates, when not their host "
-        "($MAILER_TLS_SERVER_NAME)",
-    )
-
-
-def resolve_tls(ns: argparse.Namespace, environ: Mapping[str, str]) -> ClientTls | None:
-    """The CLI's TLS: each ``--tls-*`` flag, else its variable (``MAILER_TLS_CA``...).
-
-    Without a CA, certificate or key the CLI dials in plaintext (clusters started with
-    ``MAILER_PLAINTEXT=1``). The files are read here, once.
-
-    Raises:
-        CampaignInputError: a file is unreadable, or a certificate comes without its key.
-    """
-    values = {
-        flag: (getattr(ns, flag, None) or environ.get(name, "")).strip()
-        for flag, name in TLS_ENV.items()
-    }
-    if not (values["tls_ca"] or values["tls_cert"] or values["tls_key"]):
-        return None
-    try:
-        return ClientTls.from_files(
-            values["tls_ca"] or None,
-            values["tls_cert"] or None,
-            values["tls_key"] or None,
-            server_name=values["tls_server_name"],
-        )
-    except ValueError as exc:
-        raise CampaignInputError(f"TLS: {exc}") from None
-
-
-def resolve_coordinators(flag: str | None, environ: Mapping[str, str]) -> tuple[str, ...]:
-    """Coordinator addresses: the flag, else ``MAILER_COORDINATORS``, else the local default."""
-    value = flag or environ.get(COORDINATORS_ENV) or DEFAULT_COORDINATORS
-    addresses = tuple(a.strip() for a in value.split(",") if a.strip())
-    if not addresses:
-        raise CampaignInputError("--coordinators: no address given")
-    return addresses
-
-
 @dataclasses.dataclass(frozen=True)
 class SendArgs:
     """Everything ``mailers send`` needs, parsed and checked."""
@@ -298,9 +310,12 @@ class SendArgs:
     submit_timeout: timedelta = timedelta(minutes=10)
     top_failures: int = 5
     token: str | None = dataclasses.field(default=None, repr=False)
-    """API token from ``MAILER_TOKEN`` (never a flag: flags show in ``ps``)."""
+    """API token (``MAILER_TOKEN`` or the context's token file; never a flag: flags show
+    in ``ps``)."""
     tls: ClientTls | None = None
-    """TLS towards the coordinators (``--tls-*`` or ``MAILER_TLS_CA``...); None: plaintext."""
+    """TLS towards the coordinators (see :mod:`mailers.config`); None: plaintext."""
+    strict: bool = False
+    """Refuse the whole CSV at its first invalid row instead of skipping such rows."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -323,6 +338,29 @@ class Summary:
     duplicates_skipped: int = 0
     suppressed: int = 0
     """On the tenant's suppression list; never sent."""
+    rejected: int = 0
+    """Invalid rows skipped (listed in ``reject_file``)."""
+    reject_file: Path | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The summary as ``mailers send --json`` prints it."""
+        return {
+            "job_id": self.job_id,
+            "state": self.state.value,
+            "total": self.total,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "cancelled": self.cancelled,
+            "deferred": self.deferred,
+            "suppressed": self.suppressed,
+            "duplicate_rows_skipped": self.duplicates_skipped,
+            "rejected_rows": self.rejected,
+            "reject_file": str(self.reject_file) if self.reject_file else None,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "rate_per_s": round(self.rate_per_s, 1),
+            "top_failures": [{"reply": r, "count": n} for r, n in self.top_failures],
+            "per_node": dict(self.per_node),
+        }
 
     @property
     def rate_per_s(self) -> float:
@@ -409,6 +447,8 @@ def render_summary(summary: Summary, console: Console) -> None:
         table.add_row("deferred", str(summary.deferred))
     if summary.duplicates_skipped:
         table.add_row("duplicate rows skipped", str(summary.duplicates_skipped))
+    if summary.rejected:
+        table.add_row("invalid rows skipped", f"{summary.rejected} ({summary.reject_file})")
     table.add_row("elapsed", f"{summary.elapsed_s:.1f} s")
     table.add_row("throughput", f"{summary.rate_per_s:.1f} msg/s")
     console.print(table)
@@ -459,7 +499,12 @@ def _scan(args: SendArgs, console: Console) -> CsvScan:
     Raises:
         CampaignInputError: The CSV is invalid or holds no recipient.
     """
-    scan = scan_csv(args.csv_path)
+    scan = scan_csv(args.csv_path, args.strict)
+    if scan.rejected:
+        console.print(
+            f"[yellow]skipped {scan.rejected} invalid rows[/] (line, address and reason in "
+            f"{scan.reject_file}; --strict refuses the file instead)"
+        )
     if scan.recipients == 0:
         raise CampaignInputError(f"{args.csv_path}: no recipients")
     c = args.content
@@ -484,18 +529,22 @@ async def _watch(
 
 
 async def run_send(
-    args: SendArgs, console: Console, *, client: MailerClient | None = None
+    args: SendArgs,
+    console: Console,
+    *,
+    client: MailerClient | None = None,
+    out: Console | None = None,
 ) -> Summary | None:
     """Submit the CSV as one job, watch it to the end and return its summary.
 
     Args:
         args: What to send and where.
-        console: Where progress and the summary are printed.
-        client: A client to use (tests); one for ``args.coordinators`` otherwise,
-            closed on return.
+        console: Where progress and messages are printed.
+        client: A client to use (tests); else one of its own, closed on return.
+        out: Where the summary tables go (``console`` when None; a ``quiet`` one: none).
 
     Returns:
-        The summary, or None when ``args.wait`` is False (submitted only).
+        The summary; with ``args.wait`` False, of the job as it stood when submitted.
 
     Raises:
         CampaignInputError: The CSV is invalid (nothing was sent).
@@ -503,27 +552,25 @@ async def run_send(
     """
     scan = _scan(args, console)
     own_client = client is None
-    if client is None:
-        client = MailerClient(list(args.coordinators), token=args.token, tls=args.tls)
+    client = client or MailerClient(list(args.coordinators), token=args.token, tls=args.tls)
     try:
         started = time.monotonic()
         with _progress_bar(console) as progress:
             upload = progress.add_task("Uploading", total=scan.recipients, counts="")
             job = await client.submit(
                 args.content,
-                lambda: iter_recipients(args.csv_path),
+                lambda: iter_recipients(args.csv_path, args.strict),
                 idempotency_key=args.idempotency_key,
                 options=args.options,
                 on_progress=lambda n: progress.update(upload, completed=n),
                 timeout=args.submit_timeout,
             )
             progress.update(upload, completed=scan.recipients)
-            console.print(
-                f"job [bold]{job.job_id}[/] {'created' if job.created is not False else 'exists'}"
-                f" (idempotency key {job.idempotency_key or args.idempotency_key})"
-            )
+            created = "created" if job.created is not False else "exists"
+            key = job.idempotency_key or args.idempotency_key
+            console.print(f"job [bold]{job.job_id}[/] {created} (idempotency key {key})")
             if not args.wait:
-                return None
+                return _summary(SummaryBuilder(), job.progress, time.monotonic() - started, scan)
             sending = progress.add_task(
                 "Sending",
                 total=job.progress.total or scan.recipients,
@@ -534,12 +581,22 @@ async def run_send(
         builder = SummaryBuilder()
         async for result in client.results(job.job_id):
             builder.add(result)
-        summary = builder.build(final, elapsed_s, args.top_failures, scan.duplicates)
-        render_summary(summary, console)
+        summary = _summary(builder, final, elapsed_s, scan, args.top_failures)
+        render_summary(summary, out or console)
         return summary
     finally:
         if own_client:
             await client.close()
+
+
+def _summary(
+    builder: SummaryBuilder, final: JobProgress, elapsed_s: float, scan: CsvScan, top: int = 0
+) -> Summary:
+    return dataclasses.replace(
+        builder.build(final, elapsed_s, top, scan.duplicates),
+        rejected=scan.rejected,
+        reject_file=scan.reject_file,
+    )
 
 
 def add_send_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -565,15 +622,20 @@ def add_send_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("--expires-at", help="ISO 8601 time; deferred recipients fail after")
     p.add_argument("--idempotency-key", help="reuse to make a rerun return the same job")
     p.add_argument(
-        "--coordinators",
-        help=f"host:port,... (default: ${COORDINATORS_ENV} or {DEFAULT_COORDINATORS})",
-    )
-    p.add_argument(
         "--submit-timeout", type=float, default=600.0, help="seconds for the upload (default 600)"
     )
     p.add_argument("--no-wait", action="store_true", help="submit, print the job id and exit")
     p.add_argument("--top-failures", type=int, default=5, help="failure replies to list")
-    add_tls_arguments(p)
+    p.add_argument(
+        "--strict", action="store_true", help="refuse the whole CSV if any row is invalid"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the CSV and templates and print the first message; send nothing",
+    )
+    add_connection_arguments(p, on_subcommand=True)
+    add_output_arguments(p, on_subcommand=True)
     p.set_defaults(func=main_send)
 
 
@@ -604,17 +666,22 @@ def send_args_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> SendAr
     )
     if ns.submit_timeout <= 0:
         raise CampaignInputError("--submit-timeout must be positive")
+    try:
+        connection = resolve(ns, environ)
+    except ConfigError as exc:
+        raise CampaignInputError(str(exc)) from None
     return SendArgs(
         csv_path=ns.csv,
         content=content,
-        coordinators=resolve_coordinators(ns.coordinators, environ),
+        coordinators=connection.coordinators,
         options=options,
         idempotency_key=ns.idempotency_key,
         wait=not ns.no_wait,
         submit_timeout=timedelta(seconds=ns.submit_timeout),
         top_failures=ns.top_failures,
-        token=environ.get(TOKEN_ENV) or None,
-        tls=resolve_tls(ns, environ),
+        token=connection.token,
+        tls=connection.tls,
+        strict=ns.strict,
     )
 
 
@@ -630,14 +697,22 @@ def _read_template(path: Path | None, what: str) -> str:
 def main_send(ns: argparse.Namespace) -> int:
     """Handler of ``mailers send``: run it and map the outcome to an exit code.
 
-    0 when the job completed (failed recipients included), 3 when it was
-    cancelled, 2 for unusable input, 1 when the cluster refused or was
-    unreachable, 130 when interrupted (the job keeps running on the cluster).
+    0 when the job completed (failed recipients included) or was submitted
+    (``--no-wait``) or checked (``--dry-run``), 3 when it was cancelled, 2 for unusable
+    input, 1 when the cluster refused or was unreachable, 130 when interrupted (the job
+    keeps running on the cluster). Progress and errors go to stderr; the summary (or
+    with ``--dry-run`` the first message) to stdout.
     """
-    console = Console()
+    # Messages are never wrapped: a path or an address must stay whole to be copied.
+    console = stderr()
+    fmt = output_format(ns)
+    out = Console(quiet=fmt in ("json", "yaml"))
     try:
         args = send_args_from(ns, os.environ)
-        summary = asyncio.run(run_send(args, console))
+        if ns.dry_run:
+            sys.stdout.write(dry_run(args, console))
+            return EXIT_OK
+        summary = asyncio.run(run_send(args, console, out=out))
     except CampaignInputError as exc:
         console.print(f"[red]error:[/] {exc}")
         return EXIT_USAGE
@@ -647,6 +722,47 @@ def main_send(ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] a submitted job keeps running on the cluster")
         return EXIT_INTERRUPTED
+    if fmt in ("json", "yaml") and summary is not None:
+        sys.stdout.write(dump(summary.to_json(), fmt))
     if summary is not None and summary.state is JobState.CANCELLED:
         return EXIT_CANCELLED
     return EXIT_OK
+
+
+def dry_run(args: SendArgs, console: Console) -> str:
+    """Check the CSV (listing invalid rows as a send would) and the templates, and
+    render the message of the first recipient, as a sender node would, without any
+    signature; nothing is sent.
+
+    Raises:
+        CampaignInputError: the CSV or the content is unusable.
+    """
+    scan = _scan(args, console)
+    first = next(iter_recipients(args.csv_path, args.strict))
+    c = args.content
+    content = Content(
+        sender=Mailbox(c.sender.email, c.sender.name),
+        subject=c.subject,
+        text_body=c.text_body,
+        html_body=c.html_body,
+        reply_to=Mailbox(c.reply_to.email, c.reply_to.name) if c.reply_to else None,
+        headers=tuple(RuntimeHeader(h.name, h.value) for h in c.headers),
+        unsubscribe_url=c.unsubscribe_url,
+    )
+    try:
+        message = CompiledMessage("dry-run", content).render(
+            index=0,
+            email=first.email,
+            name=first.name,
+            variables=first.variables,
+            date=datetime.now().astimezone(),
+        )
+    except RenderError as exc:
+        raise CampaignInputError(f"the message cannot be rendered: {exc}") from None
+    console.print(
+        f"dry run: {scan.recipients} recipients would be sent"
+        + (f", {scan.rejected} invalid rows skipped" if scan.rejected else "")
+        + (f", {scan.duplicates} duplicate rows skipped" if scan.duplicates else "")
+        + f"; the message of {first.email} follows, nothing was sent"
+    )
+    return message.decode("utf-8", "replace").replace("\r\n", "\n")

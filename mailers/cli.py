@@ -4,6 +4,9 @@ mailers demo                 start a local cluster and send a 1,000-recipient ca
 mailers cluster              run a local cluster until Ctrl-C
 mailers send --csv ...       send a CSV of recipients as one job, with a progress bar
 mailers status | nodes       what the leader coordinator says about the cluster
+mailers jobs | job | results jobs, one job's control, its per-recipient outcomes
+mailers config               named contexts: which cluster, with which certificates
+mailers completion SHELL     the shell completion script
 mailers certs DIR            make a development CA and the certificates of a cluster
 mailers etcd-auth NODE_ID... create etcd's users and roles and enable auth (as root)
 mailers coordinator | node   run a coordinator or a sender node (MAILER_* variables)
@@ -24,10 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aetcd
+import argcomplete
+from argcomplete.shell_integration import shellcode
 from rich.console import Console
 
 from mailers.admin import add_admin_parsers
 from mailers.campaign import add_send_parser, main_send
+from mailers.config import add_config_parser, add_connection_arguments
 from mailers.etcd_auth import ROOT as ETCD_ROOT_USER
 from mailers.etcd_auth import ROOT_CERT as ETCD_ROOT
 from mailers.etcd_auth import (
@@ -38,6 +44,7 @@ from mailers.etcd_auth import (
     remove_node,
     role_table,
 )
+from mailers.output import add_output_arguments
 from mailers_runtime.etcd import EtcdTls, connect, parse_endpoints, permission_denied
 
 
@@ -194,9 +201,26 @@ def _needs_dev(ns: argparse.Namespace) -> int:
     return 2
 
 
+EXIT_CODES = """exit status:
+  0    done (for send: the job ended, or was submitted with --no-wait, or checked)
+  1    the cluster refused, failed or could not be reached
+  2    unusable arguments, configuration or input (nothing was sent)
+  3    send: the job was cancelled
+  130  interrupted (a submitted job keeps running on the cluster)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailers", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mailers",
+        description=__doc__.split("\n\n")[0],
+        epilog="Connection options (--context, --coordinators, --tls-*) and -o may come "
+        "before or after the subcommand; see `mailers config --help` for contexts.\n\n"
+        + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    add_connection_arguments(parser, on_subcommand=False)
+    add_output_arguments(parser, on_subcommand=False)
     sub = parser.add_subparsers(dest="command", required=True)
     server = sub.add_parser(
         "coordinator",
@@ -210,7 +234,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_etcd_auth_parser(sub)
     add_send_parser(sub)
     add_admin_parsers(sub, run_node)
+    add_config_parser(sub)
+    add_completion_parser(sub)
     return parser
+
+
+def add_completion_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``mailers completion bash|zsh|fish``: the shell's completion script."""
+    parser = sub.add_parser(
+        "completion",
+        help="print the shell completion script",
+        description="Print the completion script of a shell, e.g. add\n"
+        '  eval "$(mailers completion bash)"\n'
+        "to ~/.bashrc (zsh: ~/.zshrc; fish: mailers completion fish | source).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("shell", choices=["bash", "zsh", "fish"])
+    parser.set_defaults(func=cmd_completion)
+
+
+def cmd_completion(ns: argparse.Namespace) -> int:
+    sys.stdout.write(shellcode(["mailers"], shell=ns.shell))
+    return 0
 
 
 def add_etcd_auth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -258,7 +303,11 @@ def add_etcd_auth_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Completes the command line and exits when the shell's completion function runs
+    # us (it sets _ARGCOMPLETE); does nothing otherwise.
+    argcomplete.autocomplete(parser)
+    ns = parser.parse_args(argv)
     if ns.command == "send":
         return main_send(ns)
     return int(ns.func(ns))

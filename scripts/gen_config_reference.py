@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import coordinator.config  # noqa: E402
-import mailers.campaign  # noqa: E402
+import mailers.config  # noqa: E402
 import sender_node.config  # noqa: E402
 from mailers_runtime import settings  # noqa: E402
 
@@ -103,8 +103,14 @@ OTHER_VARIABLES: dict[str, Other] = {
     ),
     "MAILER_COORDINATORS": Other(
         "the `mailers` command (`send`, `status`, `nodes`)",
-        f"`{mailers.campaign.DEFAULT_COORDINATORS}`",
+        f"`{','.join(mailers.config.DEFAULT_COORDINATORS)}`",
         "Coordinator addresses the command tries; it finds the leader among them.",
+    ),
+    "MAILER_CONTEXT": Other(
+        "the `mailers` command",
+        "the config file's `current_context`",
+        "Which context of the config file (`$MAILERS_CONFIG`, else "
+        "`~/.config/mailers/config.toml`) the command uses; `--context` overrides it.",
     ),
     "MAILER_TOKEN": Other(
         "the `mailers` command (`send` and the operator commands)",

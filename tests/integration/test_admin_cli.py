@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import termios
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -87,6 +94,111 @@ def test_drain_shows_progress_until_no_batch_is_left(
     addresses = ",".join(cluster.coordinator_addresses)
     capsys.readouterr()
     assert main(["node", "drain", "node2", "--coordinators", addresses]) == 0
-    out = capsys.readouterr().out
-    assert "draining node2" in out and "0 batches left" in out
+    captured = capsys.readouterr()
+    # Progress on stderr, the drained node (the data) on stdout
+    assert "draining node2" in captured.err and "0 batches left" in captured.err
+    assert "node2" in captured.out and "draining" not in captured.out
     assert main(["node", "uncordon", "node2", "--coordinators", addresses]) == 0
+
+
+def test_send_skips_invalid_rows_lists_them_and_sends_the_rest(
+    tmp_path: Path, cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Given a CSV of 500 rows of which 2% the cluster would refuse
+    bad = {
+        50: "not-an-email",
+        120: "two@at@signs.example",
+        200: "jöhn@umlaut.example",
+        260: "",
+        300: "x@-dash-.example",
+        333: "a b@space.example",
+        400: "trailing@dot.example.",
+        450: "@no-local.example",
+        470: "no-domain@",
+        499: "semi;colon@x.example",
+    }
+    rows = [bad.get(i, f"r{i}@rejects.example") for i in range(500)]
+    csv = tmp_path / "list.csv"
+    csv.write_text("email,name\n" + "".join(f"{e},R{i}\n" for i, e in enumerate(rows)))
+    text = tmp_path / "body.txt"
+    text.write_text("Hello {{ name }}")
+    capsys.readouterr()
+    # When it is sent with --json
+    code = main(
+        ["send", "--csv", str(csv), "--from", "ops@example.com", "--subject", "Hi",
+         "--text", str(text), "--coordinators", ",".join(cluster.coordinator_addresses),
+         "--idempotency-key", "cli-rejects", "--json"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    # Then the other 490 went out, the summary on stdout is JSON, the notice on stderr
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert (summary["total"], summary["delivered"], summary["rejected_rows"]) == (490, 490, 10)
+    assert "skipped 10 invalid rows" in captured.err
+    # And every skipped row is listed with its line (the header is line 1) and reason
+    listed = (tmp_path / "list.rejects.csv").read_text().splitlines()
+    assert listed[0] == "line,email,reason"
+    lines = sorted(int(row.split(",", 1)[0]) for row in listed[1:])
+    assert lines == sorted(i + 2 for i in bad)
+    assert summary["reject_file"] == str(tmp_path / "list.rejects.csv")
+    sent = {str(x["message_id"]) for x in cluster.delivered()}
+    assert sum(1 for m in sent if m.startswith(f"<{summary['job_id']}.")) == 490
+
+
+def _in_terminal(args: list[str], columns: int = 80) -> str:
+    """What ``mailers ARGS`` shows in a pseudo-terminal ``columns`` wide."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {**os.environ, "TERM": "xterm"}
+    env.pop("COLUMNS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailers.cli", *args],
+        stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        proc.wait(60)
+    assert proc.returncode == 0, b"".join(chunks).decode(errors="replace")
+    text = b"".join(chunks).decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)  # colours and cursor moves
+
+
+def test_an_80_column_terminal_shows_whole_ids(cluster: LocalCluster) -> None:
+    addresses = ",".join(cluster.coordinator_addresses)
+    # Given jobs (earlier tests of this module sent some) and three nodes
+    jobs = _in_terminal(["--coordinators", addresses, "jobs"])
+    listed = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "mailers.cli", "jobs", "-o", "json",
+             "--coordinators", addresses],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+    )  # fmt: skip
+    assert listed
+    # Then each job id, node id and node address is shown whole on one line
+    for job in listed:
+        assert job["job_id"] in jobs, jobs
+    assert "…" not in jobs
+    nodes = _in_terminal(["nodes", "--coordinators", addresses, "-o", "wide"])
+    for i in range(3):
+        assert f"node{i}" in nodes
+    for address in re.findall(r"127\.0\.0\.1:\d+", nodes):
+        assert len(address) > len("127.0.0.1:")
+    assert "…" not in nodes
+    # And the status reads the leader's epoch, the standby waiting behind it
+    status = _in_terminal(["status", "--coordinators", addresses])
+    leader = next(line for line in status.splitlines() if line.strip().startswith("leader"))
+    standby = next(line for line in status.splitlines() if line.strip().startswith("standby"))
+    assert re.search(r"\s\d+\s*$", leader), status
+    assert re.search(r"rev \d+\s*$", standby), status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +20,6 @@ from client_sdk import (
     SmtpReply,
 )
 from mailers.campaign import (
-    DEFAULT_COORDINATORS,
     EXIT_USAGE,
     CampaignInputError,
     DuplicateCount,
@@ -30,7 +30,7 @@ from mailers.campaign import (
     parse_mailbox,
     parse_time,
     read_recipients,
-    resolve_coordinators,
+    reject_path,
     scan_csv,
     send_args_from,
     summarize,
@@ -126,15 +126,6 @@ def test_template_variables_and_flag_parsers() -> None:
         parse_time("tomorrow", "--send-at")
 
 
-def test_coordinators_come_from_flag_then_env_then_default() -> None:
-    env = {"MAILER_COORDINATORS": "e:1, e:2"}
-    assert resolve_coordinators("f:1,f:2", env) == ("f:1", "f:2")
-    assert resolve_coordinators(None, env) == ("e:1", "e:2")
-    assert resolve_coordinators(None, {}) == tuple(DEFAULT_COORDINATORS.split(","))
-    with pytest.raises(CampaignInputError):
-        resolve_coordinators(" , ", {})
-
-
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mailers")
     add_send_parser(parser.add_subparsers(dest="command", required=True))
@@ -198,8 +189,78 @@ def test_main_send_rejects_a_bad_csv_before_contacting_anyone(
             "--coordinators", "127.0.0.1:9",
         ]
     )  # fmt: skip
+    # Skipped as invalid, it leaves nothing to send; --strict names it instead
     assert main_send(ns) == EXIT_USAGE
-    assert "invalid email" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "skipped 1 invalid rows" in err and "no recipients" in err
+    ns.strict = True
+    assert main_send(ns) == EXIT_USAGE
+    captured = capsys.readouterr()
+    assert "list.csv:2: invalid email 'not-an-address'" in captured.err
+    assert captured.out == ""
+
+
+def test_invalid_rows_are_skipped_and_listed_with_line_and_reason(tmp_path: Path) -> None:
+    # Given a CSV with rows the coordinator would refuse among good ones
+    path = tmp_path / "list.csv"
+    path.write_text(
+        "email,name\n"
+        "a@example.com,A\n"
+        "not-an-address,B\n"
+        "jöhn@example.com,C\n"
+        "c@example.com,C,extra\n"
+        ",D\n"
+        "d@example.com,D\n"
+    )
+    # When it is scanned and read
+    scan = scan_csv(path)
+    # Then the good rows are sent and each bad one is listed once, by line
+    assert (scan.recipients, scan.rejected) == (2, 4)
+    assert [r.email for r in iter_recipients(path)] == ["a@example.com", "d@example.com"]
+    assert scan.reject_file == reject_path(path) == tmp_path / "list.rejects.csv"
+    listed = list(csv.reader(scan.reject_file.open()))
+    assert listed[0] == ["line", "email", "reason"]
+    assert [(int(line), email) for line, email, _ in listed[1:]] == [
+        (3, "not-an-address"),
+        (4, "jöhn@example.com"),
+        (5, "c@example.com"),
+        (6, ""),
+    ]
+    assert "non-ASCII local part" in listed[2][2] and "3 fields" in listed[3][2]
+    # And a later scan of a clean file removes the old list
+    path.write_text("email\na@example.com\n")
+    assert scan_csv(path).reject_file is None and not reject_path(path).exists()
+
+
+def test_strict_refuses_the_file_at_its_first_invalid_row(tmp_path: Path) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text("email\na@example.com\nx@-bad-.example\nnot-an-address\n")
+    with pytest.raises(
+        CampaignInputError, match=r"list.csv:3: 'x@-bad-.example' is not a valid email address"
+    ):
+        scan_csv(path, strict=True)
+    assert not reject_path(path).exists()
+
+
+def test_dry_run_renders_the_first_recipient_and_sends_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "body.txt").write_text("Hello {{ name }}, your plan is {{ plan }}.")
+    (tmp_path / "list.csv").write_text("email,name,plan\nbad,X,none\nann@example.com,Ann,pro\n")
+    ns = _parse(
+        [
+            "send", "--csv", str(tmp_path / "list.csv"), "--from", "News <news@example.com>",
+            "--subject", "Hi {{ name }}", "--text", str(tmp_path / "body.txt"), "--dry-run",
+            # Nothing listens here: a dry run contacts nobody.
+            "--coordinators", "127.0.0.1:9",
+        ]
+    )  # fmt: skip
+    assert main_send(ns) == 0
+    captured = capsys.readouterr()
+    assert "To: Ann <ann@example.com>" in captured.out
+    assert "Subject: Hi Ann" in captured.out
+    assert "Hello Ann, your plan is pro." in captured.out
+    assert "1 recipients would be sent, 1 invalid rows skipped" in captured.err
 
 
 def test_summary_counts_failures_and_node_shares() -> None:
