@@ -80,7 +80,9 @@ case "${1:-}" in
     install_system; install_python; install_buf
     lint
     echo "== pytest"
-    exec .venv/bin/pytest "${@:2}"
+    # Two workers: most chaos tests wait on faults that last seconds, so a second stream
+    # of tests fills the idle core (tests/conftest.py says what runs together).
+    exec .venv/bin/pytest -n 2 --dist loadgroup "${@:2}"
     ;;
   check)
     install_system; install_python; install_buf

@@ -109,3 +109,21 @@ async def database(database_config: DatabaseConfig) -> AsyncIterator[Database]:
     db = await Database.open(database_config, migrate_schema=False)
     yield db
     await db.close()
+
+
+_GROUPED_BY_MODULE = {"integration", "component"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """For pytest-xdist (``dev.sh test`` runs ``-n 2 --dist loadgroup``): the tests of an
+    integration or component module stay on one worker (they share the module's servers),
+    tests marked with the same ``xdist_group`` run one after another on one worker (the
+    network-namespace tests, the distribution builds), and every other test goes to
+    whichever worker is free."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        parts = item.path.resolve().relative_to(tests_dir).parts
+        if parts[0] in _GROUPED_BY_MODULE:
+            item.add_marker(pytest.mark.xdist_group(f"{parts[0]}/{parts[-1]}"))

@@ -376,7 +376,7 @@ async def test_submit_deadline_expiring_then_leader_killed(
     # Nodes that hold one recipient at a time: the jobs barely start meanwhile.
     cluster = LocalCluster(tmp_path / "c", spec(node_env={**NODE_ENV, "MAILER_CAPACITY": "1"}))
     client = await started(clusters, cluster)
-    n = 200_000
+    n = 100_000
     async with client:
         status = await client.cluster_status()
         assert status.leader is not None

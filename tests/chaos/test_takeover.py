@@ -66,6 +66,8 @@ async def test_leader_killed_at_80_percent_of_100k_recipients(
         tmp_path / "c",
         spec(
             sink_args=(),
+            # A sink per node: one sink process alone could not keep up with three nodes.
+            own_sink_nodes=(0, 1, 2),
             coordinator_env={**COORDINATOR_ENV, "MAILER_BATCH_SIZE": "200"},
             node_env={**NODE_ENV, "MAILER_SMTP_CONNECTIONS": "6", "MAILER_CAPACITY": "2000"},
         ),

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.deploy
+# One build at a time: uv build writes into the packages' own build/ directories.
+pytestmark = [pytest.mark.deploy, pytest.mark.xdist_group("distributions")]
 
 ROOT = Path(__file__).resolve().parents[2]
 UV = ROOT / ".tools" / "uv" / "bin" / "uv"

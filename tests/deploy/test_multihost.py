@@ -50,7 +50,8 @@ from mailers_runtime.healthcheck import probe
 from tests.deploy.netlab import Host, NetLab, unavailable_reason, wait_for_tcp
 from tests.helpers import assert_eventually
 
-pytestmark = [pytest.mark.deploy, pytest.mark.timeout(90)]
+# Labs pick a free subnet: one at a time (see tests/conftest.py).
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(90), pytest.mark.xdist_group("netlab")]
 
 SERVICE = "mailer.v1.MailerService"
 RECIPIENTS = 500

@@ -44,10 +44,18 @@ def _nodes_active(run: Cli) -> bool:
 
 
 def test_status_names_one_leader_and_a_standby(cli: Cli) -> None:
+    # The second coordinator campaigns a moment after the first has won: on a busy
+    # machine the first status may come before it stands by.
+    def settled() -> bool:
+        status = cli("status")
+        return bool(status["leader"]) and len(status["standbys"]) == 1
+
+    wait_until(settled, timeout_s=30, message="a leader and one standby")
     status = cli("status")
     assert isinstance(status, dict)
     assert status["leader"]["address"] and len(status["standbys"]) == 1
     assert status["leader"]["epoch"] > 0 and status["etcd_endpoints"]
+    assert all(s["epoch"] > status["leader"]["epoch"] for s in status["standbys"])
 
 
 def test_cordon_reset_and_uncordon_a_node(cli: Cli) -> None:
