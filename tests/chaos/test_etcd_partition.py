@@ -11,8 +11,8 @@ member each one talks to when the fault strikes, 30 s long, in the middle of a j
 - ``leader``: the same with etcd0 the raft leader; the other two elect a new one.
 - ``slow``: etcd0 answers slowly: every process reaches it through a fault proxy that
   holds each chunk 2 s, in both directions, so a lease refresh misses its deadline.
-
-(etcd0 dead, refusing connections, is ``test_etcd_faults.test_etcd_member_killed_under_load``.)
+- ``dead``: etcd0 is SIGKILLed (connections to it are refused) and started again 30 s
+  later. (``test_etcd_faults`` kills it with a 3 s TTL and the members named by host.)
 
 With the project's lease and election TTLs (5 s), each time: the sink's accepts never
 pause for more than the TTL, clients always find a leading coordinator (never more than
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -107,7 +108,7 @@ def longest_pause(stamps: list[float], start: float, end: float) -> float:
     return max((b - a for a, b in zip(edges, edges[1:], strict=False)), default=end - start)
 
 
-@pytest.mark.parametrize("fault", ["follower", "leader", "slow"])
+@pytest.mark.parametrize("fault", ["follower", "leader", "slow", "dead"])
 async def test_one_sick_etcd_member_for_30_seconds(tmp_path: Path, lab: NetLab, fault: str) -> None:
     cluster = LocalCluster(tmp_path / "c", spec())
     hosts = [lab.add_host(f"etcd{i}", 11 + i) for i in range(3)]
@@ -135,13 +136,19 @@ async def test_one_sick_etcd_member_for_30_seconds(tmp_path: Path, lab: NetLab, 
             await until(some_delivered, 60, "300 delivered")
             # When etcd0 is sick for 30 s mid-job
             sick = Stopwatch()
+            etcd0 = cluster.etcd.members[0]
             if fault == "slow":
                 proxy.add_latency(LATENCY_S)
+            elif fault == "dead":
+                assert etcd0.proc is not None
+                etcd0.proc.signal(signal.SIGKILL)
             else:
                 lab.isolate(hosts[0], hosts[1:])
             leaderless_s = await longest_without_leader(client, FAULT_S)
             if fault == "slow":
                 proxy.pass_through()
+            elif fault == "dead":
+                await asyncio.to_thread(cluster.etcd.restart_member, etcd0)
             else:
                 lab.heal(hosts[0])
             healed = time.time()
