@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from mailers.cli import main
 from mailers_dev.cluster import LocalCluster
@@ -210,3 +211,41 @@ def test_an_80_column_terminal_shows_whole_ids(cluster: LocalCluster) -> None:
     standby = next(line for line in status.splitlines() if line.strip().startswith("standby"))
     assert re.search(r"\s\d+\s*$", leader), status
     assert re.search(r"rev \d+\s*$", standby), status
+
+
+LISTINGS = {
+    "status": ["status"],
+    "nodes": ["nodes"],
+    "jobs": ["jobs"],
+    "suppressions": ["suppression", "list"],
+}
+
+
+@pytest.mark.parametrize("listing", [*LISTINGS, "results"])
+def test_every_listing_in_every_format(
+    listing: str, cluster: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    addresses = ",".join(cluster.coordinator_addresses)
+    capsys.readouterr()
+    assert main(["jobs", "-o", "json", "--coordinators", addresses]) == 0
+    jobs = json.loads(capsys.readouterr().out)
+    assert jobs, "earlier tests of this module sent jobs"
+    args = LISTINGS.get(listing) or ["results", jobs[0]["job_id"]]
+    documents = {}
+    for fmt in ("json", "yaml"):
+        # -o before the subcommand for json, after it for yaml: both positions work
+        where = ["-o", fmt, *args] if fmt == "json" else [*args, "-o", fmt]
+        assert main(["--coordinators", addresses, *where]) == 0
+        captured = capsys.readouterr()
+        documents[fmt] = (json.loads if fmt == "json" else yaml.safe_load)(captured.out)
+    # The same document either way
+    assert documents["json"] == documents["yaml"]
+    widths = {}
+    for fmt in ("table", "wide"):
+        assert main([*args, "-o", fmt, "--coordinators", addresses]) == 0
+        out = capsys.readouterr().out
+        header = next(line for line in out.splitlines() if line.strip())
+        widths[fmt] = len(header.split())
+        assert "…" not in out
+    # wide shows at least the columns table shows
+    assert widths["wide"] >= widths["table"]
