@@ -144,13 +144,18 @@ def address_from_pb(msg: common_pb2.Address) -> Address | None:
 def recipient_to_pb(recipient: Recipient) -> common_pb2.Recipient:
     """A Recipient message."""
     return common_pb2.Recipient(
-        email=recipient.email, name=recipient.name, variables=dict(recipient.variables)
+        email=recipient.email,
+        name=recipient.name,
+        variables=dict(recipient.variables),
+        metadata=dict(recipient.metadata),
     )
 
 
 def recipient_from_pb(msg: common_pb2.Recipient) -> Recipient:
     """A Recipient."""
-    return Recipient(email=msg.email, name=msg.name, variables=dict(msg.variables))
+    return Recipient(
+        email=msg.email, name=msg.name, variables=dict(msg.variables), metadata=dict(msg.metadata)
+    )
 
 
 def content_to_pb(content: MessageContent) -> common_pb2.MessageContent:
@@ -199,7 +204,9 @@ def content_from_pb(msg: common_pb2.MessageContent) -> MessageContent:
 
 def options_to_pb(options: JobOptions) -> coordinator_pb2.JobOptions:
     """A JobOptions message."""
-    msg = coordinator_pb2.JobOptions(priority=options.priority, name=options.name)
+    msg = coordinator_pb2.JobOptions(
+        priority=options.priority, name=options.name, tags=list(options.tags)
+    )
     if options.send_at is not None:
         msg.send_at.CopyFrom(timestamp_to_pb(options.send_at))
     if options.expires_at is not None:
@@ -214,6 +221,7 @@ def options_from_pb(msg: coordinator_pb2.JobOptions) -> JobOptions:
         expires_at=_timestamp_from_pb(msg, "expires_at"),
         priority=msg.priority,
         name=msg.name,
+        tags=tuple(msg.tags),
     )
 
 
@@ -267,6 +275,9 @@ def result_from_pb(msg: common_pb2.RecipientResult) -> RecipientResult:
         node_id=msg.node_id,
         ambiguous=msg.ambiguous,
         updated_at=_timestamp_from_pb(msg, "updated_at"),
+        message_id=msg.message_id,
+        relay=msg.relay,
+        metadata=dict(msg.metadata),
     )
 
 

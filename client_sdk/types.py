@@ -123,6 +123,10 @@ class Recipient:
     name: str = ""
     variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """Template variables, referenced as ``{{ name }}`` in subject and bodies."""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Your own data (e.g. a customer id), returned with the recipient's results and
+    never sent: at most 16 keys of letters, digits, ``_ - .`` up to 64 characters,
+    values up to 256 characters, 1024 bytes in all."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +178,9 @@ class JobOptions:
     priority: int = 0
     """Higher runs first."""
     name: str = ""
-    """Free-form label shown in listings."""
+    """Free-form label shown in listings (at most 200 characters)."""
+    tags: Sequence[str] = ()
+    """Your labels of the job, returned with it: at most 10, each 1 to 64 characters."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +266,12 @@ class RecipientResult:
     ambiguous: bool = False
     """True when the relay may have received the message twice."""
     updated_at: datetime | None = None
+    message_id: str = ""
+    """The Message-ID header of the message sent, with its angle brackets."""
+    relay: str = ""
+    """The relay (host:port) that gave the reply, when one did."""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The metadata the recipient was submitted with."""
 
 
 @dataclasses.dataclass(frozen=True)

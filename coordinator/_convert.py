@@ -3,6 +3,8 @@ gRPC shells (servicer.py, server.py, node_link.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from coordinator.model import (
@@ -111,7 +113,9 @@ def content_to(content: Content) -> common_pb2.MessageContent:
 
 
 def recipient_from(pb: common_pb2.Recipient) -> Recipient:
-    return Recipient(email=pb.email, name=pb.name, variables=dict(pb.variables))
+    return Recipient(
+        email=pb.email, name=pb.name, variables=dict(pb.variables), metadata=dict(pb.metadata)
+    )
 
 
 def recipient_to(r: Recipient) -> common_pb2.Recipient:
@@ -124,6 +128,7 @@ def options_from(pb: coordinator_pb2.JobOptions) -> JobOptions:
         expires_at=unix(pb.expires_at, pb.HasField("expires_at")),
         priority=pb.priority,
         name=pb.name,
+        tags=tuple(pb.tags),
     )
 
 
@@ -133,6 +138,7 @@ def options_to(options: JobOptions) -> coordinator_pb2.JobOptions:
         expires_at=timestamp(options.expires_at),
         priority=options.priority,
         name=options.name,
+        tags=list(options.tags),
     )
 
 
@@ -184,10 +190,14 @@ def result_from(pb: common_pb2.RecipientResult) -> tuple[int, Result]:
         node_id=pb.node_id,
         ambiguous=pb.ambiguous,
         updated_at=unix(pb.updated_at, pb.HasField("updated_at")) or 0.0,
+        message_id=pb.message_id,
+        relay=pb.relay,
     )
 
 
-def result_to(index: int, email: str, result: Result) -> common_pb2.RecipientResult:
+def result_to(
+    index: int, email: str, result: Result, metadata: Mapping[str, str] | None = None
+) -> common_pb2.RecipientResult:
     return common_pb2.RecipientResult(
         index=index,
         email=email,
@@ -200,6 +210,9 @@ def result_to(index: int, email: str, result: Result) -> common_pb2.RecipientRes
         node_id=result.node_id,
         ambiguous=result.ambiguous,
         updated_at=timestamp(result.updated_at) if result.updated_at else None,
+        message_id=result.message_id,
+        relay=result.relay,
+        metadata=dict(metadata or {}),
     )
 
 

@@ -56,6 +56,8 @@ class Recipient:
     email: str
     name: str = ""
     variables: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The caller's own data, returned with the recipient's results; never sent."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,8 @@ class JobOptions:
     """Unix seconds after which deferred recipients fail."""
     priority: int = 0
     name: str = ""
+    tags: tuple[str, ...] = ()
+    """The caller's labels of the job."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +237,7 @@ def dump_spec(spec: JobSpec) -> bytes:
                 "expires_at": o.expires_at,
                 "priority": o.priority,
                 "name": o.name,
+                "tags": list(o.tags),
             },
             "total": spec.total,
             "batch_size": spec.batch_size,
@@ -266,7 +271,11 @@ def load_spec(raw: bytes) -> JobSpec:
             recipients_per_message=c.get("rpm", 1),
         ),
         options=JobOptions(
-            send_at=o["send_at"], expires_at=o["expires_at"], priority=o["priority"], name=o["name"]
+            send_at=o["send_at"],
+            expires_at=o["expires_at"],
+            priority=o["priority"],
+            name=o["name"],
+            tags=tuple(o.get("tags", ())),
         ),
         total=d["total"],
         batch_size=d["batch_size"],

@@ -50,6 +50,7 @@ from coordinator.validation import (
     check_content,
     check_idempotency_key,
     check_job,
+    check_options,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from mailers_runtime.etcd import EtcdTls, connect
@@ -274,7 +275,11 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             reign = await self._role.leader()
             content = _convert.content_from(request.content)
             recipients = [_convert.recipient_from(r) for r in request.recipients]
-            check_job(content, recipients, request.idempotency_key, self._limits, self._templates)
+            options = _convert.options_from(request.options)
+            check_job(
+                content, recipients, request.idempotency_key, self._limits, self._templates,
+                options,
+            )  # fmt: skip
             check_job_size(self._quotas(caller.tenant), len(recipients))
 
             async def feed() -> AsyncIterator[list[Recipient]]:
@@ -307,6 +312,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             out = Collector()
             check_idempotency_key(out, header.idempotency_key)
             check_content(out, content, self._limits, self._templates)
+            check_options(out, _convert.options_from(header.options))
             out.raise_if_any()
 
             async def feed() -> AsyncIterator[list[Recipient]]:
@@ -467,9 +473,9 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                 raise ValidationError([("page_token", "is not a token from this API")]) from None
             rows = await reign.store.results(record.job_no, after, wanted, page_size + 1)
             page = rows[:page_size]
-            next_token = str(page[-1][0]) if len(rows) > page_size else ""
+            next_token = str(page[-1].cursor) if len(rows) > page_size else ""
             return coordinator_pb2.ListJobResultsResponse(
-                results=[_convert.result_to(i, email, r) for _, i, email, r in page],
+                results=[_convert.result_to(r.index, r.email, r.result, r.metadata) for r in page],
                 next_page_token=next_token,
             )
 

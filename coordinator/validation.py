@@ -20,11 +20,11 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import email_validator
 
-from coordinator.model import Address, Content, Header, Recipient
+from coordinator.model import Address, Content, Header, JobOptions, Recipient
 from mailers_runtime.errors import PermanentError
 
 MAX_REPORTED = 20
@@ -281,8 +281,55 @@ def check_recipients(
                 )
             elif "\x00" in value:
                 out.add(f"{field}.variables[{key}]", "contains a NUL character")
+        if r.metadata:
+            _check_metadata(out, f"{field}.metadata", r.metadata)
         count += 1
     return count
+
+
+# The API's own limits (proto/mailer/v1: Recipient.metadata, JobOptions.tags).
+MAX_METADATA_KEYS = 16
+MAX_METADATA_VALUE_CHARS = 256
+MAX_METADATA_BYTES = 1024
+"""UTF-8 bytes of a recipient's metadata, keys and values together."""
+MAX_TAGS = 10
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_TAG_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_JOB_NAME_CHARS = 200
+MAX_TAG_CHARS = 64
+
+
+def _check_metadata(out: Collector, field: str, metadata: Mapping[str, str]) -> None:
+    if len(metadata) > MAX_METADATA_KEYS:
+        out.add(field, f"more than {MAX_METADATA_KEYS} entries")
+        return
+    size = 0
+    for key, value in metadata.items():
+        size += len(key.encode()) + len(value.encode())
+        if not _METADATA_KEY.match(key):
+            out.add(field, f"{key[:80]!r} is not a valid key (1-64 letters, digits, _ - .)")
+        elif len(value) > MAX_METADATA_VALUE_CHARS:
+            out.add(f"{field}[{key}]", f"is longer than {MAX_METADATA_VALUE_CHARS} characters")
+        elif "\x00" in value:
+            out.add(f"{field}[{key}]", "contains a NUL character")
+    if size > MAX_METADATA_BYTES:
+        out.add(field, f"is larger than {MAX_METADATA_BYTES} bytes")
+
+
+def check_options(out: Collector, options: JobOptions) -> None:
+    """The job's name and tags."""
+    if len(options.name) > MAX_JOB_NAME_CHARS:
+        out.add("options.name", f"is longer than {MAX_JOB_NAME_CHARS} characters")
+    else:
+        out.add("options.name", _text_problem(options.name))
+    if len(options.tags) > MAX_TAGS:
+        out.add("options.tags", f"more than {MAX_TAGS} tags")
+        return
+    for i, tag in enumerate(options.tags):
+        if not tag or len(tag) > MAX_TAG_CHARS:
+            out.add(f"options.tags[{i}]", f"must be 1 to {MAX_TAG_CHARS} characters")
+        elif _TAG_FORBIDDEN.search(tag):
+            out.add(f"options.tags[{i}]", "contains a control character")
 
 
 def check_job(
@@ -291,6 +338,7 @@ def check_job(
     idempotency_key: str,
     limits: Limits,
     templates: TemplateCheck | None = None,
+    options: JobOptions | None = None,
 ) -> None:
     """Validate a whole job given at once.
 
@@ -300,6 +348,8 @@ def check_job(
     out = Collector()
     check_idempotency_key(out, idempotency_key)
     check_content(out, content, limits, templates)
+    if options is not None:
+        check_options(out, options)
     if not recipients:
         out.add("recipients", "at least one recipient is required")
     elif len(recipients) > limits.max_recipients:

@@ -85,6 +85,7 @@ def result_to_proto(result: Result) -> common_pb2.RecipientResult:
         node_id=result.node_id,
         ambiguous=result.ambiguous,
         relay=result.relay,
+        message_id=result.message_id,
     )
     if result.reply is not None:
         message.reply.code = result.reply.code

@@ -47,6 +47,8 @@ class Result:
     ambiguous: bool = False
     reply: Reply | None = None
     relay: str = ""
+    message_id: str = ""
+    """The Message-ID of the message sent (with angle brackets); empty when none was."""
 
 
 @dataclasses.dataclass(frozen=True)

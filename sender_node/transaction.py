@@ -209,14 +209,15 @@ class SendEngine:
                 return False
             # No await from here to record(): the connection carries nothing else first.
             finished = self._clock()
-            send.record(self._results(send.group, outcomes, started, finished, paced))
+            results = self._results(send, outcomes, started, finished, paced)
+            send.record(results)
             return True
         finally:
             send.guard.sending = False
 
     def _results(
         self,
-        group: Sequence[Recipient],
+        send: _Send,
         outcomes: Sequence[SendOutcome],
         started: float,
         finished: float,
@@ -231,8 +232,13 @@ class SendEngine:
         self.metrics.transaction_seconds.observe(finished - started)
         relay_fault = False
         results = []
+        compiled, group = send.compiled, send.group
+        # A shared message is named after the first recipient of its group.
+        shared = compiled.message_id(group[0].index, shared=True)
+        per_recipient = compiled.recipients_per_message == 1
         for item, outcome in zip(group, outcomes, strict=True):
-            result, fault = self.outcome_result(item, outcome)
+            message_id = compiled.message_id(item.index) if per_recipient else shared
+            result, fault = self.outcome_result(item, outcome, message_id)
             relay_fault = relay_fault or fault
             results.append(result)
         self.load.record(finished, finished - started, relay_fault)
@@ -253,8 +259,11 @@ class SendEngine:
 
     # -- results ---------------------------------------------------------------------
 
-    def outcome_result(self, item: Recipient, outcome: SendOutcome) -> tuple[Result, bool]:
-        """The result reported for one recipient, and whether the relay was at fault."""
+    def outcome_result(
+        self, item: Recipient, outcome: SendOutcome, message_id: str = ""
+    ) -> tuple[Result, bool]:
+        """The result reported for one recipient (``message_id``: of the message sent),
+        and whether the relay was at fault."""
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
         domain = recipient_domain(item.email)
         self.metrics.messages.labels(outcome.relay, domain, verdict.outcome.name.lower()).inc()
@@ -283,6 +292,7 @@ class SendEngine:
             ambiguous=verdict.outcome is Outcome.AMBIGUOUS,
             reply=reply,
             relay=outcome.relay,
+            message_id=message_id,
         )
         return result, verdict.relay_fault
 

@@ -92,10 +92,10 @@ CREATE TEMPORARY TABLE upload (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DRO
 -- name: insert_by_domain
 -- The uploaded job in send order: by domain (the text after the last '@', as a node's
 -- per-domain throttles read it), then submitted place, which pos keeps.
-INSERT INTO recipients (job_no, idx, pos, email, name, variables)
+INSERT INTO recipients (job_no, idx, pos, email, name, variables, metadata)
 SELECT job_no,
        (row_number() OVER (ORDER BY lower(substring(email FROM '[^@]*$')), idx) - 1)::integer,
-       idx, email, name, variables
+       idx, email, name, variables, metadata
 FROM upload;
 
 -- name: assign_batches
@@ -290,7 +290,8 @@ LIMIT $4;
 
 -- name: list_results
 SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code,
-       enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay
+       enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay,
+       metadata
 FROM recipients
 WHERE job_no = $1 AND idx > $2
 ORDER BY idx
@@ -298,7 +299,8 @@ LIMIT $3;
 
 -- name: list_results_by_status
 SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code,
-       enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay
+       enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay,
+       metadata
 FROM recipients
 WHERE job_no = $1 AND status = ANY($2::smallint[]) AND idx > $3
 ORDER BY idx

@@ -258,6 +258,20 @@ class BatchSettled:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResultRow:
+    """One recipient as ``ListJobResults`` shows it."""
+
+    cursor: int
+    """Its place in send order (paging goes by it)."""
+    index: int
+    """Its place in the submitted list (the same unless the job shares messages)."""
+    email: str
+    result: Result
+    metadata: dict[str, str]
+    """What the caller attached at submit."""
+
+
+@dataclasses.dataclass(frozen=True)
 class StatusChange:
     """A leader's decision over a range of one job's recipients."""
 
@@ -432,9 +446,7 @@ class Store:
                 await conn.execute(self._q["create_upload"])
                 table = "upload"
             async for rows in _row_slices(chunks, job_no, COPY_ROWS):
-                await conn.copy_records_to_table(
-                    table, records=rows, columns=("job_no", "idx", "email", "name", "variables")
-                )
+                await conn.copy_records_to_table(table, records=rows, columns=_RECIPIENT_COLUMNS)
                 total += len(rows)
             if by_domain:
                 await conn.execute(self._q["insert_by_domain"])
@@ -721,11 +733,8 @@ class Store:
 
     async def results(
         self, job_no: int, after: int, statuses: Iterable[Status], limit: int
-    ) -> list[tuple[int, int, str, Result]]:
-        """(cursor, index, email, result) of a job's recipients in send order, from
-        cursor ``after`` on (-1: the first). The index is the recipient's place in the
-        submitted list; the cursor, its place in send order (the same unless the job
-        shares messages)."""
+    ) -> list[ResultRow]:
+        """A job's recipients in send order, from cursor ``after`` on (-1: the first)."""
         wanted = [STATUS_CODE[s] for s in statuses]
         async with self._conn() as conn:
             if wanted:
@@ -734,7 +743,16 @@ class Store:
                 )
             else:
                 rows = await conn.fetch(self._q["list_results"], job_no, after, limit)
-        return [(row["idx"], row["position"], row["email"], _result(row)) for row in rows]
+        return [
+            ResultRow(
+                row["idx"],
+                row["position"],
+                row["email"],
+                _result(row),
+                json.loads(row["metadata"]) if row["metadata"] else {},
+            )
+            for row in rows
+        ]
 
     async def suppressions(self, tenant: str, after: str, limit: int) -> list[Suppression]:
         async with self._conn() as conn:
@@ -869,6 +887,9 @@ def _suppression(row: Any) -> Suppression:
     )
 
 
+_RECIPIENT_COLUMNS = ("job_no", "idx", "email", "name", "variables", "metadata")
+
+
 async def _row_slices(
     chunks: AsyncIterator[Sequence[Recipient]], job_no: int, size: int
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
@@ -878,7 +899,8 @@ async def _row_slices(
     async for chunk in chunks:
         for r in chunk:
             variables = json.dumps(dict(r.variables)) if r.variables else None
-            rows.append((job_no, index, r.email, r.name, variables))
+            metadata = json.dumps(dict(r.metadata)) if r.metadata else None
+            rows.append((job_no, index, r.email, r.name, variables, metadata))
             index += 1
             if len(rows) == size:
                 yield rows

@@ -319,9 +319,11 @@ class CompiledMessage:
             encoded += b"\r\n"
         return encoded
 
-    def message_id(self, index: int) -> str:
-        """The Message-ID of the recipient at ``index`` in the job, with angle brackets."""
-        return f"<{self._msgid_prefix}.{index}@{self.domain}>"
+    def message_id(self, index: int, *, shared: bool = False) -> str:
+        """The Message-ID, with angle brackets, of the message of the recipient at
+        ``index`` in the job, or (``shared``) of the shared message of the group that
+        starts at ``index`` (see :meth:`render_shared`)."""
+        return f"<{self._msgid_prefix}.{'g' if shared else ''}{index}@{self.domain}>"
 
     @property
     def recipients_per_message(self) -> int:
@@ -344,7 +346,7 @@ class CompiledMessage:
             {},
             date,
             to=_header("To", SHARED_TO),
-            message_id=f"<{self._msgid_prefix}.g{first_index}@{self.domain}>",
+            message_id=self.message_id(first_index, shared=True),
         )
 
     def _date(self, date: datetime) -> bytes:

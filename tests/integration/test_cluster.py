@@ -7,6 +7,7 @@ recipient with the Message-ID it carried.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -141,6 +142,14 @@ def _no_body(r: coordinator_pb2.SubmitJobRequest) -> None:
     r.content.html_body = ""
 
 
+def _big_metadata(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.recipients[1].metadata.update({f"k{i}": "v" * 100 for i in range(12)})
+
+
+def _control_in_a_tag(r: coordinator_pb2.SubmitJobRequest) -> None:
+    r.options.tags.extend(["ok", "bad\ntag"])
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -148,6 +157,8 @@ def _no_body(r: coordinator_pb2.SubmitJobRequest) -> None:
         (_bad_address, "recipients[2].email"),
         (_no_subject_no_text, "content.subject"),
         (_no_body, "content.text_body"),
+        (_big_metadata, "recipients[1].metadata"),
+        (_control_in_a_tag, "options.tags[1]"),
     ],
 )
 async def test_bad_input_is_refused_and_nothing_is_stored(
@@ -282,6 +293,38 @@ async def test_attachment_reaches_every_recipient(cluster: LocalCluster) -> None
         assert parts[0].get_filename() == "facture-été.pdf"
         assert parts[0].get_content_type() == "application/pdf"
         assert parts[0].get_content() == pdf
+
+
+@pytest.mark.parametrize("per_message", [1, 25])
+async def test_metadata_and_tags_come_back_with_results_and_the_job(
+    cluster: LocalCluster, per_message: int
+) -> None:
+    # Given recipients carrying the caller's own ids (every third none), a tagged job,
+    # personalised or sharing messages (stored in send order: the metadata follows)
+    content = dataclasses.replace(CONTENT, recipients_per_message=per_message)
+    if per_message > 1:
+        content = dataclasses.replace(content, subject="Notice", text_body="Hi all",
+                                      html_body="")  # fmt: skip
+    people = [
+        Recipient(f"m{i}@{'zb' if i % 2 else 'ya'}.example", metadata={} if i % 3 == 0
+                  else {"customer": f"C-{i:04d}", "list.id": "spring"})
+        for i in range(40)
+    ]  # fmt: skip
+    options = JobOptions(name="spring", tags=("newsletter", "2026-12"))
+    async with MailerClient(cluster.coordinator_addresses) as client:
+        await wait_nodes_active(client, 1)
+        job = await client.submit(content, people, options=options)
+        await client.wait(job.job_id)
+        # Then the job keeps its tags, and each result its recipient's metadata and the
+        # Message-ID the sink saw
+        assert tuple((await client.get(job.job_id)).options.tags) == ("newsletter", "2026-12")
+        results = [r async for r in client.results(job.job_id)]
+    assert sorted(r.index for r in results) == list(range(40))
+    sent = {str(line["message_id"]) for line in cluster.delivered()}
+    for r in results:
+        assert dict(r.metadata) == dict(people[r.index].metadata), r
+        assert r.email == people[r.index].email
+        assert r.message_id in sent, r
 
 
 async def test_a_shared_message_goes_to_many_recipients_per_transaction(

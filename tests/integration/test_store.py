@@ -18,6 +18,7 @@ from coordinator.db.store import (
     LostLeadership,
     QuotaRefused,
     QuotaRequest,
+    ResultRow,
     StatusChange,
     Store,
 )
@@ -175,15 +176,15 @@ async def test_a_shared_message_job_is_stored_in_domain_order(database: Database
     record = await store.submit(shared, upload(), QuotaRequest(), NOW)
     assert record.spec.total == 12
     # When its results are listed, two at a time
-    rows: list[tuple[int, int, str, Result]] = []
+    rows: list[ResultRow] = []
     after = -1
     while page := await store.results(record.job_no, after, (), 2):
         rows += page
-        after = page[-1][0]
+        after = page[-1].cursor
     # Then send order runs by domain (case-insensitively), then by submitted place:
     # each batch of 4 holds one domain
-    assert [cursor for cursor, _, _, _ in rows] == list(range(12))
-    assert [email for _, _, email, _ in rows] == sorted(
+    assert [r.cursor for r in rows] == list(range(12))
+    assert [r.email for r in rows] == sorted(
         emails, key=lambda e: (e.rpartition("@")[2].lower(), emails.index(e))
     )
     pending = await store.pending([(record.job_no, lo, lo + 4, "acme") for lo in (0, 4, 8)])
@@ -191,7 +192,7 @@ async def test_a_shared_message_job_is_stored_in_domain_order(database: Database
         batch = [p.recipient.email for p in pending[record.job_no] if lo <= p.index < lo + 4]
         assert len({e.rpartition("@")[2].lower() for e in batch}) == 1
     # And every recipient keeps its submitted index, each exactly once
-    assert sorted((index, email) for _, index, email, _ in rows) == list(enumerate(emails))
+    assert sorted((r.index, r.email) for r in rows) == list(enumerate(emails))
 
 
 async def test_an_upload_longer_than_the_statement_timeout_is_stored_whole(
@@ -243,7 +244,7 @@ async def test_results_apply_once_and_deliveries_win(database: Database) -> None
     await write(store, [delivered("r", 1, attempts=2)])
     await write(store, [deferred])
     # Then the delivery stands
-    results = {i: r for _, i, _, r in await store.results(n, -1, (), 100)}
+    results = {r.index: r.result for r in await store.results(n, -1, (), 100)}
     assert results[1].status is Status.DELIVERED and results[1].attempts == 2
     # When a recipient cancelled by the leader is reported delivered later
     await write(
@@ -305,7 +306,7 @@ async def test_listings_page_by_keyset(database: Database) -> None:
     job = await store.job("job00")
     assert job is not None
     page = await store.results(job.job_no, 0, (), 2)
-    assert [i for _, i, _, _ in page] == [1, 2]
+    assert [r.index for r in page] == [1, 2]
 
 
 async def test_quotas_are_checked_in_the_submit_transaction(database: Database) -> None:
@@ -346,6 +347,6 @@ async def test_retrying_failures_queues_them_again_with_fresh_attempts(
     assert out.changed == [2]
     assert sorted(out.reopened[n]) == [0, 1]
     assert out.jobs[n].failed == 1
-    results = {i: r for _, i, _, r in await store.results(n, -1, (Status.QUEUED,), 10)}
+    results = {r.index: r.result for r in await store.results(n, -1, (Status.QUEUED,), 10)}
     assert sorted(results) == [1, 7] and all(r.attempts == 0 for r in results.values())
     assert [b.seq async for b in store.open_batches(n)] == [0, 1]

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.model import Address, Content, Header, Recipient
+from coordinator.model import Address, Content, Header, JobOptions, Recipient
 from coordinator.validation import (
     ALLOWED_HEADERS_TEXT,
     Limits,
@@ -275,3 +275,45 @@ def test_shared_messages_are_checked_at_submit() -> None:
             "must be between 0 (one message per recipient) and 100",
         )
     ]
+
+
+def test_metadata_within_limits_is_accepted() -> None:
+    ok = Recipient("a@example.com", metadata={"customer": "C-1", "list.id": "x" * 256})
+    check_job(_content(), [ok], "k", Limits())
+
+
+@pytest.mark.parametrize(
+    ("metadata", "field", "message"),
+    [
+        ({f"k{i}": "v" for i in range(17)}, "recipients[0].metadata", "more than 16 entries"),
+        ({"bad key": "v"}, "recipients[0].metadata", "not a valid key"),
+        ({"": "v"}, "recipients[0].metadata", "not a valid key"),
+        ({"k": "v" * 257}, "recipients[0].metadata[k]", "longer than 256 characters"),
+        ({"k": "a\x00b"}, "recipients[0].metadata[k]", "NUL"),
+        ({f"k{i}": "é" * 100 for i in range(6)}, "recipients[0].metadata", "1024 bytes"),
+    ],
+)
+def test_metadata_problems_name_the_field(
+    metadata: dict[str, str], field: str, message: str
+) -> None:
+    problems = _problems(_content(), [Recipient("a@example.com", metadata=metadata)])
+    assert any(f == field and message in m for f, m in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        (JobOptions(name="n" * 201), "options.name", "longer than 200"),
+        (JobOptions(name="a\nb"), "options.name", "control character"),
+        (JobOptions(tags=tuple(f"t{i}" for i in range(11))), "options.tags", "more than 10"),
+        (JobOptions(tags=("ok", "")), "options.tags[1]", "1 to 64 characters"),
+        (JobOptions(tags=("t" * 65,)), "options.tags[0]", "1 to 64 characters"),
+        (JobOptions(tags=("a\tb",)), "options.tags[0]", "control character"),
+    ],
+)
+def test_name_and_tags_problems_name_the_field(
+    options: JobOptions, field: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        check_job(_content(), [Recipient("a@example.com")], "k", Limits(), options=options)
+    assert any(f == field and message in m for f, m in info.value.problems), info.value.problems

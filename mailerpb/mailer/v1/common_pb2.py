@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/common.proto\x12\tmailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\x07\x41\x64\x64ress\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x92\x01\n\tRecipient\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x36\n\tvariables\x18\x03 \x03(\x0b\x32#.mailer.v1.Recipient.VariablesEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x02\n\x0eMessageContent\x12 \n\x04\x66rom\x18\x01 \x01(\x0b\x32\x12.mailer.v1.Address\x12$\n\x08reply_to\x18\x02 \x01(\x0b\x32\x12.mailer.v1.Address\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\ttext_body\x18\x04 \x01(\t\x12\x11\n\thtml_body\x18\x05 \x01(\t\x12\"\n\x07headers\x18\x06 \x03(\x0b\x32\x11.mailer.v1.Header\x12\x17\n\x0funsubscribe_url\x18\x07 \x01(\t\x12*\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x15.mailer.v1.Attachment\x12\x1e\n\x16recipients_per_message\x18\t \x01(\r\"E\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\">\n\tSmtpReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x15\n\renhanced_code\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x99\x02\n\x0fRecipientResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.mailer.v1.RecipientStatus\x12#\n\x05reply\x18\x04 \x01(\x0b\x32\x14.mailer.v1.SmtpReply\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x11\n\tambiguous\x18\x08 \x01(\x08\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\r\n\x05relay\x18\x0b \x01(\t\"\xcd\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.mailer.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0e\n\x06queued\x18\x04 \x01(\x03\x12\x11\n\tdelivered\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x03\x12\x11\n\tcancelled\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsuppressed\x18\x0c \x01(\x03\"e\n\x08NodeLoad\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x19\n\x11recent_latency_ms\x18\x03 \x01(\x01\x12\x19\n\x11recent_error_rate\x18\x04 \x01(\x01\"h\n\x0bRelayStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\rbreaker_state\x18\x02 \x01(\x0e\x32\x17.mailer.v1.BreakerState\x12\x18\n\x10open_connections\x18\x03 \x01(\x05*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xed\x01\n\x0fRecipientStatus\x12 \n\x1cRECIPIENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECIPIENT_STATUS_QUEUED\x10\x01\x12\x1e\n\x1aRECIPIENT_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17RECIPIENT_STATUS_FAILED\x10\x03\x12\x1d\n\x19RECIPIENT_STATUS_DEFERRED\x10\x04\x12\x1e\n\x1aRECIPIENT_STATUS_CANCELLED\x10\x05\x12\x1f\n\x1bRECIPIENT_STATUS_SUPPRESSED\x10\x06*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/common.proto\x12\tmailer.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\x07\x41\x64\x64ress\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xf9\x01\n\tRecipient\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x36\n\tvariables\x18\x03 \x03(\x0b\x32#.mailer.v1.Recipient.VariablesEntry\x12\x34\n\x08metadata\x18\x04 \x03(\x0b\x32\".mailer.v1.Recipient.MetadataEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x02\n\x0eMessageContent\x12 \n\x04\x66rom\x18\x01 \x01(\x0b\x32\x12.mailer.v1.Address\x12$\n\x08reply_to\x18\x02 \x01(\x0b\x32\x12.mailer.v1.Address\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\ttext_body\x18\x04 \x01(\t\x12\x11\n\thtml_body\x18\x05 \x01(\t\x12\"\n\x07headers\x18\x06 \x03(\x0b\x32\x11.mailer.v1.Header\x12\x17\n\x0funsubscribe_url\x18\x07 \x01(\t\x12*\n\x0b\x61ttachments\x18\x08 \x03(\x0b\x32\x15.mailer.v1.Attachment\x12\x1e\n\x16recipients_per_message\x18\t \x01(\r\"E\n\nAttachment\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\">\n\tSmtpReply\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x15\n\renhanced_code\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x86\x03\n\x0fRecipientResult\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05\x65mail\x18\x02 \x01(\t\x12*\n\x06status\x18\x03 \x01(\x0e\x32\x1a.mailer.v1.RecipientStatus\x12#\n\x05reply\x18\x04 \x01(\x0b\x32\x14.mailer.v1.SmtpReply\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12\x11\n\tambiguous\x18\x08 \x01(\x08\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmessage_id\x18\n \x01(\t\x12\r\n\x05relay\x18\x0b \x01(\t\x12:\n\x08metadata\x18\x0c \x03(\x0b\x32(.mailer.v1.RecipientResult.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcd\x02\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\"\n\x05state\x18\x02 \x01(\x0e\x32\x13.mailer.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\x03\x12\x0e\n\x06queued\x18\x04 \x01(\x03\x12\x11\n\tdelivered\x18\x05 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x06 \x01(\x03\x12\x10\n\x08\x64\x65\x66\x65rred\x18\x07 \x01(\x03\x12\x11\n\tcancelled\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsuppressed\x18\x0c \x01(\x03\"e\n\x08NodeLoad\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x05\x12\x19\n\x11recent_latency_ms\x18\x03 \x01(\x01\x12\x19\n\x11recent_error_rate\x18\x04 \x01(\x01\"h\n\x0bRelayStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12.\n\rbreaker_state\x18\x02 \x01(\x0e\x32\x17.mailer.v1.BreakerState\x12\x18\n\x10open_connections\x18\x03 \x01(\x05*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x14\n\x10JOB_STATE_PAUSED\x10\x03\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05*\xed\x01\n\x0fRecipientStatus\x12 \n\x1cRECIPIENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17RECIPIENT_STATUS_QUEUED\x10\x01\x12\x1e\n\x1aRECIPIENT_STATUS_DELIVERED\x10\x02\x12\x1b\n\x17RECIPIENT_STATUS_FAILED\x10\x03\x12\x1d\n\x19RECIPIENT_STATUS_DEFERRED\x10\x04\x12\x1e\n\x1aRECIPIENT_STATUS_CANCELLED\x10\x05\x12\x1f\n\x1bRECIPIENT_STATUS_SUPPRESSED\x10\x06*|\n\x0c\x42reakerState\x12\x1d\n\x19\x42REAKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42REAKER_STATE_CLOSED\x10\x01\x12\x16\n\x12\x42REAKER_STATE_OPEN\x10\x02\x12\x1b\n\x17\x42REAKER_STATE_HALF_OPEN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECIPIENT_VARIABLESENTRY']._loaded_options = None
   _globals['_RECIPIENT_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1546
-  _globals['_JOBSTATE']._serialized_end=1700
-  _globals['_RECIPIENTSTATUS']._serialized_start=1703
-  _globals['_RECIPIENTSTATUS']._serialized_end=1940
-  _globals['_BREAKERSTATE']._serialized_start=1942
-  _globals['_BREAKERSTATE']._serialized_end=2066
+  _globals['_RECIPIENT_METADATAENTRY']._loaded_options = None
+  _globals['_RECIPIENT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_RECIPIENTRESULT_METADATAENTRY']._loaded_options = None
+  _globals['_RECIPIENTRESULT_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=1758
+  _globals['_JOBSTATE']._serialized_end=1912
+  _globals['_RECIPIENTSTATUS']._serialized_start=1915
+  _globals['_RECIPIENTSTATUS']._serialized_end=2152
+  _globals['_BREAKERSTATE']._serialized_start=2154
+  _globals['_BREAKERSTATE']._serialized_end=2278
   _globals['_ADDRESS']._serialized_start=70
   _globals['_ADDRESS']._serialized_end=108
   _globals['_HEADER']._serialized_start=110
   _globals['_HEADER']._serialized_end=147
   _globals['_RECIPIENT']._serialized_start=150
-  _globals['_RECIPIENT']._serialized_end=296
-  _globals['_RECIPIENT_VARIABLESENTRY']._serialized_start=248
-  _globals['_RECIPIENT_VARIABLESENTRY']._serialized_end=296
-  _globals['_MESSAGECONTENT']._serialized_start=299
-  _globals['_MESSAGECONTENT']._serialized_end=579
-  _globals['_ATTACHMENT']._serialized_start=581
-  _globals['_ATTACHMENT']._serialized_end=650
-  _globals['_SMTPREPLY']._serialized_start=652
-  _globals['_SMTPREPLY']._serialized_end=714
-  _globals['_RECIPIENTRESULT']._serialized_start=717
-  _globals['_RECIPIENTRESULT']._serialized_end=998
-  _globals['_JOBPROGRESS']._serialized_start=1001
-  _globals['_JOBPROGRESS']._serialized_end=1334
-  _globals['_NODELOAD']._serialized_start=1336
-  _globals['_NODELOAD']._serialized_end=1437
-  _globals['_RELAYSTATUS']._serialized_start=1439
-  _globals['_RELAYSTATUS']._serialized_end=1543
+  _globals['_RECIPIENT']._serialized_end=399
+  _globals['_RECIPIENT_VARIABLESENTRY']._serialized_start=302
+  _globals['_RECIPIENT_VARIABLESENTRY']._serialized_end=350
+  _globals['_RECIPIENT_METADATAENTRY']._serialized_start=352
+  _globals['_RECIPIENT_METADATAENTRY']._serialized_end=399
+  _globals['_MESSAGECONTENT']._serialized_start=402
+  _globals['_MESSAGECONTENT']._serialized_end=682
+  _globals['_ATTACHMENT']._serialized_start=684
+  _globals['_ATTACHMENT']._serialized_end=753
+  _globals['_SMTPREPLY']._serialized_start=755
+  _globals['_SMTPREPLY']._serialized_end=817
+  _globals['_RECIPIENTRESULT']._serialized_start=820
+  _globals['_RECIPIENTRESULT']._serialized_end=1210
+  _globals['_RECIPIENTRESULT_METADATAENTRY']._serialized_start=352
+  _globals['_RECIPIENTRESULT_METADATAENTRY']._serialized_end=399
+  _globals['_JOBPROGRESS']._serialized_start=1213
+  _globals['_JOBPROGRESS']._serialized_end=1546
+  _globals['_NODELOAD']._serialized_start=1548
+  _globals['_NODELOAD']._serialized_end=1649
+  _globals['_RELAYSTATUS']._serialized_start=1651
+  _globals['_RELAYSTATUS']._serialized_end=1755
 # @@protoc_insertion_point(module_scope)

@@ -77,10 +77,11 @@ class JobOptions(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     priority: _builtins.int
     """Higher runs first; transactional mail should use a higher priority than campaigns."""
     name: _builtins.str
-    """Free-form label shown in listings."""
+    """Free-form label shown in listings (at most 200 characters)."""
     @_builtins.property
     def send_at(self) -> _timestamp_pb2.Timestamp:
         """Do not start sending before this time."""
@@ -89,6 +90,12 @@ class JobOptions(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Recipients still deferred at this time fail with the last reply recorded."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The caller's labels of the job (e.g. "newsletter", "2026-12"), returned with it:
+        at most 10, each 1 to 64 characters without control characters.
+        """
+
     def __init__(
         self,
         *,
@@ -96,10 +103,11 @@ class JobOptions(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         priority: _builtins.int = ...,
         name: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "send_at", b"send_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "name", b"name", "priority", b"priority", "send_at", b"send_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "name", b"name", "priority", b"priority", "send_at", b"send_at", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -102,7 +102,7 @@ class MailerServiceServicer:
 
     def SubmitJob(self, request, context):
         """Accepts a job. When OK is returned the job and every recipient are
-        durable in etcd. Repeating a call with the same idempotency key returns
+        durable in PostgreSQL. Repeating a call with the same idempotency key returns
         the first job and creates nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -38,7 +38,7 @@ class MailerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> MailerServiceAsyncStub: ...
     SubmitJob: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]
     """Accepts a job. When OK is returned the job and every recipient are
-    durable in etcd. Repeating a call with the same idempotency key returns
+    durable in PostgreSQL. Repeating a call with the same idempotency key returns
     the first job and creates nothing.
     """
     UploadJob: _grpc.StreamUnaryMultiCallable[_coordinator_pb2.UploadJobRequest, _coordinator_pb2.UploadJobResponse]
@@ -77,7 +77,7 @@ class MailerServiceAsyncStub(MailerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.SubmitJobRequest, _coordinator_pb2.SubmitJobResponse]  # type: ignore[assignment]
     """Accepts a job. When OK is returned the job and every recipient are
-    durable in etcd. Repeating a call with the same idempotency key returns
+    durable in PostgreSQL. Repeating a call with the same idempotency key returns
     the first job and creates nothing.
     """
     UploadJob: _aio.StreamUnaryMultiCallable[_coordinator_pb2.UploadJobRequest, _coordinator_pb2.UploadJobResponse]  # type: ignore[assignment]
@@ -119,7 +119,7 @@ class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.SubmitJobResponse, _abc.Awaitable[_coordinator_pb2.SubmitJobResponse]]:
         """Accepts a job. When OK is returned the job and every recipient are
-        durable in etcd. Repeating a call with the same idempotency key returns
+        durable in PostgreSQL. Repeating a call with the same idempotency key returns
         the first job and creates nothing.
         """
 
