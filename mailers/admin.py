@@ -105,7 +105,7 @@ JOB_COLUMNS = (
     Column("delivered", right=True), Column("failed", right=True),
     Column("deferred", right=True, wide=True), Column("cancelled", right=True, wide=True),
     Column("suppressed", right=True, wide=True), Column("queued", right=True),
-    Column("created", wide=True),
+    Column("created", wide=True), Column("tags", text=True, wide=True),
 )  # fmt: skip
 
 
@@ -116,7 +116,7 @@ def job_rows(jobs: Sequence[Job]) -> list[list[str]]:
         created = p.created_at.strftime("%Y-%m-%d %H:%M:%S") if p.created_at else ""
         rows.append([j.job_id, j.options.name, p.state.value, str(p.total), str(p.delivered),
                      str(p.failed), str(p.deferred), str(p.cancelled), str(p.suppressed),
-                     str(p.queued), created])  # fmt: skip
+                     str(p.queued), created, ", ".join(j.options.tags)])  # fmt: skip
     return rows
 
 
@@ -276,7 +276,8 @@ async def _watch(client: MailerClient, job_id: str, console: Console) -> JobProg
 RESULT_COLUMNS = (
     Column("#", right=True), Column("email"), Column("status"), Column("reply", text=True),
     Column("reason", text=True, wide=True), Column("attempts", right=True, wide=True),
-    Column("node", wide=True),
+    Column("node", wide=True), Column("message-id", wide=True),
+    Column("metadata", text=True, wide=True),
 )  # fmt: skip
 
 
@@ -296,7 +297,9 @@ async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Con
             r.reason,
             str(r.attempts),
             r.node_id,
-        ]  # fmt: skip
+            r.message_id,
+            " ".join(f"{k}={v}" for k, v in sorted(r.metadata.items())),
+        ]
         for r in results
     ]
     return Shown(plain(results), [(RESULT_COLUMNS, rows)])

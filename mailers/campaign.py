@@ -1,7 +1,8 @@
 """``mailers send``: submit a CSV of recipients as one job, show its progress, summarise it.
 
-The CSV needs an ``email`` column; ``name`` is optional and every other column
-becomes a template variable (``{{ column }}``). The file is checked in one pass
+The CSV needs an ``email`` column; ``name`` is optional, a column named ``meta.KEY``
+becomes the recipient's metadata ``KEY`` (returned with its results, never sent), and
+every other column becomes a template variable (``{{ column }}``). The file is checked in one pass
 before anything is sent, then streamed to the cluster in chunks (read again on
 a retried attempt, never held whole in one request). A row the cluster would refuse
 (an address the coordinator does not accept, more fields than the header) is skipped
@@ -75,6 +76,10 @@ EXIT_INTERRUPTED = 130
 _EMAIL_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+$")
 _ADDRESS_RE = re.compile(r"<?[^\s<>@,;]+@[^\s<>,;]+>?")
 _VARIABLE_RE = re.compile(r"\{\{\s*([A-Za-z_][\w.-]*)\s*\}\}")
+
+
+META = "meta."
+"""Prefix of the CSV columns that hold metadata rather than template variables."""
 
 
 class CampaignInputError(ValueError):
@@ -152,7 +157,7 @@ def read_recipients(
         raise CampaignInputError(f"{source}:1: no 'email' column in header {columns!r}")
     email_i = lowered.index("email")
     name_i = lowered.index("name") if "name" in lowered else None
-    var_columns = [(i, c) for i, c in enumerate(columns) if i not in (email_i, name_i) and c != ""]
+    meta_columns, var_columns = _data_columns(columns, (email_i, name_i))
     seen: set[str] = set()
     for row in reader:
         line = reader.line_num
@@ -176,7 +181,21 @@ def read_recipients(
             email=address,
             name=row[name_i].strip() if name_i is not None else "",
             variables={c: row[i] for i, c in var_columns},
+            metadata={k: row[i] for i, k in meta_columns if row[i]},
         )
+
+
+def _data_columns(
+    columns: Sequence[str], taken: tuple[int, int | None]
+) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(place, key) of the metadata columns and (place, name) of the variable columns."""
+    meta = [(i, c[len(META) :]) for i, c in enumerate(columns) if c.startswith(META)]
+    variables = [
+        (i, c)
+        for i, c in enumerate(columns)
+        if i not in taken and c != "" and not c.startswith(META)
+    ]
+    return meta, variables
 
 
 def _row_problem(row: Sequence[str], columns: int, address: str) -> str | None:
@@ -194,7 +213,11 @@ def csv_variables(f: TextIO) -> frozenset[str]:
     """The columns of a CSV that become template variables."""
     header = next(csv.reader(f), [])
     return frozenset(
-        c.strip() for c in header if c.strip() and c.strip().lower() not in ("email", "name")
+        c.strip()
+        for c in header
+        if c.strip()
+        and c.strip().lower() not in ("email", "name")
+        and not c.strip().startswith(META)
     )
 
 
@@ -617,6 +640,7 @@ def add_send_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     )
     p.add_argument("--unsubscribe-url", default="", help="adds List-Unsubscribe (RFC 8058)")
     p.add_argument("--name", default="", help="job label shown in listings")
+    p.add_argument("--tag", action="append", default=[], help="a label of the job (repeatable)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first")
     p.add_argument("--send-at", help="ISO 8601 time; do not start before")
     p.add_argument("--expires-at", help="ISO 8601 time; deferred recipients fail after")
@@ -663,6 +687,7 @@ def send_args_from(ns: argparse.Namespace, environ: Mapping[str, str]) -> SendAr
         expires_at=parse_time(ns.expires_at, "--expires-at") if ns.expires_at else None,
         priority=ns.priority,
         name=ns.name or ns.csv.stem,
+        tags=tuple(ns.tag),
     )
     if ns.submit_timeout <= 0:
         raise CampaignInputError("--submit-timeout must be positive")

@@ -294,3 +294,28 @@ def test_summary_counts_failures_and_node_shares() -> None:
     assert dict(summary.per_node) == {"n2": 3, "n1": 2, "": 1}
     assert list(summary.per_node) == ["n2", "n1", ""]
     assert summary.rate_per_s == 1.0
+
+
+def test_meta_columns_become_metadata_not_variables(tmp_path: Path) -> None:
+    # Given a CSV whose meta.* columns hold the caller's own ids
+    path = tmp_path / "list.csv"
+    path.write_text("email,name,plan,meta.customer,meta.list\na@example.com,A,pro,C-1,spring\n"
+                    "b@example.com,B,free,,spring\n")  # fmt: skip
+    # When it is read
+    scan = scan_csv(path)
+    got = list(iter_recipients(path))
+    # Then they are metadata (empty cells left out), never template variables
+    assert scan.variables == frozenset({"plan"})
+    assert [dict(r.metadata) for r in got] == [
+        {"customer": "C-1", "list": "spring"},
+        {"list": "spring"},
+    ]
+    assert [dict(r.variables) for r in got] == [{"plan": "pro"}, {"plan": "free"}]
+
+
+def test_tags_come_from_repeated_tag_flags(tmp_path: Path) -> None:
+    (tmp_path / "body.txt").write_text("Hi")
+    ns = _parse(["send", "--csv", str(tmp_path / "l.csv"), "--from", "a@example.com",
+                 "--text", str(tmp_path / "body.txt"),
+                 "--tag", "newsletter", "--tag", "2026-12"])  # fmt: skip
+    assert send_args_from(ns, {}).options.tags == ("newsletter", "2026-12")
