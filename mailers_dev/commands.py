@@ -271,7 +271,10 @@ def _ports(text: str) -> tuple[int, ...]:
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:port. SO_REUSEADDR, as the servers bind: the
+    closed connections of a run just stopped (TIME_WAIT) do not hold the port."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

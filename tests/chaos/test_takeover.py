@@ -206,6 +206,14 @@ async def test_postgres_refusing_writes_pauses_and_forgets_nothing(
         # every write fails)
         cluster.postgres.sql("ALTER SYSTEM SET default_transaction_read_only = on")
         cluster.postgres.sql("SELECT pg_reload_conf()")
+        # pg_reload_conf() only signals the postmaster, which reloads and then signals
+        # every backend: a new session seeing the setting means that has happened, and a
+        # pooled backend applies it before its next command.
+        await until(
+            lambda: cluster.postgres.sql("SHOW default_transaction_read_only").strip() == "on",
+            10,
+            "PostgreSQL read-only",
+        )
         try:
             with pytest.raises(MailerError):
                 await client.submit(
