@@ -44,7 +44,7 @@ from mailers.etcd_auth import (
     remove_node,
     role_table,
 )
-from mailers.output import add_output_arguments
+from mailers.output import add_output_arguments, stderr
 from mailers_runtime.etcd import EtcdTls, connect, parse_endpoints, permission_denied
 
 
@@ -124,7 +124,7 @@ def cmd_etcd_auth(ns: argparse.Namespace) -> int:
     """Set up or change etcd's users and roles as root; 0 done, 1 etcd failed or
     refused, 2 unusable arguments."""
     console = Console(highlight=False, soft_wrap=True)
-    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    errors = stderr()
     try:
         endpoints = parse_endpoints(ns.endpoints)
         if ns.node_ids and (ns.add_node or ns.remove_node):

@@ -23,6 +23,7 @@ from rich.console import Console
 
 from client_sdk import Address, MailerError, MessageContent
 from mailers.campaign import SendArgs, run_send
+from mailers.output import stderr
 from mailers_dev.certs import DEFAULT_HOSTS, make_dev_pki
 from mailers_dev.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
 from mailers_dev.procs import free_port
@@ -89,7 +90,7 @@ def _run_cluster(
     (:func:`mailers_dev.runstate.find_stale`): one still running is reported (exit 1);
     processes an earlier, killed run left behind are stopped and listed.
     """
-    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    errors = stderr()
     workdir = Path(ns.workdir).resolve()
     try:
         left = find_stale(workdir)

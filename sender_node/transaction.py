@@ -209,8 +209,7 @@ class SendEngine:
                 return False
             # No await from here to record(): the connection carries nothing else first.
             finished = self._clock()
-            results = self._results(send, outcomes, started, finished, paced)
-            send.record(results)
+            send.record(self._results(send, outcomes, started, finished, paced))
             return True
         finally:
             send.guard.sending = False
@@ -232,12 +231,11 @@ class SendEngine:
         self.metrics.transaction_seconds.observe(finished - started)
         relay_fault = False
         results = []
+        # One message per transaction: a personalised one for its one recipient, or a
+        # shared one named after the first recipient of its group (see _render).
         compiled, group = send.compiled, send.group
-        # A shared message is named after the first recipient of its group.
-        shared = compiled.message_id(group[0].index, shared=True)
-        per_recipient = compiled.recipients_per_message == 1
+        message_id = compiled.message_id(group[0].index, shared=compiled.recipients_per_message > 1)
         for item, outcome in zip(group, outcomes, strict=True):
-            message_id = compiled.message_id(item.index) if per_recipient else shared
             result, fault = self.outcome_result(item, outcome, message_id)
             relay_fault = relay_fault or fault
             results.append(result)
