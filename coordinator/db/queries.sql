@@ -9,10 +9,30 @@ SELECT mailers_check_fence($1);
 -- name: raise_fence
 UPDATE fence SET epoch = $1, leader = $2, raised_at = now()
 WHERE epoch < $1
-RETURNING epoch;
+RETURNING epoch, raised_at;
+
+-- name: local_lock_timeout
+SELECT set_config('lock_timeout', $1, true);
+
+-- name: end_stalled_writers
+-- Sessions stalled inside a write transaction begun before $1 (or now): waiting for their client
+-- for more than $2 seconds while holding the fence's share lock or a row they changed.
+-- Only a leader writes, so once the fence is raised (or is being raised) these are a
+-- deposed leader's, doomed to fail their fence check; a leader process that is stopped
+-- or cut off would otherwise hold those locks until its connection is noticed dead.
+SELECT a.pid, pg_terminate_backend(a.pid, 5000) AS ended
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.xact_start < coalesce($1, clock_timestamp()) AND a.wait_event = 'ClientRead'
+  AND a.state_change < clock_timestamp() - make_interval(secs => $2)
+  AND EXISTS (
+      SELECT 1 FROM pg_locks l
+      WHERE l.pid = a.pid AND l.granted AND (
+          l.mode = 'RowExclusiveLock'
+          OR (l.mode = 'RowShareLock' AND l.relation = 'fence'::regclass)));
 
 -- name: fence_epoch
-SELECT epoch, leader FROM fence;
+SELECT epoch, leader, raised_at FROM fence;
 
 -- name: next_job_no
 SELECT nextval(pg_get_serial_sequence('jobs', 'job_no'));

@@ -61,6 +61,12 @@ COPY_ROWS = 50_000
 server's speed (a fraction of a second), not by how fast the caller streams, so an
 upload of 10,000,000 recipients never meets ``statement_timeout``; the transaction
 around them stays one, and a buffer of this many rows is all a submit holds."""
+STALLED_AFTER_S = 2.0
+"""How long a transaction begun before a fence raise may wait for its client while
+holding locks a new leader needs, before the new leader ends it."""
+FENCE_LOCK_WAIT = "1s"
+"""``lock_timeout`` of one attempt to raise the fence."""
+FENCE_RAISE_TRIES = 10
 FENCED = "ML001"
 """SQLSTATE of mailers_check_fence's refusal."""
 
@@ -370,22 +376,50 @@ class Store:
 
     # ---- leadership -----------------------------------------------------------------
 
-    async def raise_fence(self, leader: str) -> None:
+    async def raise_fence(self, leader: str, *, stalled_after_s: float = STALLED_AFTER_S) -> None:
         """Make our epoch the fence: writes of every older leader fail from now on.
 
-        Waits for their transactions in flight to finish first (they hold share locks).
+        Waits for their transactions in flight to finish first (they hold share locks),
+        but not for a deposed leader that stopped or was cut off inside one: its
+        sessions stalled for ``stalled_after_s`` are ended (see ``end_stalled_writers``
+        in queries.sql), before the raise if they hold the fence and after it if they
+        hold rows we will write.
+
         Raises:
             LostLeadership: a newer epoch already holds the fence.
+            StoreUnavailable: the fence stayed locked (tried ``FENCE_RAISE_TRIES`` times).
         """
         assert self.epoch is not None
         async with self._conn() as conn:
-            raised = await conn.fetchval(self._q["raise_fence"], self.epoch, leader)
+            for _ in range(FENCE_RAISE_TRIES):
+                try:
+                    async with conn.transaction():
+                        await conn.execute(self._q["local_lock_timeout"], FENCE_LOCK_WAIT)
+                        raised = await conn.fetchrow(self._q["raise_fence"], self.epoch, leader)
+                    break
+                except asyncpg.exceptions.LockNotAvailableError:
+                    await self._end_stalled(conn, None, stalled_after_s)
+            else:
+                raise StoreUnavailable("the fence stayed locked by a leader's transaction")
             if raised is None:
                 current = await conn.fetchrow(self._q["fence_epoch"])
                 if current is None or int(current["epoch"]) != self.epoch:
                     raise LostLeadership(
                         f"fence is at epoch {current and current['epoch']}, ours is {self.epoch}"
                     )
+                raised = current
+            await self._end_stalled(conn, raised["raised_at"], stalled_after_s)
+
+    async def _end_stalled(
+        self, conn: asyncpg.Connection, before: datetime | None, stalled_after_s: float
+    ) -> None:
+        rows = await conn.fetch(self._q["end_stalled_writers"], before, stalled_after_s)
+        if rows:
+            log.warning(
+                "ended %d database sessions of a deposed leader stalled in a transaction "
+                "(server pids %s)",
+                len(rows), ", ".join(str(r["pid"]) for r in rows),
+            )  # fmt: skip
 
     # ---- submit ---------------------------------------------------------------------
 

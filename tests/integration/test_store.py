@@ -4,9 +4,11 @@ results, batch settlement, keyset listings and quotas."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Sequence
 
+import asyncpg
 import pytest
 
 from coordinator.db import store as store_module
@@ -133,6 +135,64 @@ async def test_the_fence_raise_waits_for_a_write_in_flight(database: Database) -
         await upload
     await raising
     assert not await new_store.job_exists("slow")
+
+
+@contextlib.asynccontextmanager
+async def stalled_transaction(config: DatabaseConfig, *statements: str) -> AsyncIterator[object]:
+    """A session of a deposed leader whose process stopped inside a transaction: it ran
+    ``statements`` and then waits for a client that never speaks again."""
+    other = await Database.open(config, migrate_schema=False)
+    try:
+        async with other.pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            for statement in statements:
+                await conn.execute(statement)
+            yield conn
+    finally:
+        other.pool.terminate()
+
+
+async def test_a_leader_stopped_holding_the_fence_is_ended(
+    database: Database, database_config: DatabaseConfig
+) -> None:
+    # Given the old leader stopped between its fence check and its commit
+    old = await leader(database, 5)
+    await old.submit(spec("j1", "k1"), chunks_of(20), QuotaRequest(), NOW)
+    async with stalled_transaction(
+        database_config,
+        "UPDATE jobs SET priority = 9 WHERE job_id = 'j1'",
+        "SELECT mailers_check_fence(5)",
+    ) as stalled:
+        # When a new leader raises the fence
+        new_store = Store(database, 9)
+        async with asyncio.timeout(15):  # statement_timeout (30 s) would be a hang
+            await new_store.raise_fence("new", stalled_after_s=0.2)
+        # Then the stalled session was ended and its write rolled back
+        with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
+            await stalled.fetchval("SELECT 1")  # type: ignore[attr-defined]
+    async with database.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT priority FROM jobs WHERE job_id = 'j1'") == 0
+    await write(new_store, [delivered("j1", 0)])
+
+
+async def test_rows_held_by_a_stopped_leader_are_freed_by_the_raise(
+    database: Database, database_config: DatabaseConfig
+) -> None:
+    # Given the old leader stopped in the middle of a write (before its fence check)
+    old = await leader(database, 5)
+    await old.submit(spec("j1", "k1"), chunks_of(20), QuotaRequest(), NOW)
+    async with stalled_transaction(
+        database_config, "UPDATE recipients SET attempts = 7 WHERE idx = 0"
+    ):
+        # When a new leader raises the fence and writes the same rows
+        new_store = Store(database, 9)
+        async with asyncio.timeout(15):
+            await new_store.raise_fence("new", stalled_after_s=0)
+            await write(new_store, [delivered("j1", 0)])
+    # Then its write landed, the stalled one did not
+    job = await new_store.job("j1")
+    assert job is not None and job.status.counts.delivered == 1
 
 
 async def test_a_submit_is_whole_or_absent(database: Database) -> None:
