@@ -108,11 +108,12 @@ def fold_ascii(name: str, value: str) -> str:
 
 
 def clean_header_value(value: str) -> str:
-    """Control characters become spaces; runs of spaces collapse; ends are stripped."""
+    """Control characters become spaces; runs of spaces collapse; whitespace at the ends
+    (Unicode's too, which parsers drop from an encoded display name) is stripped."""
     clean = CONTROL.sub(" ", value)
     if "  " in clean:
         clean = _SPACES.sub(" ", clean)
-    return clean.strip(" ")
+    return clean.strip()
 
 
 def header_text(name: str, value: str) -> str:
