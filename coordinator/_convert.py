@@ -12,6 +12,8 @@ from coordinator.model import (
     Attachment,
     Content,
     Counts,
+    Event,
+    EventType,
     Header,
     JobOptions,
     JobSpec,
@@ -214,6 +216,37 @@ def result_to(
         relay=result.relay,
         metadata=dict(metadata or {}),
     )
+
+
+def event_to(e: Event) -> coordinator_pb2.DeliveryEvent:
+    return coordinator_pb2.DeliveryEvent(
+        event_id=e.event_id,
+        type=int(e.type),  # type: ignore[arg-type]
+        time=timestamp(e.at),
+        tenant=e.tenant,
+        job_id=e.job_id,
+        index=e.index,
+        email=e.email,
+        message_id=e.message_id,
+        attempt=e.attempt,
+        node_id=e.node_id,
+        relay=e.relay,
+        reply=common_pb2.SmtpReply(code=e.code, enhanced_code=e.enhanced_code, text=e.text)
+        if e.code or e.text
+        else None,
+        reason=e.reason,
+        next_attempt_time=timestamp(e.next_attempt_at) if e.next_attempt_at else None,
+        metadata=dict(e.metadata),
+        tags=list(e.tags),
+    )
+
+
+def event_type_from(value: int) -> EventType | None:
+    """The event type of an API number; None for unspecified or unknown."""
+    try:
+        return EventType(value)
+    except ValueError:
+        return None
 
 
 def counts_of(progress: common_pb2.JobProgress) -> Counts:

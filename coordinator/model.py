@@ -163,6 +163,45 @@ class RecipientOutcome:
     """The result puts the address on its tenant's suppression list."""
 
 
+class EventType(enum.IntEnum):
+    """What happened to a recipient; the numbers are the store's and the API's."""
+
+    ACCEPTED = 1
+    DEFERRED = 2
+    DELIVERED = 3
+    FAILED = 4
+    SUPPRESSED = 5
+    CANCELLED = 6
+    BOUNCED = 7
+    COMPLAINED = 8
+    UNSUBSCRIBED = 9
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One state change of one recipient, as ``StreamEvents`` gives it."""
+
+    event_id: int
+    type: EventType
+    at: float
+    tenant: str
+    job_id: str
+    index: int
+    """The recipient's place in the submitted list."""
+    email: str
+    attempt: int = 0
+    code: int = 0
+    enhanced_code: str = ""
+    text: str = ""
+    reason: str = ""
+    node_id: str = ""
+    relay: str = ""
+    message_id: str = ""
+    next_attempt_at: float | None = None
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
 @dataclasses.dataclass(frozen=True)
 class JobRecord:
     """A job as the store holds it."""

@@ -39,7 +39,7 @@ from coordinator.errors import (
     status_for,
 )
 from coordinator.leader import Leader
-from coordinator.model import JobRecord, JobState, Recipient
+from coordinator.model import EventType, JobRecord, JobState, Recipient
 from coordinator.quotas import QuotaExceeded, Quotas, check_job_size
 from coordinator.suppression import Suppression, normalize
 from coordinator.validation import (
@@ -62,6 +62,11 @@ LEADER_METADATA_KEY = "mailers-leader"
 _SUBMIT_CHUNK = 5_000
 # Each etcd endpoint gets this long to answer a status request in GetClusterStatus.
 _ETCD_STATUS_DEADLINE_S = 1.5
+EVENTS_PAGE = 500
+"""Events per StreamEvents response (and per query)."""
+EVENTS_POLL_S = 0.25
+"""How often a caught-up event stream looks for new events."""
+MAX_EVENT_JOBS = 100
 _T = TypeVar("_T")
 
 
@@ -187,16 +192,39 @@ async def etcd_member(
     return member
 
 
-def suppression_tenant(caller: Principal, requested: str) -> str:
-    """Whose suppression list a call acts on: a tenant's own; an admin names any
-    (``""`` is the list of jobs submitted with auth off)."""
+def acting_tenant(caller: Principal, requested: str, what: str = "suppression list") -> str:
+    """Whose suppression list (or events) a call acts on: a tenant's own; an admin
+    names any (``""`` is the tenant of jobs submitted with auth off)."""
     if caller.admin:
         if requested and not TENANT_ID.match(requested):
             raise ValidationError([("tenant", "is not a tenant id")])
         return requested
     if requested and requested != caller.tenant:
-        raise PermissionDenied("a tenant manages only its own suppression list")
+        raise PermissionDenied(f"a tenant sees only its own {what}")
     return caller.tenant
+
+
+def event_filter(
+    request: coordinator_pb2.StreamEventsRequest,
+) -> tuple[int, list[str], list[EventType]]:
+    """The cursor, job ids and event types of a StreamEvents request.
+
+    Raises:
+        ValidationError: naming each field that is wrong.
+    """
+    problems: list[tuple[str, str]] = []
+    if request.after_event_id < 0:
+        problems.append(("after_event_id", "must not be negative"))
+    if len(request.job_ids) > MAX_EVENT_JOBS:
+        problems.append(("job_ids", f"at most {MAX_EVENT_JOBS} jobs"))
+    if any(not job_id or len(job_id) > 200 for job_id in request.job_ids):
+        problems.append(("job_ids", "each must be a job id"))
+    types = [_convert.event_type_from(int(t)) for t in request.types]
+    if any(t is None for t in types):
+        problems.append(("types", "each must be a known event type"))
+    if problems:
+        raise ValidationError(problems)
+    return request.after_event_id, list(request.job_ids), [t for t in types if t is not None]
 
 
 def suppression_email(raw: str) -> str:
@@ -398,6 +426,39 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
                 # At most ten updates a second per watcher, however busy the job is.
                 await asyncio.sleep(0.1)
 
+    async def StreamEvents(
+        self,
+        request: coordinator_pb2.StreamEventsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[coordinator_pb2.StreamEventsResponse]:
+        try:
+            tenant = acting_tenant(self._caller(context), request.tenant, "events")
+            after, job_ids, types = event_filter(request)
+            reign = await self._role.leader()
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+            return
+        while True:
+            try:
+                events = await reign.store.events(tenant, after, EVENTS_PAGE, job_ids, types)
+            except StoreUnavailable:
+                events = []
+            if events:
+                after = events[-1].event_id
+                yield coordinator_pb2.StreamEventsResponse(
+                    events=[_convert.event_to(e) for e in events]
+                )
+                if len(events) == EVENTS_PAGE:
+                    continue
+            # Caught up: look again shortly, unless the reign ends first.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EVENTS_POLL_S):
+                    await reign.lost.wait()
+            if reign.lost.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "leadership changed")
+
     async def CancelJob(
         self,
         request: coordinator_pb2.CancelJobRequest,
@@ -489,7 +550,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.ListSuppressionsResponse:
         async def call() -> coordinator_pb2.ListSuppressionsResponse:
-            tenant = suppression_tenant(self._caller(context), request.tenant)
+            tenant = acting_tenant(self._caller(context), request.tenant)
             reign = await self._role.leader()
             page_size = min(request.page_size or 100, 1000)
             listed = await reign.store.suppressions(tenant, request.page_token, page_size + 1)
@@ -508,7 +569,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.AddSuppressionResponse:
         async def call() -> coordinator_pb2.AddSuppressionResponse:
-            tenant = suppression_tenant(self._caller(context), request.tenant)
+            tenant = acting_tenant(self._caller(context), request.tenant)
             email = suppression_email(request.email)
             reason = _convert.reason_from(request.reason)
             if reason is None:
@@ -529,7 +590,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> coordinator_pb2.RemoveSuppressionResponse:
         async def call() -> coordinator_pb2.RemoveSuppressionResponse:
-            tenant = suppression_tenant(self._caller(context), request.tenant)
+            tenant = acting_tenant(self._caller(context), request.tenant)
             email = suppression_email(request.email)
             reign = await self._role.leader()
             removed = await reign.store.delete_suppression(tenant, email)

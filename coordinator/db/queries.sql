@@ -34,6 +34,32 @@ WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
 -- name: fence_epoch
 SELECT epoch, leader, raised_at FROM fence;
 
+-- name: events_lock
+-- Held by every transaction that writes events, until it commits: event ids are taken
+-- under it, so they become visible in increasing order (see migration 0004).
+SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 0);
+
+-- name: list_events
+-- A tenant's events after a cursor, with what is read rather than copied: the job id
+-- and tags, the recipient's address, place and metadata, and for a deferral the time
+-- its batch is due again.
+SELECT e.id, e.type, e.at, e.idx, e.attempt, e.code, e.enhanced_code, e.reply, e.reason,
+       e.node_id, e.relay, e.message_id, j.job_id, j.spec -> 'options' -> 'tags' AS tags,
+       r.email, coalesce(r.pos, e.idx) AS position, r.metadata,
+       CASE WHEN e.type = 2 THEN b.retry_at END AS next_attempt_at
+FROM events e
+JOIN jobs j ON j.job_no = e.job_no
+LEFT JOIN recipients r ON r.job_no = e.job_no AND r.idx = e.idx
+LEFT JOIN batches b ON e.type = 2 AND b.job_no = e.job_no AND b.seq = e.idx / j.batch_size
+WHERE e.tenant = $1 AND e.id > $2
+  AND (cardinality($3::text[]) = 0 OR j.job_id = ANY($3::text[]))
+  AND (cardinality($4::smallint[]) = 0 OR e.type = ANY($4::smallint[]))
+ORDER BY e.id
+LIMIT $5;
+
+-- name: last_event
+SELECT coalesce(max(id), 0) FROM events;
+
 -- name: next_job_no
 SELECT nextval(pg_get_serial_sequence('jobs', 'job_no'));
 
@@ -119,11 +145,23 @@ SELECT job_no,
 FROM upload;
 
 -- name: assign_batches
--- Ownership of dispatched batches, written (fenced) before they are sent.
-INSERT INTO batches AS b (job_no, seq, node_id, attempt)
-SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[])
-ON CONFLICT (job_no, seq) DO UPDATE
-SET node_id = excluded.node_id, attempt = excluded.attempt, retry_at = NULL;
+-- Ownership of dispatched batches, written (fenced) before they are sent. A batch's
+-- first hand-out (a new row: xmax = 0) records an accepted event per recipient.
+WITH assigned AS (
+    INSERT INTO batches AS b (job_no, seq, node_id, attempt)
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::int[])
+    ON CONFLICT (job_no, seq) DO UPDATE
+    SET node_id = excluded.node_id, attempt = excluded.attempt, retry_at = NULL
+    RETURNING b.job_no, b.seq, b.xmax = 0 AS first
+)
+INSERT INTO events (tenant, job_no, idx, type, at, attempt)
+SELECT j.tenant, r.job_no, r.idx, 1, $5, r.attempts
+FROM assigned a
+JOIN jobs j ON j.job_no = a.job_no
+JOIN recipients r ON r.job_no = a.job_no
+    AND r.idx >= a.seq * j.batch_size AND r.idx < (a.seq + 1) * j.batch_size
+WHERE a.first AND r.status IN (0, 3)
+ORDER BY r.job_no, r.idx;
 
 -- name: advance_jobs
 UPDATE jobs j SET cursor = greatest(j.cursor, u.cursor),
@@ -158,7 +196,18 @@ WITH incoming AS (
     FROM incoming i, recipients o
     WHERE r.job_no = i.job_no AND r.idx = i.idx AND o.job_no = i.job_no AND o.idx = i.idx
       AND ((o.status IN (0, 3) AND i.attempts >= o.attempts) OR (i.status = 1 AND o.status <> 1))
-    RETURNING r.job_no, o.status AS old_status, r.status AS new_status
+    RETURNING r.job_no, o.status AS old_status, r.status AS new_status, i.tenant, r.idx,
+        o.attempts AS old_attempts, r.attempts, r.code, r.enhanced_code, r.reply, r.reason,
+        r.node_id, r.relay, r.message_id, r.updated_at
+), logged AS (
+    -- One event per change; a result applied again (same status and attempt) is none.
+    INSERT INTO events (tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply,
+                        reason, node_id, relay, message_id)
+    SELECT tenant, job_no, idx, mailers_event_type(new_status), updated_at, attempts, code,
+           enhanced_code, reply, reason, node_id, relay, message_id
+    FROM changed
+    WHERE new_status <> 0 AND (new_status <> old_status OR attempts > old_attempts)
+    ORDER BY job_no, idx
 ), repeated AS (
     SELECT i.job_no, count(*) AS n
     FROM incoming i JOIN recipients o ON o.job_no = i.job_no AND o.idx = i.idx
@@ -210,7 +259,16 @@ WITH changed AS (
     WHERE r.job_no = $1 AND r.idx >= $2 AND r.idx < $3 AND r.status = ANY($4::smallint[])
       AND o.job_no = r.job_no AND o.idx = r.idx
       AND ($8::bool IS NOT TRUE OR NOT (o.code BETWEEN 500 AND 599))
-    RETURNING o.status AS old_status, r.status AS new_status, r.idx
+    RETURNING o.status AS old_status, r.status AS new_status, r.idx, r.attempts, r.code,
+        r.enhanced_code, r.reply, r.node_id, r.relay, r.message_id
+), logged AS (
+    INSERT INTO events (tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply,
+                        reason, node_id, relay, message_id)
+    SELECT j.tenant, $1, c.idx, mailers_event_type(c.new_status), $7, c.attempts, c.code,
+           c.enhanced_code, c.reply, $6, c.node_id, c.relay, c.message_id
+    FROM changed c JOIN jobs j ON j.job_no = $1
+    WHERE c.new_status <> 0 AND c.new_status <> c.old_status
+    ORDER BY c.idx
 ), deltas AS (
     SELECT
         sum((new_status = 0)::int - (old_status = 0)::int) AS queued,
@@ -246,7 +304,12 @@ WITH incoming AS (
     FROM incoming i, recipients o
     WHERE r.job_no = i.job_no AND r.idx = i.idx AND o.job_no = i.job_no AND o.idx = i.idx
       AND o.status IN (0, 3)
-    RETURNING r.job_no, o.status AS old_status
+    RETURNING r.job_no, o.status AS old_status, r.idx, r.attempts, i.reason
+), logged AS (
+    INSERT INTO events (tenant, job_no, idx, type, at, attempt, reason)
+    SELECT j.tenant, c.job_no, c.idx, 5, $4, c.attempts, c.reason
+    FROM changed c JOIN jobs j ON j.job_no = c.job_no
+    ORDER BY c.job_no, c.idx
 ), deltas AS (
     SELECT job_no, count(*) AS n, sum((old_status = 3)::int) AS deferred
     FROM changed GROUP BY job_no
@@ -358,6 +421,9 @@ DELETE FROM recipients WHERE job_no = $1 AND idx >= $2 AND idx < $3;
 
 -- name: purge_batches
 DELETE FROM batches WHERE job_no = $1;
+
+-- name: purge_events
+DELETE FROM events WHERE job_no = $1 AND idx >= $2 AND idx < $3;
 
 -- name: mark_purged
 UPDATE jobs SET purged_at = $2 WHERE job_no = $1;

@@ -36,6 +36,8 @@ from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
 from coordinator.model import (
     Counts,
+    Event,
+    EventType,
     JobRecord,
     JobSpec,
     JobState,
@@ -593,12 +595,14 @@ class Store:
         nothing left to send, and each job's new cursor."""
         async with self._write() as conn:
             if assignments:
+                await conn.execute(self._q["events_lock"])
                 await conn.execute(
                     self._q["assign_batches"],
                     [a[0] for a in assignments],
                     [a[1] for a in assignments],
                     [a[2] for a in assignments],
                     [a[3] for a in assignments],
+                    ts(now),
                 )
             if finished:
                 await conn.execute(
@@ -636,6 +640,7 @@ class Store:
         """
         out = WriteOutcome()
         async with self._write() as conn:
+            await conn.execute(self._q["events_lock"])
             if outcomes:
                 await self._apply_outcomes(conn, outcomes, now, out)
             for change in changes:
@@ -788,6 +793,22 @@ class Store:
             for row in rows
         ]
 
+    async def events(
+        self,
+        tenant: str,
+        after: int,
+        limit: int,
+        job_ids: Sequence[str] = (),
+        types: Sequence[EventType] = (),
+    ) -> list[Event]:
+        """A tenant's events with ids above ``after``, in id order."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                self._q["list_events"], tenant, after, list(job_ids), [int(t) for t in types],
+                limit,
+            )  # fmt: skip
+        return [_event(tenant, row) for row in rows]
+
     async def suppressions(self, tenant: str, after: str, limit: int) -> list[Suppression]:
         async with self._conn() as conn:
             rows = await conn.fetch(self._q["list_suppressions"], tenant, after, limit)
@@ -814,9 +835,11 @@ class Store:
         return [(row["job_no"], row["total"]) for row in rows]
 
     async def purge_slice(self, job_no: int, lo: int, hi: int) -> None:
-        """Delete one slice of a finished job's recipient rows (its own transaction)."""
+        """Delete one slice of a finished job's recipients and their events (its own
+        transaction)."""
         async with self._write() as conn:
             await conn.execute(self._q["purge_recipients"], job_no, lo, hi)
+            await conn.execute(self._q["purge_events"], job_no, lo, hi)
 
     async def mark_purged(self, job_no: int, now: float) -> None:
         async with self._write() as conn:
@@ -907,6 +930,29 @@ def _result(row: Any) -> Result:
         updated_at=unix(row["updated_at"]) or 0.0,
         message_id=row["message_id"] or "",
         relay=row["relay"] or "",
+    )
+
+
+def _event(tenant: str, row: Any) -> Event:
+    return Event(
+        event_id=row["id"],
+        type=EventType(row["type"]),
+        at=unix(row["at"]) or 0.0,
+        tenant=tenant,
+        job_id=row["job_id"],
+        index=row["position"],
+        email=row["email"] or "",
+        attempt=row["attempt"],
+        code=row["code"],
+        enhanced_code=row["enhanced_code"] or "",
+        text=row["reply"] or "",
+        reason=row["reason"] or "",
+        node_id=row["node_id"] or "",
+        relay=row["relay"] or "",
+        message_id=row["message_id"] or "",
+        next_attempt_at=unix(row["next_attempt_at"]),
+        metadata=json.loads(row["metadata"]) if row["metadata"] else {},
+        tags=tuple(json.loads(row["tags"])) if row["tags"] else (),
     )
 
 

@@ -67,6 +67,52 @@ NODE_STATE_DISCONNECTED: NodeState.ValueType  # 4
 """Registered but the leader has no open stream to it."""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
 
+class _EventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
+    EVENT_TYPE_ACCEPTED: _EventType.ValueType  # 1
+    """The recipient's batch was handed to a sender node for the first time."""
+    EVENT_TYPE_DEFERRED: _EventType.ValueType  # 2
+    """A transient failure (4xx, connection trouble); it will be retried."""
+    EVENT_TYPE_DELIVERED: _EventType.ValueType  # 3
+    """The relay accepted the message (250 after DATA)."""
+    EVENT_TYPE_FAILED: _EventType.ValueType  # 4
+    """Permanently refused, out of attempts, expired, or lost too often."""
+    EVENT_TYPE_SUPPRESSED: _EventType.ValueType  # 5
+    """On the tenant's suppression list when its turn came; never sent."""
+    EVENT_TYPE_CANCELLED: _EventType.ValueType  # 6
+    """The job was cancelled before this recipient was sent."""
+    EVENT_TYPE_BOUNCED: _EventType.ValueType  # 7
+    """Reported later by the receiving side: a bounce, a complaint, an unsubscribe."""
+    EVENT_TYPE_COMPLAINED: _EventType.ValueType  # 8
+    EVENT_TYPE_UNSUBSCRIBED: _EventType.ValueType  # 9
+
+class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
+    """What happened to one recipient."""
+
+EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
+EVENT_TYPE_ACCEPTED: EventType.ValueType  # 1
+"""The recipient's batch was handed to a sender node for the first time."""
+EVENT_TYPE_DEFERRED: EventType.ValueType  # 2
+"""A transient failure (4xx, connection trouble); it will be retried."""
+EVENT_TYPE_DELIVERED: EventType.ValueType  # 3
+"""The relay accepted the message (250 after DATA)."""
+EVENT_TYPE_FAILED: EventType.ValueType  # 4
+"""Permanently refused, out of attempts, expired, or lost too often."""
+EVENT_TYPE_SUPPRESSED: EventType.ValueType  # 5
+"""On the tenant's suppression list when its turn came; never sent."""
+EVENT_TYPE_CANCELLED: EventType.ValueType  # 6
+"""The job was cancelled before this recipient was sent."""
+EVENT_TYPE_BOUNCED: EventType.ValueType  # 7
+"""Reported later by the receiving side: a bounce, a complaint, an unsubscribe."""
+EVENT_TYPE_COMPLAINED: EventType.ValueType  # 8
+EVENT_TYPE_UNSUBSCRIBED: EventType.ValueType  # 9
+Global___EventType: _TypeAlias = EventType  # noqa: Y015
+
 @_typing.final
 class JobOptions(_message.Message):
     """Per-job options."""
@@ -1187,3 +1233,164 @@ class ResumeJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeJobResponse: _TypeAlias = ResumeJobResponse  # noqa: Y015
+
+@_typing.final
+class DeliveryEvent(_message.Message):
+    """One state change of one recipient."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Unique and increasing in the order events become visible (with gaps)."""
+    type: Global___EventType.ValueType
+    tenant: _builtins.str
+    job_id: _builtins.str
+    index: _builtins.int
+    """The recipient's position in the job, from 0 (as in ListJobResults)."""
+    email: _builtins.str
+    message_id: _builtins.str
+    """The Message-ID header of the message sent, with its angle brackets."""
+    attempt: _builtins.int
+    """SMTP transactions attempted for this recipient so far."""
+    node_id: _builtins.str
+    relay: _builtins.str
+    """The relay (host:port) that gave the reply, when one did."""
+    reason: _builtins.str
+    """Human readable reason, e.g. "job cancelled"."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def reply(self) -> _common_pb2.SmtpReply:
+        """The SMTP reply that caused the event, if any."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """Deferred events: when the recipient's batch may next be sent (as last scheduled)."""
+
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The metadata the recipient was submitted with, and the job's tags."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        type: Global___EventType.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        index: _builtins.int = ...,
+        email: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        relay: _builtins.str = ...,
+        reply: _common_pb2.SmtpReply | None = ...,
+        reason: _builtins.str = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_attempt_time", b"next_attempt_time", "reply", b"reply", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "email", b"email", "event_id", b"event_id", "index", b"index", "job_id", b"job_id", "message_id", b"message_id", "metadata", b"metadata", "next_attempt_time", b"next_attempt_time", "node_id", b"node_id", "reason", b"reason", "relay", b"relay", "reply", b"reply", "tags", b"tags", "tenant", b"tenant", "time", b"time", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryEvent: _TypeAlias = DeliveryEvent  # noqa: Y015
+
+@_typing.final
+class StreamEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    AFTER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    """Admins only: whose events; ignored for tenant callers (always their own)."""
+    after_event_id: _builtins.int
+    """The cursor: the id of the last event received; 0 starts at the oldest kept."""
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of these jobs; empty means every job."""
+
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[Global___EventType.ValueType]:
+        """Only events of these types; empty means every type."""
+
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        after_event_id: _builtins.int = ...,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_event_id", b"after_event_id", "job_ids", b"job_ids", "tenant", b"tenant", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEventsRequest: _TypeAlias = StreamEventsRequest  # noqa: Y015
+
+@_typing.final
+class StreamEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryEvent]:
+        """Events in id order; consecutive responses continue the order."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___DeliveryEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamEventsResponse: _TypeAlias = StreamEventsResponse  # noqa: Y015

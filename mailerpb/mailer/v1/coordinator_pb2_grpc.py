@@ -92,6 +92,11 @@ class MailerServiceStub:
                 request_serializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.SerializeToString,
                 response_deserializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.FromString,
                 _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/mailer.v1.MailerService/StreamEvents',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.FromString,
+                _registered_method=True)
 
 
 class MailerServiceServicer:
@@ -181,6 +186,18 @@ class MailerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamEvents(self, request, context):
+        """The caller's tenant's delivery events (an admin names the tenant): every kept
+        event with an id above after_event_id, oldest first, then each new one as it
+        is recorded; the stream does not end by itself. Event ids increase in the order
+        events become visible, so the id of the last event received is the cursor to
+        resume from, on any coordinator after a failover: nothing is skipped, and at
+        most the events after the cursor that were already received come again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -238,6 +255,11 @@ def add_MailerServiceServicer_to_server(servicer, server):
                     servicer.RemoveSuppression,
                     request_deserializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.FromString,
                     response_serializer=mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -540,6 +562,33 @@ class MailerService:
             '/mailer.v1.MailerService/RemoveSuppression',
             mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionRequest.SerializeToString,
             mailer_dot_v1_dot_coordinator__pb2.RemoveSuppressionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mailer.v1.MailerService/StreamEvents',
+            mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -66,6 +66,14 @@ class MailerServiceStub:
     """Adds (or replaces) an address on the list: it is never sent to again. Idempotent."""
     RemoveSuppression: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveSuppressionRequest, _coordinator_pb2.RemoveSuppressionResponse]
     """Removes an address from the list. Idempotent: removing an absent address is OK."""
+    StreamEvents: _grpc.UnaryStreamMultiCallable[_coordinator_pb2.StreamEventsRequest, _coordinator_pb2.StreamEventsResponse]
+    """The caller's tenant's delivery events (an admin names the tenant): every kept
+    event with an id above after_event_id, oldest first, then each new one as it
+    is recorded; the stream does not end by itself. Event ids increase in the order
+    events become visible, so the id of the last event received is the cursor to
+    resume from, on any coordinator after a failover: nothing is skipped, and at
+    most the events after the cursor that were already received come again.
+    """
 
 @_typing.type_check_only
 class MailerServiceAsyncStub(MailerServiceStub):
@@ -105,6 +113,14 @@ class MailerServiceAsyncStub(MailerServiceStub):
     """Adds (or replaces) an address on the list: it is never sent to again. Idempotent."""
     RemoveSuppression: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RemoveSuppressionRequest, _coordinator_pb2.RemoveSuppressionResponse]  # type: ignore[assignment]
     """Removes an address from the list. Idempotent: removing an absent address is OK."""
+    StreamEvents: _aio.UnaryStreamMultiCallable[_coordinator_pb2.StreamEventsRequest, _coordinator_pb2.StreamEventsResponse]  # type: ignore[assignment]
+    """The caller's tenant's delivery events (an admin names the tenant): every kept
+    event with an id above after_event_id, oldest first, then each new one as it
+    is recorded; the stream does not end by itself. Event ids increase in the order
+    events become visible, so the id of the last event received is the cursor to
+    resume from, on any coordinator after a failover: nothing is skipped, and at
+    most the events after the cursor that were already received come again.
+    """
 
 class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
     """The client API, served by the leader coordinator. A standby answers
@@ -207,6 +223,20 @@ class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_coordinator_pb2.RemoveSuppressionResponse, _abc.Awaitable[_coordinator_pb2.RemoveSuppressionResponse]]:
         """Removes an address from the list. Idempotent: removing an absent address is OK."""
+
+    @_abc_1.abstractmethod
+    def StreamEvents(
+        self,
+        request: _coordinator_pb2.StreamEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.StreamEventsResponse], _abc.AsyncIterator[_coordinator_pb2.StreamEventsResponse]]:
+        """The caller's tenant's delivery events (an admin names the tenant): every kept
+        event with an id above after_event_id, oldest first, then each new one as it
+        is recorded; the stream does not end by itself. Event ids increase in the order
+        events become visible, so the id of the last event received is the cursor to
+        resume from, on any coordinator after a failover: nothing is skipped, and at
+        most the events after the cursor that were already received come again.
+        """
 
 def add_MailerServiceServicer_to_server(servicer: MailerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
