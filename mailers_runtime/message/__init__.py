@@ -41,6 +41,7 @@ from mailers_runtime.message.compiler import (
 from mailers_runtime.message.headers import (
     ALLOWED_HEADERS,
     RESERVED_HEADERS,
+    clean_display_name,
     clean_header_value,
     encode_words,
     fold_ascii,
@@ -75,6 +76,7 @@ __all__ = [
     "RenderLimits",
     "TemplateCache",
     "check_templates",
+    "clean_display_name",
     "clean_header_value",
     "encode_words",
     "fold_ascii",

@@ -24,6 +24,7 @@ from mailers_runtime.message.model import Mailbox, RenderError
 # Shared with the compiler and the attachment checks.
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SPACES = re.compile(" {2,}")
+_UNICODE_SPACE = re.compile(r"(?![\r\n\t])\s")
 # RFC 5322 ftext: printable US-ASCII except colon.
 _FIELD_NAME = re.compile(r"\A[\x21-\x39\x3b-\x7e]+\Z")
 # A pragmatic addr-spec: dot-atom local part and domain, no quoting, no comments.
@@ -116,6 +117,13 @@ def clean_header_value(value: str) -> str:
     return clean.strip()
 
 
+def clean_display_name(name: str) -> str:
+    """A display name cleaned as a header value, with every Unicode space (no-break,
+    em, ideographic, ...) made a plain one: parsers drop such spaces next to a space
+    in an encoded name, and a name loses nothing readers see by it."""
+    return clean_header_value(_UNICODE_SPACE.sub(" ", name))
+
+
 def header_text(name: str, value: str) -> str:
     """A header value from untrusted text: cleaned (see :func:`clean_header_value`),
     RFC 2047 encoded when not ASCII or when a word would make a line too long, and
@@ -154,7 +162,7 @@ def format_mailbox(mailbox: Mailbox, header: str = "To") -> str:
         RenderError: the address is invalid (see :func:`check_address`).
     """
     email = check_address(mailbox.email)
-    name = clean_header_value(mailbox.name)
+    name = clean_display_name(mailbox.name)
     if not name:
         return email
     if name.isascii() and _fits(name) and "=?" not in name:
