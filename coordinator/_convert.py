@@ -34,6 +34,7 @@ from coordinator.node_messages import (
 )
 from coordinator.suppression import Reason, Suppression
 from coordinator.timeouts import NodeLimits
+from coordinator.webhooks import Webhook, WebhookState
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, sender_pb2
 
 _JOB_STATE = {
@@ -247,6 +248,30 @@ def event_type_from(value: int) -> EventType | None:
         return EventType(value)
     except ValueError:
         return None
+
+
+_WEBHOOK_STATE = {
+    WebhookState.ACTIVE: coordinator_pb2.WEBHOOK_STATE_ACTIVE,
+    WebhookState.FAILING: coordinator_pb2.WEBHOOK_STATE_FAILING,
+    WebhookState.DISABLED: coordinator_pb2.WEBHOOK_STATE_DISABLED,
+}
+
+
+def webhook_to(h: Webhook) -> coordinator_pb2.Webhook:
+    """An endpoint as the API shows it: never with its secret."""
+    return coordinator_pb2.Webhook(
+        webhook_id=h.webhook_id,
+        tenant=h.tenant,
+        url=h.url,
+        types=[int(t) for t in h.types],  # type: ignore[misc]
+        created_at=timestamp(h.created_at),
+        state=_WEBHOOK_STATE[h.state],
+        delivered_event_id=h.cursor,
+        failed_attempts=h.attempts,
+        failing_since=timestamp(h.failing_since) if h.failing_since is not None else None,
+        next_attempt_time=timestamp(h.next_attempt_at) if h.next_attempt_at is not None else None,
+        last_error=h.last_error,
+    )
 
 
 def counts_of(progress: common_pb2.JobProgress) -> Counts:

@@ -16,6 +16,7 @@ from coordinator.backoff import BackoffPolicy
 from coordinator.db.settings import DatabaseConfig
 from coordinator.quotas import Quotas
 from coordinator.validation import Limits
+from coordinator.webhooks import WebhookConfig
 from mailers_runtime import settings
 from mailers_runtime.errors import ConfigError
 from mailers_runtime.etcd import endpoints
@@ -156,6 +157,8 @@ class CoordinatorConfig:
     """TLS of the client API and of the streams to nodes (its server name: the name in
     node certificates), or plaintext; the coordinator refuses to start with neither
     (see mailers_runtime/tls.py)."""
+    webhooks: WebhookConfig = settings.nested(WebhookConfig, default=WebhookConfig())
+    """Delivery of events to tenants' webhook endpoints."""
     etcd_tls: TlsFiles | None = etcd_tls_setting()
     """etcd over TLS with this client certificate (its CN is the coordinator's etcd
     user); None for plaintext."""

@@ -1,5 +1,5 @@
 """One reign of a leader: the store under its fence, the dispatcher, the writer, the
-registry and retention, started together and stopped together.
+registry, retention and webhook deliveries, started together and stopped together.
 
 :meth:`Leader.start` raises the fence to our epoch (waiting for a deposed leader's
 transactions in flight), reads the unfinished work (only that, by index, in pages),
@@ -28,6 +28,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import LinkSettings, Registry
 from coordinator.retention import Retention
 from coordinator.timeouts import LeaderTimeouts
+from coordinator.webhook_sender import WebhookSender
 from mailers_runtime.etcd import Keys, Session
 from mailers_runtime.tls import Transport
 
@@ -76,6 +77,7 @@ class Leader:
         )  # fmt: skip
         self.admission = Admission(self.store, self.dispatcher, config.batch_size, config.limits)
         self.retention = Retention(self.store, config.retention_s, config.retention_check_s)
+        self.webhooks = WebhookSender(self.store, config.webhooks, metrics)
         self.lost = asyncio.Event()
         self.why = ""
         """Why the reign ended, for the log."""
@@ -107,6 +109,7 @@ class Leader:
             ("writer", self.dispatcher.writer.run()),
             ("dispatch", self.dispatcher.run()),
             ("retention", self.retention.run()),
+            ("webhooks", self.webhooks.run()),
         ]
         coroutines += [(f"registry-{i}", c) for i, c in enumerate(registry.tasks())]
         self._tasks = [

@@ -54,6 +54,23 @@ class CoordinatorMetrics:
         self.nodes_connected = Gauge(
             "mailers_nodes_connected", "Nodes with an open dispatch stream", registry=r
         )
+        self.webhook_deliveries = Counter(
+            "mailers_webhook_deliveries", "Webhook POSTs by endpoint and outcome (ok, failed)",
+            ["webhook", "outcome"], registry=r,
+        )  # fmt: skip
+        self.webhook_events = Counter(
+            "mailers_webhook_events_delivered", "Events an endpoint acknowledged",
+            ["webhook"], registry=r,
+        )  # fmt: skip
+        self.webhook_lag = Gauge(
+            "mailers_webhook_lag_seconds",
+            "Age of the oldest event an endpoint has not acknowledged (0: caught up)",
+            ["webhook"], registry=r,
+        )  # fmt: skip
+        self.webhook_failing = Gauge(
+            "mailers_webhook_state", "Endpoint state: 0 active, 1 failing, 2 disabled",
+            ["webhook"], registry=r,
+        )  # fmt: skip
 
     def set_breaker(self, node: str, state: str) -> None:
         self.breaker_state.labels(node).set(_BREAKER_VALUE.get(state, 0))

@@ -116,6 +116,7 @@ def build_server(
             auth=auth,
             default_quotas=config.default_quotas,
             templates=template_check(),
+            webhooks=config.webhooks,
         ),
     )
     add_service(

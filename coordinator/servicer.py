@@ -26,7 +26,7 @@ from coordinator import _convert
 from coordinator.admission import Request
 from coordinator.auth import ANONYMOUS_DEV, TENANT_ID, AuthConfig, Principal
 from coordinator.batching import chunks
-from coordinator.db.store import StoreUnavailable
+from coordinator.db.store import QuotaRefused, StoreUnavailable
 from coordinator.dispatcher import JobRun
 from coordinator.election import Election
 from coordinator.errors import (
@@ -51,6 +51,14 @@ from coordinator.validation import (
     check_idempotency_key,
     check_job,
     check_options,
+)
+from coordinator.webhooks import (
+    MAX_WEBHOOKS_PER_TENANT,
+    Webhook,
+    WebhookConfig,
+    new_secret,
+    new_webhook_id,
+    url_problem,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 from mailers_runtime.etcd import EtcdTls, connect
@@ -259,9 +267,11 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
         auth: AuthConfig | None = None,
         default_quotas: Quotas | None = None,
         templates: TemplateCheck | None = None,
+        webhooks: WebhookConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._role = role
+        self._webhooks = webhooks or WebhookConfig()
         self._batch_size = batch_size
         self._limits = limits
         self._auth = auth
@@ -595,6 +605,90 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             reign = await self._role.leader()
             removed = await reign.store.delete_suppression(tenant, email)
             return coordinator_pb2.RemoveSuppressionResponse(removed=removed)
+
+        return await _handle(context, call)
+
+    # ---- webhooks -------------------------------------------------------------------
+
+    async def CreateWebhook(
+        self,
+        request: coordinator_pb2.CreateWebhookRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.CreateWebhookResponse:
+        async def call() -> coordinator_pb2.CreateWebhookResponse:
+            tenant = acting_tenant(self._caller(context), request.tenant, "webhooks")
+            problems = []
+            if (problem := url_problem(request.url, self._webhooks.allow_http)) is not None:
+                problems.append(("url", problem))
+            types = [_convert.event_type_from(int(t)) for t in request.types]
+            if any(t is None for t in types):
+                problems.append(("types", "each must be a known event type"))
+            if problems:
+                raise ValidationError(problems)
+            reign = await self._role.leader()
+            hook = Webhook(
+                webhook_id=new_webhook_id(), tenant=tenant, url=request.url,
+                types=tuple(sorted({t for t in types if t is not None})),
+                created_at=self._clock(), cursor=0,
+            )  # fmt: skip
+            secret = new_secret()
+            try:
+                hook = await reign.store.create_webhook(hook, secret, MAX_WEBHOOKS_PER_TENANT)
+            except QuotaRefused as exc:
+                raise QuotaExceeded(str(exc), None) from exc
+            log.info("webhook %s created for tenant %r: %s", hook.webhook_id, tenant, hook.url)
+            return coordinator_pb2.CreateWebhookResponse(
+                webhook=_convert.webhook_to(hook), secret=secret
+            )
+
+        return await _handle(context, call)
+
+    async def ListWebhooks(
+        self,
+        request: coordinator_pb2.ListWebhooksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.ListWebhooksResponse:
+        async def call() -> coordinator_pb2.ListWebhooksResponse:
+            tenant = acting_tenant(self._caller(context), request.tenant, "webhooks")
+            reign = await self._role.leader()
+            hooks = await reign.store.webhooks(tenant)
+            return coordinator_pb2.ListWebhooksResponse(
+                webhooks=[_convert.webhook_to(h) for h in hooks]
+            )
+
+        return await _handle(context, call)
+
+    async def DeleteWebhook(
+        self,
+        request: coordinator_pb2.DeleteWebhookRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.DeleteWebhookResponse:
+        async def call() -> coordinator_pb2.DeleteWebhookResponse:
+            tenant = acting_tenant(self._caller(context), request.tenant, "webhooks")
+            reign = await self._role.leader()
+            if await reign.store.delete_webhook(tenant, request.webhook_id):
+                log.info("webhook %s of tenant %r deleted", request.webhook_id, tenant)
+            return coordinator_pb2.DeleteWebhookResponse()
+
+        return await _handle(context, call)
+
+    async def ReplayWebhook(
+        self,
+        request: coordinator_pb2.ReplayWebhookRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> coordinator_pb2.ReplayWebhookResponse:
+        async def call() -> coordinator_pb2.ReplayWebhookResponse:
+            tenant = acting_tenant(self._caller(context), request.tenant, "webhooks")
+            if request.from_event_id < 0:
+                raise ValidationError([("from_event_id", "must not be negative")])
+            reign = await self._role.leader()
+            hook = await reign.store.replay_webhook(
+                tenant, request.webhook_id, request.from_event_id
+            )
+            if hook is None:
+                raise NotFound(f"webhook {request.webhook_id!r} not found")
+            log.info("webhook %s of tenant %r replayed", hook.webhook_id, tenant)
+            return coordinator_pb2.ReplayWebhookResponse(webhook=_convert.webhook_to(hook))
 
         return await _handle(context, call)
 

@@ -51,7 +51,7 @@ FROM events e
 JOIN jobs j ON j.job_no = e.job_no
 LEFT JOIN recipients r ON r.job_no = e.job_no AND r.idx = e.idx
 LEFT JOIN batches b ON e.type = 2 AND b.job_no = e.job_no AND b.seq = e.idx / j.batch_size
-WHERE e.tenant = $1 AND e.id > $2
+WHERE e.tenant = $1 AND e.id > $2 AND ($6::bigint IS NULL OR e.id <= $6)
   AND (cardinality($3::text[]) = 0 OR j.job_id = ANY($3::text[]))
   AND (cardinality($4::smallint[]) = 0 OR e.type = ANY($4::smallint[]))
 ORDER BY e.id
@@ -59,6 +59,54 @@ LIMIT $5;
 
 -- name: last_event
 SELECT coalesce(max(id), 0) FROM events;
+
+-- name: insert_webhook
+-- A new endpoint starts after the last event recorded so far.
+INSERT INTO webhooks (webhook_id, tenant, url, secret, types, created_at, cursor)
+SELECT $1, $2, $3, $4, $5, $6, coalesce(max(id), 0) FROM events
+RETURNING *;
+
+-- name: count_webhooks
+SELECT count(*) FROM webhooks WHERE tenant = $1;
+
+-- name: list_webhooks
+SELECT * FROM webhooks WHERE tenant = $1 ORDER BY webhook_id;
+
+-- name: enabled_webhooks
+SELECT * FROM webhooks WHERE disabled_at IS NULL ORDER BY webhook_id;
+
+-- name: delete_webhook
+DELETE FROM webhooks WHERE tenant = $1 AND webhook_id = $2 RETURNING webhook_id;
+
+-- name: replay_webhook
+-- Enabled again; from an event ($3 > 0), every later one is sent again.
+UPDATE webhooks
+SET disabled_at = NULL, failing_since = NULL, attempts = 0, next_attempt_at = NULL,
+    last_error = '',
+    cursor = CASE WHEN $3::bigint > 0 THEN $3::bigint ELSE cursor END,
+    pending_last = CASE WHEN $3::bigint > 0 THEN NULL ELSE pending_last END
+WHERE tenant = $1 AND webhook_id = $2
+RETURNING *;
+
+-- name: webhook_pending
+-- Fix the events of the delivery about to start, unless the endpoint moved meanwhile.
+UPDATE webhooks SET pending_last = $3
+WHERE webhook_id = $1 AND cursor = $2 AND pending_last IS NULL
+RETURNING webhook_id;
+
+-- name: webhook_delivered
+-- The delivery went through (or had nothing to send): the cursor moves to $3.
+UPDATE webhooks
+SET cursor = $3, pending_last = NULL, attempts = 0, failing_since = NULL,
+    next_attempt_at = NULL, last_error = ''
+WHERE webhook_id = $1 AND cursor = $2
+RETURNING webhook_id;
+
+-- name: webhook_failed
+UPDATE webhooks
+SET attempts = $3, failing_since = $4, next_attempt_at = $5, disabled_at = $6, last_error = $7
+WHERE webhook_id = $1 AND cursor = $2
+RETURNING webhook_id;
 
 -- name: next_job_no
 SELECT nextval(pg_get_serial_sequence('jobs', 'job_no'));

@@ -53,6 +53,8 @@ from coordinator.model import (
 )
 from coordinator.quotas import ACTIVE_JOBS_RETRY_S, window_retry_after
 from coordinator.suppression import Reason, Suppression
+from coordinator.webhooks import Failure as WebhookFailure
+from coordinator.webhooks import Webhook
 from mailers_runtime.errors import MailersError, PermanentError, TransientError
 
 log = logging.getLogger(__name__)
@@ -800,14 +802,76 @@ class Store:
         limit: int,
         job_ids: Sequence[str] = (),
         types: Sequence[EventType] = (),
+        through: int | None = None,
     ) -> list[Event]:
-        """A tenant's events with ids above ``after``, in id order."""
+        """A tenant's events with ids above ``after`` (and at most ``through``), in id
+        order."""
         async with self._conn() as conn:
             rows = await conn.fetch(
                 self._q["list_events"], tenant, after, list(job_ids), [int(t) for t in types],
-                limit,
+                limit, through,
             )  # fmt: skip
         return [_event(tenant, row) for row in rows]
+
+    async def last_event(self) -> int:
+        """The highest event id visible now: every event recorded later is above it."""
+        async with self._conn() as conn:
+            return int(await conn.fetchval(self._q["last_event"]))
+
+    # ---- webhooks -------------------------------------------------------------------
+
+    async def create_webhook(self, hook: Webhook, secret: str, limit: int) -> Webhook:
+        """Store a new endpoint (its cursor: the last event so far).
+
+        Raises:
+            QuotaRefused: the tenant has ``limit`` endpoints already.
+        """
+        async with self._write() as conn:
+            await conn.execute(self._q["tenant_lock"], hook.tenant)
+            if int(await conn.fetchval(self._q["count_webhooks"], hook.tenant)) >= limit:
+                raise QuotaRefused(f"a tenant may have at most {limit} webhooks", None)
+            row = await conn.fetchrow(
+                self._q["insert_webhook"], hook.webhook_id, hook.tenant, hook.url, secret,
+                [int(t) for t in hook.types], ts(hook.created_at),
+            )  # fmt: skip
+        return _webhook(row)
+
+    async def webhooks(self, tenant: str | None = None) -> list[Webhook]:
+        """A tenant's endpoints; None: every enabled endpoint, with its secret."""
+        async with self._conn() as conn:
+            if tenant is None:
+                return [
+                    _webhook(r, secret=True) for r in await conn.fetch(self._q["enabled_webhooks"])
+                ]
+            return [_webhook(r) for r in await conn.fetch(self._q["list_webhooks"], tenant)]
+
+    async def delete_webhook(self, tenant: str, webhook_id: str) -> bool:
+        async with self._write() as conn:
+            return await conn.fetchval(self._q["delete_webhook"], tenant, webhook_id) is not None
+
+    async def replay_webhook(self, tenant: str, webhook_id: str, from_event: int) -> Webhook | None:
+        async with self._write() as conn:
+            row = await conn.fetchrow(self._q["replay_webhook"], tenant, webhook_id, from_event)
+        return _webhook(row) if row is not None else None
+
+    async def webhook_pending(self, hook: Webhook, last_event: int) -> bool:
+        """Fix the last event of the delivery about to start; False if the endpoint
+        moved (a replay, a deletion) since it was read."""
+        return await self._webhook_update("webhook_pending", hook, last_event)
+
+    async def webhook_delivered(self, hook: Webhook, last_event: int) -> bool:
+        return await self._webhook_update("webhook_delivered", hook, last_event)
+
+    async def webhook_failed(self, hook: Webhook, f: WebhookFailure) -> bool:
+        return await self._webhook_update(
+            "webhook_failed", hook, f.attempts, ts(f.failing_since), ts(f.next_attempt_at),
+            ts(f.disabled_at), f.error,
+        )  # fmt: skip
+
+    async def _webhook_update(self, query: str, hook: Webhook, *args: Any) -> bool:
+        async with self._write() as conn:
+            done = await conn.fetchval(self._q[query], hook.webhook_id, hook.cursor, *args)
+        return done is not None
 
     async def suppressions(self, tenant: str, after: str, limit: int) -> list[Suppression]:
         async with self._conn() as conn:
@@ -953,6 +1017,24 @@ def _event(tenant: str, row: Any) -> Event:
         next_attempt_at=unix(row["next_attempt_at"]),
         metadata=json.loads(row["metadata"]) if row["metadata"] else {},
         tags=tuple(json.loads(row["tags"])) if row["tags"] else (),
+    )
+
+
+def _webhook(row: Any, secret: bool = False) -> Webhook:
+    return Webhook(
+        webhook_id=row["webhook_id"],
+        tenant=row["tenant"],
+        url=row["url"],
+        types=tuple(EventType(t) for t in row["types"]),
+        created_at=unix(row["created_at"]) or 0.0,
+        cursor=row["cursor"],
+        pending_last=row["pending_last"],
+        attempts=row["attempts"],
+        failing_since=unix(row["failing_since"]),
+        next_attempt_at=unix(row["next_attempt_at"]),
+        disabled_at=unix(row["disabled_at"]),
+        last_error=row["last_error"],
+        secret=row["secret"] if secret else "",
     )
 
 

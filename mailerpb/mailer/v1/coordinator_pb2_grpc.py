@@ -97,6 +97,26 @@ class MailerServiceStub:
                 request_serializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.CreateWebhook = channel.unary_unary(
+                '/mailer.v1.MailerService/CreateWebhook',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.CreateWebhookRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.CreateWebhookResponse.FromString,
+                _registered_method=True)
+        self.ListWebhooks = channel.unary_unary(
+                '/mailer.v1.MailerService/ListWebhooks',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhook = channel.unary_unary(
+                '/mailer.v1.MailerService/DeleteWebhook',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.FromString,
+                _registered_method=True)
+        self.ReplayWebhook = channel.unary_unary(
+                '/mailer.v1.MailerService/ReplayWebhook',
+                request_serializer=mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookRequest.SerializeToString,
+                response_deserializer=mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookResponse.FromString,
+                _registered_method=True)
 
 
 class MailerServiceServicer:
@@ -198,6 +218,36 @@ class MailerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateWebhook(self, request, context):
+        """Registers an HTTPS endpoint that receives the tenant's events (of the given
+        types) as signed POSTs, per the Standard Webhooks specification. The response
+        holds the signing secret; it is never shown again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhooks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhook(self, request, context):
+        """Removes an endpoint; events not yet delivered to it are not sent. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayWebhook(self, request, context):
+        """Enables an endpoint again (one disabled after failing for the retry horizon)
+        and sends its backlog; with from_event_id, sends again every event after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MailerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -260,6 +310,26 @@ def add_MailerServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.FromString,
                     response_serializer=mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'CreateWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhook,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.CreateWebhookRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.CreateWebhookResponse.SerializeToString,
+            ),
+            'ListWebhooks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhooks,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.SerializeToString,
+            ),
+            'DeleteWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhook,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.SerializeToString,
+            ),
+            'ReplayWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayWebhook,
+                    request_deserializer=mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookRequest.FromString,
+                    response_serializer=mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -589,6 +659,114 @@ class MailerService:
             '/mailer.v1.MailerService/StreamEvents',
             mailer_dot_v1_dot_coordinator__pb2.StreamEventsRequest.SerializeToString,
             mailer_dot_v1_dot_coordinator__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/CreateWebhook',
+            mailer_dot_v1_dot_coordinator__pb2.CreateWebhookRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.CreateWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhooks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/ListWebhooks',
+            mailer_dot_v1_dot_coordinator__pb2.ListWebhooksRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.ListWebhooksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/DeleteWebhook',
+            mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.DeleteWebhookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mailer.v1.MailerService/ReplayWebhook',
+            mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookRequest.SerializeToString,
+            mailer_dot_v1_dot_coordinator__pb2.ReplayWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

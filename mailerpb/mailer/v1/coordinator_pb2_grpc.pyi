@@ -74,6 +74,18 @@ class MailerServiceStub:
     resume from, on any coordinator after a failover: nothing is skipped, and at
     most the events after the cursor that were already received come again.
     """
+    CreateWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWebhookRequest, _coordinator_pb2.CreateWebhookResponse]
+    """Registers an HTTPS endpoint that receives the tenant's events (of the given
+    types) as signed POSTs, per the Standard Webhooks specification. The response
+    holds the signing secret; it is never shown again.
+    """
+    ListWebhooks: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]
+    DeleteWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]
+    """Removes an endpoint; events not yet delivered to it are not sent. Idempotent."""
+    ReplayWebhook: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReplayWebhookRequest, _coordinator_pb2.ReplayWebhookResponse]
+    """Enables an endpoint again (one disabled after failing for the retry horizon)
+    and sends its backlog; with from_event_id, sends again every event after it.
+    """
 
 @_typing.type_check_only
 class MailerServiceAsyncStub(MailerServiceStub):
@@ -120,6 +132,18 @@ class MailerServiceAsyncStub(MailerServiceStub):
     events become visible, so the id of the last event received is the cursor to
     resume from, on any coordinator after a failover: nothing is skipped, and at
     most the events after the cursor that were already received come again.
+    """
+    CreateWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.CreateWebhookRequest, _coordinator_pb2.CreateWebhookResponse]  # type: ignore[assignment]
+    """Registers an HTTPS endpoint that receives the tenant's events (of the given
+    types) as signed POSTs, per the Standard Webhooks specification. The response
+    holds the signing secret; it is never shown again.
+    """
+    ListWebhooks: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ListWebhooksRequest, _coordinator_pb2.ListWebhooksResponse]  # type: ignore[assignment]
+    DeleteWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.DeleteWebhookRequest, _coordinator_pb2.DeleteWebhookResponse]  # type: ignore[assignment]
+    """Removes an endpoint; events not yet delivered to it are not sent. Idempotent."""
+    ReplayWebhook: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReplayWebhookRequest, _coordinator_pb2.ReplayWebhookResponse]  # type: ignore[assignment]
+    """Enables an endpoint again (one disabled after failing for the retry horizon)
+    and sends its backlog; with from_event_id, sends again every event after it.
     """
 
 class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -236,6 +260,42 @@ class MailerServiceServicer(metaclass=_abc_1.ABCMeta):
         events become visible, so the id of the last event received is the cursor to
         resume from, on any coordinator after a failover: nothing is skipped, and at
         most the events after the cursor that were already received come again.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhook(
+        self,
+        request: _coordinator_pb2.CreateWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.CreateWebhookResponse, _abc.Awaitable[_coordinator_pb2.CreateWebhookResponse]]:
+        """Registers an HTTPS endpoint that receives the tenant's events (of the given
+        types) as signed POSTs, per the Standard Webhooks specification. The response
+        holds the signing secret; it is never shown again.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhooks(
+        self,
+        request: _coordinator_pb2.ListWebhooksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ListWebhooksResponse, _abc.Awaitable[_coordinator_pb2.ListWebhooksResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteWebhook(
+        self,
+        request: _coordinator_pb2.DeleteWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.DeleteWebhookResponse, _abc.Awaitable[_coordinator_pb2.DeleteWebhookResponse]]:
+        """Removes an endpoint; events not yet delivered to it are not sent. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def ReplayWebhook(
+        self,
+        request: _coordinator_pb2.ReplayWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ReplayWebhookResponse, _abc.Awaitable[_coordinator_pb2.ReplayWebhookResponse]]:
+        """Enables an endpoint again (one disabled after failing for the retry horizon)
+        and sends its backlog; with from_event_id, sends again every event after it.
         """
 
 def add_MailerServiceServicer_to_server(servicer: MailerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
