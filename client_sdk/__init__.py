@@ -4,7 +4,7 @@ Public names are re-exported here; import from ``client_sdk``, not its modules.
 """
 
 from client_sdk._recipients import RecipientSource
-from client_sdk.client import MailerClient
+from client_sdk.client import EventStream, MailerClient
 from client_sdk.config import ClientConfig, ClientTls, parse_addresses
 from client_sdk.errors import (
     AlreadyExistsError,
@@ -21,14 +21,16 @@ from client_sdk.errors import (
     UnavailableError,
 )
 from client_sdk.retry import RetryPolicy
-from client_sdk.sync import SyncMailerClient
+from client_sdk.sync import SyncEventStream, SyncMailerClient
 from client_sdk.types import (
     Address,
     Attachment,
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    DeliveryEvent,
     EtcdMember,
+    EventType,
     Header,
     Job,
     JobOptions,
@@ -59,7 +61,10 @@ __all__ = [
     "ClusterStatus",
     "CoordinatorInfo",
     "DeadlineExceededError",
+    "DeliveryEvent",
     "EtcdMember",
+    "EventStream",
+    "EventType",
     "FailedPreconditionError",
     "Header",
     "InvalidArgumentError",
@@ -87,6 +92,7 @@ __all__ = [
     "SmtpReply",
     "Suppression",
     "SuppressionReason",
+    "SyncEventStream",
     "SyncMailerClient",
     "TransientError",
     "UnavailableError",

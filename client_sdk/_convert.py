@@ -22,7 +22,9 @@ from client_sdk.types import (
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    DeliveryEvent,
     EtcdMember,
+    EventType,
     Header,
     Job,
     JobOptions,
@@ -80,6 +82,18 @@ _NODE_STATES: Mapping[int, NodeState] = {
     coordinator_pb2.NODE_STATE_DRAINING: NodeState.DRAINING,
     coordinator_pb2.NODE_STATE_DISCONNECTED: NodeState.DISCONNECTED,
 }
+_EVENT_TYPES: Mapping[int, EventType] = {
+    coordinator_pb2.EVENT_TYPE_UNSPECIFIED: EventType.UNSPECIFIED,
+    coordinator_pb2.EVENT_TYPE_ACCEPTED: EventType.ACCEPTED,
+    coordinator_pb2.EVENT_TYPE_DEFERRED: EventType.DEFERRED,
+    coordinator_pb2.EVENT_TYPE_DELIVERED: EventType.DELIVERED,
+    coordinator_pb2.EVENT_TYPE_FAILED: EventType.FAILED,
+    coordinator_pb2.EVENT_TYPE_SUPPRESSED: EventType.SUPPRESSED,
+    coordinator_pb2.EVENT_TYPE_CANCELLED: EventType.CANCELLED,
+    coordinator_pb2.EVENT_TYPE_BOUNCED: EventType.BOUNCED,
+    coordinator_pb2.EVENT_TYPE_COMPLAINED: EventType.COMPLAINED,
+    coordinator_pb2.EVENT_TYPE_UNSUBSCRIBED: EventType.UNSUBSCRIBED,
+}
 
 
 def _enum_from(table: Mapping[int, E], value: int, unknown: E) -> E:
@@ -111,6 +125,16 @@ def recipient_status_to_pb(status: RecipientStatus) -> common_pb2.RecipientStatu
 def recipient_status_from_pb(value: int) -> RecipientStatus:
     """The recipient status of a wire number."""
     return _enum_from(_RECIPIENT_STATUSES, value, RecipientStatus.UNSPECIFIED)
+
+
+def event_type_to_pb(event_type: EventType) -> coordinator_pb2.EventType.ValueType:
+    """The wire number of an event type."""
+    return coordinator_pb2.EventType.ValueType(_enum_to(_EVENT_TYPES, event_type))
+
+
+def event_type_from_pb(value: int) -> EventType:
+    """The event type of a wire number."""
+    return _enum_from(_EVENT_TYPES, value, EventType.UNSPECIFIED)
 
 
 def timestamp_to_pb(value: datetime) -> Timestamp:
@@ -258,18 +282,24 @@ def job_from_pb(msg: coordinator_pb2.Job, created: bool | None = None) -> Job:
     )
 
 
+def _reply_from_pb(
+    msg: common_pb2.RecipientResult | coordinator_pb2.Suppression | coordinator_pb2.DeliveryEvent,
+) -> SmtpReply | None:
+    """The message's ``reply`` field, None when unset."""
+    if not msg.HasField("reply"):
+        return None
+    return SmtpReply(
+        code=msg.reply.code, enhanced_code=msg.reply.enhanced_code, text=msg.reply.text
+    )
+
+
 def result_from_pb(msg: common_pb2.RecipientResult) -> RecipientResult:
     """A RecipientResult."""
-    reply = None
-    if msg.HasField("reply"):
-        reply = SmtpReply(
-            code=msg.reply.code, enhanced_code=msg.reply.enhanced_code, text=msg.reply.text
-        )
     return RecipientResult(
         index=msg.index,
         email=msg.email,
         status=recipient_status_from_pb(msg.status),
-        reply=reply,
+        reply=_reply_from_pb(msg),
         reason=msg.reason,
         attempts=msg.attempts,
         node_id=msg.node_id,
@@ -278,6 +308,40 @@ def result_from_pb(msg: common_pb2.RecipientResult) -> RecipientResult:
         message_id=msg.message_id,
         relay=msg.relay,
         metadata=dict(msg.metadata),
+    )
+
+
+def event_from_pb(msg: coordinator_pb2.DeliveryEvent) -> DeliveryEvent:
+    """A DeliveryEvent."""
+    return DeliveryEvent(
+        event_id=msg.event_id,
+        type=event_type_from_pb(msg.type),
+        time=_timestamp_from_pb(msg, "time"),
+        job_id=msg.job_id,
+        index=msg.index,
+        email=msg.email,
+        tenant=msg.tenant,
+        message_id=msg.message_id,
+        attempt=msg.attempt,
+        node_id=msg.node_id,
+        relay=msg.relay,
+        reply=_reply_from_pb(msg),
+        reason=msg.reason,
+        next_attempt_at=_timestamp_from_pb(msg, "next_attempt_time"),
+        metadata=dict(msg.metadata),
+        tags=tuple(msg.tags),
+    )
+
+
+def stream_events_request(
+    after_event_id: int, job_ids: Iterable[str], types: Iterable[EventType], tenant: str
+) -> coordinator_pb2.StreamEventsRequest:
+    """A StreamEventsRequest resuming after ``after_event_id``."""
+    return coordinator_pb2.StreamEventsRequest(
+        tenant=tenant,
+        after_event_id=after_event_id,
+        job_ids=list(job_ids),
+        types=[event_type_to_pb(t) for t in types],
     )
 
 
@@ -315,16 +379,11 @@ def suppression_reason_to_pb(
 
 def suppression_from_pb(msg: coordinator_pb2.Suppression) -> Suppression:
     """A Suppression."""
-    reply = None
-    if msg.HasField("reply"):
-        reply = SmtpReply(
-            code=msg.reply.code, enhanced_code=msg.reply.enhanced_code, text=msg.reply.text
-        )
     return Suppression(
         email=msg.email,
         reason=_enum_from(_SUPPRESSION_REASONS, msg.reason, SuppressionReason.UNSPECIFIED),
         tenant=msg.tenant,
-        reply=reply,
+        reply=_reply_from_pb(msg),
         created_at=_timestamp_from_pb(msg, "created_at"),
     )
 

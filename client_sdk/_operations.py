@@ -34,6 +34,7 @@ from client_sdk import _convert
 from client_sdk._recipients import Submission
 from client_sdk.config import ClientConfig
 from client_sdk.types import (
+    DeliveryEvent,
     Job,
     JobState,
     Page,
@@ -187,6 +188,10 @@ def _watch_stream_timeout(config: ClientConfig) -> timedelta:
     return config.watch_stream_timeout
 
 
+def _events(response: coordinator_pb2.StreamEventsResponse) -> list[DeliveryEvent]:
+    return [_convert.event_from_pb(e) for e in response.events]
+
+
 def _submitted(
     response: coordinator_pb2.SubmitJobResponse | coordinator_pb2.UploadJobResponse,
 ) -> Job:
@@ -332,6 +337,15 @@ REMOVE_SUPPRESSION = Unary(
     convert=lambda r: r.removed,
     idempotent=True,
 )
+STREAM_EVENTS = ServerStream(
+    service=Service.MAILER,
+    method="StreamEvents",
+    request=_convert.stream_events_request,
+    response=coordinator_pb2.StreamEventsResponse,
+    convert=_events,
+    idempotent=True,
+    default_timeout=_watch_stream_timeout,
+)
 
 # ----- AdminService -----------------------------------------------------------------
 
@@ -413,6 +427,7 @@ OPERATIONS: tuple[Rpc, ...] = (
     LIST_SUPPRESSIONS,
     ADD_SUPPRESSION,
     REMOVE_SUPPRESSION,
+    STREAM_EVENTS,
     GET_CLUSTER_STATUS,
     LIST_NODES,
     DRAIN_NODE,

@@ -16,6 +16,8 @@ Example::
         job = await client.submit(content, recipients)
         async for progress in client.watch(job.job_id):
             print(progress.done, "/", progress.total)
+        async for event in client.events(after=cursor):  # never ends by itself
+            cursor = event.event_id
 
 Without ``tls`` the client dials in plaintext, for clusters started with
 ``MAILER_PLAINTEXT=1`` (local development); it cannot reach a TLS cluster.
@@ -28,18 +30,21 @@ retry loop's decisions are :class:`client_sdk.retry.CallAttempts`'.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from client_sdk import _convert
 from client_sdk import _operations as ops
+from client_sdk._events import EventCursor
 from client_sdk._recipients import (
     ProgressCallback,
     RecipientFeed,
@@ -57,9 +62,11 @@ from client_sdk.config import (
     resolve_channel_factory,
 )
 from client_sdk.errors import DeadlineExceededError, MailerError, error_from_rpc, error_of
-from client_sdk.retry import CallAttempts, LeaderRouter, timeout_s
+from client_sdk.retry import CallAttempts, LeaderRouter, StreamEnded, timeout_s
 from client_sdk.types import (
     ClusterStatus,
+    DeliveryEvent,
+    EventType,
     Job,
     JobOptions,
     JobProgress,
@@ -76,6 +83,7 @@ from client_sdk.types import (
 __all__ = [
     "ClientConfig",
     "ClientTls",
+    "EventStream",
     "MailerClient",
     "ProgressCallback",
     "RecipientSource",
@@ -114,6 +122,32 @@ class _EndedEarly(aio.AioRpcError):
     def lost(exc: aio.AioRpcError) -> bool:
         """Whether ``exc`` is gRPC's lost status."""
         return exc.code() is grpc.StatusCode.INTERNAL and exc.details() == _CORE_INTERNAL
+
+
+class EventStream(EventCursor[AsyncGenerator[DeliveryEvent, None]]):
+    """The events :meth:`MailerClient.events` yields: an async iterator that never ends
+    by itself, with its cursor (:attr:`last_event_id`) and :attr:`reconnects`.
+
+    Close it (``aclose()``, or ``async with``) to cancel the stream in flight at once;
+    an abandoned one is closed when it is garbage collected. Not for concurrent use by
+    several tasks.
+    """
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> DeliveryEvent:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Cancel the stream in flight; the iteration ends."""
+        await self._events.aclose()
+
+    async def __aenter__(self) -> EventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
 
 class MailerClient:
@@ -393,30 +427,110 @@ class MailerClient:
         stream_s = timeout_s(stream_timeout, rpc.default_timeout(self._config))
         request = rpc.request(job_id=job_id)
         attempts = CallAttempts.watch(self._router, self._config.retry, self._rng, time.monotonic())
+
+        def ended(address: str, error: MailerError | None, received: int, open_s: float) -> float:
+            return attempts.stream_ended(address, error, received, time.monotonic())
+
         last: JobProgress | None = None
+        streams = self._reopening(rpc, lambda address: request, stream_s, ended)
+        async with contextlib.aclosing(streams) as responses:
+            async for address, response in responses:
+                attempts.progressed(address, time.monotonic())
+                progress = rpc.convert(response)
+                if progress != last:
+                    last = progress
+                    yield progress
+                if progress.is_final:
+                    return
+
+    async def _reopening(
+        self,
+        rpc: ops.ServerStream[..., Any, Any],
+        request: Callable[[str], Message],
+        stream_s: float,
+        ended: StreamEnded,
+    ) -> AsyncGenerator[tuple[str, Any], None]:
+        """The messages of ``rpc``'s streams at the leader, each with the address it came
+        from; a stream that ends is opened again, with ``request(address)`` made anew.
+
+        Each stream lasts at most ``stream_s``. When one ends, ``ended`` routes and says
+        how long to wait before the next, or raises to end the iteration. Closing the
+        generator cancels the stream in flight.
+        """
         while True:
             address = self._router.current
             method = self._channels.stubs(address).method(rpc)
-            call = method(request, metadata=self._metadata, timeout=stream_s)
+            opened_s = time.monotonic()
+            call = method(request(address), metadata=self._metadata, timeout=stream_s)
             received = 0
             error: MailerError | None = None
             try:
                 async for response in call:
-                    progress = rpc.convert(response)
                     received += 1
-                    attempts.progressed(address, time.monotonic())
-                    if progress != last:
-                        last = progress
-                        yield progress
-                    if progress.is_final:
-                        return
+                    yield address, response
             except aio.AioRpcError as exc:
                 error = error_of(exc)
             finally:
                 call.cancel()
-            delay_s = attempts.stream_ended(address, error, received, time.monotonic())
+            delay_s = ended(address, error, received, time.monotonic() - opened_s)
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
+
+    def events(
+        self,
+        after: int = 0,
+        *,
+        job_ids: Iterable[str] = (),
+        types: Iterable[EventType] = (),
+        tenant: str = "",
+        stream_timeout: timedelta | None = None,
+    ) -> EventStream:
+        """The delivery events of the caller's tenant with an id above ``after``, oldest
+        first, then each new one as it is recorded.
+
+        The iterator never ends by itself. It survives leader failover: after
+        UNAVAILABLE, a standby's redirect or a broken stream it finds the leader as
+        :meth:`watch` does and resumes after the last event it yielded, so no event is
+        skipped or yielded twice; :attr:`EventStream.reconnects` counts those
+        resumptions. There is no overall deadline: the consumer owns cancellation
+        (``aclose()`` it, use it as an async context manager, or cancel the task). Each
+        stream lasts at most ``stream_timeout`` (``config.watch_stream_timeout``) and is
+        then re-opened where it was.
+
+        Example::
+
+            async with client.events(after=cursor) as events:
+                async for event in events:
+                    handle(event)
+                    cursor = event.event_id
+
+        Args:
+            after: The cursor: the id of the last event already handled; 0 starts at
+                the oldest event kept.
+            job_ids: Only events of these jobs; empty for every job.
+            types: Only events of these types; empty for every type.
+            tenant: Admins only: whose events. Tenant tokens always get their own.
+
+        Raises:
+            ValueError: ``after`` is negative (at once).
+            AuthError: The token may not read the tenant's events.
+            UnavailableError: No leader answered within ``retry.max_elapsed``
+                since the stream was lost.
+        """
+        stream_s = timeout_s(stream_timeout, ops.STREAM_EVENTS.default_timeout(self._config))
+        return EventStream(
+            after, self._subscribe, job_ids=job_ids, types=types, tenant=tenant, stream_s=stream_s
+        )
+
+    async def _subscribe(self, cursor: EventCursor[Any]) -> AsyncGenerator[DeliveryEvent, None]:
+        """The events of ``cursor``'s streams past it, re-opened as it says."""
+        rpc = ops.STREAM_EVENTS
+        cursor.start(self._router, self._config.retry, self._rng)
+        streams = self._reopening(rpc, cursor.request, cursor.stream_s, cursor.ended)
+        async with contextlib.aclosing(streams) as responses:
+            async for address, response in responses:
+                for event in cursor.received(address, rpc.convert(response)):
+                    yield event
 
     async def wait(self, job_id: str, *, stream_timeout: timedelta | None = None) -> JobProgress:
         """Watch until the job is final and return its final progress.

@@ -31,7 +31,8 @@ class ClientConfig:
     drain_timeout: timedelta = timedelta(minutes=10)
     """Deadline of a node drain, which waits for the node's batches."""
     watch_stream_timeout: timedelta = timedelta(seconds=60)
-    """A watch re-opens its stream this often, so a silent leader is noticed."""
+    """A watch, or an event subscription, re-opens its stream this often, so a leader
+    that stepped down without ending it is noticed."""
     keepalive_time: timedelta = timedelta(seconds=10)
     """HTTP/2 keepalive ping interval while calls are active."""
     keepalive_timeout: timedelta = timedelta(seconds=5)

@@ -25,7 +25,7 @@ import enum
 import math
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import grpc
@@ -208,6 +208,11 @@ class LeaderRouter:
             self._failed(address)
 
 
+SETTLED_STREAM_S = 5.0
+"""A stream open this long without an answer had been accepted: refusals (a standby's
+redirect, no leader known, a closed port) come within a second."""
+
+
 def give_up_error(
     step: Step, error: MailerError, addresses: Sequence[str], attempts: int
 ) -> MailerError:
@@ -285,6 +290,12 @@ class RetryBudget:
         self.retry_deadline_s = now_s + self.policy.max_elapsed.total_seconds()
 
 
+StreamEnded = Callable[[str, MailerError | None, int, float], float]
+"""How the clients' re-opened streams (watch, events) go on after one ends: given its
+address, its error (None for a clean end), the messages it delivered and the seconds it
+was open, the seconds to wait before the next; raises to end the iteration."""
+
+
 @dataclasses.dataclass
 class CallAttempts:
     """The attempts of one call, as both clients loop over them; the clock is passed in.
@@ -304,7 +315,7 @@ class CallAttempts:
             sleep(attempts.failed(address, error, now()))  # raises when no retry is left
 
     A watch uses :meth:`progressed` and :meth:`stream_ended` instead, without
-    an overall deadline.
+    an overall deadline; an event subscription :meth:`subscription_ended`.
 
     Attributes:
         router: The client's leader router (shared with its other calls).
@@ -320,6 +331,9 @@ class CallAttempts:
     deadline_s: float
     idempotent: bool
     rng: random.Random
+    settled_s: float = SETTLED_STREAM_S
+    """A subscription's stream open this long had been accepted (see
+    :meth:`subscription_ended`)."""
 
     @classmethod
     def start(
@@ -343,6 +357,21 @@ class CallAttempts:
     ) -> CallAttempts:
         """The attempts of a watch: no overall deadline, idempotent (it only reads)."""
         return cls.start(router, policy, rng, now_s=now_s, timeout_s=math.inf, idempotent=True)
+
+    @classmethod
+    def subscription(
+        cls,
+        router: LeaderRouter,
+        policy: RetryPolicy,
+        rng: random.Random,
+        now_s: float,
+        stream_s: float,
+    ) -> CallAttempts:
+        """The attempts of a subscription whose streams last ``stream_s`` each: a watch
+        whose streams may stay silent (see :meth:`subscription_ended`)."""
+        attempts = cls.watch(router, policy, rng, now_s)
+        attempts.settled_s = min(SETTLED_STREAM_S, stream_s)
+        return attempts
 
     def next(self, now_s: float) -> tuple[str, float]:
         """The address of the next attempt and the seconds left for it.
@@ -411,6 +440,40 @@ class CallAttempts:
         if error is None:
             error = UnavailableError("watch stream kept ending", grpc.StatusCode.UNAVAILABLE)
         return self._delay_s(step, error, now_s)
+
+    def subscription_ended(
+        self, address: str, error: MailerError | None, received: int, open_s: float, now_s: float
+    ) -> tuple[float, bool]:
+        """Decide how a subscription goes on after its stream at ``address`` ended.
+
+        Unlike a watch's, a subscription's stream may rightly deliver nothing for its
+        whole deadline (no event happened). A stream that delivered something, or
+        stayed open :attr:`settled_s`, had been accepted: its end starts a new run of
+        retries, counted from now rather than from the last message. One that reached
+        its own deadline so is re-opened at once where it was (the periodic re-open);
+        any other end is decided as by :meth:`stream_ended`.
+
+        Args:
+            address: Where the stream was open.
+            error: How it ended; None when the server ended it cleanly.
+            received: Messages it delivered.
+            open_s: How long it was open.
+            now_s: The monotonic time now.
+
+        Returns:
+            Seconds to wait before re-opening the stream, and whether an accepted
+            stream was lost (a failover, a broken connection, the server ending it),
+            which the periodic re-open is not.
+
+        Raises:
+            MailerError: As :meth:`stream_ended`.
+        """
+        accepted = received > 0 or open_s >= self.settled_s
+        if accepted:
+            self.budget.progressed(now_s)
+            if isinstance(error, DeadlineExceededError):
+                return 0.0, False
+        return self.stream_ended(address, error, received, now_s), accepted
 
     def _delay_s(self, step: Step, error: MailerError, now_s: float) -> float:
         delay_s = self.budget.delay_s(step, now_s, self.rng)

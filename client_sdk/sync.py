@@ -11,19 +11,21 @@ retries (:class:`client_sdk.retry.CallAttempts`) and error model
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from client_sdk import _convert
 from client_sdk import _operations as ops
+from client_sdk._events import EventCursor
 from client_sdk._recipients import (
     ProgressCallback,
     RecipientFeed,
@@ -40,9 +42,11 @@ from client_sdk.config import (
     resolve_channel_factory,
 )
 from client_sdk.errors import MailerError, error_of
-from client_sdk.retry import CallAttempts, LeaderRouter, timeout_s
+from client_sdk.retry import CallAttempts, LeaderRouter, StreamEnded, timeout_s
 from client_sdk.types import (
     ClusterStatus,
+    DeliveryEvent,
+    EventType,
     Job,
     JobOptions,
     JobProgress,
@@ -56,9 +60,35 @@ from client_sdk.types import (
     SuppressionReason,
 )
 
-__all__ = ["SyncMailerClient", "SyncRecipientSource"]
+__all__ = ["SyncEventStream", "SyncMailerClient", "SyncRecipientSource"]
+
 
 T = TypeVar("T")
+
+
+class SyncEventStream(EventCursor[Generator[DeliveryEvent, None, None]]):
+    """The events :meth:`SyncMailerClient.events` yields: an iterator that never ends by
+    itself, with its cursor (:attr:`last_event_id`) and :attr:`reconnects`.
+
+    ``close()`` it (or use ``with``) to cancel the stream in flight; an abandoned one is
+    closed when it is garbage collected. Not for concurrent use by several threads.
+    """
+
+    def __iter__(self) -> SyncEventStream:
+        return self
+
+    def __next__(self) -> DeliveryEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Cancel the stream in flight; the iteration ends."""
+        self._events.close()
+
+    def __enter__(self) -> SyncEventStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class SyncMailerClient:
@@ -284,30 +314,87 @@ class SyncMailerClient:
         stream_s = timeout_s(stream_timeout, rpc.default_timeout(self._config))
         request = rpc.request(job_id=job_id)
         attempts = CallAttempts.watch(self._router, self._config.retry, self._rng, time.monotonic())
+
+        def ended(address: str, error: MailerError | None, received: int, open_s: float) -> float:
+            return attempts.stream_ended(address, error, received, time.monotonic())
+
         last: JobProgress | None = None
+        streams = self._reopening(rpc, lambda address: request, stream_s, ended)
+        with contextlib.closing(streams) as responses:
+            for address, response in responses:
+                attempts.progressed(address, time.monotonic())
+                progress = rpc.convert(response)
+                if progress != last:
+                    last = progress
+                    yield progress
+                if progress.is_final:
+                    return
+
+    def _reopening(
+        self,
+        rpc: ops.ServerStream[..., Any, Any],
+        request: Callable[[str], Message],
+        stream_s: float,
+        ended: StreamEnded,
+    ) -> Generator[tuple[str, Any], None, None]:
+        """The messages of ``rpc``'s streams at the leader, each with its address; see
+        :meth:`client_sdk.MailerClient._reopening`. Closing the generator cancels the
+        stream in flight."""
         while True:
             address = self._router.current
             method = self._channels.stubs(address).method(rpc)
-            call = method(request, metadata=self._metadata, timeout=stream_s)
+            opened_s = time.monotonic()
+            call = method(request(address), metadata=self._metadata, timeout=stream_s)
             received = 0
             error: MailerError | None = None
             try:
                 for response in call:
-                    progress = rpc.convert(response)
                     received += 1
-                    attempts.progressed(address, time.monotonic())
-                    if progress != last:
-                        last = progress
-                        yield progress
-                    if progress.is_final:
-                        return
+                    yield address, response
             except grpc.RpcError as exc:
                 error = error_of(exc)
             finally:
                 call.cancel()
-            delay_s = attempts.stream_ended(address, error, received, time.monotonic())
+            delay_s = ended(address, error, received, time.monotonic() - opened_s)
             if delay_s > 0:
                 self._sleep(delay_s)
+
+    def events(
+        self,
+        after: int = 0,
+        *,
+        job_ids: Iterable[str] = (),
+        types: Iterable[EventType] = (),
+        tenant: str = "",
+        stream_timeout: timedelta | None = None,
+    ) -> SyncEventStream:
+        """The delivery events of the caller's tenant with an id above ``after``, then
+        each new one; see :meth:`client_sdk.MailerClient.events`. The iterator never ends
+        by itself; ``close()`` it (or use it as a context manager) to stop.
+
+        Example::
+
+            with client.events(after=cursor) as events:
+                for event in events:
+                    handle(event)
+
+        Raises:
+            ValueError: ``after`` is negative (at once).
+            MailerError: While iterating, as :meth:`client_sdk.MailerClient.events`.
+        """
+        stream_s = timeout_s(stream_timeout, ops.STREAM_EVENTS.default_timeout(self._config))
+        return SyncEventStream(
+            after, self._subscribe, job_ids=job_ids, types=types, tenant=tenant, stream_s=stream_s
+        )
+
+    def _subscribe(self, cursor: EventCursor[Any]) -> Generator[DeliveryEvent, None, None]:
+        """The events of ``cursor``'s streams; see :meth:`client_sdk.MailerClient._subscribe`."""
+        rpc = ops.STREAM_EVENTS
+        cursor.start(self._router, self._config.retry, self._rng)
+        streams = self._reopening(rpc, cursor.request, cursor.stream_s, cursor.ended)
+        with contextlib.closing(streams) as responses:
+            for address, response in responses:
+                yield from cursor.received(address, rpc.convert(response))
 
     def wait(self, job_id: str, *, stream_timeout: timedelta | None = None) -> JobProgress:
         """Watch until the job is final and return its final progress."""

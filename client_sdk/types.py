@@ -73,6 +73,29 @@ class SuppressionReason(enum.Enum):
     MANUAL = "manual"
 
 
+class EventType(enum.Enum):
+    """What happened to one recipient, as a :class:`DeliveryEvent` reports it."""
+
+    UNSPECIFIED = "unspecified"
+    """A type this SDK does not know (from a newer server)."""
+    ACCEPTED = "accepted"
+    """The recipient's batch was handed to a sender node for the first time."""
+    DEFERRED = "deferred"
+    """A transient failure (4xx, connection trouble); it will be retried."""
+    DELIVERED = "delivered"
+    """The relay accepted the message (250 after DATA)."""
+    FAILED = "failed"
+    """Permanently refused, out of attempts, expired, or lost too often."""
+    SUPPRESSED = "suppressed"
+    """On the tenant's suppression list when its turn came; never sent."""
+    CANCELLED = "cancelled"
+    """The job was cancelled before this recipient was sent."""
+    BOUNCED = "bounced"
+    """Reported later by the receiving side, as are complaints and unsubscribes."""
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
+
+
 class NodeState(enum.Enum):
     """Scheduling state of a sender node, as operators set it."""
 
@@ -272,6 +295,40 @@ class RecipientResult:
     """The relay (host:port) that gave the reply, when one did."""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """The metadata the recipient was submitted with."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeliveryEvent:
+    """One state change of one recipient, as :meth:`MailerClient.events` yields it."""
+
+    event_id: int
+    """Unique and increasing in the order events become visible (with gaps): the
+    cursor to resume from (``events(after=event_id)``)."""
+    type: EventType
+    time: datetime | None
+    """When it was recorded."""
+    job_id: str
+    index: int
+    """The recipient's position in the job, from 0 (as in :class:`RecipientResult`)."""
+    email: str
+    tenant: str = ""
+    message_id: str = ""
+    """The Message-ID header of the message sent, with its angle brackets."""
+    attempt: int = 0
+    """SMTP transactions attempted for this recipient so far."""
+    node_id: str = ""
+    relay: str = ""
+    """The relay (host:port) that gave the reply, when one did."""
+    reply: SmtpReply | None = None
+    """The SMTP reply that caused the event, if any."""
+    reason: str = ""
+    """Human readable reason, e.g. "job cancelled"."""
+    next_attempt_at: datetime | None = None
+    """Deferred events: when the recipient's batch may next be sent (as last scheduled)."""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The metadata the recipient was submitted with."""
+    tags: Sequence[str] = ()
+    """The job's tags."""
 
 
 @dataclasses.dataclass(frozen=True)

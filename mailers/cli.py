@@ -5,6 +5,7 @@ mailers cluster              run a local cluster until Ctrl-C
 mailers send --csv ...       send a CSV of recipients as one job, with a progress bar
 mailers status | nodes       what the leader coordinator says about the cluster
 mailers jobs | job | results jobs, one job's control, its per-recipient outcomes
+mailers events [--follow]    delivery events, as recorded so far or as they come
 mailers config               named contexts: which cluster, with which certificates
 mailers completion SHELL     the shell completion script
 mailers certs DIR            make a development CA and the certificates of a cluster
@@ -44,6 +45,7 @@ from mailers.etcd_auth import (
     remove_node,
     role_table,
 )
+from mailers.events import add_events_parser
 from mailers.output import add_output_arguments, stderr
 from mailers_runtime.etcd import EtcdTls, connect, parse_endpoints, permission_denied
 
@@ -234,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_etcd_auth_parser(sub)
     add_send_parser(sub)
     add_admin_parsers(sub, run_node)
+    add_events_parser(sub)
     add_config_parser(sub)
     add_completion_parser(sub)
     return parser
