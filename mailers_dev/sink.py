@@ -18,6 +18,8 @@ is announced on stdout as ``mailers-sink faults #N: {...}``.
 
 - ``reject_pattern``: recipients matching the regex get ``550 5.1.1``.
 - ``tempfail_pattern``: recipients matching the regex get ``451 4.3.0``.
+- ``greylist_pattern``: recipients matching the regex get ``451 4.7.1`` the first time
+  the sink sees each of them (greylisting), and are accepted from then on.
 - ``tempfail``: every ``MAIL`` is answered with ``code`` (421 by default; 451, or 535
   to imitate an auth failure): the relay refuses all mail for a while, then recovers.
 - ``hang_after_data``: the whole message is received, the final dot is never answered
@@ -164,6 +166,8 @@ class FaultPlan:
     """Recipients matching this regular expression get ``550 5.1.1``."""
     tempfail_pattern: str | None = None
     """Recipients matching this regular expression get ``451 4.3.0``."""
+    greylist_pattern: str | None = None
+    """Recipients matching this get ``451 4.7.1`` once each, then are accepted."""
     tempfail: Window | None = None
     """While active, every ``MAIL`` is answered with :attr:`tempfail_code`."""
     tempfail_code: int = 421
@@ -190,7 +194,7 @@ class FaultPlan:
     """Held before every reply to a final dot."""
 
     def __post_init__(self) -> None:
-        for pattern in (self.reject_pattern, self.tempfail_pattern):
+        for pattern in (self.reject_pattern, self.tempfail_pattern, self.greylist_pattern):
             if pattern is not None:
                 re.compile(pattern)
         if not 400 <= self.tempfail_code <= 599:
@@ -208,6 +212,7 @@ class FaultPlan:
         known = {
             "reject_pattern",
             "tempfail_pattern",
+            "greylist_pattern",
             "tempfail",
             "hang_after_data",
             "cut_mid_data",
@@ -233,6 +238,7 @@ class FaultPlan:
             return cls(
                 reject_pattern=_json_text(obj, "reject_pattern"),
                 tempfail_pattern=_json_text(obj, "tempfail_pattern"),
+                greylist_pattern=_json_text(obj, "greylist_pattern"),
                 tempfail=_json_window(obj, "tempfail", frozenset({"code"})),
                 tempfail_code=code,
                 hang_after_data=_json_window(obj, "hang_after_data", frozenset({"store"})),
@@ -256,6 +262,8 @@ class FaultPlan:
             out["reject_pattern"] = self.reject_pattern
         if self.tempfail_pattern is not None:
             out["tempfail_pattern"] = self.tempfail_pattern
+        if self.greylist_pattern is not None:
+            out["greylist_pattern"] = self.greylist_pattern
         if self.tempfail is not None:
             out["tempfail"] = {"code": self.tempfail_code, **self.tempfail.to_json()}
         if self.hang_after_data is not None:
@@ -382,6 +390,8 @@ class SinkStats:
     rejected: int = 0
     tempfailed: int = 0
     """Recipients refused by ``tempfail_pattern`` and transactions refused by ``tempfail``."""
+    greylisted: int = 0
+    """Recipients refused once by ``greylist_pattern``."""
     hung: int = 0
     cut_mid_data: int = 0
     cut_after_data: int = 0
@@ -533,6 +543,8 @@ class SinkHandler:
         self.stats = SinkStats()
         self.applied = 0
         """How many plans were applied (the startup plan is #1)."""
+        self._greylist_seen: set[str] = set()
+        """Addresses greylisted once; kept across plan changes, as a relay keeps them."""
         self.apply(plan)
 
     @property
@@ -546,6 +558,7 @@ class SinkHandler:
         self._plan = plan
         self._reject = re.compile(plan.reject_pattern) if plan.reject_pattern else None
         self._tempfail_rcpt = re.compile(plan.tempfail_pattern) if plan.tempfail_pattern else None
+        self._greylist = re.compile(plan.greylist_pattern) if plan.greylist_pattern else None
         self._tempfail = _Armed(plan.tempfail, now)
         self._hang = _Armed(plan.hang_after_data, now)
         self._cut_mid = _Armed(plan.cut_mid_data, now)
@@ -633,12 +646,25 @@ class SinkHandler:
         if self._tempfail_rcpt is not None and self._tempfail_rcpt.search(address):
             self.stats.tempfailed += 1
             return f"451 4.3.0 <{address}>: Temporary failure, try again later"
+        if self._greylisted(address):
+            self.stats.greylisted += 1
+            return f"451 4.7.1 <{address}>: Greylisted, try again later"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         if self._rcpt_252.take(self._clock()):
             self.stats.rcpt_252 += 1
             return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
         return "250 2.1.5 OK"
+
+    def _greylisted(self, address: str) -> bool:
+        """Whether to refuse ``address`` now: it matches and was not seen before."""
+        if self._greylist is None or not self._greylist.search(address):
+            return False
+        key = address.lower()
+        if key in self._greylist_seen:
+            return False
+        self._greylist_seen.add(key)
+        return True
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         now = self._clock()

@@ -121,6 +121,28 @@ async def test_tempfail_pattern_answers_451(sink: SinkServer) -> None:
     assert list((sink.config.maildir / "new").iterdir()) == []
 
 
+async def test_greylisting_refuses_each_address_once(sink: SinkServer) -> None:
+    # Given a sink greylisting addresses that start with "grey"
+    sink.set_faults(FaultPlan(greylist_pattern=r"(?i)^grey"))
+
+    async def send(n: int, *to: str) -> dict[str, int]:
+        errors, _ = await aiosmtplib.send(
+            make_message(f"<g{n}@mailers.test>"), hostname="127.0.0.1", port=sink.port,
+            sender="b@example.com", recipients=list(to), timeout=10,
+        )  # fmt: skip
+        return {address: reply.code for address, reply in errors.items()}
+
+    # When a message goes to two of them and another address, twice
+    first = await send(1, "grey1@example.com", "GREY2@example.com", "ok@example.com")
+    again = await send(2, "grey1@example.com", "grey2@example.com")
+    # Then each greylisted address is refused with 451 4.7.1 the first time only
+    assert first == {"grey1@example.com": 451, "GREY2@example.com": 451}
+    assert again == {}
+    assert sink.stats.greylisted == 2
+    logged = [line["rcpt"] for line in read_log(sink.config.log_path)]
+    assert logged == ["ok@example.com", "grey1@example.com", "grey2@example.com"]
+
+
 async def test_many_messages_on_one_connection_each_get_a_file(sink: SinkServer) -> None:
     async with aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=10) as smtp:
         for i in range(50):
