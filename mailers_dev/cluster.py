@@ -366,6 +366,9 @@ class LocalCluster:
             {
                 "MAILER_LISTEN": f"127.0.0.1:{port}",
                 "MAILER_COORDINATOR_ID": name,
+                # A local cluster's webhooks may go to a plain HTTP receiver on the
+                # developer's machine.
+                "MAILER_WEBHOOK_ALLOW_HTTP": "1",
                 **self.postgres.env,
             }
         )
