@@ -28,6 +28,7 @@ from client_sdk.types import (
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    CreatedWebhook,
     DeliveryEvent,
     EtcdMember,
     EventType,
@@ -48,6 +49,8 @@ from client_sdk.types import (
     SmtpReply,
     Suppression,
     SuppressionReason,
+    Webhook,
+    WebhookState,
 )
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "ClientTls",
     "ClusterStatus",
     "CoordinatorInfo",
+    "CreatedWebhook",
     "DeadlineExceededError",
     "DeliveryEvent",
     "EtcdMember",
@@ -96,5 +100,7 @@ __all__ = [
     "SyncMailerClient",
     "TransientError",
     "UnavailableError",
+    "Webhook",
+    "WebhookState",
     "parse_addresses",
 ]

@@ -22,6 +22,7 @@ from client_sdk.types import (
     BreakerState,
     ClusterStatus,
     CoordinatorInfo,
+    CreatedWebhook,
     DeliveryEvent,
     EtcdMember,
     EventType,
@@ -41,6 +42,8 @@ from client_sdk.types import (
     SmtpReply,
     Suppression,
     SuppressionReason,
+    Webhook,
+    WebhookState,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2
 
@@ -68,6 +71,7 @@ _SUPPRESSION_REASONS: Mapping[int, SuppressionReason] = {
     coordinator_pb2.SUPPRESSION_REASON_HARD_BOUNCE: SuppressionReason.HARD_BOUNCE,
     coordinator_pb2.SUPPRESSION_REASON_UNSUBSCRIBE: SuppressionReason.UNSUBSCRIBE,
     coordinator_pb2.SUPPRESSION_REASON_MANUAL: SuppressionReason.MANUAL,
+    coordinator_pb2.SUPPRESSION_REASON_COMPLAINT: SuppressionReason.COMPLAINT,
 }
 _BREAKER_STATES: Mapping[int, BreakerState] = {
     common_pb2.BREAKER_STATE_UNSPECIFIED: BreakerState.UNSPECIFIED,
@@ -93,6 +97,12 @@ _EVENT_TYPES: Mapping[int, EventType] = {
     coordinator_pb2.EVENT_TYPE_BOUNCED: EventType.BOUNCED,
     coordinator_pb2.EVENT_TYPE_COMPLAINED: EventType.COMPLAINED,
     coordinator_pb2.EVENT_TYPE_UNSUBSCRIBED: EventType.UNSUBSCRIBED,
+}
+_WEBHOOK_STATES: Mapping[int, WebhookState] = {
+    coordinator_pb2.WEBHOOK_STATE_UNSPECIFIED: WebhookState.UNSPECIFIED,
+    coordinator_pb2.WEBHOOK_STATE_ACTIVE: WebhookState.ACTIVE,
+    coordinator_pb2.WEBHOOK_STATE_FAILING: WebhookState.FAILING,
+    coordinator_pb2.WEBHOOK_STATE_DISABLED: WebhookState.DISABLED,
 }
 
 
@@ -342,6 +352,52 @@ def stream_events_request(
         after_event_id=after_event_id,
         job_ids=list(job_ids),
         types=[event_type_to_pb(t) for t in types],
+    )
+
+
+def webhook_from_pb(msg: coordinator_pb2.Webhook) -> Webhook:
+    """A Webhook (the wire message never holds the secret)."""
+    return Webhook(
+        webhook_id=msg.webhook_id,
+        url=msg.url,
+        tenant=msg.tenant,
+        types=tuple(event_type_from_pb(t) for t in msg.types),
+        state=_enum_from(_WEBHOOK_STATES, msg.state, WebhookState.UNSPECIFIED),
+        created_at=_timestamp_from_pb(msg, "created_at"),
+        delivered_event_id=msg.delivered_event_id,
+        failed_attempts=msg.failed_attempts,
+        failing_since=_timestamp_from_pb(msg, "failing_since"),
+        next_attempt_at=_timestamp_from_pb(msg, "next_attempt_time"),
+        last_error=msg.last_error,
+    )
+
+
+def created_webhook_from_pb(msg: coordinator_pb2.CreateWebhookResponse) -> CreatedWebhook:
+    """The endpoint just created, with its secret."""
+    return CreatedWebhook(webhook=webhook_from_pb(msg.webhook), secret=msg.secret)
+
+
+def create_webhook_request(
+    *, url: str, types: Iterable[EventType], tenant: str
+) -> coordinator_pb2.CreateWebhookRequest:
+    """A CreateWebhookRequest; the coordinator checks the URL."""
+    return coordinator_pb2.CreateWebhookRequest(
+        tenant=tenant, url=url, types=[event_type_to_pb(t) for t in types]
+    )
+
+
+def replay_webhook_request(
+    *, webhook_id: str, from_event_id: int, tenant: str
+) -> coordinator_pb2.ReplayWebhookRequest:
+    """A ReplayWebhookRequest.
+
+    Raises:
+        ValueError: ``from_event_id`` is negative.
+    """
+    if from_event_id < 0:
+        raise ValueError(f"from_event_id must not be negative, not {from_event_id}")
+    return coordinator_pb2.ReplayWebhookRequest(
+        tenant=tenant, webhook_id=webhook_id, from_event_id=from_event_id
     )
 
 

@@ -11,8 +11,10 @@ Idempotency decides retries (see :mod:`client_sdk.retry`): an idempotent call is
 retried on UNAVAILABLE even from the leader, which may have acted before the
 connection broke. Idempotent are the reads; the submits, which always carry an
 idempotency key; and calls whose repeat finds nothing left to do (retry_failed,
-suppress, unsuppress). Cancelling a job and the admin changes to nodes and jobs
-are not retried once the leader is known.
+suppress, unsuppress, delete_webhook) or leaves things as one call would
+(replay_webhook). Cancelling a job, creating a webhook (a repeat would make a
+second endpoint, with a second secret) and the admin changes to nodes and jobs are
+not retried once the leader is known.
 
 With :mod:`client_sdk._convert`, the only SDK module that imports ``mailerpb``.
 """
@@ -346,6 +348,38 @@ STREAM_EVENTS = ServerStream(
     idempotent=True,
     default_timeout=_watch_stream_timeout,
 )
+CREATE_WEBHOOK = Unary(
+    service=Service.MAILER,
+    method="CreateWebhook",
+    request=_convert.create_webhook_request,
+    response=coordinator_pb2.CreateWebhookResponse,
+    convert=_convert.created_webhook_from_pb,
+    idempotent=False,
+)
+LIST_WEBHOOKS = Unary(
+    service=Service.MAILER,
+    method="ListWebhooks",
+    request=coordinator_pb2.ListWebhooksRequest,
+    response=coordinator_pb2.ListWebhooksResponse,
+    convert=lambda r: [_convert.webhook_from_pb(w) for w in r.webhooks],
+    idempotent=True,
+)
+DELETE_WEBHOOK = Unary(
+    service=Service.MAILER,
+    method="DeleteWebhook",
+    request=coordinator_pb2.DeleteWebhookRequest,
+    response=coordinator_pb2.DeleteWebhookResponse,
+    convert=lambda r: None,
+    idempotent=True,
+)
+REPLAY_WEBHOOK = Unary(
+    service=Service.MAILER,
+    method="ReplayWebhook",
+    request=_convert.replay_webhook_request,
+    response=coordinator_pb2.ReplayWebhookResponse,
+    convert=lambda r: _convert.webhook_from_pb(r.webhook),
+    idempotent=True,
+)
 
 # ----- AdminService -----------------------------------------------------------------
 
@@ -428,6 +462,10 @@ OPERATIONS: tuple[Rpc, ...] = (
     ADD_SUPPRESSION,
     REMOVE_SUPPRESSION,
     STREAM_EVENTS,
+    CREATE_WEBHOOK,
+    LIST_WEBHOOKS,
+    DELETE_WEBHOOK,
+    REPLAY_WEBHOOK,
     GET_CLUSTER_STATUS,
     LIST_NODES,
     DRAIN_NODE,

@@ -65,6 +65,7 @@ from client_sdk.errors import DeadlineExceededError, MailerError, error_from_rpc
 from client_sdk.retry import CallAttempts, LeaderRouter, StreamEnded, timeout_s
 from client_sdk.types import (
     ClusterStatus,
+    CreatedWebhook,
     DeliveryEvent,
     EventType,
     Job,
@@ -78,6 +79,7 @@ from client_sdk.types import (
     RecipientStatus,
     Suppression,
     SuppressionReason,
+    Webhook,
 )
 
 __all__ = [
@@ -679,6 +681,95 @@ class MailerClient:
         """Take an address off the suppression list; False when it was not on it.
         Idempotent (a retried call may report False)."""
         return await self._unary(ops.REMOVE_SUPPRESSION(tenant=tenant, email=email), timeout)
+
+    # ----- webhooks ---------------------------------------------------------------
+
+    async def create_webhook(
+        self,
+        url: str,
+        *,
+        types: Iterable[EventType] = (),
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> CreatedWebhook:
+        """Register an HTTPS endpoint that receives the tenant's events as signed POSTs
+        (Standard Webhooks): those recorded after it is created, oldest first, at least
+        once (:meth:`replay_webhook` sends earlier ones).
+
+        The result holds the signing secret, which is never shown again: keep it now.
+        Not idempotent: a repeat would make a second endpoint with another secret, so
+        the call is not retried once the leader is known. After an UNAVAILABLE or
+        DEADLINE_EXCEEDED the endpoint may or may not exist; :meth:`webhooks` tells.
+
+        Args:
+            url: ``https://`` (``http://`` only where the coordinator allows it, e.g.
+                a local cluster).
+            types: Only events of these types; empty for every type.
+            tenant: Admins only: whose endpoint. Tenant tokens always make their own.
+
+        Raises:
+            InvalidArgumentError: The URL or a type is unusable; ``details`` says which.
+            ResourceExhaustedError: The tenant has as many endpoints as it may.
+            AuthError: The token may not manage the tenant's webhooks.
+        """
+        call = ops.CREATE_WEBHOOK(url=url, types=tuple(types), tenant=tenant)
+        return await self._unary(call, timeout)
+
+    async def webhooks(
+        self,
+        *,
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> list[Webhook]:
+        """The tenant's endpoints and where their deliveries stand, without secrets.
+
+        Raises:
+            AuthError: A tenant token naming another tenant.
+        """
+        return await self._unary(ops.LIST_WEBHOOKS(tenant=tenant), timeout)
+
+    async def delete_webhook(
+        self,
+        webhook_id: str,
+        *,
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> None:
+        """Remove an endpoint; events not yet delivered to it are not sent. Idempotent:
+        deleting an unknown (or already deleted) endpoint succeeds, so it is retried.
+
+        Raises:
+            AuthError: A tenant token naming another tenant.
+        """
+        await self._unary(ops.DELETE_WEBHOOK(tenant=tenant, webhook_id=webhook_id), timeout)
+
+    async def replay_webhook(
+        self,
+        webhook_id: str,
+        *,
+        from_event_id: int = 0,
+        tenant: str = "",
+        timeout: timedelta | None = None,  # noqa: ASYNC109
+    ) -> Webhook:
+        """Enable an endpoint again (one disabled after failing for the retry horizon)
+        and send its backlog; with ``from_event_id``, send again every event after it.
+
+        Retried on UNAVAILABLE: a repeat leaves the endpoint as one call does (at most,
+        events it received in between come again, as deliveries are at least once).
+
+        Args:
+            webhook_id: The endpoint.
+            from_event_id: Move the endpoint's cursor to this event id: every later
+                event is sent (again), none up to it. 0 keeps the cursor, sending only
+                what was not delivered.
+            tenant: Admins only: whose endpoint.
+
+        Raises:
+            ValueError: ``from_event_id`` is negative (at once).
+            NotFoundError: No such endpoint for the tenant.
+        """
+        call = ops.REPLAY_WEBHOOK(webhook_id=webhook_id, from_event_id=from_event_id, tenant=tenant)
+        return await self._unary(call, timeout)
 
     # ----- admin ------------------------------------------------------------------
 

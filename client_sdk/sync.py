@@ -45,6 +45,7 @@ from client_sdk.errors import MailerError, error_of
 from client_sdk.retry import CallAttempts, LeaderRouter, StreamEnded, timeout_s
 from client_sdk.types import (
     ClusterStatus,
+    CreatedWebhook,
     DeliveryEvent,
     EventType,
     Job,
@@ -58,6 +59,7 @@ from client_sdk.types import (
     RecipientStatus,
     Suppression,
     SuppressionReason,
+    Webhook,
 )
 
 __all__ = ["SyncEventStream", "SyncMailerClient", "SyncRecipientSource"]
@@ -507,6 +509,48 @@ class SyncMailerClient:
     def unsuppress(self, email: str, *, tenant: str = "", timeout: timedelta | None = None) -> bool:
         """Take an address off the suppression list; False when it was not on it."""
         return self._unary(ops.REMOVE_SUPPRESSION(tenant=tenant, email=email), timeout)
+
+    # ----- webhooks ---------------------------------------------------------------
+
+    def create_webhook(
+        self,
+        url: str,
+        *,
+        types: Iterable[EventType] = (),
+        tenant: str = "",
+        timeout: timedelta | None = None,
+    ) -> CreatedWebhook:
+        """Register an endpoint; the result holds its secret, shown only now. Not
+        idempotent (not retried once the leader is known); see
+        :meth:`client_sdk.MailerClient.create_webhook`."""
+        return self._unary(ops.CREATE_WEBHOOK(url=url, types=tuple(types), tenant=tenant), timeout)
+
+    def webhooks(self, *, tenant: str = "", timeout: timedelta | None = None) -> list[Webhook]:
+        """The tenant's endpoints and where their deliveries stand, without secrets."""
+        return self._unary(ops.LIST_WEBHOOKS(tenant=tenant), timeout)
+
+    def delete_webhook(
+        self, webhook_id: str, *, tenant: str = "", timeout: timedelta | None = None
+    ) -> None:
+        """Remove an endpoint; its undelivered events are not sent. Idempotent."""
+        self._unary(ops.DELETE_WEBHOOK(tenant=tenant, webhook_id=webhook_id), timeout)
+
+    def replay_webhook(
+        self,
+        webhook_id: str,
+        *,
+        from_event_id: int = 0,
+        tenant: str = "",
+        timeout: timedelta | None = None,
+    ) -> Webhook:
+        """Enable an endpoint again and send its backlog, or every event after
+        ``from_event_id``; see :meth:`client_sdk.MailerClient.replay_webhook`.
+
+        Raises:
+            ValueError: ``from_event_id`` is negative (at once).
+        """
+        call = ops.REPLAY_WEBHOOK(webhook_id=webhook_id, from_event_id=from_event_id, tenant=tenant)
+        return self._unary(call, timeout)
 
     # ----- admin ------------------------------------------------------------------
 

@@ -70,7 +70,10 @@ class SuppressionReason(enum.Enum):
     HARD_BOUNCE = "hard_bounce"
     """Added automatically after a permanent bad-mailbox refusal (5.1.x, 550/551/553)."""
     UNSUBSCRIBE = "unsubscribe"
+    """The recipient unsubscribed (one-click or mailto:)."""
     MANUAL = "manual"
+    COMPLAINT = "complaint"
+    """The recipient reported the mail as spam (an ARF complaint from its provider)."""
 
 
 class EventType(enum.Enum):
@@ -94,6 +97,20 @@ class EventType(enum.Enum):
     """Reported later by the receiving side, as are complaints and unsubscribes."""
     COMPLAINED = "complained"
     UNSUBSCRIBED = "unsubscribed"
+
+
+class WebhookState(enum.Enum):
+    """Where an endpoint's deliveries stand, as :class:`Webhook` reports it."""
+
+    UNSPECIFIED = "unspecified"
+    """A state this SDK does not know (from a newer server)."""
+    ACTIVE = "active"
+    """Delivering, or caught up."""
+    FAILING = "failing"
+    """The last delivery failed; it is tried again with backoff."""
+    DISABLED = "disabled"
+    """Failed for longer than the coordinator's retry horizon: nothing is sent until a
+    replay (:meth:`MailerClient.replay_webhook`), and the backlog is kept."""
 
 
 class NodeState(enum.Enum):
@@ -329,6 +346,44 @@ class DeliveryEvent:
     """The metadata the recipient was submitted with."""
     tags: Sequence[str] = ()
     """The job's tags."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Webhook:
+    """An HTTPS endpoint that receives a tenant's events as signed POSTs (Standard
+    Webhooks), and where its deliveries stand. Never holds the signing secret, which
+    only :class:`CreatedWebhook` carries, once."""
+
+    webhook_id: str
+    url: str
+    tenant: str = ""
+    types: Sequence[EventType] = ()
+    """The event types sent; empty means every type."""
+    state: WebhookState = WebhookState.UNSPECIFIED
+    created_at: datetime | None = None
+    delivered_event_id: int = 0
+    """The id of the last event delivered: the endpoint's cursor. It starts at the last
+    event recorded when the endpoint was created."""
+    failed_attempts: int = 0
+    """Failed attempts of the delivery in progress; 0 while deliveries succeed."""
+    failing_since: datetime | None = None
+    """When the delivery in progress first failed; None unless FAILING or DISABLED."""
+    next_attempt_at: datetime | None = None
+    """When a failing delivery is tried again."""
+    last_error: str = ""
+    """Why the last attempt failed (the HTTP status or the connection error)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CreatedWebhook:
+    """What :meth:`MailerClient.create_webhook` returns: the endpoint and its signing
+    secret, which the coordinator never shows again. The secret is left out of the
+    repr, so logging the value does not leak it."""
+
+    webhook: Webhook
+    secret: str = dataclasses.field(repr=False)
+    """``whsec_`` and the base64 key: verify each delivery's ``webhook-signature``
+    with it (e.g. ``standardwebhooks.Webhook(secret).verify(body, headers)``)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ mailers send --csv ...       send a CSV of recipients as one job, with a progres
 mailers status | nodes       what the leader coordinator says about the cluster
 mailers jobs | job | results jobs, one job's control, its per-recipient outcomes
 mailers events [--follow]    delivery events, as recorded so far or as they come
+mailers webhooks ...         endpoints that receive the events as signed POSTs
 mailers config               named contexts: which cluster, with which certificates
 mailers completion SHELL     the shell completion script
 mailers certs DIR            make a development CA and the certificates of a cluster
@@ -47,6 +48,7 @@ from mailers.etcd_auth import (
 )
 from mailers.events import add_events_parser
 from mailers.output import add_output_arguments, stderr
+from mailers.webhooks import add_webhooks_parser
 from mailers_runtime.etcd import EtcdTls, connect, parse_endpoints, permission_denied
 
 
@@ -237,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_parser(sub)
     add_admin_parsers(sub, run_node)
     add_events_parser(sub)
+    add_webhooks_parser(sub)
     add_config_parser(sub)
     add_completion_parser(sub)
     return parser

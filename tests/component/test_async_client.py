@@ -253,6 +253,32 @@ class FakeCoordinator(
     ) -> coordinator_pb2.ResumeJobResponse:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    async def StreamEvents(
+        self, request: coordinator_pb2.StreamEventsRequest, context: Ctx
+    ) -> AsyncIterator[coordinator_pb2.StreamEventsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        yield coordinator_pb2.StreamEventsResponse()  # unreachable: makes it a stream
+
+    async def CreateWebhook(
+        self, request: coordinator_pb2.CreateWebhookRequest, context: Ctx
+    ) -> coordinator_pb2.CreateWebhookResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListWebhooks(
+        self, request: coordinator_pb2.ListWebhooksRequest, context: Ctx
+    ) -> coordinator_pb2.ListWebhooksResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def DeleteWebhook(
+        self, request: coordinator_pb2.DeleteWebhookRequest, context: Ctx
+    ) -> coordinator_pb2.DeleteWebhookResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ReplayWebhook(
+        self, request: coordinator_pb2.ReplayWebhookRequest, context: Ctx
+    ) -> coordinator_pb2.ReplayWebhookResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
 
 Cluster = list[tuple[FakeCoordinator, str]]
 

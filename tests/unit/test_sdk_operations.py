@@ -13,6 +13,7 @@ from client_sdk._recipients import Submission
 from client_sdk.config import ClientConfig
 from client_sdk.types import (
     Address,
+    EventType,
     Job,
     JobState,
     MessageContent,
@@ -38,6 +39,8 @@ def _sample_request(rpc: ops.Rpc) -> Any:
         return ops.UPLOAD_JOB.header(SUBMISSION)
     if rpc is ops.WATCH_JOB:
         return ops.WATCH_JOB.request(job_id="j1")
+    if rpc is ops.STREAM_EVENTS:
+        return ops.STREAM_EVENTS.request(41, ["j1"], [EventType.DELIVERED], "acme")
     samples: dict[str, ops.Call[Any]] = {
         "SubmitJob": ops.SUBMIT_JOB(SUBMISSION, []),
         "GetJob": ops.GET_JOB(job_id="j1"),
@@ -52,6 +55,12 @@ def _sample_request(rpc: ops.Rpc) -> Any:
             tenant="t", email="a@example.com", reason=SuppressionReason.MANUAL
         ),
         "RemoveSuppression": ops.REMOVE_SUPPRESSION(tenant="t", email="a@example.com"),
+        "CreateWebhook": ops.CREATE_WEBHOOK(
+            url="https://hooks.example/in", types=[EventType.DELIVERED], tenant="t"
+        ),
+        "ListWebhooks": ops.LIST_WEBHOOKS(tenant="t"),
+        "DeleteWebhook": ops.DELETE_WEBHOOK(tenant="t", webhook_id="wh_1"),
+        "ReplayWebhook": ops.REPLAY_WEBHOOK(webhook_id="wh_1", from_event_id=7, tenant="t"),
         "GetClusterStatus": ops.GET_CLUSTER_STATUS(),
         "ListNodes": ops.LIST_NODES(),
         "DrainNode": ops.DRAIN_NODE(node_id="n1"),
@@ -71,7 +80,7 @@ def test_the_table_holds_every_rpc_of_the_proto_once() -> None:
         for service in coordinator_pb2.DESCRIPTOR.services_by_name.values()
         for method in service.methods
     ]
-    assert len(declared) == len(set(declared)) == 19
+    assert len(declared) == len(set(declared)) == len(in_proto)
     assert set(declared) == set(in_proto)
 
 
@@ -111,11 +120,13 @@ def test_the_stubs_find_each_operation_by_service_and_method(rpc: ops.Rpc) -> No
 
 
 def test_only_reads_keyed_submits_and_harmless_repeats_are_idempotent() -> None:
-    # Cancelling twice, or a node or job change repeated after the leader acted,
-    # is not the caller's intent: those are not retried on UNAVAILABLE.
+    # Cancelling twice, a second endpoint (with a second secret), or a node or job
+    # change repeated after the leader acted, is not the caller's intent: those are
+    # not retried on UNAVAILABLE.
     not_idempotent = {rpc.method for rpc in ops.OPERATIONS if not rpc.idempotent}
     assert not_idempotent == {
         "CancelJob",
+        "CreateWebhook",
         "DrainNode",
         "CordonNode",
         "UncordonNode",
@@ -135,7 +146,7 @@ def test_default_timeouts_come_from_the_config() -> None:
     by_method = {rpc.method: rpc.default_timeout(config).total_seconds() for rpc in ops.OPERATIONS}
     assert by_method.pop("SubmitJob") == by_method.pop("UploadJob") == 2
     assert by_method.pop("DrainNode") == 3
-    assert by_method.pop("WatchJob") == 4
+    assert by_method.pop("WatchJob") == by_method.pop("StreamEvents") == 4
     assert set(by_method.values()) == {1}
 
 
