@@ -289,6 +289,7 @@ _REASON = {
     Reason.HARD_BOUNCE: coordinator_pb2.SUPPRESSION_REASON_HARD_BOUNCE,
     Reason.UNSUBSCRIBE: coordinator_pb2.SUPPRESSION_REASON_UNSUBSCRIBE,
     Reason.MANUAL: coordinator_pb2.SUPPRESSION_REASON_MANUAL,
+    Reason.COMPLAINT: coordinator_pb2.SUPPRESSION_REASON_COMPLAINT,
 }
 _REASON_FROM: dict[int, Reason] = {int(v): k for k, v in _REASON.items()}
 

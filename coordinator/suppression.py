@@ -31,6 +31,7 @@ class Reason(enum.StrEnum):
     HARD_BOUNCE = "hard_bounce"
     UNSUBSCRIBE = "unsubscribe"
     MANUAL = "manual"
+    COMPLAINT = "complaint"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,8 @@ class _SuppressionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sup
     """A permanent bad-mailbox refusal (5.1.x, or 550/551/553 without an enhanced code)."""
     SUPPRESSION_REASON_UNSUBSCRIBE: _SuppressionReason.ValueType  # 2
     SUPPRESSION_REASON_MANUAL: _SuppressionReason.ValueType  # 3
+    SUPPRESSION_REASON_COMPLAINT: _SuppressionReason.ValueType  # 4
+    """The recipient reported the mail as spam (an ARF complaint)."""
 
 class SuppressionReason(_SuppressionReason, metaclass=_SuppressionReasonEnumTypeWrapper):
     """Why an address is suppressed."""
@@ -41,6 +43,8 @@ SUPPRESSION_REASON_HARD_BOUNCE: SuppressionReason.ValueType  # 1
 """A permanent bad-mailbox refusal (5.1.x, or 550/551/553 without an enhanced code)."""
 SUPPRESSION_REASON_UNSUBSCRIBE: SuppressionReason.ValueType  # 2
 SUPPRESSION_REASON_MANUAL: SuppressionReason.ValueType  # 3
+SUPPRESSION_REASON_COMPLAINT: SuppressionReason.ValueType  # 4
+"""The recipient reported the mail as spam (an ARF complaint)."""
 Global___SuppressionReason: _TypeAlias = SuppressionReason  # noqa: Y015
 
 class _NodeState:
