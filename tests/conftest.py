@@ -6,6 +6,8 @@ fail in CI (CI=true), so a CI machine missing a server can never pass by skippin
 
 PostgreSQL: one server per session; a database migrated once serves as the template of
 a fresh database per test (``database``), so tests never see each other's rows.
+
+Real-world bounce samples (``flufl_samples``) are downloaded once per session.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from coordinator.db.store import Database
 from coordinator.db.store import connect as pg_connect
 from mailers_dev.procs import EtcdCluster, PostgresServer, pg_bin_dir
 from mailers_runtime.etcd import connect
+from tests.bounce_samples import Samples, SamplesUnavailable, fetch
 
 PG_TEMPLATE = "mailers_template"
 _databases = itertools.count()
@@ -102,6 +105,18 @@ def database_config(pg_server: PostgresServer) -> DatabaseConfig:
     return DatabaseConfig(
         url=pg_server.database_url(name), password_file=str(pg_server.password_file)
     )
+
+
+@pytest.fixture(scope="session")
+def flufl_samples() -> Samples:
+    """flufl.bounce's real-world bounce samples (downloaded once, see
+    ``tests/bounce_samples.py``); skipped offline, a failure in CI."""
+    try:
+        return fetch()
+    except SamplesUnavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"{error}: CI must reach the package index to fetch bounce samples")
+        pytest.skip(f"{error} (offline? the real-world bounce samples are downloaded)")
 
 
 @pytest.fixture
