@@ -14,6 +14,7 @@ from datetime import timedelta
 
 from coordinator.backoff import BackoffPolicy
 from coordinator.db.settings import DatabaseConfig
+from coordinator.inbound import InboundConfig
 from coordinator.quotas import Quotas
 from coordinator.validation import Limits
 from coordinator.webhooks import WebhookConfig
@@ -55,6 +56,9 @@ class CoordinatorConfig:
     """Stable name in logs and cluster status; defaults to <host>-<pid>."""
     metrics_listen: str = settings.setting("MAILER_METRICS_LISTEN", default="")
     """host:port of the Prometheus exporter; empty disables it."""
+    http_listen: str = settings.setting("MAILER_HTTP_LISTEN", default="")
+    """host:port of the HTTPS endpoint (one-click unsubscribe), with the TLS certificate
+    of the gRPC server (HTTP when plaintext); empty: none. Needs MAILER_TOKEN_KEY_FILE."""
     health_listen: str = settings.setting("MAILER_HEALTH_LISTEN", default="")
     """host:port of a plaintext gRPC server with only the health service, for probes
     that cannot do TLS (Kubernetes gRPC probes); empty disables it. It tells who leads,
@@ -159,6 +163,8 @@ class CoordinatorConfig:
     (see mailers_runtime/tls.py)."""
     webhooks: WebhookConfig = settings.nested(WebhookConfig, default=WebhookConfig())
     """Delivery of events to tenants' webhook endpoints."""
+    inbound: InboundConfig = settings.nested(InboundConfig, default=InboundConfig())
+    """The endpoint bounces, complaints and mailto: unsubscribes come back to."""
     etcd_tls: TlsFiles | None = etcd_tls_setting()
     """etcd over TLS with this client certificate (its CN is the coordinator's etcd
     user); None for plaintext."""
@@ -185,6 +191,8 @@ class CoordinatorConfig:
             raise ConfigError("MAILER_MAX_ATTEMPTS and MAILER_MAX_DISPATCHES must be at least 1")
         if self.election_ttl_s < 2:
             raise ConfigError("MAILER_ELECTION_TTL_S must be at least 2")
+        if self.http_listen and not self.inbound.token_key_file:
+            raise ConfigError("MAILER_HTTP_LISTEN needs MAILER_TOKEN_KEY_FILE")
         if self.max_message_bytes < 64 * 1024:
             raise ConfigError("MAILER_MAX_MESSAGE_BYTES must be at least 64 KiB")
 

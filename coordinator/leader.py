@@ -24,6 +24,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.db.store import Database, LostLeadership, Store
 from coordinator.dispatcher import Dispatcher
 from coordinator.election import Fence
+from coordinator.feedback import FeedbackProcessor
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.registry import LinkSettings, Registry
 from coordinator.retention import Retention
@@ -31,6 +32,7 @@ from coordinator.timeouts import LeaderTimeouts
 from coordinator.webhook_sender import WebhookSender
 from mailers_runtime.etcd import Keys, Session
 from mailers_runtime.tls import Transport
+from mailers_runtime.verp import TokenKey
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,15 @@ class Leader:
         self.admission = Admission(self.store, self.dispatcher, config.batch_size, config.limits)
         self.retention = Retention(self.store, config.retention_s, config.retention_check_s)
         self.webhooks = WebhookSender(self.store, config.webhooks, metrics)
+        self.feedback = (
+            FeedbackProcessor(
+                self.store,
+                TokenKey.from_file(config.inbound.token_key_file),
+                config.inbound.domains,
+            )  # fmt: skip
+            if config.inbound.token_key_file
+            else None
+        )
         self.lost = asyncio.Event()
         self.why = ""
         """Why the reign ended, for the log."""
@@ -111,6 +122,8 @@ class Leader:
             ("retention", self.retention.run()),
             ("webhooks", self.webhooks.run()),
         ]
+        if self.feedback is not None:
+            coroutines.append(("feedback", self.feedback.run()))
         coroutines += [(f"registry-{i}", c) for i, c in enumerate(registry.tasks())]
         self._tasks = [
             asyncio.create_task(self._guard(name, c), name=name) for name, c in coroutines

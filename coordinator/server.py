@@ -17,24 +17,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aetcd
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from coordinator.auth import AuthConfig, load_auth_file
 from coordinator.config import CoordinatorConfig
-from coordinator.db.store import Database, LostLeadership, StoreUnavailable
+from coordinator.db.store import Database, LostLeadership, Store, StoreUnavailable
 from coordinator.edge import AuthInterceptor, add_service
 from coordinator.election import Election, LeadershipUnavailable
+from coordinator.inbound import start_inbound
 from coordinator.leader import Leader
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.servicer import AdminServicer, MailerServicer, Role
 from coordinator.validation import TemplateCheck
+from coordinator.web import start_web
 from mailerpb.mailer.v1 import coordinator_pb2, coordinator_pb2_grpc
 from mailers_runtime import message
 from mailers_runtime.etcd import (
@@ -47,6 +51,7 @@ from mailers_runtime.etcd import (
     endpoint_of,
 )
 from mailers_runtime.tls import Transport
+from mailers_runtime.verp import TokenKey
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +202,18 @@ async def serve(
     role = Role(config.name, config.advertised, list(config.etcd_endpoints), config.etcd_tls)
     server = build_server(config, role, load_auth(config), transport.interceptors())
     health_servicer = await _health_and_reflection(server)
-    metrics = CoordinatorMetrics()
-    metrics.registry.register(EtcdClientMetrics(client))
-    if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+    metrics = _metrics(config, client)
     health_server = await _health_port(config.health_listen, health_servicer)
     transport.add_port(server, config.listen)
     await server.start()
     log.info("coordinator %s listening on %s, %s", config.name, config.listen, transport.describe())
     stop_task = asyncio.ensure_future(stop.wait())
     db: Database | None = None
+    endpoints = _Endpoints()
     try:
         db = await open_database(config, stop)
+        if db is not None:
+            await endpoints.start(config, Store(db))
         while db is not None and not stop.is_set():
             try:
                 await _term(
@@ -227,6 +232,7 @@ async def serve(
                 await _pause(stop, 1.0)
     finally:
         stop_task.cancel()
+        await endpoints.stop()
         await _set_health(health_servicer, False)
         await server.stop(grace=2)
         if health_server is not None:
@@ -235,6 +241,47 @@ async def serve(
             await db.close()
         with contextlib.suppress(Exception):
             await client.close()
+
+
+def _metrics(config: CoordinatorConfig, client: aetcd.Client) -> CoordinatorMetrics:
+    metrics = CoordinatorMetrics()
+    metrics.registry.register(EtcdClientMetrics(client))
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
+    return metrics
+
+
+class _Endpoints:
+    """What every coordinator serves besides gRPC once PostgreSQL is usable: the inbound
+    SMTP endpoint and the HTTPS endpoint (each when configured)."""
+
+    def __init__(self) -> None:
+        self.inbound: asyncio.Server | None = None
+        self.web: web.AppRunner | None = None
+
+    async def start(self, config: CoordinatorConfig, store: Store) -> None:
+        tls = _server_tls(config)
+        self.inbound = await start_inbound(config.inbound, store, tls)
+        key_file = config.inbound.token_key_file
+        key = TokenKey.from_file(key_file) if key_file else None
+        self.web = await start_web(config.http_listen, store, key, tls)
+
+    async def stop(self) -> None:
+        if self.inbound is not None:
+            self.inbound.close()
+        if self.web is not None:
+            await self.web.cleanup()
+
+
+def _server_tls(config: CoordinatorConfig) -> ssl.SSLContext | None:
+    """TLS of the inbound SMTP (STARTTLS) and HTTPS endpoints: the coordinator's own
+    certificate, no client certificate asked; None when plaintext."""
+    files = config.tls.files
+    if files is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(files.cert_file, files.key_file)
+    return context
 
 
 async def _health_and_reflection(server: grpc.aio.Server) -> health.aio.HealthServicer:

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ _TRANSPORT_VARIABLES = (
 
 ETCD_ROOT = ROOT_CERT
 """The certificate (CN ``root``) of etcd's superuser in the cluster's PKI."""
+BOUNCE_DOMAIN = "bounces.mailers.test"
+"""The bounce domain of a local cluster's VERP envelope senders."""
 
 
 @dataclasses.dataclass
@@ -98,6 +102,10 @@ class ClusterSpec:
     (``sslmode=verify-full``); False runs plaintext (``MAILER_PLAINTEXT=1``) and etcd
     without TLS or auth."""
     durable_database: bool = True
+    feedback: bool = True
+    """VERP envelope senders on the bounce domain :data:`BOUNCE_DOMAIN`, each
+    coordinator's inbound SMTP endpoint (:attr:`LocalCluster.inbound_ports`) and, with
+    TLS, its one-click unsubscribe endpoint (:attr:`LocalCluster.http_ports`)."""
     """PostgreSQL with its default durability; False turns fsync off (commits still
     reach the OS, so a killed process loses nothing) for tests on slow disks."""
 
@@ -157,6 +165,10 @@ class LocalCluster:
             free_port() for _ in range(self.spec.coordinators)
         ]
         self.coordinator_ports = ports
+        self.inbound_ports = [free_port() for _ in ports]
+        """Each coordinator's inbound SMTP endpoint (bounces, complaints)."""
+        self.http_ports = [free_port() for _ in ports]
+        """Each coordinator's HTTPS endpoint (one-click unsubscribe), with TLS only."""
         self.coordinators: dict[str, Proc] = {}
         self.nodes: dict[str, Proc] = {}
         self.sink: Proc | None = None
@@ -372,6 +384,16 @@ class LocalCluster:
                 **self.postgres.env,
             }
         )
+        if self.spec.feedback:
+            env.update(
+                {
+                    "MAILER_INBOUND_LISTEN": f"127.0.0.1:{self.inbound_ports[i]}",
+                    "MAILER_BOUNCE_DOMAINS": BOUNCE_DOMAIN,
+                    "MAILER_TOKEN_KEY_FILE": str(self.token_key_file()),
+                }
+            )
+            if self.spec.tls:
+                env["MAILER_HTTP_LISTEN"] = f"127.0.0.1:{self.http_ports[i]}"
         env.update(self.spec.coordinator_env)
         if i in self.coordinator_etcd_endpoints:
             env["MAILER_ETCD_ENDPOINTS"] = ",".join(self.coordinator_etcd_endpoints[i])
@@ -401,6 +423,13 @@ class LocalCluster:
                 + (f";{self.spec.relay_options}" if self.spec.relay_options else ""),
             }
         )
+        if self.spec.feedback:
+            env["MAILER_BOUNCE_DOMAIN"] = BOUNCE_DOMAIN
+            env["MAILER_TOKEN_KEY_FILE"] = str(self.token_key_file())
+            if self.spec.tls:
+                env["MAILER_UNSUBSCRIBE_URL"] = (
+                    f"https://127.0.0.1:{self.http_ports[0]}/unsubscribe/"
+                )
         env.update(self.spec.node_env)
         env.update(self.spec.per_node_env.get(i, {}))
         if i in self.node_etcd_endpoints:
@@ -410,6 +439,16 @@ class LocalCluster:
         proc = spawn_python(name, "sender_node", self.log_dir, env)
         self.nodes[name] = proc
         return proc
+
+    def token_key_file(self) -> Path:
+        """The key of VERP and unsubscribe tokens, shared by every process (made once)."""
+        path = self.base_dir / "token.key"
+        if not path.exists():
+            self.base_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32).hex().encode())
+        return path
 
     def state_dir(self, i: int) -> Path:
         """Where node i keeps its result journal (kept across its restarts)."""

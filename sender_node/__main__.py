@@ -43,6 +43,7 @@ from mailerpb.mailer.v1 import sender_pb2_grpc
 from mailers_runtime import logs
 from mailers_runtime.etcd import EtcdClient, EtcdClientMetrics, Keys, connect
 from mailers_runtime.tls import Transport
+from mailers_runtime.verp import ReturnPath, TokenKey
 from sender_node.config import (
     MIN_THROUGHPUT_BYTES_PER_S,
     NodeTimings,
@@ -143,6 +144,13 @@ def _assemble(
         max_unacked_results=config.max_unacked_results,
         metrics=metrics,
         signer=DkimSigner.from_files(config.dkim_keys) if config.dkim_keys else None,
+        return_path=ReturnPath(
+            TokenKey.from_file(config.token_key_file),
+            config.bounce_domain,
+            unsubscribe_url=config.unsubscribe_url,
+        )  # fmt: skip
+        if config.bounce_domain
+        else None,
         pacer=DomainPacer(config.domain_limits.default, config.domain_limits.overrides),
     )
     handback = HandbackWriter(

@@ -460,8 +460,29 @@ class SenderConfig:
     )
     """DKIM ``{domain: (selector, key file)}`` from ``domain:selector:/path/key.pem,...``;
     mail whose From domain has a key is signed. The keys are read at startup."""
+    bounce_domain: str = settings.setting("MAILER_BOUNCE_DOMAIN", default="")
+    """Envelope senders become ``bounces+<token>@<this domain>`` (VERP), so bounces come
+    back to the coordinators' inbound endpoint naming the recipient; empty: the From
+    address is the envelope sender. Needs MAILER_TOKEN_KEY_FILE."""
+    unsubscribe_url: str = settings.setting("MAILER_UNSUBSCRIBE_URL", default="")
+    """The coordinators' one-click unsubscribe endpoint, e.g.
+    ``https://mail.example.com:8443/unsubscribe/``: every message of a job that gives no
+    unsubscribe_url of its own gets a List-Unsubscribe with this URL and a token (and a
+    ``mailto:`` on the bounce domain), and List-Unsubscribe-Post. Needs
+    MAILER_BOUNCE_DOMAIN."""
+    token_key_file: str = settings.setting("MAILER_TOKEN_KEY_FILE", default="")
+    """File of at least 32 random bytes, the same on every node and coordinator: it signs
+    the recipient tokens of VERP addresses and unsubscribe links."""
 
     def __post_init__(self) -> None:
+        if self.bounce_domain and not self.token_key_file:
+            raise ConfigError("MAILER_BOUNCE_DOMAIN needs MAILER_TOKEN_KEY_FILE")
+        if self.unsubscribe_url and (
+            not self.bounce_domain or not self.unsubscribe_url.startswith("https://")
+        ):
+            raise ConfigError(
+                "MAILER_UNSUBSCRIBE_URL must be an https:// URL and needs MAILER_BOUNCE_DOMAIN"
+            )
         if not self.node_id or "/" in self.node_id:
             raise ConfigError(f"node id {self.node_id!r} must be non-empty without '/'")
         _split_hostport(self.listen, "MAILER_LISTEN")

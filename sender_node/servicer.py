@@ -60,6 +60,7 @@ import grpc
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2, sender_pb2_grpc
 from mailers_runtime.message import MessageSigner
+from mailers_runtime.verp import ReturnPath
 from sender_node import _convert
 from sender_node.config import NodeTimings, derive_timings
 from sender_node.fencing import EpochFence, start_refusal
@@ -148,6 +149,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         signer: MessageSigner | None = None,
         pacer: DomainPacer | None = None,
         pacing_wait_s: float = 30.0,
+        return_path: ReturnPath | None = None,
     ) -> None:
         self._node_id = node_id
         self._metrics = metrics or NodeMetrics()
@@ -174,6 +176,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             pacer=pacer,
             pacing_wait_s=pacing_wait_s,
             signer=signer,
+            return_path=return_path,
             template_cache_jobs=template_cache_jobs,
             clock=clock,
             wall_clock=wall_clock,

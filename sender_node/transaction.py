@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from mailers_runtime.message import CompiledMessage, MessageSigner, RenderError, TemplateCache
+from mailers_runtime.verp import ReturnPath
 from sender_node.classify import Failure, LoadStats, Outcome, Phase, classify
 from sender_node.config import NodeTimings
 from sender_node.metrics import NodeMetrics
@@ -100,6 +101,7 @@ class SendEngine:
         pacer: DomainPacer | None = None,
         pacing_wait_s: float = 30.0,
         signer: MessageSigner | None = None,
+        return_path: ReturnPath | None = None,
         template_cache_jobs: int = 64,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
@@ -114,6 +116,7 @@ class SendEngine:
         self._pacer = pacer if pacer is not None else DomainPacer(clock=clock)
         self._pacing_wait_s = pacing_wait_s
         self._cache = TemplateCache(template_cache_jobs, signer=signer)
+        self._return_path = return_path
         self._clock = clock
         self._wall_clock = wall_clock
 
@@ -194,6 +197,13 @@ class SendEngine:
             async with self._slots.slot(priority):
                 return await self._send(send, paced)
 
+    def _envelope_from(self, send: _Send) -> str:
+        """The From address, or a VERP address naming the transaction's first recipient
+        (a shared message's bounce names its recipient in the report)."""
+        if self._return_path is None:
+            return send.compiled.envelope_from
+        return self._return_path.envelope_from(send.compiled.job_id, send.group[0].index)
+
     async def _send(self, send: _Send, paced: Slot) -> bool:
         # Waiting for slots can take long (or the process was frozen): ask again.
         if not send.may_send():
@@ -203,7 +213,7 @@ class SendEngine:
         try:
             try:
                 outcomes = await self.mailer.send_group(
-                    send.compiled.envelope_from, send.rcpts, send.data, send.may_send
+                    self._envelope_from(send), send.rcpts, send.data, send.may_send
                 )
             except SendAborted:
                 return False
@@ -247,12 +257,14 @@ class SendEngine:
         if compiled.recipients_per_message > 1:
             return compiled.render_shared(first_index=group[0].index, date=date)
         recipient = group[0]
+        path = self._return_path
         return compiled.render(
             index=recipient.index,
             email=recipient.email,
             name=recipient.name,
             variables=recipient.variables,
             date=date,
+            unsubscribe=path.list_unsubscribe(compiled.job_id, recipient.index) if path else "",
         )
 
     # -- results ---------------------------------------------------------------------

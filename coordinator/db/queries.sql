@@ -108,6 +108,63 @@ SET attempts = $3, failing_since = $4, next_attempt_at = $5, disabled_at = $6, l
 WHERE webhook_id = $1 AND cursor = $2
 RETURNING webhook_id;
 
+-- name: insert_inbound
+-- One row per envelope recipient of a message that came back (or per unsubscribe).
+INSERT INTO inbound (received_at, kind, mail_from, rcpt_to, message)
+SELECT $1, $2, $3, rcpt, $5 FROM unnest($4::text[]) AS rcpt
+RETURNING id;
+
+-- name: pending_inbound
+SELECT id, kind, mail_from, rcpt_to, message FROM inbound
+WHERE processed_at IS NULL
+ORDER BY id
+LIMIT $1;
+
+-- name: finish_inbound
+UPDATE inbound SET processed_at = $2, outcome = $3, detail = $4
+WHERE id = $1 AND processed_at IS NULL
+RETURNING id;
+
+-- name: inbound_rows
+SELECT id, received_at, kind, mail_from, rcpt_to, processed_at, outcome, detail
+FROM inbound ORDER BY id DESC LIMIT $1;
+
+-- name: reported_recipient
+-- The recipient a report names (job id, index), with what its events carry.
+SELECT j.job_no, j.tenant, r.idx, r.email, r.attempts, r.message_id, r.node_id, r.relay
+FROM jobs j JOIN recipients r ON r.job_no = j.job_no AND r.idx = $2
+WHERE j.job_id = $1;
+
+-- name: recipient_by_email
+-- A shared message's report names its recipient by address (rare: a scan of one job).
+SELECT j.job_no, j.tenant, r.idx, r.email, r.attempts, r.message_id, r.node_id, r.relay
+FROM jobs j JOIN recipients r ON r.job_no = j.job_no
+WHERE j.job_id = $1 AND lower(r.email) = $2
+LIMIT 1;
+
+-- name: record_feedback
+-- What came back about one recipient: the event, the mark on the recipient and, for a
+-- hard bounce, a complaint or an unsubscribe, its tenant's suppression (an address
+-- already listed keeps its first reason). Unsubscribes are idempotent: an address
+-- already listed as unsubscribed records nothing again.
+WITH listed AS (
+    INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
+    SELECT $2, lower(btrim($4)), $11, $6, $7, $8, $9
+    WHERE $11::text IS NOT NULL
+    ON CONFLICT (tenant, email) DO NOTHING
+    RETURNING email
+), marked AS (
+    UPDATE recipients SET feedback = $10
+    WHERE job_no = $1 AND idx = $3
+      AND ($5 <> 9 OR EXISTS (SELECT 1 FROM listed))
+    RETURNING attempts, message_id, node_id, relay
+)
+INSERT INTO events (tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply,
+                    reason, node_id, relay, message_id)
+SELECT $2, $1, $3, $5, $6, attempts, $7, $8, $9, $10, node_id, relay, message_id
+FROM marked
+RETURNING id;
+
 -- name: next_job_no
 SELECT nextval(pg_get_serial_sequence('jobs', 'job_no'));
 

@@ -241,6 +241,41 @@ class QuotaRefused(MailersError):
 
 
 @dataclasses.dataclass(frozen=True)
+class InboundRow:
+    """A message for the bounce domain, or an unsubscribe, as received."""
+
+    row_id: int
+    kind: str
+    mail_from: str
+    rcpt_to: str
+    message: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reported:
+    """A recipient named by a report or an unsubscribe."""
+
+    job_no: int
+    tenant: str
+    index: int
+    email: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """What to record about one recipient: its event, its mark, and the suppression."""
+
+    recipient: Reported
+    event: EventType
+    mark: str
+    """recipients.feedback: hard_bounce, soft_bounce, complaint or unsubscribe."""
+    suppress: Reason | None = None
+    code: int = 0
+    enhanced_code: str = ""
+    text: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class BatchRelease:
     """A node gave a batch back (or lost it); settle it from its recipients' state."""
 
@@ -817,6 +852,62 @@ class Store:
         """The highest event id visible now: every event recorded later is above it."""
         async with self._conn() as conn:
             return int(await conn.fetchval(self._q["last_event"]))
+
+    # ---- what comes back: bounces, complaints, unsubscribes --------------------------
+
+    async def intake(
+        self, kind: str, mail_from: str, rcpts: Sequence[str], message: bytes | None, now: float
+    ) -> list[int]:
+        """Keep what came back, unfenced (any coordinator takes it); returns row ids."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                self._q["insert_inbound"], ts(now), kind, mail_from, list(rcpts), message
+            )
+        return [int(r["id"]) for r in rows]
+
+    async def pending_inbound(self, limit: int) -> list[InboundRow]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(self._q["pending_inbound"], limit)
+        return [
+            InboundRow(r["id"], r["kind"], r["mail_from"], r["rcpt_to"], r["message"]) for r in rows
+        ]
+
+    async def inbound(self, limit: int) -> list[dict[str, Any]]:
+        """The latest rows that came back, newest first, without their messages."""
+        async with self._conn() as conn:
+            return [dict(r) for r in await conn.fetch(self._q["inbound_rows"], limit)]
+
+    async def reported_recipient(self, job_id: str, index: int, email: str = "") -> Reported | None:
+        """The recipient a report names: by index, or (``email`` given and not the one at
+        that index: a shared message) by address within the job."""
+        async with self._conn() as conn:
+            row = await conn.fetchrow(self._q["reported_recipient"], job_id, index)
+            if row is not None and email and row["email"].lower() != email:
+                row = await conn.fetchrow(self._q["recipient_by_email"], job_id, email)
+        if row is None:
+            return None
+        return Reported(row["job_no"], row["tenant"], row["idx"], row["email"])
+
+    async def apply_inbound(
+        self, row_id: int, outcome: str, detail: str, feedback: Sequence[Feedback], now: float
+    ) -> int:
+        """Record ``feedback`` and mark the row processed, in one fenced transaction;
+        returns the events recorded (0 when the row was processed already)."""
+        recorded = 0
+        async with self._write() as conn:
+            await conn.execute(self._q["events_lock"])
+            done = await conn.fetchval(self._q["finish_inbound"], row_id, ts(now), outcome, detail)
+            if done is None:
+                return 0
+            for f in feedback:
+                r = f.recipient
+                ids = await conn.fetch(
+                    self._q["record_feedback"], r.job_no, r.tenant, r.index, r.email,
+                    int(f.event), ts(now), f.code, f.enhanced_code, f.text[:1000], f.mark,
+                    f.suppress.value if f.suppress is not None else None,
+                )  # fmt: skip
+                recorded += len(ids)
+        return recorded
 
     # ---- webhooks -------------------------------------------------------------------
 

@@ -364,6 +364,7 @@ class CompiledMessage:
         name: str,
         variables: Mapping[str, str],
         date: datetime,
+        unsubscribe: str = "",
     ) -> bytes:
         """The full message for one recipient, ready for SMTP DATA (before dot-stuffing).
 
@@ -373,6 +374,9 @@ class CompiledMessage:
             name: The recipient's display name, possibly empty.
             variables: The recipient's template variables.
             date: The Date header; must be timezone-aware.
+            unsubscribe: The cluster's own one-click ``List-Unsubscribe`` value for this
+                recipient (``<https://...>, <mailto:...>``, ASCII), used when the job
+                gives no ``unsubscribe_url``; with it goes ``List-Unsubscribe-Post``.
 
         Raises:
             RenderError: the recipient's address is invalid, or a template failed for
@@ -386,10 +390,17 @@ class CompiledMessage:
             date,
             to=_header("To", format_mailbox(Mailbox(email, name))),
             message_id=self.message_id(index),
+            unsubscribe=unsubscribe,
         )
 
     def _assemble(
-        self, values: Mapping[str, str], date: datetime, *, to: bytes, message_id: str
+        self,
+        values: Mapping[str, str],
+        date: datetime,
+        *,
+        to: bytes,
+        message_id: str,
+        unsubscribe: str = "",
     ) -> bytes:
         head = [
             self._date(date),
@@ -405,6 +416,9 @@ class CompiledMessage:
             if _URL_UNSAFE.search(url) or not url.isascii():
                 raise RenderError("unsubscribe URL renders with spaces, controls or <>")
             head.append(_header("List-Unsubscribe", f"<{url}>"))
+        elif unsubscribe:
+            head.append(_header("List-Unsubscribe", unsubscribe))
+            head.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
         text = self._text_qp
         head.append(self._body_head)
         head.append(text if text is not None else self._encode_text(self._text.render(values)))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("coordinator", "sender_node", "mailers_runtime")
 OURS = {"coordinator", "sender_node", "mailers_runtime", "mailers", "mailers_dev",
         "client_sdk", "mailerpb", "tests", "bench", "scripts"}  # fmt: skip
-NOT_IN_SERVERS = {"mailers", "mailers_dev", "tests", "bench", "scripts", "rich", "aiosmtpd"}
+NOT_IN_SERVERS = {"mailers", "mailers_dev", "tests", "bench", "scripts", "rich"}
 PROTO_EDGES = {
     "client_sdk/_operations.py",
     "client_sdk/_convert.py",

@@ -1,0 +1,125 @@
+"""Signed recipient tokens: VERP envelope senders and one-click unsubscribe links.
+
+A token names a job and a recipient's index and carries an HMAC-SHA256 tag under a
+key shared by the cluster, so only Mailers can make one: a forged or altered bounce or
+unsubscribe changes nothing. Each purpose signs a different message, so a bounce
+address cannot be replayed as an unsubscribe link. Pure; the key is given.
+
+Token: ``<job_id>.<index in base 36>.<tag>``, the tag the first 10 bytes of the HMAC in
+lower-case base32 (16 characters), e.g. ``01a248bca79b-5cda8cf7.2s.mfrggzdfmztwq2lk``.
+As an envelope sender (RFC 5321 allows 64 octets of local part):
+``bounces+01a248bca79b-5cda8cf7.2s.mfrggzdfmztwq2lk@bounces.example.com`` (54). Only
+lower-case letters, digits, ``-`` and ``.``: it survives MTAs that fold case.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import enum
+import hashlib
+import hmac
+import re
+from pathlib import Path
+
+from mailers_runtime.errors import ConfigError
+
+_TAG_BYTES = 10
+_TOKEN = re.compile(r"\A([0-9a-z][0-9a-z-]{0,39})\.([0-9a-z]{1,7})\.([a-z2-7]{16})\Z")
+MIN_KEY_BYTES = 32
+
+
+class Purpose(enum.Enum):
+    BOUNCE = "b"
+    UNSUBSCRIBE = "u"
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipientRef:
+    """Which recipient a verified token names."""
+
+    job_id: str
+    index: int
+
+
+class TokenKey:
+    """The cluster's token key (read from a file of at least 32 random bytes)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ConfigError(f"the token key needs at least {MIN_KEY_BYTES} bytes")
+        self._key = key
+
+    @classmethod
+    def from_file(cls, path: str) -> TokenKey:
+        try:
+            return cls(Path(path).read_bytes().strip())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the token key {path}: {exc.strerror}") from None
+
+    def __repr__(self) -> str:
+        return "TokenKey(<hidden>)"
+
+    def token(self, purpose: Purpose, job_id: str, index: int) -> str:
+        return f"{job_id}.{_base36(index)}.{self._tag(purpose, job_id, index)}"
+
+    def verify(self, purpose: Purpose, token: str) -> RecipientRef | None:
+        """The recipient ``token`` names, or None if it is malformed or not ours."""
+        match = _TOKEN.match(token.lower())
+        if match is None:
+            return None
+        job_id, index36, tag = match.groups()
+        index = int(index36, 36)
+        if not hmac.compare_digest(tag, self._tag(purpose, job_id, index)):
+            return None
+        return RecipientRef(job_id, index)
+
+    def _tag(self, purpose: Purpose, job_id: str, index: int) -> str:
+        signed = f"{purpose.value}:{job_id}:{index}".encode()
+        digest = hmac.new(self._key, signed, hashlib.sha256).digest()[:_TAG_BYTES]
+        return base64.b32encode(digest).decode().lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReturnPath:
+    """How a node writes envelope senders (``<local>+<token>@<domain>``) and, with an
+    ``unsubscribe_url`` (the coordinators' endpoint, ending in ``/``), each recipient's
+    one-click ``List-Unsubscribe`` (RFC 8058): that URL and a ``mailto:`` on the bounce
+    domain, both carrying an unsubscribe token."""
+
+    key: TokenKey
+    domain: str
+    local: str = "bounces"
+    unsubscribe_url: str = ""
+
+    def envelope_from(self, job_id: str, index: int) -> str:
+        return f"{self.local}+{self.key.token(Purpose.BOUNCE, job_id, index)}@{self.domain}"
+
+    def list_unsubscribe(self, job_id: str, index: int) -> str:
+        """The header value (folded), or "" without an unsubscribe URL."""
+        if not self.unsubscribe_url:
+            return ""
+        token = self.key.token(Purpose.UNSUBSCRIBE, job_id, index)
+        return f"<{self.unsubscribe_url}{token}>,\r\n <mailto:unsubscribe+{token}@{self.domain}>"
+
+
+def bounce_ref(key: TokenKey, address: str, domains: frozenset[str]) -> RecipientRef | None:
+    """The recipient a bounce sent to ``address`` is about, when ``address`` is a VERP
+    address of one of ``domains`` with a valid token; None otherwise."""
+    local, at, domain = address.strip("<>").rpartition("@")
+    if not at or domain.lower() not in domains:
+        return None
+    _, plus, token = local.partition("+")
+    return key.verify(Purpose.BOUNCE, token) if plus else None
+
+
+def _base36(n: int) -> str:
+    if n < 0:
+        raise ValueError("index must not be negative")
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while True:
+        n, r = divmod(n, 36)
+        out = digits[r] + out
+        if n == 0:
+            return out

@@ -1,0 +1,231 @@
+"""What comes back, on a cluster of real processes with TLS: bounces and complaints
+sent over SMTP to a coordinator's inbound endpoint, one-click unsubscribes POSTed to
+its HTTPS endpoint. Each lands as an event and a suppression that later jobs honour;
+forged tokens and foreign domains change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import re
+import ssl
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import aiohttp
+import aiosmtplib
+import pytest
+
+from client_sdk import (
+    Address,
+    DeliveryEvent,
+    EventType,
+    MailerClient,
+    MessageContent,
+    Recipient,
+    RecipientStatus,
+)
+from mailers_dev.cluster import BOUNCE_DOMAIN, ClusterSpec, LocalCluster
+from tests.bounce_samples import Samples
+from tests.helpers import wait_nodes_active
+from tests.integration.conftest import start_cluster
+from tests.unit.test_bounces import REAL_WORLD
+
+pytestmark = pytest.mark.integration
+
+CONTENT = MessageContent(Address("news@example.com"), subject="Hi", text_body="Hello")
+PEOPLE = [f"p{i}@feedback.example" for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = start_cluster(tmp_path_factory.mktemp("feedback"), ClusterSpec(tls=True, nodes=1))
+    yield c
+    c.stop()
+
+
+def sent(cluster: LocalCluster) -> dict[str, tuple[str, EmailMessage]]:
+    """Each recipient's envelope sender and message, as the sink stored them."""
+    out = {}
+    for line in cluster.delivered():
+        raw = (cluster.maildir / "new" / str(line["file"])).read_bytes()
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        assert isinstance(message, EmailMessage)
+        out[str(line["rcpt"])] = (str(line["mail_from"]), message)
+    return out
+
+
+def dsn(failed: str, status: str, message_id: str) -> bytes:
+    """A delivery status notification (RFC 3464) for one recipient."""
+    return _report(
+        "delivery-status",
+        "Your message could not be delivered.",
+        "message/delivery-status",
+        f"Reporting-MTA: dns; mx.feedback.example\n\nFinal-Recipient: rfc822; {failed}\n"
+        f"Action: failed\nStatus: {status}\nDiagnostic-Code: smtp; 550 {status} no such user\n",
+        f"Message-ID: {message_id}\nTo: {failed}\nSubject: Hi\n",
+    )
+
+
+def arf(complainer: str, message_id: str) -> bytes:
+    """An abuse report (RFC 5965) about one recipient's message."""
+    return _report(
+        "feedback-report",
+        "This is an email abuse report.",
+        "message/feedback-report",
+        "Feedback-Type: abuse\nUser-Agent: provider-fbl/1.0\nVersion: 1\n"
+        f"Original-Rcpt-To: {complainer}\n",
+        f"Message-ID: {message_id}\nTo: {complainer}\nSubject: Hi\n",
+    )
+
+
+def _report(report_type: str, human: str, part_type: str, fields: str, original: str) -> bytes:
+    text = (
+        "From: MAILER-DAEMON@mx.feedback.example\nTo: bounces@example.com\n"
+        "Subject: Report\nMIME-Version: 1.0\n"
+        f'Content-Type: multipart/report; report-type={report_type}; boundary="B"\n\n'
+        f"--B\nContent-Type: text/plain\n\n{human}\n\n"
+        f"--B\nContent-Type: {part_type}\n\n{fields}\n"
+        f"--B\nContent-Type: text/rfc822-headers\n\n{original}\n--B--\n"
+    )
+    return text.replace("\n", "\r\n").encode()
+
+
+async def deliver(cluster: LocalCluster, rcpt: str, raw: bytes) -> None:
+    # A bounce has the null reverse-path (RFC 5321 4.5.5): MAIL FROM:<>.
+    async with aiosmtplib.SMTP(
+        hostname="127.0.0.1", port=cluster.inbound_ports[1], timeout=10, start_tls=False
+    ) as smtp:
+        await smtp.mail("")
+        await smtp.rcpt(rcpt)  # raises SMTPRecipientRefused on a refusal
+        await smtp.data(raw)
+
+
+async def events_of(client: MailerClient, job_id: str, n: int) -> list[DeliveryEvent]:
+    got: list[DeliveryEvent] = []
+    async with asyncio.timeout(60):
+        async with client.events(job_ids=[job_id]) as stream:
+            async for event in stream:
+                got.append(event)
+                if len(got) >= n:
+                    return got
+    return got
+
+
+async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalCluster) -> None:
+    async with cluster.client() as client:
+        await wait_nodes_active(client, 1)
+        job = await client.submit(CONTENT, [Recipient(p) for p in PEOPLE])
+        await client.wait(job.job_id)
+        out = sent(cluster)
+        # Each message went out with a VERP envelope sender and a one-click link
+        verp = {p: out[p][0] for p in PEOPLE}
+        assert all(v.startswith("bounces+") for v in verp.values())
+        assert all(v.endswith(f"@{BOUNCE_DOMAIN}") for v in verp.values())
+        unsubscribe = {p: _link(out[p][1]) for p in PEOPLE}
+        assert out[PEOPLE[0]][1]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        # When p0 bounces (to its VERP address), p1 complains (to a feedback address,
+        # by Message-ID), p2's bounce comes with an altered token, p3 unsubscribes twice
+        ids = {p: str(out[p][1]["Message-ID"]) for p in PEOPLE}
+        await deliver(cluster, verp[PEOPLE[0]], dsn(PEOPLE[0], "5.1.1", ids[PEOPLE[0]]))
+        await deliver(cluster, f"fbl@{BOUNCE_DOMAIN}", arf(PEOPLE[1], ids[PEOPLE[1]]))
+        local, _, domain = verp[PEOPLE[2]].partition("@")
+        forged = f"{local[:-1]}{'b' if local[-1] == 'a' else 'a'}@{domain}"  # one letter of the tag
+        await deliver(cluster, forged, dsn(PEOPLE[2], "5.1.1", ids[PEOPLE[2]]))
+        async with _https(cluster) as http:
+            page = await http.get(unsubscribe[PEOPLE[3]])
+            assert page.status == 200 and "<form" in await page.text()
+            for _ in range(2):
+                done = await http.post(unsubscribe[PEOPLE[3]], data="List-Unsubscribe=One-Click")
+                assert done.status == 200
+            bad = await http.post(unsubscribe[PEOPLE[4]][:-3] + "aaa", data="x")
+            assert bad.status == 404
+        # And mail for another domain is refused
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused):
+            await deliver(cluster, "someone@elsewhere.example", b"Subject: x\r\n\r\nx\r\n")
+        # And last, p5's soft bounce: once its event is there, all before it were applied
+        await deliver(cluster, verp[PEOPLE[5]], dsn(PEOPLE[5], "4.2.2", ids[PEOPLE[5]]))
+        events = await events_of(client, job.job_id, 2 * len(PEOPLE) + 4)
+        # Then one event per real report, none for the forgery or the repeated unsubscribe
+        first = (EventType.ACCEPTED, EventType.DELIVERED)
+        later = [(e.email, e.type) for e in events if e.type not in first]
+        assert later == [
+            (PEOPLE[0], EventType.BOUNCED), (PEOPLE[1], EventType.COMPLAINED),
+            (PEOPLE[3], EventType.UNSUBSCRIBED), (PEOPLE[5], EventType.BOUNCED),
+        ]  # fmt: skip
+        bounced = next(e for e in events if e.type is EventType.BOUNCED)
+        assert bounced.reply is not None and bounced.reply.enhanced_code == "5.1.1"
+        # And a later job of the tenant skips exactly those three addresses
+        again = await client.submit(CONTENT, [Recipient(p) for p in PEOPLE])
+        await client.wait(again.job_id)
+        statuses = {r.email: r.status async for r in client.results(again.job_id)}
+    suppressed = {p for p, s in statuses.items() if s is RecipientStatus.SUPPRESSED}
+    assert suppressed == {PEOPLE[0], PEOPLE[1], PEOPLE[3]}
+
+
+def _link(message: EmailMessage) -> str:
+    value = str(message["List-Unsubscribe"])
+    https = next(part for part in value.split(",") if "https://" in part)
+    return https.strip().strip("<>")
+
+
+def _https(cluster: LocalCluster) -> aiohttp.ClientSession:
+    context = ssl.create_default_context(cafile=str(cluster.pki_dir / "ca.crt"))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=context), timeout=aiohttp.ClientTimeout(total=15)
+    )
+
+
+async def test_real_world_bounces_over_smtp_suppress_their_recipients(
+    cluster: LocalCluster, flufl_samples: Samples
+) -> None:
+    # Given real bounces from many MTAs (up to three per MTA naming one address), a job
+    # sent to the addresses they report
+    chosen = _real_world_choice(flufl_samples)
+    assert len(chosen) >= 20 and len({group for group, _, _ in chosen}) >= 10
+    addresses = sorted({address for _, _, (address, _) in chosen})
+    async with cluster.client() as client:
+        await wait_nodes_active(client, 1)
+        job = await client.submit(CONTENT, [Recipient(a) for a in [*addresses, MARKER]])
+        await client.wait(job.job_id)
+        verp = {rcpt: sender for rcpt, (sender, _) in sent(cluster).items()}
+        # When each bounce comes back to its recipient's VERP address over SMTP
+        for _, name, (address, _) in chosen:
+            await deliver(cluster, verp[address], (flufl_samples.data / name).read_bytes())
+        await deliver(cluster, verp[MARKER], dsn(MARKER, "4.2.2", "<marker@example.com>"))
+        events = await events_of(client, job.job_id, 2 * (len(addresses) + 1) + len(chosen) + 1)
+        # Then each maps to its recipient with flufl.bounce's hard or soft verdict
+        verdicts = {e.email.lower(): e.reason for e in events if e.type is EventType.BOUNCED}
+        for group, name, (address, hard) in chosen:
+            expected = "hard_bounce" if hard else "soft_bounce"
+            assert verdicts.get(address) == expected, (group, name, address)
+        # And a later job of the tenant skips exactly the hard-bounced addresses
+        again = await client.submit(CONTENT, [Recipient(a) for a in addresses])
+        await client.wait(again.job_id)
+        statuses = {r.email: r.status async for r in client.results(again.job_id)}
+    hard_bounced = {address for _, _, (address, is_hard) in chosen if is_hard}
+    assert {a for a, s in statuses.items() if s is RecipientStatus.SUPPRESSED} == hard_bounced
+    print(f"real-world bounces over SMTP: {len(chosen)} samples, {len(hard_bounced)} hard")
+
+
+MARKER = "marker@feedback.example"
+_PLAIN_ADDRESS = re.compile(r"\A[a-z0-9._%+-]+@[a-z0-9-]+(\.[a-z0-9-]+)+\Z")
+
+
+def _real_world_choice(samples: Samples) -> list[tuple[str, str, tuple[str, bool]]]:
+    """(MTA group, sample file, (its one address, hard)) for up to three samples per
+    group."""
+    chosen: list[tuple[str, str, tuple[str, bool]]] = []
+    seen: set[str] = set()
+    for group, names in REAL_WORLD.items():
+        picked = 0
+        for name in names:
+            expected = samples.expected[name]
+            (address, *more) = sorted(expected.addresses) or [""]
+            if more or not _PLAIN_ADDRESS.match(address) or address in seen or picked == 3:
+                continue
+            seen.add(address)
+            chosen.append((group, name, (address, expected.hard)))
+            picked += 1
+    return chosen
