@@ -67,6 +67,10 @@ def server_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_time_ms", 10_000),
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+        # Never GOAWAY a client for its pings: a client (or this server) stalled on a
+        # busy machine can send two keepalives close together, and the GOAWAY would
+        # fail every call on the connection, long unary ones (CancelJob) included.
+        ("grpc.http2.max_ping_strikes", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_receive_message_length", config.max_message_bytes),
         # gRPC shares a port with any other process that binds it too (SO_REUSEPORT); a

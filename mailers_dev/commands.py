@@ -21,11 +21,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from client_sdk import Address, MailerError, MessageContent
+from client_sdk import Address, EventType, MailerError, MessageContent
 from mailers.campaign import SendArgs, run_send
 from mailers.output import stderr
 from mailers_dev.certs import DEFAULT_HOSTS, make_dev_pki
 from mailers_dev.cluster import ETCD_ROOT, ClusterSpec, LocalCluster
+from mailers_dev.feedback import dsn, one_click, send_back, stored, unsubscribe_link
 from mailers_dev.procs import free_port
 from mailers_dev.runstate import RUN_FILE, StillRunning, find_stale, record_run
 
@@ -171,15 +172,49 @@ def _demo(cluster: LocalCluster, recipients: int, console: Console) -> int:
             subject="Your digest, {{ name }}",
             text_body=(DEMO_TEMPLATES / "campaign.txt").read_text(),
             html_body=(DEMO_TEMPLATES / "campaign.html").read_text(),
-            unsubscribe_url="https://example.com/unsubscribe",
         ),
         coordinators=tuple(cluster.coordinator_addresses),
         tls=cluster.client_tls,
     )
     summary = asyncio.run(run_send(args, console))
-    stored = len(list((cluster.maildir / "new").iterdir()))
-    console.print(f"the sink stored {stored} messages in {cluster.maildir / 'new'}")
-    return 0 if summary is not None and summary.delivered == recipients else 1
+    count = len(list((cluster.maildir / "new").iterdir()))
+    console.print(f"the sink stored {count} messages in {cluster.maildir / 'new'}")
+    if summary is None or summary.delivered != recipients:
+        return 1
+    return 0 if asyncio.run(_what_comes_back(cluster, summary.job_id, console)) else 1
+
+
+async def _what_comes_back(cluster: LocalCluster, job_id: str, console: Console) -> bool:
+    """Play a mailbox provider: bounce one message back to its VERP address, click
+    another's one-click unsubscribe (TLS clusters serve it); show the events and the
+    suppressions the cluster records."""
+    sent = stored(cluster.sink_log, cluster.maildir)
+    bounced, unsubscribed = sorted(sent)[:2]
+    envelope_from, message = sent[bounced]
+    console.print(f"\na provider bounces the message to {bounced} (5.1.1) to {envelope_from}")
+    await send_back(
+        cluster.inbound_ports[0], envelope_from, dsn(bounced, "5.1.1", str(message["Message-ID"]))
+    )
+    link = unsubscribe_link(sent[unsubscribed][1])
+    if link:
+        status, _ = await one_click(link, cluster.pki_dir / "ca.crt")
+        console.print(f"{unsubscribed} clicks unsubscribe: POST {link} -> {status}")
+    wanted = [EventType.BOUNCED] + ([EventType.UNSUBSCRIBED] if link else [])
+    async with cluster.client() as client:
+        try:
+            async with asyncio.timeout(60), client.events(job_ids=[job_id], types=wanted) as events:
+                async for event in events:
+                    what = f"{event.type.value} {event.email} ({event.reason})"
+                    console.print(f"event #{event.event_id}: {what}")
+                    wanted.remove(event.type)
+                    if not wanted:
+                        break
+        except TimeoutError:
+            console.print(f"[red]no {', '.join(t.value for t in wanted)} event within 60 s[/]")
+            return False
+        listed = [f"{s.email} ({s.reason.value})" async for s in client.suppressions()]
+    console.print("suppressed from now on: " + ", ".join(listed))
+    return True
 
 
 def cmd_cluster(ns: argparse.Namespace) -> int:

@@ -6,14 +6,10 @@ forged tokens and foreign domains change nothing."""
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
 import re
-import ssl
 from collections.abc import Iterator
 from email.message import EmailMessage
 
-import aiohttp
 import aiosmtplib
 import pytest
 
@@ -27,6 +23,7 @@ from client_sdk import (
     RecipientStatus,
 )
 from mailers_dev.cluster import BOUNCE_DOMAIN, ClusterSpec, LocalCluster
+from mailers_dev.feedback import arf, dsn, one_click, send_back, stored, unsubscribe_link
 from tests.bounce_samples import Samples
 from tests.helpers import wait_nodes_active
 from tests.integration.conftest import start_cluster
@@ -46,60 +43,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def sent(cluster: LocalCluster) -> dict[str, tuple[str, EmailMessage]]:
-    """Each recipient's envelope sender and message, as the sink stored them."""
-    out = {}
-    for line in cluster.delivered():
-        raw = (cluster.maildir / "new" / str(line["file"])).read_bytes()
-        message = email.message_from_bytes(raw, policy=email.policy.default)
-        assert isinstance(message, EmailMessage)
-        out[str(line["rcpt"])] = (str(line["mail_from"]), message)
-    return out
-
-
-def dsn(failed: str, status: str, message_id: str) -> bytes:
-    """A delivery status notification (RFC 3464) for one recipient."""
-    return _report(
-        "delivery-status",
-        "Your message could not be delivered.",
-        "message/delivery-status",
-        f"Reporting-MTA: dns; mx.feedback.example\n\nFinal-Recipient: rfc822; {failed}\n"
-        f"Action: failed\nStatus: {status}\nDiagnostic-Code: smtp; 550 {status} no such user\n",
-        f"Message-ID: {message_id}\nTo: {failed}\nSubject: Hi\n",
-    )
-
-
-def arf(complainer: str, message_id: str) -> bytes:
-    """An abuse report (RFC 5965) about one recipient's message."""
-    return _report(
-        "feedback-report",
-        "This is an email abuse report.",
-        "message/feedback-report",
-        "Feedback-Type: abuse\nUser-Agent: provider-fbl/1.0\nVersion: 1\n"
-        f"Original-Rcpt-To: {complainer}\n",
-        f"Message-ID: {message_id}\nTo: {complainer}\nSubject: Hi\n",
-    )
-
-
-def _report(report_type: str, human: str, part_type: str, fields: str, original: str) -> bytes:
-    text = (
-        "From: MAILER-DAEMON@mx.feedback.example\nTo: bounces@example.com\n"
-        "Subject: Report\nMIME-Version: 1.0\n"
-        f'Content-Type: multipart/report; report-type={report_type}; boundary="B"\n\n'
-        f"--B\nContent-Type: text/plain\n\n{human}\n\n"
-        f"--B\nContent-Type: {part_type}\n\n{fields}\n"
-        f"--B\nContent-Type: text/rfc822-headers\n\n{original}\n--B--\n"
-    )
-    return text.replace("\n", "\r\n").encode()
+    return stored(cluster.sink_log, cluster.maildir)
 
 
 async def deliver(cluster: LocalCluster, rcpt: str, raw: bytes) -> None:
-    # A bounce has the null reverse-path (RFC 5321 4.5.5): MAIL FROM:<>.
-    async with aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=cluster.inbound_ports[1], timeout=10, start_tls=False
-    ) as smtp:
-        await smtp.mail("")
-        await smtp.rcpt(rcpt)  # raises SMTPRecipientRefused on a refusal
-        await smtp.data(raw)
+    await send_back(cluster.inbound_ports[1], rcpt, raw)
 
 
 async def events_of(client: MailerClient, job_id: str, n: int) -> list[DeliveryEvent]:
@@ -123,7 +71,7 @@ async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalClust
         verp = {p: out[p][0] for p in PEOPLE}
         assert all(v.startswith("bounces+") for v in verp.values())
         assert all(v.endswith(f"@{BOUNCE_DOMAIN}") for v in verp.values())
-        unsubscribe = {p: _link(out[p][1]) for p in PEOPLE}
+        unsubscribe = {p: unsubscribe_link(out[p][1]) for p in PEOPLE}
         assert out[PEOPLE[0]][1]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         # When p0 bounces (to its VERP address), p1 complains (to a feedback address,
         # by Message-ID), p2's bounce comes with an altered token, p3 unsubscribes twice
@@ -133,14 +81,12 @@ async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalClust
         local, _, domain = verp[PEOPLE[2]].partition("@")
         forged = f"{local[:-1]}{'b' if local[-1] == 'a' else 'a'}@{domain}"  # one letter of the tag
         await deliver(cluster, forged, dsn(PEOPLE[2], "5.1.1", ids[PEOPLE[2]]))
-        async with _https(cluster) as http:
-            page = await http.get(unsubscribe[PEOPLE[3]])
-            assert page.status == 200 and "<form" in await page.text()
-            for _ in range(2):
-                done = await http.post(unsubscribe[PEOPLE[3]], data="List-Unsubscribe=One-Click")
-                assert done.status == 200
-            bad = await http.post(unsubscribe[PEOPLE[4]][:-3] + "aaa", data="x")
-            assert bad.status == 404
+        ca = cluster.pki_dir / "ca.crt"
+        status, page = await one_click(unsubscribe[PEOPLE[3]], ca, method="GET")
+        assert status == 200 and "<form" in page
+        for _ in range(2):
+            assert (await one_click(unsubscribe[PEOPLE[3]], ca))[0] == 200
+        assert (await one_click(unsubscribe[PEOPLE[4]][:-3] + "aaa", ca))[0] == 404
         # And mail for another domain is refused
         with pytest.raises(aiosmtplib.SMTPRecipientRefused):
             await deliver(cluster, "someone@elsewhere.example", b"Subject: x\r\n\r\nx\r\n")
@@ -162,19 +108,6 @@ async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalClust
         statuses = {r.email: r.status async for r in client.results(again.job_id)}
     suppressed = {p for p, s in statuses.items() if s is RecipientStatus.SUPPRESSED}
     assert suppressed == {PEOPLE[0], PEOPLE[1], PEOPLE[3]}
-
-
-def _link(message: EmailMessage) -> str:
-    value = str(message["List-Unsubscribe"])
-    https = next(part for part in value.split(",") if "https://" in part)
-    return https.strip().strip("<>")
-
-
-def _https(cluster: LocalCluster) -> aiohttp.ClientSession:
-    context = ssl.create_default_context(cafile=str(cluster.pki_dir / "ca.crt"))
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=context), timeout=aiohttp.ClientTimeout(total=15)
-    )
 
 
 async def test_real_world_bounces_over_smtp_suppress_their_recipients(
