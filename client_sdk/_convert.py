@@ -318,6 +318,7 @@ def result_from_pb(msg: common_pb2.RecipientResult) -> RecipientResult:
         message_id=msg.message_id,
         relay=msg.relay,
         metadata=dict(msg.metadata),
+        feedback=msg.feedback,
     )
 
 

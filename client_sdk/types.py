@@ -312,6 +312,9 @@ class RecipientResult:
     """The relay (host:port) that gave the reply, when one did."""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     """The metadata the recipient was submitted with."""
+    feedback: str = ""
+    """What came back after the relay took the message: ``hard_bounce``,
+    ``soft_bounce``, ``complaint`` or ``unsubscribe`` (the latest); "" when nothing did."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -199,7 +199,11 @@ def result_from(pb: common_pb2.RecipientResult) -> tuple[int, Result]:
 
 
 def result_to(
-    index: int, email: str, result: Result, metadata: Mapping[str, str] | None = None
+    index: int,
+    email: str,
+    result: Result,
+    metadata: Mapping[str, str] | None = None,
+    feedback: str = "",
 ) -> common_pb2.RecipientResult:
     return common_pb2.RecipientResult(
         index=index,
@@ -216,6 +220,7 @@ def result_to(
         message_id=result.message_id,
         relay=result.relay,
         metadata=dict(metadata or {}),
+        feedback=feedback,
     )
 
 

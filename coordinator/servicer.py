@@ -546,7 +546,10 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             page = rows[:page_size]
             next_token = str(page[-1].cursor) if len(rows) > page_size else ""
             return coordinator_pb2.ListJobResultsResponse(
-                results=[_convert.result_to(r.index, r.email, r.result, r.metadata) for r in page],
+                results=[
+                    _convert.result_to(r.index, r.email, r.result, r.metadata, r.feedback)
+                    for r in page
+                ],
                 next_page_token=next_token,
             )
 

@@ -277,7 +277,7 @@ RESULT_COLUMNS = (
     Column("#", right=True), Column("email"), Column("status"), Column("reply", text=True),
     Column("reason", text=True, wide=True), Column("attempts", right=True, wide=True),
     Column("node", wide=True), Column("message-id", wide=True),
-    Column("metadata", text=True, wide=True),
+    Column("came back", wide=True), Column("metadata", text=True, wide=True),
 )  # fmt: skip
 
 
@@ -298,6 +298,7 @@ async def cmd_results(client: MailerClient, ns: argparse.Namespace, console: Con
             str(r.attempts),
             r.node_id,
             r.message_id,
+            r.feedback,
             " ".join(f"{k}={v}" for k, v in sorted(r.metadata.items())),
         ]
         for r in results

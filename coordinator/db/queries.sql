@@ -479,7 +479,7 @@ LIMIT $4;
 -- name: list_results
 SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code,
        enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay,
-       metadata
+       metadata, feedback
 FROM recipients
 WHERE job_no = $1 AND idx > $2
 ORDER BY idx
@@ -488,7 +488,7 @@ LIMIT $3;
 -- name: list_results_by_status
 SELECT idx, coalesce(pos, idx) AS position, email, status, attempts, code,
        enhanced_code, reply, reason, node_id, ambiguous, updated_at, message_id, relay,
-       metadata
+       metadata, feedback
 FROM recipients
 WHERE job_no = $1 AND status = ANY($2::smallint[]) AND idx > $3
 ORDER BY idx

@@ -314,6 +314,8 @@ class ResultRow:
     result: Result
     metadata: dict[str, str]
     """What the caller attached at submit."""
+    feedback: str = ""
+    """What came back later (hard_bounce, soft_bounce, complaint, unsubscribe)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -826,6 +828,7 @@ class Store:
                 row["email"],
                 _result(row),
                 json.loads(row["metadata"]) if row["metadata"] else {},
+                row["feedback"] or "",
             )
             for row in rows
         ]

@@ -1,11 +1,9 @@
 """Chaos: the delivery event stream on a cluster of real processes, read by the SDK.
 
-1. A job of 10,000 recipients, 5% greylisted (451 once, then delivered), 5% refused
-   with 550: each recipient's events are exactly its story, in order, each
-   with the metadata and tags given at submit.
-2. A consumer reads the stream while the leader is SIGKILLed: it resumes from its
-   cursor on the new leader and misses nothing; duplicates (only possible at the
-   resume point) are counted.
+A job of 10,000 recipients, 5% greylisted (451 once, then delivered), 5% refused with
+550: each recipient's events are exactly its story, in order, each with the metadata and
+tags given at submit. (A consumer reading through a leader SIGKILL:
+``tests/integration/test_event_clients.py``.)
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import signal
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import pytest
 from client_sdk import DeliveryEvent, EventType, JobOptions, MailerClient, Recipient
 from mailers_dev.cluster import LocalCluster
 from mailers_dev.sink import FaultPlan, write_control
-from tests.chaos.cluster_helpers import CONTENT, until
+from tests.chaos.cluster_helpers import CONTENT
 from tests.chaos.test_exactly_once import COORDINATOR_ENV, finish, spec, started
 
 pytestmark = pytest.mark.chaos
@@ -154,40 +151,3 @@ async def test_events_of_10k_recipients_tell_each_story(
     delivered = [t[-1] for t in trails.by_index.values() if t[-1].type is E.DELIVERED]
     assert all(e.message_id for e in delivered)
     print(f"events of 10k recipients: {len(trails.seen)} events, {deferrals} deferrals")
-
-
-# ---- 2. a consumer through a leader SIGKILL -----------------------------------------
-
-
-@pytest.mark.timeout(300)
-async def test_a_consumer_resumes_through_a_leader_kill(
-    tmp_path: Path, clusters: list[LocalCluster]
-) -> None:
-    total = 3000
-    cluster = LocalCluster(tmp_path / "c", spec())
-    client = await started(clusters, cluster)
-    async with client:
-        everyone = [
-            Recipient(f"user{i}@resume.example", f"U {i}", {"code": str(i)}) for i in range(total)
-        ]
-        job = await client.submit(CONTENT, everyone)
-        # Given a consumer reading the job's events
-        trails = Trails(total)
-        reading = asyncio.create_task(read_until_complete(client, job.job_id, trails))
-        await until(lambda: len(trails.seen) >= 1000, 120, "1,000 events read")
-        # When the leader is SIGKILLed mid-stream
-        status = await client.cluster_status()
-        assert status.leader is not None
-        cluster.coordinator_at(status.leader.address).signal(signal.SIGKILL)
-        reconnects = await reading
-        await finish(client, cluster, job.job_id, "stream through a leader kill")
-        # Then a fresh read of the whole stream holds nothing the consumer missed
-        again = Trails(total)
-        await read_until_complete(client, job.job_id, again)
-    assert reconnects >= 1
-    assert again.seen == trails.seen
-    assert all(trails.types(i) == [E.ACCEPTED, E.DELIVERED] for i in range(total))
-    print(
-        f"stream through a leader kill: {len(trails.seen)} events, {reconnects} reconnects, "
-        f"{trails.duplicates} duplicates at the resume point"
-    )

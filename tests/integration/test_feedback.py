@@ -9,6 +9,7 @@ import asyncio
 import re
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 
 import aiosmtplib
 import pytest
@@ -27,7 +28,7 @@ from mailers_dev.feedback import arf, dsn, one_click, send_back, stored, unsubsc
 from tests.bounce_samples import Samples
 from tests.helpers import wait_nodes_active
 from tests.integration.conftest import start_cluster
-from tests.unit.test_bounces import REAL_WORLD
+from tests.unit.test_bounces import DATA, REAL_WORLD
 
 pytestmark = pytest.mark.integration
 
@@ -102,6 +103,12 @@ async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalClust
         ]  # fmt: skip
         bounced = next(e for e in events if e.type is EventType.BOUNCED)
         assert bounced.reply is not None and bounced.reply.enhanced_code == "5.1.1"
+        # And the recipients' results say what came back
+        marks = {r.email: r.feedback async for r in client.results(job.job_id)}
+        assert marks == {
+            PEOPLE[0]: "hard_bounce", PEOPLE[1]: "complaint", PEOPLE[2]: "",
+            PEOPLE[3]: "unsubscribe", PEOPLE[4]: "", PEOPLE[5]: "soft_bounce",
+        }  # fmt: skip
         # And a later job of the tenant skips exactly those three addresses
         again = await client.submit(CONTENT, [Recipient(p) for p in PEOPLE])
         await client.wait(again.job_id)
@@ -110,46 +117,58 @@ async def test_bounces_complaints_and_unsubscribes_come_back(cluster: LocalClust
     assert suppressed == {PEOPLE[0], PEOPLE[1], PEOPLE[3]}
 
 
-async def test_real_world_bounces_over_smtp_suppress_their_recipients(
+async def test_real_world_reports_over_smtp_mark_and_suppress_their_recipients(
     cluster: LocalCluster, flufl_samples: Samples
 ) -> None:
-    # Given real bounces from many MTAs (up to three per MTA naming one address), a job
-    # sent to the addresses they report
+    # Given real bounces from many MTAs (up to three per MTA naming one address), the
+    # hand-written DSNs and ARF reports, and a job sent to the addresses they report
     chosen = _real_world_choice(flufl_samples)
-    assert len(chosen) >= 20 and len({group for group, _, _ in chosen}) >= 10
-    addresses = sorted({address for _, _, (address, _) in chosen})
+    assert len(chosen) >= 20 and len({group for group, *_ in chosen}) >= 10
+    chosen += [
+        ("hand-written", DATA / name, address, verdict) for name, address, verdict in HAND_WRITTEN
+    ]
+    addresses = sorted({address for _, _, address, _ in chosen})
     async with cluster.client() as client:
         await wait_nodes_active(client, 1)
         job = await client.submit(CONTENT, [Recipient(a) for a in [*addresses, MARKER]])
         await client.wait(job.job_id)
         verp = {rcpt: sender for rcpt, (sender, _) in sent(cluster).items()}
-        # When each bounce comes back to its recipient's VERP address over SMTP
-        for _, name, (address, _) in chosen:
-            await deliver(cluster, verp[address], (flufl_samples.data / name).read_bytes())
+        # When each report comes back to its recipient's VERP address over SMTP
+        for _, path, address, _ in chosen:
+            await deliver(cluster, verp[address], path.read_bytes())
         await deliver(cluster, verp[MARKER], dsn(MARKER, "4.2.2", "<marker@example.com>"))
-        events = await events_of(client, job.job_id, 2 * (len(addresses) + 1) + len(chosen) + 1)
-        # Then each maps to its recipient with flufl.bounce's hard or soft verdict
-        verdicts = {e.email.lower(): e.reason for e in events if e.type is EventType.BOUNCED}
-        for group, name, (address, hard) in chosen:
-            expected = "hard_bounce" if hard else "soft_bounce"
-            assert verdicts.get(address) == expected, (group, name, address)
-        # And a later job of the tenant skips exactly the hard-bounced addresses
+        await events_of(client, job.job_id, 2 * (len(addresses) + 1) + len(chosen) + 1)
+        # Then each marks its recipient with its verdict (flufl.bounce's, for its samples)
+        marks = {r.email: r.feedback async for r in client.results(job.job_id)}
+        for group, path, address, verdict in chosen:
+            assert marks[address] == verdict, (group, path.name, address)
+        # And a later job of the tenant skips exactly the hard bounces and complaints
         again = await client.submit(CONTENT, [Recipient(a) for a in addresses])
         await client.wait(again.job_id)
         statuses = {r.email: r.status async for r in client.results(again.job_id)}
-    hard_bounced = {address for _, _, (address, is_hard) in chosen if is_hard}
-    assert {a for a, s in statuses.items() if s is RecipientStatus.SUPPRESSED} == hard_bounced
-    print(f"real-world bounces over SMTP: {len(chosen)} samples, {len(hard_bounced)} hard")
+    listed = {address for _, _, address, verdict in chosen if verdict != "soft_bounce"}
+    assert {a for a, s in statuses.items() if s is RecipientStatus.SUPPRESSED} == listed
+    print(f"reports over SMTP: {len(chosen)} ({len(listed)} suppressing)")
 
 
 MARKER = "marker@feedback.example"
 _PLAIN_ADDRESS = re.compile(r"\A[a-z0-9._%+-]+@[a-z0-9-]+(\.[a-z0-9-]+)+\Z")
+HAND_WRITTEN = [
+    ("dsn_permanent.eml", "louisl@example.net", "hard_bounce"),
+    ("dsn_delayed.eml", "thomas@example.org", "soft_bounce"),
+    ("dsn_multi_recipient.eml", "arathib@example.com", "hard_bounce"),
+    ("arf_rfc5965.eml", "user@example.com", "complaint"),
+    ("arf_abuse_rcpt_to.eml", "marie.curie@isp.example.net", "complaint"),
+    ("arf_abuse_original_to.eml", "ada@mail.example.org", "complaint"),
+    ("arf_fraud.eml", "customer@bank.example", "complaint"),
+    ("arf_yahoo_style.eml", "grace.hopper@yahoo.com", "complaint"),
+]
+"""Hand-written reports (tests/data/bounces), the address each names and its verdict."""
 
 
-def _real_world_choice(samples: Samples) -> list[tuple[str, str, tuple[str, bool]]]:
-    """(MTA group, sample file, (its one address, hard)) for up to three samples per
-    group."""
-    chosen: list[tuple[str, str, tuple[str, bool]]] = []
+def _real_world_choice(samples: Samples) -> list[tuple[str, Path, str, str]]:
+    """(MTA group, sample, its one address, verdict) for up to three samples per group."""
+    chosen: list[tuple[str, Path, str, str]] = []
     seen: set[str] = set()
     for group, names in REAL_WORLD.items():
         picked = 0
@@ -159,6 +178,7 @@ def _real_world_choice(samples: Samples) -> list[tuple[str, str, tuple[str, bool
             if more or not _PLAIN_ADDRESS.match(address) or address in seen or picked == 3:
                 continue
             seen.add(address)
-            chosen.append((group, name, (address, expected.hard)))
+            verdict = "hard_bounce" if expected.hard else "soft_bounce"
+            chosen.append((group, samples.data / name, address, verdict))
             picked += 1
     return chosen

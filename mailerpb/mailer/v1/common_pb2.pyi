@@ -398,6 +398,7 @@ class RecipientResult(_message.Message):
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     RELAY_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    FEEDBACK_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """Position of the recipient in the job, from 0."""
     email: _builtins.str
@@ -416,6 +417,10 @@ class RecipientResult(_message.Message):
     """The Message-ID header of the message sent, with its angle brackets."""
     relay: _builtins.str
     """The relay (host:port) that gave the reply, when one did."""
+    feedback: _builtins.str
+    """What came back after the relay took the message: "hard_bounce", "soft_bounce",
+    "complaint" or "unsubscribe" (the latest); empty when nothing did.
+    """
     @_builtins.property
     def reply(self) -> Global___SmtpReply:
         """The last SMTP reply for this recipient, if any."""
@@ -441,10 +446,11 @@ class RecipientResult(_message.Message):
         message_id: _builtins.str = ...,
         relay: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        feedback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "attempts", b"attempts", "email", b"email", "index", b"index", "message_id", b"message_id", "metadata", b"metadata", "node_id", b"node_id", "reason", b"reason", "relay", b"relay", "reply", b"reply", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ambiguous", b"ambiguous", "attempts", b"attempts", "email", b"email", "feedback", b"feedback", "index", b"index", "message_id", b"message_id", "metadata", b"metadata", "node_id", b"node_id", "reason", b"reason", "relay", b"relay", "reply", b"reply", "status", b"status", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
