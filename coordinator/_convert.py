@@ -386,6 +386,7 @@ class BatchEncoder:
                 for p in batch.recipients
             ],
             priority=batch.priority,
+            bounce_domain=batch.bounce_domain,
         )
 
     def forget(self, job_id: str) -> None:

@@ -48,6 +48,7 @@ class Request:
     options: JobOptions
     idempotency_key: str
     quotas: Quotas
+    bounce_domain: str = ""
 
 
 class Admission:
@@ -92,6 +93,7 @@ class Admission:
             batch_size=job_batch_size(self._batch_size, request.content.recipients_per_message),
             created_at=now,
             tenant=request.tenant,
+            bounce_domain=request.bounce_domain,
         )
         quota = QuotaRequest(
             messages_per_hour=request.quotas.messages_per_hour,

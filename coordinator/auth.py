@@ -14,13 +14,15 @@ The auth file (JSON, or TOML when its name ends in ``.toml``)::
         "acme": {
           "tokens": ["sha256:9f86d0..."],
           "quotas": {"max_recipients_per_job": 100000, "messages_per_hour": 50000,
-                     "max_active_jobs": 5}
+                     "max_active_jobs": 5},
+          "bounce_domain": "bounces.acme.example"
         }
       },
       "admins": ["sha256:60303a..."]
     }
 
-Quotas missing from a tenant take the coordinator's defaults. ``python -m
+Quotas missing from a tenant take the coordinator's defaults; without a
+``bounce_domain`` its bounces go to the nodes' ``MAILER_BOUNCE_DOMAIN``. ``python -m
 coordinator.auth hash --tenant acme`` (or ``--admin``) prints a new token and the
 line to put in the file. Nothing in this module logs or formats a token.
 """
@@ -75,6 +77,9 @@ ANONYMOUS_DEV = Principal(tenant="", admin=True)
 class Tenant:
     tenant_id: str
     quotas: Quotas
+    bounce_domain: str = ""
+    """Where the tenant's bounces go (its VERP envelope senders' domain); "": the
+    nodes' MAILER_BOUNCE_DOMAIN."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,14 @@ class AuthConfig:
     def quotas_for(self, tenant: str, default: Quotas) -> Quotas:
         known = self.tenants.get(tenant)
         return known.quotas if known is not None else default
+
+    def bounce_domain_for(self, tenant: str) -> str:
+        known = self.tenants.get(tenant)
+        return known.bounce_domain if known is not None else ""
+
+    def bounce_domains(self) -> frozenset[str]:
+        """Every tenant's own bounce domain (the inbound endpoint accepts them too)."""
+        return frozenset(t.bounce_domain for t in self.tenants.values() if t.bounce_domain)
 
 
 def hash_token(token: str) -> str:
@@ -156,6 +169,15 @@ def _hashes(raw: Any, where: str) -> list[str]:
     return list(raw)
 
 
+_DOMAIN = re.compile(r"\A(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}\Z")
+
+
+def _bounce_domain(raw: Any, where: str) -> str:
+    if not isinstance(raw, str) or (raw and not _DOMAIN.match(raw.lower())):
+        raise ValueError(f"{where}.bounce_domain: must be a domain name")
+    return raw.lower()
+
+
 def parse_auth(raw: Mapping[str, Any], default_quotas: Quotas) -> AuthConfig:
     """Build the auth config from the parsed file.
 
@@ -174,13 +196,19 @@ def parse_auth(raw: Mapping[str, Any], default_quotas: Quotas) -> AuthConfig:
         where = f"tenants.{tenant_id}"
         if not isinstance(tenant_id, str) or not TENANT_ID.match(tenant_id):
             raise ValueError(f"{where}: tenant ids are 1-63 of a-z 0-9 _ . - (no '/')")
-        if not isinstance(entry, Mapping) or set(entry) - {"tokens", "quotas"}:
-            raise ValueError(f"{where}: must be a table with 'tokens' and optional 'quotas'")
+        if not isinstance(entry, Mapping) or set(entry) - {"tokens", "quotas", "bounce_domain"}:
+            raise ValueError(
+                f"{where}: must be a table with 'tokens' and optional 'quotas', 'bounce_domain'"
+            )
         for digest in _hashes(entry.get("tokens", []), f"{where}.tokens"):
             if digest in token_tenants:
                 raise ValueError(f"{where}.tokens: a token is listed for two tenants")
             token_tenants[digest] = tenant_id
-        tenants[tenant_id] = Tenant(tenant_id, _quotas(entry.get("quotas"), default_quotas, where))
+        tenants[tenant_id] = Tenant(
+            tenant_id,
+            _quotas(entry.get("quotas"), default_quotas, where),
+            _bounce_domain(entry.get("bounce_domain", ""), where),
+        )
     admins = frozenset(_hashes(raw.get("admins", []), "admins"))
     if admins & set(token_tenants):
         raise ValueError("admins: a token is both an admin's and a tenant's")

@@ -397,6 +397,7 @@ class Dispatcher:
             content=spec.content,
             recipients=tuple(to_send),
             priority=spec.options.priority,
+            bounce_domain=spec.bounce_domain,
         )
         node = self.nodes.get(node_id)
         if node is None or not node.link.send_batch(batch):

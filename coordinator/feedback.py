@@ -54,16 +54,9 @@ Decision = tuple[str, str, list[Feedback]]
 
 
 class FeedbackProcessor:
-    def __init__(
-        self,
-        store: Store,
-        key: TokenKey,
-        domains: frozenset[str],
-        clock: Callable[[], float] = time.time,
-    ) -> None:
+    def __init__(self, store: Store, key: TokenKey, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._key = key
-        self._domains = domains
         self._clock = clock
 
     async def run(self) -> None:
@@ -100,7 +93,8 @@ class FeedbackProcessor:
         report = parse_report(row.message or b"")
         if report is None:
             return "unparsed", "not a bounce or complaint this server can read", []
-        ref = bounce_ref(self._key, row.rcpt_to, self._domains)
+        # The inbound endpoint took mail for the bounce domains only: the token decides.
+        ref = bounce_ref(self._key, row.rcpt_to)
         if ref is None and "+" in local:
             return "forged", f"token of {row.rcpt_to} does not verify", []
         if ref is None:

@@ -115,12 +115,17 @@ class _LimitedSMTP(SMTP):
 
 
 async def start_inbound(
-    config: InboundConfig, store: Store, tls: ssl.SSLContext | None
+    config: InboundConfig,
+    store: Store,
+    tls: ssl.SSLContext | None,
+    tenant_domains: frozenset[str] = frozenset(),
 ) -> asyncio.Server | None:
-    """Listen on ``config.listen`` (None when it is empty)."""
+    """Listen on ``config.listen`` (None when it is empty), for the configured bounce
+    domains and the tenants' own (``tenant_domains``, from the auth file)."""
     if not config.listen:
         return None
-    handler = InboundHandler(store, config.domains)
+    domains = config.domains | tenant_domains
+    handler = InboundHandler(store, domains)
     sessions: set[_LimitedSMTP] = set()
 
     def factory() -> SMTP:
@@ -134,5 +139,5 @@ async def start_inbound(
     server = await asyncio.get_running_loop().create_server(
         factory, host or "0.0.0.0", int(port), reuse_address=True
     )
-    log.info("inbound SMTP for %s on %s", ", ".join(sorted(config.domains)), config.listen)
+    log.info("inbound SMTP for %s on %s", ", ".join(sorted(domains)), config.listen)
     return server

@@ -81,11 +81,7 @@ class Leader:
         self.retention = Retention(self.store, config.retention_s, config.retention_check_s)
         self.webhooks = WebhookSender(self.store, config.webhooks, metrics)
         self.feedback = (
-            FeedbackProcessor(
-                self.store,
-                TokenKey.from_file(config.inbound.token_key_file),
-                config.inbound.domains,
-            )  # fmt: skip
+            FeedbackProcessor(self.store, TokenKey.from_file(config.inbound.token_key_file))
             if config.inbound.token_key_file
             else None
         )

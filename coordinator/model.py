@@ -86,6 +86,8 @@ class JobSpec:
     tenant: str = ""
     """Owner of the job; "" for jobs submitted with auth off (and records from before
     tenants existed)."""
+    bounce_domain: str = ""
+    """The tenant's bounce domain at submit ("": the nodes' own)."""
 
     @property
     def batch_count(self) -> int:
@@ -282,6 +284,7 @@ def dump_spec(spec: JobSpec) -> bytes:
             "batch_size": spec.batch_size,
             "created_at": spec.created_at,
             "tenant": spec.tenant,
+            "bounce_domain": spec.bounce_domain,
         },
         separators=(",", ":"),
     ).encode()
@@ -320,4 +323,5 @@ def load_spec(raw: bytes) -> JobSpec:
         batch_size=d["batch_size"],
         created_at=d["created_at"],
         tenant=d.get("tenant", ""),
+        bounce_domain=d.get("bounce_domain", ""),
     )

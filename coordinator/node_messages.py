@@ -78,3 +78,4 @@ class OutboundBatch:
     recipients: tuple[PendingRecipient, ...]
     """Each with its index, recipient and attempts so far."""
     priority: int
+    bounce_domain: str = ""

@@ -193,8 +193,7 @@ async def serve(
     Args:
         config: The coordinator's settings.
         stop: Set it to resign and shut down.
-        transport: ``config.tls`` loaded (TLS files read, or plaintext chosen); loaded
-            here when None.
+        transport: ``config.tls`` loaded (files read, or plaintext); None: load it here.
 
     Raises:
         TlsConfigError: neither TLS nor plaintext was chosen, or a TLS file is unusable.
@@ -202,9 +201,9 @@ async def serve(
     if transport is None:
         transport = Transport.load(config.tls)
     client = connect(list(config.etcd_endpoints), tls=config.etcd_tls)
-    keys = Keys(config.etcd_prefix)
     role = Role(config.name, config.advertised, list(config.etcd_endpoints), config.etcd_tls)
-    server = build_server(config, role, load_auth(config), transport.interceptors())
+    auth = load_auth(config)
+    server = build_server(config, role, auth, transport.interceptors())
     health_servicer = await _health_and_reflection(server)
     metrics = _metrics(config, client)
     health_server = await _health_port(config.health_listen, health_servicer)
@@ -217,12 +216,13 @@ async def serve(
     try:
         db = await open_database(config, stop)
         if db is not None:
-            await endpoints.start(config, Store(db))
+            await endpoints.start(config, Store(db), auth)
         while db is not None and not stop.is_set():
             try:
                 await _term(
-                    config, db, client, keys, role, health_servicer, stop_task, metrics, transport
-                )
+                    config, db, client, Keys(config.etcd_prefix), role, health_servicer,
+                    stop_task, metrics, transport,
+                )  # fmt: skip
             except asyncio.CancelledError:
                 raise
             except (aetcd.ClientError, TimeoutError, LeadershipUnavailable) as exc:
@@ -263,9 +263,10 @@ class _Endpoints:
         self.inbound: asyncio.Server | None = None
         self.web: web.AppRunner | None = None
 
-    async def start(self, config: CoordinatorConfig, store: Store) -> None:
+    async def start(self, config: CoordinatorConfig, store: Store, auth: AuthConfig | None) -> None:
         tls = _server_tls(config)
-        self.inbound = await start_inbound(config.inbound, store, tls)
+        tenant_domains = auth.bounce_domains() if auth is not None else frozenset()
+        self.inbound = await start_inbound(config.inbound, store, tls, tenant_domains)
         key_file = config.inbound.token_key_file
         key = TokenKey.from_file(key_file) if key_file else None
         self.web = await start_web(config.http_listen, store, key, tls)

@@ -301,6 +301,7 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
             options=_convert.options_from(options),
             idempotency_key=key,
             quotas=self._quotas(caller.tenant),
+            bounce_domain=self._auth.bounce_domain_for(caller.tenant) if self._auth else "",
         )
 
     async def SubmitJob(

@@ -92,22 +92,27 @@ class ReturnPath:
     local: str = "bounces"
     unsubscribe_url: str = ""
 
-    def envelope_from(self, job_id: str, index: int) -> str:
-        return f"{self.local}+{self.key.token(Purpose.BOUNCE, job_id, index)}@{self.domain}"
+    def envelope_from(self, job_id: str, index: int, domain: str = "") -> str:
+        """The VERP address on ``domain`` (a tenant's), else on :attr:`domain`."""
+        token = self.key.token(Purpose.BOUNCE, job_id, index)
+        return f"{self.local}+{token}@{domain or self.domain}"
 
-    def list_unsubscribe(self, job_id: str, index: int) -> str:
+    def list_unsubscribe(self, job_id: str, index: int, domain: str = "") -> str:
         """The header value (folded), or "" without an unsubscribe URL."""
         if not self.unsubscribe_url:
             return ""
         token = self.key.token(Purpose.UNSUBSCRIBE, job_id, index)
-        return f"<{self.unsubscribe_url}{token}>,\r\n <mailto:unsubscribe+{token}@{self.domain}>"
+        mailto = f"unsubscribe+{token}@{domain or self.domain}"
+        return f"<{self.unsubscribe_url}{token}>,\r\n <mailto:{mailto}>"
 
 
-def bounce_ref(key: TokenKey, address: str, domains: frozenset[str]) -> RecipientRef | None:
+def bounce_ref(
+    key: TokenKey, address: str, domains: frozenset[str] | None = None
+) -> RecipientRef | None:
     """The recipient a bounce sent to ``address`` is about, when ``address`` is a VERP
-    address of one of ``domains`` with a valid token; None otherwise."""
+    address (of one of ``domains``, unless None) with a valid token; None otherwise."""
     local, at, domain = address.strip("<>").rpartition("@")
-    if not at or domain.lower() not in domains:
+    if not at or (domains is not None and domain.lower() not in domains):
         return None
     _, plus, token = local.partition("+")
     return key.verify(Purpose.BOUNCE, token) if plus else None

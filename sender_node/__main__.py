@@ -149,7 +149,7 @@ def _assemble(
             config.bounce_domain,
             unsubscribe_url=config.unsubscribe_url,
         )  # fmt: skip
-        if config.bounce_domain
+        if config.token_key_file
         else None,
         pacer=DomainPacer(config.domain_limits.default, config.domain_limits.overrides),
     )

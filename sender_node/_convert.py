@@ -72,6 +72,7 @@ def work_from_proto(batch: sender_pb2.Batch) -> Work:
             )
             for item in batch.recipients
         ),
+        bounce_domain=batch.bounce_domain,
     )
 
 

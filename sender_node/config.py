@@ -462,8 +462,9 @@ class SenderConfig:
     mail whose From domain has a key is signed. The keys are read at startup."""
     bounce_domain: str = settings.setting("MAILER_BOUNCE_DOMAIN", default="")
     """Envelope senders become ``bounces+<token>@<this domain>`` (VERP), so bounces come
-    back to the coordinators' inbound endpoint naming the recipient; empty: the From
-    address is the envelope sender. Needs MAILER_TOKEN_KEY_FILE."""
+    back to the coordinators' inbound endpoint naming the recipient; a tenant's own
+    bounce domain (the auth file) comes with its jobs and wins. Empty, and no tenant
+    domain: the From address is the envelope sender. Needs MAILER_TOKEN_KEY_FILE."""
     unsubscribe_url: str = settings.setting("MAILER_UNSUBSCRIBE_URL", default="")
     """The coordinators' one-click unsubscribe endpoint, e.g.
     ``https://mail.example.com:8443/unsubscribe/``: every message of a job that gives no

@@ -97,6 +97,8 @@ class Work:
     priority: int
     content: Content
     recipients: tuple[Recipient, ...]
+    bounce_domain: str = ""
+    """The job's tenant's bounce domain ("": the node's own)."""
 
     @property
     def batch_id(self) -> str:

@@ -50,6 +50,9 @@ Record = Callable[[Sequence[Result]], None]
 """Journals the results of one transaction (synchronously)."""
 
 
+_MAX_BOUNCE_DOMAIN_JOBS = 4096
+
+
 class Mailer(Protocol):
     """What the node needs from ``smtp_client.RelayPool``."""
 
@@ -117,6 +120,9 @@ class SendEngine:
         self._pacing_wait_s = pacing_wait_s
         self._cache = TemplateCache(template_cache_jobs, signer=signer)
         self._return_path = return_path
+        self._bounce_domains: dict[str, str] = {}
+        """Jobs whose tenant has a bounce domain of its own (the oldest forgotten past
+        :data:`_MAX_BOUNCE_DOMAIN_JOBS`: their batches carry it again)."""
         self._clock = clock
         self._wall_clock = wall_clock
 
@@ -126,6 +132,10 @@ class SendEngine:
         Raises:
             RenderError: the content cannot be rendered.
         """
+        if work.bounce_domain:
+            if len(self._bounce_domains) >= _MAX_BOUNCE_DOMAIN_JOBS:
+                del self._bounce_domains[next(iter(self._bounce_domains))]
+            self._bounce_domains[work.job_id] = work.bounce_domain
         return self._cache.get(work.job_id, work.content)
 
     async def transact(
@@ -198,11 +208,15 @@ class SendEngine:
                 return await self._send(send, paced)
 
     def _envelope_from(self, send: _Send) -> str:
-        """The From address, or a VERP address naming the transaction's first recipient
-        (a shared message's bounce names its recipient in the report)."""
-        if self._return_path is None:
+        """The From address, or a VERP address (on the tenant's bounce domain, else the
+        node's) naming the transaction's first recipient (a shared message's bounce
+        names its recipient in the report)."""
+        path = self._return_path
+        job_id = send.compiled.job_id
+        domain = self._bounce_domains.get(job_id, "")
+        if path is None or not (domain or path.domain):
             return send.compiled.envelope_from
-        return self._return_path.envelope_from(send.compiled.job_id, send.group[0].index)
+        return path.envelope_from(job_id, send.group[0].index, domain)
 
     async def _send(self, send: _Send, paced: Slot) -> bool:
         # Waiting for slots can take long (or the process was frozen): ask again.
@@ -264,7 +278,11 @@ class SendEngine:
             name=recipient.name,
             variables=recipient.variables,
             date=date,
-            unsubscribe=path.list_unsubscribe(compiled.job_id, recipient.index) if path else "",
+            unsubscribe=path.list_unsubscribe(
+                compiled.job_id, recipient.index, self._bounce_domains.get(compiled.job_id, "")
+            )
+            if path
+            else "",
         )
 
     # -- results ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ forged tokens and foreign domains change nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -23,6 +24,7 @@ from client_sdk import (
     Recipient,
     RecipientStatus,
 )
+from coordinator.auth import hash_token
 from mailers_dev.cluster import BOUNCE_DOMAIN, ClusterSpec, LocalCluster
 from mailers_dev.feedback import arf, dsn, one_click, send_back, stored, unsubscribe_link
 from tests.bounce_samples import Samples
@@ -182,3 +184,33 @@ def _real_world_choice(samples: Samples) -> list[tuple[str, Path, str, str]]:
             chosen.append((group, samples.data / name, address, verdict))
             picked += 1
     return chosen
+
+
+async def test_a_tenants_own_bounce_domain(tmp_path: Path) -> None:
+    # Given a tenant whose auth entry names its own bounce domain
+    token, admin = "mlr_" + "b" * 43, "mlr_" + "a" * 43
+    auth_file = tmp_path / "auth.json"
+    tenant = {"tokens": [hash_token(token)], "bounce_domain": "bounces.beta.example"}
+    auth_file.write_text(json.dumps({"tenants": {"beta": tenant}, "admins": [hash_token(admin)]}))
+    spec = ClusterSpec(nodes=1, coordinator_env={"MAILER_AUTH_FILE": str(auth_file)})
+    cluster = start_cluster(tmp_path / "c", spec)
+    try:
+        async with MailerClient(cluster.coordinator_addresses, token=admin) as operator:
+            await wait_nodes_active(operator, 1)
+        async with MailerClient(cluster.coordinator_addresses, token=token) as client:
+            # When it sends, and a message bounces to the envelope sender it had
+            job = await client.submit(CONTENT, [Recipient(PEOPLE[0])])
+            await client.wait(job.job_id)
+            envelope_from, message = sent(cluster)[PEOPLE[0]]
+            await deliver(
+                cluster, envelope_from, dsn(PEOPLE[0], "5.1.1", str(message["Message-ID"]))
+            )
+            events = await events_of(client, job.job_id, 3)
+            listed = [s.email async for s in client.suppressions()]
+    finally:
+        cluster.stop()
+    # Then its VERP addresses are on its domain, the endpoint took the bounce, and the
+    # address is on its list
+    assert envelope_from.startswith("bounces+") and envelope_from.endswith("@bounces.beta.example")
+    assert [e.type for e in events][-1] is EventType.BOUNCED
+    assert listed == [PEOPLE[0]]

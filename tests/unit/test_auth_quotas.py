@@ -86,6 +86,8 @@ def test_identify_tenants_admins_and_strangers() -> None:
         ({"tenants": {"a": {"quotas": {"per_day": 1}}}}, "tenants.a: unknown quotas"),
         ({"tenants": {"a": {"quotas": {"max_active_jobs": -1}}}}, "max_active_jobs: must be"),
         ({"admins": ["sha256:xyz"]}, "admins[0]: is not a sha256"),
+        ({"tenants": {"a": {"bounce_domain": "not a domain"}}}, "a.bounce_domain: must be"),
+        ({"tenants": {"a": {"bounce_domain": 7}}}, "a.bounce_domain: must be"),
     ],
 )
 def test_bad_auth_files_are_refused_without_echoing_secrets(
@@ -95,6 +97,14 @@ def test_bad_auth_files_are_refused_without_echoing_secrets(
         parse_auth(raw, DEFAULT)
     assert message in str(info.value)
     assert "mlr_plaintoken" not in str(info.value)
+
+
+def test_a_tenant_may_have_its_own_bounce_domain() -> None:
+    raw = {"tenants": {"a": {"bounce_domain": "Bounces.A.Example"}, "b": {}}}
+    auth = parse_auth(raw, DEFAULT)
+    assert auth.bounce_domain_for("a") == "bounces.a.example"
+    assert auth.bounce_domain_for("b") == auth.bounce_domain_for("nobody") == ""
+    assert auth.bounce_domains() == frozenset({"bounces.a.example"})
 
 
 def test_a_token_may_not_belong_to_two_tenants_or_be_an_admin_too() -> None:

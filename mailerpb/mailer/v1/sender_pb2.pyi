@@ -328,6 +328,7 @@ class Batch(_message.Message):
     RECIPIENTS_FIELD_NUMBER: _builtins.int
     ACK_DEADLINE_MS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    BOUNCE_DOMAIN_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     job_id: _builtins.str
     epoch: _builtins.int
@@ -339,6 +340,10 @@ class Batch(_message.Message):
     """
     priority: _builtins.int
     """The job's priority: a node starts transactions of higher-priority batches first."""
+    bounce_domain: _builtins.str
+    """The bounce domain of the job's tenant for VERP envelope senders; empty: the
+    node's own (MAILER_BOUNCE_DOMAIN).
+    """
     @_builtins.property
     def content(self) -> _common_pb2.MessageContent: ...
     @_builtins.property
@@ -354,10 +359,11 @@ class Batch(_message.Message):
         recipients: _abc.Iterable[Global___BatchRecipient] | None = ...,
         ack_deadline_ms: _builtins.int = ...,
         priority: _builtins.int = ...,
+        bounce_domain: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "attempt", b"attempt", "batch_id", b"batch_id", "content", b"content", "epoch", b"epoch", "job_id", b"job_id", "priority", b"priority", "recipients", b"recipients"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_deadline_ms", b"ack_deadline_ms", "attempt", b"attempt", "batch_id", b"batch_id", "bounce_domain", b"bounce_domain", "content", b"content", "epoch", b"epoch", "job_id", b"job_id", "priority", b"priority", "recipients", b"recipients"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
