@@ -2,8 +2,9 @@
 
 The leader looks every ``check_s`` for jobs finished more than ``retention_s`` ago and
 deletes their recipient rows in slices of :data:`SLICE` indexes, each in a transaction
-of its own, so no lock is held long and sending goes on meanwhile. Job rows (with their
-counts) and suppression lists are kept.
+of its own, so no lock is held long and sending goes on meanwhile; their events go with
+them, and so do the applied rows of what came back (bounces, complaints, unsubscribes).
+Job rows (with their counts) and suppression lists are kept.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class Retention:
             await asyncio.sleep(self._check_s)
 
     async def purge_once(self) -> int:
-        """Purge every job due now; returns how many jobs were purged."""
+        """Purge every job due now, and what came back and was applied as long ago;
+        returns how many jobs were purged."""
+        dropped = await self._store.purge_inbound(self._clock() - self._retention_s)
+        if dropped:
+            log.info("retention: dropped %d rows of what came back", dropped)
         purged = 0
         while True:
             due = await self._store.jobs_to_purge(self._clock() - self._retention_s, 20)

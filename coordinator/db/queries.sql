@@ -530,6 +530,10 @@ DELETE FROM batches WHERE job_no = $1;
 -- name: purge_events
 DELETE FROM events WHERE job_no = $1 AND idx >= $2 AND idx < $3;
 
+-- name: purge_inbound
+-- What came back and was applied, kept for inspection until retention.
+DELETE FROM inbound WHERE processed_at < $1;
+
 -- name: mark_purged
 UPDATE jobs SET purged_at = $2 WHERE job_no = $1;
 

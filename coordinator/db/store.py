@@ -999,6 +999,12 @@ class Store:
             await conn.execute(self._q["purge_recipients"], job_no, lo, hi)
             await conn.execute(self._q["purge_events"], job_no, lo, hi)
 
+    async def purge_inbound(self, processed_before: float) -> int:
+        """Drop what came back and was applied before then; returns how many rows."""
+        async with self._write() as conn:
+            status = await conn.execute(self._q["purge_inbound"], ts(processed_before))
+        return int(status.rpartition(" ")[2] or 0)
+
     async def mark_purged(self, job_no: int, now: float) -> None:
         async with self._write() as conn:
             await conn.execute(self._q["purge_batches"], job_no)

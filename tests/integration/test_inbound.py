@@ -13,6 +13,7 @@ import pytest
 from coordinator.db.store import Database, Store
 from coordinator.inbound import InboundConfig, start_inbound
 from mailers_dev.procs import free_port
+from tests.integration.test_store import NOW, leader
 
 MESSAGE = b"From: mailer-daemon@mx.example\r\nSubject: bounce\r\n\r\nreport\r\n"
 
@@ -73,3 +74,14 @@ async def test_size_and_session_limits(database: Database) -> None:
             await first.quit()
             await second.quit()
     assert await Store(database).inbound(10) == []
+
+
+async def test_applied_rows_go_at_retention_and_pending_ones_stay(database: Database) -> None:
+    store = await leader(database, 1)
+    # Given two rows kept, one of them applied at NOW
+    applied, pending = await store.intake("mail", "", ["a@b.example", "c@b.example"], b"x", NOW)
+    await store.apply_inbound(applied, "unparsed", "", [], NOW)
+    # When retention runs for rows applied before NOW + 1
+    assert await store.purge_inbound(NOW + 1) == 1
+    # Then only the pending row is left
+    assert [r["id"] for r in await store.inbound(10)] == [pending]
