@@ -19,7 +19,7 @@ from client_sdk import DeliveryEvent, EventType, JobOptions, MailerClient, Recip
 from mailers_dev.cluster import LocalCluster
 from mailers_dev.sink import FaultPlan, write_control
 from tests.chaos.cluster_helpers import CONTENT
-from tests.chaos.test_exactly_once import COORDINATOR_ENV, finish, spec, started
+from tests.chaos.test_exactly_once import COORDINATOR_ENV, NODE_ENV, finish, spec, started
 
 pytestmark = pytest.mark.chaos
 
@@ -114,8 +114,10 @@ async def test_events_of_10k_recipients_tell_each_story(
     write_control(control, FaultPlan(reject_pattern="^hard", greylist_pattern="^soft"))
     env = {**COORDINATOR_ENV, "MAILER_BATCH_SIZE": "100", "MAILER_RETRY_INITIAL_S": "0.5",
            "MAILER_RETRY_MAX_S": "2"}  # fmt: skip
+    nodes = {**NODE_ENV, "MAILER_SMTP_CONNECTIONS": "6"}
     cluster = LocalCluster(
-        tmp_path / "c", spec(sink_args=("--control", str(control)), coordinator_env=env)
+        tmp_path / "c",
+        spec(sink_args=("--control", str(control)), coordinator_env=env, node_env=nodes),
     )
     client = await started(clusters, cluster)
     async with client:
