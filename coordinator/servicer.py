@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
@@ -227,12 +227,18 @@ def event_filter(
         problems.append(("job_ids", f"at most {MAX_EVENT_JOBS} jobs"))
     if any(not job_id or len(job_id) > 200 for job_id in request.job_ids):
         problems.append(("job_ids", "each must be a job id"))
-    types = [_convert.event_type_from(int(t)) for t in request.types]
-    if any(t is None for t in types):
-        problems.append(("types", "each must be a known event type"))
+    types = event_types(request.types, problems)
     if problems:
         raise ValidationError(problems)
-    return request.after_event_id, list(request.job_ids), [t for t in types if t is not None]
+    return request.after_event_id, list(request.job_ids), types
+
+
+def event_types(values: Iterable[int], problems: list[tuple[str, str]]) -> list[EventType]:
+    """The event types of a request's ``types`` field; an unknown one is a problem."""
+    types = [_convert.event_type_from(int(v)) for v in values]
+    if any(t is None for t in types):
+        problems.append(("types", "each must be a known event type"))
+    return [t for t in types if t is not None]
 
 
 def suppression_email(raw: str) -> str:
@@ -621,18 +627,16 @@ class MailerServicer(coordinator_pb2_grpc.MailerServiceServicer):
     ) -> coordinator_pb2.CreateWebhookResponse:
         async def call() -> coordinator_pb2.CreateWebhookResponse:
             tenant = acting_tenant(self._caller(context), request.tenant, "webhooks")
-            problems = []
+            problems: list[tuple[str, str]] = []
             if (problem := url_problem(request.url, self._webhooks.allow_http)) is not None:
                 problems.append(("url", problem))
-            types = [_convert.event_type_from(int(t)) for t in request.types]
-            if any(t is None for t in types):
-                problems.append(("types", "each must be a known event type"))
+            types = event_types(request.types, problems)
             if problems:
                 raise ValidationError(problems)
             reign = await self._role.leader()
             hook = Webhook(
                 webhook_id=new_webhook_id(), tenant=tenant, url=request.url,
-                types=tuple(sorted({t for t in types if t is not None})),
+                types=tuple(sorted(set(types))),
                 created_at=self._clock(), cursor=0,
             )  # fmt: skip
             secret = new_secret()

@@ -19,7 +19,7 @@ from coordinator.model import (
     Result,
     Status,
 )
-from tests.integration.test_store import NOW, leader, spec
+from tests.integration.test_store import NOW, leader, spec, write
 
 E = EventType
 
@@ -31,17 +31,6 @@ async def one_chunk(n: int, domain: str = "example.org") -> AsyncIterator[list[R
 def outcome(job_id: str, index: int, status: Status, attempts: int, code: int) -> RecipientOutcome:
     result = Result(status, code, "", f"{code} reply", attempts=attempts, node_id="n1")
     return RecipientOutcome(job_id, index, result)
-
-
-async def write(store: Store, outcomes: list[RecipientOutcome], **kw: object) -> None:
-    await store.write(
-        outcomes,
-        kw.get("changes", ()),  # type: ignore[arg-type]
-        kw.get("suppressed", ()),  # type: ignore[arg-type]
-        kw.get("releases", ()),  # type: ignore[arg-type]
-        lambda release, deferred: NOW + 60,
-        NOW,
-    )
 
 
 async def trail(store: Store, tenant: str = "acme") -> dict[int, list[EventType]]:
