@@ -352,6 +352,8 @@ def handback_from(pb: sender_pb2.NodeHandback) -> HandbackMessage:
     return HandbackMessage(
         results=tuple(results_from(r) for r in pb.results),
         released=tuple((b.batch_id, b.attempt) for b in pb.released),
+        held=frozenset((b.batch_id, b.attempt) for b in pb.held),
+        ended=(pb.ended.epoch, pb.ended.stream_no) if pb.HasField("ended") else None,
     )
 
 

@@ -404,6 +404,7 @@ class Dispatcher:
             # Never left the leader: give it back at once (its recipients unattempted).
             self.writer.release(BatchRelease(job_no, seq, node_id, attempt, r.start, r.stop))
             return
+        job.plan.held[seq].stream_no = node.link.stream_no
         self.metrics.batches_dispatched.labels(node_id).inc()
         self._track(node, bid, attempt)
         if not self._handed_out:
@@ -636,9 +637,38 @@ class Dispatcher:
             job = self.job(job_id)
             if job is not None and job.plan.holds(seq, node_id, attempt):
                 waits.append(self._release(job, seq, node_id, attempt))
+        waits += self._lost_on_the_way(node_id, handback)
         if not waits:
             waits.append(self.writer.release(BatchRelease(0, -1, node_id, -1, 0, 0)))
         await asyncio.gather(*waits)
+
+    def _lost_on_the_way(
+        self, node_id: str, handback: HandbackMessage
+    ) -> list[asyncio.Future[None]]:
+        """Release what this reign sent on streams the node has ended and that the
+        complete hand-back does not list: it never reached the node (it was on the wire
+        when the link broke), and nothing that still arrives on those streams is taken.
+        Like a hello's reconciliation, but without a stream."""
+        if handback.ended is None:
+            return []
+        epoch, stream_no = handback.ended
+        if epoch != self.store.epoch:
+            return []  # numbered by another reign: nothing to conclude
+        listed = handback.held | set(handback.released)
+        waits = []
+        for job in self.jobs.values():
+            for seq in job.plan.held_by(node_id):
+                hold = job.plan.held[seq]
+                if hold.stream_no > stream_no:
+                    continue  # sent on a stream the node had not opened
+                if (batch_id(job.job_id, seq), hold.attempt) not in listed:
+                    waits.append(self._release(job, seq, node_id, hold.attempt))
+        if waits:
+            log.info(
+                "node %s never received %d batches sent before it ended its stream %d; "
+                "they move", node_id, len(waits), stream_no,
+            )  # fmt: skip
+        return waits
 
     def _gone(self, node: NodeEntry, now: float) -> bool:
         """Whether a node whose lease is gone can no longer be sending anything.

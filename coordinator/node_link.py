@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -71,6 +72,8 @@ class NodeLink:
         heartbeat_interval_s: Period of heartbeats.
         encoder: Encodes the batches; the registry shares one among its links, so a
             job's content is encoded once.
+        stream_numbers: Numbers each stream opened (``DispatchOpen.stream_no``); the
+            registry shares one counter among its links.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class NodeLink:
         heartbeat_interval_s: float = 1.0,
         hello_timeout_s: float = 10.0,
         encoder: _convert.BatchEncoder | None = None,
+        stream_numbers: Callable[[], int] | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -99,6 +103,10 @@ class NodeLink:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._hello_timeout_s = hello_timeout_s
         self._encoder = encoder or _convert.BatchEncoder()
+        self._stream_numbers = stream_numbers or itertools.count(1).__next__
+        self.stream_no = 0
+        """The number of the current (or last) stream, unique among the links that
+        share ``stream_numbers`` (the registry's: one reign)."""
         self._queue: asyncio.Queue[sender_pb2.DispatchRequest | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -156,6 +164,7 @@ class NodeLink:
                 coordinator_id=self._coordinator_id,
                 epoch=self._epoch,
                 authority_ms=self._authority_ms if self._may_lead() else 0,
+                stream_no=self.stream_no,
             )
         )
         while True:
@@ -195,6 +204,7 @@ class NodeLink:
 
     async def _session(self) -> None:
         self._queue = asyncio.Queue()
+        self.stream_no = self._stream_numbers()
         async with self._transport.aio_channel(self.address, CHANNEL_OPTIONS) as channel:
             stub = sender_pb2_grpc.SenderServiceStub(channel)
             call = stub.Dispatch(self._requests(self._queue))

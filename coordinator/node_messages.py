@@ -63,6 +63,11 @@ class HandbackMessage:
 
     results: tuple[ResultsMessage, ...]
     released: tuple[HeldRef, ...]
+    held: frozenset[HeldRef] = frozenset()
+    ended: tuple[int, int] | None = None
+    """(epoch, stream_no): the node ended that stream and every earlier one, and the
+    hand-back is complete, so what the leader sent on them and is in no list never
+    reached the node (see ``NodeHandback`` in sender.proto)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

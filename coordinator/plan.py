@@ -34,6 +34,8 @@ class Hold:
     progress_at: float
     """When the holder last reported anything for it (dispatch time at first)."""
     cancel_sent: bool = False
+    stream_no: int = 0
+    """The leader's stream it was sent on (0: sent by an earlier leader)."""
 
 
 class JobPlan:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
@@ -95,6 +96,8 @@ class Registry:
         self.listed = asyncio.Event()
         """Set once the first listing of registrations has been applied."""
         self._encoder = _convert.BatchEncoder()
+        self._stream_numbers = itertools.count(1).__next__
+        """Numbers the streams of every link of this reign (hand-backs name them)."""
         """Shared by the links: a job's content is encoded once for all nodes."""
 
     # ---- tasks ----------------------------------------------------------------------
@@ -166,6 +169,7 @@ class Registry:
             node_id, address, s.coordinator_id, s.epoch, self._links,
             transport=s.transport, may_lead=s.may_lead, authority_s=s.authority_s,
             heartbeat_interval_s=s.heartbeat_interval_s, encoder=self._encoder,
+            stream_numbers=self._stream_numbers,
         )  # fmt: skip
         entry = NodeEntry(
             node_id=node_id,

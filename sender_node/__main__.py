@@ -159,6 +159,7 @@ def _assemble(
         content=servicer.handback_bytes,
         usable=servicer.usable_stream,
         after_s=timings.handback_after_s,
+        end_streams=lambda: servicer.end_streams("no usable stream: handing back through etcd"),
     )
     # mTLS: only clients with a certificate from the CA naming a coordinator get to
     # the dispatch servicer (transport.interceptors() checks the name; health is open).

@@ -175,9 +175,17 @@ def hello(
     )
 
 
-def handback(node_id: str, content: Handback) -> sender_pb2.NodeHandback:
-    return sender_pb2.NodeHandback(
+def handback(
+    node_id: str, content: Handback, ended: tuple[int, int] | None
+) -> sender_pb2.NodeHandback:
+    """``ended`` is (epoch, stream_no) of the last stream opened, when every stream is
+    ended and ``content`` is complete (see ``NodeHandback`` in sender.proto)."""
+    message = sender_pb2.NodeHandback(
         node_id=node_id,
         results=[results_message(m) for m in content.results],
         released=held_batches(content.released),
+        held=held_batches(content.held),
     )
+    if ended is not None:
+        message.ended.epoch, message.ended.stream_no = ended
+    return message

@@ -35,6 +35,8 @@ class HandbackWriter:
         key: ``Keys.handback(node_id)``.
         content: The serialized hand-back, or None when there is nothing to hand back.
         usable: Whether the node has a usable stream to a leader now.
+        end_streams: Ends every stream before a write after ``after_s``, so that the
+            hand-back is all the node will do with what came on them.
         after_s: How long without a usable stream before the first write.
         interval_s: Period of the check.
         call_timeout_s: Deadline of each put.
@@ -49,6 +51,7 @@ class HandbackWriter:
         content: Callable[[], bytes | None],
         usable: Callable[[], bool],
         after_s: float,
+        end_streams: Callable[[], None],
         interval_s: float = 0.5,
         call_timeout_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
@@ -57,6 +60,7 @@ class HandbackWriter:
         self._key = key
         self._content = content
         self._usable = usable
+        self._end_streams = end_streams
         self._after_s = after_s
         self._interval_s = interval_s
         self._call_timeout_s = call_timeout_s
@@ -115,4 +119,5 @@ class HandbackWriter:
         if self._unusable_since is None:
             self._unusable_since = now
         if now - self._unusable_since >= self._after_s:
+            self._end_streams()
             await self.write_now()

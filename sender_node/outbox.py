@@ -80,6 +80,10 @@ class Handback:
     released: list[BatchRef]
     left_out: int
     """Released batches not listed because their results did not fit."""
+    held: list[BatchRef] = dataclasses.field(default_factory=list)
+    """Batches not released yet (see :meth:`Outbox.held`)."""
+    complete: bool = False
+    """Every unacknowledged result and every released batch is in it."""
 
 
 def merge(records: Iterable[Record], max_results: int) -> list[ResultsMessage]:
@@ -296,7 +300,8 @@ class Outbox:
                 used += cost
                 extra.add(record.seq)
         picked = [r for r in records if r.key in chosen or r.seq in extra]
-        return Handback(merge(picked, self._max_merge), released, left_out)
+        complete = left_out == 0 and len(picked) == len(records)
+        return Handback(merge(picked, self._max_merge), released, left_out, self.held(), complete)
 
 
 def _size(records: Iterable[Record]) -> int:

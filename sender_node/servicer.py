@@ -32,6 +32,9 @@ A leader opens one long-lived stream per node. What a leader can count on:
   and are reported; then its ``ack``.
 - **the stream ends** (EOF, error, a newer stream, a higher epoch in etcd, a lost
   lease, lapsed authority, drain timeout, shutdown): its batches stop in the same way.
+  Before a hand-back through etcd (no usable stream for ``handback_after_s``) the node
+  ends every stream, and reads nothing more from an ended one, so the hand-back can
+  name the last stream and the leader move what it sent that never arrived.
   They are not cancelled: a transaction past its final dot always finishes and its
   result is journaled. A batch released while another stream is current is acked on
   that one (with the batch's own epoch and attempt); one released while no stream is
@@ -200,6 +203,8 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._acked = asyncio.Event()
         """Set by every ``results_ack``."""
         self._handback_left_out = 0
+        self._last_opened: tuple[int, int] | None = None
+        """(epoch, stream_no) of the last stream opened."""
 
     # -- state visible to the process and tests --------------------------------------
 
@@ -239,9 +244,12 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
 
     def handback_bytes(self) -> bytes | None:
         """A serialized ``NodeHandback`` of what a leader has not acknowledged or not
-        heard of; None when there is nothing to hand back."""
+        heard of; None when there is nothing to hand back. Once every stream is ended
+        (:meth:`end_streams`) and everything fits, it also names the last stream, so
+        the leader can move what it sent that never arrived."""
         content = self._outbox.handback()
-        if not content.results and not content.released:
+        ended = self._last_opened if content.complete and not self._streams else None
+        if not content.results and not content.released and ended is None:
             return None
         if content.left_out != self._handback_left_out:
             self._handback_left_out = content.left_out
@@ -251,7 +259,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                     "leader acknowledges results or connects",
                     content.left_out,
                 )
-        return _convert.handback(self._node_id, content).SerializeToString()
+        return _convert.handback(self._node_id, content, ended).SerializeToString()
 
     def observe_epoch(self, epoch: int) -> None:
         """A leader of ``epoch`` exists (etcd): streams of lower epochs end at once."""
@@ -263,6 +271,14 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 self._close_stream(
                     stream, grpc.StatusCode.FAILED_PRECONDITION, f"epoch {epoch} leads now"
                 )
+
+    def end_streams(self, reason: str) -> None:
+        """End every stream (UNAVAILABLE), before a hand-back: nothing that comes on them
+        later is taken, so the hand-back tells the leader all this node will ever do
+        with what it sent on them."""
+        for stream in list(self._streams):
+            log.info("ending the stream of epoch %d: %s", stream.epoch, reason)
+            self._close_stream(stream, grpc.StatusCode.UNAVAILABLE, reason)
 
     def drain(self) -> None:
         """Refuse new batches from now on; batches under way continue."""
@@ -375,6 +391,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         )
         stream.grant(self._clock(), opening.authority_ms)
         self._streams.add(stream)
+        self._last_opened = (epoch, opening.stream_no)
         self._current = stream
         greeting = self._outbox.attach(stream)
         stream.send(Hello(greeting))
@@ -418,6 +435,8 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     ) -> None:
         try:
             async for request in requests:
+                if stream.ended:
+                    return  # what still comes on an ended stream is never taken
                 kind = request.WhichOneof("kind")
                 if kind == "batch":
                     self._on_batch(stream, request.batch)

@@ -116,12 +116,15 @@ class Coordinator:
         self.seen: list[sender_pb2.DispatchResponse] = []
 
     async def open(
-        self, epoch: int, authority_ms: int = AUTHORITY_MS
+        self, epoch: int, authority_ms: int = AUTHORITY_MS, stream_no: int = 0
     ) -> sender_pb2.DispatchResponse:
         await self.call.write(
             sender_pb2.DispatchRequest(
                 open=sender_pb2.DispatchOpen(
-                    coordinator_id="coord-test", epoch=epoch, authority_ms=authority_ms
+                    coordinator_id="coord-test",
+                    epoch=epoch,
+                    authority_ms=authority_ms,
+                    stream_no=stream_no,
                 )
             )
         )

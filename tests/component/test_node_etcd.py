@@ -216,6 +216,40 @@ async def test_a_node_without_a_leader_hands_back_through_etcd(
         assert kv.lease == 0
 
 
+async def test_a_silent_leader_s_stream_is_ended_and_named_by_the_hand_back(
+    sink: Sink, etcd: aetcd.Client, etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
+) -> None:
+    env = node_env(sink, etcd_cluster, etcd_prefix, tmp_path / "state")
+    async with running_node(etcd, env) as node:
+        # Given a stream (the leader's 7th) on which a batch was sent and acked, whose
+        # leader then falls silent without closing it (a link that drops everything)
+        leader = Coordinator(node.stub)
+        await leader.open(epoch=1, authority_ms=1000, stream_no=7)
+        await leader.send_batch(make_batch("b1", addresses(3)))
+        await leader.read_until("ack", "b1")
+
+        # When its authority lapses and no leader comes
+        key = node.keys.handback(node.node_id)
+
+        async def handed_back() -> bool:
+            return await etcd.get(key) is not None
+
+        await assert_eventually(handed_back, timeout_s=20, message="hand-back written")
+
+        # Then the node ended the stream first (what still comes on it is never taken)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await leader.read()
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+        # And the hand-back names that stream: it is complete, the node holds nothing,
+        # so the leader can move whatever it sent on it that never arrived
+        kv = await etcd.get(key)
+        handback = sender_pb2.NodeHandback.FromString(kv.value)
+        assert (handback.ended.epoch, handback.ended.stream_no) == (1, 7)
+        assert list(handback.held) == []
+        assert sorted(r.index for m in handback.results for r in m.results) == [0, 1, 2]
+
+
 async def test_sigterm_drains_then_releases_without_cutting_a_transaction(
     sink: Sink, etcd: aetcd.Client, etcd_cluster: EtcdCluster, etcd_prefix: str, tmp_path: Path
 ) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mailerpb.mailer.v1 import common_pb2 as mailer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/sender.proto\x12\tmailer.v1\x1a\x16mailer/v1/common.proto\"\xe8\x01\n\x0f\x44ispatchRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.mailer.v1.DispatchOpenH\x00\x12!\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x10.mailer.v1.BatchH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.mailer.v1.CancelBatchH\x00\x12,\n\x0bresults_ack\x18\x04 \x01(\x0b\x32\x15.mailer.v1.ResultsAckH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.mailer.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\xe4\x01\n\x10\x44ispatchResponse\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.mailer.v1.NodeHelloH\x00\x12*\n\x07results\x18\x02 \x01(\x0b\x32\x17.mailer.v1.BatchResultsH\x00\x12\"\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x13.mailer.v1.BatchAckH\x00\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoadH\x00\x12,\n\x08rejected\x18\x05 \x01(\x0b\x32\x18.mailer.v1.BatchRejectedH\x00\x42\x06\n\x04kind\"K\n\x0c\x44ispatchOpen\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0c\x61uthority_ms\x18\x03 \x01(\x03\"0\n\tHeartbeat\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x14\n\x0c\x61uthority_ms\x18\x02 \x01(\x03\"!\n\nResultsAck\x12\x13\n\x0bthrough_seq\x18\x01 \x01(\x03\"\xf1\x01\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12&\n\x06relays\x18\x04 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\x12\'\n\x06replay\x18\x05 \x03(\x0b\x32\x17.mailer.v1.BatchResults\x12\"\n\x04held\x18\x06 \x03(\x0b\x32\x14.mailer.v1.HeldBatch\x12)\n\x08timeouts\x18\x07 \x01(\x0b\x32\x17.mailer.v1.NodeTimeouts\".\n\tHeldBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\">\n\x0cNodeTimeouts\x12\x16\n\x0e\x66inal_reply_ms\x18\x01 \x01(\x03\x12\x16\n\x0etransaction_ms\x18\x02 \x01(\x03\"Z\n\x0e\x42\x61tchRecipient\x12\r\n\x05index\x18\x01 \x01(\x03\x12\'\n\trecipient\x18\x02 \x01(\x0b\x32\x14.mailer.v1.Recipient\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\"\xe6\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12*\n\x07\x63ontent\x18\x05 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12-\n\nrecipients\x18\x06 \x03(\x0b\x32\x19.mailer.v1.BatchRecipient\x12\x17\n\x0f\x61\x63k_deadline_ms\x18\x07 \x01(\x03\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x15\n\rbounce_domain\x18\t \x01(\t\".\n\x0b\x43\x61ncelBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"k\n\x0c\x42\x61tchResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"Q\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x13\n\x0bunattempted\x18\x04 \x01(\x05\"1\n\rBatchRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"q\n\x0cNodeHandback\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mailer.v1.BatchResults\x12&\n\x08released\x18\x03 \x03(\x0b\x32\x14.mailer.v1.HeldBatch2X\n\rSenderService\x12G\n\x08\x44ispatch\x12\x1a.mailer.v1.DispatchRequest\x1a\x1b.mailer.v1.DispatchResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16mailer/v1/sender.proto\x12\tmailer.v1\x1a\x16mailer/v1/common.proto\"\xe8\x01\n\x0f\x44ispatchRequest\x12\'\n\x04open\x18\x01 \x01(\x0b\x32\x17.mailer.v1.DispatchOpenH\x00\x12!\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x10.mailer.v1.BatchH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.mailer.v1.CancelBatchH\x00\x12,\n\x0bresults_ack\x18\x04 \x01(\x0b\x32\x15.mailer.v1.ResultsAckH\x00\x12)\n\theartbeat\x18\x05 \x01(\x0b\x32\x14.mailer.v1.HeartbeatH\x00\x42\x06\n\x04kind\"\xe4\x01\n\x10\x44ispatchResponse\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.mailer.v1.NodeHelloH\x00\x12*\n\x07results\x18\x02 \x01(\x0b\x32\x17.mailer.v1.BatchResultsH\x00\x12\"\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x13.mailer.v1.BatchAckH\x00\x12#\n\x04load\x18\x04 \x01(\x0b\x32\x13.mailer.v1.NodeLoadH\x00\x12,\n\x08rejected\x18\x05 \x01(\x0b\x32\x18.mailer.v1.BatchRejectedH\x00\x42\x06\n\x04kind\"^\n\x0c\x44ispatchOpen\x12\x16\n\x0e\x63oordinator_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x14\n\x0c\x61uthority_ms\x18\x03 \x01(\x03\x12\x11\n\tstream_no\x18\x04 \x01(\x04\"0\n\tHeartbeat\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x14\n\x0c\x61uthority_ms\x18\x02 \x01(\x03\"!\n\nResultsAck\x12\x13\n\x0bthrough_seq\x18\x01 \x01(\x03\"\xf1\x01\n\tNodeHello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\x03\x12!\n\x04load\x18\x03 \x01(\x0b\x32\x13.mailer.v1.NodeLoad\x12&\n\x06relays\x18\x04 \x03(\x0b\x32\x16.mailer.v1.RelayStatus\x12\'\n\x06replay\x18\x05 \x03(\x0b\x32\x17.mailer.v1.BatchResults\x12\"\n\x04held\x18\x06 \x03(\x0b\x32\x14.mailer.v1.HeldBatch\x12)\n\x08timeouts\x18\x07 \x01(\x0b\x32\x17.mailer.v1.NodeTimeouts\".\n\tHeldBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\">\n\x0cNodeTimeouts\x12\x16\n\x0e\x66inal_reply_ms\x18\x01 \x01(\x03\x12\x16\n\x0etransaction_ms\x18\x02 \x01(\x03\"Z\n\x0e\x42\x61tchRecipient\x12\r\n\x05index\x18\x01 \x01(\x03\x12\'\n\trecipient\x18\x02 \x01(\x0b\x32\x14.mailer.v1.Recipient\x12\x10\n\x08\x61ttempts\x18\x03 \x01(\x05\"\xe6\x01\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12*\n\x07\x63ontent\x18\x05 \x01(\x0b\x32\x19.mailer.v1.MessageContent\x12-\n\nrecipients\x18\x06 \x03(\x0b\x32\x19.mailer.v1.BatchRecipient\x12\x17\n\x0f\x61\x63k_deadline_ms\x18\x07 \x01(\x03\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x15\n\rbounce_domain\x18\t \x01(\t\".\n\x0b\x43\x61ncelBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"k\n\x0c\x42\x61tchResults\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12+\n\x07results\x18\x02 \x03(\x0b\x32\x1a.mailer.v1.RecipientResult\x12\x0b\n\x03seq\x18\x03 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\"Q\n\x08\x42\x61tchAck\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x13\n\x0bunattempted\x18\x04 \x01(\x05\"1\n\rBatchRejected\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xbc\x01\n\x0cNodeHandback\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.mailer.v1.BatchResults\x12&\n\x08released\x18\x03 \x03(\x0b\x32\x14.mailer.v1.HeldBatch\x12\"\n\x04held\x18\x04 \x03(\x0b\x32\x14.mailer.v1.HeldBatch\x12%\n\x05\x65nded\x18\x05 \x01(\x0b\x32\x16.mailer.v1.EndedStream\"/\n\x0b\x45ndedStream\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x11\n\tstream_no\x18\x02 \x01(\x04\x32X\n\rSenderService\x12G\n\x08\x44ispatch\x12\x1a.mailer.v1.DispatchRequest\x1a\x1b.mailer.v1.DispatchResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISPATCHRESPONSE']._serialized_start=297
   _globals['_DISPATCHRESPONSE']._serialized_end=525
   _globals['_DISPATCHOPEN']._serialized_start=527
-  _globals['_DISPATCHOPEN']._serialized_end=602
-  _globals['_HEARTBEAT']._serialized_start=604
-  _globals['_HEARTBEAT']._serialized_end=652
-  _globals['_RESULTSACK']._serialized_start=654
-  _globals['_RESULTSACK']._serialized_end=687
-  _globals['_NODEHELLO']._serialized_start=690
-  _globals['_NODEHELLO']._serialized_end=931
-  _globals['_HELDBATCH']._serialized_start=933
-  _globals['_HELDBATCH']._serialized_end=979
-  _globals['_NODETIMEOUTS']._serialized_start=981
-  _globals['_NODETIMEOUTS']._serialized_end=1043
-  _globals['_BATCHRECIPIENT']._serialized_start=1045
-  _globals['_BATCHRECIPIENT']._serialized_end=1135
-  _globals['_BATCH']._serialized_start=1138
-  _globals['_BATCH']._serialized_end=1368
-  _globals['_CANCELBATCH']._serialized_start=1370
-  _globals['_CANCELBATCH']._serialized_end=1416
-  _globals['_BATCHRESULTS']._serialized_start=1418
-  _globals['_BATCHRESULTS']._serialized_end=1525
-  _globals['_BATCHACK']._serialized_start=1527
-  _globals['_BATCHACK']._serialized_end=1608
-  _globals['_BATCHREJECTED']._serialized_start=1610
-  _globals['_BATCHREJECTED']._serialized_end=1659
-  _globals['_NODEHANDBACK']._serialized_start=1661
-  _globals['_NODEHANDBACK']._serialized_end=1774
-  _globals['_SENDERSERVICE']._serialized_start=1776
-  _globals['_SENDERSERVICE']._serialized_end=1864
+  _globals['_DISPATCHOPEN']._serialized_end=621
+  _globals['_HEARTBEAT']._serialized_start=623
+  _globals['_HEARTBEAT']._serialized_end=671
+  _globals['_RESULTSACK']._serialized_start=673
+  _globals['_RESULTSACK']._serialized_end=706
+  _globals['_NODEHELLO']._serialized_start=709
+  _globals['_NODEHELLO']._serialized_end=950
+  _globals['_HELDBATCH']._serialized_start=952
+  _globals['_HELDBATCH']._serialized_end=998
+  _globals['_NODETIMEOUTS']._serialized_start=1000
+  _globals['_NODETIMEOUTS']._serialized_end=1062
+  _globals['_BATCHRECIPIENT']._serialized_start=1064
+  _globals['_BATCHRECIPIENT']._serialized_end=1154
+  _globals['_BATCH']._serialized_start=1157
+  _globals['_BATCH']._serialized_end=1387
+  _globals['_CANCELBATCH']._serialized_start=1389
+  _globals['_CANCELBATCH']._serialized_end=1435
+  _globals['_BATCHRESULTS']._serialized_start=1437
+  _globals['_BATCHRESULTS']._serialized_end=1544
+  _globals['_BATCHACK']._serialized_start=1546
+  _globals['_BATCHACK']._serialized_end=1627
+  _globals['_BATCHREJECTED']._serialized_start=1629
+  _globals['_BATCHREJECTED']._serialized_end=1678
+  _globals['_NODEHANDBACK']._serialized_start=1681
+  _globals['_NODEHANDBACK']._serialized_end=1869
+  _globals['_ENDEDSTREAM']._serialized_start=1871
+  _globals['_ENDEDSTREAM']._serialized_end=1918
+  _globals['_SENDERSERVICE']._serialized_start=1920
+  _globals['_SENDERSERVICE']._serialized_end=2008
 # @@protoc_insertion_point(module_scope)

@@ -104,21 +104,28 @@ class DispatchOpen(_message.Message):
     COORDINATOR_ID_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     AUTHORITY_MS_FIELD_NUMBER: _builtins.int
+    STREAM_NO_FIELD_NUMBER: _builtins.int
     coordinator_id: _builtins.str
     epoch: _builtins.int
     """The leader's epoch: the create revision of its election key."""
     authority_ms: _builtins.int
     """How long one heartbeat lets the node start SMTP transactions (see Heartbeat)."""
+    stream_no: _builtins.int
+    """Numbers the leader's streams, increasing within its epoch: a hand-back names
+    the last stream the node ended, so the leader knows which batches it sent can
+    no longer reach the node (0: not numbered).
+    """
     def __init__(
         self,
         *,
         coordinator_id: _builtins.str = ...,
         epoch: _builtins.int = ...,
         authority_ms: _builtins.int = ...,
+        stream_no: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_ms", b"authority_ms", "coordinator_id", b"coordinator_id", "epoch", b"epoch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authority_ms", b"authority_ms", "coordinator_id", b"coordinator_id", "epoch", b"epoch", "stream_no", b"stream_no"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -495,6 +502,13 @@ class NodeHandback(_message.Message):
     """What a node that cannot reach the leader hands back through etcd (key
     `handback/<node_id>`): its unacknowledged results and the batches it has
     released. The leader applies it and deletes the key.
+
+    A node ends every stream before it hands back. When `ended` is set, the
+    hand-back is complete: every unacknowledged result and every released batch is
+    in it, `held` lists every batch the node still holds, and the node takes no
+    batch from `ended` or any earlier stream. So a batch the leader sent on such a
+    stream that is in none of the lists never reached the node (it was lost on the
+    way), and the leader moves it without waiting for the link to heal.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -502,22 +516,54 @@ class NodeHandback(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     RELEASED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    ENDED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchResults]: ...
     @_builtins.property
     def released(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBatch]: ...
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldBatch]: ...
+    @_builtins.property
+    def ended(self) -> Global___EndedStream: ...
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         results: _abc.Iterable[Global___BatchResults] | None = ...,
         released: _abc.Iterable[Global___HeldBatch] | None = ...,
+        held: _abc.Iterable[Global___HeldBatch] | None = ...,
+        ended: Global___EndedStream | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "released", b"released", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended", b"ended", "held", b"held", "node_id", b"node_id", "released", b"released", "results", b"results"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeHandback: _TypeAlias = NodeHandback  # noqa: Y015
+
+@_typing.final
+class EndedStream(_message.Message):
+    """The last stream a node opened, which it has ended like every earlier one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    STREAM_NO_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    stream_no: _builtins.int
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        stream_no: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "stream_no", b"stream_no"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndedStream: _TypeAlias = EndedStream  # noqa: Y015
