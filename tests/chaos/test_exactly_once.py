@@ -77,7 +77,9 @@ async def started(made: list[LocalCluster], cluster: LocalCluster) -> MailerClie
     return client
 
 
-async def delivered_at_least(client: MailerClient, job_id: str, n: int) -> None:
+async def delivered_at_least(
+    client: MailerClient, job_id: str, n: int, timeout_s: float = 120
+) -> None:
     async def enough() -> bool:
         try:
             job = await client.get(job_id, timeout=timedelta(seconds=3))
@@ -85,7 +87,7 @@ async def delivered_at_least(client: MailerClient, job_id: str, n: int) -> None:
             return False
         return job.progress.delivered >= n
 
-    await until(enough, 120, f"{n} delivered")
+    await until(enough, timeout_s, f"{n} delivered")
 
 
 async def finish(client: MailerClient, cluster: LocalCluster, job_id: str, label: str) -> Report:

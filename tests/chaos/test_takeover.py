@@ -58,9 +58,9 @@ def _name_of(cluster: LocalCluster, address: str) -> str:
 # ---- 1. a leader SIGKILLed at 80% of a 100,000-recipient job ----------------------------
 
 
-# 100,000 messages through Python SMTP on two busy cores: 75-115 s, beside another worker
-# sometimes more; its own waits are bounded (120 s to 80%, 240 s to the end).
-@pytest.mark.timeout(360)
+# 100,000 messages through Python SMTP on two busy cores: 75-115 s, beside other workers
+# sometimes twice that; its own waits are bounded (240 s to 80%, 240 s to the end).
+@pytest.mark.timeout(540)
 async def test_leader_killed_at_80_percent_of_100k_recipients(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
@@ -81,7 +81,7 @@ async def test_leader_killed_at_80_percent_of_100k_recipients(
         assert status.leader is not None
         people = (Recipient(f"r{i}@big.example", f"R{i}") for i in range(total))
         job = await client.submit(CONTENT, people, idempotency_key="big-80")
-        await delivered_at_least(client, job.job_id, total * 8 // 10)
+        await delivered_at_least(client, job.job_id, total * 8 // 10, timeout_s=240)
         # When the leader is SIGKILLed at 80%
         killed = Stopwatch()
         cluster.coordinator_at(status.leader.address).signal(signal.SIGKILL)
