@@ -78,9 +78,9 @@ lint() {
 run_tests() {
   mkdir -p .cache
   local waits_log=.cache/pytest-waits.log status=0 waits_status=0 pid
-  .venv/bin/pytest -m waits -p no:cacheprovider "$@" >"$waits_log" 2>&1 &
+  .venv/bin/pytest -m waits -p no:cacheprovider --durations=10 "$@" >"$waits_log" 2>&1 &
   pid=$!
-  .venv/bin/pytest -n 2 --dist loadgroup -m "not waits" "$@" || status=$?
+  .venv/bin/pytest -n 2 --dist loadgroup -m "not waits" --durations=20 "$@" || status=$?
   wait "$pid" || waits_status=$?
   echo "== pytest: the tests that wait (run beside the workers)"
   cat "$waits_log"
