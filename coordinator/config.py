@@ -57,8 +57,13 @@ class CoordinatorConfig:
     metrics_listen: str = settings.setting("MAILER_METRICS_LISTEN", default="")
     """host:port of the Prometheus exporter; empty disables it."""
     http_listen: str = settings.setting("MAILER_HTTP_LISTEN", default="")
-    """host:port of the HTTPS endpoint (one-click unsubscribe), with the TLS certificate
-    of the gRPC server (HTTP when plaintext); empty: none. Needs MAILER_TOKEN_KEY_FILE."""
+    """host:port of the HTTPS endpoint (one-click unsubscribe; the console with
+    MAILER_CONSOLE), with the TLS certificate of the gRPC server (HTTP when plaintext);
+    empty: none. Needs MAILER_TOKEN_KEY_FILE."""
+    console: bool = settings.setting("MAILER_CONSOLE", default=False, parse=settings.boolean)
+    """Serve the operators' web console under /console/ on MAILER_HTTP_LISTEN (log-in with
+    a tenant or admin token). Off by default: that endpoint often faces the internet for
+    one-click unsubscribe, and the console need not."""
     health_listen: str = settings.setting("MAILER_HEALTH_LISTEN", default="")
     """host:port of a plaintext gRPC server with only the health service, for probes
     that cannot do TLS (Kubernetes gRPC probes); empty disables it. It tells who leads,
@@ -193,6 +198,8 @@ class CoordinatorConfig:
             raise ConfigError("MAILER_ELECTION_TTL_S must be at least 2")
         if self.http_listen and not self.inbound.token_key_file:
             raise ConfigError("MAILER_HTTP_LISTEN needs MAILER_TOKEN_KEY_FILE")
+        if self.console and not self.http_listen:
+            raise ConfigError("MAILER_CONSOLE needs MAILER_HTTP_LISTEN")
         if self.max_message_bytes < 64 * 1024:
             raise ConfigError("MAILER_MAX_MESSAGE_BYTES must be at least 64 KiB")
 

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from coordinator.auth import AuthConfig, load_auth_file
 from coordinator.config import CoordinatorConfig
+from coordinator.console import console_for
 from coordinator.db.store import Database, LostLeadership, Store, StoreUnavailable
 from coordinator.edge import AuthInterceptor, add_service
 from coordinator.election import Election, LeadershipUnavailable
@@ -216,7 +217,7 @@ async def serve(
     try:
         db = await open_database(config, stop)
         if db is not None:
-            await endpoints.start(config, Store(db), auth)
+            await endpoints.start(config, db, auth)
         while db is not None and not stop.is_set():
             try:
                 await _term(
@@ -257,19 +258,21 @@ def _metrics(config: CoordinatorConfig, client: aetcd.Client) -> CoordinatorMetr
 
 class _Endpoints:
     """What every coordinator serves besides gRPC once PostgreSQL is usable: the inbound
-    SMTP endpoint and the HTTPS endpoint (each when configured)."""
+    SMTP endpoint and the HTTPS endpoint with the console (each when configured)."""
 
     def __init__(self) -> None:
         self.inbound: asyncio.Server | None = None
         self.web: web.AppRunner | None = None
 
-    async def start(self, config: CoordinatorConfig, store: Store, auth: AuthConfig | None) -> None:
+    async def start(self, config: CoordinatorConfig, db: Database, auth: AuthConfig | None) -> None:
+        store = Store(db)
         tls = _server_tls(config)
         tenant_domains = auth.bounce_domains() if auth is not None else frozenset()
         self.inbound = await start_inbound(config.inbound, store, tls, tenant_domains)
         key_file = config.inbound.token_key_file
         key = TokenKey.from_file(key_file) if key_file else None
-        self.web = await start_web(config.http_listen, store, key, tls)
+        console = console_for(config, auth, db)
+        self.web = await start_web(config.http_listen, store, key, tls, console)
 
     async def stop(self) -> None:
         if self.inbound is not None:

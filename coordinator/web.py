@@ -1,4 +1,5 @@
-"""The coordinators' HTTPS endpoint (aiohttp): one-click unsubscribe (RFC 8058).
+"""The coordinators' HTTPS endpoint (aiohttp): one-click unsubscribe (RFC 8058), and
+the operators' console under ``/console/`` when it is on (:mod:`coordinator.console`).
 
 ``POST /unsubscribe/<token>`` (what Gmail and Yahoo send for ``List-Unsubscribe-Post:
 List-Unsubscribe=One-Click``, and what the confirmation page's button sends) keeps the
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from coordinator.console import Console
 from coordinator.db.store import Store, StoreUnavailable
 from mailers_runtime.verp import Purpose, TokenKey
 
@@ -83,13 +85,22 @@ def _unknown() -> web.Response:
 
 
 async def start_web(
-    listen: str, store: Store, key: TokenKey | None, tls: ssl.SSLContext | None
+    listen: str,
+    store: Store,
+    key: TokenKey | None,
+    tls: ssl.SSLContext | None,
+    console: Console | None = None,
 ) -> web.AppRunner | None:
-    """Serve on ``listen`` (host:port; None when empty or without a token key)."""
-    if not listen or key is None:
+    """Serve on ``listen`` (host:port) the unsubscribe endpoint (with a token key) and
+    the console (when given); None when ``listen`` is empty or there is nothing to serve.
+    The runner's cleanup also closes the console's API clients."""
+    if not listen or (key is None and console is None):
         return None
     app = web.Application(client_max_size=64 * 1024)
-    app.add_routes(UnsubscribeEndpoint(store, key).routes())
+    if key is not None:
+        app.add_routes(UnsubscribeEndpoint(store, key).routes())
+    if console is not None:
+        app.add_subapp("/console", console.app())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     host, _, port = listen.rpartition(":")

@@ -104,8 +104,9 @@ class ClusterSpec:
     durable_database: bool = True
     feedback: bool = True
     """VERP envelope senders on the bounce domain :data:`BOUNCE_DOMAIN`, each
-    coordinator's inbound SMTP endpoint (:attr:`LocalCluster.inbound_ports`) and, with
-    TLS, its one-click unsubscribe endpoint (:attr:`LocalCluster.http_ports`)."""
+    coordinator's inbound SMTP endpoint (:attr:`LocalCluster.inbound_ports`) and its
+    HTTP(S) endpoint (:attr:`LocalCluster.http_ports`: one-click unsubscribe and the
+    console)."""
     """PostgreSQL with its default durability; False turns fsync off (commits still
     reach the OS, so a killed process loses nothing) for tests on slow disks."""
 
@@ -168,7 +169,8 @@ class LocalCluster:
         self.inbound_ports = [free_port() for _ in ports]
         """Each coordinator's inbound SMTP endpoint (bounces, complaints)."""
         self.http_ports = [free_port() for _ in ports]
-        """Each coordinator's HTTPS endpoint (one-click unsubscribe), with TLS only."""
+        """Each coordinator's HTTPS endpoint (one-click unsubscribe, the console); plain
+        HTTP in a plaintext cluster."""
         self.coordinators: dict[str, Proc] = {}
         self.nodes: dict[str, Proc] = {}
         self.sink: Proc | None = None
@@ -194,6 +196,11 @@ class LocalCluster:
     @property
     def coordinator_addresses(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.coordinator_ports]
+
+    def console_url(self, i: int = 0) -> str:
+        """The operators' console on coordinator i (with ``feedback``, the default)."""
+        scheme = "https" if self.spec.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.http_ports[i]}/console/"
 
     @property
     def relay(self) -> str:
@@ -392,8 +399,10 @@ class LocalCluster:
                     "MAILER_TOKEN_KEY_FILE": str(self.token_key_file()),
                 }
             )
-            if self.spec.tls:
-                env["MAILER_HTTP_LISTEN"] = f"127.0.0.1:{self.http_ports[i]}"
+            # One-click unsubscribe and the operators' console (console_url); plain HTTP
+            # in a plaintext cluster.
+            env["MAILER_HTTP_LISTEN"] = f"127.0.0.1:{self.http_ports[i]}"
+            env["MAILER_CONSOLE"] = "1"
         env.update(self.spec.coordinator_env)
         if i in self.coordinator_etcd_endpoints:
             env["MAILER_ETCD_ENDPOINTS"] = ",".join(self.coordinator_etcd_endpoints[i])

@@ -66,6 +66,8 @@ def _start_cluster(cluster: LocalCluster, console: Console) -> None:
         f"etcd {', '.join(cluster.etcd.endpoints)}; SMTP sink {cluster.relay}; {security}"
     )
     console.print(f"messages are stored as files in {cluster.maildir / 'new'}")
+    # This cluster has no tenant tokens (no auth file): the console takes any text as one.
+    console.print(f"web console: {cluster.console_url(0)} (no tenant tokens: any text logs in)")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

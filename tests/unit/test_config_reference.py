@@ -48,6 +48,7 @@ SAMPLES = {
     "MAILER_INBOUND_MAX_BYTES": "2000000",
     "MAILER_INBOUND_MAX_CONNECTIONS": "20",
     "MAILER_HTTP_LISTEN": "0.0.0.0:8443",
+    "MAILER_CONSOLE": "1",
     "MAILER_UNSUBSCRIBE_URL": "https://mail.example.com:8443/unsubscribe/",
     "MAILER_TOKEN_KEY_FILE": "/etc/mailers/token.key",
     "MAILER_WEBHOOK_RETRY_INITIAL_S": "3",
