@@ -374,6 +374,9 @@ async def test_pause_while_batches_move_then_resume(
 # ---- 9. a submit whose deadline expires, then a leader change -------------------------
 
 
+# Four uploads of 100,000 recipients, then four more and all read back: ~45 s, on a
+# busy machine twice that.
+@pytest.mark.timeout(300)
 async def test_submit_deadline_expiring_then_leader_killed(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
@@ -386,7 +389,7 @@ async def test_submit_deadline_expiring_then_leader_killed(
         assert status.leader is not None
         # When large submits give up after deadlines that end at different points of
         # their upload and its commit
-        keys = {f"deadline-{ms}": ms for ms in (150, 300, 450, 600, 750, 900)}
+        keys = {f"deadline-{ms}": ms for ms in (150, 400, 650, 900)}
         expired = 0
         for key, ms in keys.items():
             try:

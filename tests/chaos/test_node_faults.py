@@ -11,6 +11,7 @@ transactions node0 had in flight or not yet reported when the fault struck.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import email.parser
 import email.utils
@@ -202,7 +203,10 @@ async def test_node_stopped_past_its_lease_starts_nothing_after_sigcont(tmp_path
     # The Date header is rendered when a worker picks the recipient, right after its
     # health check: a message dated after the freeze was picked after SIGCONT.
     picked_after = [line for line in after if date_header_s(cluster, line) > frozen.fault.wall]
-    partial = {index_of(str(line["message_id"])) // BATCH for line in mine}
+    # Batches node0 began but did not finish (on a busy machine it may have finished the
+    # ones it began just before the freeze, and not begun the others it held)
+    begun = collections.Counter(index_of(str(line["message_id"])) // BATCH for line in mine)
+    partial = {b for b, n in begun.items() if n < BATCH}
     moved = [
         line
         for line in lines
@@ -223,7 +227,7 @@ async def test_node_stopped_past_its_lease_starts_nothing_after_sigcont(tmp_path
     # time; and duplicates are only what it had not reported when it froze
     assert picked_after == [], picked_after
     assert after == [], after
-    assert moved, "no recipient of node0's batches was sent by another node"
+    assert moved or not partial, "no recipient of node0's unfinished batches was sent by another"
     assert_duplicates_only_from(lines, cluster, frozen.fault.wall - UNREPORTED_WINDOW_S)
     # (a frozen process is not a dead one: its batches wait until nothing of it can still
     # be on the wire, but no longer)
