@@ -21,12 +21,14 @@ from typing import Any
 from urllib.parse import urlencode
 
 from client_sdk.types import (
+    BreakerState,
     ClusterStatus,
     Job,
     JobProgress,
     JobState,
     NodeInfo,
     RecipientResult,
+    RelayStatus,
     Suppression,
 )
 from coordinator.console.query import FILTERABLE, Action, ResultsQuery, job_url
@@ -316,25 +318,30 @@ def confirm_page(viewer: Viewer, job: Job, action: Action, error: str = "") -> s
 # ---- nodes ------------------------------------------------------------------------------
 
 
-def _node_row(n: NodeInfo) -> str:
-    relays = (
-        "<ul>"
-        + "".join(
-            f"<li>{e(r.address)}: {e(r.breaker_state.value.replace('_', '-'))}, "
-            f"{r.open_connections} connections</li>"
-            for r in n.relays
-        )
-        + "</ul>"
-        if n.relays
-        else "\u2014"
+def _breaker(state: BreakerState) -> str:
+    return state.value.replace("_", "-")
+
+
+def _relay_item(r: RelayStatus) -> str:
+    """One relay and its breaker; the ``data-`` attributes name them for scripts and
+    tests, the text says the same to a reader."""
+    return (
+        f'<li data-relay="{e(r.address)}" data-breaker="{e(_breaker(r.breaker_state))}">'
+        f"{e(r.address)}: {e(_breaker(r.breaker_state))}, "
+        f"{r.open_connections} connections</li>"
     )
+
+
+def _node_row(n: NodeInfo) -> str:
+    relays = "<ul>" + "".join(_relay_item(r) for r in n.relays) + "</ul>" if n.relays else "\u2014"
     load = n.load
     return (
-        f'<tr><th scope="row">{e(n.node_id)}</th><td>{e(n.address)}</td>'
+        f'<tr data-node="{e(n.node_id)}"><th scope="row">{e(n.node_id)}</th>'
+        f"<td>{e(n.address)}</td>"
         f"<td>{e(n.state.value)}</td><td>{n.lease_ttl_remaining_s} s</td>"
         f"<td>{load.in_flight} / {load.capacity}</td><td>{n.batches_in_flight}</td>"
         f"<td>{load.recent_latency_ms:.0f} ms</td><td>{load.recent_error_rate:.1%}</td>"
-        f"<td>{e(n.breaker_state.value.replace('_', '-'))}</td><td>{relays}</td>"
+        f"<td>{e(_breaker(n.breaker_state))}</td><td>{relays}</td>"
         f"<td>{n.recipients_done}</td></tr>"
     )
 
