@@ -49,9 +49,8 @@ from tests.chaos.invariants import check_job
 from tests.deploy.netlab import NetLab, unavailable_reason
 from tests.helpers import wait_nodes_active
 
-# Labs pick a free subnet: one at a time (see tests/conftest.py), in the process that
-# runs the tests that wait (dev.sh).
-pytestmark = [pytest.mark.chaos, pytest.mark.waits, pytest.mark.xdist_group("netlab")]
+# Labs pick a free subnet: one at a time (see tests/conftest.py).
+pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("netlab")]
 
 TTL_S = 5
 """The project's default node lease and coordinator election TTLs."""

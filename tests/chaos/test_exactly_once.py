@@ -171,7 +171,6 @@ async def test_node_cut_off_from_the_leader_only(
 # ---- 5. etcd loses quorum -------------------------------------------------------------
 
 
-@pytest.mark.waits
 async def test_etcd_losing_quorum_for_30_seconds(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
@@ -201,7 +200,6 @@ async def test_etcd_losing_quorum_for_30_seconds(
 # ---- 6. a slow relay ------------------------------------------------------------------
 
 
-@pytest.mark.waits
 async def test_slow_relay_moves_no_batch(tmp_path: Path, clusters: list[LocalCluster]) -> None:
     # Given a relay that takes 10 s per RCPT and 25 s before its final reply (within the
     # nodes' deadlines: 15 s per step, 30 s for the final reply)

@@ -284,7 +284,6 @@ async def test_7_relay_fails_during_data(
     )
 
 
-@pytest.mark.waits
 async def test_8_all_relays_down_then_back(tmp_path: Path, cluster_factory: ClusterFactory) -> None:
     # A ~20 s outage (not minutes, to keep the suite fast) is four times the nodes'
     # breaker reset timeout: breakers open, trials fail and re-open them, and retries

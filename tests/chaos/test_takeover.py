@@ -106,7 +106,6 @@ async def test_leader_killed_at_80_percent_of_100k_recipients(
 # ---- 2. a leader frozen past its lease --------------------------------------------------
 
 
-@pytest.mark.waits
 async def test_frozen_leader_steps_down_and_leads_again_later(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:
@@ -167,7 +166,6 @@ async def _sigterm_exit_s(proc: Proc) -> float:
 # ---- 3. PostgreSQL stopped for 30 s ---------------------------------------------------
 
 
-@pytest.mark.waits
 async def test_postgres_stopped_for_30_seconds(
     tmp_path: Path, clusters: list[LocalCluster]
 ) -> None:

@@ -50,14 +50,8 @@ from mailers_runtime.healthcheck import probe
 from tests.deploy.netlab import Host, NetLab, unavailable_reason, wait_for_tcp
 from tests.helpers import assert_eventually
 
-# Labs pick a free subnet: one at a time (see tests/conftest.py), in the process that
-# runs the tests that wait (dev.sh).
-pytestmark = [
-    pytest.mark.deploy,
-    pytest.mark.waits,
-    pytest.mark.timeout(90),
-    pytest.mark.xdist_group("netlab"),
-]
+# Labs pick a free subnet: one at a time (see tests/conftest.py).
+pytestmark = [pytest.mark.deploy, pytest.mark.timeout(90), pytest.mark.xdist_group("netlab")]
 
 SERVICE = "mailer.v1.MailerService"
 RECIPIENTS = 500
