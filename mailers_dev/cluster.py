@@ -51,6 +51,7 @@ from mailers_dev.procs import (
     Proc,
     free_port,
     spawn_python,
+    stop_together,
     wait_for_port,
 )
 from mailers_dev.sink import read_ambiguous
@@ -509,11 +510,12 @@ class LocalCluster:
         return [p for p in procs if p is not None and p.alive()]
 
     def stop(self) -> None:
-        for proc in [*self.nodes.values(), *self.coordinators.values()]:
-            proc.stop()
-        for sink_proc in [self.sink, *(s.proc for s in self.node_sinks.values())]:
-            if sink_proc is not None:
-                sink_proc.stop()
+        """Stop the nodes (together), then the coordinators, the sinks, PostgreSQL and
+        etcd: nodes hand back through coordinators and etcd, coordinators resign in etcd."""
+        stop_together(list(self.nodes.values()))
+        stop_together(list(self.coordinators.values()))
+        sinks = [self.sink, *(s.proc for s in self.node_sinks.values())]
+        stop_together([p for p in sinks if p is not None])
         self.postgres.stop()
         self.etcd.stop()
 

@@ -99,20 +99,36 @@ class Proc:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after grace_s; waits for the exit. Idempotent."""
+        stop_together([self], grace_s)
+
+    def terminate(self) -> None:
+        """SIGTERM (after SIGCONT, so a stopped process gets it); does not wait."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.popen.pid, signal.SIGCONT)
                 os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(grace_s)
-        else:
-            self.popen.wait()
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the exit until ``deadline`` (monotonic), then SIGKILL and wait."""
+        try:
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5.0)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def stop_together(procs: Sequence[Proc], grace_s: float = 5.0) -> None:
+    """SIGTERM each of ``procs`` at once, then wait for all within one ``grace_s``
+    (SIGKILL for those still running): stopping them one by one costs the sum of their
+    shutdowns. Idempotent."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.reap(deadline)
 
 
 def spawn(
@@ -260,9 +276,7 @@ class EtcdCluster:
         wait_for_port(member.client_port, timeout_s, member.proc.popen, member.host)
 
     def stop(self) -> None:
-        for member in self.members:
-            if member.proc is not None:
-                member.proc.stop()
+        stop_together([m.proc for m in self.members if m.proc is not None])
 
 
 PG_BIN_DIRS = tuple(Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15))
