@@ -29,7 +29,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Set
 
 from coordinator import backoff
 from coordinator.balancer import Balancer, Candidate
@@ -59,6 +59,7 @@ from coordinator.model import (
 from coordinator.node_messages import (
     AckMessage,
     HandbackMessage,
+    HeldRef,
     HelloMessage,
     OutboundBatch,
     RejectedMessage,
@@ -517,11 +518,7 @@ class Dispatcher:
         for replayed in hello.replay:
             self._results(node_id, replayed)
         held = hello.held
-        for job in self.jobs.values():
-            for seq in job.plan.held_by(node_id):
-                attempt = job.plan.held[seq].attempt
-                if (batch_id(job.job_id, seq), attempt) not in held:
-                    self._release(job, seq, node_id, attempt)
+        self._release_unlisted(node_id, held)
         log.info(
             "node %s connected: %d results replayed, holds %d batches",
             node_id, sum(len(r.results) for r in hello.replay), len(held),
@@ -655,19 +652,29 @@ class Dispatcher:
         if epoch != self.store.epoch:
             return []  # numbered by another reign: nothing to conclude
         listed = handback.held | set(handback.released)
-        waits = []
-        for job in self.jobs.values():
-            for seq in job.plan.held_by(node_id):
-                hold = job.plan.held[seq]
-                if hold.stream_no > stream_no:
-                    continue  # sent on a stream the node had not opened
-                if (batch_id(job.job_id, seq), hold.attempt) not in listed:
-                    waits.append(self._release(job, seq, node_id, hold.attempt))
+        waits = self._release_unlisted(node_id, listed, through_stream=stream_no)
         if waits:
             log.info(
                 "node %s never received %d batches sent before it ended its stream %d; "
                 "they move", node_id, len(waits), stream_no,
             )  # fmt: skip
+        return waits
+
+    def _release_unlisted(
+        self, node_id: str, listed: Set[HeldRef], through_stream: int | None = None
+    ) -> list[asyncio.Future[None]]:
+        """Release the node's holds that ``listed`` (what it has, or released) does not
+        name: it never got them and will take none of them now. With ``through_stream``,
+        only those sent on that stream or an earlier one (a later one may still bring
+        them)."""
+        waits = []
+        for job in self.jobs.values():
+            for seq in job.plan.held_by(node_id):
+                hold = job.plan.held[seq]
+                if through_stream is not None and hold.stream_no > through_stream:
+                    continue
+                if (batch_id(job.job_id, seq), hold.attempt) not in listed:
+                    waits.append(self._release(job, seq, node_id, hold.attempt))
         return waits
 
     def _gone(self, node: NodeEntry, now: float) -> bool:
