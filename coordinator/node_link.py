@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -90,7 +89,7 @@ class NodeLink:
         heartbeat_interval_s: float = 1.0,
         hello_timeout_s: float = 10.0,
         encoder: _convert.BatchEncoder | None = None,
-        stream_numbers: Callable[[], int] | None = None,
+        stream_numbers: Callable[[], int],
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -103,7 +102,7 @@ class NodeLink:
         self._heartbeat_interval_s = heartbeat_interval_s
         self._hello_timeout_s = hello_timeout_s
         self._encoder = encoder or _convert.BatchEncoder()
-        self._stream_numbers = stream_numbers or itertools.count(1).__next__
+        self._stream_numbers = stream_numbers
         self.stream_no = 0
         """The number of the current (or last) stream, unique among the links that
         share ``stream_numbers`` (the registry's: one reign)."""
