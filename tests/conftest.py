@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -29,22 +28,16 @@ from coordinator.db.store import connect as pg_connect
 from mailers_dev.procs import EtcdCluster, PostgresServer, pg_bin_dir
 from mailers_runtime.etcd import connect
 from tests.bounce_samples import Samples, SamplesUnavailable, fetch
+from tests.helpers import require_etcd, unavailable
 
 PG_TEMPLATE = "mailers_template"
 _databases = itertools.count()
 
 
-def _require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed on this CI machine")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
-
-
 @pytest.fixture(scope="session")
 def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
     """One real etcd member for the whole session; tests isolate by key prefix."""
-    _require_etcd()
+    require_etcd()
     cluster = EtcdCluster(tmp_path_factory.mktemp("etcd"), size=1)
     cluster.start()
     yield cluster
@@ -54,7 +47,7 @@ def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdClust
 @pytest.fixture
 def etcd_cluster3(tmp_path: Path) -> Iterator[EtcdCluster]:
     """A fresh real 3-member etcd cluster for tests about etcd itself."""
-    _require_etcd()
+    require_etcd()
     cluster = EtcdCluster(tmp_path / "etcd3", size=3)
     cluster.start()
     yield cluster
@@ -77,9 +70,10 @@ async def etcd(etcd_cluster: EtcdCluster) -> AsyncIterator[aetcd.Client]:
 
 def require_postgres() -> None:
     if pg_bin_dir() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed on this CI machine")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+        unavailable(
+            "PostgreSQL is not installed (apt-get install postgresql)",
+            "PostgreSQL is not installed on this CI machine",
+        )
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +108,10 @@ def flufl_samples() -> Samples:
     try:
         return fetch()
     except SamplesUnavailable as error:
-        if os.environ.get("CI"):
-            pytest.fail(f"{error}: CI must reach the package index to fetch bounce samples")
-        pytest.skip(f"{error} (offline? the real-world bounce samples are downloaded)")
+        unavailable(
+            f"{error} (offline? the real-world bounce samples are downloaded)",
+            f"{error}: CI must reach the package index to fetch bounce samples",
+        )
 
 
 @pytest.fixture

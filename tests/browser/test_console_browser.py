@@ -45,7 +45,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from client_sdk import Address, JobOptions, JobState, MailerError, MessageContent, Recipient
 from coordinator.auth import hash_token
 from mailers_dev.cluster import ClusterSpec, LocalCluster
-from tests.helpers import assert_eventually, assert_stays, wait_nodes_active
+from tests.helpers import assert_eventually, assert_stays, unavailable, wait_nodes_active
 from tests.integration.conftest import start_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("browser")]
@@ -72,9 +72,10 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _require_chromium() -> None:
     if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        if os.environ.get("CI"):
-            pytest.fail("chromium and chromium-driver are not installed on this CI machine")
-        pytest.skip("chromium is not installed (apt-get install chromium chromium-driver)")
+        unavailable(
+            "chromium is not installed (apt-get install chromium chromium-driver)",
+            "chromium and chromium-driver are not installed on this CI machine",
+        )
 
 
 @pytest.fixture(scope="module")

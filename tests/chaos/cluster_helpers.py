@@ -12,7 +12,6 @@ import collections
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime, timedelta
@@ -20,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
-import pytest
 
 from client_sdk import Address, MailerClient, MessageContent, Recipient
 from mailers_dev.cluster import LocalCluster
 from mailers_runtime.etcd import Keys, connect
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, require_etcd
 
 CONTENT = MessageContent(
     sender=Address("news@example.com", "Example News"),
@@ -34,13 +32,6 @@ CONTENT = MessageContent(
     html_body="<p>Hi <b>{{ name }}</b>, your code is {{ code }}.</p>",
 )
 KEYS = Keys()
-
-
-def require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed on this CI machine")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
 
 
 def recipients(n: int, domain: str) -> list[Recipient]:

@@ -9,14 +9,13 @@ of its clusters' process logs is attached to the failure report.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 
 import pytest
 
 from mailers_dev.cluster import ClusterSpec, LocalCluster
+from tests.helpers import require_etcd
 
 ClusterFactory = Callable[[ClusterSpec], Awaitable[LocalCluster]]
 
@@ -35,13 +34,6 @@ def pytest_runtest_makereport(
     return report
 
 
-def _require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed on this CI machine")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
-
-
 @pytest.fixture
 async def cluster_factory(
     tmp_path: Path, request: pytest.FixtureRequest
@@ -51,7 +43,7 @@ async def cluster_factory(
     request.node.stash[_CLUSTERS] = made
 
     async def start(spec: ClusterSpec) -> LocalCluster:
-        _require_etcd()
+        require_etcd()
         cluster = LocalCluster(tmp_path / f"cluster{len(made)}", spec)
         made.append(cluster)
         await asyncio.to_thread(cluster.start)

@@ -23,7 +23,6 @@ ambiguous accept.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from tests.chaos.cluster_helpers import (
 )
 from tests.chaos.invariants import check_job
 from tests.deploy.netlab import NetLab, unavailable_reason
-from tests.helpers import wait_nodes_active
+from tests.helpers import unavailable, wait_nodes_active
 
 # Labs pick a free subnet: one at a time (see tests/conftest.py).
 pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("netlab")]
@@ -74,9 +73,7 @@ def spec() -> ClusterSpec:
 def lab(tmp_path: Path) -> Iterator[NetLab]:
     reason = unavailable_reason()
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"etcd partition tests cannot run on this CI machine: {reason}")
-        pytest.skip(reason)
+        unavailable(reason, f"etcd partition tests cannot run on this CI machine: {reason}")
     with NetLab(tmp_path / "lab") as made:
         yield made
     assert made.leftovers() == [], "the lab left namespaces or links behind"

@@ -26,7 +26,7 @@ import pytest
 from mailers_dev.procs import free_port, wait_for_port
 from sender_node.classify import Failure, Outcome, Phase, classify
 from sender_node.smtp_client import RelayPool, SendOutcome
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, unavailable
 
 FROM = "news@example.com"
 
@@ -34,9 +34,10 @@ FROM = "news@example.com"
 def _binary() -> str:
     found = shutil.which("smtp-sink") or shutil.which("smtp-sink", path="/usr/sbin:/usr/bin")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("smtp-sink is not installed on this CI machine (Debian package postfix)")
-        pytest.skip("smtp-sink is not installed (apt-get install postfix)")
+        unavailable(
+            "smtp-sink is not installed (apt-get install postfix)",
+            "smtp-sink is not installed on this CI machine (Debian package postfix)",
+        )
     return found
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import os
 import shutil
 import signal
 import sys
@@ -48,7 +47,7 @@ from client_sdk import (
 from mailers_dev.procs import PostgresServer, Proc
 from mailers_runtime.healthcheck import probe
 from tests.deploy.netlab import Host, NetLab, unavailable_reason, wait_for_tcp
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, unavailable
 
 # Labs pick a free subnet: one at a time (see tests/conftest.py).
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(90), pytest.mark.xdist_group("netlab")]
@@ -78,9 +77,7 @@ COORDINATOR_ENV: dict[str, str] = {}
 def _require_lab() -> None:
     reason = unavailable_reason() or (None if shutil.which("etcd") else "etcd is not installed")
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"multi-host test cannot run on this CI machine: {reason}")
-        pytest.skip(reason)
+        unavailable(reason, f"multi-host test cannot run on this CI machine: {reason}")
 
 
 @dataclass

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mailers_dev.cluster import ClusterSpec, LocalCluster
-
-
-def _require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed on this CI machine")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+from tests.helpers import require_etcd
 
 
 def start_cluster(base: Path, spec: ClusterSpec) -> LocalCluster:
-    _require_etcd()
+    require_etcd()
     cluster = LocalCluster(base, spec)
     cluster.start()
     return cluster

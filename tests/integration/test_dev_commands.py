@@ -21,7 +21,7 @@ import pytest
 
 from mailers_dev.procs import free_port
 from mailers_dev.runstate import RunRecord
-from tests.chaos.cluster_helpers import require_etcd
+from tests.helpers import require_etcd
 
 UP_S = 120
 

@@ -14,8 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -44,7 +42,7 @@ from mailers_dev.certs import CertSpec, DevCA, make_dev_pki
 from mailers_dev.procs import EtcdCluster
 from mailers_runtime.etcd import EtcdTls, Keys, Session, connect, permission_denied, watch_prefix
 from sender_node.registration import Registration
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, require_etcd
 
 pytestmark = pytest.mark.integration
 
@@ -53,13 +51,6 @@ KEYS = Keys(PREFIX)
 NODES = ("n1", "n2", "n3")
 
 ClientFactory = Callable[[str], Awaitable[aetcd.Client]]
-
-
-def _require_etcd() -> None:
-    if shutil.which("etcd") is None:
-        if os.environ.get("CI"):
-            pytest.fail("etcd is not installed on this CI machine")
-        pytest.skip("etcd is not installed (apt-get install etcd-server)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +64,7 @@ class Secured:
 
 
 def start_secured(base: Path) -> Secured:
-    _require_etcd()
+    require_etcd()
     pki = base / "pki"
     make_dev_pki(pki, NODES)
     etcd = EtcdCluster(base / "etcd", size=3, tls=EtcdTls.from_dir(pki, "etcd"))

@@ -21,8 +21,7 @@ from mailers_dev.procs import (
     spawn_python,
     wait_for_port,
 )
-from tests.helpers import assert_eventually
-from tests.integration.conftest import _require_etcd
+from tests.helpers import assert_eventually, require_etcd
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +97,7 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    _require_etcd()
+    require_etcd()
     s = Setup(tmp_path_factory.mktemp("obs"))
     try:
         s.start()

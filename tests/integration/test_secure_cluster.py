@@ -26,8 +26,8 @@ from mailers_dev.certs import make_dev_pki
 from mailers_dev.cluster import ClusterSpec, LocalCluster
 from mailers_dev.procs import EtcdCluster
 from mailers_runtime.etcd import EtcdTls, Keys, connect
-from tests.helpers import wait_nodes_active
-from tests.integration.conftest import _require_etcd, start_cluster
+from tests.helpers import require_etcd, wait_nodes_active
+from tests.integration.conftest import start_cluster
 from tests.integration.test_etcd_security import assert_denied, assert_refused
 
 pytestmark = pytest.mark.integration
@@ -156,7 +156,7 @@ def test_mailers_certs_prints_the_etcd_variables(
 @pytest.fixture
 def tls_etcd(tmp_path: Path) -> Iterator[tuple[EtcdCluster, Path]]:
     """One etcd member serving TLS with client certificates, auth still off."""
-    _require_etcd()
+    require_etcd()
     pki = tmp_path / "pki"
     make_dev_pki(pki, ["n1", "n2"])
     etcd = EtcdCluster(tmp_path / "etcd", tls=EtcdTls.from_dir(pki, "etcd"))
