@@ -3,21 +3,25 @@
 Every coordinator calls :func:`upgrade` at start, before it campaigns: the first one
 applies what is missing (all revisions in one transaction, so a failure leaves the
 schema as it was), the others wait on the lock and then find nothing to do.
+
+Alembic and SQLAlchemy are imported only when a revision is missing: a database at
+:data:`HEAD` is recognised with one query, and those imports were more than half of a
+coordinator's start (1.3 of 2.4 s of CPU here), paid again at every restart.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+HEAD = "0006"
+"""The newest revision under ``migrations/versions`` (a unit test holds the two equal)."""
 
 
 def split_script(script: str) -> list[str]:
@@ -43,20 +47,24 @@ def split_script(script: str) -> list[str]:
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
 
 
 def head_revision() -> str:
-    """The newest revision in the code (what :func:`upgrade` brings a database to)."""
+    """The newest revision in the code, as Alembic reads it from the scripts."""
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
 
 
 async def upgrade(connect: Any) -> None:
-    """Apply every missing revision.
+    """Apply every missing revision; nothing (one query) when the database is at HEAD.
 
     Args:
         connect: An async callable returning a new asyncpg connection (the store's
@@ -65,6 +73,16 @@ async def upgrade(connect: Any) -> None:
         asyncpg.PostgresError, OSError: the database refused or could not be reached;
             nothing was changed.
     """
+    probe = await connect()
+    try:
+        if await current_revision(probe) == HEAD:
+            return
+    finally:
+        await probe.close()
+    from alembic import command
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
     engine = create_async_engine("postgresql+asyncpg://", async_creator=connect, poolclass=NullPool)
     config = alembic_config()
 
