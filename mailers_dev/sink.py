@@ -99,6 +99,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
+import uvloop
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
@@ -1167,8 +1168,13 @@ async def _serve(config: SinkConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m mailers_dev.sink``; runs until SIGTERM or SIGINT."""
     config = _parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config))
+    # On uvloop, as the nodes run: a sink is often a test's busiest process, and uvloop
+    # takes ~20% less of its CPU per message (smtp-source -d, 10,000 messages).
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner,
+    ):
+        runner.run(_serve(config))
     return 0
 
 
