@@ -305,6 +305,9 @@ class SinkConfig:
     """Maildir root; ``tmp``, ``new`` and ``cur`` are created inside."""
     log_path: Path
     """JSON-lines log of accepted recipients (appended to)."""
+    store: bool = True
+    """Keep each message as a Maildir file; False only logs its recipients (``file`` is
+    then null): for runs that count, where a file per message was ~15% of the CPU."""
     host: str = "127.0.0.1"
     port: int = 0
     """0 picks a free port; read it from :attr:`SinkServer.port`."""
@@ -521,7 +524,7 @@ class SinkHandler:
 
     Args:
         plan: The faults to start with; :meth:`apply` replaces them.
-        maildir: Where messages are stored.
+        maildir: Where messages are stored; None keeps none.
         log: The recipient log, flushed after each message.
         clock: Monotonic seconds, for fault windows.
         pipelining: Advertise PIPELINING in EHLO.
@@ -530,7 +533,7 @@ class SinkHandler:
     def __init__(
         self,
         plan: FaultPlan,
-        maildir: MaildirWriter,
+        maildir: MaildirWriter | None,
         log: IO[str],
         clock: Callable[[], float] = time.monotonic,
         pipelining: bool = True,
@@ -723,7 +726,7 @@ class SinkHandler:
         if data is None:
             raw = envelope.content
             data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else raw or b""
-        path = self._maildir.write(data)
+        path = None if self._maildir is None else self._maildir.write(data)
         message_id = message_id_of(data)
         ts = time.time()
         tls = _encrypted(server)
@@ -736,7 +739,7 @@ class SinkHandler:
                     "mail_from": envelope.mail_from,
                     "size": len(data),
                     "ts": ts,
-                    "file": path.name,
+                    "file": None if path is None else path.name,
                     "tls": tls,
                     "declared_size": declared,
                 },
@@ -927,7 +930,7 @@ class SinkServer:
 
     async def start(self) -> None:
         """Create the Maildir and log, read the control file if any, and start listening."""
-        maildir = MaildirWriter(self.config.maildir)
+        maildir = MaildirWriter(self.config.maildir) if self.config.store else None
         self.config.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.config.log_path.open("a", encoding="utf-8")
         self._ambiguous = ambiguous_log_path(self.config.log_path).open("a", encoding="utf-8")
@@ -1075,6 +1078,9 @@ def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=2525, help="0 picks a free port")
     parser.add_argument("--maildir", type=Path, required=True)
+    parser.add_argument(
+        "--no-store", action="store_true", help="log recipients only, keep no message files"
+    )
     parser.add_argument("--log", type=Path, required=True, help="JSON-lines recipient log")
     parser.add_argument(
         "--delay-ms", type=int, default=0, help="hold each reply to a final dot this long"
@@ -1131,6 +1137,7 @@ def _parse_args(argv: Sequence[str] | None) -> SinkConfig:
             auth_required=ns.auth_required,
             **({} if ns.size_limit is None else {"data_size_limit": ns.size_limit}),
             maildir=ns.maildir,
+            store=not ns.no_store,
             log_path=ns.log,
             host=ns.host,
             port=ns.port,

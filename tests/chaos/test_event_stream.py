@@ -117,7 +117,9 @@ async def test_events_of_10k_recipients_tell_each_story(
     nodes = {**NODE_ENV, "MAILER_SMTP_CONNECTIONS": "6"}
     cluster = LocalCluster(
         tmp_path / "c",
-        spec(sink_args=("--control", str(control)), coordinator_env=env, node_env=nodes),
+        spec(
+            sink_args=("--control", str(control), "--no-store"), coordinator_env=env, node_env=nodes
+        ),
     )
     client = await started(clusters, cluster)
     async with client:

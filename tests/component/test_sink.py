@@ -91,6 +91,27 @@ async def test_message_is_stored_as_maildir_file_and_logged_per_recipient(
     assert (sink.stats.messages, sink.stats.recipients) == (1, 2)
 
 
+async def test_a_sink_that_stores_nothing_still_logs_each_recipient(tmp_path: Path) -> None:
+    config = SinkConfig(maildir=tmp_path / "maildir", log_path=tmp_path / "sink.jsonl", store=False)
+    async with SinkServer(config) as server:
+        errors, _ = await aiosmtplib.send(
+            make_message("<m9@mailers.test>"),
+            hostname="127.0.0.1",
+            port=server.port,
+            sender="bounces@example.com",
+            recipients=["a@example.com", "b@example.com"],
+            timeout=10,
+        )
+    assert errors == {}
+    lines = read_log(config.log_path)
+    assert [(line["rcpt"], line["file"]) for line in lines] == [
+        ("a@example.com", None),
+        ("b@example.com", None),
+    ]
+    assert lines[0]["message_id"] == "<m9@mailers.test>" and lines[0]["size"] > 0
+    assert not (tmp_path / "maildir").exists()
+
+
 async def test_reject_pattern_answers_550_and_logs_only_accepted(sink: SinkServer) -> None:
     msg = make_message("<m2@mailers.test>")
     errors, _ = await aiosmtplib.send(
