@@ -34,6 +34,7 @@ import pytest
 from client_sdk import MailerClient, MailerError
 from mailers_dev.cluster import ClusterSpec, LocalCluster
 from mailers_dev.faultproxy import FaultProxy
+from mailers_dev.sink import FaultPlan, write_control
 from tests.chaos.cluster_helpers import (
     CONTENT,
     Stopwatch,
@@ -55,15 +56,15 @@ TTL_S = 5
 """The project's default node lease and coordinator election TTLs."""
 FAULT_S = 30
 LATENCY_S = 2.0
-# A relay that takes 40 ms per message, 2 connections per node: at most 150 messages a
-# second, so the job outlasts the fault.
-TOTAL = 5_500
+# A relay that takes 40 ms per message until the fault is healed, 2 connections per
+# node: at most 150 messages a second, so the job outlasts the fault; then at full speed.
+TOTAL = 6_000
 
 
-def spec() -> ClusterSpec:
+def spec(control: Path) -> ClusterSpec:
     return ClusterSpec(
         etcd_members=3,
-        sink_args=("--delay-ms", "40"),
+        sink_args=("--delay-ms", "40", "--no-store", "--control", str(control)),
         coordinator_env={"MAILER_BATCH_SIZE": "50"},
         node_env={"MAILER_SMTP_CONNECTIONS": "2"},
     )
@@ -107,7 +108,8 @@ def longest_pause(stamps: list[float], start: float, end: float) -> float:
 
 @pytest.mark.parametrize("fault", ["follower", "leader", "slow", "dead"])
 async def test_one_sick_etcd_member_for_30_seconds(tmp_path: Path, lab: NetLab, fault: str) -> None:
-    cluster = LocalCluster(tmp_path / "c", spec())
+    control = tmp_path / "sink-control.json"
+    cluster = LocalCluster(tmp_path / "c", spec(control))
     hosts = [lab.add_host(f"etcd{i}", 11 + i) for i in range(3)]
     for member, host in zip(cluster.etcd.members, hosts, strict=True):
         member.host, member.netns = host.address, host.netns
@@ -149,6 +151,7 @@ async def test_one_sick_etcd_member_for_30_seconds(tmp_path: Path, lab: NetLab, 
             else:
                 lab.heal(hosts[0])
             healed = time.time()
+            write_control(control, FaultPlan())  # the rest at full speed
             # Then the job completes with nothing lost
             completed_s = await wait_final(client, job.job_id, timeout_s=120) - sick.start
             report = await check_job(client, cluster, job.job_id)
