@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import signal
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
@@ -26,10 +24,9 @@ from client_sdk import (
     RecipientStatus,
 )
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
-from mailers_dev.cluster import ClusterSpec, LocalCluster
+from mailers_dev.cluster import LocalCluster
 from mailers_runtime.etcd import connect
-from tests.helpers import assert_eventually, wait_new_leader, wait_nodes_active
-from tests.integration.conftest import start_cluster
+from tests.helpers import wait_nodes_active
 
 pytestmark = pytest.mark.integration
 
@@ -195,76 +192,8 @@ async def test_bad_input_is_refused_and_nothing_is_stored(
     await etcd.close()
 
 
-def _slow_spec(**kw: object) -> ClusterSpec:
-    # A slow relay keeps transactions in flight when the fault strikes.
-    base: dict[str, object] = {
-        "sink_args": ("--delay-ms", "5"),
-        "coordinator_env": {"MAILER_ELECTION_TTL_S": "3", "MAILER_BATCH_SIZE": "25"},
-        "node_env": {"MAILER_LEASE_TTL_S": "3", "MAILER_SMTP_CONNECTIONS": "2"},
-    }
-    base.update(kw)
-    return ClusterSpec(**base)  # type: ignore[arg-type]
-
-
-async def test_leader_killed_mid_job_standby_takes_over(
-    tmp_path: Path, fresh_cluster_factory: list[LocalCluster]
-) -> None:
-    cluster = start_cluster(tmp_path / "c", _slow_spec())
-    fresh_cluster_factory.append(cluster)
-    async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_nodes_active(client, 3)
-        status = await client.cluster_status()
-        old_leader = status.leader
-        assert old_leader is not None
-        job = await client.submit(CONTENT, recipients(1500, "failover.example"))
-
-        async def some_delivered() -> bool:
-            return (await client.get(job.job_id)).progress.delivered >= 200
-
-        await assert_eventually(some_delivered, timeout_s=60, message="200 delivered")
-        # When the leader is SIGKILLed mid-job
-        cluster.coordinator_at(old_leader.address).signal(signal.SIGKILL)
-        takeover_s = await wait_new_leader(client, old_leader.address)
-        # Then the standby leads within a few seconds and the job completes in full
-        final = await client.wait(job.job_id)
-    assert takeover_s < 15, takeover_s
-    assert final.state is JobState.COMPLETED
-    assert final.delivered == 1500 and final.failed == 0
-    ids = message_ids(cluster, job.job_id)
-    assert len(ids) == 1500, "every recipient reached the sink"
-    duplicates = sum(n - 1 for n in ids.values())
-    print(f"leader failover: takeover {takeover_s:.1f}s, duplicates {duplicates}")
-    # Duplicates can only come from batches in flight at the kill: bounded by them.
-    assert duplicates <= 3 * 25 * 4
-
-
-async def test_sender_node_killed_mid_job_batches_move(
-    tmp_path: Path, fresh_cluster_factory: list[LocalCluster]
-) -> None:
-    cluster = start_cluster(tmp_path / "c", _slow_spec())
-    fresh_cluster_factory.append(cluster)
-    async with MailerClient(cluster.coordinator_addresses) as client:
-        await wait_nodes_active(client, 3)
-        job = await client.submit(CONTENT, recipients(1500, "nodekill.example"))
-
-        async def node0_busy() -> bool:
-            nodes = await client.list_nodes()
-            return any(n.node_id == "node0" and n.recipients_done >= 50 for n in nodes)
-
-        await assert_eventually(node0_busy, timeout_s=60, message="node0 delivering")
-        # When a sender node is SIGKILLed while it holds batches
-        cluster.nodes["node0"].signal(signal.SIGKILL)
-        final = await client.wait(job.job_id)
-        shares: collections.Counter[str] = collections.Counter()
-        async for result in client.results(job.job_id):
-            shares[result.node_id] += 1
-    # Then its batches went to the others and nothing was lost
-    assert final.state is JobState.COMPLETED
-    assert final.delivered == 1500 and final.failed == 0
-    ids = message_ids(cluster, job.job_id)
-    assert len(ids) == 1500
-    assert shares["node1"] > 0 and shares["node2"] > 0
-    print(f"node kill: shares {dict(shares)}, duplicates {sum(n - 1 for n in ids.values())}")
+# A leader or a node SIGKILLed mid-job: tests/chaos/test_process_kills.py and
+# test_takeover.py, which also count every message at the sink against ambiguous accepts.
 
 
 async def test_attachment_reaches_every_recipient(cluster: LocalCluster) -> None:
