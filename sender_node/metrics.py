@@ -17,6 +17,8 @@ _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerStat
 class NodeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._message_children: dict[tuple[str, str, str], Counter] = {}
+        self._reply_children: dict[int, Counter] = {}
         r = self.registry
         self.messages = Counter(
             "mailers_node_messages", "SMTP transactions by relay, recipient domain and outcome",
@@ -54,6 +56,23 @@ class NodeMetrics:
             "mailers_node_relay_breaker_state",
             "Per-relay breaker: 0 closed, 1 half-open, 2 open", ["relay"], registry=r,
         )  # fmt: skip
+
+    def count_message(self, relay: str, domain: str, status: str) -> None:
+        """One recipient's transaction outcome in ``messages``. The labelled children are
+        kept (``labels()`` takes a lock and validates on every call, once per message);
+        they are as many as the metric's own."""
+        key = (relay, domain, status)
+        child = self._message_children.get(key)
+        if child is None:
+            child = self._message_children[key] = self.messages.labels(relay, domain, status)
+        child.inc()
+
+    def count_reply(self, code: int) -> None:
+        """A reply code that decided a transaction, in ``smtp_replies``."""
+        child = self._reply_children.get(code)
+        if child is None:
+            child = self._reply_children[code] = self.smtp_replies.labels(str(code))
+        child.inc()
 
     def set_relay_breaker(self, relay: str, state: BreakerState) -> None:
         """Set the relay's breaker gauge (0 closed, 1 half-open, 2 open)."""

@@ -46,6 +46,9 @@ _STATUS = {
     Outcome.AMBIGUOUS: Status.DEFERRED,
 }
 
+_OUTCOME_LABEL = {outcome: outcome.name.lower() for outcome in Outcome}
+"""The ``status`` label of ``messages`` (not an enum property lookup per message)."""
+
 Record = Callable[[Sequence[Result]], None]
 """Journals the results of one transaction (synchronously)."""
 
@@ -272,17 +275,19 @@ class SendEngine:
             return compiled.render_shared(first_index=group[0].index, date=date)
         recipient = group[0]
         path = self._return_path
+        unsubscribe = ""
+        # The node's one-click link is used only when the job has no unsubscribe URL of
+        # its own (see CompiledMessage.render): otherwise its token (an HMAC) is not made.
+        if path is not None and not compiled.content.unsubscribe_url:
+            domain = self._bounce_domains.get(compiled.job_id, "")
+            unsubscribe = path.list_unsubscribe(compiled.job_id, recipient.index, domain)
         return compiled.render(
             index=recipient.index,
             email=recipient.email,
             name=recipient.name,
             variables=recipient.variables,
             date=date,
-            unsubscribe=path.list_unsubscribe(
-                compiled.job_id, recipient.index, self._bounce_domains.get(compiled.job_id, "")
-            )
-            if path
-            else "",
+            unsubscribe=unsubscribe,
         )
 
     # -- results ---------------------------------------------------------------------
@@ -294,9 +299,9 @@ class SendEngine:
         and whether the relay was at fault."""
         verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
         domain = recipient_domain(item.email)
-        self.metrics.messages.labels(outcome.relay, domain, verdict.outcome.name.lower()).inc()
+        self.metrics.count_message(outcome.relay, domain, _OUTCOME_LABEL[verdict.outcome])
         if outcome.code > 0:
-            self.metrics.smtp_replies.labels(str(outcome.code)).inc()
+            self.metrics.count_reply(outcome.code)
         attempts = item.attempts + 1
         if outcome.failure is Failure.UNAVAILABLE or (
             verdict.relay_fault and verdict.outcome is not Outcome.AMBIGUOUS
@@ -347,14 +352,26 @@ class SendEngine:
         return int(self._wall_clock() * 1e9)
 
 
-@dataclasses.dataclass(frozen=True)
 class _Send:
-    """One transaction's inputs, passed down the slot layers."""
+    """One transaction's inputs, passed down the slot layers (a plain slotted class:
+    one is made per message)."""
 
-    compiled: CompiledMessage
-    group: Sequence[Recipient]
-    rcpts: list[str]
-    data: bytes
-    may_send: Callable[[], bool]
-    record: Record
-    guard: Guard
+    __slots__ = ("compiled", "group", "rcpts", "data", "may_send", "record", "guard")
+
+    def __init__(
+        self,
+        compiled: CompiledMessage,
+        group: Sequence[Recipient],
+        rcpts: list[str],
+        data: bytes,
+        may_send: Callable[[], bool],
+        record: Record,
+        guard: Guard,
+    ) -> None:
+        self.compiled = compiled
+        self.group = group
+        self.rcpts = rcpts
+        self.data = data
+        self.may_send = may_send
+        self.record = record
+        self.guard = guard

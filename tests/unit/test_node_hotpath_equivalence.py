@@ -1,0 +1,171 @@
+"""The node's hot-path shortcuts give what the longer ways gave: the permit read off the
+live stream, cached metric children, and the one-click token made only when used."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailers_runtime.message import Content, Mailbox
+from mailers_runtime.verp import Purpose, ReturnPath, TokenKey
+from sender_node.config import NodeTimings
+from sender_node.fencing import StreamState, start_refusal
+from sender_node.metrics import NodeMetrics
+from sender_node.model import BatchRef, Recipient, Work
+from sender_node.smtp_client import RelayInfo, SendOutcome
+from sender_node.stream import Stream
+from sender_node.transaction import SendEngine
+
+NOW_S = 1_700_000_000.0
+JOB = "01a248bca79b-5cda8cf7"
+
+
+class CountingKey(TokenKey):
+    """A token key that counts the tokens it makes, by purpose."""
+
+    def __init__(self) -> None:
+        super().__init__(b"k" * 32)
+        self.made: list[Purpose] = []
+
+    def token(self, purpose: Purpose, job_id: str, index: int) -> str:
+        self.made.append(purpose)
+        return super().token(purpose, job_id, index)
+
+
+class NoMailer:
+    async def send_group(
+        self,
+        mail_from: str,
+        rcpts: Sequence[str],
+        data: bytes,
+        may_send: Callable[[], bool] | None = None,
+    ) -> list[SendOutcome]:
+        raise AssertionError("not used")
+
+    def relays(self) -> list[RelayInfo]:
+        return []
+
+
+def engine(path: ReturnPath) -> SendEngine:
+    timings = NodeTimings(final_reply_s=60.0, start_budget_s=30.0, max_authority_s=5.0)
+    return SendEngine(
+        node_id="node0",
+        mailer=NoMailer(),
+        concurrency=1,
+        timings=timings,
+        metrics=NodeMetrics(),
+        return_path=path,
+        wall_clock=lambda: NOW_S,
+    )
+
+
+def work(unsubscribe_url: str) -> Work:
+    content = Content(
+        sender=Mailbox("news@example.com", "News"),
+        subject="Hello {{ name }}",
+        text_body="Hi {{ name }}",
+        unsubscribe_url=unsubscribe_url,
+    )
+    recipient = Recipient(index=41, email="ann@example.org", name="Ann", variables={}, attempts=0)
+    return Work(BatchRef("b1", 1), JOB, 1, 0, content, (recipient,), bounce_domain="")
+
+
+def test_the_job_s_own_unsubscribe_url_makes_no_node_token() -> None:
+    # Given a node with one-click unsubscribe links and a job with its own URL
+    key = CountingKey()
+    path = ReturnPath(key, "bounces.example.com", unsubscribe_url="https://u.example/")
+    node, batch = engine(path), work("https://example.com/unsub?e={{email}}")
+    compiled = node.compile(batch)
+    recipient = batch.recipients[0]
+    # When the message is rendered
+    data = node._render(compiled, batch.recipients)
+    # Then it is what rendering with the node's link gave (the job's URL wins), and no
+    # unsubscribe token was made for it
+    assert key.made == []
+    date = datetime.fromtimestamp(NOW_S, UTC)
+    link = path.list_unsubscribe(JOB, recipient.index)
+    expected = compiled.render(
+        index=41, email=recipient.email, name="Ann", variables={}, date=date, unsubscribe=link
+    )
+    assert data == expected
+    assert b"List-Unsubscribe: <https://example.com/unsub?e=ann%40example.org>" in data
+
+
+def test_a_job_without_its_own_url_gets_the_node_s_one_click_link() -> None:
+    # Given a node with one-click unsubscribe links and a job without a URL
+    key = CountingKey()
+    path = ReturnPath(key, "bounces.example.com", unsubscribe_url="https://u.example/")
+    node, batch = engine(path), work("")
+    compiled = node.compile(batch)
+    # When the message is rendered
+    data = node._render(compiled, batch.recipients)
+    # Then it carries the node's signed link and the one-click header
+    assert key.made == [Purpose.UNSUBSCRIBE]
+    link = path.list_unsubscribe(JOB, 41)
+    assert f"List-Unsubscribe: {link}\r\n".encode() in data
+    assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in data
+
+
+def test_cached_metric_children_count_as_labels_did() -> None:
+    # Given two registries, one counted through labels() and one through the cache
+    direct, cached = NodeMetrics(), NodeMetrics()
+    calls = [("r1", "a.example", "delivered", 250)] * 3 + [("r2", "b.example", "permanent", 550)]
+    # When the same outcomes are counted both ways
+    for relay, domain, status, code in calls:
+        direct.messages.labels(relay, domain, status).inc()
+        direct.smtp_replies.labels(str(code)).inc()
+        cached.count_message(relay, domain, status)
+        cached.count_reply(code)
+
+    # Then the registries hold the same samples
+    def samples(metrics: NodeMetrics) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (s.name, s.labels, s.value)
+            for family in metrics.registry.collect()
+            for s in family.samples
+            if not s.name.endswith("_created")
+        ]
+
+    assert samples(cached) == samples(direct)
+
+
+@given(
+    epoch=st.integers(0, 3),
+    current=st.booleans(),
+    ended=st.booleans(),
+    half_closed=st.booleans(),
+    now_s=st.floats(0, 20),
+    highest=st.integers(0, 3),
+    trusted=st.booleans(),
+    stopping=st.sampled_from([None, "stopping"]),
+)
+def test_the_live_stream_permits_as_its_view_does(
+    epoch: int,
+    current: bool,
+    ended: bool,
+    half_closed: bool,
+    now_s: float,
+    highest: int,
+    trusted: bool,
+    stopping: str | None,
+) -> None:
+    # Given a stream in any state
+    stream = Stream(epoch, "c1", max_authority_s=10.0)
+    stream.grant(0.0, 10_000)
+    stream.current, stream.ended, stream.half_closed = current, ended, half_closed
+
+    # When a transaction asks for a permit, reading the stream itself or its view
+    def ask(state: StreamState) -> str | None:
+        return start_refusal(
+            state,
+            now_s=now_s,
+            highest_epoch=highest,
+            lease_trusted=trusted,
+            stopping=stopping,
+        )
+
+    # Then both answers are the same
+    assert ask(stream) == ask(stream.view())
