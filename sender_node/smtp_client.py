@@ -66,8 +66,8 @@ timeout or disconnect there is AMBIGUOUS.
 
 Cancellation: cancelling a send before the body goes out closes the connection in use,
 so the relay discards the transaction. Once ``may_send`` has said yes and the body is
-written, the transaction runs to its final reply (or its deadline) in a shielded inner
-task even if the caller is cancelled: the caller's cancellation waits for it, then is
+written, the transaction runs to its final reply (or its deadline) even if the caller
+is cancelled: the cancellation is caught and the wait resumed until then, then it is
 re-raised, and the connection is then closed between transactions, never cut after the
 dot (a cut there is exactly the lost-250 ambiguity). A cancelled breaker trial gives no
 verdict and leaves the breaker half-open for the next caller.
@@ -337,12 +337,18 @@ class _Wire(asyncio.Protocol):
         """
         if not self._replies:
             if self._broken is None:
-                waiter = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                waiter = loop.create_future()
                 self._waiter = waiter
+                # A bare timer on the waiter rather than asyncio.timeout(): one reply
+                # wait per command, and this is the transaction's hot path. It never
+                # touches the task's cancellation count, so a caller may keep waiting
+                # after a cancellation (see RelayPool._finish).
+                timer = loop.call_later(timeout_s, _expire, waiter)
                 try:
-                    async with asyncio.timeout(timeout_s):
-                        await waiter
+                    await waiter
                 finally:
+                    timer.cancel()
                     self._waiter = None
             if not self._replies:
                 kind, text = self._broken or (_Lost, "connection lost")
@@ -352,6 +358,12 @@ class _Wire(asyncio.Protocol):
     def close(self) -> None:
         """Close the connection (buffered bytes are still sent first)."""
         self._transport.close()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    """A reply wait's deadline passed (see :meth:`_Wire.reply`)."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class _Connection:
@@ -693,9 +705,9 @@ class RelayPool:
 
         Cancellation: before ``may_send`` approved the body, cancelling closes the
         connection in use (the relay discards the transaction) and propagates at once.
-        After it, the body and final reply run on in a shielded inner task; the
-        cancellation waits for that task (bounded by the final-reply deadline), closes
-        the connection between transactions, then propagates. The relay's verdict is
+        After it, the wait for the final reply resumes after each cancellation (bounded
+        by the final-reply deadline); then the connection is closed between
+        transactions and the cancellation propagates. The relay's verdict is
         then only logged (code, never content): the caller asked not to hear it.
 
         Args:
@@ -959,14 +971,14 @@ class RelayPool:
     async def _finish(self, wire: _Wire, payload: bytes, address: str) -> Verdict:
         """Send the body and read the reply to its final dot, to the end.
 
-        The body is written and its reply awaited in an inner task that the caller's
-        cancellation does not reach (``asyncio.shield``), bounded by the final-reply
-        deadline. If the caller is cancelled meanwhile, this waits for the inner task
-        (at most that deadline) and then re-raises the cancellation: the connection is
-        never cut between the dot and the relay's verdict. Never raises otherwise: a
-        timeout, disconnect or garbled reply is a verdict with a ``failure``: AMBIGUOUS
-        once the body went out, TRANSIENT (phase DATA) when the connection was gone
-        before any of it could be written.
+        The caller's cancellation does not cut the wait: it is caught, and the reply is
+        awaited again (the wire keeps a reply that arrives meanwhile), as often as the
+        caller is cancelled, until the verdict or the final-reply deadline; then the
+        cancellation is re-raised. So the connection is never cut between the dot and
+        the relay's verdict. Never raises otherwise: a timeout, disconnect or garbled
+        reply is a verdict with a ``failure``: AMBIGUOUS once the body went out,
+        TRANSIENT (phase DATA) when the connection was gone before any of it could be
+        written.
         """
         deadline_s = data_timeout_s(self._final_reply_timeout_s, len(payload), self._min_throughput)
         try:
@@ -974,22 +986,24 @@ class RelayPool:
         except _Lost as exc:
             # Gone before the first byte of the body was handed over: nothing to wait for.
             return Verdict(0, _describe(exc), Phase.DATA, Failure.DISCONNECTED)
-        inner = asyncio.create_task(_final_reply(wire, deadline_s))
+        loop = asyncio.get_running_loop()
+        end_s = loop.time() + deadline_s
+        # No inner task (and no shield): _Wire.reply's deadline is a plain timer, so the
+        # wait can simply be resumed after a cancellation. One task less per message.
         try:
-            return await asyncio.shield(inner)
+            return await _final_reply(wire, deadline_s)
         except asyncio.CancelledError:
-            while not inner.done():
-                # Cancelled again while waiting: keep waiting; the inner task is bounded.
+            verdict = None
+            while verdict is None:
+                # Cancelled again while waiting: keep waiting; the deadline bounds it.
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(inner)
-            if not inner.cancelled():
-                verdict = inner.result()
-                log.warning(
-                    "relay %s: send cancelled after the message body; the relay answered %s %s",
-                    address,
-                    verdict.code or verdict.failure.value,
-                    verdict.text.splitlines()[0] if verdict.text else "",
-                )
+                    verdict = await _final_reply(wire, max(0.0, end_s - loop.time()))
+            log.warning(
+                "relay %s: send cancelled after the message body; the relay answered %s %s",
+                address,
+                verdict.code or verdict.failure.value,
+                verdict.text.splitlines()[0] if verdict.text else "",
+            )
             raise
 
     async def close(self) -> None:
