@@ -17,6 +17,7 @@ Two fences keep a deposed leader from making a node send, each enough on its own
 from __future__ import annotations
 
 import dataclasses
+from typing import Protocol
 
 STALE_EPOCH = "stale epoch"
 STREAM_ENDED = "stream ended"
@@ -64,8 +65,26 @@ class StreamView:
     authority_until_s: float
 
 
+class StreamState(Protocol):
+    """What :func:`start_refusal` reads of a batch's stream: a :class:`StreamView`, or
+    the live ``stream.Stream`` itself (asked several times per transaction, it is read
+    in place rather than copied into a view each time)."""
+
+    @property
+    def epoch(self) -> int: ...
+
+    @property
+    def current(self) -> bool: ...
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def authority_until_s(self) -> float: ...
+
+
 def start_refusal(
-    stream: StreamView,
+    stream: StreamState,
     *,
     now_s: float,
     highest_epoch: int,

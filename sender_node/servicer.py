@@ -509,7 +509,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     def _permit(self, stream: Stream) -> str | None:
         """Why a transaction of ``stream``'s batches may not start now (or None)."""
         return start_refusal(
-            stream.view(),
+            stream,
             now_s=self._clock(),
             highest_epoch=self._fence.highest,
             lease_trusted=self._registration.healthy(),

@@ -8,10 +8,9 @@ so transactional mail overtakes a campaign already queued on the node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
-from collections.abc import AsyncIterator
+from types import TracebackType
 
 
 class PrioritySlots:
@@ -22,14 +21,9 @@ class PrioritySlots:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
 
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: int) -> AsyncIterator[None]:
+    def slot(self, priority: int) -> _Hold:
         """Hold one slot for the block. Cancellation while waiting gives nothing up."""
-        await self._acquire(priority)
-        try:
-            yield
-        finally:
-            self._release()
+        return _Hold(self, priority)
 
     async def _acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
@@ -51,3 +45,25 @@ class PrioritySlots:
                 waiter.set_result(None)
                 return
         self._free += 1
+
+
+class _Hold:
+    """The block of :meth:`PrioritySlots.slot`: a plain class, not an
+    ``asynccontextmanager`` generator, since every transaction enters one."""
+
+    __slots__ = ("_slots", "_priority")
+
+    def __init__(self, slots: PrioritySlots, priority: int) -> None:
+        self._slots = slots
+        self._priority = priority
+
+    async def __aenter__(self) -> None:
+        await self._slots._acquire(self._priority)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._slots._release()

@@ -95,11 +95,16 @@ class Stream:
     def authorized(self, now_s: float) -> bool:
         return now_s < self.authority_until_s
 
+    @property
+    def open(self) -> bool:
+        """It has not ended and the leader has not half-closed it."""
+        return not (self.ended or self.half_closed)
+
     def view(self) -> StreamView:
         return StreamView(
             epoch=self.epoch,
             current=self.current,
-            open=not (self.ended or self.half_closed),
+            open=self.open,
             authority_until_s=self.authority_until_s,
         )
 
