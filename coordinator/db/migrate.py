@@ -11,6 +11,8 @@ coordinator's start (1.3 of 2.4 s of CPU here), paid again at every restart.
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +81,9 @@ async def upgrade(connect: Any) -> None:
             return
     finally:
         await probe.close()
+    # On a thread: a coordinator answers health checks by now, and these imports take
+    # over a second of CPU that would otherwise stall its event loop.
+    await asyncio.to_thread(_import_alembic)
     from alembic import command
     from sqlalchemy.ext.asyncio import create_async_engine
     from sqlalchemy.pool import NullPool
@@ -96,6 +101,11 @@ async def upgrade(connect: Any) -> None:
             await connection.commit()
     finally:
         await engine.dispose()
+
+
+def _import_alembic() -> None:
+    for module in ("alembic.command", "alembic.script", "sqlalchemy.ext.asyncio"):
+        importlib.import_module(module)
 
 
 async def current_revision(connection: asyncpg.Connection) -> str | None:
