@@ -233,9 +233,16 @@ async def _check(client: MailerClient, d: Deployment, job_id: str) -> tuple[int,
 
 async def test_job_survives_a_host_cut_off(deployment: Deployment) -> None:
     d = deployment
-    # Given the deployment: both coordinators alive, exactly one ready (the leader)
-    alive = await asyncio.gather(*(asyncio.to_thread(probe, a, None, 2.0) for a in d.addresses))
-    assert all(v.ok for v in alive), alive
+
+    # Given the deployment: both coordinators alive, exactly one ready (the leader). Alive
+    # within 10 s of opening their ports, as a probe with a failure threshold sees it:
+    # they migrate the empty database meanwhile, on a machine that is starting eleven
+    # processes.
+    async def both_alive() -> bool:
+        alive = await asyncio.gather(*(asyncio.to_thread(probe, a, None, 2.0) for a in d.addresses))
+        return all(v.ok for v in alive)
+
+    await assert_eventually(both_alive, timeout_s=10, message="both coordinators alive")
     await assert_eventually(
         lambda: _leaders_count_is_one(d), timeout_s=20, message="one coordinator leads"
     )
