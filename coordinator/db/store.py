@@ -634,6 +634,7 @@ class Store:
         nothing left to send, and each job's new cursor."""
         async with self._write() as conn:
             if assignments:
+                await conn.execute(self._q["index_ranges_only"])
                 await conn.execute(self._q["events_lock"])
                 await conn.execute(
                     self._q["assign_batches"],

@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -410,3 +413,40 @@ async def test_retrying_failures_queues_them_again_with_fresh_attempts(
     results = {r.index: r.result for r in await store.results(n, -1, (Status.QUEUED,), 10)}
     assert sorted(results) == [1, 7] and all(r.attempts == 0 for r in results.values())
     assert [b.seq async for b in store.open_batches(n)] == [0, 1]
+
+
+def _rows_filtered_out(plan: dict[str, Any]) -> int:
+    """Rows a plan node and its children read and then threw away."""
+    own = int(plan.get("Rows Removed by Filter", 0)) + int(
+        plan.get("Rows Removed by Join Filter", 0)
+    )
+    return own + sum(_rows_filtered_out(child) for child in plan.get("Plans", []))
+
+
+async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
+    database: Database,
+) -> None:
+    # Given statistics taken while the recipients table was nearly empty, and then a
+    # job of 20,000 recipients (as after a first large upload, before autovacuum runs)
+    store = await leader(database, 1)
+    await store.submit(spec("tiny", "k1", batch_size=100), chunks_of(10), QuotaRequest(), NOW)
+    async with database.pool.acquire() as conn:
+        await conn.execute("ANALYZE recipients")
+    job = await store.submit(
+        spec("big", "k2", batch_size=100), chunks_of(20_000), QuotaRequest(), NOW
+    )
+    # When ten batches near its end are handed out for the first time
+    seqs = list(range(150, 160))
+    queries = store_module.load_queries()
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute(queries["index_ranges_only"])  # as Store.assign runs it
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + queries["assign_batches"],
+            [job.job_no] * 10, seqs, ["n1"] * 10, [1] * 10, datetime.fromtimestamp(NOW, UTC),
+        )  # fmt: skip
+        accepted = await conn.fetchval("SELECT count(*) FROM events WHERE type = 1")
+    # Then each batch's accepted events are written from its own range of recipients:
+    # the statement once read every queued recipient of the job per batch (199,100 rows
+    # thrown away here, and it grew with the job)
+    assert accepted == 1000
+    assert _rows_filtered_out(json.loads(explained)[0]["Plan"]) < 1000
