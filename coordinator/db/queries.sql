@@ -253,7 +253,8 @@ FROM upload;
 -- For the rest of the transaction, no sequential scans, hash or merge joins: a batch's
 -- recipients are then read by their index range whatever the statistics say. Right
 -- after a large upload they still describe a nearly empty table, and the planner read
--- every recipient of the job for each batch (see assign_batches).
+-- every recipient of the job for each batch (see assign_batches; pending_recipients
+-- threw away 199,000 rows for ten batches of a 20,000-recipient job).
 SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
        set_config('enable_mergejoin', 'off', true);
 

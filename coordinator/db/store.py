@@ -602,8 +602,10 @@ class Store:
         self, ranges: Sequence[tuple[int, int, int, str]]
     ) -> dict[int, list[PendingRecipient]]:
         """Recipients still to send in each (job_no, lo, hi, tenant) range, by job_no,
-        in index order, with suppressions marked."""
-        async with self._conn() as conn:
+        in index order, with suppressions marked. Read in a transaction of its own, for
+        ``index_ranges_only``."""
+        async with self._conn() as conn, conn.transaction(readonly=True):
+            await conn.execute(self._q["index_ranges_only"])
             rows = await conn.fetch(
                 self._q["pending_recipients"],
                 [r[0] for r in ranges], [r[1] for r in ranges],

@@ -450,3 +450,29 @@ async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
     # thrown away here, and it grew with the job)
     assert accepted == 1000
     assert _rows_filtered_out(json.loads(explained)[0]["Plan"]) < 1000
+
+
+async def test_reading_a_batch_to_send_reads_its_range_not_the_whole_job(
+    database: Database,
+) -> None:
+    # Given statistics taken before a job of 20,000 recipients was uploaded
+    store = await leader(database, 1)
+    await store.submit(spec("tiny", "k1", batch_size=100), chunks_of(10), QuotaRequest(), NOW)
+    async with database.pool.acquire() as conn:
+        await conn.execute("ANALYZE recipients")
+    job = await store.submit(
+        spec("big", "k2", batch_size=100), chunks_of(20_000), QuotaRequest(), NOW
+    )
+    # When ten of its batches are read for sending, as Store.pending reads them
+    queries = store_module.load_queries()
+    lows = [seq * 100 for seq in range(150, 160)]
+    async with database.pool.acquire() as conn, conn.transaction():
+        await conn.execute(queries["index_ranges_only"])
+        explained = await conn.fetchval(
+            "EXPLAIN (ANALYZE, FORMAT JSON) " + queries["pending_recipients"],
+            [job.job_no] * 10, lows, [lo + 100 for lo in lows], ["acme"] * 10,
+        )  # fmt: skip
+    pending = await store.pending([(job.job_no, lo, lo + 100, "acme") for lo in lows])
+    # Then only those ranges are read (without the settings: 199,000 rows thrown away)
+    assert [p.index for p in pending[job.job_no]] == list(range(15_000, 16_000))
+    assert _rows_filtered_out(json.loads(explained)[0]["Plan"]) < 1000
