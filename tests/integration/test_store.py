@@ -423,11 +423,10 @@ def _rows_filtered_out(plan: dict[str, Any]) -> int:
     return own + sum(_rows_filtered_out(child) for child in plan.get("Plans", []))
 
 
-async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
-    database: Database,
-) -> None:
-    # Given statistics taken while the recipients table was nearly empty, and then a
-    # job of 20,000 recipients (as after a first large upload, before autovacuum runs)
+async def _job_after_stale_statistics(database: Database) -> tuple[Store, int]:
+    """A leader's store and a 20,000-recipient job uploaded after statistics were taken
+    of a nearly empty recipients table (as after a first large upload, before autovacuum
+    runs); returns the job's number."""
     store = await leader(database, 1)
     await store.submit(spec("tiny", "k1", batch_size=100), chunks_of(10), QuotaRequest(), NOW)
     async with database.pool.acquire() as conn:
@@ -435,44 +434,51 @@ async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
     job = await store.submit(
         spec("big", "k2", batch_size=100), chunks_of(20_000), QuotaRequest(), NOW
     )
-    # When ten batches near its end are handed out for the first time
-    seqs = list(range(150, 160))
+    return store, job.job_no
+
+
+async def _plan(database: Database, query: str, *args: object) -> dict[str, Any]:
+    """The executed plan of a dispatch query, under index_ranges_only as the store runs
+    it (the statement's effects are committed)."""
     queries = store_module.load_queries()
     async with database.pool.acquire() as conn, conn.transaction():
-        await conn.execute(queries["index_ranges_only"])  # as Store.assign runs it
-        explained = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + queries["assign_batches"],
-            [job.job_no] * 10, seqs, ["n1"] * 10, [1] * 10, datetime.fromtimestamp(NOW, UTC),
-        )  # fmt: skip
-        accepted = await conn.fetchval("SELECT count(*) FROM events WHERE type = 1")
+        await conn.execute(queries["index_ranges_only"])
+        explained = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + queries[query], *args)
+    plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
+    return plan
+
+
+async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
+    database: Database,
+) -> None:
+    # Given a job uploaded after the statistics were taken
+    _, job_no = await _job_after_stale_statistics(database)
+    # When ten batches near its end are handed out for the first time
+    plan = await _plan(
+        database, "assign_batches",
+        [job_no] * 10, list(range(150, 160)), ["n1"] * 10, [1] * 10,
+        datetime.fromtimestamp(NOW, UTC),
+    )  # fmt: skip
     # Then each batch's accepted events are written from its own range of recipients:
-    # the statement once read every queued recipient of the job per batch (199,100 rows
-    # thrown away here, and it grew with the job)
-    assert accepted == 1000
-    assert _rows_filtered_out(json.loads(explained)[0]["Plan"]) < 1000
+    # without the settings the planner read the whole job per batch (199,000 rows thrown
+    # away here, and it grows with the job)
+    async with database.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT count(*) FROM events WHERE type = 1") == 1000
+    assert _rows_filtered_out(plan) < 1000
 
 
 async def test_reading_a_batch_to_send_reads_its_range_not_the_whole_job(
     database: Database,
 ) -> None:
-    # Given statistics taken before a job of 20,000 recipients was uploaded
-    store = await leader(database, 1)
-    await store.submit(spec("tiny", "k1", batch_size=100), chunks_of(10), QuotaRequest(), NOW)
-    async with database.pool.acquire() as conn:
-        await conn.execute("ANALYZE recipients")
-    job = await store.submit(
-        spec("big", "k2", batch_size=100), chunks_of(20_000), QuotaRequest(), NOW
-    )
-    # When ten of its batches are read for sending, as Store.pending reads them
-    queries = store_module.load_queries()
+    # Given a job uploaded after the statistics were taken
+    store, job_no = await _job_after_stale_statistics(database)
+    # When ten of its batches are read for sending
     lows = [seq * 100 for seq in range(150, 160)]
-    async with database.pool.acquire() as conn, conn.transaction():
-        await conn.execute(queries["index_ranges_only"])
-        explained = await conn.fetchval(
-            "EXPLAIN (ANALYZE, FORMAT JSON) " + queries["pending_recipients"],
-            [job.job_no] * 10, lows, [lo + 100 for lo in lows], ["acme"] * 10,
-        )  # fmt: skip
-    pending = await store.pending([(job.job_no, lo, lo + 100, "acme") for lo in lows])
+    plan = await _plan(
+        database, "pending_recipients",
+        [job_no] * 10, lows, [lo + 100 for lo in lows], ["acme"] * 10,
+    )  # fmt: skip
+    pending = await store.pending([(job_no, lo, lo + 100, "acme") for lo in lows])
     # Then only those ranges are read (without the settings: 199,000 rows thrown away)
-    assert [p.index for p in pending[job.job_no]] == list(range(15_000, 16_000))
-    assert _rows_filtered_out(json.loads(explained)[0]["Plan"]) < 1000
+    assert [p.index for p in pending[job_no]] == list(range(15_000, 16_000))
+    assert _rows_filtered_out(plan) < 1000
