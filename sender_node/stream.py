@@ -13,7 +13,7 @@ import dataclasses
 
 import grpc
 
-from sender_node.fencing import StreamView, authority_until
+from sender_node.fencing import authority_until
 from sender_node.model import BatchRef, Release
 from sender_node.outbox import Greeting, ResultsMessage
 
@@ -99,14 +99,6 @@ class Stream:
     def open(self) -> bool:
         """It has not ended and the leader has not half-closed it."""
         return not (self.ended or self.half_closed)
-
-    def view(self) -> StreamView:
-        return StreamView(
-            epoch=self.epoch,
-            current=self.current,
-            open=self.open,
-            authority_until_s=self.authority_until_s,
-        )
 
     def send(self, item: Outgoing) -> None:
         if not self.ended:
