@@ -14,7 +14,7 @@ import sys
 
 from coordinator.config import CoordinatorConfig, from_env
 from coordinator.server import serve
-from mailers_runtime import logs
+from mailers_runtime import collector, logs
 from mailers_runtime.errors import ConfigError
 from mailers_runtime.tls import Transport
 
@@ -42,6 +42,7 @@ def main() -> int:
         uvloop.install()
     except ImportError:
         pass
+    collector.tune()
     asyncio.run(_main(config, transport))
     return 0
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import os
 import signal
@@ -41,7 +40,7 @@ import uvloop
 from grpc_health.v1 import health_pb2_grpc
 
 from mailerpb.mailer.v1 import sender_pb2_grpc
-from mailers_runtime import logs
+from mailers_runtime import collector, logs
 from mailers_runtime.etcd import EtcdClient, EtcdClientMetrics, Keys, connect
 from mailers_runtime.tls import Transport
 from mailers_runtime.verp import ReturnPath, TokenKey
@@ -86,8 +85,6 @@ _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 _ETCD_CONNECT_TIMEOUT_S = 10.0
 _SERVER_STOP_GRACE_S = 1.0
 _HANDBACK_WRITE_TIMEOUT_S = 5.0
-_GC_YOUNG_THRESHOLD = 20_000
-"""Allocations (net) between young-generation collections; the default is 700."""
 
 
 def _advertise_address(config: SenderConfig, bound_port: int) -> str:
@@ -299,15 +296,6 @@ async def _main(config: SenderConfig, transport: Transport) -> None:
     await run(config, stop, transport)
 
 
-def _tune_gc() -> None:
-    """Fewer, larger cyclic collections: every message allocates a few dozen short-lived
-    objects (almost none in cycles), and at the default threshold (700) the collector
-    ran every few messages. What exists at startup (modules, protobuf descriptors,
-    configuration) is frozen out of every collection."""
-    gc.freeze()
-    gc.set_threshold(_GC_YOUNG_THRESHOLD, 20, 20)
-
-
 def main() -> int:
     """Entry point: configure from the environment and run until signalled."""
     try:
@@ -320,7 +308,7 @@ def main() -> int:
     logs.setup("node", config.node_id, os.environ)
     # uvloop measured +30% end-to-end throughput on a node (bench/e2e.py).
     uvloop.install()
-    _tune_gc()
+    collector.tune()
     try:
         asyncio.run(_main(config, transport))
     except JournalError as exc:
