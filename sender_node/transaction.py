@@ -149,8 +149,11 @@ class SendEngine:
         may_start: Callable[[], bool],
         record: Record,
         guard: Guard,
+        order: int = 0,
     ) -> bool:
         """One transaction for ``group``; its results go to ``record`` at once.
+        ``priority`` and ``order`` (the batch's arrival on the node) rank it for a
+        node-wide slot (see ``slots``).
 
         Returns:
             True when the group's results were recorded; False when ``may_start``
@@ -175,7 +178,7 @@ class SendEngine:
         domain = recipient_domain(rcpts[0])
         try:
             send = _Send(compiled, group, rcpts, data, may_send, record, guard)
-            sent = await self._paced(send, priority)
+            sent = await self._paced(send, priority, order)
         except PacingTimeout:
             self.metrics.throttled.labels(domain).inc()
             wait = f"no turn for its domain within {self._pacing_wait_s:g}s"
@@ -188,7 +191,7 @@ class SendEngine:
         record([self.held_back(item, f"throttled: {budget}") for item in group])
         return True
 
-    async def _paced(self, send: _Send, priority: int) -> bool:
+    async def _paced(self, send: _Send, priority: int, order: int) -> bool:
         """The transaction in a node-wide slot and a slot of the recipients' domain.
 
         Raises:
@@ -196,7 +199,7 @@ class SendEngine:
         """
         domain = recipient_domain(send.rcpts[0])
         # Usually the domain has a slot free: take it, without waiting, inside a node slot.
-        async with self._slots.slot(priority):
+        async with self._slots.slot(priority, order):
             paced = self._pacer.try_take(domain)
             if paced is not None:
                 try:
@@ -207,7 +210,7 @@ class SendEngine:
         # that transactions to other domains could use.
         deadline_s = self._clock() + self._pacing_wait_s
         async with self._pacer.slot(domain, deadline_s=deadline_s) as paced:
-            async with self._slots.slot(priority):
+            async with self._slots.slot(priority, order):
                 return await self._send(send, paced)
 
     def _envelope_from(self, send: _Send) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Generic, TypeVar
@@ -104,6 +105,7 @@ class Worker(Generic[_Owner]):
         self._max_unacked = max_unacked_results
         self._metrics = engine.metrics
         self._held: dict[str, _Held[_Owner]] = {}
+        self._arrivals = itertools.count()
         self._in_flight = 0
         self._draining = False
         self._stopping: str | None = None
@@ -180,6 +182,7 @@ class Worker(Generic[_Owner]):
             self.engine,
             permit=permit,
             record=lambda results: self._record(ref, results),
+            order=next(self._arrivals),
         )
         held = _Held(run, owner)
         self._held[ref.batch_id] = held
@@ -286,6 +289,8 @@ class BatchRun:
         permit: Why a transaction of this batch may not start now, or None (the
             stream's authority, epoch, lease; see ``fencing.start_refusal``).
         record: Journals a transaction's results (synchronously).
+        order: The batch's arrival on the node: among batches of equal priority, the
+            earlier one's transactions get slots first (see ``slots``).
     """
 
     def __init__(
@@ -295,8 +300,10 @@ class BatchRun:
         *,
         permit: Callable[[], str | None],
         record: Record,
+        order: int = 0,
     ) -> None:
         self.work = work
+        self.order = order
         self._engine = engine
         self._permit = permit
         self._record = record
@@ -388,7 +395,13 @@ class BatchRun:
             if not group:
                 return
             sent = await self._engine.transact(
-                compiled, group, self.work.priority, self.may_start, self._report, guard
+                compiled,
+                group,
+                self.work.priority,
+                self.may_start,
+                self._report,
+                guard,
+                self.order,
             )
             if not sent:
                 self.stop(self.stopped or self._permit() or "stopped")

@@ -35,6 +35,33 @@ async def test_freed_slot_goes_to_the_highest_priority_waiter() -> None:
     assert order == ["urgent", "campaign-1", "campaign-2"]
 
 
+async def test_among_equal_priorities_the_earlier_batch_goes_first() -> None:
+    slots = PrioritySlots(1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with slots.slot(0):
+            await gate.wait()
+
+    async def take(name: str, priority: int, batch: int) -> None:
+        async with slots.slot(priority, batch):
+            order.append(name)
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiters = [
+        asyncio.create_task(take("second batch", 0, 2)),
+        asyncio.create_task(take("first batch", 0, 1)),
+        asyncio.create_task(take("urgent, later batch", 10, 3)),
+        asyncio.create_task(take("first batch again", 0, 1)),
+    ]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(holder, *waiters)
+    assert order == ["urgent, later batch", "first batch", "first batch again", "second batch"]
+
+
 async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
     slots = PrioritySlots(1)
     gate = asyncio.Event()
