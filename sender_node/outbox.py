@@ -7,11 +7,15 @@ a leader's ``ResultsAck`` lets the journal forget it. A stream that opens gets, 
 hello, every result no leader has acknowledged (:meth:`Outbox.attach`): replays may
 repeat what a leader already has, which leaders apply idempotently.
 
-Wire messages: consecutive records of one batch attempt are sent as one
-``BatchResults`` whose ``seq`` is that of its last record (a protobuf message's
-serialization concatenates: repeated results append, the last ``seq`` wins). So
-``seq`` still rises message by message, and an ack of ``through_seq`` is applied up to
-the last message *sent on that stream* at or below it, never into the middle of one.
+Wire messages: records of one batch attempt are sent as one ``BatchResults`` whose
+``seq`` is that of its last record (a protobuf message's serialization concatenates:
+repeated results append, the last ``seq`` wins). What one journal sync made durable
+goes out grouped by batch attempt (:func:`merge_by_batch`; a node runs several batches
+at once, so their records interleave), in the order of the messages' seqs; only the
+last message of a sync covers every record up to its seq. So an ack of
+``through_seq`` is applied up to the last *sync* sent on that stream at or below it,
+never into the middle of one (the hello's replay and a hand-back join only
+consecutive records: there each message covers every record up to its seq).
 
 Releases (``BatchAck``): a batch whose transactions are over is *released* once all its
 results are on disk and sent; until then it is *held* (:meth:`held`, the hello's
@@ -47,7 +51,7 @@ _MESSAGE_OVERHEAD_BYTES = 64
 
 @dataclasses.dataclass(frozen=True)
 class ResultsMessage:
-    """One ``BatchResults``: the payloads of consecutive records of one batch attempt."""
+    """One ``BatchResults``: the payloads of records of one batch attempt."""
 
     seq: int
     """The seq of the last record: the message's seq."""
@@ -110,12 +114,28 @@ def merge(records: Iterable[Record], max_results: int) -> list[ResultsMessage]:
     return messages
 
 
+def merge_by_batch(records: Iterable[Record], max_results: int) -> list[ResultsMessage]:
+    """Group records by batch attempt, consecutive or not, into messages of at most
+    ``max_results`` results (as :func:`merge`), ordered by their seqs. Pure."""
+    runs: dict[str, list[Record]] = {}
+    for record in records:
+        runs.setdefault(record.key, []).append(record)
+    messages = [message for run in runs.values() for message in merge(run, max_results)]
+    messages.sort(key=_message_seq)
+    return messages
+
+
+def _message_seq(message: ResultsMessage) -> int:
+    return message.seq
+
+
 @dataclasses.dataclass(eq=False)
 class _Target:
     link: Link
     sent_through: int
     boundaries: list[int]
-    """Seqs of the messages sent on the link, ascending, not yet acknowledged."""
+    """Seqs up to which the messages sent on the link cover every record (each sync's
+    last message, each replayed message), ascending, not yet acknowledged."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -182,17 +202,19 @@ class Outbox:
         target = self._target
         if target is not None and durable_seq > target.sent_through:
             records = self._journal.between(target.sent_through, durable_seq)
-            for message in merge(records, self._max_merge):
-                target.boundaries.append(message.seq)
+            messages = merge_by_batch(records, self._max_merge)
+            for message in messages:
                 target.link.send_results(message)
+            if messages:
+                target.boundaries.append(messages[-1].seq)
             target.sent_through = durable_seq
         self._settle(durable_seq)
 
     def ack(self, link: Link, through_seq: int) -> None:
         """A leader stored the results of ``link`` up to ``through_seq``: forget them.
 
-        Only the current stream's acks count, and only up to the last message sent on
-        it at or below ``through_seq``.
+        Only the current stream's acks count, and only up to the last boundary (a
+        sync's last message, a replayed message) sent on it at or below ``through_seq``.
         """
         target = self._target
         if target is None or target.link is not link:

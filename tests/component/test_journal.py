@@ -13,7 +13,7 @@ import pytest
 from sender_node.journal import Journal, JournalError
 from sender_node.journal_format import Record, encode, segment_first_seq
 from sender_node.model import BatchRef, Release, Result, Status
-from sender_node.outbox import Outbox, ResultsMessage, merge
+from sender_node.outbox import Outbox, ResultsMessage, merge, merge_by_batch
 from tests.helpers import assert_eventually
 
 B1 = BatchRef("b1", 1)
@@ -163,6 +163,21 @@ def test_merge_groups_consecutive_records_of_one_batch() -> None:
     ]
 
 
+def test_merge_by_batch_groups_interleaved_records_in_the_order_of_their_seqs() -> None:
+    records = [
+        Record(1, 1, B1.key(), b"a"),
+        Record(2, 1, B2.key(), b"b"),
+        Record(3, 2, B1.key(), b"c"),
+        Record(4, 1, B2.key(), b"d"),
+        Record(5, 2, B1.key(), b"e"),
+    ]
+    assert merge_by_batch(records, max_results=4) == [
+        ResultsMessage(3, B1, (b"a", b"c"), 3),
+        ResultsMessage(4, B2, (b"b", b"d"), 2),
+        ResultsMessage(5, B1, (b"e",), 2),
+    ]
+
+
 class FakeLink:
     def __init__(self) -> None:
         self.sent: list[ResultsMessage | Release] = []
@@ -210,6 +225,41 @@ async def test_the_outbox_sends_results_after_their_fsync_then_the_release(
 
         # And an ack of that message lets the journal forget both records
         outbox.ack(link, 2)
+        assert outbox.unacked_results == 0
+    finally:
+        await journal.close()
+
+
+async def test_one_sync_goes_out_grouped_by_batch_and_is_acknowledged_whole(
+    tmp_path: Path,
+) -> None:
+    # Given an outbox whose stream is attached, with two batches at work
+    journal = Journal.open(tmp_path, sync_interval_s=0.0)
+    journal.start()
+    outbox = Outbox(journal, encode_results)
+    link = FakeLink()
+    try:
+        outbox.attach(link)
+        outbox.hold(B1)
+        outbox.hold(B2)
+
+        # When their transactions' results interleave within one fsync
+        outbox.record(B1, [result(0)])
+        outbox.record(B2, [result(5)])
+        outbox.record(B1, [result(1)])
+        outbox.record(B2, [result(6)])
+
+        # Then one message per batch goes out, in the order of their last seqs
+        await assert_eventually(lambda: len(link.sent) == 2, timeout_s=10)
+        assert link.sent == [
+            ResultsMessage(3, B1, (b"b1:1:1", b"b1:3:1"), 2),
+            ResultsMessage(4, B2, (b"b2:2:1", b"b2:4:1"), 2),
+        ]
+        # And an ack of the first message forgets nothing: seq 2 is in the second
+        outbox.ack(link, 3)
+        assert outbox.unacked_results == 4
+        # And an ack of the last one forgets the whole sync
+        outbox.ack(link, 4)
         assert outbox.unacked_results == 0
     finally:
         await journal.close()
