@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -178,6 +178,17 @@ def test_merge_by_batch_groups_interleaved_records_in_the_order_of_their_seqs() 
     ]
 
 
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    """An outbox on a started journal that syncs as soon as it is written to."""
+    journal = Journal.open(tmp_path, sync_interval_s=0.0)
+    journal.start()
+    try:
+        yield Outbox(journal, encode_results)
+    finally:
+        await journal.close()
+
+
 class FakeLink:
     def __init__(self) -> None:
         self.sent: list[ResultsMessage | Release] = []
@@ -197,110 +208,86 @@ def encode_results(seq: int, ref: BatchRef, results: Sequence[Result]) -> bytes:
     return f"{ref.batch_id}:{seq}:{len(results)}".encode()
 
 
-async def test_the_outbox_sends_results_after_their_fsync_then_the_release(
-    tmp_path: Path,
-) -> None:
+async def test_the_outbox_sends_results_after_their_fsync_then_the_release(outbox: Outbox) -> None:
     # Given an outbox on a journal, a stream attached, and a batch held
-    journal = Journal.open(tmp_path, sync_interval_s=0.0)
-    journal.start()
-    outbox = Outbox(journal, encode_results)
     link = FakeLink()
-    try:
-        assert outbox.attach(link).replay == []
-        outbox.hold(B1)
+    assert outbox.attach(link).replay == []
+    outbox.hold(B1)
 
-        # When two transactions' results are recorded and the batch is released
-        outbox.record(B1, [result(0)])
-        outbox.record(B1, [result(1), result(2)])
-        outbox.release(Release(B1, epoch=3, unattempted=1))
+    # When two transactions' results are recorded and the batch is released
+    outbox.record(B1, [result(0)])
+    outbox.record(B1, [result(1), result(2)])
+    outbox.release(Release(B1, epoch=3, unattempted=1))
 
-        # Then nothing goes out before the fsync; after it, the results (one message)
-        # and then the release
-        assert link.sent == [] and outbox.held() == [B1]
-        await assert_eventually(lambda: len(link.sent) == 2, timeout_s=10)
-        message, release = link.sent
-        assert message == ResultsMessage(2, B1, (b"b1:1:1", b"b1:2:2"), 3)
-        assert release == Release(B1, 3, 1)
-        assert outbox.held() == []
+    # Then nothing goes out before the fsync; after it, the results (one message)
+    # and then the release
+    assert link.sent == [] and outbox.held() == [B1]
+    await assert_eventually(lambda: len(link.sent) == 2, timeout_s=10)
+    message, release = link.sent
+    assert message == ResultsMessage(2, B1, (b"b1:1:1", b"b1:2:2"), 3)
+    assert release == Release(B1, 3, 1)
+    assert outbox.held() == []
 
-        # And an ack of that message lets the journal forget both records
-        outbox.ack(link, 2)
-        assert outbox.unacked_results == 0
-    finally:
-        await journal.close()
+    # And an ack of that message lets the journal forget both records
+    outbox.ack(link, 2)
+    assert outbox.unacked_results == 0
 
 
-async def test_one_sync_goes_out_grouped_by_batch_and_is_acknowledged_whole(
-    tmp_path: Path,
-) -> None:
+async def test_one_sync_goes_out_grouped_by_batch_and_is_acknowledged_whole(outbox: Outbox) -> None:
     # Given an outbox whose stream is attached, with two batches at work
-    journal = Journal.open(tmp_path, sync_interval_s=0.0)
-    journal.start()
-    outbox = Outbox(journal, encode_results)
     link = FakeLink()
-    try:
-        outbox.attach(link)
-        outbox.hold(B1)
-        outbox.hold(B2)
+    outbox.attach(link)
+    outbox.hold(B1)
+    outbox.hold(B2)
 
-        # When their transactions' results interleave within one fsync
-        outbox.record(B1, [result(0)])
-        outbox.record(B2, [result(5)])
-        outbox.record(B1, [result(1)])
-        outbox.record(B2, [result(6)])
+    # When their transactions' results interleave within one fsync
+    outbox.record(B1, [result(0)])
+    outbox.record(B2, [result(5)])
+    outbox.record(B1, [result(1)])
+    outbox.record(B2, [result(6)])
 
-        # Then one message per batch goes out, in the order of their last seqs
-        await assert_eventually(lambda: len(link.sent) == 2, timeout_s=10)
-        assert link.sent == [
-            ResultsMessage(3, B1, (b"b1:1:1", b"b1:3:1"), 2),
-            ResultsMessage(4, B2, (b"b2:2:1", b"b2:4:1"), 2),
-        ]
-        # And an ack of the first message forgets nothing: seq 2 is in the second
-        outbox.ack(link, 3)
-        assert outbox.unacked_results == 4
-        # And an ack of the last one forgets the whole sync
-        outbox.ack(link, 4)
-        assert outbox.unacked_results == 0
-    finally:
-        await journal.close()
+    # Then one message per batch goes out, in the order of their last seqs
+    await assert_eventually(lambda: len(link.sent) == 2, timeout_s=10)
+    assert link.sent == [
+        ResultsMessage(3, B1, (b"b1:1:1", b"b1:3:1"), 2),
+        ResultsMessage(4, B2, (b"b2:2:1", b"b2:4:1"), 2),
+    ]
+    # And an ack of the first message forgets nothing: seq 2 is in the second
+    outbox.ack(link, 3)
+    assert outbox.unacked_results == 4
+    # And an ack of the last one forgets the whole sync
+    outbox.ack(link, 4)
+    assert outbox.unacked_results == 0
 
 
-async def test_a_new_stream_gets_the_unacked_results_and_the_held_batches(
-    tmp_path: Path,
-) -> None:
+async def test_a_new_stream_gets_the_unacked_results_and_the_held_batches(outbox: Outbox) -> None:
     # Given results sent on a stream that ended without acknowledging them, and a
     # batch still held
-    journal = Journal.open(tmp_path, sync_interval_s=0.0)
-    journal.start()
-    outbox = Outbox(journal, encode_results)
     first = FakeLink()
-    try:
-        outbox.attach(first)
-        outbox.hold(B1)
-        outbox.hold(B2)
-        outbox.record(B1, [result(0)])
-        outbox.record(B2, [result(5)])
-        outbox.release(Release(B2, epoch=3, unattempted=0))
-        await assert_eventually(lambda: len(first.sent) == 3, timeout_s=10)
-        outbox.detach(first)
+    outbox.attach(first)
+    outbox.hold(B1)
+    outbox.hold(B2)
+    outbox.record(B1, [result(0)])
+    outbox.record(B2, [result(5)])
+    outbox.release(Release(B2, epoch=3, unattempted=0))
+    await assert_eventually(lambda: len(first.sent) == 3, timeout_s=10)
+    outbox.detach(first)
 
-        # When another stream attaches
-        second = FakeLink()
-        greeting = outbox.attach(second)
+    # When another stream attaches
+    second = FakeLink()
+    greeting = outbox.attach(second)
 
-        # Then its hello replays both results and lists the batch still held
-        assert [m.seq for m in greeting.replay] == [1, 2]
-        assert greeting.held == [B1]
-        # And an ack from the old stream counts for nothing, one from the new does
-        outbox.ack(first, 2)
-        assert outbox.unacked_results == 2
-        outbox.ack(second, 1)
-        assert outbox.unacked_results == 1
-        # And an ack between two messages stops at the last message at or below it
-        outbox.ack(second, 1_000)
-        assert outbox.unacked_results == 0
-    finally:
-        await journal.close()
+    # Then its hello replays both results and lists the batch still held
+    assert [m.seq for m in greeting.replay] == [1, 2]
+    assert greeting.held == [B1]
+    # And an ack from the old stream counts for nothing, one from the new does
+    outbox.ack(first, 2)
+    assert outbox.unacked_results == 2
+    outbox.ack(second, 1)
+    assert outbox.unacked_results == 1
+    # And an ack between two messages stops at the last message at or below it
+    outbox.ack(second, 1_000)
+    assert outbox.unacked_results == 0
 
 
 async def test_a_handback_lists_released_batches_with_all_their_results(

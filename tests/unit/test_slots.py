@@ -1,4 +1,5 @@
-"""Transaction slots go to the highest priority waiting, then first come."""
+"""Transaction slots go to the highest priority waiting, then the earliest batch, then
+first come."""
 
 from __future__ import annotations
 
@@ -9,57 +10,45 @@ import pytest
 from sender_node.slots import PrioritySlots
 
 
-async def test_freed_slot_goes_to_the_highest_priority_waiter() -> None:
+async def order_of_grants(waiting: list[tuple[str, int, int]]) -> list[str]:
+    """Names of the waiters (name, priority, order), in the order a slot of one, held
+    while they all queue, reached them."""
     slots = PrioritySlots(1)
-    order: list[str] = []
+    granted: list[str] = []
     gate = asyncio.Event()
 
     async def hold() -> None:
         async with slots.slot(0):
             await gate.wait()
 
-    async def take(name: str, priority: int) -> None:
-        async with slots.slot(priority):
-            order.append(name)
+    async def take(name: str, priority: int, order: int) -> None:
+        async with slots.slot(priority, order):
+            granted.append(name)
 
     holder = asyncio.create_task(hold())
     await asyncio.sleep(0)
-    waiters = [
-        asyncio.create_task(take("campaign-1", 0)),
-        asyncio.create_task(take("campaign-2", 0)),
-        asyncio.create_task(take("urgent", 10)),
-    ]
+    waiters = [asyncio.create_task(take(*w)) for w in waiting]
     await asyncio.sleep(0)
     gate.set()
     await asyncio.gather(holder, *waiters)
-    assert order == ["urgent", "campaign-1", "campaign-2"]
+    return granted
+
+
+async def test_freed_slot_goes_to_the_highest_priority_waiter() -> None:
+    granted = await order_of_grants([("campaign-1", 0, 0), ("campaign-2", 0, 0), ("urgent", 10, 0)])
+    assert granted == ["urgent", "campaign-1", "campaign-2"]
 
 
 async def test_among_equal_priorities_the_earlier_batch_goes_first() -> None:
-    slots = PrioritySlots(1)
-    order: list[str] = []
-    gate = asyncio.Event()
-
-    async def hold() -> None:
-        async with slots.slot(0):
-            await gate.wait()
-
-    async def take(name: str, priority: int, batch: int) -> None:
-        async with slots.slot(priority, batch):
-            order.append(name)
-
-    holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
-    waiters = [
-        asyncio.create_task(take("second batch", 0, 2)),
-        asyncio.create_task(take("first batch", 0, 1)),
-        asyncio.create_task(take("urgent, later batch", 10, 3)),
-        asyncio.create_task(take("first batch again", 0, 1)),
-    ]
-    await asyncio.sleep(0)
-    gate.set()
-    await asyncio.gather(holder, *waiters)
-    assert order == ["urgent, later batch", "first batch", "first batch again", "second batch"]
+    granted = await order_of_grants(
+        [
+            ("second batch", 0, 2),
+            ("first batch", 0, 1),
+            ("urgent, later batch", 10, 3),
+            ("first batch again", 0, 1),
+        ]
+    )
+    assert granted == ["urgent, later batch", "first batch", "first batch again", "second batch"]
 
 
 async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
