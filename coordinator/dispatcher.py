@@ -4,8 +4,9 @@ Owned by the leader for one reign. Everything here runs on one event loop, so th
 in-memory state needs no locks; PostgreSQL is the durable copy, written before anything
 leaves the leader:
 
-1. a round picks one ready batch per (priority, tenant) (:func:`fairness.round_order`)
-   and a node for each (:class:`Balancer`), loads their recipients still to send,
+1. a round picks, for a few turns of the fairness order, one ready batch per
+   (priority, tenant) and turn (:func:`fairness.round_order`) and a node for each
+   (:class:`Balancer`), loads their recipients still to send,
 2. records the holds, fenced (:meth:`Store.assign`) — a new leader sees who holds what,
 3. and only then sends them, and only while the election lease is trusted.
 
@@ -75,6 +76,11 @@ log = logging.getLogger(__name__)
 
 RANGE_SLICE = 50_000
 """Recipients per statement when the leader changes a whole job (cancel, expire)."""
+TURNS_PER_ROUND = 8
+"""Turns of the fairness order whose batches one round reads and records together.
+Each round is a store transaction that takes the events lock; with one turn a lone job
+got one batch per round, and a job sharing its message (a batch: one transaction of
+100 recipients) went no faster than the rounds."""
 
 
 @dataclasses.dataclass
@@ -251,7 +257,6 @@ class Dispatcher:
                     eligible.append(Eligible(spec.job_id, spec.tenant, spec.options.priority))
             if not eligible:
                 return next_wake
-            self._turn += 1
             picks = self._pick(eligible, now)
             if not picks:
                 return next_wake
@@ -259,26 +264,35 @@ class Dispatcher:
                 return next_wake
 
     def _pick(self, eligible: list[Eligible], now: float) -> list[tuple[JobRun, int, int, str]]:
-        """One round: (job, seq, attempt, node) for at most one batch per eligible job."""
+        """One round: (job, seq, attempt, node) for up to :data:`TURNS_PER_ROUND` turns of
+        the fairness order, one batch per eligible job and turn, while nodes have room."""
         picks: list[tuple[JobRun, int, int, str]] = []
+        held = self._held_by_node()
         extra: dict[str, int] = {}
-        for job_id in round_order(eligible, self._turn):
-            job = self.job(job_id)
-            if job is None or job.plan.peek() is None:
-                continue
-            seq = job.plan.peek()
-            assert seq is not None
-            spec = job.record.spec
-            size = len(batch_range(seq, spec.batch_size, spec.total))
-            node_id = self.balancer.choose(self._candidates(now, extra), size)
-            if node_id is None:
+        for _ in range(TURNS_PER_ROUND):
+            self._turn += 1
+            took = False
+            for job_id in round_order(eligible, self._turn):
+                job = self.job(job_id)
+                if job is None or job.plan.peek() is None:
+                    continue
+                seq = job.plan.peek()
+                assert seq is not None
+                spec = job.record.spec
+                size = len(batch_range(seq, spec.batch_size, spec.total))
+                node_id = self.balancer.choose(self._candidates(now, held, extra), size)
+                if node_id is None:
+                    return picks
+                seq, attempt = job.plan.take(node_id, self.monotonic())
+                extra[node_id] = extra.get(node_id, 0) + size
+                picks.append((job, seq, attempt, node_id))
+                took = True
+            if not took:
                 break
-            seq, attempt = job.plan.take(node_id, self.monotonic())
-            extra[node_id] = extra.get(node_id, 0) + size
-            picks.append((job, seq, attempt, node_id))
         return picks
 
-    def _candidates(self, now: float, extra: dict[str, int]) -> list[Candidate]:
+    def _held_by_node(self) -> dict[str, int]:
+        """Recipients of the batches each node holds."""
         held: dict[str, int] = {}
         for job in self.jobs.values():
             spec = job.record.spec
@@ -286,6 +300,11 @@ class Dispatcher:
                 held[hold.node_id] = held.get(hold.node_id, 0) + len(
                     batch_range(seq, spec.batch_size, spec.total)
                 )
+        return held
+
+    def _candidates(
+        self, now: float, held: dict[str, int], extra: dict[str, int]
+    ) -> list[Candidate]:
         return [
             Candidate(
                 node_id=node.node_id,
@@ -340,6 +359,7 @@ class Dispatcher:
             for job, seq, _, _ in picks:
                 job.plan.unsend(seq)
             return False
+        self.metrics.dispatch_rounds.inc()
         for (job, seq, attempt, node_id), (to_send, suppressed) in zip(picks, by_pick, strict=True):
             self._hand_out(job, seq, attempt, node_id, to_send, suppressed, now)
         return True

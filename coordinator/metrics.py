@@ -25,6 +25,11 @@ class CoordinatorMetrics:
         self.batches_dispatched = Counter(
             "mailers_batches_dispatched", "Batches handed to nodes", ["node"], registry=r
         )
+        self.dispatch_rounds = Counter(
+            "mailers_dispatch_rounds",
+            "Dispatch rounds recorded: each reads and records its batches in one"
+            " store transaction", registry=r,
+        )  # fmt: skip
         self.batch_ack_seconds = Histogram(
             "mailers_batch_ack_seconds", "Time from handing a batch to a node to its ack",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
