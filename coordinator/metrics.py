@@ -26,10 +26,8 @@ class CoordinatorMetrics:
             "mailers_batches_dispatched", "Batches handed to nodes", ["node"], registry=r
         )
         self.dispatch_rounds = Counter(
-            "mailers_dispatch_rounds",
-            "Dispatch rounds recorded: each reads and records its batches in one"
-            " store transaction", registry=r,
-        )  # fmt: skip
+            "mailers_dispatch_rounds", "Dispatch rounds, each one store transaction", registry=r
+        )
         self.batch_ack_seconds = Histogram(
             "mailers_batch_ack_seconds", "Time from handing a batch to a node to its ack",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
@@ -59,6 +57,9 @@ class CoordinatorMetrics:
         self.nodes_connected = Gauge(
             "mailers_nodes_connected", "Nodes with an open dispatch stream", registry=r
         )
+        self._webhook_metrics(r)
+
+    def _webhook_metrics(self, r: CollectorRegistry) -> None:
         self.webhook_deliveries = Counter(
             "mailers_webhook_deliveries", "Webhook POSTs by endpoint and outcome (ok, failed)",
             ["webhook", "outcome"], registry=r,
