@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history-jobs", type=int, default=100, help="finished jobs seeded")
     parser.add_argument("--history-size", type=int, default=100_000, help="their recipients")
     parser.add_argument("--connections", type=int, default=16, help="MAILER_SMTP_CONNECTIONS")
-    parser.add_argument("--capacity", type=int, default=2000, help="MAILER_CAPACITY")
+    parser.add_argument("--capacity", type=int, default=4000, help="MAILER_CAPACITY")
     parser.add_argument("--batch-size", type=int, default=200, help="MAILER_BATCH_SIZE")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="bound of the run")
     parser.add_argument("--workdir", type=Path, help="logs and data (default: a temp dir)")

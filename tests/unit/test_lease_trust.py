@@ -53,7 +53,7 @@ def test_config_from_env_defaults_and_overrides() -> None:
     assert config.advertise is None
     assert config.etcd == EtcdConfig(endpoints=("127.0.0.1:2379",))
     assert config.smtp == SmtpConfig(relays=(RelayConfig("127.0.0.1:25"),), helo_name="h")
-    assert (config.capacity, config.log_level) == (2000, "INFO")
+    assert (config.capacity, config.log_level) == (4000, "INFO")
 
     config = from_env(
         base
