@@ -251,10 +251,12 @@ FROM upload;
 
 -- name: index_ranges_only
 -- For the rest of the transaction, no sequential scans, hash or merge joins: a batch's
--- recipients are then read by their index range whatever the statistics say. Right
--- after a large upload they still describe a nearly empty table, and the planner read
--- every recipient of the job for each batch (see assign_batches; pending_recipients
--- threw away 199,000 rows for ten batches of a 20,000-recipient job).
+-- recipients are then read by their index range, and results find their recipients by
+-- key, whatever the statistics say. Right after a large upload they still describe a
+-- nearly empty table, and the planner read every recipient of the job for each batch
+-- (see assign_batches; pending_recipients threw away 199,000 rows for ten batches of a
+-- 20,000-recipient job) and hashed all of them for every flush of apply_results (53 of
+-- its 67 ms for 500 results of a 200,000-recipient job).
 SELECT set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
        set_config('enable_mergejoin', 'off', true);
 

@@ -682,6 +682,7 @@ class Store:
         """
         out = WriteOutcome()
         async with self._write() as conn:
+            await conn.execute(self._q["index_ranges_only"])
             await conn.execute(self._q["events_lock"])
             if outcomes:
                 await self._apply_outcomes(conn, outcomes, now, out)
@@ -700,18 +701,8 @@ class Store:
         now: float,
         out: WriteOutcome,
     ) -> None:
-        cols: list[list[Any]] = [[] for _ in range(15)]
-        for o in _dedupe(outcomes):
-            r = o.result
-            row = (
-                o.job_id, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
-                r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
-                r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
-                o.email, o.hard_bounce,
-            )  # fmt: skip
-            for col, value in zip(cols, row, strict=True):
-                col.append(value)
-        for row in await conn.fetch(self._q["apply_results"], *cols, ts(now)):
+        args = outcome_arguments(outcomes, now)
+        for row in await conn.fetch(self._q["apply_results"], *args):
             out.jobs[row["job_no"]] = _counts(row)
 
     async def _change(
@@ -1023,6 +1014,22 @@ class Store:
         sizes = {row["relname"]: int(row["bytes"]) for row in rows}
         sizes["database"] = int(total)
         return sizes
+
+
+def outcome_arguments(outcomes: Iterable[RecipientOutcome], now: float) -> list[Any]:
+    """The arguments of ``apply_results``: a column per field, then the time."""
+    cols: list[list[Any]] = [[] for _ in range(15)]
+    for o in _dedupe(outcomes):
+        r = o.result
+        row = (
+            o.job_id, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
+            r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
+            r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
+            o.email, o.hard_bounce,
+        )  # fmt: skip
+        for col, value in zip(cols, row, strict=True):
+            col.append(value)
+    return [*cols, ts(now)]
 
 
 def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:

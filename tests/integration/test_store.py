@@ -438,8 +438,8 @@ async def _job_after_stale_statistics(database: Database) -> tuple[Store, int]:
 
 
 async def _plan(database: Database, query: str, *args: object) -> dict[str, Any]:
-    """The executed plan of a dispatch query, under index_ranges_only as the store runs
-    it (the statement's effects are committed)."""
+    """The executed plan of a dispatch or writer query, under index_ranges_only as the
+    store runs it (the statement's effects are committed)."""
     queries = store_module.load_queries()
     async with database.pool.acquire() as conn, conn.transaction():
         await conn.execute(queries["index_ranges_only"])
@@ -465,6 +465,30 @@ async def test_dispatching_a_batch_reads_its_recipients_not_the_whole_job(
     async with database.pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM events WHERE type = 1") == 1000
     assert _rows_filtered_out(plan) < 1000
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows a plan read from ``relation``, kept or thrown away."""
+    own = 0
+    if plan.get("Relation Name") == relation:
+        kept = int(plan.get("Actual Rows", 0)) * int(plan.get("Actual Loops", 1))
+        own = kept + int(plan.get("Rows Removed by Filter", 0))
+    return own + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+async def test_applying_results_finds_their_recipients_by_key_not_the_whole_job(
+    database: Database,
+) -> None:
+    # Given a job uploaded after the statistics were taken
+    _, job_no = await _job_after_stale_statistics(database)
+    # When the results of 500 of its recipients are applied
+    outcomes = [delivered("big", i) for i in range(15_000, 15_500)]
+    plan = await _plan(database, "apply_results", *store_module.outcome_arguments(outcomes, NOW))
+    # Then each recipient is found by its key: without the settings the planner read
+    # and hashed all 20,000 of the job's recipients (and it grows with the job)
+    async with database.pool.acquire() as conn:
+        assert await conn.fetchval("SELECT delivered FROM jobs WHERE job_no = $1", job_no) == 500
+    assert _rows_read(plan, "recipients") < 2000
 
 
 async def test_reading_a_batch_to_send_reads_its_range_not_the_whole_job(
