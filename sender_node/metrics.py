@@ -57,22 +57,23 @@ class NodeMetrics:
             "Per-relay breaker: 0 closed, 1 half-open, 2 open", ["relay"], registry=r,
         )  # fmt: skip
 
-    def count_message(self, relay: str, domain: str, status: str) -> None:
-        """One recipient's transaction outcome in ``messages``. The labelled children are
+    def count_message(self, relay: str, domain: str, status: str, recipients: int = 1) -> None:
+        """Recipients' transaction outcome in ``messages``. The labelled children are
         kept (``labels()`` takes a lock and validates on every call, once per message);
         they are as many as the metric's own."""
         key = (relay, domain, status)
         child = self._message_children.get(key)
         if child is None:
             child = self._message_children[key] = self.messages.labels(relay, domain, status)
-        child.inc()
+        child.inc(recipients)
 
-    def count_reply(self, code: int) -> None:
-        """A reply code that decided a transaction, in ``smtp_replies``."""
+    def count_reply(self, code: int, recipients: int = 1) -> None:
+        """A reply code that decided a transaction, in ``smtp_replies`` (once per
+        recipient it decided)."""
         child = self._reply_children.get(code)
         if child is None:
             child = self._reply_children[code] = self.smtp_replies.labels(str(code))
-        child.inc()
+        child.inc(recipients)
 
     def set_relay_breaker(self, relay: str, state: BreakerState) -> None:
         """Set the relay's breaker gauge (0 closed, 1 half-open, 2 open)."""

@@ -22,6 +22,7 @@ No protobuf here: results are ``model.Result`` values.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -265,10 +266,20 @@ class SendEngine:
         # shared one named after the first recipient of its group (see _render).
         compiled, group = send.compiled, send.group
         message_id = compiled.message_id(group[0].index, shared=compiled.recipients_per_message > 1)
+        # The recipients a shared message went to share one outcome object: judged once,
+        # counted once (a group is of one domain), stamped with one time.
+        judged: dict[int, _Judged] = {}
+        counted: collections.Counter[tuple[int, str]] = collections.Counter()
+        now_ns = self._now_ns()
         for item, outcome in zip(group, outcomes, strict=True):
-            result, fault = self.outcome_result(item, outcome, message_id)
-            relay_fault = relay_fault or fault
-            results.append(result)
+            judgement = judged.get(id(outcome))
+            if judgement is None:
+                judgement = judged[id(outcome)] = _Judged(outcome)
+            results.append(judgement.result(item, self.node_id, message_id, now_ns))
+            counted[(id(outcome), recipient_domain(item.email))] += 1
+            relay_fault = relay_fault or judgement.verdict.relay_fault
+        for (key, domain), n in counted.items():
+            judged[key].count(self.metrics, domain, n)
         self.load.record(finished, finished - started, relay_fault)
         return results
 
@@ -295,43 +306,6 @@ class SendEngine:
 
     # -- results ---------------------------------------------------------------------
 
-    def outcome_result(
-        self, item: Recipient, outcome: SendOutcome, message_id: str = ""
-    ) -> tuple[Result, bool]:
-        """The result reported for one recipient (``message_id``: of the message sent),
-        and whether the relay was at fault."""
-        verdict = classify(outcome.code, outcome.text, outcome.phase, outcome.failure)
-        domain = recipient_domain(item.email)
-        self.metrics.count_message(outcome.relay, domain, _OUTCOME_LABEL[verdict.outcome])
-        if outcome.code > 0:
-            self.metrics.count_reply(outcome.code)
-        attempts = item.attempts + 1
-        if outcome.failure is Failure.UNAVAILABLE or (
-            verdict.relay_fault and verdict.outcome is not Outcome.AMBIGUOUS
-        ):
-            # No relay was tried (every breaker open), or the relay failed before the
-            # message could have reached it (refused connection, 421, auth): the relay's
-            # fault, not the recipient's, so it does not use up the recipient's attempts
-            # while relays are down. The job's maximum age bounds such an outage.
-            attempts = item.attempts
-        reply = None
-        if outcome.code > 0:
-            reply = Reply(outcome.code, verdict.enhanced_code, outcome.text)
-        result = Result(
-            index=item.index,
-            email=item.email,
-            status=_STATUS[verdict.outcome],
-            reason=verdict.reason,
-            attempts=attempts,
-            node_id=self.node_id,
-            updated_at_ns=self._now_ns(),
-            ambiguous=verdict.outcome is Outcome.AMBIGUOUS,
-            reply=reply,
-            relay=outcome.relay,
-            message_id=message_id,
-        )
-        return result, verdict.relay_fault
-
     def failed(self, item: Recipient, reason: str) -> Result:
         """A permanent failure decided here (the recipient's attempt is used up)."""
         return self._result(item, Status.FAILED, reason, item.attempts + 1)
@@ -353,6 +327,56 @@ class SendEngine:
 
     def _now_ns(self) -> int:
         return int(self._wall_clock() * 1e9)
+
+
+class _Judged:
+    """What one SMTP outcome means for the recipients it is the outcome of."""
+
+    __slots__ = ("outcome", "verdict", "status", "reply", "uses_attempt")
+
+    def __init__(self, outcome: SendOutcome) -> None:
+        self.outcome = outcome
+        self.verdict = verdict = classify(
+            outcome.code, outcome.text, outcome.phase, outcome.failure
+        )
+        self.status = _STATUS[verdict.outcome]
+        self.reply = (
+            Reply(outcome.code, verdict.enhanced_code, outcome.text) if outcome.code > 0 else None
+        )
+        # No relay was tried (every breaker open), or the relay failed before the message
+        # could have reached it (refused connection, 421, auth): the relay's fault, not
+        # the recipient's, so it does not use up the recipient's attempts while relays
+        # are down. The job's maximum age bounds such an outage.
+        self.uses_attempt = not (
+            outcome.failure is Failure.UNAVAILABLE
+            or (verdict.relay_fault and verdict.outcome is not Outcome.AMBIGUOUS)
+        )
+
+    def result(self, item: Recipient, node_id: str, message_id: str, now_ns: int) -> Result:
+        """The result reported for ``item`` (``message_id``: of the message sent)."""
+        verdict = self.verdict
+        return Result(
+            index=item.index,
+            email=item.email,
+            status=self.status,
+            reason=verdict.reason,
+            attempts=item.attempts + 1 if self.uses_attempt else item.attempts,
+            node_id=node_id,
+            updated_at_ns=now_ns,
+            ambiguous=verdict.outcome is Outcome.AMBIGUOUS,
+            reply=self.reply,
+            relay=self.outcome.relay,
+            message_id=message_id,
+        )
+
+    def count(self, metrics: NodeMetrics, domain: str, recipients: int) -> None:
+        """Count the outcome for ``recipients`` recipients of ``domain``."""
+        outcome = self.outcome
+        metrics.count_message(
+            outcome.relay, domain, _OUTCOME_LABEL[self.verdict.outcome], recipients
+        )
+        if outcome.code > 0:
+            metrics.count_reply(outcome.code, recipients)
 
 
 class _Send:

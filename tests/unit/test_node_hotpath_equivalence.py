@@ -1,5 +1,6 @@
 """The node's hot-path shortcuts give what the longer ways gave: the permit read off the
-live stream, cached metric children, and the one-click token made only when used."""
+live stream, cached metric children, the one-click token made only when used, and a
+shared message's outcome judged once for its recipients."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from hypothesis import strategies as st
 
 from mailers_runtime.message import Content, Mailbox
 from mailers_runtime.verp import Purpose, ReturnPath, TokenKey
+from sender_node.classify import Phase
 from sender_node.config import NodeTimings
 from sender_node.fencing import StreamState, StreamView, start_refusal
 from sender_node.metrics import NodeMetrics
-from sender_node.model import BatchRef, Recipient, Work
+from sender_node.model import BatchRef, Recipient, Result, Status, Work
 from sender_node.smtp_client import RelayInfo, SendOutcome
 from sender_node.stream import Stream
-from sender_node.transaction import SendEngine
+from sender_node.transaction import Guard, SendEngine
 
 NOW_S = 1_700_000_000.0
 JOB = "01a248bca79b-5cda8cf7"
@@ -35,7 +37,12 @@ class CountingKey(TokenKey):
         return super().token(purpose, job_id, index)
 
 
-class NoMailer:
+class FixedMailer:
+    """Answers every transaction with the outcomes given (none: it must not be asked)."""
+
+    def __init__(self, outcomes: list[SendOutcome] | None = None) -> None:
+        self.outcomes = outcomes
+
     async def send_group(
         self,
         mail_from: str,
@@ -43,7 +50,8 @@ class NoMailer:
         data: bytes,
         may_send: Callable[[], bool] | None = None,
     ) -> list[SendOutcome]:
-        raise AssertionError("not used")
+        assert self.outcomes is not None and len(rcpts) == len(self.outcomes)
+        return self.outcomes
 
     def relays(self) -> list[RelayInfo]:
         return []
@@ -53,7 +61,7 @@ def engine(path: ReturnPath) -> SendEngine:
     timings = NodeTimings(final_reply_s=60.0, start_budget_s=30.0, max_authority_s=5.0)
     return SendEngine(
         node_id="node0",
-        mailer=NoMailer(),
+        mailer=FixedMailer(),
         concurrency=1,
         timings=timings,
         metrics=NodeMetrics(),
@@ -107,6 +115,54 @@ def test_a_job_without_its_own_url_gets_the_node_s_one_click_link() -> None:
     link = path.list_unsubscribe(JOB, 41)
     assert f"List-Unsubscribe: {link}\r\n".encode() in data
     assert b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n" in data
+
+
+async def test_a_shared_outcome_is_judged_once_and_each_recipient_gets_its_own_result() -> None:
+    # Given a job sharing its message, and a relay that accepted the message for two of
+    # three recipients and refused the middle one at RCPT
+    accepted = SendOutcome(250, "2.0.0 queued", Phase.DATA_END, relay="r1")
+    refused = SendOutcome(550, "5.1.1 no such user", Phase.RCPT, relay="r1")
+    node = engine(ReturnPath(CountingKey(), "bounces.example.com"))
+    node.mailer = FixedMailer([accepted, refused, accepted])
+    content = Content(
+        sender=Mailbox("news@example.com"), subject="Notice", text_body="Hi",
+        recipients_per_message=3,
+    )  # fmt: skip
+    group = tuple(
+        Recipient(index=i, email=f"u{i}@example.org", name="", variables={}, attempts=i)
+        for i in range(3)
+    )
+    batch = Work(BatchRef("b1", 1), JOB, 1, 0, content, group, bounce_domain="")
+    recorded: list[Result] = []
+
+    # When the transaction runs
+    sent = await node.transact(
+        node.compile(batch), group, 0, lambda: True, recorded.extend, Guard()
+    )
+
+    # Then each recipient has its own result: attempts and address its own, the
+    # verdict of its own outcome
+    assert sent
+    assert [(r.index, r.email, r.status, r.attempts) for r in recorded] == [
+        (0, "u0@example.org", Status.DELIVERED, 1),
+        (1, "u1@example.org", Status.FAILED, 2),
+        (2, "u2@example.org", Status.DELIVERED, 3),
+    ]
+    assert [r.reply.code if r.reply else 0 for r in recorded] == [250, 550, 250]
+    assert recorded[0].message_id == recorded[2].message_id != ""
+    # And the metrics count every recipient, as counting them one by one did
+    samples = {
+        (s.name, tuple(sorted(s.labels.values()))): s.value
+        for family in node.metrics.registry.collect()
+        for s in family.samples
+        if s.name in ("mailers_node_messages_total", "mailers_node_smtp_replies_total")
+    }
+    assert samples == {
+        ("mailers_node_messages_total", ("delivered", "example.org", "r1")): 2,
+        ("mailers_node_messages_total", ("example.org", "permanent", "r1")): 1,
+        ("mailers_node_smtp_replies_total", ("250",)): 2,
+        ("mailers_node_smtp_replies_total", ("550",)): 1,
+    }
 
 
 def test_cached_metric_children_count_as_labels_did() -> None:
