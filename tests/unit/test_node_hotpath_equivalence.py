@@ -1,6 +1,6 @@
 """The node's hot-path shortcuts give what the longer ways gave: the permit read off the
 live stream, cached metric children, the one-click token made only when used, and a
-shared message's outcome judged once for its recipients."""
+shared message's outcome judged once and converted once for its recipients."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mailerpb.mailer.v1 import sender_pb2
 from mailers_runtime.message import Content, Mailbox
 from mailers_runtime.verp import Purpose, ReturnPath, TokenKey
+from sender_node import _convert
 from sender_node.classify import Phase
 from sender_node.config import NodeTimings
 from sender_node.fencing import StreamState, StreamView, start_refusal
 from sender_node.metrics import NodeMetrics
-from sender_node.model import BatchRef, Recipient, Result, Status, Work
+from sender_node.model import BatchRef, Recipient, Reply, Result, Status, Work
 from sender_node.smtp_client import RelayInfo, SendOutcome
 from sender_node.stream import Stream
 from sender_node.transaction import Guard, SendEngine
@@ -163,6 +165,48 @@ async def test_a_shared_outcome_is_judged_once_and_each_recipient_gets_its_own_r
         ("mailers_node_smtp_replies_total", ("250",)): 2,
         ("mailers_node_smtp_replies_total", ("550",)): 1,
     }
+
+
+SHARED_REPLIES = [
+    Reply(250, "2.0.0", "2.0.0 Ok: queued"),
+    Reply(550, "5.1.1", "no such user"),
+    None,
+]
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 10**6), st.integers(0, 5), st.sampled_from(SHARED_REPLIES)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_a_records_results_serialize_as_converting_each_one_did(
+    rows: list[tuple[int, int, Reply | None]],
+) -> None:
+    # Given the results of one transaction: recipients sharing an outcome or not
+    results = [
+        Result(
+            index=index,
+            email=f"u{index}@example.org",
+            status=Status.DELIVERED if reply and reply.code == 250 else Status.FAILED,
+            reason="" if reply else "relay unavailable",
+            attempts=attempts,
+            node_id="node0",
+            updated_at_ns=1_700_000_000_123_456_789,
+            reply=reply,
+            relay="r1",
+            message_id="<m@example.com>",
+        )  # fmt: skip
+        for index, attempts, reply in rows
+    ]
+    # When they are serialized for the journal
+    payload = _convert.results_payload(7, BatchRef("b1", 2), results)
+    # Then the bytes are those of converting every result on its own
+    one_by_one = sender_pb2.BatchResults(
+        batch_id="b1", attempt=2, seq=7, results=[_convert.result_to_proto(r) for r in results]
+    )
+    assert payload == one_by_one.SerializeToString()
 
 
 def test_cached_metric_children_count_as_labels_did() -> None:
