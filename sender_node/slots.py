@@ -6,7 +6,7 @@ so transactional mail overtakes a campaign already queued on the node. Among bat
 equal priority the one the node took first goes first (``order``): a batch finishes
 sooner instead of all of them advancing together, and the results written in one
 journal sync belong to few batches, so they leave the node in few stream messages
-(``outbox.merge`` joins consecutive records of one batch).
+(``outbox.merge_by_batch`` sends one per batch and sync).
 """
 
 from __future__ import annotations

@@ -267,19 +267,19 @@ class SendEngine:
         compiled, group = send.compiled, send.group
         message_id = compiled.message_id(group[0].index, shared=compiled.recipients_per_message > 1)
         # The recipients a shared message went to share one outcome object: judged once,
-        # counted once (a group is of one domain), stamped with one time.
+        # counted once under the group's one domain (the one paced), stamped with one time.
         judged: dict[int, _Judged] = {}
-        counted: collections.Counter[tuple[int, str]] = collections.Counter()
+        counted: collections.Counter[int] = collections.Counter()
         now_ns = self._now_ns()
         for item, outcome in zip(group, outcomes, strict=True):
             judgement = judged.get(id(outcome))
             if judgement is None:
                 judgement = judged[id(outcome)] = _Judged(outcome)
             results.append(judgement.result(item, self.node_id, message_id, now_ns))
-            counted[(id(outcome), recipient_domain(item.email))] += 1
+            counted[id(outcome)] += 1
             relay_fault = relay_fault or judgement.verdict.relay_fault
-        for (key, domain), n in counted.items():
-            judged[key].count(self.metrics, domain, n)
+        for key, n in counted.items():
+            judged[key].count(self.metrics, paced.domain, n)
         self.load.record(finished, finished - started, relay_fault)
         return results
 
