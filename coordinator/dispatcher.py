@@ -698,17 +698,11 @@ class Dispatcher:
         return waits
 
     def _gone(self, node: NodeEntry, now: float) -> bool:
-        """Whether a node whose lease is gone can no longer be sending anything.
-
-        Once its lease is gone it starts no transaction; those past their final dot end
-        within its final-reply bound. A node whose address refuses connections since its
-        lease went is a dead process: nothing of it is in flight any more.
-        """
+        """Whether a node whose lease is gone can no longer be sending anything."""
         assert node.left_at is not None
-        refused = node.link.refused_at
-        if refused is not None and refused >= node.left_at:
-            return True
-        return now >= node.left_at + self.timeouts.move_after_s(node.limits)
+        return self.timeouts.node_gone(
+            node.limits, left_at=node.left_at, refused_at=node.link.refused_at, now=now
+        )
 
     def _sweep_nodes(self) -> None:
         """Move the batches of nodes gone long enough; ask stalled batches back."""

@@ -11,7 +11,8 @@ derived from them, so they are always longer than what a node may still be doing
 - **move after a node left** (:meth:`LeaderTimeouts.move_after_s`): a node whose lease
   is gone stopped starting transactions before it expired; those past their final dot
   end within its final-reply timeout. Only then can its batches go to another node
-  without a second copy of what it was still sending.
+  without a second copy of what it was still sending; sooner when its address refuses
+  connections and it has not registered again (:meth:`LeaderTimeouts.node_gone`).
 - **stall** (:meth:`LeaderTimeouts.stall_s`): a node that holds a batch and reports
   nothing on it for several whole-transaction times is asked to stop it (a cancel),
   and the batch moves when the node releases it — never before.
@@ -50,6 +51,11 @@ class LeaderTimeouts:
     margin_s: float = 2.0
     """Added to every derived wait: clocks of two processes advance at slightly
     different rates, and messages take time."""
+    rejoin_s: float = 1.0
+    """How long after a node's lease is gone a refused dial may count as a dead process.
+    A restarted node registers again as soon as its old lease is gone (it retries every
+    0.5 s), and its hello replays what its journal holds; moving its batches before that
+    would send its journaled deliveries again."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval_s <= 0 or self.margin_s < 0:
@@ -65,6 +71,21 @@ class LeaderTimeouts:
     def move_after_s(self, node: NodeLimits) -> float:
         """How long after a node's lease is gone its batches may move."""
         return self.authority_s + node.final_reply_s + self.margin_s
+
+    def node_gone(
+        self, node: NodeLimits, *, left_at: float, refused_at: float | None, now: float
+    ) -> bool:
+        """Whether a node whose lease went at ``left_at`` can no longer be sending
+        anything, so its batches may move.
+
+        Once its lease is gone it starts no transaction; those past their final dot end
+        within :meth:`move_after_s`. A node whose address refuses connections since its
+        lease went (``refused_at``: the last refused dial) is a dead process, nothing of
+        it in flight: it is gone once it has not registered again for ``rejoin_s``.
+        """
+        if refused_at is not None and refused_at >= left_at and now >= left_at + self.rejoin_s:
+            return True
+        return now >= left_at + self.move_after_s(node)
 
     def stall_s(self, node: NodeLimits) -> float:
         """How long a held batch may go without news before the leader asks it back."""
