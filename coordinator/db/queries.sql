@@ -294,33 +294,36 @@ FROM unnest($1::bigint[], $2::int[]) AS u(job_no, cursor)
 WHERE j.job_no = u.job_no;
 
 -- name: apply_results
--- Outcomes reported by nodes, applied idempotently, with the job counts moved in the
--- same statement. A result applies to a recipient that is not final when it comes from
--- the same or a later attempt; a delivery always applies (it is what happened, even
--- to a recipient already failed, expired or cancelled). A delivery reported again by
--- another node or attempt counts as a duplicate. Hard bounces join their tenant's
--- suppression list. Results for jobs that no longer exist are ignored.
+-- Outcomes reported by nodes (rows of mailers_outcome), applied idempotently, with the
+-- job counts moved in the same statement. A result applies to a recipient that is not
+-- final when it comes from the same or a later attempt; a delivery always applies (it
+-- is what happened, even to a recipient already failed, expired or cancelled). A
+-- delivery reported again by another node or attempt counts as a duplicate. Hard
+-- bounces join their tenant's suppression list. Results for jobs that no longer exist
+-- are ignored. Each recipient is read once, as the statement found it (present), and
+-- that row serves the update's conditions, its old values and the duplicate count.
 WITH incoming AS (
     SELECT j.job_no, j.tenant, i.*
-    FROM unnest($1::text[], $2::int[], $3::smallint[], $4::smallint[],
-                $5::smallint[], $6::text[], $7::text[], $8::text[], $9::text[],
-                $10::bool[], $11::timestamptz[], $12::text[], $13::text[], $14::text[],
-                $15::bool[])
-        AS i(job_id, idx, status, attempts, code, enhanced_code, reply, reason, node_id,
-             ambiguous, updated_at, message_id, relay, email, bounce)
+    FROM unnest($1::mailers_outcome[]) AS i
     JOIN jobs j ON j.job_id = i.job_id
+), present AS MATERIALIZED (
+    SELECT i.*, o.status AS old_status, o.attempts AS old_attempts,
+        o.ambiguous AS old_ambiguous, o.message_id AS old_message_id, o.relay AS old_relay,
+        o.node_id AS old_node_id
+    FROM incoming i JOIN recipients o ON o.job_no = i.job_no AND o.idx = i.idx
 ), changed AS (
     UPDATE recipients r
-    SET status = i.status, attempts = greatest(o.attempts, i.attempts), code = i.code,
-        enhanced_code = i.enhanced_code, reply = i.reply, reason = i.reason,
-        node_id = i.node_id, ambiguous = o.ambiguous OR i.ambiguous,
-        updated_at = i.updated_at, message_id = coalesce(i.message_id, o.message_id),
-        relay = coalesce(i.relay, o.relay)
-    FROM incoming i, recipients o
-    WHERE r.job_no = i.job_no AND r.idx = i.idx AND o.job_no = i.job_no AND o.idx = i.idx
-      AND ((o.status IN (0, 3) AND i.attempts >= o.attempts) OR (i.status = 1 AND o.status <> 1))
-    RETURNING r.job_no, o.status AS old_status, r.status AS new_status, i.tenant, r.idx,
-        o.attempts AS old_attempts, r.attempts, r.code, r.enhanced_code, r.reply, r.reason,
+    SET status = p.status, attempts = greatest(p.old_attempts, p.attempts), code = p.code,
+        enhanced_code = p.enhanced_code, reply = p.reply, reason = p.reason,
+        node_id = p.node_id, ambiguous = p.old_ambiguous OR p.ambiguous,
+        updated_at = p.updated_at, message_id = coalesce(p.message_id, p.old_message_id),
+        relay = coalesce(p.relay, p.old_relay)
+    FROM present p
+    WHERE r.job_no = p.job_no AND r.idx = p.idx
+      AND ((p.old_status IN (0, 3) AND p.attempts >= p.old_attempts)
+           OR (p.status = 1 AND p.old_status <> 1))
+    RETURNING r.job_no, p.old_status, r.status AS new_status, p.tenant, r.idx,
+        p.old_attempts, r.attempts, r.code, r.enhanced_code, r.reply, r.reason,
         r.node_id, r.relay, r.message_id, r.updated_at
 ), logged AS (
     -- One event per change; a result applied again (same status and attempt) is none.
@@ -332,15 +335,15 @@ WITH incoming AS (
     WHERE new_status <> 0 AND (new_status <> old_status OR attempts > old_attempts)
     ORDER BY job_no, idx
 ), repeated AS (
-    SELECT i.job_no, count(*) AS n
-    FROM incoming i JOIN recipients o ON o.job_no = i.job_no AND o.idx = i.idx
-    WHERE i.status = 1 AND o.status = 1
-      AND (i.node_id, i.attempts) IS DISTINCT FROM (o.node_id, o.attempts)
-    GROUP BY i.job_no
+    SELECT job_no, count(*) AS n
+    FROM present
+    WHERE status = 1 AND old_status = 1
+      AND (node_id, attempts) IS DISTINCT FROM (old_node_id, old_attempts)
+    GROUP BY job_no
 ), bounced AS (
     INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
     SELECT DISTINCT ON (tenant, lower(btrim(email)))
-        tenant, lower(btrim(email)), 'hard_bounce', $16, code, coalesce(enhanced_code, ''),
+        tenant, lower(btrim(email)), 'hard_bounce', $2, code, coalesce(enhanced_code, ''),
         coalesce(reply, '')
     FROM incoming WHERE bounce AND email <> ''
     ON CONFLICT (tenant, email) DO NOTHING
@@ -360,7 +363,7 @@ WITH incoming AS (
         cancelled = j.cancelled + coalesce(d.cancelled, 0),
         suppressed = j.suppressed + coalesce(d.suppressed, 0),
         duplicates = j.duplicates + coalesce(rp.n, 0),
-        updated_at = $16
+        updated_at = $2
     FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
     LEFT JOIN deltas d USING (job_no)
     LEFT JOIN repeated rp USING (job_no)

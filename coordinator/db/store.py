@@ -1017,19 +1017,18 @@ class Store:
 
 
 def outcome_arguments(outcomes: Iterable[RecipientOutcome], now: float) -> list[Any]:
-    """The arguments of ``apply_results``: a column per field, then the time."""
-    cols: list[list[Any]] = [[] for _ in range(15)]
+    """The arguments of ``apply_results``: the outcomes as rows of ``mailers_outcome``,
+    then the time."""
+    rows = []
     for o in _dedupe(outcomes):
         r = o.result
-        row = (
+        rows.append((
             o.job_id, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
             r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
             r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
             o.email, o.hard_bounce,
-        )  # fmt: skip
-        for col, value in zip(cols, row, strict=True):
-            col.append(value)
-    return [*cols, ts(now)]
+        ))  # fmt: skip
+    return [rows, ts(now)]
 
 
 def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:
