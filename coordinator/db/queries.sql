@@ -245,7 +245,7 @@ CREATE TEMPORARY TABLE upload (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DRO
 -- per-domain throttles read it), then submitted place, which pos keeps.
 INSERT INTO recipients (job_no, idx, pos, email, name, variables, metadata)
 SELECT job_no,
-       (row_number() OVER (ORDER BY lower(substring(email FROM '[^@]*$')), idx) - 1)::integer,
+       (row_number() OVER (ORDER BY lower(split_part(email, '@', -1)), idx) - 1)::integer,
        idx, email, name, variables, metadata
 FROM upload;
 
