@@ -321,13 +321,30 @@ def suppression_to(tenant: str, s: Suppression) -> coordinator_pb2.Suppression:
 # ---- the leader's stream to a node --------------------------------------------------
 
 
-def _reported(pb: common_pb2.RecipientResult) -> ReportedResult:
-    index, result = result_from(pb)
-    return index, result, pb.email
-
-
 def results_from(pb: sender_pb2.BatchResults) -> ResultsMessage:
-    return ResultsMessage(pb.batch_id, pb.seq, tuple(_reported(r) for r in pb.results))
+    """The recipients of a shared message report equal results but for their index and
+    address: a result equal to the one before it is that one, converted once."""
+    reported: list[ReportedResult] = []
+    last: tuple[common_pb2.RecipientResult, Result] | None = None
+    last_key: tuple[object, ...] = ()
+    for r in pb.results:
+        if last is not None and r.message_id == last[0].message_id:
+            last_key = last_key or _shared_part(last[0])
+            if _shared_part(r) == last_key:
+                reported.append((r.index, last[1], r.email))
+                continue
+        last, last_key = (r, result_from(r)[1]), ()
+        reported.append((r.index, last[1], r.email))
+    return ResultsMessage(pb.batch_id, pb.seq, tuple(reported))
+
+
+def _shared_part(r: common_pb2.RecipientResult) -> tuple[object, ...]:
+    """Every field :func:`result_from` reads but the index and the message id."""
+    reply, stamp = r.reply, r.updated_at
+    return (
+        r.status, reply.code, reply.enhanced_code, reply.text, r.reason, r.attempts,
+        r.node_id, r.ambiguous, r.HasField("updated_at"), stamp.seconds, stamp.nanos, r.relay,
+    )  # fmt: skip
 
 
 def hello_from(pb: sender_pb2.NodeHello) -> HelloMessage:

@@ -55,6 +55,7 @@ from coordinator.model import (
     JobStatus,
     PendingRecipient,
     RecipientOutcome,
+    Result,
     Status,
 )
 from coordinator.node_messages import (
@@ -559,18 +560,11 @@ class Dispatcher:
         job = self.job(job_id)
         tenant_known = job is not None
         outcomes = []
-        for index, result, email in results.results:
-            bounced = is_hard_bounce(
-                result.status is Status.FAILED, result.code, result.enhanced_code
-            )
-            if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
-                last = result.reason or result.text
-                result = dataclasses.replace(
-                    result,
-                    status=Status.FAILED,
-                    reason=f"gave up after {result.attempts} attempts; last: {last}",
-                )
-            outcomes.append(RecipientOutcome(job_id, index, result, email, bounced))
+        judged: tuple[Result, Result, bool] | None = None  # a shared message's, once
+        for index, reported, email in results.results:
+            if judged is None or judged[0] is not reported:
+                judged = (reported, *self._judged(reported))
+            outcomes.append(RecipientOutcome(job_id, index, judged[1], email, judged[2]))
         # One increment per label, not per result: a labelled child costs a lookup.
         for status, n in collections.Counter(o.result.status for o in outcomes).items():
             self.metrics.recipients.labels(status.value).inc(n)
@@ -585,6 +579,19 @@ class Dispatcher:
         if node is not None and tenant_known:
             node.recipients_done += sum(1 for o in outcomes if o.result.status.final)
         self.writer.results(NodeResults(node_id, results.seq if ack else 0, outcomes))
+
+    def _judged(self, result: Result) -> tuple[Result, bool]:
+        """The result to store (a deferral out of attempts fails), and whether it is a
+        hard bounce."""
+        bounced = is_hard_bounce(result.status is Status.FAILED, result.code, result.enhanced_code)
+        if result.status is Status.DEFERRED and result.attempts >= self.config.max_attempts:
+            last = result.reason or result.text
+            result = dataclasses.replace(
+                result,
+                status=Status.FAILED,
+                reason=f"gave up after {result.attempts} attempts; last: {last}",
+            )
+        return result, bounced
 
     def on_ack(self, link: object, ack: AckMessage) -> None:
         node_id = getattr(link, "node_id", "")

@@ -1018,16 +1018,19 @@ class Store:
 
 def outcome_arguments(outcomes: Iterable[RecipientOutcome], now: float) -> list[Any]:
     """The arguments of ``apply_results``: the outcomes as rows of ``mailers_outcome``,
-    then the time."""
+    then the time. The recipients of a shared message share one result: its part of the
+    row is made once."""
     rows = []
+    shared: tuple[Result | None, tuple[Any, ...]] = (None, ())
     for o in _dedupe(outcomes):
-        r = o.result
-        rows.append((
-            o.job_id, o.index, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
-            r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
-            r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
-            o.email, o.hard_bounce,
-        ))  # fmt: skip
+        if shared[0] is not o.result:
+            r = o.result
+            shared = r, (
+                STATUS_CODE[r.status], min(r.attempts, 32_767), r.code, r.enhanced_code or None,
+                r.text or None, r.reason or None, r.node_id or None, r.ambiguous,
+                ts(r.updated_at or now), r.message_id or None, r.relay or None,
+            )  # fmt: skip
+        rows.append((o.job_id, o.index, *shared[1], o.email, o.hard_bounce))
     return [rows, ts(now)]
 
 

@@ -1,0 +1,60 @@
+"""The leader's side of a node's results: a shared message's recipients are converted
+once, and what comes out is what converting each result on its own gives."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator import _convert
+from coordinator.db.store import outcome_arguments
+from coordinator.model import RecipientOutcome
+from mailerpb.mailer.v1 import common_pb2, sender_pb2
+
+# Each field drawn from two values, so neighbours often agree on all but one of them.
+_RESULTS = st.builds(
+    lambda status, code, text, attempts, node, seconds, mid, relay, stamped: (
+        common_pb2.RecipientResult(
+            status=status,
+            reply=common_pb2.SmtpReply(code=code, enhanced_code="2.0.0", text=text),
+            attempts=attempts,
+            node_id=node,
+            updated_at=Timestamp(seconds=seconds, nanos=5) if stamped else None,
+            message_id=mid,
+            relay=relay,
+        )
+    ),
+    st.sampled_from([common_pb2.RECIPIENT_STATUS_DELIVERED, common_pb2.RECIPIENT_STATUS_FAILED]),
+    st.sampled_from([250, 550]),
+    st.sampled_from(["ok", "no such user"]),
+    st.integers(1, 2),
+    st.sampled_from(["node0", "node1"]),
+    st.integers(1_700_000_000, 1_700_000_001),
+    st.sampled_from(["<a@example.com>", ""]),
+    st.sampled_from(["r1", "r2"]),
+    st.booleans(),
+)
+
+
+@given(st.lists(_RESULTS, min_size=1, max_size=20))
+def test_results_convert_as_each_one_did(results: list[common_pb2.RecipientResult]) -> None:
+    # Given a node's results, neighbours often equal but for index and address
+    for index, r in enumerate(results):
+        r.index, r.email = index, f"u{index}@example.org"
+    pb = sender_pb2.BatchResults(batch_id="j1:0", seq=3, results=results)
+    # When the leader reads them
+    message = _convert.results_from(pb)
+    # Then each is what converting it alone gives, and equal neighbours share one object
+    assert message.batch_id == "j1:0" and message.seq == 3
+    assert [(i, e) for i, _, e in message.results] == [(r.index, r.email) for r in results]
+    assert [res for _, res, _ in message.results] == [_convert.result_from(r)[1] for r in results]
+    for (_, a, _), (_, b, _) in zip(message.results, message.results[1:], strict=False):
+        assert (a is b) == (a == b)
+    # And their rows for PostgreSQL are those of unshared results
+    outcomes = [RecipientOutcome("j1", i, res, e) for i, res, e in message.results]
+    alone = [
+        RecipientOutcome("j1", i, _convert.result_from(r)[1], r.email)
+        for i, r in enumerate(results)
+    ]
+    assert outcome_arguments(outcomes, 1.0) == outcome_arguments(alone, 1.0)
