@@ -49,7 +49,12 @@ install_python() {
   install_uv
   # --locked: refuse to run when pyproject.toml and uv.lock disagree (re-lock with
   # `bash dev.sh lock`), so every machine installs exactly the versions in the lock.
-  "$UV" sync --locked --all-packages --python python3 --quiet
+  # Bytecode compiled here, once: where it is not written at import (PYTHONDONTWRITEBYTECODE,
+  # a read-only venv), every node, coordinator and `mailers` command compiled its imports
+  # again at start (a coordinator's imports: 1.8-2.0 s of CPU instead of 0.9).
+  "$UV" sync --locked --all-packages --python python3 --quiet --compile-bytecode
+  "$PY" -m compileall -q coordinator sender_node mailers_runtime mailerpb client_sdk mailers \
+    mailers_dev bench tests >/dev/null
 }
 
 install_buf() {
