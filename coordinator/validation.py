@@ -121,14 +121,7 @@ def address_problem(email: str) -> str | None:
         return f"{email!r} is not a valid email address (non-ASCII local part)"
     if len(local) > 64 or not _LOCAL.match(local):
         return f"{email!r} is not a valid email address"
-    if not domain.isascii():
-        return f"{email!r} is not a valid email address (give the domain in ASCII xn-- form)"
-    labels = domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
-        return f"{email!r} is not a valid email address (bad domain)"
-    if labels[-1].isdigit():
-        return f"{email!r} is not a valid email address (bad domain)"
-    domain_problem = _domain_problem(domain.lower())
+    domain_problem = _domain_problem(domain)
     if domain_problem is not None:
         return f"{email!r} is not a valid email address ({domain_problem})"
     return None
@@ -137,9 +130,16 @@ def address_problem(email: str) -> str | None:
 @functools.lru_cache(maxsize=65_536)
 def _domain_problem(domain: str) -> str | None:
     # A memo of a pure function: bulk lists have few distinct domains.
+    if not domain.isascii():
+        return "give the domain in ASCII xn-- form"
+    labels = domain.split(".")
+    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+        return "bad domain"
+    if labels[-1].isdigit():
+        return "bad domain"
     try:
         email_validator.validate_email(
-            f"a@{domain}",
+            f"a@{domain.lower()}",
             allow_smtputf8=False,
             allow_quoted_local=False,
             allow_domain_literal=False,
