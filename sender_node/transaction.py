@@ -22,7 +22,6 @@ No protobuf here: results are ``model.Result`` values.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -269,17 +268,16 @@ class SendEngine:
         # The recipients a shared message went to share one outcome object: judged once,
         # counted once under the group's one domain (the one paced), stamped with one time.
         judged: dict[int, _Judged] = {}
-        counted: collections.Counter[int] = collections.Counter()
         now_ns = self._now_ns()
         for item, outcome in zip(group, outcomes, strict=True):
             judgement = judged.get(id(outcome))
             if judgement is None:
                 judgement = judged[id(outcome)] = _Judged(outcome)
             results.append(judgement.result(item, self.node_id, message_id, now_ns))
-            counted[id(outcome)] += 1
+            judgement.recipients += 1
             relay_fault = relay_fault or judgement.verdict.relay_fault
-        for key, n in counted.items():
-            judged[key].count(self.metrics, paced.domain, n)
+        for judgement in judged.values():
+            judgement.count(self.metrics, paced.domain)
         self.load.record(finished, finished - started, relay_fault)
         return results
 
@@ -332,10 +330,11 @@ class SendEngine:
 class _Judged:
     """What one SMTP outcome means for the recipients it is the outcome of."""
 
-    __slots__ = ("outcome", "verdict", "status", "reply", "uses_attempt")
+    __slots__ = ("outcome", "verdict", "status", "reply", "uses_attempt", "recipients")
 
     def __init__(self, outcome: SendOutcome) -> None:
         self.outcome = outcome
+        self.recipients = 0  # how many it was the outcome of (the caller counts them)
         self.verdict = verdict = classify(
             outcome.code, outcome.text, outcome.phase, outcome.failure
         )
@@ -369,14 +368,14 @@ class _Judged:
             message_id=message_id,
         )
 
-    def count(self, metrics: NodeMetrics, domain: str, recipients: int) -> None:
-        """Count the outcome for ``recipients`` recipients of ``domain``."""
+    def count(self, metrics: NodeMetrics, domain: str) -> None:
+        """Count the outcome in the metrics, once per recipient of ``domain`` it was."""
         outcome = self.outcome
         metrics.count_message(
-            outcome.relay, domain, _OUTCOME_LABEL[self.verdict.outcome], recipients
+            outcome.relay, domain, _OUTCOME_LABEL[self.verdict.outcome], self.recipients
         )
         if outcome.code > 0:
-            metrics.count_reply(outcome.code, recipients)
+            metrics.count_reply(outcome.code, self.recipients)
 
 
 class _Send:
