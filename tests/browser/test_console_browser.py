@@ -35,7 +35,11 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -194,9 +198,20 @@ def _until(
                 return
         except (NoSuchElementException, StaleElementReferenceException):
             pass
+        except WebDriverException as exc:
+            if not _replaced(exc):
+                raise
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} not within {timeout_s:g} s")
         time.sleep(interval_s)
+
+
+def _replaced(exc: WebDriverException) -> bool:
+    """Whether chromedriver reports an element of a page being replaced. It sometimes
+    says so as an unknown error from the inspector rather than as a stale element
+    (SeleniumHQ/selenium#15401): seen here reading the heading while a log-in went on
+    to the next page."""
+    return "Node with given id does not belong to the document" in (exc.msg or "")
 
 
 def _h1(driver: WebDriver) -> str:
