@@ -331,10 +331,10 @@ def results_from(pb: sender_pb2.BatchResults) -> ResultsMessage:
         if last is not None and r.message_id == last[0].message_id:
             last_key = last_key or _shared_part(last[0])
             if _shared_part(r) == last_key:
-                reported.append((r.index, last[1], r.email))
+                reported.append((r.index, last[1]))
                 continue
         last, last_key = (r, result_from(r)[1]), ()
-        reported.append((r.index, last[1], r.email))
+        reported.append((r.index, last[1]))
     return ResultsMessage(pb.batch_id, pb.seq, tuple(reported))
 
 

@@ -561,10 +561,10 @@ class Dispatcher:
         tenant_known = job is not None
         outcomes = []
         judged: tuple[Result, Result, bool] | None = None  # a shared message's, once
-        for index, reported, email in results.results:
+        for index, reported in results.results:
             if judged is None or judged[0] is not reported:
                 judged = (reported, *self._judged(reported))
-            outcomes.append(RecipientOutcome(job_id, index, judged[1], email, judged[2]))
+            outcomes.append(RecipientOutcome(job_id, index, judged[1], judged[2]))
         # One increment per label, not per result: a labelled child costs a lookup.
         for status, n in collections.Counter(o.result.status for o in outcomes).items():
             self.metrics.recipients.labels(status.value).inc(n)

@@ -160,7 +160,6 @@ class RecipientOutcome:
     job_id: str
     index: int
     result: Result
-    email: str = ""
     hard_bounce: bool = False
     """The result puts the address on its tenant's suppression list."""
 

@@ -12,8 +12,8 @@ import dataclasses
 from coordinator.model import Content, PendingRecipient, Result
 from coordinator.timeouts import NodeLimits
 
-ReportedResult = tuple[int, Result, str]
-"""One recipient's outcome as a node reports it: (index, result, email)."""
+ReportedResult = tuple[int, Result]
+"""One recipient's outcome as a node reports it: (index, result)."""
 
 HeldRef = tuple[str, int]
 """A batch attempt a node holds or releases: (batch id, attempt)."""

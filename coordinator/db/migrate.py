@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-HEAD = "0007"
+HEAD = "0008"
 """The newest revision under ``migrations/versions`` (a unit test holds the two equal)."""
 
 

@@ -294,23 +294,37 @@ FROM unnest($1::bigint[], $2::int[]) AS u(job_no, cursor)
 WHERE j.job_no = u.job_no;
 
 -- name: apply_results
--- Outcomes reported by nodes (rows of mailers_outcome), applied idempotently, with the
--- job counts moved in the same statement. A result applies to a recipient that is not
--- final when it comes from the same or a later attempt; a delivery always applies (it
--- is what happened, even to a recipient already failed, expired or cancelled). A
+-- Outcomes reported by nodes, applied idempotently, with the job counts moved in the
+-- same statement. $1 holds each result once (rows of mailers_result: a shared message's
+-- recipients share one), $2 the recipients' indexes grouped by result, and $3[k] the
+-- position in $2 of the last recipient of result k. A result applies to a recipient that
+-- is not final when it comes from the same or a later attempt; a delivery always applies
+-- (it is what happened, even to a recipient already failed, expired or cancelled). A
 -- delivery reported again by another node or attempt counts as a duplicate. Hard
--- bounces join their tenant's suppression list. Results for jobs that no longer exist
--- are ignored. Each recipient is read once, as the statement found it (present), and
--- that row serves the update's conditions, its old values and the duplicate count.
+-- bounces put the recipient's address on its tenant's suppression list. Results for jobs
+-- that no longer exist are ignored. Each recipient is read once, as the statement found
+-- it (present), and that row serves the update's conditions, its old values and the
+-- duplicate count.
 WITH incoming AS (
-    SELECT j.job_no, j.tenant, i.*
-    FROM unnest($1::mailers_outcome[]) AS i
-    JOIN jobs j ON j.job_id = i.job_id
+    SELECT j.job_no, j.tenant, x.idx, s.status, s.attempts, s.code, s.enhanced_code,
+        s.reply, s.reason, s.node_id, s.ambiguous, s.updated_at, s.message_id, s.relay,
+        s.bounce
+    FROM unnest($1::mailers_result[]) WITH ORDINALITY AS s
+    JOIN jobs j ON j.job_id = s.job_id
+    CROSS JOIN LATERAL unnest(($2::integer[])[
+        coalesce(($3::integer[])[s.ordinality - 1], 0) + 1 : ($3::integer[])[s.ordinality]
+    ]) AS x(idx)
 ), present AS MATERIALIZED (
-    SELECT i.*, o.status AS old_status, o.attempts AS old_attempts,
-        o.ambiguous AS old_ambiguous, o.message_id AS old_message_id, o.relay AS old_relay,
-        o.node_id AS old_node_id
-    FROM incoming i JOIN recipients o ON o.job_no = i.job_no AND o.idx = i.idx
+    -- One lookup by key per recipient, whatever the estimates say: OFFSET 0 keeps the
+    -- subquery from being flattened into a join the planner may make a scan of the job.
+    SELECT i.*, o.*
+    FROM incoming i CROSS JOIN LATERAL (
+        SELECT r.email, r.status AS old_status, r.attempts AS old_attempts,
+            r.ambiguous AS old_ambiguous, r.message_id AS old_message_id,
+            r.relay AS old_relay, r.node_id AS old_node_id
+        FROM recipients r WHERE r.job_no = i.job_no AND r.idx = i.idx
+        OFFSET 0
+    ) o
 ), changed AS (
     UPDATE recipients r
     SET status = p.status, attempts = greatest(p.old_attempts, p.attempts), code = p.code,
@@ -343,9 +357,9 @@ WITH incoming AS (
 ), bounced AS (
     INSERT INTO suppressions (tenant, email, reason, created_at, code, enhanced_code, reply)
     SELECT DISTINCT ON (tenant, lower(btrim(email)))
-        tenant, lower(btrim(email)), 'hard_bounce', $2, code, coalesce(enhanced_code, ''),
+        tenant, lower(btrim(email)), 'hard_bounce', $4, code, coalesce(enhanced_code, ''),
         coalesce(reply, '')
-    FROM incoming WHERE bounce AND email <> ''
+    FROM present WHERE bounce
     ON CONFLICT (tenant, email) DO NOTHING
 ), deltas AS (
     SELECT job_no,
@@ -363,7 +377,7 @@ WITH incoming AS (
         cancelled = j.cancelled + coalesce(d.cancelled, 0),
         suppressed = j.suppressed + coalesce(d.suppressed, 0),
         duplicates = j.duplicates + coalesce(rp.n, 0),
-        updated_at = $2
+        updated_at = $4
     FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
     LEFT JOIN deltas d USING (job_no)
     LEFT JOIN repeated rp USING (job_no)

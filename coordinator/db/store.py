@@ -1017,21 +1017,32 @@ class Store:
 
 
 def outcome_arguments(outcomes: Iterable[RecipientOutcome], now: float) -> list[Any]:
-    """The arguments of ``apply_results``: the outcomes as rows of ``mailers_outcome``,
-    then the time. The recipients of a shared message share one result: its part of the
-    row is made once."""
-    rows = []
-    shared: tuple[Result | None, tuple[Any, ...]] = (None, ())
+    """The arguments of ``apply_results``: each result once, as a row of
+    ``mailers_result`` (the recipients of a shared message share one result object);
+    the recipients' indexes, grouped by result; where each result's recipients end in
+    that list; then the time."""
+    results: list[tuple[Any, ...]] = []
+    ends: list[int] = []
+    indexes: list[int] = []
+    last: RecipientOutcome | None = None
     for o in _dedupe(outcomes):
-        if shared[0] is not o.result:
-            r = o.result
-            shared = r, (
-                STATUS_CODE[r.status], min(r.attempts, 32_767), r.code, r.enhanced_code or None,
-                r.text or None, r.reason or None, r.node_id or None, r.ambiguous,
-                ts(r.updated_at or now), r.message_id or None, r.relay or None,
-            )  # fmt: skip
-        rows.append((o.job_id, o.index, *shared[1], o.email, o.hard_bounce))
-    return [rows, ts(now)]
+        if (
+            last is None
+            or o.result is not last.result
+            or o.job_id != last.job_id
+            or o.hard_bounce != last.hard_bounce
+        ):
+            last, r = o, o.result
+            results.append((
+                o.job_id, STATUS_CODE[r.status], min(r.attempts, 32_767), r.code,
+                r.enhanced_code or None, r.text or None, r.reason or None, r.node_id or None,
+                r.ambiguous, ts(r.updated_at or now), r.message_id or None, r.relay or None,
+                o.hard_bounce,
+            ))  # fmt: skip
+            ends.append(len(indexes))
+        indexes.append(o.index)
+        ends[-1] += 1
+    return [results, indexes, ends, ts(now)]
 
 
 def _dedupe(outcomes: Iterable[RecipientOutcome]) -> list[RecipientOutcome]:

@@ -3,6 +3,8 @@ once, and what comes out is what converting each result on its own gives."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
@@ -47,14 +49,26 @@ def test_results_convert_as_each_one_did(results: list[common_pb2.RecipientResul
     message = _convert.results_from(pb)
     # Then each is what converting it alone gives, and equal neighbours share one object
     assert message.batch_id == "j1:0" and message.seq == 3
-    assert [(i, e) for i, _, e in message.results] == [(r.index, r.email) for r in results]
-    assert [res for _, res, _ in message.results] == [_convert.result_from(r)[1] for r in results]
-    for (_, a, _), (_, b, _) in zip(message.results, message.results[1:], strict=False):
+    assert [i for i, _ in message.results] == [r.index for r in results]
+    assert [res for _, res in message.results] == [_convert.result_from(r)[1] for r in results]
+    for (_, a), (_, b) in zip(message.results, message.results[1:], strict=False):
         assert (a is b) == (a == b)
-    # And their rows for PostgreSQL are those of unshared results
-    outcomes = [RecipientOutcome("j1", i, res, e) for i, res, e in message.results]
-    alone = [
-        RecipientOutcome("j1", i, _convert.result_from(r)[1], r.email)
-        for i, r in enumerate(results)
+    # And PostgreSQL gets each shared result once, and for each recipient the row of its
+    # unshared result
+    outcomes = [RecipientOutcome("j1", i, res) for i, res in message.results]
+    alone = [RecipientOutcome("j1", i, _convert.result_from(r)[1]) for i, r in enumerate(results)]
+    shared = outcome_arguments(outcomes, 1.0)
+    assert len(shared[0]) == len({id(res) for _, res in message.results})
+    assert _rows(shared) == _rows(outcome_arguments(alone, 1.0))
+
+
+def _rows(arguments: list[Any]) -> list[tuple[int, tuple[Any, ...]]]:
+    """Each recipient's index and result row, as ``apply_results`` pairs them."""
+    results, indexes, ends, _ = arguments
+    assert len(results) == len(ends) and ends == sorted(set(ends)) and ends[-1] == len(indexes)
+    starts = [0, *ends[:-1]]
+    return [
+        (index, row)
+        for row, start, end in zip(results, starts, ends, strict=True)
+        for index in indexes[start:end]
     ]
-    assert outcome_arguments(outcomes, 1.0) == outcome_arguments(alone, 1.0)
