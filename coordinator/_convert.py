@@ -121,10 +121,6 @@ def recipient_from(pb: common_pb2.Recipient) -> Recipient:
     )
 
 
-def recipient_to(r: Recipient) -> common_pb2.Recipient:
-    return common_pb2.Recipient(email=r.email, name=r.name, variables=dict(r.variables))
-
-
 def options_from(pb: coordinator_pb2.JobOptions) -> JobOptions:
     return JobOptions(
         send_at=unix(pb.send_at, pb.HasField("send_at")),
@@ -392,21 +388,27 @@ class BatchEncoder:
         self._contents: dict[str, tuple[Content, common_pb2.MessageContent]] = {}
 
     def encode(self, batch: OutboundBatch) -> sender_pb2.Batch:
-        return sender_pb2.Batch(
+        pb = sender_pb2.Batch(
             batch_id=batch.batch_id,
             job_id=batch.job_id,
             epoch=batch.epoch,
             attempt=batch.attempt,
             content=self._content(batch.job_id, batch.content),
-            recipients=[
-                sender_pb2.BatchRecipient(
-                    index=p.index, recipient=recipient_to(p.recipient), attempts=p.attempts
-                )
-                for p in batch.recipients
-            ],
             priority=batch.priority,
             bounce_domain=batch.bounce_domain,
         )
+        # Filled in place, empty fields left unset: building a Recipient message and
+        # handing it to BatchRecipient (a copy) cost six times as much per recipient.
+        add = pb.recipients.add
+        for p in batch.recipients:
+            r = p.recipient
+            wire = add(index=p.index, attempts=p.attempts).recipient
+            wire.email = r.email
+            if r.name:
+                wire.name = r.name
+            if r.variables:
+                wire.variables.update(r.variables)
+        return pb
 
     def forget(self, job_id: str) -> None:
         self._contents.pop(job_id, None)
