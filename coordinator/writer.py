@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
@@ -86,7 +87,10 @@ class ResultWriter:
         store: The leader's fenced store.
         events: Told what each committed flush did.
         retry_at: When a released batch with deferred recipients may go again.
-        flush_interval_s: Items wait at most about this long to be written.
+        flush_interval_s: Items wait at most about this long to be written, unless a
+            full flush is queued sooner. A flush has a fixed cost (a fenced transaction,
+            its commit): ``bench.e2e --recipients 20000`` made 146 flushes of a median
+            129 outcomes at 0.02 s, 45 of 452 at 0.1 s.
         max_items: Items per transaction.
         clock: Unix seconds.
     """
@@ -97,7 +101,7 @@ class ResultWriter:
         events: WriterEvents,
         retry_at: Callable[[BatchRelease, int], float],
         *,
-        flush_interval_s: float = 0.02,
+        flush_interval_s: float = 0.1,
         max_items: int = 2000,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -110,6 +114,7 @@ class ResultWriter:
         self._queue: collections.deque[Item] = collections.deque()
         self._queued_outcomes = 0
         self._wake = asyncio.Event()
+        self._full = asyncio.Event()
         self._written = asyncio.Event()
         self.failing_since: float | None = None
         """Since when (unix s) writes have been failing; None while they succeed."""
@@ -120,6 +125,8 @@ class ResultWriter:
         self._queue.append(batch)
         self._queued_outcomes += len(batch.outcomes)
         self._wake.set()
+        if self._queued_outcomes >= self._max_items:
+            self._full.set()
 
     def release(self, release: BatchRelease) -> asyncio.Future[None]:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -162,7 +169,7 @@ class ResultWriter:
             if not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            await asyncio.sleep(self._flush_interval_s)
+            await self._gather()
             items = self._take()
             try:
                 await self._write(items)
@@ -183,6 +190,15 @@ class ResultWriter:
             )
             self._written.set()
             self._written = asyncio.Event()
+
+    async def _gather(self) -> None:
+        """Let items gather for the flush interval, or until a full flush is queued."""
+        if self._queued_outcomes >= self._max_items:
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._flush_interval_s):
+                await self._full.wait()
 
     def _take(self) -> list[Item]:
         taken: list[Item] = []
