@@ -361,7 +361,12 @@ class LocalCluster:
             # Nodes bind port 0 only once the coordinators hold theirs: the kernel could
             # otherwise hand a node a port reserved (free_port) but not yet bound.
             for i, port in enumerate(self.coordinator_ports):
-                wait_for_port(port, timeout_s, self.coordinators[f"coordinator{i}"].popen)
+                popen = self.coordinators[f"coordinator{i}"].popen
+                wait_for_port(port, timeout_s, popen)
+                if self.spec.feedback:
+                    # Opened after gRPC (once PostgreSQL answered): a test that logs in
+                    # to the console first was refused.
+                    wait_for_port(self.http_ports[i], timeout_s, popen)
             for i in range(self.spec.nodes):
                 self.start_node(i)
         except BaseException:
