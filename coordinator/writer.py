@@ -125,7 +125,7 @@ class ResultWriter:
         self._queue.append(batch)
         self._queued_outcomes += len(batch.outcomes)
         self._wake.set()
-        if self._queued_outcomes >= self._max_items:
+        if self._full_flush_queued:
             self._full.set()
 
     def release(self, release: BatchRelease) -> asyncio.Future[None]:
@@ -150,6 +150,10 @@ class ResultWriter:
     def backlog(self) -> int:
         """Outcomes received and not yet written."""
         return self._queued_outcomes
+
+    @property
+    def _full_flush_queued(self) -> bool:
+        return self._queued_outcomes >= self._max_items
 
     @property
     def idle(self) -> bool:
@@ -193,7 +197,7 @@ class ResultWriter:
 
     async def _gather(self) -> None:
         """Let items gather for the flush interval, or until a full flush is queued."""
-        if self._queued_outcomes >= self._max_items:
+        if self._full_flush_queued:
             return
         self._full.clear()
         with contextlib.suppress(TimeoutError):
