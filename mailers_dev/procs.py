@@ -136,10 +136,8 @@ def spawn(
     argv: Sequence[str],
     log_dir: Path,
     env: Mapping[str, str] | None = None,
-    user: str | None = None,
 ) -> Proc:
-    """Start argv with stdout and stderr going to log_dir/<name>.log (as ``user`` when
-    given: only root can)."""
+    """Start argv with stdout and stderr going to log_dir/<name>.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     full_env = dict(os.environ)
@@ -151,7 +149,6 @@ def spawn(
             stderr=subprocess.STDOUT,
             env=full_env,
             start_new_session=True,
-            user=user,
         )
     return Proc(name=name, popen=popen, log_path=log_path)
 
@@ -367,9 +364,26 @@ class PostgresServer:
             "MAILER_DATABASE_PASSWORD_FILE": str(self.password_file),
         }
 
+    def _as_owner(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` run as the server's owner: as root, through ``setpriv`` (util-linux),
+        which drops to that user and then execs it.
+
+        Not ``subprocess``'s ``user=``: with it CPython makes a real ``fork()`` rather
+        than a ``vfork()``, so the atfork handlers of whatever the parent has loaded run
+        in the child. gRPC's restart its pollers there, and one such start of
+        PostgreSQL died of a SIGSEGV before its ``exec``.
+        """
+        if self._user is None:
+            return list(argv)
+        owner = pwd.getpwnam(self._user)
+        return [
+            "setpriv", f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups",
+            "--", *argv,
+        ]  # fmt: skip
+
     def _run(self, argv: Sequence[str]) -> None:
         done = subprocess.run(
-            list(argv), capture_output=True, user=self._user, cwd=self.data_root, timeout=120
+            self._as_owner(argv), capture_output=True, cwd=self.data_root, timeout=120
         )
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {done.stderr.decode(errors='replace')}")
@@ -427,16 +441,18 @@ class PostgresServer:
         if not (self.data_dir / "PG_VERSION").exists():
             self.init()
         argv = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
-        self.proc = spawn("postgres", argv, self.base_dir / "logs", user=self._user)
+        self.proc = spawn("postgres", self._as_owner(argv), self.base_dir / "logs")
         wait_for_port(self.port, timeout_s, self.proc.popen, host=self.listen)
         self._wait_ready(timeout_s)
         self._createdb()
 
     def _psql(self, sql: str, database: str = "postgres") -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [str(self.bindir / "psql"), "-h", str(self.data_root), "-p", str(self.port),
-             "-U", "mailers", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql],
-            capture_output=True, user=self._user, timeout=60,
+            self._as_owner([
+                str(self.bindir / "psql"), "-h", str(self.data_root), "-p", str(self.port),
+                "-U", "mailers", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql,
+            ]),
+            capture_output=True, timeout=60,
         )  # fmt: skip
 
     def _wait_ready(self, timeout_s: float) -> None:
