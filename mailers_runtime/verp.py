@@ -14,7 +14,6 @@ lower-case letters, digits, ``-`` and ``.``: it survives MTAs that fold case.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import enum
 import hashlib
@@ -25,6 +24,9 @@ from pathlib import Path
 from mailers_runtime.errors import ConfigError
 
 _TAG_BYTES = 10
+_BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648's alphabet, lower case
+_BASE32_PAIRS = tuple(a + b for a in _BASE32 for b in _BASE32)
+"""Ten bits to their two base32 characters: a tag's 80 bits are eight lookups."""
 _TOKEN = re.compile(r"\A([0-9a-z][0-9a-z-]{0,39})\.([0-9a-z]{1,7})\.([a-z2-7]{16})\Z")
 MIN_KEY_BYTES = 32
 
@@ -48,7 +50,8 @@ class TokenKey:
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ConfigError(f"the token key needs at least {MIN_KEY_BYTES} bytes")
-        self._key = key
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        """Keyed once; each tag copies it (a node signs one or two per message)."""
 
     @classmethod
     def from_file(cls, path: str) -> TokenKey:
@@ -75,9 +78,9 @@ class TokenKey:
         return RecipientRef(job_id, index)
 
     def _tag(self, purpose: Purpose, job_id: str, index: int) -> str:
-        signed = f"{purpose.value}:{job_id}:{index}".encode()
-        digest = hmac.new(self._key, signed, hashlib.sha256).digest()[:_TAG_BYTES]
-        return base64.b32encode(digest).decode().lower()
+        mac = self._mac.copy()
+        mac.update(f"{purpose.value}:{job_id}:{index}".encode())
+        return _base32_tag(mac.digest())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +119,18 @@ def bounce_ref(
         return None
     _, plus, token = local.partition("+")
     return key.verify(Purpose.BOUNCE, token) if plus else None
+
+
+def _base32_tag(digest: bytes) -> str:
+    """``base64.b32encode(digest[:10]).decode().lower()`` (80 bits: 16 characters, no
+    padding) at half its cost: two 40-bit halves, four table lookups each."""
+    pairs = _BASE32_PAIRS
+    a = int.from_bytes(digest[:5], "big")
+    b = int.from_bytes(digest[5:_TAG_BYTES], "big")
+    return (
+        pairs[a >> 30] + pairs[(a >> 20) & 1023] + pairs[(a >> 10) & 1023] + pairs[a & 1023]
+        + pairs[b >> 30] + pairs[(b >> 20) & 1023] + pairs[(b >> 10) & 1023] + pairs[b & 1023]
+    )  # fmt: skip
 
 
 def _base36(n: int) -> str:
