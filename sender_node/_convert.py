@@ -77,21 +77,26 @@ def work_from_proto(batch: sender_pb2.Batch) -> Work:
 
 
 def result_to_proto(result: Result) -> common_pb2.RecipientResult:
-    message = common_pb2.RecipientResult(
-        index=result.index,
-        email=result.email,
-        status=_STATUS[result.status],
-        reason=result.reason,
-        attempts=result.attempts,
-        node_id=result.node_id,
-        ambiguous=result.ambiguous,
-        relay=result.relay,
-        message_id=result.message_id,
-    )
-    if result.reply is not None:
-        message.reply.code = result.reply.code
-        message.reply.enhanced_code = result.reply.enhanced_code
-        message.reply.text = result.reply.text
+    return fill_result(common_pb2.RecipientResult(), result)
+
+
+def fill_result(message: common_pb2.RecipientResult, result: Result) -> common_pb2.RecipientResult:
+    """Set ``result``'s fields on ``message`` (an empty one, e.g. fresh from
+    ``results.add()``: filled in place, nothing is copied) and return it."""
+    message.index = result.index
+    message.email = result.email
+    message.status = _STATUS[result.status]
+    message.reason = result.reason
+    message.attempts = result.attempts
+    message.node_id = result.node_id
+    message.ambiguous = result.ambiguous
+    message.relay = result.relay
+    message.message_id = result.message_id
+    reply = result.reply
+    if reply is not None:
+        message.reply.code = reply.code
+        message.reply.enhanced_code = reply.enhanced_code
+        message.reply.text = reply.text
     message.updated_at.FromNanoseconds(result.updated_at_ns)
     return message
 
@@ -104,7 +109,7 @@ def results_payload(seq: int, ref: BatchRef, results: Sequence[Result]) -> bytes
     conversion)."""
     batch = sender_pb2.BatchResults(batch_id=ref.batch_id, attempt=ref.attempt, seq=seq)
     if len(results) == 1:  # a personalised message: nothing to share
-        batch.results.append(result_to_proto(results[0]))
+        fill_result(batch.results.add(), results[0])
         return batch.SerializeToString()
     converted: dict[tuple[object, ...], common_pb2.RecipientResult] = {}
     for result in results:

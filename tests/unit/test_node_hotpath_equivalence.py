@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mailerpb.mailer.v1 import sender_pb2
+from mailerpb.mailer.v1 import common_pb2, sender_pb2
 from mailers_runtime.message import Content, Mailbox
 from mailers_runtime.verp import Purpose, ReturnPath, TokenKey
 from sender_node import _convert
@@ -207,6 +207,23 @@ def test_a_records_results_serialize_as_converting_each_one_did(
         batch_id="b1", attempt=2, seq=7, results=[_convert.result_to_proto(r) for r in results]
     )
     assert payload == one_by_one.SerializeToString()
+    # And each result reads back field by field (the two sides share the field setting)
+    parsed = sender_pb2.BatchResults.FromString(payload)
+    assert [_fields(m) for m in parsed.results] == [_expected_fields(r) for r in results]
+
+
+def _fields(m: common_pb2.RecipientResult) -> tuple[object, ...]:
+    reply = (m.reply.code, m.reply.enhanced_code, m.reply.text) if m.HasField("reply") else None
+    status = common_pb2.RecipientStatus.Name(m.status)
+    return (m.index, m.email, status, m.reason, m.attempts, m.node_id, m.ambiguous, reply,
+            m.relay, m.message_id, m.updated_at.ToNanoseconds())  # fmt: skip
+
+
+def _expected_fields(r: Result) -> tuple[object, ...]:
+    reply = (r.reply.code, r.reply.enhanced_code, r.reply.text) if r.reply else None
+    status = f"RECIPIENT_STATUS_{r.status.name}"
+    return (r.index, r.email, status, r.reason, r.attempts, r.node_id, r.ambiguous, reply,
+            r.relay, r.message_id, r.updated_at_ns)  # fmt: skip
 
 
 def test_cached_metric_children_count_as_labels_did() -> None:
