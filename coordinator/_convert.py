@@ -116,8 +116,14 @@ def content_to(content: Content) -> common_pb2.MessageContent:
 
 
 def recipient_from(pb: common_pb2.Recipient) -> Recipient:
+    # dict(map) walks the protobuf map through the Mapping ABC (key, then lookup):
+    # twice the cost of its items(), and submit converts every recipient.
+    variables, metadata = pb.variables, pb.metadata
     return Recipient(
-        email=pb.email, name=pb.name, variables=dict(pb.variables), metadata=dict(pb.metadata)
+        email=pb.email,
+        name=pb.name,
+        variables=dict(variables.items()) if variables else {},
+        metadata=dict(metadata.items()) if metadata else {},
     )
 
 

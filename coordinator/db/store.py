@@ -25,8 +25,9 @@ import dataclasses
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import Any
 
@@ -1175,6 +1176,14 @@ def _suppression(row: Any) -> Suppression:
 _RECIPIENT_COLUMNS = ("job_no", "idx", "email", "name", "variables", "metadata")
 
 
+def json_object(strings: Mapping[str, str]) -> str:
+    """``json.dumps(dict(strings))`` for a map of strings to strings (a recipient's
+    variables or metadata), written directly: about a third of its cost, and the
+    submit path writes one or two per recipient."""
+    quote = encode_basestring_ascii  # the quoting json.dumps itself uses
+    return "{" + ", ".join([f"{quote(k)}: {quote(v)}" for k, v in strings.items()]) + "}"
+
+
 async def _row_slices(
     chunks: AsyncIterator[Sequence[Recipient]], job_no: int, size: int
 ) -> AsyncIterator[list[tuple[Any, ...]]]:
@@ -1183,8 +1192,8 @@ async def _row_slices(
     index = 0
     async for chunk in chunks:
         for r in chunk:
-            variables = json.dumps(dict(r.variables)) if r.variables else None
-            metadata = json.dumps(dict(r.metadata)) if r.metadata else None
+            variables = json_object(r.variables) if r.variables else None
+            metadata = json_object(r.metadata) if r.metadata else None
             rows.append((job_no, index, r.email, r.name, variables, metadata))
             index += 1
             if len(rows) == size:
