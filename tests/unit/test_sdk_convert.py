@@ -74,9 +74,12 @@ def test_content_without_reply_to_stays_without() -> None:
     email=st.emails(),
     name=st.text(max_size=20),
     variables=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5),
+    metadata=st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=20), max_size=5),
 )
-def test_recipient_round_trips(email: str, name: str, variables: dict[str, str]) -> None:
-    recipient = Recipient(email=email, name=name, variables=variables)
+def test_recipient_round_trips(
+    email: str, name: str, variables: dict[str, str], metadata: dict[str, str]
+) -> None:
+    recipient = Recipient(email=email, name=name, variables=variables, metadata=metadata)
     assert _convert.recipient_from_pb(_convert.recipient_to_pb(recipient)) == recipient
 
 
