@@ -242,10 +242,12 @@ CREATE TEMPORARY TABLE upload (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DRO
 
 -- name: insert_by_domain
 -- The uploaded job in send order: by domain (the text after the last '@', as a node's
--- per-domain throttles read it), then submitted place, which pos keeps.
+-- per-domain throttles read it), then submitted place, which pos keeps. Domains need
+-- only be grouped, not sorted for people: byte order ("C") whatever the database's
+-- collation (ICU en-US took 527-539 ms against 359-421 to number 200,000 recipients).
 INSERT INTO recipients (job_no, idx, pos, email, name, variables, metadata)
 SELECT job_no,
-       (row_number() OVER (ORDER BY lower(split_part(email, '@', -1)), idx) - 1)::integer,
+       (row_number() OVER (ORDER BY lower(split_part(email, '@', -1)) COLLATE "C", idx) - 1)::integer,
        idx, email, name, variables, metadata
 FROM upload;
 
