@@ -36,6 +36,7 @@ from coordinator.suppression import Reason, Suppression
 from coordinator.timeouts import NodeLimits
 from coordinator.webhooks import Webhook, WebhookState
 from mailerpb.mailer.v1 import common_pb2, coordinator_pb2, sender_pb2
+from mailers_runtime import protomap
 
 _JOB_STATE = {
     JobState.QUEUED: common_pb2.JOB_STATE_QUEUED,
@@ -116,15 +117,11 @@ def content_to(content: Content) -> common_pb2.MessageContent:
 
 
 def recipient_from(pb: common_pb2.Recipient) -> Recipient:
-    # dict(map) and dict(map.items()) walk the protobuf map through the Mapping ABC's
-    # Python code: 2.2 and 1.7 us for two variables, against 0.95 for keys and lookups
-    # (an empty map: nothing), and submit converts every recipient.
-    variables, metadata = pb.variables, pb.metadata
     return Recipient(
         email=pb.email,
         name=pb.name,
-        variables={key: variables[key] for key in variables} if variables else {},
-        metadata={key: metadata[key] for key in metadata} if metadata else {},
+        variables=protomap.to_dict(pb.variables),
+        metadata=protomap.to_dict(pb.metadata),
     )
 
 
@@ -414,7 +411,7 @@ class BatchEncoder:
             if r.name:
                 wire.name = r.name
             if r.variables:
-                wire.variables.update(r.variables)
+                protomap.fill(wire.variables, r.variables)
         return pb
 
     def forget(self, job_id: str) -> None:

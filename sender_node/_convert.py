@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
+from mailers_runtime import protomap
 from mailers_runtime.breaker import BreakerState
 from mailers_runtime.message import Attachment, Content, Header, Mailbox
 from sender_node.classify import LoadSnapshot
@@ -69,14 +70,11 @@ def work_from_proto(batch: sender_pb2.Batch) -> Work:
 
 def _recipient(item: sender_pb2.BatchRecipient) -> Recipient:
     recipient = item.recipient
-    variables = recipient.variables
     return Recipient(
         index=item.index,
         email=recipient.email,
         name=recipient.name,
-        # Keys and lookups: dict(map) goes through the Mapping ABC's Python code (2.2
-        # against 0.95 us for two variables); a shared message's recipients have none.
-        variables={key: variables[key] for key in variables} if variables else {},
+        variables=protomap.to_dict(recipient.variables),
         attempts=item.attempts,
     )
 
