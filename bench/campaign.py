@@ -6,11 +6,11 @@ both measure the same message.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from client_sdk import MessageContent
+    from client_sdk import MessageContent, Recipient
 
 SENDER = "news@example.com"
 SENDER_NAME = "Example News"
@@ -97,3 +97,22 @@ def message_content() -> MessageContent:
         headers=tuple(Header(name, value) for name, value in HEADERS),
         unsubscribe_url=UNSUBSCRIBE_URL,
     )
+
+
+def sdk_job(
+    count: int, shared: int = 0, domains: int = 0
+) -> tuple[MessageContent, Callable[[], Iterator[Recipient]]]:
+    """The content and a recipients factory (re-readable, as ``mailers send`` passes
+    them) of the campaign to ``count`` recipients, or with ``shared`` > 0 of the
+    identical-body notice, ``shared`` per message, addressed as :func:`mixed_recipient`
+    over ``domains``."""
+    from client_sdk import Recipient
+
+    content = shared_content(shared) if shared else message_content()
+
+    def factory() -> Iterator[Recipient]:
+        if shared:
+            return (Recipient(mixed_recipient(i, domains)) for i in range(count))
+        return (Recipient(e, n, v) for e, n, v in recipients(count))
+
+    return content, factory

@@ -186,15 +186,9 @@ async def run_campaign(
     """Submit the campaign and wait for it; (submit seconds, total seconds, delivered,
     failed). ``shared`` > 0: the identical-body notice instead, that many recipients per
     message, addressed as ``campaign.mixed_recipient`` with ``domains``."""
-    from client_sdk import ClientConfig, MailerClient, Recipient
+    from client_sdk import ClientConfig, MailerClient
 
-    content = campaign.shared_content(shared) if shared else campaign.message_content()
-
-    def recipients() -> Iterator[Recipient]:
-        if shared:
-            return (Recipient(campaign.mixed_recipient(i, domains)) for i in range(count))
-        return (Recipient(e, n, v) for e, n, v in campaign.recipients(count))
-
+    content, recipients = campaign.sdk_job(count, shared, domains)
     config = ClientConfig(submit_timeout=timedelta(seconds=timeout_s))
     async with (
         asyncio.timeout(timeout_s),

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,18 +33,17 @@ from typing import Any
 from bench import campaign
 from bench.e2e import self_usage, tree_usages
 from client_sdk import ClientTls
-
-COPY_ROWS = 50_000
-"""As ``coordinator.db.store.COPY_ROWS``: the ceiling writes as submit does."""
+from coordinator.db.store import COPY_ROWS, RECIPIENT_COLUMNS, json_object
 
 
 def rows(count: int, shared: int, domains: int) -> list[tuple[Any, ...]]:
-    """The job's recipients as the store's COPY rows, built before the clock starts."""
+    """The job's recipients as the store's COPY rows (``RECIPIENT_COLUMNS``), built
+    before the clock starts."""
     if shared:
         emails = (campaign.mixed_recipient(i, domains) for i in range(count))
         return [(1, i, email, "", None, None) for i, email in enumerate(emails)]
     return [
-        (1, i, email, name, json.dumps(variables), None)
+        (1, i, email, name, json_object(variables), None)
         for i, (email, name, variables) in enumerate(campaign.recipients(count))
     ]
 
@@ -63,9 +60,7 @@ async def copy_alone(url: str, password: str, table_rows: list[tuple[Any, ...]])
         start = time.perf_counter()
         for lo in range(0, len(table_rows), COPY_ROWS):
             await conn.copy_records_to_table(
-                "copy_ceiling",
-                records=table_rows[lo : lo + COPY_ROWS],
-                columns=("job_no", "idx", "email", "name", "variables", "metadata"),
+                "copy_ceiling", records=table_rows[lo : lo + COPY_ROWS], columns=RECIPIENT_COLUMNS
             )
         elapsed = time.perf_counter() - start
         await transaction.rollback()
@@ -77,17 +72,10 @@ async def copy_alone(url: str, password: str, table_rows: list[tuple[Any, ...]])
 async def submit(
     addresses: list[str], tls: ClientTls | None, count: int, shared: int, domains: int
 ) -> float:
-    """Seconds of one submit of the campaign through the SDK (a factory of recipients,
-    as ``mailers send`` passes)."""
-    from client_sdk import ClientConfig, MailerClient, Recipient
+    """Seconds of one submit of the campaign through the SDK."""
+    from client_sdk import ClientConfig, MailerClient
 
-    content = campaign.shared_content(shared) if shared else campaign.message_content()
-
-    def recipients() -> Iterator[Recipient]:
-        if shared:
-            return (Recipient(campaign.mixed_recipient(i, domains)) for i in range(count))
-        return (Recipient(e, n, v) for e, n, v in campaign.recipients(count))
-
+    content, recipients = campaign.sdk_job(count, shared, domains)
     config = ClientConfig(submit_timeout=timedelta(seconds=600))
     async with MailerClient(addresses, config, tls=tls) as client:
         start = time.perf_counter()

@@ -522,7 +522,7 @@ class Store:
                 await conn.execute(self._q["create_upload"])
                 table = "upload"
             async for rows in _row_slices(chunks, job_no, COPY_ROWS):
-                await conn.copy_records_to_table(table, records=rows, columns=_RECIPIENT_COLUMNS)
+                await conn.copy_records_to_table(table, records=rows, columns=RECIPIENT_COLUMNS)
                 total += len(rows)
             if by_domain:
                 await conn.execute(self._q["insert_by_domain"])
@@ -1173,7 +1173,7 @@ def _suppression(row: Any) -> Suppression:
     )
 
 
-_RECIPIENT_COLUMNS = ("job_no", "idx", "email", "name", "variables", "metadata")
+RECIPIENT_COLUMNS = ("job_no", "idx", "email", "name", "variables", "metadata")
 
 
 def json_object(strings: Mapping[str, str]) -> str:
