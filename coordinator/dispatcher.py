@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Set
+from collections.abc import Callable, Iterable, Sequence, Set
 
 from coordinator import backoff
 from coordinator.balancer import Balancer, Candidate
@@ -559,26 +559,37 @@ class Dispatcher:
             return
         job = self.job(job_id)
         tenant_known = job is not None
-        outcomes = []
-        judged: tuple[Result, Result, bool] | None = None  # a shared message's, once
+        outcomes: list[RecipientOutcome] = []
+        # A shared message's recipients share one reported result: it is judged once,
+        # and counted once for all of them (runs: each result stored, and where its
+        # recipients begin in outcomes).
+        runs: list[tuple[Result, int]] = []
+        judged: tuple[Result, Result, bool] | None = None
         for index, reported in results.results:
             if judged is None or judged[0] is not reported:
                 judged = (reported, *self._judged(reported))
+                runs.append((judged[1], len(outcomes)))
             outcomes.append(RecipientOutcome(job_id, index, judged[1], judged[2]))
-        # One increment per label, not per result: a labelled child costs a lookup.
-        for status, n in collections.Counter(o.result.status for o in outcomes).items():
-            self.metrics.recipients.labels(status.value).inc(n)
-        for code, n in collections.Counter(o.result.code for o in outcomes).items():
-            if code:
-                self.metrics.smtp_replies.labels(str(code)).inc(n)
+        done = self._count(runs, len(outcomes))
         if job is not None:
             hold = job.plan.held.get(seq)
             if hold is not None and hold.node_id == node_id:
                 hold.progress_at = self.monotonic()
         node = self.nodes.get(node_id)
         if node is not None and tenant_known:
-            node.recipients_done += sum(1 for o in outcomes if o.result.status.final)
+            node.recipients_done += done
         self.writer.results(NodeResults(node_id, results.seq if ack else 0, outcomes))
+
+    def _count(self, runs: list[tuple[Result, int]], end: int) -> int:
+        """Count recipients' results in the metrics (see :func:`tally`) and return how
+        many are final. One increment per label, not per recipient: a labelled child
+        costs a lookup."""
+        statuses, codes = tally(runs, end)
+        for status, n in statuses.items():
+            self.metrics.recipients.labels(status.value).inc(n)
+        for code, n in codes.items():
+            self.metrics.smtp_replies.labels(str(code)).inc(n)
+        return sum(n for status, n in statuses.items() if status.final)
 
     def _judged(self, result: Result) -> tuple[Result, bool]:
         """The result to store (a deferral out of attempts fails), and whether it is a
@@ -922,3 +933,25 @@ class Dispatcher:
     async def stop(self) -> None:
         for task in list(self._guards) + list(self._background):
             task.cancel()
+
+
+def tally(
+    runs: Sequence[tuple[Result, int]], end: int
+) -> tuple[collections.Counter[Status], collections.Counter[int]]:
+    """Recipients by status and by SMTP reply code (none counted for code 0), from runs
+    of consecutive recipients that share a result: each run is the result and where its
+    recipients begin, and the last run ends at ``end``. A shared message's recipients
+    are one run, so this costs per result, not per recipient."""
+    ends = [start for _, start in runs[1:]]
+    if runs:
+        ends.append(end)
+    counted: collections.Counter[tuple[Status, int]] = collections.Counter()
+    for (result, start), stop in zip(runs, ends, strict=True):
+        counted[result.status, result.code] += stop - start
+    statuses: collections.Counter[Status] = collections.Counter()
+    codes: collections.Counter[int] = collections.Counter()
+    for (status, code), n in counted.items():
+        statuses[status] += n
+        if code:
+            codes[code] += n
+    return statuses, codes

@@ -613,15 +613,11 @@ class Store:
                 [r[2] for r in ranges], [r[3] for r in ranges],
             )  # fmt: skip
         found: dict[int, list[PendingRecipient]] = {}
-        for row in rows:
-            variables = json.loads(row["variables"]) if row["variables"] else {}
+        for row in rows:  # per recipient: positional arguments cost less
+            variables = json.loads(row["variables"]) if row["variables"] is not None else {}
+            recipient = Recipient(row["email"], row["name"], variables)
             found.setdefault(row["job_no"], []).append(
-                PendingRecipient(
-                    index=row["idx"],
-                    recipient=Recipient(row["email"], row["name"], variables),
-                    attempts=row["attempts"],
-                    suppressed=row["suppressed"],
-                )
+                PendingRecipient(row["idx"], recipient, row["attempts"], row["suppressed"])
             )
         return found
 

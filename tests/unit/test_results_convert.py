@@ -3,6 +3,7 @@ once, and what comes out is what converting each result on its own gives."""
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,7 +12,8 @@ from hypothesis import strategies as st
 
 from coordinator import _convert
 from coordinator.db.store import outcome_arguments
-from coordinator.model import RecipientOutcome
+from coordinator.dispatcher import tally
+from coordinator.model import RecipientOutcome, Result, Status
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
 
 # Each field drawn from two values, so neighbours often agree on all but one of them.
@@ -72,3 +74,27 @@ def _rows(arguments: list[Any]) -> list[tuple[int, tuple[Any, ...]]]:
         for row, start, end in zip(results, starts, ends, strict=True)
         for index in indexes[start:end]
     ]
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(list(Status)), st.sampled_from([0, 250, 451, 550]),
+                  st.integers(min_value=1, max_value=4)),
+        max_size=12,
+    )
+)  # fmt: skip
+def test_tally_counts_runs_as_counting_each_recipient_did(
+    shape: list[tuple[Status, int, int]],
+) -> None:
+    """Counting a run of recipients that share a result once gives what counting every
+    recipient on its own gives, whatever the mix of shared and single results."""
+    runs: list[tuple[Result, int]] = []
+    each: list[Result] = []
+    for status, code, size in shape:
+        result = Result(status, code=code)
+        runs.append((result, len(each)))
+        each += [result] * size
+    statuses, codes = tally(runs, len(each))
+    assert statuses == collections.Counter(r.status for r in each)
+    assert codes == collections.Counter(r.code for r in each if r.code)
+    assert sum(statuses.values()) == len(each)
