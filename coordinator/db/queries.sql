@@ -36,8 +36,55 @@ SELECT epoch, leader, raised_at FROM fence;
 
 -- name: events_lock
 -- Held by every transaction that writes events, until it commits: event ids are taken
--- under it, so they become visible in increasing order (see migration 0004).
+-- under it, so they become visible in increasing order (see migration 0004). It is
+-- taken as late as a transaction can: the result writer changes its recipients first
+-- and stages their events (stage_events), so that while it holds the lock it only
+-- writes events and counts; the dispatcher, which writes accepted events, waits on the
+-- lock for that long and no longer.
 SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 0);
+
+-- name: recipients_lock
+-- Held by the transactions that change recipients and write events (the result
+-- writer's, an inbound message's) from their start: they then take events_lock in the
+-- same order, after the rows they change, and cannot wait on each other's rows while
+-- holding it. The dispatcher takes only events_lock and changes no recipient.
+SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 1);
+
+-- name: stage_events
+-- The result writer's first step: recipients_lock, then the session's table of events
+-- its transaction has yet to record (the columns of events but the id; emptied at every
+-- commit), made once per connection. apply_results puts its events there before the
+-- transaction holds events_lock, flush_staged_events records them under it. Run as one
+-- simple query (two statements, no parameters).
+SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 1);
+CREATE TEMPORARY TABLE IF NOT EXISTS staged_events ON COMMIT DELETE ROWS AS
+SELECT tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply, reason, node_id,
+       relay, message_id
+FROM events WITH NO DATA;
+
+-- name: flush_staged_events
+-- Under events_lock: the staged events get their ids, in the order apply_results gave.
+INSERT INTO events (tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply,
+                    reason, node_id, relay, message_id)
+SELECT tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply, reason, node_id,
+       relay, message_id
+FROM staged_events
+ORDER BY job_no, idx;
+
+-- name: move_counts
+-- Under events_lock: what apply_results changed, added to its jobs' counts (a job's row
+-- is locked only from here to the commit, as the dispatcher locks it under the lock).
+UPDATE jobs j
+SET delivered = j.delivered + u.delivered, failed = j.failed + u.failed,
+    deferred = j.deferred + u.deferred, cancelled = j.cancelled + u.cancelled,
+    suppressed = j.suppressed + u.suppressed, duplicates = j.duplicates + u.duplicates,
+    updated_at = $8
+FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+            $6::bigint[], $7::bigint[])
+    AS u(job_no, delivered, failed, deferred, cancelled, suppressed, duplicates)
+WHERE j.job_no = u.job_no
+RETURNING j.job_no, j.delivered, j.failed, j.deferred, j.cancelled, j.suppressed,
+    j.duplicates, j.updated_at;
 
 -- name: list_events
 -- A tenant's events after a cursor, with what is read rather than copied: the job id
@@ -296,8 +343,9 @@ FROM unnest($1::bigint[], $2::int[]) AS u(job_no, cursor)
 WHERE j.job_no = u.job_no;
 
 -- name: apply_results
--- Outcomes reported by nodes, applied idempotently, with the job counts moved in the
--- same statement. $1 holds each result once (rows of mailers_result: a shared message's
+-- Outcomes reported by nodes, applied idempotently; returns how each job's counts move
+-- (move_counts), and stages the events (stage_events): both are written under
+-- events_lock, which this statement does not need. $1 holds each result once (rows of mailers_result: a shared message's
 -- recipients share one), $2 the recipients' indexes grouped by result, and $3[k] the
 -- position in $2 of the last recipient of result k. A result applies to a recipient that
 -- is not final when it comes from the same or a later attempt; a delivery always applies
@@ -343,8 +391,8 @@ WITH incoming AS (
         r.node_id, r.relay, r.message_id, r.updated_at
 ), logged AS (
     -- One event per change; a result applied again (same status and attempt) is none.
-    INSERT INTO events (tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply,
-                        reason, node_id, relay, message_id)
+    INSERT INTO staged_events (tenant, job_no, idx, type, at, attempt, code, enhanced_code,
+                               reply, reason, node_id, relay, message_id)
     SELECT tenant, job_no, idx, mailers_event_type(new_status), updated_at, attempts, code,
            enhanced_code, reply, reason, node_id, relay, message_id
     FROM changed
@@ -371,22 +419,13 @@ WITH incoming AS (
         sum((new_status = 4)::int - (old_status = 4)::int) AS cancelled,
         sum((new_status = 5)::int - (old_status = 5)::int) AS suppressed
     FROM changed GROUP BY job_no
-), moved AS (
-    UPDATE jobs j
-    SET delivered = j.delivered + coalesce(d.delivered, 0),
-        failed = j.failed + coalesce(d.failed, 0),
-        deferred = j.deferred + coalesce(d.deferred, 0),
-        cancelled = j.cancelled + coalesce(d.cancelled, 0),
-        suppressed = j.suppressed + coalesce(d.suppressed, 0),
-        duplicates = j.duplicates + coalesce(rp.n, 0),
-        updated_at = $4
-    FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
-    LEFT JOIN deltas d USING (job_no)
-    LEFT JOIN repeated rp USING (job_no)
-    WHERE j.job_no = touched.job_no
-    RETURNING j.job_no, j.delivered, j.failed, j.deferred, j.cancelled, j.suppressed, j.duplicates, j.updated_at
 )
-SELECT * FROM moved;
+SELECT touched.job_no, coalesce(d.delivered, 0) AS delivered, coalesce(d.failed, 0) AS failed,
+    coalesce(d.deferred, 0) AS deferred, coalesce(d.cancelled, 0) AS cancelled,
+    coalesce(d.suppressed, 0) AS suppressed, coalesce(rp.n, 0) AS duplicates
+FROM (SELECT job_no FROM deltas UNION SELECT job_no FROM repeated) AS touched
+LEFT JOIN deltas d USING (job_no)
+LEFT JOIN repeated rp USING (job_no);
 
 -- name: set_status_range
 -- A decision of the leader over a range of one job's recipients (cancel, expire, fail

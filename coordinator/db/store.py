@@ -89,6 +89,11 @@ STATUS_OF: dict[int, Status] = {v: k for k, v in STATUS_CODE.items()}
 # trouble (08), insufficient resources such as a full disk (53), the server shutting
 # down or cancelling on statement_timeout (57), read-only (25006), and a
 # serialization failure or deadlock (40).
+_MOVED_COLUMNS = (
+    "job_no", "delivered", "failed", "deferred", "cancelled", "suppressed", "duplicates",
+)  # fmt: skip
+"""What apply_results returns per job, in the order move_counts takes it."""
+
 _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 _TRANSIENT_CODES = frozenset({"25006"})
 
@@ -680,9 +685,15 @@ class Store:
         out = WriteOutcome()
         async with self._write() as conn:
             await conn.execute(self._q["index_ranges_only"])
+            await conn.execute(self._q["stage_events"])
+            moved = await self._apply_outcomes(conn, outcomes, now) if outcomes else []
+            # Only now the lock every event writer takes: applying outcomes, most of a
+            # flush, does not keep the dispatcher from recording its accepted events.
             await conn.execute(self._q["events_lock"])
             if outcomes:
-                await self._apply_outcomes(conn, outcomes, now, out)
+                await conn.execute(self._q["flush_staged_events"])
+            if moved:
+                await self._move_counts(conn, moved, now, out)
             for change in changes:
                 await self._change(conn, change, now, out)
             if suppressed:
@@ -692,14 +703,19 @@ class Store:
         return out
 
     async def _apply_outcomes(
-        self,
-        conn: asyncpg.Connection,
-        outcomes: Sequence[RecipientOutcome],
-        now: float,
-        out: WriteOutcome,
+        self, conn: asyncpg.Connection, outcomes: Sequence[RecipientOutcome], now: float
+    ) -> list[Any]:
+        """Apply outcomes to their recipients and stage their events; returns how each
+        job's counts move (rows for :meth:`_move_counts`)."""
+        return list(await conn.fetch(self._q["apply_results"], *outcome_arguments(outcomes, now)))
+
+    async def _move_counts(
+        self, conn: asyncpg.Connection, moved: Sequence[Any], now: float, out: WriteOutcome
     ) -> None:
-        args = outcome_arguments(outcomes, now)
-        for row in await conn.fetch(self._q["apply_results"], *args):
+        rows = await conn.fetch(
+            self._q["move_counts"], *([m[c] for m in moved] for c in _MOVED_COLUMNS), ts(now)
+        )
+        for row in rows:
             out.jobs[row["job_no"]] = _counts(row)
 
     async def _change(
@@ -889,6 +905,7 @@ class Store:
         returns the events recorded (0 when the row was processed already)."""
         recorded = 0
         async with self._write() as conn:
+            await conn.execute(self._q["recipients_lock"])
             await conn.execute(self._q["events_lock"])
             done = await conn.fetchval(self._q["finish_inbound"], row_id, ts(now), outcome, detail)
             if done is None:

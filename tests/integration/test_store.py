@@ -330,6 +330,46 @@ async def test_results_apply_once_and_deliveries_win(database: Database) -> None
     await write(store, [delivered("no-such-job", 0)])
 
 
+async def test_batches_are_handed_out_while_results_are_being_applied(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await leader(database, 1)
+    job = await store.submit(spec("w", "k", batch_size=5), chunks_of(10), QuotaRequest(), NOW)
+    n = job.job_no
+    await store.assign([(n, 0, "n1", 1)], [], {n: 1}, NOW)
+    applied, resume = asyncio.Event(), asyncio.Event()
+    apply = store._apply_outcomes
+
+    async def apply_then_pause(*args: Any) -> Any:
+        moved = await apply(*args)
+        applied.set()
+        await resume.wait()
+        return moved
+
+    monkeypatch.setattr(store, "_apply_outcomes", apply_then_pause)
+    # Given batch 0's results applied to its recipients, in a write not yet committed
+    writing = asyncio.create_task(write(store, [delivered("w", i) for i in range(5)]))
+    try:
+        async with asyncio.timeout(60):
+            await applied.wait()
+        # When batch 1 is handed out meanwhile, with its accepted events
+        async with asyncio.timeout(20):
+            await store.assign([(n, 1, "n1", 1)], [], {n: 2}, NOW)
+    finally:
+        resume.set()
+    # Then it did not wait for the write, and the write completes after it
+    async with asyncio.timeout(60):
+        await writing
+    # And events are visible in the order they were recorded: batch 1's accepted events
+    # before batch 0's deliveries, which took their ids when the write recorded them
+    events = await store.events("acme", 0, 100)
+    assert [(e.type.name, e.index) for e in events] == (
+        [("ACCEPTED", i) for i in range(10)] + [("DELIVERED", i) for i in range(5)]
+    )
+    assert [e.event_id for e in events] == sorted(e.event_id for e in events)
+    assert (await store.job("w")).status.counts.delivered == 5  # type: ignore[union-attr]
+
+
 async def test_released_batches_settle_from_their_recipients(database: Database) -> None:
     store = await leader(database, 1)
     job = await store.submit(spec("s", "k", batch_size=5), chunks_of(15), QuotaRequest(), NOW)
@@ -443,6 +483,7 @@ async def _plan(database: Database, query: str, *args: object) -> dict[str, Any]
     queries = store_module.load_queries()
     async with database.pool.acquire() as conn, conn.transaction():
         await conn.execute(queries["index_ranges_only"])
+        await conn.execute(queries["stage_events"])  # where apply_results puts its events
         explained = await conn.fetchval("EXPLAIN (ANALYZE, FORMAT JSON) " + queries[query], *args)
     plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
     return plan
@@ -487,7 +528,8 @@ async def test_applying_results_finds_their_recipients_by_key_not_the_whole_job(
     # Then each recipient is found by its key: without the settings the planner read
     # and hashed all 20,000 of the job's recipients (and it grows with the job)
     async with database.pool.acquire() as conn:
-        assert await conn.fetchval("SELECT delivered FROM jobs WHERE job_no = $1", job_no) == 500
+        count = "SELECT count(*) FROM recipients WHERE job_no = $1 AND status = 1"
+        assert await conn.fetchval(count, job_no) == 500
     assert _rows_read(plan, "recipients") < 2000
 
 
