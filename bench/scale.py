@@ -31,14 +31,13 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
 from bench import campaign
-from bench.e2e import ceiling, find_tool, proc_usage, smtp_sink
+from bench.e2e import ceiling, find_tool, in_run_directory, proc_usage, smtp_sink
 from client_sdk import MailerClient, Recipient
 from mailers_dev.cluster import LocalCluster
 from mailers_dev.procs import free_port
@@ -265,16 +264,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=4000, help="MAILER_CAPACITY")
     parser.add_argument("--batch-size", type=int, default=200, help="MAILER_BATCH_SIZE")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600, help="bound of the run")
-    parser.add_argument("--workdir", type=Path, help="logs and data (default: a temp dir)")
+    parser.add_argument("--workdir", type=Path,
+                        help="logs and data (default: a temp dir, removed after a run that "
+                        "succeeds)")  # fmt: skip
     args = parser.parse_args(argv)
     sink_bin, source_bin = find_tool("smtp-sink"), find_tool("smtp-source")
     if sink_bin is None or source_bin is None:
         print("smtp-sink/smtp-source not found: apt-get install -y postfix", file=sys.stderr)
         return 2
+    return in_run_directory(
+        args.workdir, "mailers-scale-", lambda workdir: _run(args, workdir, sink_bin, source_bin)
+    )
+
+
+def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str) -> int:
     from mailers_dev.cluster import ClusterSpec
 
     deadline = time.monotonic() + args.timeout_s
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailers-scale-"))
     port = free_port()
     spec = ClusterSpec(
         coordinators=2,

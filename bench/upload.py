@@ -24,14 +24,13 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from bench import campaign
-from bench.e2e import self_usage, tree_usages
+from bench.e2e import in_run_directory, self_usage, tree_usages
 from client_sdk import ClientTls
 from coordinator.db.store import COPY_ROWS, RECIPIENT_COLUMNS, json_object
 
@@ -93,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --recipients-per-message: 60%% over N domains")  # fmt: skip
     parser.add_argument("--plaintext", action="store_true", help="no TLS between processes")
     args = parser.parse_args(argv)
+    return in_run_directory(None, "mailers-upload-", lambda workdir: _run(args, workdir))
 
+
+def _run(args: argparse.Namespace, workdir: Path) -> int:
     from mailers_dev.cluster import ClusterSpec, LocalCluster
 
     count, shared = args.recipients, args.recipients_per_message
-    workdir = Path(tempfile.mkdtemp(prefix="mailers-upload-"))
     spec = ClusterSpec(
         coordinators=1,
         nodes=0,
