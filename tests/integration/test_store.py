@@ -20,9 +20,11 @@ from coordinator.db.store import (
     BatchRelease,
     Database,
     Duplicate,
+    Feedback,
     LostLeadership,
     QuotaRefused,
     QuotaRequest,
+    Reported,
     ResultRow,
     StatusChange,
     Store,
@@ -30,6 +32,7 @@ from coordinator.db.store import (
 from coordinator.model import (
     Address,
     Content,
+    EventType,
     JobOptions,
     JobSpec,
     JobState,
@@ -38,6 +41,8 @@ from coordinator.model import (
     Result,
     Status,
 )
+from coordinator.suppression import Reason
+from tests.helpers import assert_eventually
 
 CONTENT = Content(
     sender=Address("news@example.com"), reply_to=None, subject="Hi", text_body="Hello", html_body=""
@@ -330,13 +335,19 @@ async def test_results_apply_once_and_deliveries_win(database: Database) -> None
     await write(store, [delivered("no-such-job", 0)])
 
 
-async def test_batches_are_handed_out_while_results_are_being_applied(
-    database: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _batch_0_handed_out(database: Database, job_id: str, size: int) -> tuple[Store, int]:
+    """A leader's store and a new job (batches of 5) whose first batch is handed out."""
     store = await leader(database, 1)
-    job = await store.submit(spec("w", "k", batch_size=5), chunks_of(10), QuotaRequest(), NOW)
-    n = job.job_no
-    await store.assign([(n, 0, "n1", 1)], [], {n: 1}, NOW)
+    job = await store.submit(spec(job_id, "k", batch_size=5), chunks_of(size), QuotaRequest(), NOW)
+    await store.assign([(job.job_no, 0, "n1", 1)], [], {job.job_no: 1}, NOW)
+    return store, job.job_no
+
+
+def _pause_after_applying(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the store's writes stop after applying their outcomes (first event set)
+    until the second event is."""
     applied, resume = asyncio.Event(), asyncio.Event()
     apply = store._apply_outcomes
 
@@ -347,6 +358,14 @@ async def test_batches_are_handed_out_while_results_are_being_applied(
         return moved
 
     monkeypatch.setattr(store, "_apply_outcomes", apply_then_pause)
+    return applied, resume
+
+
+async def test_batches_are_handed_out_while_results_are_being_applied(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, n = await _batch_0_handed_out(database, "w", 10)
+    applied, resume = _pause_after_applying(store, monkeypatch)
     # Given batch 0's results applied to its recipients, in a write not yet committed
     writing = asyncio.create_task(write(store, [delivered("w", i) for i in range(5)]))
     try:
@@ -368,6 +387,46 @@ async def test_batches_are_handed_out_while_results_are_being_applied(
     )
     assert [e.event_id for e in events] == sorted(e.event_id for e in events)
     assert (await store.job("w")).status.counts.delivered == 5  # type: ignore[union-attr]
+
+
+async def test_a_bounce_for_a_recipient_being_written_waits_for_the_write(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, n = await _batch_0_handed_out(database, "b", 5)
+    (row,) = await store.intake("mail", "", ["bounces@example.com"], b"bounce", NOW)
+    bounce = Feedback(
+        Reported(n, "acme", 0, "user0@example.org"), EventType.BOUNCED, "hard_bounce",
+        Reason.HARD_BOUNCE, 550, "5.1.1", "no such user",
+    )  # fmt: skip
+    applied, resume = _pause_after_applying(store, monkeypatch)
+    # Given recipient 0's delivery applied, in a write not yet committed
+    writing = asyncio.create_task(write(store, [delivered("b", 0)]))
+    inbound: asyncio.Task[int] | None = None
+    try:
+        async with asyncio.timeout(60):
+            await applied.wait()
+        # When a bounce for recipient 0 comes in meanwhile
+        inbound = asyncio.create_task(store.apply_inbound(row, "bounce", "", [bounce], NOW))
+
+        async def inbound_waits() -> bool:
+            async with database.pool.acquire() as conn:
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                return bool(await conn.fetchval(waiting))
+
+        # Then it waits for the write
+        await assert_eventually(inbound_waits, timeout_s=30, message="the bounce waiting")
+    finally:
+        resume.set()
+    # And both finish, neither chosen as a deadlock's victim
+    async with asyncio.timeout(60):
+        await writing
+        assert inbound is not None and await inbound == 1
+    events = await store.events("acme", 0, 100)
+    assert [(e.type.name, e.index) for e in events if e.index == 0] == [
+        ("ACCEPTED", 0), ("DELIVERED", 0), ("BOUNCED", 0),
+    ]  # fmt: skip
+    listed = await store.suppressions("acme", "", 10)
+    assert [s.email for s in listed] == ["user0@example.org"]
 
 
 async def test_released_batches_settle_from_their_recipients(database: Database) -> None:
