@@ -85,15 +85,15 @@ STATUS_CODE: dict[Status, int] = {
 }
 STATUS_OF: dict[int, Status] = {v: k for k, v in STATUS_CODE.items()}
 
-# SQLSTATE classes and codes that mean "not now" rather than "wrong": connection
-# trouble (08), insufficient resources such as a full disk (53), the server shutting
-# down or cancelling on statement_timeout (57), read-only (25006), and a
-# serialization failure or deadlock (40).
 _MOVED_COLUMNS = (
     "job_no", "delivered", "failed", "deferred", "cancelled", "suppressed", "duplicates",
 )  # fmt: skip
 """What apply_results returns per job, in the order move_counts takes it."""
 
+# SQLSTATE classes and codes that mean "not now" rather than "wrong": connection
+# trouble (08), insufficient resources such as a full disk (53), the server shutting
+# down or cancelling on statement_timeout (57), read-only (25006), and a
+# serialization failure or deadlock (40).
 _TRANSIENT_CLASSES = ("08", "53", "57", "40")
 _TRANSIENT_CODES = frozenset({"25006"})
 
