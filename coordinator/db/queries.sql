@@ -51,12 +51,10 @@ SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 0);
 SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 1);
 
 -- name: stage_events
--- The result writer's first step: recipients_lock, then the session's table of events
--- its transaction has yet to record (the columns of events but the id; emptied at every
--- commit), made once per connection. apply_results puts its events there before the
--- transaction holds events_lock, flush_staged_events records them under it. Run as one
--- simple query (two statements, no parameters).
-SELECT pg_advisory_xact_lock(hashtext('mailers-events'), 1);
+-- The session's table of events its write transaction has yet to record (the columns of
+-- events but the id; emptied at every commit), made once per connection: apply_results
+-- puts its events there before the transaction holds events_lock, flush_staged_events
+-- records them under it.
 CREATE TEMPORARY TABLE IF NOT EXISTS staged_events ON COMMIT DELETE ROWS AS
 SELECT tenant, job_no, idx, type, at, attempt, code, enhanced_code, reply, reason, node_id,
        relay, message_id
@@ -294,7 +292,8 @@ CREATE TEMPORARY TABLE upload (LIKE recipients INCLUDING DEFAULTS) ON COMMIT DRO
 -- collation (ICU en-US took 527-539 ms against 359-421 to number 200,000 recipients).
 INSERT INTO recipients (job_no, idx, pos, email, name, variables, metadata)
 SELECT job_no,
-       (row_number() OVER (ORDER BY lower(split_part(email, '@', -1)) COLLATE "C", idx) - 1)::integer,
+       (row_number() OVER (ORDER BY lower(split_part(email, '@', -1)) COLLATE "C", idx)
+        - 1)::integer,
        idx, email, name, variables, metadata
 FROM upload;
 
@@ -344,16 +343,16 @@ WHERE j.job_no = u.job_no;
 
 -- name: apply_results
 -- Outcomes reported by nodes, applied idempotently; returns how each job's counts move
--- (move_counts), and stages the events (stage_events): both are written under
--- events_lock, which this statement does not need. $1 holds each result once (rows of mailers_result: a shared message's
--- recipients share one), $2 the recipients' indexes grouped by result, and $3[k] the
--- position in $2 of the last recipient of result k. A result applies to a recipient that
--- is not final when it comes from the same or a later attempt; a delivery always applies
--- (it is what happened, even to a recipient already failed, expired or cancelled). A
--- delivery reported again by another node or attempt counts as a duplicate. Hard
--- bounces put the recipient's address on its tenant's suppression list. Results for jobs
--- that no longer exist are ignored. Each recipient is read once, as the statement found
--- it (present), and that row serves the update's conditions, its old values and the
+-- (move_counts), and stages the events (stage_events): both are written under events_lock,
+-- which this statement does not need. $1 holds each result once (rows of mailers_result: a
+-- shared message's recipients share one), $2 the recipients' indexes grouped by result, and
+-- $3[k] the position in $2 of the last recipient of result k. A result applies to a
+-- recipient that is not final when it comes from the same or a later attempt; a delivery
+-- always applies (it is what happened, even to a recipient already failed, expired or
+-- cancelled). A delivery reported again by another node or attempt counts as a duplicate.
+-- Hard bounces put the recipient's address on its tenant's suppression list. Results for
+-- jobs that no longer exist are ignored. Each recipient is read once, as the statement
+-- found it (present), and that row serves the update's conditions, its old values and the
 -- duplicate count.
 WITH incoming AS (
     SELECT j.job_no, j.tenant, x.idx, s.status, s.attempts, s.code, s.enhanced_code,

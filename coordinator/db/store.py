@@ -685,6 +685,7 @@ class Store:
         out = WriteOutcome()
         async with self._write() as conn:
             await conn.execute(self._q["index_ranges_only"])
+            await conn.execute(self._q["recipients_lock"])
             await conn.execute(self._q["stage_events"])
             moved = await self._apply_outcomes(conn, outcomes, now) if outcomes else []
             # Only now the lock every event writer takes: applying outcomes, most of a
