@@ -123,6 +123,7 @@ def _run_cluster(
             ns.command,
             [(p.name, p.pid) for p in cluster.processes()],
             cluster.coordinator_addresses,
+            [d for d in (cluster.postgres.outside,) if d is not None],
         )
         return body(cluster)
     except KeyboardInterrupt as exc:

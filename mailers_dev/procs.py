@@ -488,11 +488,17 @@ class PostgresServer:
             self.proc.stop(grace_s=30)
             self.proc = None
 
+    @property
+    def outside(self) -> Path | None:
+        """The server's directory when it lives outside ``base_dir`` (as root, under
+        /tmp): :meth:`stop` removes it, and whoever could be killed before that names it."""
+        return None if self._user is None else self.data_root
+
     def stop(self) -> None:
         """Stop the server (fast shutdown) and, when it lived under /tmp, remove it."""
         self.halt()
-        if self._user is not None:
-            shutil.rmtree(self.data_root, ignore_errors=True)
+        if self.outside is not None:
+            shutil.rmtree(self.outside, ignore_errors=True)
 
 
 def _user_exists(name: str) -> bool:

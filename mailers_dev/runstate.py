@@ -8,6 +8,8 @@ touching anything (:func:`find_stale`):
 - the command that wrote it still runs: the new run refuses, and says how to stop it;
 - it is gone but some of its processes are not (it was SIGKILLed, or its terminal
   vanished): the new run stops them, by PID (SIGTERM, then SIGKILL), and says so;
+  then it removes the directories the record names outside the work directory (as
+  root, PostgreSQL's data lives under /tmp), which that run would have removed;
 - nothing of it runs: the record is stale and the new run goes on.
 
 A process started before the record was written (the command killed while starting the
@@ -21,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -66,6 +69,7 @@ class RunRecord:
     command: str
     processes: tuple[Started, ...]
     coordinators: tuple[str, ...] = ()
+    outside: tuple[str, ...] = ()  # directories the run made outside its work directory
 
     def write(self, workdir: Path) -> None:
         path = workdir / RUN_FILE
@@ -83,19 +87,26 @@ class RunRecord:
                 command=str(data["command"]),
                 processes=tuple(Started(**p) for p in data["processes"]),
                 coordinators=tuple(data.get("coordinators", ())),
+                outside=tuple(data.get("outside", ())),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
 
 def record_run(
-    workdir: Path, command: str, pids: Sequence[tuple[str, int]], coordinators: Sequence[str]
+    workdir: Path,
+    command: str,
+    pids: Sequence[tuple[str, int]],
+    coordinators: Sequence[str],
+    outside: Sequence[Path] = (),
 ) -> None:
-    """Write this process's record of the processes it started."""
+    """Write this process's record of the processes it started and the directories
+    outside ``workdir`` it made."""
     owner = Started.of(command, os.getpid())
     assert owner is not None  # this very process runs
     started = tuple(s for name, pid in pids if (s := Started.of(name, pid)) is not None)
-    RunRecord(owner, command, started, tuple(coordinators)).write(workdir)
+    dirs = tuple(str(d) for d in outside)
+    RunRecord(owner, command, started, tuple(coordinators), dirs).write(workdir)
 
 
 class StillRunning(RuntimeError):
@@ -124,6 +135,8 @@ def find_stale(workdir: Path) -> list[Started]:
         )
     left = [p for p in record.processes if p.running()]
     stop_all(left)
+    for directory in record.outside:
+        shutil.rmtree(directory, ignore_errors=True)
     (workdir / RUN_FILE).unlink(missing_ok=True)
     return left
 

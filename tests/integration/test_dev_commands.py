@@ -120,6 +120,7 @@ def test_a_second_run_refuses_a_running_one_and_cleans_up_after_a_killed_one(
     workdir = tmp_path / "work"
     first = start(runs, workdir, 0)
     record = up(runs, first)
+    assert [d for d in record.outside if not Path(d).is_dir()] == []
     # When a second run starts in the same directory while the first runs
     second = start(runs, workdir, 1)
     # Then it refuses at once, naming the running one, and touches nothing
@@ -132,8 +133,11 @@ def test_a_second_run_refuses_a_running_one_and_cleans_up_after_a_killed_one(
     assert all(p.running() for p in record.processes)
     third = start(runs, workdir, 2)
     record3 = up(runs, third)
-    # Then the third stopped what the first left, said so, and runs a cluster of its own
+    # Then the third stopped what the first left, said so, removed the directories it
+    # made outside the work directory, and runs a cluster of its own
     assert [p for p in record.processes if p.running()] == []
+    assert len(record.outside) == (1 if os.geteuid() == 0 else 0)  # PostgreSQL's, as root
+    assert [d for d in record.outside if Path(d).exists()] == []
     assert f"stopped {len(record.processes)} processes an earlier run" in third.output()
     assert all(p.running() for p in record3.processes)
     # When its terminal goes away (SIGHUP), Then it stops everything as well
