@@ -118,13 +118,7 @@ def _run_cluster(
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         _start_cluster(cluster, console)
-        record_run(
-            workdir,
-            ns.command,
-            [(p.name, p.pid) for p in cluster.processes()],
-            cluster.coordinator_addresses,
-            [d for d in (cluster.postgres.outside,) if d is not None],
-        )
+        _record(cluster, workdir, ns.command)
         return body(cluster)
     except KeyboardInterrupt as exc:
         errors.print(f"[yellow]stopping[/] ({exc or 'SIGINT'})")
@@ -155,6 +149,18 @@ async def _wait_nodes(cluster: LocalCluster, count: int, timeout_s: float = 60) 
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} sender nodes did not connect within {timeout_s}s")
             await asyncio.sleep(0.2)
+
+
+def _record(cluster: LocalCluster, workdir: Path, command: str) -> None:
+    """Write the run's record (see :mod:`mailers_dev.runstate`): its processes, its
+    coordinators, and PostgreSQL's directory when that lives outside ``workdir``."""
+    record_run(
+        workdir,
+        command,
+        [(p.name, p.pid) for p in cluster.processes()],
+        cluster.coordinator_addresses,
+        [d for d in (cluster.postgres.outside,) if d is not None],
+    )
 
 
 def cmd_demo(ns: argparse.Namespace) -> int:
