@@ -114,6 +114,35 @@ def test_sizes_come_from_limits() -> None:
     ]
 
 
+def test_problems_among_clean_recipients_name_their_own_recipient() -> None:
+    # Clean recipients of every shape (the check passes them without naming a field),
+    # then one problem of each kind, each at its own place in the list
+    clean = [
+        Recipient("a@example.com"),
+        Recipient("b@example.com", "B", {"code": "1", "city": "Oslo"}),
+        Recipient("c@example.com", metadata={"customer": "C-1"}),
+    ]
+    bad = [
+        Recipient("not-an-address"),
+        Recipient("d@example.com", "D\r\nBcc: x@example.com"),
+        Recipient("e@example.com", "", {"1x": "v"}),
+        Recipient("f@example.com", "", {"ok": "v" * 11}),
+        Recipient("g@example.com", "", {"ok": "a\x00b"}),
+        Recipient("h@example.com", metadata={"bad key": "v"}),
+    ]
+    recipients = [*clean, bad[0], *clean, *bad[1:3], *clean, *bad[3:]]
+    limits = Limits(max_variable_chars=10)
+    # Then each problem names the recipient it belongs to, and nothing else is named
+    assert _problems(_content(), recipients, limits) == [
+        ("recipients[3].email", "'not-an-address' is not a valid email address"),
+        ("recipients[7].name", "contains a control character"),
+        ("recipients[8].variables", "'1x' is not a valid variable name"),
+        ("recipients[12].variables[ok]", "is longer than 10 characters"),
+        ("recipients[13].variables[ok]", "contains a NUL character"),
+        ("recipients[14].metadata", "'bad key' is not a valid key (1-64 letters, digits, _ - .)"),
+    ]
+
+
 def test_stored_size_counts_json_escapes() -> None:
     # 300k CJK characters are 900 kB of UTF-8 but 1.8 MB as escaped JSON in etcd
     assert _problems(_content(text_body="中" * 300_000), limits=Limits()) == [
