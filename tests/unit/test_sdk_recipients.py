@@ -62,6 +62,23 @@ async def test_the_async_read_replays_an_async_generator() -> None:
     assert _emails([m async for m in feed.aread()]) == [f"r{i}@example.com" for i in range(3)]
 
 
+async def test_the_async_read_replays_a_one_shot_iterator_and_rereads_a_factory() -> None:
+    # A plain iterator, read part way by a first attempt, is replayed whole
+    feed = RecipientFeed(iter(_recipients(4)), _convert.recipient_to_pb)
+    first = feed.aread()
+    await anext(first)
+    assert _emails([m async for m in feed.aread()]) == [f"r{i}@example.com" for i in range(4)]
+
+    # A factory of a list, and one of an async generator, are read anew each time
+    async def agen() -> AsyncIterator[Recipient]:
+        for r in _recipients(2):
+            yield r
+
+    for factory in (lambda: _recipients(2), agen):
+        again = RecipientFeed(factory, _convert.recipient_to_pb)
+        assert [len([m async for m in again.aread()]) for _ in range(2)] == [2, 2]
+
+
 async def test_an_async_source_is_refused_by_the_blocking_read() -> None:
     async def source() -> AsyncIterator[Recipient]:
         yield Recipient("a@example.com")
