@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -136,9 +137,17 @@ def find_stale(workdir: Path) -> list[Started]:
     left = [p for p in record.processes if p.running()]
     stop_all(left)
     for directory in record.outside:
-        shutil.rmtree(directory, ignore_errors=True)
+        if ours_to_remove(Path(directory)):
+            shutil.rmtree(directory, ignore_errors=True)
     (workdir / RUN_FILE).unlink(missing_ok=True)
     return left
+
+
+def ours_to_remove(directory: Path) -> bool:
+    """Whether a directory a record names outside its work directory is one a run makes
+    (``mailers-*`` right in the temporary directory): a record is a file anyone could
+    edit, and removing what it names must not reach anything else."""
+    return directory.parent == Path(tempfile.gettempdir()) and directory.name.startswith("mailers-")
 
 
 def stop_all(processes: Sequence[Started], grace_s: float = 10.0) -> None:
