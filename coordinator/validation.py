@@ -269,48 +269,40 @@ def check_recipients(
         count += 1
         email_problem = address_problem(r.email)
         name_problem = _text_problem(r.name) if r.name else None
+        variable_problems = _variable_problems(r.variables, limits) if r.variables else []
         if (
             email_problem is None
             and name_problem is None
-            and (not r.variables or _variables_fine(r.variables, limits))
+            and not variable_problems
             and not r.metadata
         ):
             continue  # the common case: no problem to name, so no field name is formatted
         field = f"recipients[{first_index + offset}]"
         out.add(f"{field}.email", email_problem)
         out.add(f"{field}.name", name_problem)
-        _check_variables(out, field, r.variables, limits)
+        for where, problem in variable_problems:
+            out.add(f"{field}.{where}", problem)
         if r.metadata:
             _check_metadata(out, f"{field}.metadata", r.metadata)
     return count
 
 
-def _variables_fine(variables: Mapping[str, str], limits: Limits) -> bool:
-    """Whether :func:`_check_variables` would find nothing (checked without naming)."""
+def _variable_problems(variables: Mapping[str, str], limits: Limits) -> list[tuple[str, str]]:
+    """What is wrong with a recipient's variables, each with the field below the
+    recipient it concerns (``variables`` or ``variables[key]``)."""
+    problems = []
     if len(variables) > limits.max_variables:
-        return False
-    longest = limits.max_variable_chars
-    for key, value in variables.items():
-        if not _VARIABLE_NAME.match(key) or len(value) > longest or "\x00" in value:
-            return False
-    return True
-
-
-def _check_variables(
-    out: Collector, field: str, variables: Mapping[str, str], limits: Limits
-) -> None:
-    if len(variables) > limits.max_variables:
-        out.add(f"{field}.variables", f"more than {limits.max_variables} variables")
+        problems.append(("variables", f"more than {limits.max_variables} variables"))
     for key, value in variables.items():
         if not _VARIABLE_NAME.match(key):
-            out.add(f"{field}.variables", f"{key!r} is not a valid variable name")
+            problems.append(("variables", f"{key!r} is not a valid variable name"))
         elif len(value) > limits.max_variable_chars:
-            out.add(
-                f"{field}.variables[{key}]",
-                f"is longer than {limits.max_variable_chars} characters",
+            problems.append(
+                (f"variables[{key}]", f"is longer than {limits.max_variable_chars} characters")
             )
         elif "\x00" in value:
-            out.add(f"{field}.variables[{key}]", "contains a NUL character")
+            problems.append((f"variables[{key}]", "contains a NUL character"))
+    return problems
 
 
 # The API's own limits (proto/mailer/v1: Recipient.metadata, JobOptions.tags).
