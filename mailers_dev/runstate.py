@@ -9,7 +9,8 @@ touching anything (:func:`find_stale`):
 - it is gone but some of its processes are not (it was SIGKILLed, or its terminal
   vanished): the new run stops them, by PID (SIGTERM, then SIGKILL), and says so;
   then it removes the directories the record names outside the work directory (as
-  root, PostgreSQL's data lives under /tmp), which that run would have removed;
+  root, PostgreSQL's data lives under /tmp), which that run would have removed, if
+  they are ones a run makes (:func:`ours_to_remove`);
 - nothing of it runs: the record is stale and the new run goes on.
 
 A process started before the record was written (the command killed while starting the
