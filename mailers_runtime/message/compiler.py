@@ -52,7 +52,7 @@ from mailers_runtime.message.templates import (
     escape_html,
     url_quote,
 )
-from mailers_runtime.message.text import encode_qp, html_to_text, normalize_newlines
+from mailers_runtime.message.text import html_to_text, normalize_newlines
 
 _MSGID_UNSAFE = re.compile(r"[^A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]")
 _URL_UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")
@@ -266,9 +266,10 @@ class CompiledMessage:
         self._date_value = b""
         self._body_head, self._between, self._tail = self._skeleton(digest, compiled.attachments)
         # Bodies that do not depend on the recipient are encoded once.
-        self._text_qp = self._encode_text(self._text.render({})) if self._text.static else None
+        text = self._text
+        self._text_qp = self._encode_text(text.render_qp({})) if text.static else None
         html = self._html
-        self._html_qp = encode_qp(html.render({})) if html is not None and html.static else None
+        self._html_qp = html.render_qp({}) if html is not None and html.static else None
 
     def _skeleton(self, digest: bytes, attachments: list[bytes]) -> tuple[bytes, bytes, bytes]:
         """The bytes before the text body, between text and HTML, and after the last body."""
@@ -312,8 +313,7 @@ class CompiledMessage:
             tail.removesuffix(b"\r\n") + parts + (b"\r\n--" + mixed + b"--\r\n"),
         )
 
-    def _encode_text(self, text: str) -> bytes:
-        encoded = encode_qp(text)
+    def _encode_text(self, encoded: bytes) -> bytes:
         if self._html is None and not self._tail and not encoded.endswith(b"\r\n"):
             # A single-part message should end in CRLF.
             encoded += b"\r\n"
@@ -421,11 +421,11 @@ class CompiledMessage:
             head.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
         text = self._text_qp
         head.append(self._body_head)
-        head.append(text if text is not None else self._encode_text(self._text.render(values)))
+        head.append(text if text is not None else self._encode_text(self._text.render_qp(values)))
         if self._html is not None:
             head.append(self._between)
             markup = self._html_qp
-            head.append(markup if markup is not None else encode_qp(self._html.render(values)))
+            head.append(markup if markup is not None else self._html.render_qp(values))
         head.append(self._tail)
         message = b"".join(head)
         if self._signer is not None:

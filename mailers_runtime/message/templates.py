@@ -52,6 +52,7 @@ from jinja2.sandbox import (
 from jinja2.utils import pass_eval_context
 
 from mailers_runtime.message.model import RenderError, RenderLimits
+from mailers_runtime.message.text import QpPieces, encode_qp
 
 _FORMAT_WIDTH = re.compile(r"%[-#0 +]*(?:\*|\d{4,})|%[-#0 +]*\d*\.(?:\*|\d{4,})")
 
@@ -267,6 +268,9 @@ class Field:
         self._literal_chars = sum(len(literal) for literal in literals)
         # HTML escaping turns one character into at most 6 (&#34;).
         self._growth = 6 if escape is escape_html else 1
+        self._qp: QpPieces | None = None
+        """The literals for :meth:`render_qp`, made at its first call (only bodies
+        need them)."""
 
     @property
     def static(self) -> bool:
@@ -285,17 +289,38 @@ class Field:
         literals = self.literals
         if not self.names:
             return literals[0]
-        size = self._literal_chars + self._growth * sum(len(values.get(n, "")) for n in self.names)
+        parts = [literals[0]]
+        for value, literal in zip(self._values(values), literals[1:], strict=True):
+            parts.append(value)
+            parts.append(literal)
+        return "".join(parts)
+
+    def render_qp(self, values: Mapping[str, str]) -> bytes:
+        """``encode_qp(self.render(values))``, with the lines no value is on encoded
+        once per field (:class:`~mailers_runtime.message.text.QpPieces`).
+
+        Raises:
+            RenderError: as :meth:`render`.
+        """
+        if self._template is not None or not self.names:
+            return encode_qp(self.render(values))
+        pieces = self._qp
+        if pieces is None:
+            pieces = self._qp = QpPieces(self.literals)
+        encoded = pieces.encode(self._values(values))
+        return encoded if encoded is not None else encode_qp(self.render(values))
+
+    def _values(self, values: Mapping[str, str]) -> list[str]:
+        """The values of :attr:`names`, escaped ("" for a missing one), once their
+        output is known to fit."""
+        names = self.names
+        size = self._literal_chars + self._growth * sum(len(values.get(n, "")) for n in names)
         if size > self._max:
             raise RenderError(f"{self.where}: rendered text would exceed {self._max} characters")
         escape = self._escape
-        parts = [literals[0]]
-        for i, name in enumerate(self.names, 1):
-            value = values.get(name)
-            if value:
-                parts.append(escape(value) if escape is not None else value)
-            parts.append(literals[i])
-        return "".join(parts)
+        if escape is None:
+            return [values.get(name) or "" for name in names]
+        return [escape(value) if (value := values.get(name)) else "" for name in names]
 
     def _render_jinja(self, values: Mapping[str, str]) -> str:
         template = self._template

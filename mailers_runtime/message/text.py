@@ -12,6 +12,7 @@ from __future__ import annotations
 import binascii
 import html
 import re
+from collections.abc import Sequence
 
 # Template syntax, held aside while HTML is turned into text.
 _JINJA_CONSTRUCT = re.compile(
@@ -60,3 +61,72 @@ def encode_qp(text: str) -> bytes:
     ends in a newline)."""
     encoded = binascii.b2a_qp(normalize_newlines(text).encode("utf-8", "replace"), istext=True)
     return encoded.replace(b"\n", b"\r\n")
+
+
+class QpPieces:
+    """:func:`encode_qp` of a text made of fixed pieces with values between them (a
+    simple template), with the lines no value touches encoded once, ahead.
+
+    ``b2a_qp`` encodes a text line by line: soft breaks, trailing blanks and a lone
+    dot depend on their own line only. So the encoding of a text is the encodings of
+    its newline-ended runs of lines, joined, and a piece's whole lines (those after
+    its first newline, up to its last) are encoded here. :meth:`encode` then encodes
+    only the lines a value is on. Texts with a CR anywhere are left to
+    :func:`encode_qp`: its newline normalisation would join a CR ending one part to an
+    LF starting the next.
+
+    Args:
+        pieces: The fixed text before the first value, between values, after the last.
+    """
+
+    __slots__ = ("_heads", "_middles", "_tails", "usable")
+
+    def __init__(self, pieces: Sequence[str]) -> None:
+        self.usable = not any("\r" in piece for piece in pieces)
+        """Whether :meth:`encode` applies (no CR in the pieces)."""
+        self._heads: list[str] = []
+        """Each piece up to its first newline (included); the whole piece if none."""
+        self._middles: list[bytes | None] = []
+        """Each piece's lines after its first newline, up to its last, encoded; None
+        when the piece has no newline."""
+        self._tails: list[str] = []
+        """Each piece after its last newline."""
+        for piece in pieces:
+            first = piece.find("\n")
+            if first < 0:
+                self._heads.append(piece)
+                self._middles.append(None)
+                self._tails.append("")
+                continue
+            last = piece.rfind("\n")
+            self._heads.append(piece[: first + 1])
+            self._middles.append(encode_qp(piece[first + 1 : last + 1]) if self.usable else b"")
+            self._tails.append(piece[last + 1 :])
+
+    def encode(self, values: Sequence[str]) -> bytes | None:
+        """:func:`encode_qp` of the pieces with ``values`` between them (one fewer than
+        the pieces); None when a value holds a CR (then encode the whole text)."""
+        if not self.usable:
+            return None
+        out: list[bytes] = []
+        lines: list[str] = []  # not encoded yet: they end on a line a value is on
+        middles = self._middles
+        for i, head in enumerate(self._heads):
+            if i:
+                value = values[i - 1]
+                if "\r" in value:
+                    return None
+                # Appended, never added: a value may be a str subclass (markupsafe's
+                # Markup escapes what is added to it).
+                lines.append(value)
+            lines.append(head)
+            middle = middles[i]
+            if middle is None:
+                continue
+            if middle:
+                out.append(encode_qp("".join(lines)))
+                out.append(middle)
+                lines.clear()
+            lines.append(self._tails[i])
+        out.append(encode_qp("".join(lines)))
+        return b"".join(out)
