@@ -63,6 +63,11 @@ def encode_qp(text: str) -> bytes:
     return encoded.replace(b"\n", b"\r\n")
 
 
+_MIN_AHEAD_CHARS = 64
+"""Fewer fixed characters than this between a piece's first and last newline are
+encoded with the lines around them: a separate encoding call would cost more."""
+
+
 class QpPieces:
     """:func:`encode_qp` of a text made of fixed pieces with values between them (a
     simple template), with the lines no value touches encoded once, ahead.
@@ -77,28 +82,33 @@ class QpPieces:
 
     Args:
         pieces: The fixed text before the first value, between values, after the last.
+        min_ahead_chars: Fewest characters between a piece's first and last newline
+            that are encoded ahead.
     """
 
     __slots__ = ("_heads", "_middles", "_tails", "usable")
 
-    def __init__(self, pieces: Sequence[str]) -> None:
+    def __init__(self, pieces: Sequence[str], min_ahead_chars: int = _MIN_AHEAD_CHARS) -> None:
         self.usable = not any("\r" in piece for piece in pieces)
         """Whether :meth:`encode` applies (no CR in the pieces)."""
         self._heads: list[str] = []
-        """Each piece up to its first newline (included); the whole piece if none."""
+        """Each piece up to its first newline (included); the whole piece when it is
+        not split (no middle)."""
         self._middles: list[bytes | None] = []
         """Each piece's lines after its first newline, up to its last, encoded; None
-        when the piece has no newline."""
+        when the piece is not split."""
         self._tails: list[str] = []
         """Each piece after its last newline."""
         for piece in pieces:
             first = piece.find("\n")
-            if first < 0:
+            last = piece.rfind("\n")
+            if last - first < max(1, min_ahead_chars):
+                # No whole line, or too few characters to be worth an encoding call of
+                # their own per message: the piece goes with its neighbours.
                 self._heads.append(piece)
                 self._middles.append(None)
                 self._tails.append("")
                 continue
-            last = piece.rfind("\n")
             self._heads.append(piece[: first + 1])
             self._middles.append(encode_qp(piece[first + 1 : last + 1]) if self.usable else b"")
             self._tails.append(piece[last + 1 :])

@@ -177,9 +177,13 @@ QP_PIECE = st.lists(
 
 
 @PROPERTY_SETTINGS
-@given(pieces=st.lists(QP_PIECE, min_size=1, max_size=6), values=st.lists(QP_PIECE, max_size=5))
+@given(
+    pieces=st.lists(QP_PIECE, min_size=1, max_size=6),
+    values=st.lists(QP_PIECE, max_size=5),
+    min_ahead=st.sampled_from([0, 64]),
+)
 def test_fixed_lines_encoded_ahead_give_exactly_the_whole_encoding(
-    pieces: list[str], values: list[str]
+    pieces: list[str], values: list[str], min_ahead: int
 ) -> None:
     # Given fixed pieces with values between them (long lines, trailing blanks, lone
     # dots and '=' wherever the draw puts them, across the joins too)
@@ -188,7 +192,7 @@ def test_fixed_lines_encoded_ahead_give_exactly_the_whole_encoding(
     text = pieces[0] + "".join(value + piece for value, piece in joined)
 
     # When the pieces' whole lines are encoded once and the rest per text
-    encoded = QpPieces(pieces).encode(values)
+    encoded = QpPieces(pieces, min_ahead).encode(values)
 
     # Then the result is byte for byte the quoted-printable of the whole text
     assert encoded == encode_qp(text)
@@ -205,7 +209,8 @@ def test_a_carriage_return_leaves_the_text_to_the_whole_encoding() -> None:
 @given(source=nasty_text(80), name=nasty_text(), html=st.booleans())
 def test_a_body_field_encodes_exactly_what_it_renders(source: str, name: str, html: bool) -> None:
     # Given a body template of text and {{ name }} holes, HTML-escaped or not
-    template = source.replace("{", "(").replace("%", "/") + "{{ name }}" + source + "{{ name }}"
+    text = source.replace("{", "(").replace("%", "/").replace("#", "/")
+    template = text + "{{ name }}" + text + "{{ name }}"
     field = compile_field(
         Sandbox(RenderLimits(), autoescape=html),
         template,
