@@ -70,12 +70,14 @@ def work_from_proto(batch: sender_pb2.Batch) -> Work:
 
 def _recipient(item: sender_pb2.BatchRecipient) -> Recipient:
     recipient = item.recipient
+    # Positional, in Recipient's field order: keywords cost a frozen dataclass's
+    # __init__ about 1 us more, for every recipient of every batch.
     return Recipient(
-        index=item.index,
-        email=recipient.email,
-        name=recipient.name,
-        variables=protomap.to_dict(recipient.variables),
-        attempts=item.attempts,
+        item.index,
+        recipient.email,
+        recipient.name,
+        protomap.to_dict(recipient.variables),
+        item.attempts,
     )
 
 

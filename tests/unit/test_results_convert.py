@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
@@ -98,3 +99,29 @@ def test_tally_counts_runs_as_counting_each_recipient_did(
     assert statuses == collections.Counter(r.status for r in each)
     assert codes == collections.Counter(r.code for r in each if r.code)
     assert sum(statuses.values()) == len(each)
+
+
+@given(
+    seconds=st.integers(-62_135_596_800, 253_402_300_799),
+    nanos=st.integers(0, 999_999_999),
+)
+def test_a_timestamp_reads_as_protobuf_reads_it(seconds: int, nanos: int) -> None:
+    stamp = Timestamp(seconds=seconds, nanos=nanos)
+    assert _convert.unix(stamp, True) == stamp.ToNanoseconds() / 1e9
+    assert _convert.unix(stamp, False) is None
+
+
+def test_a_timestamp_out_of_range_gets_protobuf_s_error() -> None:
+    for bad in (
+        Timestamp(seconds=253_402_300_800),
+        Timestamp(seconds=-62_135_596_801),
+        Timestamp(seconds=0, nanos=-1),
+        Timestamp(seconds=0, nanos=1_000_000_000),
+    ):
+        with pytest.raises(ValueError):
+            _convert.unix(bad, True)
+
+
+def test_a_result_without_a_time_has_time_zero() -> None:
+    _, result = _convert.result_from(common_pb2.RecipientResult(index=3))
+    assert result.updated_at == 0.0
