@@ -289,10 +289,14 @@ class Field:
         literals = self.literals
         if not self.names:
             return literals[0]
+        self._check_size(values)
+        escape = self._escape
         parts = [literals[0]]
-        for value, literal in zip(self._values(values), literals[1:], strict=True):
-            parts.append(value)
-            parts.append(literal)
+        for i, name in enumerate(self.names, 1):
+            value = values.get(name)
+            if value:
+                parts.append(escape(value) if escape is not None else value)
+            parts.append(literals[i])
         return "".join(parts)
 
     def render_qp(self, values: Mapping[str, str]) -> bytes:
@@ -313,14 +317,18 @@ class Field:
     def _values(self, values: Mapping[str, str]) -> list[str]:
         """The values of :attr:`names`, escaped ("" for a missing one), once their
         output is known to fit."""
+        self._check_size(values)
         names = self.names
-        size = self._literal_chars + self._growth * sum(len(values.get(n, "")) for n in names)
-        if size > self._max:
-            raise RenderError(f"{self.where}: rendered text would exceed {self._max} characters")
         escape = self._escape
         if escape is None:
             return [values.get(name) or "" for name in names]
         return [escape(value) if (value := values.get(name)) else "" for name in names]
+
+    def _check_size(self, values: Mapping[str, str]) -> None:
+        names = self.names
+        size = self._literal_chars + self._growth * sum(len(values.get(n, "")) for n in names)
+        if size > self._max:
+            raise RenderError(f"{self.where}: rendered text would exceed {self._max} characters")
 
     def _render_jinja(self, values: Mapping[str, str]) -> str:
         template = self._template
