@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from mailers_runtime.message import Content
 
@@ -22,8 +23,7 @@ class Status(enum.Enum):
     DEFERRED = "deferred"
 
 
-@dataclasses.dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """The SMTP reply that decided a recipient."""
 
     code: int
@@ -31,11 +31,15 @@ class Reply:
     text: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """The outcome of one recipient, as reported to the leader."""
+class Result(NamedTuple):
+    """The outcome of one recipient, as reported to the leader.
 
-    index: int
+    A named tuple, not a frozen dataclass: one is made per recipient and transaction, and
+    a frozen dataclass sets each of its eleven fields through ``object.__setattr__``
+    (17.3k instructions to build one against 3.5k, by callgrind). Its ``index`` field
+    hides the tuple's ``index()`` method, which nothing calls."""
+
+    index: int  # type: ignore[assignment]
     email: str
     status: Status
     reason: str
