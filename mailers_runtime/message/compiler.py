@@ -267,7 +267,7 @@ class CompiledMessage:
         self._body_head, self._between, self._tail = self._skeleton(digest, compiled.attachments)
         # Bodies that do not depend on the recipient are encoded once.
         text = self._text
-        self._text_qp = self._encode_text(text.render_qp({})) if text.static else None
+        self._text_qp = self._text_part(text.render_qp({})) if text.static else None
         html = self._html
         self._html_qp = html.render_qp({}) if html is not None and html.static else None
 
@@ -313,7 +313,8 @@ class CompiledMessage:
             tail.removesuffix(b"\r\n") + parts + (b"\r\n--" + mixed + b"--\r\n"),
         )
 
-    def _encode_text(self, encoded: bytes) -> bytes:
+    def _text_part(self, encoded: bytes) -> bytes:
+        """The encoded text body as it goes into the message."""
         if self._html is None and not self._tail and not encoded.endswith(b"\r\n"):
             # A single-part message should end in CRLF.
             encoded += b"\r\n"
@@ -421,7 +422,7 @@ class CompiledMessage:
             head.append(b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n")
         text = self._text_qp
         head.append(self._body_head)
-        head.append(text if text is not None else self._encode_text(self._text.render_qp(values)))
+        head.append(text if text is not None else self._text_part(self._text.render_qp(values)))
         if self._html is not None:
             head.append(self._between)
             markup = self._html_qp
