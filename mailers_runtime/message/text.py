@@ -99,6 +99,8 @@ class QpPieces:
         when the piece is not split."""
         self._tails: list[str] = []
         """Each piece after its last newline."""
+        if not self.usable:
+            return  # encode() answers None at once: nothing to split
         for piece in pieces:
             first = piece.find("\n")
             last = piece.rfind("\n")
@@ -110,7 +112,7 @@ class QpPieces:
                 self._tails.append("")
                 continue
             self._heads.append(piece[: first + 1])
-            self._middles.append(encode_qp(piece[first + 1 : last + 1]) if self.usable else b"")
+            self._middles.append(encode_qp(piece[first + 1 : last + 1]))
             self._tails.append(piece[last + 1 :])
 
     def encode(self, values: Sequence[str]) -> bytes | None:
