@@ -43,6 +43,7 @@ import collections
 import dataclasses
 import enum
 import re
+from typing import NamedTuple
 
 
 class Outcome(enum.Enum):
@@ -87,9 +88,9 @@ AUTH_CODES = frozenset({530, 534, 535, 538})
 _ENHANCED = re.compile(r"\A\s*([245])\.(\d{1,3})\.(\d{1,3})(?=\s|\Z)")
 
 
-@dataclasses.dataclass(frozen=True)
-class Classification:
-    """The meaning of one transaction's outcome."""
+class Classification(NamedTuple):
+    """The meaning of one transaction's outcome (a named tuple: one is made per
+    transaction, see ``SendOutcome``)."""
 
     outcome: Outcome
     relay_fault: bool
@@ -181,9 +182,9 @@ class After(enum.Enum):
     its state is unknown: drop the connection."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Verdict:
-    """A recipient's outcome decided by the envelope (before any message body)."""
+class Verdict(NamedTuple):
+    """A recipient's outcome decided by the envelope (before any message body), or the
+    reply to the final dot (a named tuple: one is made per transaction)."""
 
     code: int
     text: str
