@@ -231,14 +231,21 @@ class RateMeter:
             self._last_s = now_s
         else:
             gap = max(0.0, now_s - self._last_s)
-            active = min(gap, self._idle_gap_s)
-            decay = math.exp(-gap / self._tau_s)
-            # The active part is the start of the gap, so it has decayed for the rest.
-            added = (
-                self._tau_s
-                * -math.expm1(-active / self._tau_s)
-                * math.exp(-(gap - active) / self._tau_s)
-            )
+            if gap <= self._idle_gap_s:
+                # All of the gap was sending (the usual case, once per transaction):
+                # one expm1 gives both the decay and the span added.
+                shrink = math.expm1(-gap / self._tau_s)
+                decay = 1.0 + shrink
+                added = self._tau_s * -shrink
+            else:
+                decay = math.exp(-gap / self._tau_s)
+                # The active part is the start of the gap, so it has decayed for the rest.
+                active = self._idle_gap_s
+                added = (
+                    self._tau_s
+                    * -math.expm1(-active / self._tau_s)
+                    * math.exp(-(gap - active) / self._tau_s)
+                )
             self._count *= decay
             self._span_s = self._span_s * decay + added
             self._last_s = max(self._last_s, now_s)
@@ -423,6 +430,12 @@ class Admission:
     concurrency limit (wait for a release)."""
 
 
+_ADMITTED = Admission(ok=True)
+_AT_LIMIT = Admission(ok=False, retry_after_s=None)
+"""The two answers without a wait time, made once: ``try_acquire`` is on every
+transaction's path, and a frozen dataclass costs as much to build as the rest of it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyStatus:
     """What :meth:`Throttles.status` reports about one key (for metrics and status)."""
@@ -531,7 +544,7 @@ class Throttles:
         state = self._state(key, now_s)
         state.last_used_s = max(state.last_used_s, now_s)
         if state.in_flight >= self.limits(key).max_concurrency:
-            return Admission(ok=False, retry_after_s=None)
+            return _AT_LIMIT
         limit = self._limit(key, state, now_s)
         if limit is not None:
             bucket = limit.bucket
@@ -541,7 +554,7 @@ class Throttles:
             bucket.tokens = max(0.0, bucket.tokens - 1.0)
         state.in_flight += 1
         state.meter.record(now_s)
-        return Admission(ok=True)
+        return _ADMITTED
 
     def release(self, key: str) -> None:
         """Give back the slot an ok :meth:`try_acquire` took.

@@ -279,6 +279,37 @@ def test_meter_first_events_clock_going_backwards_and_validation() -> None:
             RateMeter(**bad)
 
 
+def _reference_rate(times: list[float], now_s: float, tau_s: float, idle_gap_s: float) -> float:
+    """The meter's definition, summed directly: each event decays by its age, and the
+    span is the decayed integral of the active time (each gap up to ``idle_gap_s``
+    counts from its start, plus the time since the last event)."""
+    count = sum(math.exp(-(now_s - t) / tau_s) for t in times)
+    span = 0.0
+    for before, after in zip(times, times[1:], strict=False):
+        active = min(after - before, idle_gap_s)
+        # the integral of exp(-(now - u) / tau) over [before, before + active]
+        span += tau_s * (
+            math.exp(-(now_s - before - active) / tau_s) - math.exp(-(now_s - before) / tau_s)
+        )
+    span += tau_s * -math.expm1(-(now_s - times[-1]) / tau_s)
+    return count / max(span, 0.1)
+
+
+@given(gaps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=40))
+def test_meter_matches_its_definition_for_any_gaps(gaps: list[float]) -> None:
+    # Gaps below and above idle_gap_s take different paths through record()
+    meter = RateMeter(tau_s=5.0, idle_gap_s=1.0, min_span_s=0.1)
+    times = [100.0]
+    for gap in gaps:
+        times.append(times[-1] + gap)
+    for t in times:
+        meter.record(t)
+    now_s = times[-1] + 0.25
+    assert meter.rate(now_s) == pytest.approx(
+        _reference_rate(times, now_s, 5.0, 1.0), rel=1e-9, abs=1e-12
+    )
+
+
 def test_adaptive_rate_cuts_from_the_observed_rate_when_it_is_lower() -> None:
     # Given a rate allowed 100/s but a key sent at 30/s
     rate = AdaptiveRate(POLICY)
