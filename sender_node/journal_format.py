@@ -29,6 +29,7 @@ import re
 import struct
 import zlib
 from collections.abc import Iterable
+from typing import NamedTuple
 
 _FRAME = struct.Struct("<II")
 _HEAD = struct.Struct("<QIH")
@@ -42,9 +43,8 @@ ACKED_FILE = "acked"
 LOCK_FILE = "lock"
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One journal record."""
+class Record(NamedTuple):
+    """One journal record (a named tuple: one is made per transaction's results)."""
 
     seq: int
     results: int

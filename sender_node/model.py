@@ -55,11 +55,11 @@ class Result(NamedTuple):
     """The Message-ID of the message sent (with angle brackets); empty when none was."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipient:
-    """A recipient of a batch with its position in the job."""
+class Recipient(NamedTuple):
+    """A recipient of a batch with its position in the job (a named tuple, as
+    :class:`Result`: one is made per recipient of every batch)."""
 
-    index: int
+    index: int  # type: ignore[assignment]
     email: str
     name: str
     variables: Mapping[str, str]
