@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
@@ -39,13 +40,51 @@ the probing socket closes, so two callers (a test reserving a node's port, then 
 cluster choosing its coordinators') could get the same one before either binds it."""
 
 
+_PICK_SPAN = 12_000
+"""How many ports below the kernel's ephemeral range :func:`free_port` picks from."""
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process
-    was not given before.
+    """A TCP port on 127.0.0.1 that nothing uses right now, that this process was not
+    given before, and that lies below the kernel's ephemeral range.
+
+    Below that range because a port is handed out some time before its server binds it,
+    and in between, any outgoing connection on the machine (a test's thousands of SMTP,
+    gRPC and PostgreSQL connections) may be given an ephemeral port as its local one:
+    a port the kernel offered for ``bind(0)`` was taken that way, and the coordinator
+    meant to listen on it could not start.
 
     Raises:
         RuntimeError: no such port in 1,000 tries.
     """
+    low = _ephemeral_low()
+    if low - _PICK_SPAN < 1024:
+        return _any_free_port()  # an unusual range: take what the kernel offers
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(low - _PICK_SPAN, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering) right now
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port that was not handed out already")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default when unreadable)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _any_free_port() -> int:
     for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
