@@ -58,20 +58,19 @@ def free_port() -> int:
         RuntimeError: no such port in 1,000 tries.
     """
     low = _ephemeral_low()
-    if low - _PICK_SPAN < 1024:
-        return _any_free_port()  # an unusual range: take what the kernel offers
+    # An unusual range with no room below it: take what the kernel offers (port 0).
+    span = (low - _PICK_SPAN, low) if low - _PICK_SPAN >= 1024 else None
     rng = random.Random()
     for _ in range(1000):
-        port = rng.randrange(low - _PICK_SPAN, low)
-        if port in _HANDED_OUT:
-            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind(("127.0.0.1", rng.randrange(*span) if span else 0))
             except OSError:
                 continue  # in use (or lingering) right now
-        _HANDED_OUT.add(port)
-        return port
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
     raise RuntimeError("no free loopback port that was not handed out already")
 
 
@@ -82,17 +81,6 @@ def _ephemeral_low() -> int:
         return int(text.split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
-
-
-def _any_free_port() -> int:
-    for _ in range(1000):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no free loopback port that was not handed out already")
 
 
 def wait_for_port(
