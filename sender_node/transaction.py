@@ -258,7 +258,7 @@ class SendEngine:
                 # time is about the relay, not the destination.
                 if paced.reply(outcome.code):
                     self.metrics.domain_slowdowns.labels(paced.domain).inc()
-        self.metrics.transaction_seconds.observe(finished - started)
+        self.metrics.observe_transaction(finished - started)
         relay_fault = False
         results = []
         # One message per transaction: a personalised one for its one recipient, or a

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from mailerpb.mailer.v1 import common_pb2, sender_pb2
 from mailers_runtime.message import Content, Mailbox
@@ -17,7 +18,7 @@ from sender_node import _convert
 from sender_node.classify import Phase
 from sender_node.config import NodeTimings
 from sender_node.fencing import StreamState, StreamView, start_refusal
-from sender_node.metrics import NodeMetrics
+from sender_node.metrics import TRANSACTION_BUCKETS, NodeMetrics
 from sender_node.model import BatchRef, Recipient, Reply, Result, Status, Work
 from sender_node.smtp_client import RelayInfo, SendOutcome
 from sender_node.stream import Stream
@@ -226,27 +227,66 @@ def _expected_fields(r: Result) -> tuple[object, ...]:
             r.relay, r.message_id, r.updated_at_ns)  # fmt: skip
 
 
-def test_cached_metric_children_count_as_labels_did() -> None:
-    # Given two registries, one counted through labels() and one through the cache
-    direct, cached = NodeMetrics(), NodeMetrics()
-    calls = [("r1", "a.example", "delivered", 250)] * 3 + [("r2", "b.example", "permanent", 550)]
-    # When the same outcomes are counted both ways
-    for relay, domain, status, code in calls:
-        direct.messages.labels(relay, domain, status).inc()
-        direct.smtp_replies.labels(str(code)).inc()
-        cached.count_message(relay, domain, status)
-        cached.count_reply(code)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.sampled_from(["r1", "r2"]),
+            st.sampled_from(["a.example", "b.example"]),
+            st.sampled_from(["delivered", "permanent", "transient"]),
+            st.sampled_from([0, 250, 421, 550]),
+            st.integers(1, 100),
+            st.one_of(st.sampled_from(TRANSACTION_BUCKETS), st.floats(0, 60)),
+        ),
+        max_size=30,
+    )
+)
+def test_tallied_metrics_expose_what_prometheus_metrics_would(
+    calls: list[tuple[str, str, str, int, int, float]],
+) -> None:
+    # Given prometheus_client's own labelled counters and histogram beside the node's
+    reference = CollectorRegistry()
+    messages = Counter(
+        "mailers_node_messages", "SMTP transactions by relay, recipient domain and outcome",
+        ["relay", "domain", "status"], registry=reference,
+    )  # fmt: skip
+    replies = Counter(
+        "mailers_node_smtp_replies", "SMTP reply codes that decided a transaction",
+        ["code"], registry=reference,
+    )  # fmt: skip
+    seconds = Histogram(
+        "mailers_node_transaction_seconds", "Duration of one SMTP transaction",
+        buckets=TRANSACTION_BUCKETS, registry=reference,
+    )  # fmt: skip
+    tallied = NodeMetrics()
+    # When the same transactions are counted both ways (bounds themselves included)
+    for relay, domain, status, code, recipients, duration in calls:
+        messages.labels(relay, domain, status).inc(recipients)
+        tallied.count_message(relay, domain, status, recipients)
+        if code:
+            replies.labels(str(code)).inc(recipients)
+            tallied.count_reply(code, recipients)
+        seconds.observe(duration)
+        tallied.observe_transaction(duration)
 
-    # Then the registries hold the same samples
-    def samples(metrics: NodeMetrics) -> list[tuple[str, dict[str, str], float]]:
+    # Then both expose the same families and samples, in the same order
+    def samples(registry: CollectorRegistry) -> list[tuple[object, ...]]:
         return [
-            (s.name, s.labels, s.value)
-            for family in metrics.registry.collect()
-            for s in family.samples
-            if not s.name.endswith("_created")
-        ]
+            (f.name, f.type, f.documentation, sorted(
+                (s.name, sorted(s.labels.items()), s.value if "created" not in s.name else 0)
+                for s in f.samples
+            ))
+            for f in registry.collect()
+            if f.name.startswith(("mailers_node_messages", "mailers_node_smtp_replies",
+                                  "mailers_node_transaction_seconds"))
+        ]  # fmt: skip
 
-    assert samples(cached) == samples(direct)
+    expected = samples(reference)
+    assert samples(tallied.registry) == expected
+    assert [f[0] for f in expected] == [
+        "mailers_node_messages",
+        "mailers_node_smtp_replies",
+        "mailers_node_transaction_seconds",
+    ]
 
 
 @given(
