@@ -24,9 +24,18 @@ from pathlib import Path
 from mailers_runtime.errors import ConfigError
 
 _TAG_BYTES = 10
+_BLOCK_BYTES = 64  # SHA-256's block: HMAC pads (or first hashes) the key to it
+_INNER_PAD = bytes(b ^ 0x36 for b in range(256))
+_OUTER_PAD = bytes(b ^ 0x5C for b in range(256))
 _BASE32 = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648's alphabet, lower case
 _BASE32_PAIRS = tuple(a + b for a in _BASE32 for b in _BASE32)
 """Ten bits to their two base32 characters: a tag's 80 bits are eight lookups."""
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+_BASE36_PAIRS = tuple(a + b for a in _BASE36 for b in _BASE36)
+"""0 to 1295 as two base-36 digits (leading zero kept)."""
+_BASE36_SHORT = tuple(pair[1:] if pair[0] == "0" else pair for pair in _BASE36_PAIRS)
+"""0 to 1295 in base 36, without the leading zero."""
+_SHORT_LIMIT = len(_BASE36_SHORT)
 _TOKEN = re.compile(r"\A([0-9a-z][0-9a-z-]{0,39})\.([0-9a-z]{1,7})\.([a-z2-7]{16})\Z")
 MIN_KEY_BYTES = 32
 
@@ -50,8 +59,18 @@ class TokenKey:
     def __init__(self, key: bytes) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ConfigError(f"the token key needs at least {MIN_KEY_BYTES} bytes")
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
-        """Keyed once; each tag copies it (a node signs one or two per message)."""
+        # HMAC-SHA256 (RFC 2104) spelled out, so that the work shared by every tag is done
+        # once: the two padded key blocks are hashed here, and each purpose's inner hash
+        # has its prefix already. A tag then copies two hashes (a node signs one or two
+        # per message): 12k instructions against hmac's 17k, and no Purpose.value.
+        if len(key) > _BLOCK_BYTES:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK_BYTES, b"\0")
+        self._outer = hashlib.sha256(key.translate(_OUTER_PAD))
+        self._inner = {
+            purpose: hashlib.sha256(key.translate(_INNER_PAD) + f"{purpose.value}:".encode())
+            for purpose in Purpose
+        }
 
     @classmethod
     def from_file(cls, path: str) -> TokenKey:
@@ -78,9 +97,13 @@ class TokenKey:
         return RecipientRef(job_id, index)
 
     def _tag(self, purpose: Purpose, job_id: str, index: int) -> str:
-        mac = self._mac.copy()
-        mac.update(f"{purpose.value}:{job_id}:{index}".encode())
-        return _base32_tag(mac.digest())
+        """The first 10 bytes of HMAC-SHA256(key, "<purpose>:<job_id>:<index>"), in
+        base32."""
+        inner = self._inner[purpose].copy()
+        inner.update(f"{job_id}:{index}".encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return _base32_tag(outer.digest())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +157,10 @@ def _base32_tag(digest: bytes) -> str:
 
 
 def _base36(n: int) -> str:
-    if n < 0:
-        raise ValueError("index must not be negative")
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
-    out = ""
-    while True:
-        n, r = divmod(n, 36)
-        out = digits[r] + out
-        if n == 0:
-            return out
+    """``n`` in lower-case base 36, without leading zeros: two digits per lookup."""
+    if n < _SHORT_LIMIT:
+        if n < 0:
+            raise ValueError("index must not be negative")
+        return _BASE36_SHORT[n]
+    high, low = divmod(n, _SHORT_LIMIT)
+    return _base36(high) + _BASE36_PAIRS[low]
