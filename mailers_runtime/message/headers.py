@@ -121,6 +121,12 @@ def clean_display_name(name: str) -> str:
     """A display name cleaned as a header value, with every Unicode space (no-break,
     em, ideographic, ...) made a plain one: parsers drop such spaces next to a space
     in an encoded name, and a name loses nothing readers see by it."""
+    if name.isascii() and name.isprintable():
+        # The usual name: no control character and no space but the plain one, so
+        # only its spaces need cleaning, without the regular expressions.
+        if "  " in name:
+            name = _SPACES.sub(" ", name)
+        return name.strip()
     return clean_header_value(_UNICODE_SPACE.sub(" ", name))
 
 
@@ -165,9 +171,12 @@ def format_mailbox(mailbox: Mailbox, header: str = "To") -> str:
     name = clean_display_name(mailbox.name)
     if not name:
         return email
-    if name.isascii() and _fits(name) and "=?" not in name:
+    if name.isascii() and (len(name) <= _LONG_WORD or _fits(name)) and "=?" not in name:
         if _NAME_SPECIALS.search(name):
             name = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if len(header) + len(name) + len(email) + 5 <= _LINE_LIMIT:
+            # "Header: name <email>" fits on one line: there is nothing to fold.
+            return f"{name} <{email}>"
         pieces = name.split(" ")
     else:
         pieces = []

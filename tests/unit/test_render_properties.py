@@ -8,6 +8,7 @@ import email.header
 import email.message
 import email.policy
 import re
+import urllib.parse
 from datetime import UTC, datetime
 
 import markupsafe
@@ -25,8 +26,9 @@ from mailers_runtime.message import (
     encode_words,
     fold_ascii,
 )
+from mailers_runtime.message.headers import format_mailbox
 from mailers_runtime.message.model import RenderLimits
-from mailers_runtime.message.templates import Sandbox, compile_field, escape_html
+from mailers_runtime.message.templates import Sandbox, compile_field, escape_html, url_quote
 from mailers_runtime.message.text import QpPieces, encode_qp
 
 DATE = datetime(2025, 3, 4, 5, 6, 7, tzinfo=UTC)
@@ -241,3 +243,46 @@ def test_encoded_words_decode_back(value: str) -> None:
     )
     decoded = str(email.header.make_header(email.header.decode_header(encoded)))
     assert decoded == value
+
+
+PRINTABLE_NAMES = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=90)
+
+
+@PROPERTY_SETTINGS
+@given(name=st.one_of(nasty_text(60), PRINTABLE_NAMES))
+@example(name="  Ann   Lee  ")
+def test_a_display_name_is_cleaned_as_its_definition_says(name: str) -> None:
+    # Every Unicode space made a plain one (CR, LF and TAB are controls), then cleaned
+    # as any header value: the shortcut for printable ASCII names changes nothing.
+    assert clean_display_name(name) == clean_header_value(re.sub(r"(?![\r\n\t])\s", " ", name))
+
+
+@PROPERTY_SETTINGS
+@given(
+    name=st.one_of(nasty_text(60), PRINTABLE_NAMES),
+    local=st.text(st.sampled_from("abcxyz0123.+-_"), min_size=1, max_size=40),
+)
+@example(name="Ann Lee", local="ann")
+# "To: <name> <annx@example.org>" on one line would take 79 characters, then 78
+@example(name="a" * 10 + " " + "b" * 45, local="ann")
+@example(name="a" * 10 + " " + "b" * 44, local="ann")
+@example(name='Lee, "Ann"', local="ann")
+def test_a_mailbox_folds_only_where_its_header_needs_it(name: str, local: str) -> None:
+    # Whatever the header's length, unfolding gives the same value: a header too long
+    # for the value to fit folds it (the general path) where a short one does not.
+    mailbox = Mailbox(f"{local.strip('.')}x@example.org", name)
+    short, long = format_mailbox(mailbox, "To"), format_mailbox(mailbox, "X" * 70)
+    assert short.replace("\r\n", "") == long.replace("\r\n", "")
+    for value, header in ((short, "To"), (long, "X" * 70)):
+        if len(header) + 2 + len(value.replace("\r\n", "")) <= 78:
+            assert "\r\n" not in value  # it fits: not folded
+        first, *rest = value.split("\r\n")
+        assert len(header) + 2 + len(first) <= 78 or " " not in first.strip()
+        assert all(line.startswith(" ") for line in rest)
+
+
+@given(value=nasty_text(40))
+@example(value="r12345@big.example")
+@example(value="a b/c?d=e&f~g_h.i-j%")
+def test_url_quote_encodes_as_urllib_does(value: str) -> None:
+    assert url_quote(value) == urllib.parse.quote(value, safe="")
