@@ -84,6 +84,11 @@ async def test_refused_deliveries_come_again_with_their_id(
                 lambda: len(receiver.accepted_events) >= len(ids), timeout_s=60,
                 message="every event delivered",
             )  # fmt: skip
+            # The receiver holds the last events before its answer reaches the sender,
+            # which moves the cursor only then.
+            await assert_eventually(
+                lambda: _caught_up(store), timeout_s=30, message="cursor at the last event"
+            )
             hook = await state(store)
     # Then every event arrived once, in order, each delivery signed
     assert [e["event_id"] for e in receiver.accepted_events] == ids
