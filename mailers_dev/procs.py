@@ -60,6 +60,8 @@ def free_port() -> int:
     low = _ephemeral_low()
     # An unusual range with no room below it: take what the kernel offers (port 0).
     span = (low - _PICK_SPAN, low) if low - _PICK_SPAN >= 1024 else None
+    # A generator of its own, seeded by the OS: the module's shared one is reseeded by
+    # tests (Hypothesis does it per example), so two processes could draw alike.
     rng = random.Random()
     for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
