@@ -103,6 +103,13 @@ import uvloop
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+# The email package's parser, line by line: a line break is CRLF, CR or LF; a header line
+# starts with a field name and a colon (or "From "), a continuation with a space or tab.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_HEADER_LINE = re.compile(r"From |[\041-\071\073-\176]*:|[\t ]")
+# <local@domain> with both parts plain dot-atoms (RFC 5322 atext), then the parameters.
+_ATOMS = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+_PLAIN_PATH = re.compile(rf"<({_ATOMS}@{_ATOMS})>[ \t]*")
 _TEMPFAIL_TEXT = {
     421: "4.3.2 Service not available, closing transmission channel",
     535: "5.7.8 Authentication credentials invalid",
@@ -480,12 +487,32 @@ class _Armed:
 
 
 def message_id_of(data: bytes) -> str:
-    """The Message-ID header of a raw message, stripped; ``""`` when absent."""
+    """The Message-ID header of a raw message, its white space collapsed; ``""`` when absent.
+
+    The header is found as the email package's parser finds it (``compat32``), but
+    without building a message object, which cost the sink more than all its logging; a
+    header block that is not ASCII still goes to the parser.
+    """
     match = _HEADER_END.search(data)
     head = data[: match.start()] if match else data
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    value = headers.get("Message-ID")
-    return " ".join(str(value).split()) if value is not None else ""
+    if not head.isascii():
+        headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+        header = headers.get("Message-ID")
+        return " ".join(str(header).split()) if header is not None else ""
+    value: list[str] | None = None  # the header's lines, from the first Message-ID on
+    for line in _LINE_BREAK.split(head.decode("ascii")):
+        if not _HEADER_LINE.match(line):
+            break  # the body begins
+        if line[0] in " \t":
+            if value is not None:
+                value.append(line)
+            continue
+        if value is not None:
+            break  # the first Message-ID is the one read, and it is complete
+        name, _, rest = line.partition(":")
+        if name.lower() == "message-id":
+            value = [rest]
+    return " ".join(" ".join(value).split()) if value is not None else ""
 
 
 class MaildirWriter:
@@ -783,6 +810,18 @@ class _FaultySMTP(SMTP):
     def _confirm(self) -> None:
         # A command after a 250 proves the client read it (TCP keeps the order).
         self.unconfirmed.clear()
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's reading of a MAIL or RCPT path, without its RFC 5322 parser (which
+        builds a parse tree, and a class, per call) for the plain ``<local@domain>`` that
+        nearly every client sends; anything else goes to aiosmtpd's own."""
+        match = _PLAIN_PATH.match(arg)
+        if match is None or arg.startswith("(", match.end()):
+            return super()._getaddr(arg)
+        address = match.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[match.end() :]
 
     async def smtp_MAIL(self, arg: str) -> None:
         self._confirm()
