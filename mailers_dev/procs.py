@@ -305,6 +305,11 @@ class EtcdCluster:
         stop_together([m.proc for m in self.members if m.proc is not None])
 
 
+PG_TEMPLATE_ENV = "MAILERS_PG_TEMPLATE"
+"""A directory where :class:`PostgresServer` keeps one ``initdb``'d cluster per
+PostgreSQL version and owner, and copies it rather than running ``initdb`` for each
+server (the test suite sets it: it starts some seventy servers)."""
+
 PG_BIN_DIRS = tuple(Path(f"/usr/lib/postgresql/{v}/bin") for v in (17, 16, 15))
 """Where Debian's ``postgresql`` package puts the server binaries (not on PATH)."""
 
@@ -362,6 +367,7 @@ class PostgresServer:
         self.listen = listen
         self.port = free_port()
         self.proc: Proc | None = None
+        self._password_due: str | None = None
         self._user: str | None = None
         if os.geteuid() == 0:
             self._user = "postgres" if _user_exists("postgres") else "nobody"
@@ -410,32 +416,31 @@ class PostgresServer:
             "--", *argv,
         ]  # fmt: skip
 
-    def _run(self, argv: Sequence[str]) -> None:
-        done = subprocess.run(
-            self._as_owner(argv), capture_output=True, cwd=self.data_root, timeout=120
-        )
+    def _run(self, argv: Sequence[str], cwd: Path) -> None:
+        done = subprocess.run(self._as_owner(argv), capture_output=True, cwd=cwd, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {done.stderr.decode(errors='replace')}")
 
     def init(self) -> None:
-        """Create the cluster (once): initdb, the role's password, settings."""
+        """Create the cluster (once): initdb (or a copy of :envvar:`MAILERS_PG_TEMPLATE`'s
+        cluster), the role's password, settings."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         password = secrets.token_urlsafe(18)
         self.password_file.write_text(password + "\n")
         self.password_file.chmod(0o600)
-        pwfile = self.data_root / "initdb-pw"
-        pwfile.write_text(password + "\n")
-        if self._user is not None:
-            shutil.chown(pwfile, self._user)
-        # --no-sync: a crash of the machine during initdb could only spoil a directory
-        # that no run keeps (every run makes its own); waiting for the disk cost 2-3 s of
-        # each cluster's start. The server itself keeps its durability (``durable``).
-        self._run([
-            str(self.bindir / "initdb"), "--no-sync", "-D", str(self.data_dir), "-U", "mailers",
-            f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
-            "-E", "UTF8", "--locale=C", "--no-instructions",
-        ])  # fmt: skip
-        pwfile.unlink()
+        cache = os.environ.get(PG_TEMPLATE_ENV)
+        if cache:
+            # cp -a keeps the owner (as root, the server's user) and the modes.
+            done = subprocess.run(
+                ["cp", "-a", str(self._template(Path(cache))), str(self.data_dir)],
+                capture_output=True,
+                timeout=120,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"cp failed: {done.stderr.decode(errors='replace')}")
+            self._password_due = password  # set once the server runs (see start)
+        else:
+            self._initdb(self.data_root, self.data_dir, password)
         settings = [
             f"listen_addresses = '{self.listen}'",
             f"port = {self.port}",
@@ -462,6 +467,55 @@ class PostgresServer:
         with (self.data_dir / "pg_hba.conf").open("a") as hba:
             hba.write("host all mailers samenet scram-sha-256\n")
 
+    def _initdb(self, workdir: Path, data_dir: Path, password: str) -> None:
+        """Run initdb as the server's owner, in ``workdir`` (a directory the owner may
+        write), making ``data_dir`` with the role ``mailers`` and ``password``."""
+        pwfile = workdir / "initdb-pw"
+        pwfile.write_text(password + "\n")
+        if self._user is not None:
+            shutil.chown(pwfile, self._user)
+        # --no-sync: a crash of the machine during initdb could only spoil a directory
+        # that no run keeps (every run makes its own); waiting for the disk cost 2-3 s of
+        # each cluster's start. The server itself keeps its durability (``durable``).
+        try:
+            self._run(
+                [
+                    str(self.bindir / "initdb"), "--no-sync", "-D", str(data_dir),
+                    "-U", "mailers", f"--pwfile={pwfile}", "--auth-local=trust",
+                    "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C",
+                    "--no-instructions",
+                ],
+                cwd=workdir,
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+
+    def _template(self, cache: Path) -> Path:
+        """The cache's initdb'd cluster for this PostgreSQL and owner, made on first use.
+
+        Several processes may ask at once (a test suite's workers): each that finds none
+        makes its own and renames it into place, and the first rename wins. Its role's
+        password was random and forgotten: each copy gets its own (see :meth:`start`).
+        """
+        owner = self._user or str(os.geteuid())
+        template = cache / f"{self.bindir.parent.name}-{owner}"
+        if (template / "PG_VERSION").exists():
+            return template
+        cache.mkdir(parents=True, exist_ok=True)
+        # Made where the owner may write (as root, under /tmp, as data_root is).
+        workdir = Path(tempfile.mkdtemp(prefix="mailers-pg-template-"))
+        try:
+            if self._user is not None:
+                shutil.chown(workdir, self._user)
+            self._initdb(workdir, workdir / "data", secrets.token_urlsafe(18))
+            with contextlib.suppress(OSError):  # another process's rename came first
+                (workdir / "data").rename(template)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        if not (template / "PG_VERSION").exists():
+            raise RuntimeError(f"no PostgreSQL template cluster at {template}")
+        return template
+
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the server (initialising it first if needed) and create the database;
         nothing when it already runs."""
@@ -473,15 +527,24 @@ class PostgresServer:
         self.proc = spawn("postgres", self._as_owner(argv), self.base_dir / "logs")
         wait_for_port(self.port, timeout_s, self.proc.popen, host=self.listen)
         self._wait_ready(timeout_s)
+        if self._password_due is not None:
+            # Over the Unix socket (trust), and from stdin: never on a command line.
+            quoted = self._password_due.replace("'", "''")
+            self.sql(f"ALTER ROLE mailers PASSWORD '{quoted}'", secret=True)
+            self._password_due = None
         self._createdb()
 
-    def _psql(self, sql: str, database: str = "postgres") -> subprocess.CompletedProcess[bytes]:
+    def _psql(
+        self, sql: str, database: str = "postgres", *, secret: bool = False
+    ) -> subprocess.CompletedProcess[bytes]:
+        """``sql`` run by psql; a ``secret`` one goes in on stdin, off the command line."""
         return subprocess.run(
             self._as_owner([
                 str(self.bindir / "psql"), "-h", str(self.data_root), "-p", str(self.port),
-                "-U", "mailers", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAtc", sql,
+                "-U", "mailers", "-d", database, "-v", "ON_ERROR_STOP=1", "-qAt",
+                *(("-f", "-") if secret else ("-c", sql)),
             ]),
-            capture_output=True, timeout=60,
+            input=sql.encode() if secret else None, capture_output=True, timeout=60,
         )  # fmt: skip
 
     def _wait_ready(self, timeout_s: float) -> None:
@@ -496,9 +559,10 @@ class PostgresServer:
         if exists.stdout.strip() != b"1":
             self.sql("CREATE DATABASE mailers")
 
-    def sql(self, statement: str, database: str = "postgres") -> str:
-        """Run one statement as the ``mailers`` role over the Unix socket; its output."""
-        done = self._psql(statement, database)
+    def sql(self, statement: str, database: str = "postgres", *, secret: bool = False) -> str:
+        """Run one statement as the ``mailers`` role over the Unix socket; its output.
+        A ``secret`` statement is given to psql on stdin rather than on its command line."""
+        done = self._psql(statement, database, secret=secret)
         if done.returncode != 0:
             raise RuntimeError(f"psql failed: {done.stderr.decode(errors='replace')}")
         return done.stdout.decode()

@@ -7,6 +7,9 @@ fail in CI (CI=true), so a CI machine missing a server can never pass by skippin
 PostgreSQL: one server per session; a database migrated once serves as the template of
 a fresh database per test (``database``), so tests never see each other's rows.
 
+Every PostgreSQL server a test starts (clusters' included) copies one ``initdb``'d
+cluster made once per run (``MAILERS_PG_TEMPLATE``) instead of running ``initdb`` itself.
+
 Real-world bounce samples (``flufl_samples``) are downloaded once per session.
 """
 
@@ -25,13 +28,28 @@ from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
 from coordinator.db.store import Database
 from coordinator.db.store import connect as pg_connect
-from mailers_dev.procs import EtcdCluster, PostgresServer, pg_bin_dir
+from mailers_dev.procs import PG_TEMPLATE_ENV, EtcdCluster, PostgresServer, pg_bin_dir
 from mailers_runtime.etcd import connect
 from tests.bounce_samples import Samples, SamplesUnavailable, fetch
 from tests.helpers import require_etcd, unavailable
 
 PG_TEMPLATE = "mailers_template"
 _databases = itertools.count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pg_template_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where PostgreSQL servers of this run find the cluster they copy: the run's
+    directory, shared by pytest-xdist's workers (each has a directory of its own in it)."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "pg-template"
+    previous = os.environ.get(PG_TEMPLATE_ENV)
+    os.environ[PG_TEMPLATE_ENV] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ[PG_TEMPLATE_ENV]
+    else:
+        os.environ[PG_TEMPLATE_ENV] = previous
 
 
 @pytest.fixture(scope="session")
