@@ -416,8 +416,10 @@ class PostgresServer:
             "--", *argv,
         ]  # fmt: skip
 
-    def _run(self, argv: Sequence[str], cwd: Path) -> None:
-        done = subprocess.run(self._as_owner(argv), capture_output=True, cwd=cwd, timeout=120)
+    def _run(self, argv: Sequence[str], cwd: Path, *, as_owner: bool = True) -> None:
+        """Run ``argv`` (as the server's owner unless ``as_owner`` is False)."""
+        command = self._as_owner(argv) if as_owner else list(argv)
+        done = subprocess.run(command, capture_output=True, cwd=cwd, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{argv[0]} failed: {done.stderr.decode(errors='replace')}")
 
@@ -431,13 +433,10 @@ class PostgresServer:
         cache = os.environ.get(PG_TEMPLATE_ENV)
         if cache:
             # cp -a keeps the owner (as root, the server's user) and the modes.
-            done = subprocess.run(
-                ["cp", "-a", str(self._template(Path(cache))), str(self.data_dir)],
-                capture_output=True,
-                timeout=120,
+            template = self._template(Path(cache))
+            self._run(
+                ["cp", "-a", str(template), str(self.data_dir)], self.data_root, as_owner=False
             )
-            if done.returncode != 0:
-                raise RuntimeError(f"cp failed: {done.stderr.decode(errors='replace')}")
             self._password_due = password  # set once the server runs (see start)
         else:
             self._initdb(self.data_root, self.data_dir, password)

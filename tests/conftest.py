@@ -28,10 +28,10 @@ from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
 from coordinator.db.store import Database
 from coordinator.db.store import connect as pg_connect
-from mailers_dev.procs import PG_TEMPLATE_ENV, EtcdCluster, PostgresServer, pg_bin_dir
+from mailers_dev.procs import PG_TEMPLATE_ENV, EtcdCluster, PostgresServer
 from mailers_runtime.etcd import connect
 from tests.bounce_samples import Samples, SamplesUnavailable, fetch
-from tests.helpers import require_etcd, unavailable
+from tests.helpers import require_etcd, require_postgres, unavailable
 
 PG_TEMPLATE = "mailers_template"
 _databases = itertools.count()
@@ -43,13 +43,9 @@ def pg_template_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     directory, shared by pytest-xdist's workers (each has a directory of its own in it)."""
     base = tmp_path_factory.getbasetemp()
     cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "pg-template"
-    previous = os.environ.get(PG_TEMPLATE_ENV)
-    os.environ[PG_TEMPLATE_ENV] = str(cache)
-    yield cache
-    if previous is None:
-        del os.environ[PG_TEMPLATE_ENV]
-    else:
-        os.environ[PG_TEMPLATE_ENV] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PG_TEMPLATE_ENV, str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")
@@ -84,14 +80,6 @@ async def etcd(etcd_cluster: EtcdCluster) -> AsyncIterator[aetcd.Client]:
     await client.connect()
     yield client
     await client.close()
-
-
-def require_postgres() -> None:
-    if pg_bin_dir() is None:
-        unavailable(
-            "PostgreSQL is not installed (apt-get install postgresql)",
-            "PostgreSQL is not installed on this CI machine",
-        )
 
 
 @pytest.fixture(scope="session")

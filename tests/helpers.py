@@ -13,6 +13,7 @@ from typing import NoReturn
 import pytest
 
 from client_sdk import MailerClient, MailerError, NodeState
+from mailers_dev.procs import pg_bin_dir
 
 
 def unavailable(reason: str, on_ci: str) -> NoReturn:
@@ -29,6 +30,14 @@ def require_etcd() -> None:
         unavailable(
             "etcd is not installed (apt-get install etcd-server)",
             "etcd is not installed on this CI machine",
+        )
+
+
+def require_postgres() -> None:
+    if pg_bin_dir() is None:
+        unavailable(
+            "PostgreSQL is not installed (apt-get install postgresql)",
+            "PostgreSQL is not installed on this CI machine",
         )
 
 

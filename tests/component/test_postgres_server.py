@@ -13,11 +13,11 @@ import asyncpg
 import pytest
 
 from mailers_dev.procs import PG_TEMPLATE_ENV, PostgresServer
-from tests.conftest import require_postgres
+from tests.helpers import require_postgres
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[PostgresServer]]:
+def servers() -> Iterator[list[PostgresServer]]:
     require_postgres()
     made: list[PostgresServer] = []
     yield made
