@@ -9,8 +9,8 @@ the identical-body notice, which is stored in send order (by domain, over
 (this process), the leader and PostgreSQL (the server and its children).
 
 Then the ceiling, on the same server: the same rows, already built, written by asyncpg's
-COPY into a table like ``recipients`` (its indexes included), 50,000 rows per statement
-as submit writes them, in a transaction that is rolled back.
+COPY into a table like ``recipients`` (its indexes included), ``COPY_ROWS`` rows per
+statement as submit writes them, in a transaction that is rolled back.
 
 Prints the medians: recipients/s, the ratio to COPY alone, and microseconds of CPU per
 recipient for each process. Usage: ``python -m bench.upload [--recipients N]
