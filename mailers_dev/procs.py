@@ -43,6 +43,12 @@ cluster choosing its coordinators') could get the same one before either binds i
 _PICK_SPAN = 12_000
 """How many ports below the kernel's ephemeral range :func:`free_port` picks from."""
 
+PORT_SLICE_ENV = "MAILERS_PORT_SLICE"
+"""``k/n``: :func:`free_port` draws only from the k-th (from 0) of n equal slices of its
+span. Processes that pick ports at the same time (the test runner's workers, which set
+it) each get a slice of their own, so none can hand out a port that another handed out
+a moment before and whose server has not bound it yet. Children inherit it."""
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing uses right now, that this process was not
@@ -59,7 +65,7 @@ def free_port() -> int:
     """
     low = _ephemeral_low()
     # An unusual range with no room below it: take what the kernel offers (port 0).
-    span = (low - _PICK_SPAN, low) if low - _PICK_SPAN >= 1024 else None
+    span = _slice(low - _PICK_SPAN, low) if low - _PICK_SPAN >= 1024 else None
     # A generator of its own, seeded by the OS: the module's shared one is reseeded by
     # tests (Hypothesis does it per example), so two processes could draw alike.
     rng = random.Random()
@@ -74,6 +80,23 @@ def free_port() -> int:
             _HANDED_OUT.add(port)
             return port
     raise RuntimeError("no free loopback port that was not handed out already")
+
+
+def _slice(low: int, high: int) -> tuple[int, int]:
+    """The part of ``[low, high)`` that :data:`PORT_SLICE_ENV` gives this process (all of
+    it when unset).
+
+    Raises:
+        ValueError: the variable is not ``k/n`` with ``0 <= k < n``.
+    """
+    value = os.environ.get(PORT_SLICE_ENV)
+    if not value:
+        return low, high
+    k, sep, n = value.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ValueError(f"{PORT_SLICE_ENV} must be k/n with 0 <= k < n, not {value!r}")
+    width = (high - low) // int(n)
+    return low + int(k) * width, low + (int(k) + 1) * width
 
 
 def _ephemeral_low() -> int:
@@ -91,20 +114,75 @@ def wait_for_port(
     proc: subprocess.Popen[bytes] | None = None,
     host: str = "127.0.0.1",
 ) -> None:
-    """Block until host:port accepts connections.
+    """Block until host:port accepts connections, and, given ``proc``, until the socket
+    listening there is that process's (or one of its children's).
+
+    The second check is what tells a server that started from one that could not bind
+    its port while another process already listened there (another test's etcd, say):
+    a connection alone would be answered by the other process.
 
     Raises:
-        TimeoutError: nothing listened within timeout_s.
+        TimeoutError: nothing listened within timeout_s, or only another process did.
         RuntimeError: proc exited first.
     """
     deadline = time.monotonic() + timeout_s
+    someone_else = False
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), 0.2):
-            return
+            if proc is None or listens(proc.pid, port) is not False:
+                return
+            someone_else = True
         time.sleep(0.05)
+    if proc is not None and someone_else:
+        raise TimeoutError(f"{host}:{port} answers, but not from process {proc.pid}")
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s")
+
+
+def listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` or one of its children holds a socket listening on TCP
+    ``port`` (in the process's own network namespace); None when ``/proc`` cannot tell
+    (no such process, or one this user may not look into)."""
+    try:
+        inodes = {f"socket:[{inode}]" for inode in _listening_inodes(pid, port)}
+        if not inodes:
+            return False
+        for holder in (pid, *_children(pid)):
+            for fd in os.listdir(f"/proc/{holder}/fd"):
+                with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+                    if os.readlink(f"/proc/{holder}/fd/{fd}") in inodes:
+                        return True
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return False
+
+
+_LISTEN = "0A"
+"""The state column's value for a listening socket in ``/proc/net/tcp``."""
+
+
+def _listening_inodes(pid: int, port: int) -> list[str]:
+    """Inodes of the sockets listening on ``port`` in ``pid``'s network namespace."""
+    found: list[str] = []
+    for table in ("tcp", "tcp6"):
+        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == _LISTEN and int(local.rpartition(":")[2], 16) == port:
+                found.append(inode)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    """The process's children (of every thread), from ``/proc``."""
+    children: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            children.extend(int(child) for child in text.split())
+    return children
 
 
 @dataclasses.dataclass

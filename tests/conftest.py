@@ -10,6 +10,9 @@ a fresh database per test (``database``), so tests never see each other's rows.
 Every PostgreSQL server a test starts (clusters' included) copies one ``initdb``'d
 cluster made once per run (``MAILERS_PG_TEMPLATE``) instead of running ``initdb`` itself.
 
+Each pytest-xdist worker draws free ports from a slice of its own
+(``MAILERS_PORT_SLICE``), so two workers never pick the same port.
+
 Real-world bounce samples (``flufl_samples``) are downloaded once per session.
 """
 
@@ -28,7 +31,7 @@ from coordinator.db import migrate
 from coordinator.db.settings import DatabaseConfig
 from coordinator.db.store import Database
 from coordinator.db.store import connect as pg_connect
-from mailers_dev.procs import PG_TEMPLATE_ENV, EtcdCluster, PostgresServer
+from mailers_dev.procs import PG_TEMPLATE_ENV, PORT_SLICE_ENV, EtcdCluster, PostgresServer
 from mailers_runtime.etcd import connect
 from tests.bounce_samples import Samples, SamplesUnavailable, fetch
 from tests.helpers import require_etcd, require_postgres, unavailable
@@ -128,6 +131,17 @@ async def database(database_config: DatabaseConfig) -> AsyncIterator[Database]:
 
 
 _GROUPED_BY_MODULE = {"integration", "component"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A pytest-xdist worker (``gw<k>`` of n) takes the k-th slice of the free ports.
+    Without it, both workers drew from one span: a port one worker had picked for a
+    server could be picked by the other before that server bound it, and a server of
+    the other worker's then answered there."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and count:
+        os.environ[PORT_SLICE_ENV] = f"{worker.removeprefix('gw')}/{count}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
