@@ -14,6 +14,9 @@
 3. Prints msg/s (recipients/s for the notice) end to end (submit start to the last
    outcome) and for the sending phase alone, CPU seconds, CPU per message and peak RSS
    (VmHWM) of every process, and the ratio against the ceiling measured in the same run.
+4. With ``--runs N``, does all of that N times (each run with its own sink, ceiling and
+   cluster) and ends with the median and range of each figure: a machine whose speed
+   drifts from minute to minute is judged by the median, not by one run.
 
 Installs nothing: it exits with a hint when smtp-sink/smtp-source or etcd are missing
 (``DEBIAN_FRONTEND=noninteractive apt-get install -y postfix etcd-server``). Every
@@ -34,6 +37,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,6 +64,43 @@ class Usage:
 
     cpu_s: float
     peak_rss_kib: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """What one run measured; ``rate`` is msg/s (recipients/s for the notice)."""
+
+    ceiling: float
+    rate: float
+    send_rate: float
+    node_cpu_ms: float
+    coordinator_cpu_ms: float
+    leader_rss_mib: float
+    node_rss_mib: float
+    """The larger of the nodes' peaks."""
+
+
+def summary(runs: Sequence[Figures], unit: str) -> list[str]:
+    """The median and range of each figure over ``runs``. The ratio to the ceiling is
+    taken in each run (against the ceiling measured in it), then its median."""
+
+    def spread(values: Sequence[float], fmt: str) -> str:
+        low, mid, high = min(values), statistics.median(values), max(values)
+        return f"{mid:{fmt}} ({low:{fmt}}-{high:{fmt}})"
+
+    notice = unit == "recipients/s"
+    per = "recipient" if notice else "message"
+    target = f"{TARGET_RCPT_S:,} recipients/s" if notice else f"{TARGET_MSG_S:,} msg/s"
+    return [
+        f"median (min-max) of {len(runs)} runs:",
+        f"  end to end: {spread([r.rate for r in runs], ',.0f')} {unit}; target {target}",
+        f"  sending phase alone: {spread([r.send_rate for r in runs], ',.0f')} {unit}",
+        f"  ratio to smtp-source -> smtp-sink: {spread([r.rate / r.ceiling for r in runs], '.1%')}",
+        f"  CPU per {per}: nodes {spread([r.node_cpu_ms for r in runs], '.3f')} ms, "
+        f"coordinator {spread([r.coordinator_cpu_ms for r in runs], '.3f')} ms",
+        f"  peak RSS: leader {spread([r.leader_rss_mib for r in runs], '.1f')} MiB, "
+        f"largest node {spread([r.node_rss_mib for r in runs], '.1f')} MiB",
+    ]
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -267,11 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domains", type=int, default=0, metavar="N",
                         help="with --recipients-per-message: 40%% of recipients at one "
                         "domain, the rest over N others (default: all at one)")  # fmt: skip
-    parser.add_argument("--timeout-s", type=float, default=900, help="bound of the whole run")
+    parser.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="measure N times and end with the medians")  # fmt: skip
+    parser.add_argument("--timeout-s", type=float, default=900,
+                        help="bound of the whole call (all runs)")  # fmt: skip
     parser.add_argument("--workdir", type=Path,
                         help="logs and etcd data (default: a temp dir, removed after a run that "
                         "succeeds)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
 
     sink_bin, source_bin = find_tool("smtp-sink"), find_tool("smtp-source")
     if sink_bin is None or source_bin is None:
@@ -287,9 +333,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str) -> int:
+    deadline = time.monotonic() + args.timeout_s
+    runs: list[Figures] = []
+    for i in range(args.runs):
+        if args.runs > 1:
+            print(f"== run {i + 1} of {args.runs}")
+        run_dir = workdir / f"run{i + 1}" if args.runs > 1 else workdir
+        figures = _once(args, run_dir, sink_bin, source_bin, deadline)
+        if figures is None:
+            return 1
+        runs.append(figures)
+    if args.runs > 1:
+        unit = "recipients/s" if args.recipients_per_message else "msg/s"
+        print("\n".join(["==", *summary(runs, unit)]))
+    return 0
+
+
+def _once(
+    args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str, deadline: float
+) -> Figures | None:
+    """One run: sink, ceiling, aiosmtplib alone, the cluster; its report printed.
+    None when some recipient got no outcome."""
     from mailers_dev.cluster import ClusterSpec, LocalCluster
 
-    deadline = time.monotonic() + args.timeout_s
     port = free_port()
     node_env = {"MAILER_RELAYS": f"127.0.0.1:{port}", "MAILER_LOG_LEVEL": "WARNING"}
     coordinator_env = {"MAILER_LOG_LEVEL": "WARNING"}
@@ -317,11 +383,13 @@ def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str
         what = f"campaign of {args.recipients:,} personalised HTML+text messages"
     print(f"workdir {workdir}; {os.cpu_count()} CPUs; {what}")
     with smtp_sink(sink_bin, port) as sink:
-        rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, args.timeout_s)
+        left_s = max(1.0, deadline - time.monotonic())
+        rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, left_s)
         print(f"ceiling: smtp-source -> smtp-sink, {args.sessions} reused sessions, "
               f"{SOURCE_MESSAGE_BYTES} B: {rate_c:,.0f} msg/s")  # fmt: skip
         connections = 2 * (args.connections or default_connections())
-        rate_a = raw_aiosmtplib(port, connections, args.source_messages, args.timeout_s)
+        left_s = max(1.0, deadline - time.monotonic())
+        rate_a = raw_aiosmtplib(port, connections, args.source_messages, left_s)
         print(f"aiosmtplib alone (pre-built bytes, uvloop, one process, {connections} "
               f"connections as the two nodes hold): {rate_a:,.0f} msg/s, "
               f"{rate_a / rate_c:.1%} of the ceiling")  # fmt: skip
@@ -377,14 +445,19 @@ def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str
           f"{'ms/recipient':>11}")  # fmt: skip
     rows = [(name, pids[name], before[name], after[name]) for name in pids]
     total_cpu = node_cpu = coordinator_cpu = 0.0
+    leader_rss = node_rss = 0.0
     for name, pid, b, a in rows:
         if a is None or b is None:
             print(f"{name:14} {pid:7d}  (exited)")
             continue
         cpu = a.cpu_s - b.cpu_s
         total_cpu += cpu
-        node_cpu += cpu if name in cluster.nodes else 0.0
-        coordinator_cpu += cpu if name in cluster.coordinators else 0.0
+        if name in cluster.nodes:
+            node_cpu += cpu
+            node_rss = max(node_rss, a.peak_rss_kib / 1024)
+        if name in cluster.coordinators:
+            coordinator_cpu += cpu
+            leader_rss = max(leader_rss, a.peak_rss_kib / 1024)
         print(row(name, pid, cpu, total_s, a.peak_rss_kib, 1000 * cpu / args.recipients))
     client_cpu = client_after.cpu_s - client_before.cpu_s
     total_cpu += client_cpu
@@ -395,7 +468,17 @@ def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str
     unit = "recipient" if args.recipients_per_message else "message"
     print(f"CPU per {unit}: nodes {1000 * node_cpu / args.recipients:.3f} ms, coordinator "
           f"{1000 * coordinator_cpu / args.recipients:.3f} ms")  # fmt: skip
-    return 0 if delivered + failed == args.recipients else 1
+    if delivered + failed != args.recipients:
+        return None
+    return Figures(
+        ceiling=rate_c,
+        rate=rate,
+        send_rate=send_rate,
+        node_cpu_ms=1000 * node_cpu / args.recipients,
+        coordinator_cpu_ms=1000 * coordinator_cpu / args.recipients,
+        leader_rss_mib=leader_rss,
+        node_rss_mib=node_rss,
+    )
 
 
 if __name__ == "__main__":
