@@ -91,11 +91,15 @@ def summary(runs: Sequence[Figures], unit: str) -> list[str]:
     notice = unit == "recipients/s"
     per = "recipient" if notice else "message"
     target = f"{TARGET_RCPT_S:,} recipients/s" if notice else f"{TARGET_MSG_S:,} msg/s"
+    # A notice's recipients/s has no counterpart in smtp-source's msg/s.
+    ratio = [] if notice else [
+        f"  ratio to smtp-source -> smtp-sink: {spread([r.rate / r.ceiling for r in runs], '.1%')}"
+    ]  # fmt: skip
     return [
         f"median (min-max) of {len(runs)} runs:",
         f"  end to end: {spread([r.rate for r in runs], ',.0f')} {unit}; target {target}",
         f"  sending phase alone: {spread([r.send_rate for r in runs], ',.0f')} {unit}",
-        f"  ratio to smtp-source -> smtp-sink: {spread([r.rate / r.ceiling for r in runs], '.1%')}",
+        *ratio,
         f"  CPU per {per}: nodes {spread([r.node_cpu_ms for r in runs], '.3f')} ms, "
         f"coordinator {spread([r.coordinator_cpu_ms for r in runs], '.3f')} ms",
         f"  peak RSS: leader {spread([r.leader_rss_mib for r in runs], '.1f')} MiB, "
