@@ -166,7 +166,12 @@ def _listening_inodes(pid: int, port: int) -> list[str]:
     """Inodes of the sockets listening on ``port`` in ``pid``'s network namespace."""
     found: list[str] = []
     for table in ("tcp", "tcp6"):
-        lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            if table == "tcp":
+                raise  # the process is gone
+            continue  # a kernel without IPv6 has no tcp6 table
         for line in lines:
             fields = line.split()
             local, state, inode = fields[1], fields[3], fields[9]
