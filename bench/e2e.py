@@ -80,15 +80,16 @@ class Figures:
     """The larger of the nodes' peaks."""
 
 
-def summary(runs: Sequence[Figures], unit: str) -> list[str]:
-    """The median and range of each figure over ``runs``. The ratio to the ceiling is
-    taken in each run (against the ceiling measured in it), then its median."""
+def summary(runs: Sequence[Figures], *, notice: bool) -> list[str]:
+    """The median and range of each figure over ``runs`` (of the identical-body notice
+    when ``notice``: recipients/s). The ratio to the ceiling is taken in each run
+    (against the ceiling measured in it), then its median."""
 
     def spread(values: Sequence[float], fmt: str) -> str:
         low, mid, high = min(values), statistics.median(values), max(values)
         return f"{mid:{fmt}} ({low:{fmt}}-{high:{fmt}})"
 
-    notice = unit == "recipients/s"
+    unit = "recipients/s" if notice else "msg/s"
     per = "recipient" if notice else "message"
     target = f"{TARGET_RCPT_S:,} recipients/s" if notice else f"{TARGET_MSG_S:,} msg/s"
     # A notice's recipients/s has no counterpart in smtp-source's msg/s.
@@ -348,9 +349,13 @@ def _run(args: argparse.Namespace, workdir: Path, sink_bin: str, source_bin: str
             return 1
         runs.append(figures)
     if args.runs > 1:
-        unit = "recipients/s" if args.recipients_per_message else "msg/s"
-        print("\n".join(["==", *summary(runs, unit)]))
+        print("\n".join(["==", *summary(runs, notice=bool(args.recipients_per_message))]))
     return 0
+
+
+def _left_s(deadline: float) -> float:
+    """Seconds left until ``deadline`` (``time.monotonic``), at least one."""
+    return max(1.0, deadline - time.monotonic())
 
 
 def _once(
@@ -387,13 +392,11 @@ def _once(
         what = f"campaign of {args.recipients:,} personalised HTML+text messages"
     print(f"workdir {workdir}; {os.cpu_count()} CPUs; {what}")
     with smtp_sink(sink_bin, port) as sink:
-        left_s = max(1.0, deadline - time.monotonic())
-        rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, left_s)
+        rate_c = ceiling(source_bin, port, args.source_messages, args.sessions, _left_s(deadline))
         print(f"ceiling: smtp-source -> smtp-sink, {args.sessions} reused sessions, "
               f"{SOURCE_MESSAGE_BYTES} B: {rate_c:,.0f} msg/s")  # fmt: skip
         connections = 2 * (args.connections or default_connections())
-        left_s = max(1.0, deadline - time.monotonic())
-        rate_a = raw_aiosmtplib(port, connections, args.source_messages, left_s)
+        rate_a = raw_aiosmtplib(port, connections, args.source_messages, _left_s(deadline))
         print(f"aiosmtplib alone (pre-built bytes, uvloop, one process, {connections} "
               f"connections as the two nodes hold): {rate_a:,.0f} msg/s, "
               f"{rate_a / rate_c:.1%} of the ceiling")  # fmt: skip
@@ -410,13 +413,12 @@ def _once(
                 pids["postgresql"] = cluster.postgres.proc.pid
             before = tree_usages(pids)
             client_before = self_usage()
-            remaining = max(1.0, deadline - time.monotonic())
             submit_s, total_s, delivered, failed = asyncio.run(
                 run_campaign(
                     cluster.coordinator_addresses,
                     args.recipients,
                     2,
-                    remaining,
+                    _left_s(deadline),
                     cluster.client_tls,
                     args.recipients_per_message,
                     args.domains,
